@@ -1,0 +1,253 @@
+"""The wire protocol between local clients and the engine (docs/protocol.md is its specification).
+
+Every frame is a 4-byte big-endian unsigned length followed by that many bytes holding one msgpack map.
+The map's ``"type"`` field names the message; the message classes below are the single source of truth for
+field names, types and defaults. New fields are only ever added with a default, so an older peer can still
+decode newer messages (msgspec ignores unknown fields); incompatible changes bump ``PROTOCOL_VERSION``.
+
+This module is deliberately light (msgspec and the standard library only) because the client helper imports
+it: client programs must not need trio or httpx.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, Final
+
+import msgspec
+
+PROTOCOL_VERSION: Final = 1
+#: Frames larger than this are refused unless the engine was configured otherwise; `Welcome` says the value.
+DEFAULT_MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+LENGTH_PREFIX: Final = struct.Struct(">I")
+
+RequestId = int | str
+
+
+class ErrorKind(enum.StrEnum):
+    """Stable error kinds: clients branch on these, so existing values never change meaning."""
+
+    #: The request itself is unusable (bad endpoint, body not an object, unknown model…). Fix the request.
+    INVALID_REQUEST = "invalid_request"
+    #: The upstream answered with a final error (4xx other than rate limits, or retries exhausted on 5xx).
+    UPSTREAM_ERROR = "upstream_error"
+    #: A 429 that can never succeed (quota exhausted, spend limit), or rate-limit retries ran out.
+    RATE_LIMITED = "rate_limited"
+    #: The request alone costs more tokens than the whole per-minute budget: it can never be admitted.
+    REQUEST_TOO_LARGE = "request_too_large"
+    #: The engine's queue is full; try again later or lower your concurrency.
+    OVERLOADED = "overloaded"
+    #: The request's deadline passed before it completed.
+    TIMEOUT = "timeout"
+    #: The client cancelled the request.
+    CANCELLED = "cancelled"
+    #: The engine is shutting down and did not start this request.
+    SHUTTING_DOWN = "shutting_down"
+    #: The frame or message broke the protocol (undecodable, unknown type, wrong field type, no handshake…).
+    PROTOCOL_ERROR = "protocol_error"
+    #: The upstream could not be reached (DNS, refused, TLS) after all attempts.
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    #: A bug in the engine; the message says what happened. Please report it.
+    INTERNAL_ERROR = "internal_error"
+    #: This client is not allowed to use the engine.
+    FORBIDDEN = "forbidden"
+
+
+class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
+    """Base of every protocol message; the subclass's ``tag`` is the value of the ``"type"`` field."""
+
+
+# --- client → engine -------------------------------------------------------------------------------------
+
+
+class Hello(Message, tag="hello"):
+    """First frame of every connection: the protocol version the client speaks."""
+
+    protocol: int
+    client: str = ""
+
+
+class Submit(Message, tag="submit"):
+    """Send one API request through the engine."""
+
+    id: RequestId
+    #: A relative API path such as ``/v1/chat/completions`` or ``chat/completions``; joined to the engine's
+    #: base URL. Absolute URLs, hosts, schemes, ``..`` and query strings are refused.
+    endpoint: str
+    body: dict[str, Any]
+    method: str = "POST"
+    #: Seconds from the moment the engine reads this frame; past it the request is answered with ``timeout``.
+    deadline: float | None = None
+    #: Upstream attempts at most, retries included; ``None`` uses the engine's default.
+    max_attempts: int | None = None
+
+
+class Cancel(Message, tag="cancel"):
+    """Withdraw a submitted request; it is answered with ``cancelled`` unless it already finished."""
+
+    id: RequestId
+
+
+class StatsRequest(Message, tag="stats"):
+    """Ask for the engine's counters."""
+
+    id: RequestId
+
+
+class Ping(Message, tag="ping"):
+    id: RequestId
+
+
+# --- engine → client -------------------------------------------------------------------------------------
+
+
+class Welcome(Message, tag="welcome"):
+    protocol: int
+    server: str
+    max_frame_bytes: int
+
+
+class Timings(msgspec.Struct, omit_defaults=True):
+    """Seconds spent in each phase of a request, measured by the engine."""
+
+    queued: float = 0.0
+    upstream: float = 0.0
+    total: float = 0.0
+
+
+class Result(Message, tag="result"):
+    """The upstream's final successful (2xx) reply to a submitted request."""
+
+    id: RequestId
+    status: int
+    #: The upstream's JSON body, decoded (a string when the upstream did not send JSON).
+    body: Any
+    #: Useful upstream headers: ``x-request-id``, ``openai-processing-ms``, ``x-ratelimit-*``.
+    headers: dict[str, str] = {}
+    attempts: int = 1
+    timings: Timings = msgspec.field(default_factory=Timings)
+
+
+class Error(Message, tag="error"):
+    """The final failure of a request, or (with ``id`` null) a problem with the connection's input."""
+
+    id: RequestId | None
+    kind: ErrorKind
+    message: str
+    status: int | None = None
+    body: Any = None
+    headers: dict[str, str] = {}
+    attempts: int = 0
+
+
+class Stats(Message, tag="stats_reply"):
+    id: RequestId
+    engine: dict[str, Any] = {}
+    lanes: dict[str, dict[str, Any]] = {}
+
+
+class Pong(Message, tag="pong"):
+    id: RequestId
+
+
+ClientMessage = Hello | Submit | Cancel | StatsRequest | Ping
+EngineMessage = Welcome | Result | Error | Stats | Pong
+
+#: Replies that settle a request id for good; a client can forget the id once it sees one of these.
+FINAL_REPLIES: Final = (Result, Error)
+
+
+class FrameTooLarge(Exception):
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the limit of {limit} bytes")
+        self.length = length
+        self.limit = limit
+
+
+class Codec:
+    """Encodes and decodes frames; one instance per direction, reused (msgspec caches per decoder)."""
+
+    def __init__(self, inbound: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(inbound)
+        self._buffer = bytearray()
+
+    def encode(self, message: Message) -> bytes:
+        """One complete frame: length prefix and body."""
+        buffer = bytearray(LENGTH_PREFIX.size)
+        self._encoder.encode_into(message, buffer, LENGTH_PREFIX.size)
+        LENGTH_PREFIX.pack_into(buffer, 0, len(buffer) - LENGTH_PREFIX.size)
+        return bytes(buffer)
+
+    def decode(self, payload: bytes) -> Any:
+        """Decode one frame body. Raises ``msgspec.DecodeError``/``ValidationError`` naming the problem."""
+        return self._decoder.decode(payload)
+
+
+def engine_codec() -> Codec:
+    """The engine's side: decodes client messages, encodes engine messages."""
+    return Codec(ClientMessage)
+
+
+def client_codec() -> Codec:
+    """A client's side: decodes engine messages, encodes client messages."""
+    return Codec(EngineMessage)
+
+
+class FrameBuffer:
+    """Splits a byte stream into frame bodies; a length above ``max_frame_bytes`` is refused before buffering.
+
+    Feed whatever the transport returned, then call ``next_frame()`` until it returns None.
+    """
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._data = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._data += data
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._data)
+
+    def next_frame(self) -> bytes | None:
+        """The next complete frame body, or None if more bytes are needed. Raises `FrameTooLarge`."""
+        if len(self._data) < LENGTH_PREFIX.size:
+            return None
+        (length,) = LENGTH_PREFIX.unpack_from(self._data)
+        if length > self.max_frame_bytes:
+            raise FrameTooLarge(length, self.max_frame_bytes)
+        end = LENGTH_PREFIX.size + length
+        if len(self._data) < end:
+            return None
+        body = bytes(self._data[LENGTH_PREFIX.size : end])
+        del self._data[:end]
+        return body
+
+
+CLIENT_MESSAGE_TYPES: Final = tuple(
+    sorted(str(cls.__struct_config__.tag) for cls in (Hello, Submit, Cancel, StatsRequest, Ping))
+)
+
+
+def describe_decode_error(exc: Exception) -> str:
+    """A one-line, client-facing explanation of why a frame body was rejected."""
+    text = str(exc)
+    if text.endswith("at `$.type`") or "missing required field `type`" in text:
+        return f"{text}; the 'type' field must be one of: {', '.join(CLIENT_MESSAGE_TYPES)}"
+    return text
+
+
+def salvage_request_id(payload: bytes) -> RequestId | None:
+    """The ``id`` of a frame that failed validation, when it has a usable one, so the error can name it."""
+    try:
+        raw = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(raw, dict):
+        candidate = raw.get("id")
+        if isinstance(candidate, int | str) and not isinstance(candidate, bool):
+            return candidate
+    return None

@@ -1,0 +1,332 @@
+"""Engine settings: frozen attrs classes built from defaults < TOML file < environment < command line.
+
+Every layer is merged into one plain dict and structured once by a strict cattrs converter, so a typo in a
+config file, a bad environment value and a bad flag all produce the same kind of readable error:
+one line per problem with its path, e.g. ``server.rpm: must be > 0, got -5``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
+
+import attrs
+import cattrs
+from attrs import validators as v
+
+from .paths import default_socket_path
+
+DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
+API_KEY_ENV_VAR: Final = "OPENAI_API_KEY"
+#: Environment variables for `ServerSettings` fields are this prefix + the upper-cased field name.
+SERVER_ENV_PREFIX: Final = "TRIO_MAPPER_"
+#: The official SDK's environment names for the other OpenAI settings.
+OPENAI_ENV_VARS: Final = {
+    "base_url": "OPENAI_BASE_URL",
+    "organization": "OPENAI_ORG_ID",
+    "project": "OPENAI_PROJECT_ID",
+}
+
+
+class SettingsError(Exception):
+    """Start-up configuration is unusable; ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+
+
+def _http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL such as {DEFAULT_BASE_URL}, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query or fragment, got {value!r}")
+
+
+def _not_world_writable(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"must be a permission mode between 0 and 0o777, got {value:#o}")
+    if value & 0o002:
+        raise ValueError(f"must not be world-writable (anyone could spend the key), got {value:#o}")
+
+
+@attrs.frozen
+class LaneLimits:
+    """Per-minute limits of one model, as on the organization's limits page."""
+
+    rpm: int = attrs.field(validator=_positive)
+    tpm: int = attrs.field(validator=_positive)
+
+
+@attrs.frozen
+class OpenAISettings:
+    """How to reach the upstream. The key is excluded from repr so it cannot leak into logs by accident."""
+
+    api_key: str = attrs.field(repr=False, validator=v.min_len(1))
+    base_url: str = attrs.field(default=DEFAULT_BASE_URL, validator=_http_url)
+    organization: str | None = None
+    project: str | None = None
+    #: Seconds; the read timeout bounds one upstream attempt (long completions are slow).
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    read_timeout: float = attrs.field(default=600.0, validator=_positive)
+    write_timeout: float = attrs.field(default=30.0, validator=_positive)
+
+
+@attrs.frozen
+class ServerSettings:
+    """How the engine serves clients and spends the budget."""
+
+    max_concurrent_reqs: int = attrs.field(validator=_positive)
+    rpm: int = attrs.field(validator=_positive)
+    tpm: int = attrs.field(validator=_positive)
+    period_length: float = attrs.field(default=60.0, validator=_positive)
+    max_nb_sockets: int = attrs.field(default=1024, validator=_positive)
+    socket: Path = attrs.field(factory=default_socket_path)
+    socket_mode: int = attrs.field(default=0o660, validator=_not_world_writable)
+    #: Requests waiting for budget (retries included) beyond which new ones get ``overloaded`` at once.
+    max_queued: int = attrs.field(default=200_000, validator=_positive)
+    max_frame_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=v.ge(1024))
+    #: Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.
+    grace_period: float = attrs.field(default=30.0, validator=v.ge(0))
+    #: Upstream attempts per request (first try included) unless the request says otherwise.
+    max_attempts: int = attrs.field(default=6, validator=_positive)
+    ledger_mode: Literal["bucket", "period"] = "bucket"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    models: dict[str, LaneLimits] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Settings:
+    openai: OpenAISettings
+    server: ServerSettings
+
+
+def _strict_bool(value: Any, _: type) -> bool:
+    # cattrs would call bool("false") and get True; environment values need real parsing.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _strict_int(value: Any, _: type) -> int:
+    # int(3.7) would silently truncate and int(True) is 1; accept only integers or integer strings.
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text, 0) if text.lower().startswith(("0o", "0x")) else int(text)
+        except ValueError:
+            pass
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _strict_float(value: Any, _: type) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"expected a number, got {value!r}")
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(bool, _strict_bool)
+    converter.register_structure_hook(int, _strict_int)
+    converter.register_structure_hook(float, _strict_float)
+    converter.register_structure_hook(Path, lambda value, _: Path(os.path.expanduser(str(value))))
+    return converter
+
+
+_converter = _make_converter()
+
+_SERVER_FIELDS: Final = frozenset(field.name for field in attrs.fields(ServerSettings))
+_OPENAI_FIELDS: Final = frozenset(field.name for field in attrs.fields(OpenAISettings))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file's ``[server]``, ``[openai]`` and ``[models.NAME]`` tables, as a settings dict.
+
+    The key is never read from the file: keep it in the environment, a ``.env`` file or a systemd credential.
+    """
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError([f"config file {path} does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError([f"config file {path} cannot be read: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError([f"config file {path} is not valid TOML: {exc}"]) from None
+    problems = [
+        f"config file {path}: unknown table or key {key!r} (expected [server], [openai], [models.NAME])"
+        for key in raw
+        if key not in {"server", "openai", "models"}
+    ]
+    openai_section = dict(raw.get("openai", {}))
+    if "api_key" in openai_section:
+        problems.append(
+            f"config file {path}: openai.api_key is not read from files; "
+            f"set {API_KEY_ENV_VAR} in the environment, a .env file or a systemd credential"
+        )
+        openai_section.pop("api_key")
+    if problems:
+        raise SettingsError(problems)
+    server_section = dict(raw.get("server", {}))
+    if "models" in raw:
+        server_section["models"] = raw["models"]
+    return {"server": server_section, "openai": openai_section}
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings found in the environment: ``TRIO_MAPPER_<FIELD>`` and the SDK's ``OPENAI_*`` names."""
+    server = {
+        name: environ[SERVER_ENV_PREFIX + name.upper()]
+        for name in _SERVER_FIELDS - {"models"}
+        if SERVER_ENV_PREFIX + name.upper() in environ
+    }
+    openai = {name: environ[var] for name, var in OPENAI_ENV_VARS.items() if environ.get(var)}
+    if environ.get("OPENAI_ORGANIZATION") and "organization" not in openai:
+        openai["organization"] = environ["OPENAI_ORGANIZATION"]
+    return {"server": server, "openai": openai}
+
+
+def find_api_key(environ: Mapping[str, str], dotenv_dir: Path | None) -> str | None:
+    """The key from the environment, else from ``.env`` in ``dotenv_dir`` (os.environ is left untouched)."""
+    key = environ.get(API_KEY_ENV_VAR)
+    if key:
+        return key.strip()
+    if dotenv_dir is not None and (dotenv_dir / ".env").is_file():
+        from dotenv import dotenv_values
+
+        value = dotenv_values(dotenv_dir / ".env").get(API_KEY_ENV_VAR)
+        if value:
+            return value.strip()
+    return None
+
+
+def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"server": {}, "openai": {}}
+    for layer in layers:
+        for section in ("server", "openai"):
+            merged[section].update(layer.get(section, {}))
+    return merged
+
+
+def _describe(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown key(s): {', '.join(sorted(exc.extra_fields))}"
+    if getattr(type_, "__origin__", None) is Literal:
+        choices = ", ".join(repr(choice) for choice in type_.__args__)
+        return f"must be one of {choices}"
+    if isinstance(exc, ValueError | TypeError) and str(exc):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _readable(exc: Exception) -> list[str]:
+    if isinstance(exc, cattrs.BaseValidationError):
+        lines = cattrs.transform_error(exc, path="$", format_exception=_describe)
+        return [_humanize_path(line) for line in lines]
+    return [str(exc)]
+
+
+def _humanize_path(line: str) -> str:
+    # transform_error says "invalid value for type, expected int @ $.server.rpm"; lead with the path,
+    # written as a user writes it in the TOML file.
+    message, sep, path = line.rpartition(" @ ")
+    if not sep:
+        return line
+    path = path.removeprefix("$.").replace("['", ".").replace("']", "")
+    if message.startswith("required field missing"):
+        return f"{path}: required but not set" + _how_to_set(path)
+    return f"{path}: {message}"
+
+
+def _how_to_set(path: str) -> str:
+    section, _, name = path.partition(".")
+    if section == "server" and name in _SERVER_FIELDS:
+        env_var = SERVER_ENV_PREFIX + name.upper()
+        return f" (use --{name}, {name} = … under [server] in the config file, or {env_var})"
+    if section == "openai" and name == "api_key":
+        return f" (export {API_KEY_ENV_VAR}=… or put it in ./.env; it is never taken from the command line)"
+    return ""
+
+
+def load_settings(
+    *,
+    cli: Mapping[str, Any],
+    config_file: Path | None,
+    environ: Mapping[str, str],
+    dotenv_dir: Path | None,
+) -> Settings:
+    """Build the engine's settings from every layer; raises `SettingsError` listing every problem."""
+    file_layer = read_config_file(config_file) if config_file is not None else {}
+    cli_layer = {
+        "server": {k: val for k, val in cli.items() if k in _SERVER_FIELDS and val is not None},
+        "openai": {k: val for k, val in cli.items() if k in _OPENAI_FIELDS and val is not None},
+    }
+    merged = _merge(file_layer, read_environment(environ), cli_layer)
+    api_key = find_api_key(environ, dotenv_dir)
+    if api_key is not None:
+        merged["openai"]["api_key"] = api_key
+    if isinstance(merged["server"].get("log_level"), str):
+        merged["server"]["log_level"] = merged["server"]["log_level"].upper()
+    try:
+        # Validators run afterwards, field by field, so that every bad value is reported, not the first.
+        with attrs.validators.disabled():
+            settings = _converter.structure(merged, Settings)
+    except Exception as exc:
+        raise SettingsError(_readable(exc)) from None
+    problems = list(_validation_problems(settings, ""))
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def _validation_problems(instance: Any, path: str) -> Iterator[str]:
+    for field in attrs.fields(type(instance)):
+        value = getattr(instance, field.name)
+        where = f"{path}{field.name}"
+        if field.validator is not None:
+            try:
+                field.validator(instance, field, value)
+            except (ValueError, TypeError) as exc:
+                yield f"{where}: {exc}"
+        if attrs.has(type(value)):
+            yield from _validation_problems(value, where + ".")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if attrs.has(type(item)):
+                    yield from _validation_problems(item, f"{where}.{key}.")
+
+
+def unstructure_for_display(settings: Settings) -> dict[str, Any]:
+    """Settings as plain data for logs and stats, with the key removed."""
+    data: dict[str, Any] = _converter.unstructure(settings)
+    data["openai"].pop("api_key", None)
+    data["server"]["socket"] = str(settings.server.socket)
+    return data
