@@ -54,7 +54,7 @@ class ErrorKind(enum.StrEnum):
     FORBIDDEN = "forbidden"
 
 
-class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
+class Message(msgspec.Struct, tag_field="type"):
     """Base of every protocol message; the subclass's ``tag`` is the value of the ``"type"`` field."""
 
 
@@ -108,7 +108,7 @@ class Welcome(Message, tag="welcome"):
     max_frame_bytes: int
 
 
-class Timings(msgspec.Struct, omit_defaults=True):
+class Timings(msgspec.Struct):
     """Seconds spent in each phase of a request, measured by the engine."""
 
     queued: float = 0.0
@@ -205,7 +205,7 @@ class FrameBuffer:
         self.max_frame_bytes = max_frame_bytes
         self._data = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._data += data
 
     @property

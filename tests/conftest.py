@@ -1,0 +1,117 @@
+"""Shared fixtures: a real simulator over HTTP and the engine as a real subprocess on a real Unix socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from trio_mapper.simulator import SimulatorConfig, open_simulator
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+TEST_API_KEY = "sk-test-this-key-must-never-leak-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: Unix socket paths are limited to 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="tm-", dir="/tmp") as name:
+        yield Path(name)
+
+
+def fast_simulator(**overrides: Any) -> SimulatorConfig:
+    base = SimulatorConfig(rpm=100_000, tpm=10_000_000, latency_ms=0.0, per_token_latency_ms=0.0, seed=7)
+    return attrs.evolve(base, **overrides)
+
+
+@attrs.define
+class EngineProcess:
+    process: trio.Process
+    socket: Path
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        with trio.fail_after(60):
+            return await self.process.wait()
+
+
+def engine_command(socket: Path, base_url: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "trio_mapper", "launch-engine",
+        "--socket", str(socket), "--base-url", base_url,
+        "--max_concurrent_reqs", "32", "--rpm", "100000", "--tpm", "10000000",
+        *extra,
+    ]  # fmt: skip
+
+
+def engine_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TRIO_MAPPER_"))}
+    env.update(OPENAI_API_KEY=TEST_API_KEY, PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+async def wait_for_socket(path: Path, process: trio.Process, log_path: Path) -> None:
+    with trio.fail_after(60):
+        while True:
+            if process.returncode is not None:
+                raise AssertionError(f"engine exited with {process.returncode}:\n{log_path.read_text()}")
+            if path.exists():
+                try:
+                    stream = await trio.open_unix_socket(str(path))
+                except OSError:
+                    pass
+                else:
+                    await stream.aclose()
+                    return
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running_engine(
+    directory: Path, base_url: str, *extra: str, env: dict[str, str] | None = None
+) -> AsyncIterator[EngineProcess]:
+    socket = directory / "engine.sock"
+    log_path = directory / "engine.log"
+    with log_path.open("wb") as log_file:
+        process = await trio.lowlevel.open_process(
+            engine_command(socket, base_url, *extra),
+            env=env or engine_env(),
+            stdout=log_file,
+            stderr=log_file,
+            cwd=directory,
+        )
+    engine = EngineProcess(process, socket, log_path)
+    try:
+        await wait_for_socket(socket, process, log_path)
+        yield engine
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGKILL if sys.exc_info()[0] else signal.SIGTERM)
+        with trio.move_on_after(30):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@asynccontextmanager
+async def simulator(**overrides: Any) -> AsyncIterator[str]:
+    async with open_simulator(fast_simulator(**overrides)) as url:
+        yield url

@@ -1,0 +1,246 @@
+"""The ``trio-mapper`` command: launch-engine, simulate, demo, map, status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .paths import default_socket_path
+from .settings import API_KEY_ENV_VAR, DEFAULT_BASE_URL, SettingsError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _positive_float(text) if text.strip() not in {"0", "0.0"} else 0.0
+    return value
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an octal mode such as 0660, got {text!r}") from None
+
+
+def _both_spellings(name: str) -> list[str]:
+    """The seed's snake_case option plus a kebab-case alias (``--max_nb_sockets``, ``--max-nb-sockets``)."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    elif "-" in name:
+        spellings.append(f"--{name.replace('-', '_')}")
+    return spellings
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    # Every default is None here so that only what the user typed overrides the config file and environment;
+    # the real defaults live in settings.py and are quoted in the help.
+    limits = parser.add_argument_group("limits (required: from the command line, the config file or the environment)")
+    limits.add_argument(
+        *_both_spellings("max_concurrent_reqs"),
+        dest="max_concurrent_reqs",
+        type=_positive_int,
+        metavar="N",
+        help="upstream requests in flight at once",
+    )
+    limits.add_argument(
+        "--rpm", type=_positive_int, metavar="N", help="requests per minute allowed for the key (per model)"
+    )
+    limits.add_argument(
+        "--tpm", type=_positive_int, metavar="N", help="tokens per minute allowed for the key (per model)"
+    )
+    limits.add_argument(
+        *_both_spellings("period_length"),
+        dest="period_length",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="budget period: the engine spends at most limit x period / 60 at once (default 60)",
+    )
+    limits.add_argument(
+        *_both_spellings("max_nb_sockets"),
+        dest="max_nb_sockets",
+        type=_positive_int,
+        metavar="N",
+        help="size of the upstream connection pool (default 1024)",
+    )
+    serving = parser.add_argument_group("serving")
+    serving.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help=f"Unix socket to listen on (default {default_socket_path()}, i.e. $XDG_RUNTIME_DIR/trio-mapper/"
+        "engine.sock or /tmp/trio-mapper-UID/engine.sock)",
+    )
+    serving.add_argument(
+        *_both_spellings("socket-mode"),
+        dest="socket_mode",
+        type=_octal_mode,
+        metavar="MODE",
+        help="permissions of the socket file, octal (default 0660; never world-writable)",
+    )
+    serving.add_argument(
+        *_both_spellings("base-url"),
+        dest="base_url",
+        metavar="URL",
+        help=f"API root including the version, like the SDK's base_url (default {DEFAULT_BASE_URL})",
+    )
+    serving.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="TOML file with [server], [openai] and [models.NAME] tables (see README)",
+    )
+    serving.add_argument(
+        *_both_spellings("max-queued"),
+        dest="max_queued",
+        type=_positive_int,
+        metavar="N",
+        help="requests held at once before new ones get 'overloaded' (default 200000)",
+    )
+    serving.add_argument(
+        *_both_spellings("max-attempts"),
+        dest="max_attempts",
+        type=_positive_int,
+        metavar="N",
+        help="upstream attempts per request, first try included (default 6)",
+    )
+    serving.add_argument(
+        *_both_spellings("grace-period"),
+        dest="grace_period",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="time in-flight requests get to finish on SIGTERM (default 30)",
+    )
+    serving.add_argument(
+        *_both_spellings("max-frame-bytes"),
+        dest="max_frame_bytes",
+        type=_positive_int,
+        metavar="N",
+        help="largest protocol frame accepted (default 4 MiB)",
+    )
+    serving.add_argument(
+        *_both_spellings("ledger-mode"),
+        dest="ledger_mode",
+        choices=["bucket", "period"],
+        help="budget semantics (default bucket; see docs/ledger.md)",
+    )
+    serving.add_argument(
+        *_both_spellings("log-level"),
+        dest="log_level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default INFO",
+    )
+    serving.add_argument(
+        *_both_spellings("log-format"), dest="log_format", choices=["text", "json"], help="default text"
+    )
+
+
+def run_launch_engine(args: argparse.Namespace) -> int:
+    import trio
+
+    from .engine import Engine
+    from .listener import ListenerError
+    from .logs import configure_logging
+    from .settings import load_settings
+    from .tokens import TokenEstimator
+
+    try:
+        settings = load_settings(cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=Path.cwd())
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"trio-mapper launch-engine: {problem}", file=sys.stderr)
+        return 2
+    server = settings.server
+    configure_logging(server.log_level, server.log_format, secrets=[settings.openai.api_key])
+    # Encodings load before the event loop starts: the first request must not wait for them.
+    estimator = TokenEstimator.load()
+    engine = Engine(settings, estimator)
+    try:
+        trio.run(engine.serve)
+    except ListenerError as exc:
+        print(f"trio-mapper launch-engine: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _subcommand(
+    subparsers: Any, name: str, help_text: str, add: Callable[[argparse.ArgumentParser], None] | None
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text, description=help_text)
+    if add is not None:
+        add(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-mapper",
+        description="A local engine that owns an OpenAI API key and its rate limits, shared by local clients "
+        "over a Unix socket.",
+    )
+    parser.add_argument("--version", action="version", version=f"trio-mapper {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    engine = _subcommand(
+        subparsers,
+        "launch-engine",
+        f"Run the engine in the foreground. The key comes from {API_KEY_ENV_VAR} (or ./.env), never from argv.",
+        add_engine_arguments,
+    )
+    engine.set_defaults(handler=run_launch_engine)
+    _add_optional_commands(subparsers)
+    return parser
+
+
+def _add_optional_commands(subparsers: Any) -> None:
+    """Commands whose modules arrive separately; each is wired only if its module is present."""
+    try:
+        from .simulator import add_simulate_arguments, run_simulate
+    except ImportError:
+        pass
+    else:
+        simulate = _subcommand(
+            subparsers,
+            "simulate",
+            "Run the OpenAI-compatible simulator (the project's test upstream).",
+            add_simulate_arguments,
+        )
+        simulate.set_defaults(handler=run_simulate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The engine's Unix-domain listening socket: created safely, refused when another engine owns it.
+
+Trio has no Unix listener of its own, so this builds one the way `trio.open_tcp_listeners` does: create,
+bind, listen, wrap in `trio.SocketListener`, close on error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as stdlib_socket
+import stat
+from pathlib import Path
+from typing import Final
+
+import attrs
+import trio
+
+#: The kernel's limit for sun_path, minus the terminating NUL.
+MAX_SOCKET_PATH_BYTES: Final = 107
+#: Connections the kernel holds before `accept`: clients of a busy engine should wait, not see ECONNREFUSED.
+BACKLOG: Final = 1024
+
+
+class ListenerError(Exception):
+    """The socket cannot be created; the message says why and what to do."""
+
+
+@attrs.frozen
+class OwnedSocketFile:
+    """The socket file this engine created, identified by inode so we never unlink someone else's."""
+
+    path: Path
+    device: int
+    inode: int
+
+    def remove(self) -> None:
+        try:
+            current = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (current.st_dev, current.st_ino) == (self.device, self.inode):
+            self.path.unlink(missing_ok=True)
+
+
+async def _someone_listens(path: Path) -> bool:
+    probe = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    with probe:
+        try:
+            with trio.fail_after(2):
+                await probe.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except trio.TooSlowError:
+            # Something holds the path and accepts nothing: treat it as alive rather than steal it.
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+    return True
+
+
+def _prepare_parent(path: Path, socket_mode: int) -> None:
+    parent = path.parent
+    if parent.is_dir():
+        return
+    # Clients need to traverse the directory only if the socket grants them access through its group.
+    directory_mode = 0o750 if socket_mode & 0o070 else 0o700
+    try:
+        parent.mkdir(mode=directory_mode, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ListenerError(
+            f"cannot create the socket's directory {parent}: {exc.strerror}; create it or choose --socket"
+        ) from None
+
+
+def _check_path(path: Path, mode: int) -> tuple[Path, bool]:
+    """The absolute path, and whether a socket already exists there (alive or stale)."""
+    path = Path(os.path.abspath(path))
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ListenerError(
+            f"socket path {path} is longer than the {MAX_SOCKET_PATH_BYTES} bytes Unix allows; "
+            "choose a shorter --socket"
+        )
+    _prepare_parent(path, mode)
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return path, False
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise ListenerError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    return path, True
+
+
+async def open_unix_listener(path: Path, *, mode: int) -> tuple[trio.SocketListener, OwnedSocketFile]:
+    """Listen on ``path`` with permission ``mode``, replacing a stale socket left by a crash.
+
+    The socket is bound under a temporary name, given its mode, then renamed into place, so there is no
+    moment where the final path exists with the process umask's permissions.
+
+    Raises:
+        ListenerError: the path is too long, is not a socket, or another process is listening on it.
+    """
+    path, stale_candidate = _check_path(path, mode)
+    if stale_candidate and await _someone_listens(path):
+        raise ListenerError(f"another engine is already listening on {path}; stop it first or choose another --socket")
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.bind(os.fspath(temporary))
+        os.chmod(temporary, mode)
+        sock.listen(BACKLOG)
+        os.replace(temporary, path)
+        created = os.lstat(path)
+    except OSError as exc:
+        sock.close()
+        temporary.unlink(missing_ok=True)
+        raise ListenerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    return trio.SocketListener(sock), OwnedSocketFile(path, created.st_dev, created.st_ino)

@@ -1,0 +1,246 @@
+"""Client connections: framing, the handshake, dispatch to the scheduler, and replies written whole.
+
+Each connection runs two tasks: a reader that decodes frames and hands requests to the scheduler, and a
+writer that is the only task to write on the socket, so frames never interleave and a reply is never
+half-sent unless the connection itself is being torn down. An exception in one connection is logged and
+closes that connection only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+import trio
+
+from . import __version__
+from .protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Error,
+    ErrorKind,
+    FrameBuffer,
+    FrameTooLarge,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Stats,
+    StatsRequest,
+    Submit,
+    Welcome,
+    describe_decode_error,
+    engine_codec,
+    salvage_request_id,
+)
+from .scheduler import Scheduler
+
+log = logging.getLogger("trio_mapper.server")
+
+#: Bytes asked of the socket per read; frames larger than this arrive over several reads.
+READ_CHUNK: Final = 64 * 1024
+#: A client must say hello this soon after connecting, so idle half-open connections do not pile up.
+HANDSHAKE_TIMEOUT: Final = 30.0
+#: A frame that has started must finish arriving this soon; a client that sends half a frame and stalls
+#: would otherwise pin up to max_frame_bytes of buffer forever.
+FRAME_STALL_TIMEOUT: Final = 60.0
+#: Replies waiting to be written beyond which the reader stops reading: a client that floods pings
+#: without reading replies gets backpressure instead of growing the engine's memory.
+OUTBOX_HIGH_WATER: Final = 10_000
+#: How long shutdown waits for a connection to flush its last replies.
+FLUSH_TIMEOUT: Final = 5.0
+
+StatsProvider = Callable[[], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+
+
+class _CloseConnection(Exception):
+    """Raised inside the reader to end the connection after the replies so far are flushed."""
+
+
+class Connection:
+    """One client connection; also the `ReplySink` its requests answer through."""
+
+    _numbers = itertools.count(1)
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        scheduler: Scheduler,
+        stats: StatsProvider,
+        max_frame_bytes: int,
+        peer: str = "",
+    ) -> None:
+        self.number = next(self._numbers)
+        self.peer = peer
+        self._stream = stream
+        self._scheduler = scheduler
+        self._stats = stats
+        self._max_frame_bytes = max_frame_bytes
+        self._codec = engine_codec()
+        self._outbox: deque[Message] = deque()
+        self._outbox_changed = trio.Event()
+        self._outbox_drained = trio.Event()
+        self._draining = False
+        self._scope = trio.CancelScope()
+        self.handshaken = False
+
+    @property
+    def fairness_key(self) -> int:
+        return self.number
+
+    @property
+    def label(self) -> str:
+        return f"conn#{self.number}{f' ({self.peer})' if self.peer else ''}"
+
+    def deliver(self, message: Message) -> None:
+        self._outbox.append(message)
+        self._outbox_changed.set()
+
+    def begin_close(self) -> None:
+        """Finish writing what is queued, then close; a client that does not read gets FLUSH_TIMEOUT."""
+        self._draining = True
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + FLUSH_TIMEOUT)
+        self._outbox_changed.set()
+
+    async def serve(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop)
+                    try:
+                        await self._read_loop()
+                    except _CloseConnection:
+                        self.begin_close()
+                        return
+                    # The peer closed: nobody is left to read replies.
+                    nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("%s: connection lost: %r", self.label, exc)
+        finally:
+            self._scheduler.forget_owner(self)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._stream.aclose()
+            log.debug("%s closed", self.label)
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._outbox:
+                if self._draining:
+                    self._scope.cancel()
+                    return
+                self._outbox_changed = trio.Event()
+                await self._outbox_changed.wait()
+                continue
+            frames: list[bytes] = []
+            while self._outbox and len(frames) < 256:
+                frames.append(self._codec.encode(self._outbox.popleft()))
+            await self._stream.send_all(b"".join(frames))
+            self._outbox_drained.set()
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        buffer = FrameBuffer(self._max_frame_bytes)
+        while True:
+            try:
+                payload = buffer.next_frame()
+            except FrameTooLarge as exc:
+                self.deliver(
+                    Error(
+                        id=None,
+                        kind=ErrorKind.PROTOCOL_ERROR,
+                        message=f"{exc}; the connection is closed. Send smaller requests, or raise the "
+                        "engine's max_frame_bytes",
+                    )
+                )
+                log.info("%s sent a frame of %d bytes (limit %d); closing", self.label, exc.length, exc.limit)
+                raise _CloseConnection from None
+            if payload is not None:
+                self._handle_frame(payload)
+                if len(self._outbox) > OUTBOX_HIGH_WATER:
+                    await self._wait_for_outbox_to_drain()
+                continue
+            data = await self._receive(partial=buffer.pending_bytes > 0)
+            if not data:
+                if buffer.pending_bytes:
+                    log.info("%s closed in the middle of a frame", self.label)
+                return
+            buffer.feed(data)
+
+    async def _receive(self, *, partial: bool) -> bytes | bytearray:
+        timeout = HANDSHAKE_TIMEOUT if not self.handshaken else FRAME_STALL_TIMEOUT if partial else None
+        if timeout is None:
+            return await self._stream.receive_some(READ_CHUNK)
+        with trio.move_on_after(timeout):
+            return await self._stream.receive_some(READ_CHUNK)
+        what = "say hello" if not self.handshaken else "finish a frame"
+        self.deliver(
+            Error(
+                id=None,
+                kind=ErrorKind.PROTOCOL_ERROR,
+                message=f"the client took longer than {timeout:.0f}s to {what}; the connection is closed",
+            )
+        )
+        raise _CloseConnection
+
+    async def _wait_for_outbox_to_drain(self) -> None:
+        while len(self._outbox) > OUTBOX_HIGH_WATER // 2:
+            self._outbox_drained = trio.Event()
+            await self._outbox_drained.wait()
+
+    def _protocol_error(self, request_id: Any, message: str) -> None:
+        self.deliver(Error(id=request_id, kind=ErrorKind.PROTOCOL_ERROR, message=message))
+
+    def _handle_frame(self, payload: bytes) -> None:
+        try:
+            message = self._codec.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            request_id = salvage_request_id(payload)
+            log.info("%s sent an invalid frame: %s", self.label, exc)
+            return self._protocol_error(request_id, f"invalid frame: {describe_decode_error(exc)}")
+
+        if not self.handshaken:
+            if not isinstance(message, Hello):
+                self._protocol_error(
+                    getattr(message, "id", None),
+                    f"the first frame must be a hello with protocol={PROTOCOL_VERSION}; the connection is closed",
+                )
+                raise _CloseConnection
+            if message.protocol != PROTOCOL_VERSION:
+                self._protocol_error(
+                    None,
+                    f"this engine speaks protocol {PROTOCOL_VERSION}, the client asked for {message.protocol}; "
+                    "upgrade the client or the engine so they match. The connection is closed",
+                )
+                raise _CloseConnection
+            self.handshaken = True
+            log.debug("%s: hello from %r", self.label, message.client)
+            welcome = Welcome(
+                protocol=PROTOCOL_VERSION,
+                server=f"trio-mapper/{__version__}",
+                max_frame_bytes=self._max_frame_bytes,
+            )
+            self.deliver(welcome)
+            return
+
+        match message:
+            case Submit():
+                self._scheduler.submit(self, message)
+            case Cancel(id=request_id):
+                self._scheduler.cancel(self, request_id)
+            case StatsRequest(id=request_id):
+                engine, lanes = self._stats()
+                self.deliver(Stats(id=request_id, engine=engine, lanes=lanes))
+            case Ping(id=request_id):
+                self.deliver(Pong(id=request_id))
+            case Hello():
+                self._protocol_error(None, "hello was already received on this connection; ignored")
+            case _:  # pragma: no cover - the union is exhaustive
+                self._protocol_error(None, f"unexpected message {type(message).__name__}")

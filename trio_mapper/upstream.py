@@ -1,0 +1,160 @@
+"""The one place that talks HTTP to the upstream API, and the only holder of the key's header.
+
+Endpoints arrive from clients as relative API paths. They are validated here and joined to the configured
+base URL the way the official SDK joins paths, and the joined URL is checked to still point at the base
+URL's host: whatever a client sends, the key goes nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+import httpx
+import msgspec
+import trio
+
+from . import __version__
+from .settings import OpenAISettings
+
+#: A path of plain segments: no scheme, host, query, fragment, percent-escapes or backslashes.
+_SAFE_PATH: Final = re.compile(r"[A-Za-z0-9._~:\-]+(?:/[A-Za-z0-9._~:\-]+)*")
+#: Headers worth returning to clients. Everything else (cookies, CDN noise) stays in the engine.
+USEFUL_HEADERS: Final = (
+    "x-request-id",
+    "openai-processing-ms",
+    "openai-model",
+    "openai-version",
+    "retry-after",
+    "retry-after-ms",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
+ALLOWED_METHODS: Final = frozenset({"POST", "GET"})
+
+
+class InvalidEndpoint(ValueError):
+    """The endpoint is not a relative API path; the message says what a valid one looks like."""
+
+
+@attrs.frozen
+class UpstreamReply:
+    status: int
+    headers: dict[str, str]
+    #: Decoded JSON when the upstream sent JSON, else the text (a CDN's HTML error page, say).
+    body: Any
+    elapsed: float
+
+
+def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
+    """The endpoint as a path relative to ``base_url``, e.g. ``chat/completions``.
+
+    Both ``/v1/chat/completions`` (the Batch API's spelling) and ``/chat/completions`` (the SDK's) are
+    accepted when the base URL ends in ``/v1``.
+
+    Raises:
+        InvalidEndpoint: absolute URLs, hosts, schemes, ``..``, queries and other non-path input.
+    """
+    hint = "use a relative API path such as /v1/chat/completions"
+    if not isinstance(endpoint, str) or not endpoint.strip():
+        raise InvalidEndpoint(f"endpoint is empty; {hint}")
+    if "://" in endpoint or endpoint.startswith("//"):
+        raise InvalidEndpoint(f"endpoint {endpoint!r} names a host; the engine only calls its own base URL; {hint}")
+    path = endpoint.strip().lstrip("/")
+    if not _SAFE_PATH.fullmatch(path):
+        raise InvalidEndpoint(f"endpoint {endpoint!r} is not a plain path (no query, escapes or spaces); {hint}")
+    segments = path.split("/")
+    if any(segment in {".", ".."} for segment in segments):
+        raise InvalidEndpoint(f"endpoint {endpoint!r} contains '.' or '..' segments; {hint}")
+    base_last_segment = base_url.path.rstrip("/").rsplit("/", 1)[-1]
+    if base_last_segment and segments[0] == base_last_segment and len(segments) > 1:
+        segments = segments[1:]
+    return "/".join(segments)
+
+
+def join_url(base_url: httpx.URL, relative_path: str) -> httpx.URL:
+    """Join like the SDK (base path + "/" + relative path), then insist the result stays on the base host."""
+    joined = base_url.copy_with(path=base_url.path.rstrip("/") + "/" + relative_path)
+    if (joined.scheme, joined.host, joined.port) != (base_url.scheme, base_url.host, base_url.port):
+        raise InvalidEndpoint(f"endpoint {relative_path!r} would leave the configured base URL")
+    return joined
+
+
+def useful_headers(headers: httpx.Headers) -> dict[str, str]:
+    return {name: headers[name] for name in USEFUL_HEADERS if name in headers}
+
+
+def _decode_body(response: httpx.Response) -> Any:
+    content = response.content
+    if not content:
+        return None
+    try:
+        return msgspec.json.decode(content)
+    except msgspec.DecodeError:
+        return response.text
+
+
+class Upstream:
+    """An httpx client configured for the upstream: auth, pool size, timeouts.
+
+    Use as an async context manager; `send` may be called from many tasks at once.
+    """
+
+    def __init__(self, settings: OpenAISettings, *, max_connections: int) -> None:
+        self.base_url = httpx.URL(settings.base_url)
+        headers = {
+            "Authorization": f"Bearer {settings.api_key}",
+            "User-Agent": f"trio-mapper/{__version__}",
+        }
+        if settings.organization:
+            headers["OpenAI-Organization"] = settings.organization
+        if settings.project:
+            headers["OpenAI-Project"] = settings.project
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout,
+                read=settings.read_timeout,
+                write=settings.write_timeout,
+                # Waiting for a pooled connection is bounded by the scheduler's limiter, not by httpx.
+                pool=None,
+            ),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+            ),
+            # Redirects could carry the Authorization header to another host.
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def __aenter__(self) -> Upstream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self._client.aclose()
+
+    def url_for(self, endpoint: str) -> httpx.URL:
+        return join_url(self.base_url, relative_api_path(endpoint, self.base_url))
+
+    async def send(self, method: str, url: httpx.URL, body: bytes | None) -> UpstreamReply:
+        """One attempt. Raises httpx's transport and timeout errors for the retry policy to classify."""
+        started = trio.current_time()
+        request_headers: Mapping[str, str] = {"Content-Type": "application/json"} if body is not None else {}
+        response = await self._client.request(method, url, content=body, headers=request_headers)
+        return UpstreamReply(
+            status=response.status_code,
+            headers=useful_headers(response.headers),
+            body=_decode_body(response),
+            elapsed=trio.current_time() - started,
+        )
