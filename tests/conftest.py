@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -26,8 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path: Unix socket paths are limited to 107 bytes."""
-    with tempfile.TemporaryDirectory(prefix="tm-", dir="/tmp") as name:
-        yield Path(name)
+    path = Path(tempfile.mkdtemp(prefix="tm-", dir="/tmp"))
+    yield path
+    if not os.environ.get("TM_KEEP_TMP"):  # set it to keep engine logs of a failing test
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fast_simulator(**overrides: Any) -> SimulatorConfig:
@@ -71,16 +74,15 @@ async def wait_for_socket(path: Path, process: trio.Process, log_path: Path) -> 
     with trio.fail_after(60):
         while True:
             if process.returncode is not None:
-                raise AssertionError(f"engine exited with {process.returncode}:\n{log_path.read_text()}")
-            if path.exists():
-                try:
-                    stream = await trio.open_unix_socket(str(path))
-                except OSError:
-                    pass
-                else:
-                    await stream.aclose()
-                    return
-            await trio.sleep(0.05)
+                log = await trio.Path(log_path).read_text()
+                raise AssertionError(f"engine exited with {process.returncode}:\n{log}")
+            try:
+                stream = await trio.open_unix_socket(str(path))
+            except OSError:
+                await trio.sleep(0.05)  # another process: nothing to wait on but the clock
+            else:
+                await stream.aclose()
+                return
 
 
 @asynccontextmanager

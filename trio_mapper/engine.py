@@ -84,11 +84,12 @@ class Engine:
                     default_max_attempts=server.max_attempts,
                 )
                 async with trio.open_nursery() as root:
+                    root.start_soon(self._watch_signals)
                     await root.start(scheduler.run)
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as front:
                             front.start_soon(self._accept_loop, listener, connections)
-                            front.start_soon(self._watch_signals, front.cancel_scope)
+                            front.start_soon(self._stop_on_request, front.cancel_scope)
                             log.info(
                                 "listening on %s (mode %#o); upstream %s; %d rpm, %d tpm, period %gs, %d concurrent",
                                 server.socket,
@@ -117,22 +118,20 @@ class Engine:
         await listener.aclose()
         log.info("stopped accepting connections")
 
-    async def _watch_signals(self, front: trio.CancelScope) -> None:
+    async def _watch_signals(self) -> None:
+        """First SIGINT/SIGTERM: graceful shutdown. A second one: skip what is left of the grace period."""
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as watchers:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._shutdown_requested.is_set():
+                    log.info("received %s; shutting down", name)
+                    self._shutdown_requested.set()
+                elif self.scheduler is not None:
+                    log.info("received %s again; cancelling in-flight requests now", name)
+                    self.scheduler.end_grace_period()
 
-                async def on_request() -> None:
-                    await self._shutdown_requested.wait()
-                    watchers.cancel_scope.cancel()
-
-                async def on_signal() -> None:
-                    async for signum in signals:
-                        log.info("received %s; shutting down", signal.Signals(signum).name)
-                        watchers.cancel_scope.cancel()
-                        return
-
-                watchers.start_soon(on_request)
-                watchers.start_soon(on_signal)
+    async def _stop_on_request(self, front: trio.CancelScope) -> None:
+        await self._shutdown_requested.wait()
         front.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:

@@ -181,7 +181,12 @@ class Codec:
         return bytes(buffer)
 
     def decode(self, payload: bytes) -> Any:
-        """Decode one frame body. Raises ``msgspec.DecodeError``/``ValidationError`` naming the problem."""
+        """Decode one frame body.
+
+        Raises:
+            msgspec.MsgspecError: malformed, or not a valid message (the text names the field).
+            ValueError: invalid UTF-8 in a string, and similar low-level problems.
+        """
         return self._decoder.decode(payload)
 
 
@@ -244,7 +249,7 @@ def salvage_request_id(payload: bytes) -> RequestId | None:
     """The ``id`` of a frame that failed validation, when it has a usable one, so the error can name it."""
     try:
         raw = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.MsgspecError, ValueError):  # ValueError: invalid UTF-8 in a string, among others
         return None
     if isinstance(raw, dict):
         candidate = raw.get("id")

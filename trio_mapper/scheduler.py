@@ -215,6 +215,7 @@ class Scheduler:
         self._closing = False
         self._all_done = trio.Event()
         self._all_done.set()
+        self._grace = trio.CancelScope()
         self.accepted = 0
         self.rejected = 0
 
@@ -350,7 +351,8 @@ class Scheduler:
         if not self._close(job):
             return
         job.lane.failed += 1
-        if kind not in {ErrorKind.CANCELLED}:
+        # Cancellations and shutdown are summarised elsewhere; per-request lines are for real failures.
+        if kind not in {ErrorKind.CANCELLED, ErrorKind.SHUTTING_DOWN}:
             log.warning("request %s failed: %s: %s", job.log_label, kind.value, message)
         job.owner.deliver(
             Error(
@@ -546,18 +548,30 @@ class Scheduler:
         for job in waiting:
             self._finish_error(job, ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit later")
         in_flight = len(self._jobs)
-        if in_flight:
-            log.info("waiting up to %.1fs for %d in-flight requests", grace_period, in_flight)
-        with trio.move_on_after(grace_period):
+        log.info(
+            "shutting down: answered %d waiting requests 'shutting_down'; giving %d in flight up to %gs",
+            len(waiting),
+            in_flight,
+            grace_period,
+        )
+        with self._grace:
+            self._grace.relative_deadline = grace_period
             await self._all_done.wait()
-        for job in list(self._jobs.values()):
+        unfinished = list(self._jobs.values())
+        for job in unfinished:
             self._finish_error(
                 job,
                 ErrorKind.SHUTTING_DOWN,
                 "the engine shut down before the upstream answered; the upstream may have processed it",
             )
+        if unfinished:
+            log.warning("cancelled %d requests still in flight at the end of the grace period", len(unfinished))
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def end_grace_period(self) -> None:
+        """Stop waiting for in-flight requests (a second signal)."""
+        self._grace.cancel()
 
     # --- statistics ----------------------------------------------------------------------------------------
 

@@ -201,7 +201,7 @@ class Connection:
     def _handle_frame(self, payload: bytes) -> None:
         try:
             message = self._codec.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.MsgspecError, ValueError) as exc:
             request_id = salvage_request_id(payload)
             log.info("%s sent an invalid frame: %s", self.label, exc)
             return self._protocol_error(request_id, f"invalid frame: {describe_decode_error(exc)}")
@@ -232,7 +232,19 @@ class Connection:
 
         match message:
             case Submit():
-                self._scheduler.submit(self, message)
+                try:
+                    self._scheduler.submit(self, message)
+                except Exception:
+                    # A bug must cost one request, not the connection and every request on it.
+                    log.exception("%s: internal error while accepting id=%r", self.label, message.id)
+                    self.deliver(
+                        Error(
+                            id=message.id,
+                            kind=ErrorKind.INTERNAL_ERROR,
+                            message="the engine failed to accept this request (a bug, logged by the engine); "
+                            "please report it",
+                        )
+                    )
             case Cancel(id=request_id):
                 self._scheduler.cancel(self, request_id)
             case StatsRequest(id=request_id):

@@ -1,0 +1,294 @@
+"""End to end: the engine as a real subprocess, a real Unix socket, the simulator as a real HTTP upstream."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+from conftest import TEST_API_KEY, engine_command, engine_env, running_engine, simulator
+from wire import RawClient, chat
+
+
+async def test_concurrent_requests_each_get_their_own_reply(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        async with await RawClient.connect(str(engine.socket)) as client:
+            ids = list(range(50)) + [f"s{i}" for i in range(10)]
+            for request_id in ids:
+                await client.send(chat(request_id, f"question {request_id}"))
+            replies = [await client.receive() for _ in ids]
+        assert sorted(map(str, (reply["id"] for reply in replies))) == sorted(map(str, ids))
+        for reply in replies:
+            assert reply["type"] == "result", reply
+            assert reply["status"] == 200
+            assert reply["body"]["object"] == "chat.completion"
+            assert reply["headers"]["x-request-id"].startswith("req_")
+            assert reply["attempts"] == 1
+            assert reply["timings"]["total"] >= reply["timings"]["upstream"] >= 0
+        mode = stat.S_IMODE(os.stat(engine.socket).st_mode)
+        assert mode == 0o660
+        assert await engine.stop() == 0
+        assert not engine.socket.exists()
+        assert TEST_API_KEY not in engine.log
+
+
+async def test_several_clients_at_once(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        results: dict[int, list[dict[str, object]]] = {}
+
+        async def one_client(number: int) -> None:
+            async with await RawClient.connect(str(engine.socket)) as client:
+                for i in range(20):
+                    await client.send(chat(i))
+                results[number] = [await client.receive() for _ in range(20)]
+
+        async with trio.open_nursery() as nursery:
+            for number in range(8):
+                nursery.start_soon(one_client, number)
+        for replies in results.values():
+            assert sorted(reply["id"] for reply in replies) == list(range(20))  # type: ignore[type-var]
+            assert all(reply["type"] == "result" for reply in replies)
+
+
+async def test_bad_input_gets_clear_errors_and_the_connection_lives_on(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        async with await RawClient.connect(str(engine.socket)) as client:
+            cases = {
+                b"\xc1": "malformed",
+                msgspec.msgpack.encode([1, 2, 3]): "object",
+                msgspec.msgpack.encode({"type": "launch_missiles", "id": 1}): "must be one of",
+                msgspec.msgpack.encode({"type": "submit", "id": 2, "endpoint": 5, "body": {}}): "$.endpoint",
+                msgspec.msgpack.encode({"type": "submit", "id": 3.5, "endpoint": "x", "body": {}}): "$.id",
+                msgspec.msgpack.encode({"id": 4}): "type",
+            }
+            for payload, needle in cases.items():
+                await client.send_raw(struct.pack(">I", len(payload)) + payload)
+                reply = await client.receive()
+                assert reply["type"] == "error"
+                assert reply["kind"] == "protocol_error"
+                assert needle in reply["message"], reply
+            wrong_type = await client.request({"type": "submit", "id": 2, "endpoint": 5, "body": {}})
+            assert wrong_type["id"] == 2  # the id is salvaged so the client can tell which request failed
+
+            refused = {
+                "https://evil.example/v1/chat/completions": "names a host",
+                "/v1/../../etc/passwd": "'..'",
+                "//evil.example/v1/x": "names a host",
+                "/v1/chat/completions?x=1": "plain path",
+            }
+            for n, (endpoint, needle) in enumerate(refused.items()):
+                reply = await client.request(
+                    {"type": "submit", "id": f"e{n}", "endpoint": endpoint, "body": {"model": "gpt-4o-mini"}}
+                )
+                assert reply["kind"] == "invalid_request", reply
+                assert needle in reply["message"]
+            bad_body = await client.request(
+                {"type": "submit", "id": "b", "endpoint": "/v1/chat/completions", "body": {"model": "gpt-4o-mini"}}
+            )
+            assert bad_body["kind"] == "invalid_request"
+            assert "messages" in bad_body["message"]
+            # Still serving on the same connection.
+            assert (await client.request(chat("ok")))["type"] == "result"
+            assert (await client.request({"type": "ping", "id": "p"}))["type"] == "pong"
+        assert await engine.stop() == 0
+
+
+async def test_oversized_frame_is_refused_then_closed(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url, "--max-frame-bytes", "4096") as engine:
+        async with await RawClient.connect(str(engine.socket)) as client:
+            await client.send_raw(struct.pack(">I", 10_000_000) + b"\x80" * 100)
+            reply = await client.receive()
+            assert reply["kind"] == "protocol_error"
+            assert "10000000 bytes exceeds the limit of 4096" in reply["message"]
+            with pytest.raises(EOFError):
+                await client.receive()
+        async with await RawClient.connect(str(engine.socket)) as client:
+            assert (await client.request(chat(1)))["type"] == "result"
+
+
+async def test_handshake_is_required_and_versioned(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        async with await RawClient.connect(str(engine.socket), hello=False) as client:
+            reply = await client.request(chat(1))
+            assert reply["kind"] == "protocol_error" and "first frame must be a hello" in reply["message"]
+            with pytest.raises(EOFError):
+                await client.receive()
+        async with await RawClient.connect(str(engine.socket), hello=False) as client:
+            reply = await client.request({"type": "hello", "protocol": 99})
+            assert reply["kind"] == "protocol_error" and "speaks protocol 1" in reply["message"]
+
+
+async def test_half_a_frame_then_vanish_frees_everything(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        for _ in range(20):
+            client = await RawClient.connect(str(engine.socket))
+            await client.send_raw(struct.pack(">I", 1000) + b"\x81\xa4")
+            await client.aclose()
+        async with await RawClient.connect(str(engine.socket)) as client:
+            # The engine notices each EOF asynchronously; wait (bounded) until it has.
+            with trio.fail_after(10):
+                while (  # noqa: ASYNC110 - polling another process's state: no event to wait on
+                    stats := await client.request({"type": "stats", "id": "s"})
+                )["engine"]["connections"] > 1:
+                    await trio.sleep(0.05)
+            assert stats["engine"]["connections"] == 1
+            assert stats["engine"]["outstanding"] == 0
+
+
+async def test_fuzzed_frames_never_crash_the_engine(short_tmp: Path) -> None:
+    rng = random.Random(20261125)
+    templates: list[object] = [
+        {"type": "submit", "id": 1, "endpoint": "/v1/chat/completions", "body": {"model": "gpt-4o-mini"}},
+        {"type": "cancel", "id": 1},
+        {"type": "stats", "id": 1},
+        {"type": "hello", "protocol": 1},
+        {"type": "submit", "id": "x", "endpoint": "/v1/embeddings", "body": {"model": "m", "input": [1, 2]}},
+    ]
+
+    def mutate(value: object) -> object:
+        choice = rng.random()
+        if isinstance(value, dict) and choice < 0.5:
+            key = rng.choice(list(value) or ["k"])
+            return {**value, key: mutate(value.get(key))}
+        return rng.choice(
+            [None, True, -1, 2**63 - 1, 1.5, "", "x" * rng.randint(0, 300), [], {}, [None], {"a": [1]}, b"\x00\xff"]
+        )
+
+    async with simulator() as url, running_engine(short_tmp, url, "--log-level", "debug") as engine:
+        for round_number in range(6):
+            async with await RawClient.connect(str(engine.socket)) as client:
+                for _ in range(500):
+                    kind = rng.random()
+                    if kind < 0.4:
+                        payload = msgspec.msgpack.encode(mutate(rng.choice(templates)))
+                    elif kind < 0.7:
+                        payload = rng.randbytes(rng.randint(0, 64))
+                    else:
+                        payload = bytearray(msgspec.msgpack.encode(rng.choice(templates)))
+                        for _ in range(rng.randint(1, 4)):
+                            payload[rng.randrange(len(payload))] = rng.randrange(256)
+                        payload = bytes(payload)
+                    await client.send_raw(struct.pack(">I", len(payload)) + payload)
+                await client.send({"type": "ping", "id": f"alive-{round_number}"})
+                while (reply := await client.receive()).get("id") != f"alive-{round_number}":
+                    assert reply["type"] in {"error", "result", "stats_reply", "welcome"}, reply
+        async with await RawClient.connect(str(engine.socket)) as client:
+            assert (await client.request(chat("after-fuzz")))["type"] == "result"
+        assert await engine.stop() == 0
+        assert "Traceback" not in engine.log
+        assert "unexpected error" not in engine.log
+
+
+async def test_sigterm_answers_every_request_exactly_once(short_tmp: Path) -> None:
+    # Slow replies keep many requests in flight; the grace period lets them finish.
+    async with (
+        simulator(latency_ms=400.0) as url,
+        running_engine(short_tmp, url, "--max_concurrent_reqs", "100", "--grace-period", "20") as engine,
+    ):
+        async with await RawClient.connect(str(engine.socket)) as client:
+            total = 400
+            for i in range(total):
+                await client.send(chat(i))
+            stats = await client.request({"type": "stats", "id": "s"})
+            # Some results may arrive before the stats reply; count them too.
+            early = [stats] if stats["type"] != "stats_reply" else []
+            while stats["type"] != "stats_reply":
+                stats = await client.receive()
+            assert stats["engine"]["outstanding"] > 0
+            engine.process.send_signal(signal.SIGTERM)
+            replies = [reply for reply in early if reply["type"] != "stats_reply"]
+            while True:
+                try:
+                    replies.append(await client.receive())
+                except EOFError:
+                    break
+        ids = [reply["id"] for reply in replies]
+        assert sorted(ids) == list(range(total)), "every request answered exactly once"
+        kinds = {reply.get("kind", reply["type"]) for reply in replies}
+        assert kinds <= {"result", "shutting_down"}
+        assert "result" in kinds
+        assert await engine.stop() == 0
+        assert not engine.socket.exists()
+
+
+async def test_stale_socket_is_replaced_and_live_one_refused(short_tmp: Path) -> None:
+    import socket as stdlib_socket
+
+    stale = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    stale.bind(str(short_tmp / "engine.sock"))
+    stale.close()  # the file stays, nothing listens: what a crash leaves
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        async with await RawClient.connect(str(engine.socket)) as client:
+            assert (await client.request({"type": "ping", "id": 1}))["type"] == "pong"
+        with trio.fail_after(60):
+            second = await trio.run_process(
+                engine_command(engine.socket, url),
+                env=engine_env(),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert second.returncode == 1
+        assert b"another engine is already listening" in second.stderr
+        assert engine.socket.exists(), "the refused engine must not remove the live one's socket"
+
+
+def test_start_up_errors_are_one_line_each_and_exit_2(short_tmp: Path) -> None:
+    env = engine_env()
+    del env["OPENAI_API_KEY"]
+    command = [sys.executable, "-m", "trio_mapper", "launch-engine", "--socket", str(short_tmp / "s")]
+    missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False, cwd=short_tmp)
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr
+    assert "OPENAI_API_KEY" in missing.stderr
+    assert "max_concurrent_reqs: required" in missing.stderr
+
+    config = short_tmp / "engine.toml"
+    config.write_text('[server]\nrpm = "many"\ntmp = 5\nsocket_mode = 0o666\n')
+    bad = subprocess.run(
+        [*command, "--config", str(config), "--tpm", "10", "--max_concurrent_reqs", "1"],
+        env=engine_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert "server.rpm: expected an integer, got 'many'" in bad.stderr
+    assert "unknown key(s): tmp" in bad.stderr
+
+    (short_tmp / ".env").write_text(f"OPENAI_API_KEY={TEST_API_KEY}\n")
+    from_dotenv = subprocess.run(
+        [*command, "--rpm", "1", "--tpm", "1", "--max_concurrent_reqs", "1", "--socket-mode", "0666"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=short_tmp,
+    )
+    assert from_dotenv.returncode == 2
+    assert "OPENAI_API_KEY" not in from_dotenv.stderr  # found in .env
+    assert "world-writable" in from_dotenv.stderr
+
+
+def test_help_lists_the_seed_options() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_mapper", "launch-engine", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for option in ("--max_concurrent_reqs", "--rpm", "--tpm", "--period_length", "--max_nb_sockets", "--socket"):
+        assert option in result.stdout
+    assert "--max-concurrent-reqs" in result.stdout
