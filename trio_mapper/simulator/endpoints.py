@@ -1,0 +1,368 @@
+"""The API's request and reply shapes: what a request costs, and the JSON or SSE that answers it.
+
+Parsing (``plan_request``) happens before admission and only counts; rendering happens after, from the
+reply lengths the dice drew. Nothing here touches HTTP, buckets or time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, final
+
+import attrs
+import msgspec
+
+from .content import (
+    DEFAULT_DIMENSIONS,
+    EMBEDDING_DIMENSIONS,
+    embedding_base64,
+    embedding_vector,
+    reply_tokens,
+)
+from .tokens import InputError, TokenCounter
+
+Kind = Literal["chat", "completions", "embeddings", "responses"]
+
+# The legacy completions endpoint defaults max_tokens to 16 (documented API behaviour).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 128
+# The API's own cap on inputs per embeddings request; with MAX_CHOICES it also bounds the work one
+# request can ask for.
+MAX_INPUTS = 2048
+SYSTEM_FINGERPRINT = "fp_simulator"
+
+_encoder = msgspec.json.Encoder()
+
+
+class RequestError(Exception):
+    """A 400 the API would answer; carries the ``param`` and ``code`` fields of the error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@final
+@attrs.frozen
+class Plan:
+    """A parsed request: what it costs at admission and what to generate once admitted."""
+
+    kind: Kind
+    model: str
+    prompt_tokens: int
+    cost: int
+    # Number of texts to generate (choices x prompts); 0 for embeddings.
+    replies: int
+    # Per-reply cap; None means "no cap given" (the natural length is used).
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    body: dict[str, Any]
+    # Embeddings: tokens per input, in order.
+    input_counts: tuple[int, ...] = ()
+
+
+@final
+@attrs.frozen
+class Reply:
+    """One generated text as drawn by the dice."""
+
+    start: int
+    tokens: int
+    truncated: bool
+
+    def text(self) -> str:
+        return "".join(reply_tokens(self.start, self.tokens))
+
+
+def _missing(name: str) -> RequestError:
+    return RequestError(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
+
+
+def _positive_int(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    # bool is an int in Python but not in JSON Schema.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RequestError(
+            f"Invalid '{name}': expected an integer greater than or equal to 1, got {value!r}.",
+            name,
+            "invalid_value",
+        )
+    return value
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"Invalid type for '{name}': expected a boolean.", name, "invalid_type")
+    return value
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, default_max_tokens: int) -> Plan:
+    """Validate a request body and work out its admission cost.
+
+    Cost = prompt tokens + per-reply cap x replies, where the cap is the request's own
+    ``max_tokens``/``max_completion_tokens``/``max_output_tokens`` or ``default_max_tokens``;
+    embeddings cost their input only.
+
+    Raises:
+        RequestError: the body would get a 400 from the real API.
+    """
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("you must provide a model parameter")
+    try:
+        if kind == "chat":
+            if "messages" not in body:
+                raise _missing("messages")
+            prompt = counter.messages(body["messages"])
+            n = _positive_int(body, "n", 1) or 1
+            cap = _positive_int(body, "max_completion_tokens", None) or _positive_int(body, "max_tokens", None)
+            stream = _flag(body, "stream")
+            replies = n
+        elif kind == "completions":
+            if "prompt" not in body:
+                raise _missing("prompt")
+            counts = counter.prompts(body["prompt"])
+            prompt = sum(counts)
+            n = _positive_int(body, "n", 1) or 1
+            cap = _positive_int(body, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+            stream = _flag(body, "stream")
+            replies = n * len(counts)
+        elif kind == "responses":
+            if "input" not in body:
+                raise _missing("input")
+            prompt = counter.responses_input(body["input"], body.get("instructions"))
+            n = 1
+            cap = _positive_int(body, "max_output_tokens", None)
+            if _flag(body, "stream"):
+                raise RequestError("The simulator does not stream /v1/responses.", "stream", "unsupported_parameter")
+            stream = False
+            replies = 1
+        else:
+            if "input" not in body:
+                raise _missing("input")
+            counts = counter.embedding_inputs(body["input"])
+            encoding = body.get("encoding_format", "float")
+            if encoding not in ("float", "base64"):
+                raise RequestError(
+                    f"Invalid value for 'encoding_format': {encoding!r}. Supported values are: 'float' and 'base64'.",
+                    "encoding_format",
+                    "invalid_value",
+                )
+            if len(counts) > MAX_INPUTS:
+                raise RequestError(f"'$.input' must have at most {MAX_INPUTS} items.", "input", "invalid_value")
+            native = EMBEDDING_DIMENSIONS.get(model, DEFAULT_DIMENSIONS)
+            dimensions = _positive_int(body, "dimensions", native) or native
+            if dimensions > native:
+                raise RequestError(
+                    f"Invalid 'dimensions': {model} returns at most {native}.", "dimensions", "invalid_value"
+                )
+            return Plan(kind, model, sum(counts), sum(counts), 0, None, False, False, body, tuple(counts))
+    except InputError as error:
+        raise RequestError(str(error), error.param, "invalid_value") from None
+    if n > MAX_CHOICES:
+        raise RequestError(f"Invalid 'n': must be at most {MAX_CHOICES}.", "n", "invalid_value")
+    if replies > MAX_INPUTS:
+        raise RequestError(f"'prompt' must have at most {MAX_INPUTS} items.", "prompt", "invalid_value")
+    cost = prompt + (cap if cap is not None else default_max_tokens) * replies
+    return Plan(kind, model, prompt, cost, replies, cap, stream, stream and _include_usage(body), body)
+
+
+def _chat_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _finish(reply: Reply) -> str:
+    return "length" if reply.truncated else "stop"
+
+
+def render(plan: Plan, replies: Sequence[Reply], ident: str, created: int) -> bytes:
+    """The JSON body of a successful non-streaming reply."""
+    completion = sum(reply.tokens for reply in replies)
+    body: dict[str, Any]
+    if plan.kind == "chat":
+        body = {
+            "id": f"chatcmpl-{ident}",
+            "object": "chat.completion",
+            "created": created,
+            "model": plan.model,
+            "choices": [
+                {
+                    "index": index,
+                    "message": {
+                        "role": "assistant",
+                        "content": reply.text(),
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": _finish(reply),
+                }
+                for index, reply in enumerate(replies)
+            ],
+            "usage": _chat_usage(plan.prompt_tokens, completion),
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+    elif plan.kind == "completions":
+        body = {
+            "id": f"cmpl-{ident}",
+            "object": "text_completion",
+            "created": created,
+            "model": plan.model,
+            "choices": [
+                {"text": reply.text(), "index": index, "logprobs": None, "finish_reason": _finish(reply)}
+                for index, reply in enumerate(replies)
+            ],
+            "usage": _chat_usage(plan.prompt_tokens, completion),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+    elif plan.kind == "responses":
+        body = _response_object(plan, replies[0], ident, created)
+    else:
+        body = _embeddings(plan)
+    return _encoder.encode(body)
+
+
+def _response_object(plan: Plan, reply: Reply, ident: str, created: int) -> dict[str, Any]:
+    return {
+        "id": f"resp_{ident}",
+        "object": "response",
+        "created_at": created,
+        "status": "incomplete" if reply.truncated else "completed",
+        "background": False,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if reply.truncated else None,
+        "instructions": plan.body.get("instructions"),
+        "max_output_tokens": plan.max_tokens,
+        "model": plan.model,
+        "output": [
+            {
+                "id": f"msg_{ident}",
+                "type": "message",
+                "status": "incomplete" if reply.truncated else "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": reply.text(), "annotations": [], "logprobs": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": {
+            "input_tokens": plan.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": reply.tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": plan.prompt_tokens + reply.tokens,
+        },
+        "user": None,
+        "metadata": {},
+    }
+
+
+def _embedding_keys(plan: Plan) -> list[bytes]:
+    value = plan.body["input"]
+    items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+    prefix = plan.model.encode() + b"\0"
+    return [prefix + (item.encode() if isinstance(item, str) else _encoder.encode(item)) for item in items]
+
+
+def _embeddings(plan: Plan) -> dict[str, Any]:
+    dimensions = plan.body.get("dimensions") or EMBEDDING_DIMENSIONS.get(plan.model, DEFAULT_DIMENSIONS)
+    as_base64 = plan.body.get("encoding_format", "float") == "base64"
+    data = []
+    for index, key in enumerate(_embedding_keys(plan)):
+        vector = embedding_vector(key, dimensions)
+        data.append(
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": embedding_base64(vector) if as_base64 else vector.tolist(),
+            }
+        )
+    total = plan.prompt_tokens
+    return {
+        "object": "list",
+        "data": data,
+        "model": plan.model,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _encoder.encode(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def render_stream(plan: Plan, replies: Sequence[Reply], ident: str, created: int) -> Iterator[tuple[bytes, int]]:
+    """The SSE events of a streamed reply, each with the number of completion tokens it carries.
+
+    Chat sends a role chunk, one chunk per token, a finish chunk per choice, then (with
+    ``stream_options.include_usage``) a usage chunk with empty ``choices``; every other chunk then carries
+    ``"usage": null``. Completions stream ``text_completion`` chunks the same way.
+    """
+    chat = plan.kind == "chat"
+    base: dict[str, Any] = {
+        "id": f"chatcmpl-{ident}" if chat else f"cmpl-{ident}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": plan.model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    if plan.include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, piece: str | None, finish: str | None) -> dict[str, Any]:
+        if chat:
+            if piece is None and finish is None:
+                delta: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None}
+            else:
+                delta = {} if piece is None else {"content": piece}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"text": piece or "", "index": index, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    for index, reply in enumerate(replies):
+        if chat:
+            yield _sse(chunk(index, None, None)), 0
+        for piece in reply_tokens(reply.start, reply.tokens):
+            yield _sse(chunk(index, piece, None)), 1
+        yield _sse(chunk(index, None, _finish(reply))), 0
+    if plan.include_usage:
+        completion = sum(reply.tokens for reply in replies)
+        yield _sse({**base, "choices": [], "usage": _chat_usage(plan.prompt_tokens, completion)}), 0
+    yield SSE_DONE, 0
