@@ -105,7 +105,7 @@ class Job:
 
     @property
     def cost(self) -> Cost:
-        return Cost(tokens=self.estimate.total)
+        return Cost(tokens=self.estimate.total, prompt_tokens=self.estimate.prompt_tokens)
 
     @property
     def log_label(self) -> str:
@@ -265,7 +265,7 @@ class Scheduler:
                 )
             lane = self._open_lane(lane_name)
         try:
-            lane.budget.check_admissible(Cost(tokens=estimate.total))
+            lane.budget.check_admissible(Cost(tokens=estimate.total, prompt_tokens=estimate.prompt_tokens))
         except RequestTooLarge as exc:
             return refuse(ErrorKind.REQUEST_TOO_LARGE, str(exc))
 

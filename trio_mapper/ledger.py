@@ -1,0 +1,846 @@
+"""The budget ledger: admits requests to the upstream only when a model's RPM/TPM budget allows.
+
+One `LaneBudget` per model ("lane"). The scheduler asks `reserve(cost)` before sending a request, then
+either `refund`s the reservation (never sent) or `reconcile`s it with what the upstream answered.
+docs/ledger.md explains the two accounting modes ("period" and "bucket"), why "bucket" is the default, and
+how replies correct the ledger.
+
+All time is `trio.current_time()`, so tests run under `autojump_clock`. Nothing here starts a task: the
+waiter at the head of a lane's FIFO sleeps until its own admission time, and every change that frees
+budget wakes only that head.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final, Literal, Protocol, final
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from trio_mapper.ratelimit_headers import RateLimitSnapshot
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["period", "bucket"]
+MODES: Final[tuple[Mode, ...]] = ("period", "bucket")
+#: The continuous bucket matches how the upstream meters, learns a smaller upstream burst, and measured
+#: fewest 429s in tests/test_ledger.py's simulation (numbers in docs/ledger.md).
+DEFAULT_MODE: Final[Mode] = "bucket"
+#: `--period_length` default: the upstream's limits are per minute.
+DEFAULT_PERIOD: Final = 60.0
+
+#: A 429 that names no wait still means the upstream's bucket is empty; one second is the quantum the
+#: upstream is documented to enforce at, and the bucket restarting empty paces what follows anyway.
+DEFAULT_PAUSE: Final = 1.0
+#: Bucket mode's burst until replies show more: one second of refill, the quantum the upstream is documented
+#: to enforce at. A fresh engine does not know what a previous run or another client just spent, and an
+#: upstream with a one-second bucket answers a whole period's burst with a storm of 429s. The first reply
+#: to a request sent while our bucket was full shows how big the upstream's burst really is, and the
+#: burst grows to that (up to limit x period / 60). Sustained throughput does not depend on it.
+INITIAL_BURST_SECONDS: Final = 1.0
+
+#: Weight kept by the per-lane estimate correction at each reply (memory of about 20 replies): long enough
+#: to ignore one odd prompt, short enough to follow a change of workload.
+CORRECTION_DECAY: Final = 0.95
+#: Bounds on the correction factor: a tokenizer mismatch is a few percent to tens of percent; a factor
+#: beyond 2x means something else is wrong, and an unbounded factor would let one outlier starve a lane.
+CORRECTION_MIN: Final = 0.5
+CORRECTION_MAX: Final = 2.0
+
+#: A reply to a request admitted while our bucket was at least this full describes a rested upstream:
+#: its remaining budget plus that request's cost is (a lower bound of) the upstream's burst size.
+RESTED_FRACTION: Final = 0.9
+
+#: Float slack in budget comparisons: refill is continuous, so a waiter woken at its computed time may see
+#: its budget short by rounding error and would otherwise sleep again for a nanosecond.
+_EPS: Final = 1e-6
+
+
+@attrs.frozen
+class Limits:
+    """Per-minute limits of one model, as the upstream states them."""
+
+    rpm: int = attrs.field(validator=attrs.validators.gt(0))
+    tpm: int = attrs.field(validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class Cost:
+    """What one upstream request costs at admission.
+
+    Attributes:
+        tokens: the estimated prompt tokens plus max_tokens x n (embeddings: input tokens only).
+        requests: requests counted against RPM.
+        prompt_tokens: the estimated prompt part of ``tokens``. It is what ``usage.prompt_tokens`` is
+            compared with at reconciliation and what the lane's correction factor scales; None when unknown,
+            which disables correction by usage for this request (never guess: charging max_tokens as if it
+            were prompt would teach the lane a huge bogus correction).
+    """
+
+    tokens: int = attrs.field(validator=attrs.validators.ge(0))
+    requests: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+    prompt_tokens: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
+
+    def __attrs_post_init__(self) -> None:
+        if self.prompt_tokens is not None and self.prompt_tokens > self.tokens:
+            raise ValueError(f"prompt_tokens {self.prompt_tokens} exceeds tokens {self.tokens}")
+
+
+class RequestTooLarge(Exception):
+    """The request alone costs more than the whole per-minute budget: it can never be admitted."""
+
+    def __init__(self, lane: str, requested: int, budget: int, unit: str = "tokens") -> None:
+        self.lane = lane
+        self.requested = requested
+        self.budget = budget
+        self.unit = unit
+        hint = "reduce input or max_tokens" if unit == "tokens" else "split the request"
+        super().__init__(f"{lane}: requested {requested} {unit}, the whole per-minute budget is {budget}; {hint}")
+
+
+@final
+class Reservation:
+    """Opaque handle for budget charged by `LaneBudget.reserve`; give it back to `refund` or `reconcile`."""
+
+    __slots__ = ("_book", "_settled", "charged_tokens", "cost", "lane", "reserved_at")
+
+    def __init__(self, lane: str, cost: Cost, reserved_at: float, charged_tokens: int, book: object = None) -> None:
+        #: The lane (model) that charged it.
+        self.lane = lane
+        #: What the caller asked for.
+        self.cost = cost
+        #: `trio.current_time()` at admission.
+        self.reserved_at = reserved_at
+        #: Tokens charged: ``cost.tokens`` with the lane's estimate correction applied to the prompt part.
+        self.charged_tokens = charged_tokens
+        # Whatever the implementation that issued it needs to settle it later.
+        self._book = book
+        self._settled = False
+
+    def __repr__(self) -> str:
+        state = "settled" if self._settled else "in flight"
+        return (
+            f"<Reservation lane={self.lane!r} tokens={self.charged_tokens} requests={self.cost.requests} "
+            f"at={self.reserved_at:.3f} {state}>"
+        )
+
+
+@attrs.frozen
+class LaneStatistics:
+    """A snapshot of one lane, for `status` and for tests."""
+
+    name: str
+    mode: str
+    period: float
+    configured: Limits
+    #: The limits in force: configured, lowered by what the upstream's headers report.
+    effective: Limits
+    #: Burst the ledger allows itself (bucket capacity, or the window budget), possibly shrunk to the
+    #: upstream's observed burst in bucket mode.
+    token_capacity: float
+    request_capacity: float
+    #: Period mode: charged in the current window. Bucket mode: capacity minus what is available.
+    tokens_used: float
+    requests_used: float
+    #: Budget available now; negative is debt (a request bigger than the burst, or a correction).
+    tokens_available: float
+    requests_available: float
+    waiters: int
+    in_flight: int
+    paused_until: float | None
+    pause_remaining: float
+    #: Retryable 429s reported through `pause`.
+    pauses: int
+    #: Totals over replies that reported usage for a request with a known prompt estimate.
+    estimated_prompt_tokens: int
+    actual_prompt_tokens: int
+    #: Factor applied to prompt estimates at admission (actual / estimated, decayed average).
+    correction: float
+    reservations: int
+    refunds: int
+    reconciles: int
+
+
+class LaneBudget(Protocol):
+    """The rate budget of one model. A shared (e.g. Redis-backed) budget implements the same methods."""
+
+    name: str
+
+    def check_admissible(self, cost: Cost) -> None:
+        """Raise `RequestTooLarge` at once if ``cost`` exceeds the whole per-minute limit; never waits."""
+        ...
+
+    async def reserve(self, cost: Cost) -> Reservation:
+        """Wait (FIFO) until the lane is not paused and the budget allows, then charge ``cost``.
+
+        Cancel-safe: cancelled while waiting, nothing stays reserved and the next waiter proceeds.
+
+        Raises:
+            RequestTooLarge: at once, or while waiting if the effective limit drops below the cost.
+        """
+        ...
+
+    def refund(self, reservation: Reservation) -> None:
+        """The request never reached the upstream: give its budget back."""
+        ...
+
+    def reconcile(
+        self,
+        reservation: Reservation,
+        *,
+        prompt_tokens: int | None,
+        snapshot: RateLimitSnapshot | None,
+    ) -> None:
+        """Correct the ledger from an upstream reply (any status): usage and x-ratelimit-* headers."""
+        ...
+
+    def pause(self, wait: float | None, scope: str | None) -> None:
+        """A retryable 429: admit nothing for ``wait`` seconds, then resume at the refill pace."""
+        ...
+
+    def update_limits(self, limits: Limits) -> None:
+        """New configured limits (config reload); reservations and waiters are kept."""
+        ...
+
+    def statistics(self) -> LaneStatistics: ...
+
+
+# --------------------------------------------------------------------------------------------------------
+# Meters: one per dimension (requests, tokens) of a lane. `charge` returns a mark that `credit` takes
+# back, so a credit never returns budget that has since expired anyway (window reset, refill lost at a
+# full bucket).
+
+
+class _Meter(Protocol):
+    capacity: float
+
+    def configure(self, limit: float, capacity: float, now: float) -> None: ...
+    def available(self, now: float) -> float: ...
+    def used(self, now: float) -> float: ...
+    def charge(self, amount: float, now: float) -> float: ...
+    def credit(self, amount: float, mark: float, now: float) -> None: ...
+    def ready_at(self, amount: float, now: float) -> float: ...
+    def drain_until(self, resume_at: float, now: float) -> None: ...
+    def expired_since(self, mark: float, now: float) -> float: ...
+
+
+@final
+class _BucketMeter:
+    """Continuous token bucket: refills ``limit/60`` per second up to ``capacity``; may go negative (debt)."""
+
+    def __init__(self, limit: float, capacity: float, now: float, level: float) -> None:
+        self.rate = limit / 60.0
+        self.capacity = capacity
+        self.level = min(level, capacity)
+        self.updated = now
+        # Refill thrown away because the bucket was full. A charge made before some refill was thrown away
+        # cannot be fully credited back later: had it not been made, that refill would have been lost too.
+        self.lost = 0.0
+
+    def _sync(self, now: float) -> None:
+        if now > self.updated:
+            level = self.level + self.rate * (now - self.updated)
+            if level > self.capacity:
+                self.lost += level - max(self.level, self.capacity)
+                level = self.capacity
+            self.level = level
+            self.updated = now
+
+    def configure(self, limit: float, capacity: float, now: float) -> None:
+        self._sync(now)
+        self.rate = limit / 60.0
+        self.capacity = capacity
+        if self.level > capacity:
+            self.lost += self.level - capacity
+            self.level = capacity
+
+    def available(self, now: float) -> float:
+        self._sync(now)
+        return self.level
+
+    def used(self, now: float) -> float:
+        return self.capacity - self.available(now)
+
+    def charge(self, amount: float, now: float) -> float:
+        self._sync(now)
+        self.level -= amount
+        return self.lost
+
+    def credit(self, amount: float, mark: float, now: float) -> None:
+        self._sync(now)
+        amount -= self.lost - mark
+        if amount > 0:
+            level = self.level + amount
+            if level > self.capacity:
+                self.lost += level - max(self.level, self.capacity)
+                level = self.capacity
+            self.level = level
+
+    def ready_at(self, amount: float, now: float) -> float:
+        self._sync(now)
+        # A request bigger than the bucket runs once the bucket is full, going into debt: it must not hang.
+        need = min(amount, self.capacity)
+        if self.level >= need - _EPS:
+            return now
+        return now + (need - self.level) / self.rate
+
+    def drain_until(self, resume_at: float, now: float) -> None:
+        self._sync(now)
+        # Empty exactly at resume_at, so admission restarts at the refill pace instead of with a burst.
+        self.level = min(self.level, -self.rate * max(0.0, resume_at - now))
+
+    def expired_since(self, mark: float, now: float) -> float:
+        """Budget given back without our doing since ``mark``: refill thrown away at a full bucket."""
+        self._sync(now)
+        return self.lost - mark
+
+
+@final
+class _WindowMeter:
+    """Fixed windows of ``period`` seconds aligned on ``origin``, each with budget ``capacity``.
+
+    Debt (a request bigger than a window, or a correction) carries over into the next windows; unused
+    budget does not. After a pause, a temporary bucket holding one second of refill paces admission at
+    ``limit/60`` per second for one period, so the windows right after a 429 are not spent in one burst.
+    """
+
+    def __init__(self, limit: float, capacity: float, now: float, origin: float, period: float) -> None:
+        self.limit = limit
+        self.capacity = capacity
+        self.origin = origin
+        self.period = period
+        self.window = self._index(now)
+        self.charged = 0.0
+        self.ramp: _BucketMeter | None = None
+        self.ramp_until = -math.inf
+
+    def _index(self, now: float) -> int:
+        # The slack keeps a waiter woken exactly at a boundary from seeing the old window by rounding.
+        return math.floor((now - self.origin) / self.period + 1e-9)
+
+    def _sync(self, now: float) -> None:
+        index = self._index(now)
+        if index > self.window:
+            self.charged = max(0.0, self.charged - self.capacity * (index - self.window))
+            self.window = index
+        if self.ramp is not None and now >= self.ramp_until:
+            self.ramp = None
+
+    def configure(self, limit: float, capacity: float, now: float) -> None:
+        self._sync(now)
+        self.limit = limit
+        self.capacity = capacity
+        if self.ramp is not None:
+            self.ramp.configure(limit, self._ramp_capacity(), now)
+
+    def _ramp_capacity(self) -> float:
+        return min(self.capacity, self.limit / 60.0)
+
+    def available(self, now: float) -> float:
+        self._sync(now)
+        left = self.capacity - self.charged
+        if self.ramp is not None:
+            left = min(left, self.ramp.available(now))
+        return left
+
+    def used(self, now: float) -> float:
+        self._sync(now)
+        return self.charged
+
+    def charge(self, amount: float, now: float) -> float:
+        self._sync(now)
+        self.charged += amount
+        if self.ramp is not None:
+            self.ramp.charge(amount, now)
+        return float(self.window)
+
+    def credit(self, amount: float, mark: float, now: float) -> None:
+        self._sync(now)
+        # Each reset since the charge may have paid it off already; assume it did (the smaller credit).
+        # The ramp is not credited: it is short-lived and erring slow there is what it is for.
+        amount -= self.capacity * (self.window - mark)
+        if amount > 0:
+            self.charged = max(0.0, self.charged - amount)
+
+    def ready_at(self, amount: float, now: float) -> float:
+        self._sync(now)
+        # A request bigger than a window runs in an untouched window (charged == 0), going into debt.
+        target = self.capacity - min(amount, self.capacity)
+        if self.charged <= target + _EPS:
+            at = now
+        else:
+            windows = math.ceil((self.charged - target - _EPS) / self.capacity)
+            at = self.origin + (self.window + windows) * self.period
+        if self.ramp is not None:
+            at = max(at, self.ramp.ready_at(amount, now))
+        return at
+
+    def drain_until(self, resume_at: float, now: float) -> None:
+        self._sync(now)
+        if self.ramp is None:
+            self.ramp = _BucketMeter(self.limit, self._ramp_capacity(), now, 0.0)
+        self.ramp.drain_until(resume_at, now)
+        self.ramp_until = max(self.ramp_until, resume_at + self.period)
+
+    def expired_since(self, mark: float, now: float) -> float:
+        """Everything charged before ``mark``'s window is forgiven once the window resets."""
+        self._sync(now)
+        return math.inf if self.window > mark else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+@final
+class _Dimension:
+    """One metered dimension of a lane ("requests" or "tokens") and what replies taught us about it."""
+
+    __slots__ = ("adjusted", "learned", "meter", "name", "observed", "warned")
+
+    def __init__(self, name: str, meter: _Meter, learned: float) -> None:
+        self.name = name
+        self.meter = meter
+        # Budget taken away after the fact (usage and header corrections), cumulative: a reply compares
+        # the upstream's view with ours at its reservation, minus what later corrections already removed.
+        self.adjusted = 0.0
+        # Bucket mode: the largest burst a rested upstream has shown (see RESTED_FRACTION).
+        self.learned = learned
+        self.observed: int | None = None  # the latest limit header
+        self.warned: int | None = None
+
+
+@final
+class _Book:
+    """Per-reservation state of `LocalLaneBudget`, one value per dimension: (tokens, requests)."""
+
+    __slots__ = ("adjusted", "available", "charged_prompt", "marks", "rested")
+
+    def __init__(
+        self,
+        charged_prompt: int | None,
+        marks: tuple[float, float],
+        available: tuple[float, float],
+        adjusted: tuple[float, float],
+        rested: tuple[bool, bool],
+    ) -> None:
+        self.charged_prompt = charged_prompt
+        self.marks = marks  # what a later credit may still give back (see _Meter)
+        self.available = available  # our view just after charging it
+        self.adjusted = adjusted  # _Dimension.adjusted at that moment
+        self.rested = rested  # was the meter nearly full before charging it?
+
+
+@final
+class _Waiter:
+    __slots__ = ("cost", "error", "event", "reservation")
+
+    def __init__(self, cost: Cost) -> None:
+        self.cost = cost
+        self.event = trio.Event()
+        self.reservation: Reservation | None = None
+        self.error: RequestTooLarge | None = None
+
+
+def _header_value(value: int | None) -> int | None:
+    # Azure sends -1 as "unknown"; a parser may pass it through. Treat any negative like a missing header.
+    if value is None or value < 0:
+        return None
+    return value
+
+
+@final
+class LocalLaneBudget:
+    """In-process `LaneBudget` for one model; see docs/ledger.md. Not thread-safe: one trio run."""
+
+    def __init__(self, name: str, limits: Limits, period: float, mode: Mode, origin: float) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown ledger mode {mode!r}; expected one of {', '.join(MODES)}")
+        now = trio.current_time()
+        self.name = name
+        self._mode: Mode = mode
+        self._period = period
+        self._configured = limits
+        self._effective = limits
+        meters: list[_Meter] = []
+        for limit in (limits.tpm, limits.rpm):
+            initial = limit / 60.0 * INITIAL_BURST_SECONDS
+            if mode == "bucket":
+                meters.append(_BucketMeter(limit, self._capacity(limit, initial), now, initial))
+            else:
+                meters.append(_WindowMeter(limit, self._full(limit), now, origin, period))
+        self._tokens = _Dimension("tokens", meters[0], limits.tpm / 60.0 * INITIAL_BURST_SECONDS)
+        self._requests = _Dimension("requests", meters[1], limits.rpm / 60.0 * INITIAL_BURST_SECONDS)
+        self._waiters: collections.OrderedDict[_Waiter, None] = collections.OrderedDict()
+        self._in_flight = 0
+        self._paused_until = -math.inf
+        self._pauses = 0
+        self._est_decayed = 0.0
+        self._act_decayed = 0.0
+        self._correction = 1.0
+        self._estimated_total = 0
+        self._actual_total = 0
+        self._reservations = 0
+        self._refunds = 0
+        self._reconciles = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<LocalLaneBudget {self.name!r} mode={self._mode} rpm={self._effective.rpm} "
+            f"tpm={self._effective.tpm} waiters={len(self._waiters)} in_flight={self._in_flight}>"
+        )
+
+    # -- limits ------------------------------------------------------------------------------------------
+
+    def _full(self, limit: int) -> float:
+        return limit * self._period / 60.0
+
+    def _capacity(self, limit: int, learned: float) -> float:
+        full = self._full(limit)
+        if self._mode != "bucket":
+            return full
+        return min(full, max(learned, limit / 60.0 * INITIAL_BURST_SECONDS))
+
+    def _effective_limit(self, dim: _Dimension, configured: int) -> int:
+        observed = dim.observed
+        if observed is None or observed >= configured:
+            return configured
+        if dim.warned != observed:
+            dim.warned = observed
+            logger.warning(
+                "lane %s: upstream reports a %s limit of %d per minute, below the configured %d; using %d",
+                self.name,
+                dim.name,
+                observed,
+                configured,
+                observed,
+            )
+        return observed
+
+    def _apply_limits(self, now: float) -> None:
+        tpm = self._effective_limit(self._tokens, self._configured.tpm)
+        rpm = self._effective_limit(self._requests, self._configured.rpm)
+        self._effective = Limits(rpm=rpm, tpm=tpm)
+        for dim, limit in ((self._tokens, tpm), (self._requests, rpm)):
+            dim.meter.configure(limit, self._capacity(limit, dim.learned), now)
+
+    def update_limits(self, limits: Limits) -> None:
+        self._configured = limits
+        self._apply_limits(trio.current_time())
+        self._changed()
+
+    # -- admission ---------------------------------------------------------------------------------------
+
+    def check_admissible(self, cost: Cost) -> None:
+        if cost.tokens > self._effective.tpm:
+            raise RequestTooLarge(self.name, cost.tokens, self._effective.tpm)
+        if cost.requests > self._effective.rpm:
+            raise RequestTooLarge(self.name, cost.requests, self._effective.rpm, "requests")
+
+    def _charge_for(self, cost: Cost) -> tuple[int, int | None]:
+        """Tokens to charge, and the prompt part of them, with the lane's estimate correction applied."""
+        if cost.prompt_tokens is None:
+            return cost.tokens, None
+        prompt = math.ceil(cost.prompt_tokens * self._correction)
+        return cost.tokens - cost.prompt_tokens + prompt, prompt
+
+    def _ready_at(self, cost: Cost, now: float) -> float:
+        tokens, _ = self._charge_for(cost)
+        return max(
+            self._paused_until,
+            self._requests.meter.ready_at(cost.requests, now),
+            self._tokens.meter.ready_at(tokens, now),
+        )
+
+    def _admit(self, cost: Cost, now: float) -> Reservation:
+        tokens, prompt = self._charge_for(cost)
+        t, r = self._tokens.meter, self._requests.meter
+        rested = (
+            t.available(now) >= RESTED_FRACTION * t.capacity,
+            r.available(now) >= RESTED_FRACTION * r.capacity,
+        )
+        marks = (t.charge(tokens, now), r.charge(cost.requests, now))
+        book = _Book(
+            charged_prompt=prompt,
+            marks=marks,
+            available=(t.available(now), r.available(now)),
+            adjusted=(self._tokens.adjusted, self._requests.adjusted),
+            rested=rested,
+        )
+        self._reservations += 1
+        self._in_flight += 1
+        return Reservation(self.name, cost, now, tokens, book)
+
+    def _pump(self) -> None:
+        """Admit waiters from the head of the FIFO while the budget allows; wake the next head."""
+        if not self._waiters:
+            return
+        now = trio.current_time()
+        head = next(iter(self._waiters))
+        first = head
+        while True:
+            try:
+                self.check_admissible(head.cost)
+            except RequestTooLarge as exc:
+                head.error = exc
+            else:
+                if self._ready_at(head.cost, now) > now:
+                    break
+                head.reservation = self._admit(head.cost, now)
+            del self._waiters[head]
+            head.event.set()
+            if not self._waiters:
+                return
+            head = next(iter(self._waiters))
+        if head is not first:
+            # A new head must learn its own admission time and sleep until then.
+            head.event.set()
+
+    def _changed(self) -> None:
+        """Budget, limits or the pause changed: admit what now fits and let the head recompute its time."""
+        self._pump()
+        if self._waiters:
+            next(iter(self._waiters)).event.set()
+
+    async def reserve(self, cost: Cost) -> Reservation:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.check_admissible(cost)
+        now = trio.current_time()
+        if not self._waiters and self._ready_at(cost, now) <= now:
+            reservation = self._admit(cost, now)
+            # Still a scheduling point, but one that cannot raise Cancelled after we charged.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return reservation
+        waiter = _Waiter(cost)
+        self._waiters[waiter] = None
+        try:
+            while True:
+                # Grants happen synchronously (in `_pump`) and set the event; anything that changes after
+                # this line sets the fresh event, so no wake-up is lost between the check and the wait.
+                waiter.event = trio.Event()
+                deadline = math.inf
+                if next(iter(self._waiters)) is waiter:
+                    self._pump()
+                    if waiter in self._waiters:
+                        deadline = self._ready_at(cost, trio.current_time())
+                if waiter.reservation is not None:
+                    return waiter.reservation
+                if waiter.error is not None:
+                    raise waiter.error
+                with trio.move_on_at(deadline):
+                    await waiter.event.wait()
+                if waiter.reservation is not None:
+                    return waiter.reservation
+                if waiter.error is not None:
+                    raise waiter.error
+        except BaseException:
+            if waiter in self._waiters:
+                was_head = next(iter(self._waiters)) is waiter
+                del self._waiters[waiter]
+                if was_head:
+                    self._changed()
+            elif waiter.reservation is not None:
+                # Granted while the cancellation was already on its way: give it straight back.
+                self._give_back(waiter.reservation)
+            raise
+
+    # -- after the request -------------------------------------------------------------------------------
+
+    def _settle(self, reservation: Reservation) -> _Book | None:
+        if reservation.lane != self.name or not isinstance(reservation._book, _Book):
+            raise ValueError(f"reservation of lane {reservation.lane!r} given to lane {self.name!r}")
+        if reservation._settled:
+            logger.debug("lane %s: %r settled twice; ignored", self.name, reservation)
+            return None
+        reservation._settled = True
+        self._in_flight -= 1
+        return reservation._book
+
+    def _give_back(self, reservation: Reservation) -> None:
+        book = self._settle(reservation)
+        if book is None:
+            return
+        now = trio.current_time()
+        self._tokens.meter.credit(reservation.charged_tokens, book.marks[0], now)
+        self._requests.meter.credit(reservation.cost.requests, book.marks[1], now)
+        self._refunds += 1
+        self._changed()
+
+    def refund(self, reservation: Reservation) -> None:
+        self._give_back(reservation)
+
+    def reconcile(
+        self,
+        reservation: Reservation,
+        *,
+        prompt_tokens: int | None,
+        snapshot: RateLimitSnapshot | None,
+    ) -> None:
+        book = self._settle(reservation)
+        if book is None:
+            return
+        now = trio.current_time()
+        self._reconciles += 1
+        estimate = reservation.cost.prompt_tokens
+        if prompt_tokens is not None and prompt_tokens >= 0 and estimate is not None:
+            assert book.charged_prompt is not None
+            error = prompt_tokens - book.charged_prompt
+            if error > 0:
+                self._tokens.meter.charge(error, now)
+            elif error < 0:
+                self._tokens.meter.credit(-error, book.marks[0], now)
+            self._tokens.adjusted += error
+            reservation.charged_tokens += error
+            self._learn_correction(estimate, prompt_tokens)
+        if snapshot is not None:
+            self._apply_snapshot(reservation, book, snapshot, now)
+        self._changed()
+
+    def _learn_correction(self, estimate: int, actual: int) -> None:
+        self._estimated_total += estimate
+        self._actual_total += actual
+        self._est_decayed = self._est_decayed * CORRECTION_DECAY + estimate
+        self._act_decayed = self._act_decayed * CORRECTION_DECAY + actual
+        if self._est_decayed > 0:
+            ratio = self._act_decayed / self._est_decayed
+            self._correction = min(CORRECTION_MAX, max(CORRECTION_MIN, ratio))
+
+    def _apply_snapshot(self, reservation: Reservation, book: _Book, snapshot: RateLimitSnapshot, now: float) -> None:
+        limits_changed = False
+        for dim, limit in (
+            (self._tokens, _header_value(snapshot.limit_tokens)),
+            (self._requests, _header_value(snapshot.limit_requests)),
+        ):
+            # 0 is no usable limit either (it would forbid everything); treat it as absent.
+            if limit and limit != dim.observed:
+                dim.observed = limit
+                limits_changed = True
+        if limits_changed:
+            self._apply_limits(now)
+        for i, dim, remaining, own in (
+            (0, self._tokens, _header_value(snapshot.remaining_tokens), reservation.charged_tokens),
+            (1, self._requests, _header_value(snapshot.remaining_requests), reservation.cost.requests),
+        ):
+            if remaining is None:
+                continue
+            # Compare like with like: the upstream's remaining just after it admitted this request against
+            # ours just after we charged it. Everything charged since (in flight or done) and the refill
+            # since apply to both sides alike, so the difference is how much we overestimate now, less
+            # what later corrections and resets already took away. Only ever lower our view.
+            excess = (
+                (book.available[i] - remaining)
+                - (dim.adjusted - book.adjusted[i])
+                - dim.meter.expired_since(book.marks[i], now)
+            )
+            if excess > 0:
+                dim.meter.charge(excess, now)
+                dim.adjusted += excess
+            if book.rested[i] and self._mode == "bucket" and remaining + own > dim.learned:
+                dim.learned = float(remaining + own)
+                limits_changed = True
+        if limits_changed:
+            self._apply_limits(now)
+
+    def pause(self, wait: float | None, scope: str | None) -> None:
+        now = trio.current_time()
+        if wait is None or not math.isfinite(wait) or wait < 0:
+            wait = DEFAULT_PAUSE
+        self._paused_until = max(self._paused_until, now + wait)
+        self._pauses += 1
+        scope = (scope or "").lower()
+        dims = [dim for dim in (self._tokens, self._requests) if dim.name.rstrip("s") in scope]
+        for dim in dims or (self._tokens, self._requests):
+            dim.meter.drain_until(self._paused_until, now)
+        self._changed()
+
+    # -- introspection -----------------------------------------------------------------------------------
+
+    def statistics(self) -> LaneStatistics:
+        now = trio.current_time()
+        t, r = self._tokens.meter, self._requests.meter
+        return LaneStatistics(
+            name=self.name,
+            mode=self._mode,
+            period=self._period,
+            configured=self._configured,
+            effective=self._effective,
+            token_capacity=t.capacity,
+            request_capacity=r.capacity,
+            tokens_used=t.used(now),
+            requests_used=r.used(now),
+            tokens_available=t.available(now),
+            requests_available=r.available(now),
+            waiters=len(self._waiters),
+            in_flight=self._in_flight,
+            paused_until=self._paused_until if self._paused_until > now else None,
+            pause_remaining=max(0.0, self._paused_until - now),
+            pauses=self._pauses,
+            estimated_prompt_tokens=self._estimated_total,
+            actual_prompt_tokens=self._actual_total,
+            correction=self._correction,
+            reservations=self._reservations,
+            refunds=self._refunds,
+            reconciles=self._reconciles,
+        )
+
+
+_NO_PER_MODEL: Final[Mapping[str, Limits]] = MappingProxyType({})
+
+
+@final
+class Ledger:
+    """All lanes of the engine: one `LaneBudget` per model, created on first use.
+
+    Args:
+        default_limits: limits of a model absent from ``per_model``.
+        period: seconds; the window length ("period") or the bucket's burst in seconds of refill ("bucket").
+        per_model: limits by model name.
+        mode: "bucket" (continuous, the default) or "period" (fixed windows); see docs/ledger.md.
+    """
+
+    def __init__(
+        self,
+        default_limits: Limits,
+        period: float = DEFAULT_PERIOD,
+        *,
+        per_model: Mapping[str, Limits] = _NO_PER_MODEL,
+        mode: str = DEFAULT_MODE,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown ledger mode {mode!r}; expected one of {', '.join(MODES)}")
+        if not (period > 0 and math.isfinite(period)):
+            raise ValueError(f"period must be a positive number of seconds, not {period!r}")
+        self.mode: Mode = mode
+        self.period = float(period)
+        self._default = default_limits
+        self._per_model = dict(per_model)
+        self._lanes: dict[str, LocalLaneBudget] = {}
+        # Windows align on the ledger's start; read lazily so a ledger can be built outside trio.run.
+        self._origin: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Ledger mode={self.mode} period={self.period} lanes={sorted(self._lanes)}>"
+
+    def lane(self, model: str) -> LaneBudget:
+        lane = self._lanes.get(model)
+        if lane is None:
+            if self._origin is None:
+                self._origin = trio.current_time()
+            limits = self._per_model.get(model, self._default)
+            lane = LocalLaneBudget(model, limits, self.period, self.mode, self._origin)
+            self._lanes[model] = lane
+        return lane
+
+    def statistics(self) -> dict[str, LaneStatistics]:
+        return {name: lane.statistics() for name, lane in self._lanes.items()}
+
+    def update_limits(self, default_limits: Limits, per_model: Mapping[str, Limits]) -> None:
+        self._default = default_limits
+        self._per_model = dict(per_model)
+        for name, lane in self._lanes.items():
+            lane.update_limits(self._per_model.get(name, default_limits))
