@@ -133,7 +133,9 @@ class Error(Message, tag="error"):
     """The final failure of a request, or (with ``id`` null) a problem with the connection's input."""
 
     id: RequestId | None
-    kind: ErrorKind
+    #: An `ErrorKind` value. Typed as str on the wire so that a client decoding a kind added later (within
+    #: the same protocol version) still gets the frame instead of a validation error.
+    kind: str
     message: str
     status: int | None = None
     body: Any = None

@@ -1,0 +1,730 @@
+"""Client helpers (`trio_mapper.client`, `trio_mapper.aio_client`) against a fake engine on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+import trio
+import trio.lowlevel
+from client_fixtures import (
+    FakeEngine,
+    remove_dir,
+    short_socket_dir,
+    socket_path_in,
+)
+
+from trio_mapper.client import (
+    AsyncClient,
+    Client,
+    MapResult,
+    Request,
+)
+from trio_mapper.client_errors import (
+    ERROR_CLASSES,
+    ConnectionLost,
+    EngineUnavailable,
+    InvalidRequestError,
+    ProtocolError,
+    RateLimitedError,
+    RequestCancelledError,
+    TrioMapperError,
+    UpstreamError,
+    error_class_for,
+)
+from trio_mapper.paths import SOCKET_ENV_VAR
+from trio_mapper.protocol import PROTOCOL_VERSION, ErrorKind
+
+ENDPOINT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    directory = short_socket_dir()
+    yield directory
+    remove_dir(directory)
+
+
+@pytest.fixture
+def engine(socket_dir: str) -> Iterator[FakeEngine]:
+    fake = FakeEngine(socket_path_in(socket_dir)).start()
+    yield fake
+    fake.stop()
+
+
+def make_engine(socket_dir: str, **options: Any) -> FakeEngine:
+    return FakeEngine(socket_path_in(socket_dir), **options).start()
+
+
+async def until(predicate: Any) -> None:
+    """Poll from async code (Trio or asyncio), letting the client's background tasks run meanwhile.
+
+    Polling, not an Event: the state lives in the fake engine's threads.
+    """
+    with anyio.fail_after(5):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+
+
+# --- packaging --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["trio_mapper.client", "trio_mapper.client_errors", "trio_mapper.aio_client"])
+def test_client_modules_import_light(module: str) -> None:
+    # A fresh interpreter: this one has trio loaded already. Importing the module runs the package's
+    # __init__ too, so this also guards what `trio_mapper` itself imports.
+    code = (
+        f"import sys, {module}\n"
+        "loaded = [name for name in ('trio', 'httpx') if name in sys.modules]\n"
+        "print(','.join(loaded))\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert output.stdout.strip() == "", f"importing {module} pulled in {output.stdout.strip()}"
+
+
+def test_async_client_is_reachable_lazily_from_client_module() -> None:
+    from trio_mapper import aio_client, client
+
+    assert client.AsyncClient is aio_client.AsyncClient
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+def test_every_error_kind_has_its_class() -> None:
+    assert set(ERROR_CLASSES) == set(ErrorKind)
+    for kind, cls in ERROR_CLASSES.items():
+        assert issubclass(cls, TrioMapperError)
+        assert error_class_for(kind) is cls
+        assert error_class_for(str(kind)) is cls
+    assert error_class_for("from_the_future") is TrioMapperError
+
+
+def test_errors_pickle() -> None:
+    error = RateLimitedError(
+        "rate_limited", "quota", status=429, body={"error": {}}, headers={"a": "b"}, attempts=3, request_id=7
+    )
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is RateLimitedError
+    assert (copy.kind, copy.message, copy.status, copy.body, copy.headers, copy.attempts, copy.request_id) == (
+        "rate_limited",
+        "quota",
+        429,
+        {"error": {}},
+        {"a": "b"},
+        3,
+        7,
+    )
+    lost = pickle.loads(pickle.dumps(ConnectionLost("gone", socket_path="/x.sock")))
+    assert type(lost) is ConnectionLost and lost.socket_path == "/x.sock"
+
+
+# --- blocking client --------------------------------------------------------------------------------------
+
+
+def test_request_returns_body_and_forwards_fields(engine: FakeEngine) -> None:
+    with Client(engine.path, client_name="tests") as client:
+        assert client.welcome.server == "fake-engine"
+        body = client.request(ENDPOINT, {"model": "m"}, deadline=2.5, max_attempts=3)
+        result = client.request_result("/v1/models", {}, method="GET")
+    assert body == {"echo": {"model": "m"}, "id": 1}
+    assert result.status == 200 and result.headers == {"x-request-id": "req-2"}
+    assert engine.hellos[0].protocol == PROTOCOL_VERSION and engine.hellos[0].client == "tests"
+    first, second = engine.submits
+    assert (first.endpoint, first.deadline, first.max_attempts, first.method) == (ENDPOINT, 2.5, 3, "POST")
+    assert (second.endpoint, second.method) == ("/v1/models", "GET")
+
+
+@pytest.mark.parametrize("kind", list(ErrorKind))
+def test_engine_errors_raise_typed_exceptions(engine: FakeEngine, kind: ErrorKind) -> None:
+    body = {
+        "error": kind.value,
+        "message": "nope",
+        "status": 400,
+        "error_body": {"error": {"message": "bad"}},
+        "headers": {"x-request-id": "abc"},
+        "attempts": 2,
+    }
+    with Client(engine.path) as client, pytest.raises(TrioMapperError) as caught:
+        client.request(ENDPOINT, body)
+    error = caught.value
+    assert type(error) is ERROR_CLASSES[kind]
+    assert error.kind == kind.value and error.message == "nope"
+    assert error.status == 400 and error.body == {"error": {"message": "bad"}}
+    assert error.headers == {"x-request-id": "abc"} and error.attempts == 2 and error.request_id == 1
+    assert "nope" in str(error) and "400" in str(error)
+
+
+def test_unknown_error_kind_maps_to_base_class(engine: FakeEngine) -> None:
+    with Client(engine.path) as client:
+        with pytest.raises(TrioMapperError) as caught:
+            client.request(ENDPOINT, {"error": "brand_new_kind", "status": 418})
+        assert type(caught.value) is TrioMapperError
+        assert caught.value.kind == "brand_new_kind" and caught.value.status == 418
+        # The connection is still usable afterwards.
+        assert client.request(ENDPOINT, {"n": 1})["echo"] == {"n": 1}
+
+
+def test_unknown_message_types_are_ignored(engine: FakeEngine) -> None:
+    with Client(engine.path) as client:
+        assert client.request(ENDPOINT, {"progress": True, "n": 1})["echo"]["n"] == 1
+
+
+async def test_unknown_message_types_are_ignored_trio(engine: FakeEngine) -> None:
+    async with AsyncClient(engine.path) as client:
+        assert (await client.request(ENDPOINT, {"progress": True, "n": 1}))["echo"]["n"] == 1
+
+
+def test_undecodable_reply_fails_its_request_only(engine: FakeEngine) -> None:
+    with Client(engine.path) as client:
+        with pytest.raises(ProtocolError, match="could not decode"):
+            client.request(ENDPOINT, {"malformed": True})
+        assert client.request(ENDPOINT, {"n": 2})["echo"]["n"] == 2
+
+
+def test_socket_path_from_environment(engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SOCKET_ENV_VAR, engine.path)
+    with Client() as client:
+        assert str(client.socket_path) == engine.path
+        client.ping()
+
+
+def test_explicit_socket_path_wins_over_environment(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, socket_dir: str
+) -> None:
+    monkeypatch.setenv(SOCKET_ENV_VAR, socket_dir + "/nothing-here.sock")
+    with Client(engine.path) as client:
+        client.ping()
+
+
+def test_no_engine_raises_engine_unavailable_with_advice(socket_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SOCKET_ENV_VAR, raising=False)
+    missing = socket_path_in(socket_dir)
+    with pytest.raises(EngineUnavailable) as caught:
+        Client(missing)
+    message = str(caught.value)
+    assert missing in message
+    assert "trio-mapper launch-engine" in message
+    assert SOCKET_ENV_VAR in message
+    assert caught.value.socket_path == missing
+
+
+def test_stale_socket_raises_engine_unavailable(socket_dir: str) -> None:
+    path = socket_path_in(socket_dir)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # bound, never listening: connect() is refused
+    try:
+        with pytest.raises(EngineUnavailable, match="refused"):
+            Client(path)
+    finally:
+        stale.close()
+
+
+def test_handshake_refused_raises_protocol_error(socket_dir: str) -> None:
+    fake = make_engine(socket_dir, refuse="unsupported protocol 1; this engine speaks 2")
+    try:
+        with pytest.raises(ProtocolError) as caught:
+            Client(fake.path)
+        assert "unsupported protocol 1; this engine speaks 2" in str(caught.value)
+        assert f"this client speaks protocol {PROTOCOL_VERSION}" in str(caught.value)
+    finally:
+        fake.stop()
+
+
+def test_welcome_with_other_protocol_raises_protocol_error(socket_dir: str) -> None:
+    fake = make_engine(socket_dir, protocol=PROTOCOL_VERSION + 98)
+    try:
+        with pytest.raises(ProtocolError, match=f"speaks protocol {PROTOCOL_VERSION + 98}"):
+            Client(fake.path)
+    finally:
+        fake.stop()
+
+
+def test_stats_and_ping(engine: FakeEngine) -> None:
+    with Client(engine.path) as client:
+        assert client.stats() == {"engine": {"connections": 1}, "lanes": {"gpt-test": {"queued": 0}}}
+        assert client.ping() >= 0
+
+
+def test_close_is_idempotent_and_final(engine: FakeEngine) -> None:
+    client = Client(engine.path)
+    client.close()
+    client.close()
+    assert client.closed
+    with pytest.raises(ConnectionLost, match="closed"):
+        client.request(ENDPOINT, {})
+
+
+def test_oversized_request_is_refused_locally(socket_dir: str) -> None:
+    fake = make_engine(socket_dir, max_frame_bytes=1000)
+    try:
+        with Client(fake.path) as client:
+            with pytest.raises(InvalidRequestError, match="at most 1000 bytes"):
+                client.request(ENDPOINT, {"text": "x" * 2000})
+            results = list(client.map([{"text": "x" * 2000}, {"text": "ok"}], endpoint=ENDPOINT))
+            assert client.ping() >= 0
+        assert len(fake.submits) == 1
+        assert sorted(r.ok for r in results) == [False, True]
+    finally:
+        fake.stop()
+
+
+def test_engine_dropping_the_connection_raises_connection_lost(engine: FakeEngine) -> None:
+    with Client(engine.path) as client:
+        with pytest.raises(ConnectionLost, match="closed the connection"):
+            client.request(ENDPOINT, {"die": True})
+        with pytest.raises(ConnectionLost):
+            client.request(ENDPOINT, {})
+
+
+def test_sync_connection_level_error_is_reported(engine: FakeEngine) -> None:
+    with Client(engine.path) as client, pytest.raises(ConnectionLost, match="going away"):
+        client.request(ENDPOINT, {"goodbye": "going away"})
+
+
+def test_connection_lost_wakes_every_thread(engine: FakeEngine) -> None:
+    errors: list[BaseException] = []
+
+    def hold(client: Client) -> None:
+        try:
+            client.request(ENDPOINT, {"hold": True})
+        except BaseException as exc:
+            errors.append(exc)
+
+    with Client(engine.path) as client:
+        threads = [threading.Thread(target=hold, args=(client,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        engine.wait_for(lambda: len(engine.submits) == 4)
+        engine.drop_connections()
+        for thread in threads:
+            thread.join(timeout=5)
+    assert len(errors) == 4 and all(isinstance(e, ConnectionLost) for e in errors)
+
+
+def test_threads_share_one_connection(engine: FakeEngine) -> None:
+    outcomes: dict[int, Any] = {}
+
+    def work(client: Client, n: int) -> None:
+        # Later threads answer sooner: replies arrive out of order and must reach the right thread.
+        outcomes[n] = client.request(ENDPOINT, {"n": n, "delay": 0.002 * (8 - n)})
+
+    with Client(engine.path) as client:
+        threads = [threading.Thread(target=work, args=(client, n)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=5)
+    assert {n: body["echo"]["n"] for n, body in outcomes.items()} == {n: n for n in range(8)}
+    assert len(engine.connections) == 1
+
+
+# --- blocking map -----------------------------------------------------------------------------------------
+
+
+def test_map_bounds_the_window_and_yields_in_completion_order(socket_dir: str) -> None:
+    fake = make_engine(socket_dir, batch=4)
+    try:
+        requests = [{"n": n, "last": n == 9} for n in range(10)]
+        with Client(fake.path) as client:
+            order = [item["n"] for item, _ in client.map(requests, endpoint=ENDPOINT, window=4)]
+        # The fake answers each full window in reverse: completion order, not input order.
+        assert order == [3, 2, 1, 0, 7, 6, 5, 4, 9, 8]
+        assert fake.max_in_flight == 4
+    finally:
+        fake.stop()
+
+
+def test_map_consumes_its_input_lazily(engine: FakeEngine) -> None:
+    pulled = 0
+
+    def endless() -> Iterator[dict[str, int]]:
+        nonlocal pulled
+        for n in itertools.count():
+            pulled += 1
+            yield {"n": n}
+
+    with Client(engine.path) as client:
+        results = client.map(endless(), endpoint=ENDPOINT, window=3)
+        got = [next(results) for _ in range(5)]
+        results.close()
+    assert len(got) == 5
+    assert pulled <= 5 + 3
+
+
+def test_map_input_shapes_and_results(engine: FakeEngine) -> None:
+    items: list[Any] = [
+        Request(ENDPOINT, {"a": 1}, tag="row-1", deadline=9.0),
+        (ENDPOINT, {"a": 2}),
+        Request("/v1/embeddings", {"a": 3}, tag="row-3"),
+        (ENDPOINT, {"error": "upstream_error", "status": 400}),
+    ]
+    with Client(engine.path) as client:
+        results = list(client.map(items, deadline=1.5, max_attempts=2))
+    by_body = {id(r.input): r for r in results}
+    assert set(by_body) == {id(item) for item in items}
+    first = by_body[id(items[0])]
+    assert isinstance(first, MapResult) and first.ok and first.request.tag == "row-1"
+    assert first.body["echo"] == {"a": 1} and first.result is not None and first.result.status == 200
+    failed = by_body[id(items[3])]
+    assert not failed.ok and isinstance(failed.error, UpstreamError) and failed.body is None
+    item, outcome = failed
+    assert item is items[3] and outcome is failed.error
+    with pytest.raises(UpstreamError):
+        failed.unwrap()
+    deadlines = sorted((s.body.get("a", 0), s.deadline, s.max_attempts) for s in engine.submits)
+    assert deadlines == [(0, 1.5, 2), (1, 9.0, 2), (2, 1.5, 2), (3, 1.5, 2)]
+    assert {s.endpoint for s in engine.submits} == {ENDPOINT, "/v1/embeddings"}
+
+
+def test_map_rejects_a_body_without_endpoint(engine: FakeEngine) -> None:
+    with Client(engine.path) as client:
+        with pytest.raises(TypeError, match="endpoint"):
+            list(client.map([{"a": 1}]))
+        with pytest.raises(ValueError, match="window"):
+            client.map([], window=0)
+
+
+def test_leaving_map_early_cancels_outstanding_requests(engine: FakeEngine) -> None:
+    items = [{"quick": True}, {"hold": True}, {"hold": True}, {"hold": True}]
+    with Client(engine.path) as client:
+        for item, outcome in client.map(items, endpoint=ENDPOINT, window=4):
+            assert item == {"quick": True} and outcome["echo"] == item
+            break  # CPython closes the dropped generator right here
+        engine.wait_for(lambda: sorted(engine.cancels) == [2, 3, 4])
+        # The late Error(cancelled) replies are dropped; the connection carries on.
+        assert client.request(ENDPOINT, {"after": 1})["echo"] == {"after": 1}
+
+
+def test_map_connection_lost_is_raised(engine: FakeEngine) -> None:
+    with Client(engine.path) as client, pytest.raises(ConnectionLost):
+        list(client.map([{"hold": True}, {"die": True}], endpoint=ENDPOINT))
+
+
+# --- AsyncClient on Trio ----------------------------------------------------------------------------------
+
+
+async def test_async_request_trio(engine: FakeEngine) -> None:
+    async with AsyncClient(engine.path, client_name="trio-test") as client:
+        assert client.welcome is not None and client.welcome.protocol == PROTOCOL_VERSION
+        assert (await client.request(ENDPOINT, {"x": 1}, deadline=3.0))["echo"] == {"x": 1}
+        result = await client.request_result(ENDPOINT, {"x": 2})
+        assert result.headers == {"x-request-id": "req-2"}
+        assert await client.stats() == {"engine": {"connections": 1}, "lanes": {"gpt-test": {"queued": 0}}}
+        assert await client.ping() >= 0
+        with pytest.raises(RateLimitedError) as caught:
+            await client.request(ENDPOINT, {"error": "rate_limited", "status": 429})
+        assert caught.value.status == 429
+    assert engine.hellos[0].client == "trio-test"
+    assert engine.submits[0].deadline == 3.0
+
+
+async def test_async_concurrent_requests_share_one_connection_trio(engine: FakeEngine) -> None:
+    outcomes: dict[int, Any] = {}
+
+    async with AsyncClient(engine.path) as client:
+
+        async def one(n: int) -> None:
+            outcomes[n] = await client.request(ENDPOINT, {"n": n, "delay": 0.002 * (20 - n)})
+
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(one, n)
+    assert {n: body["echo"]["n"] for n, body in outcomes.items()} == {n: n for n in range(20)}
+    assert len(engine.connections) == 1 and engine.max_in_flight > 1
+
+
+async def test_cancelling_an_async_request_cancels_it_in_the_engine_trio(engine: FakeEngine) -> None:
+    async with AsyncClient(engine.path) as client:
+        async with trio.open_nursery() as nursery:
+
+            async def held() -> None:
+                await client.request(ENDPOINT, {"hold": True})
+
+            nursery.start_soon(held)
+            await until(lambda: len(engine.submits) == 1)
+            nursery.cancel_scope.cancel()
+        await until(lambda: engine.cancels == [1])
+        # move_on_after, the everyday form, does the same.
+        with trio.move_on_after(0.01):
+            await client.request(ENDPOINT, {"hold": True})
+        await until(lambda: engine.cancels == [1, 2])
+        assert not client._sinks
+        assert (await client.request(ENDPOINT, {"after": 1}))["echo"] == {"after": 1}
+
+
+async def test_engine_vanishing_fails_every_waiter_trio(engine: FakeEngine) -> None:
+    errors: list[BaseException] = []
+    async with AsyncClient(engine.path) as client:
+
+        async def held() -> None:
+            try:
+                await client.request(ENDPOINT, {"hold": True})
+            except ConnectionLost as exc:
+                errors.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(held)
+                await until(lambda: len(engine.submits) == 5)
+                engine.drop_connections()
+        assert len(errors) == 5
+        with pytest.raises(ConnectionLost, match="closed the connection"):
+            await client.request(ENDPOINT, {})
+        with pytest.raises(ConnectionLost):
+            async for _ in client.map([{"a": 1}], endpoint=ENDPOINT):
+                pass
+
+
+async def test_async_map_connection_lost_trio(engine: FakeEngine) -> None:
+    async with AsyncClient(engine.path) as client:
+        with trio.fail_after(5), pytest.raises(ConnectionLost):
+            async for _ in client.map([{"hold": True}, {"die": True}], endpoint=ENDPOINT):
+                pass
+
+
+async def test_async_no_engine_trio(socket_dir: str) -> None:
+    with pytest.raises(EngineUnavailable, match="launch-engine"):
+        async with AsyncClient(socket_path_in(socket_dir)):
+            pass
+
+
+async def test_async_handshake_refused_trio(socket_dir: str) -> None:
+    fake = make_engine(socket_dir, refuse="unsupported protocol")
+    try:
+        with pytest.raises(ProtocolError, match="unsupported protocol"):
+            async with AsyncClient(fake.path):
+                pass
+    finally:
+        fake.stop()
+
+
+async def test_async_client_requires_async_with(engine: FakeEngine) -> None:
+    client = AsyncClient(engine.path)
+    with pytest.raises(RuntimeError, match="async with"):
+        await client.request(ENDPOINT, {})
+
+
+async def test_async_map_window_and_order_trio(socket_dir: str) -> None:
+    fake = make_engine(socket_dir, batch=4)
+    try:
+        requests = [{"n": n, "last": n == 9} for n in range(10)]
+        async with AsyncClient(fake.path) as client:
+            order = [r.input["n"] async for r in client.map(requests, endpoint=ENDPOINT, window=4)]
+        assert order == [3, 2, 1, 0, 7, 6, 5, 4, 9, 8]
+        assert fake.max_in_flight == 4
+    finally:
+        fake.stop()
+
+
+async def test_async_map_accepts_async_iterables_trio(engine: FakeEngine) -> None:
+    async def produce() -> AsyncIterator[Request]:
+        for n in range(5):
+            await trio.lowlevel.checkpoint()
+            yield Request(ENDPOINT, {"n": n}, tag=n)
+
+    async with AsyncClient(engine.path) as client:
+        tags = sorted([r.request.tag async for r in client.map(produce(), window=2)])
+    assert tags == [0, 1, 2, 3, 4]
+    assert engine.max_in_flight <= 2
+
+
+async def test_async_map_break_cancels_outstanding_trio(engine: FakeEngine) -> None:
+    items = [{"quick": True}, {"hold": True}, {"hold": True}]
+    async with AsyncClient(engine.path) as client:
+        async for result in client.map(items, endpoint=ENDPOINT):
+            assert result.input == {"quick": True}
+            break
+        await until(lambda: sorted(engine.cancels) == [2, 3])
+        # With `async with`, the cancel happens at a precise point, however the loop is left.
+        async with client.map(items, endpoint=ENDPOINT) as results:
+            async for _ in results:
+                break
+        await until(lambda: sorted(engine.cancels) == [2, 3, 5, 6])
+        assert not client._sinks
+
+
+async def test_cancelling_the_scope_around_map_cancels_outstanding_trio(engine: FakeEngine) -> None:
+    async with AsyncClient(engine.path) as client:
+        results: list[MapResult] = []
+        with trio.CancelScope() as scope:
+            async for result in client.map([{"hold": True}] * 3 + [{"quick": True}], endpoint=ENDPOINT):
+                results.append(result)
+                scope.cancel()
+        assert [r.input for r in results] == [{"quick": True}]
+        await until(lambda: sorted(engine.cancels) == [1, 2, 3])
+
+
+async def test_cancelled_writes_never_leave_half_a_frame_trio(engine: FakeEngine) -> None:
+    big = "x" * 300_000
+    with trio.fail_after(10):  # a torn frame would leave the engine waiting for bytes that never come
+        async with AsyncClient(engine.path) as client:
+            async with trio.open_nursery() as nursery:
+                for n in range(20):
+                    nursery.start_soon(client.request, ENDPOINT, {"n": n, "hold": True, "big": big})
+                await until(lambda: len(engine.submits) >= 1)
+                nursery.cancel_scope.cancel()
+            assert await client.ping() >= 0
+            await until(lambda: len(engine.cancels) == len(engine.submits))
+    assert engine.decode_errors == []
+
+
+async def test_aclose_is_idempotent_and_fails_waiters_trio(engine: FakeEngine) -> None:
+    async with AsyncClient(engine.path) as client:
+        errors: list[BaseException] = []
+
+        async def held() -> None:
+            try:
+                await client.request(ENDPOINT, {"hold": True})
+            except ConnectionLost as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held)
+            await until(lambda: len(engine.submits) == 1)
+            await client.aclose()
+            await client.aclose()
+        assert len(errors) == 1 and client.closed
+
+
+async def test_errors_raised_inside_async_with_are_not_wrapped_trio(engine: FakeEngine) -> None:
+    with pytest.raises(ValueError, match="mine"):
+        async with AsyncClient(engine.path):
+            raise ValueError("mine")
+    group = ExceptionGroup("user group", [KeyError("k")])
+    with pytest.raises(ExceptionGroup) as caught:
+        async with AsyncClient(engine.path):
+            raise group
+    assert caught.value is group
+
+
+async def test_connection_level_error_is_reported_in_connection_lost_trio(engine: FakeEngine) -> None:
+    async with AsyncClient(engine.path) as client:
+        with pytest.raises(ConnectionLost, match="engine stopping for maintenance") as caught:
+            await client.request(ENDPOINT, {"goodbye": "engine stopping for maintenance"})
+        assert isinstance(caught.value.__cause__, TrioMapperError)
+        assert caught.value.__cause__.kind == "shutting_down"
+
+
+# --- AsyncClient on asyncio -------------------------------------------------------------------------------
+
+
+def test_async_client_on_asyncio(engine: FakeEngine) -> None:
+    async def main() -> None:
+        async with AsyncClient(engine.path) as client:
+            assert (await client.request(ENDPOINT, {"x": 1}))["echo"] == {"x": 1}
+            bodies = await asyncio.gather(
+                *(client.request(ENDPOINT, {"n": n, "delay": 0.002 * (10 - n)}) for n in range(10))
+            )
+            assert [b["echo"]["n"] for b in bodies] == list(range(10))
+            with pytest.raises(RequestCancelledError):
+                await client.request(ENDPOINT, {"error": "cancelled"})
+            assert (await client.stats())["lanes"] == {"gpt-test": {"queued": 0}}
+            # Client-side timeout → Cancel frame for that id.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.request(ENDPOINT, {"hold": True}), 0.02)
+            await until(lambda: len(engine.cancels) == 1)
+            # map, with a break that cancels the outstanding request.
+            seen = []
+            async for result in client.map([{"hold": True}, {"quick": 1}], endpoint=ENDPOINT):
+                seen.append(result.body["echo"])
+                break
+            assert seen == [{"quick": 1}]
+            await until(lambda: len(engine.cancels) == 2)
+            assert await client.ping() >= 0
+
+    asyncio.run(main())
+
+
+def test_errors_raised_inside_async_with_are_not_wrapped_on_asyncio(engine: FakeEngine) -> None:
+    async def main() -> None:
+        async with AsyncClient(engine.path):
+            raise ValueError("mine")
+
+    with pytest.raises(ValueError, match="mine"):
+        asyncio.run(main())
+
+
+def test_native_asyncio_cancellation_never_tears_a_frame(engine: FakeEngine) -> None:
+    # asyncio.wait_for cancels natively, which goes through anyio's shields: only the writer task may write.
+    big = "x" * 300_000
+
+    async def main() -> None:
+        async with AsyncClient(engine.path) as client:
+            tasks = [
+                asyncio.ensure_future(client.request(ENDPOINT, {"n": n, "hold": True, "big": big})) for n in range(20)
+            ]
+            await until(lambda: len(engine.submits) >= 1)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert await asyncio.wait_for(client.ping(), 10) >= 0
+            await until(lambda: len(engine.cancels) == len(engine.submits))
+            assert not client._sinks
+
+    asyncio.run(main())
+    assert engine.decode_errors == []
+
+
+def test_engine_vanishing_on_asyncio(engine: FakeEngine) -> None:
+    async def main() -> list[BaseException | Any]:
+        async with AsyncClient(engine.path) as client:
+            waiters = [asyncio.ensure_future(client.request(ENDPOINT, {"hold": True})) for _ in range(3)]
+            await until(lambda: len(engine.submits) == 3)
+            engine.drop_connections()
+            return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+
+    outcomes = asyncio.run(main())
+    assert len(outcomes) == 3 and all(isinstance(o, ConnectionLost) for o in outcomes)
+
+
+def test_async_no_engine_on_asyncio(socket_dir: str) -> None:
+    async def main() -> None:
+        async with AsyncClient(socket_path_in(socket_dir)):
+            pass
+
+    with pytest.raises(EngineUnavailable, match=SOCKET_ENV_VAR):
+        asyncio.run(main())
+
+
+# --- against the real engine ------------------------------------------------------------------------------
+
+
+def _chat(content: str) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "max_tokens": 8}
+
+
+async def test_both_clients_against_the_real_engine(short_tmp: Any) -> None:
+    from conftest import running_engine, simulator
+
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        path = str(engine.socket)
+        async with AsyncClient(path) as client:
+            body = await client.request(ENDPOINT, _chat("hello"))
+            assert body["object"] == "chat.completion"
+            with pytest.raises(InvalidRequestError):
+                await client.request("https://elsewhere.example/v1/chat/completions", _chat("no"))
+            results = [r async for r in client.map((_chat(f"q{n}") for n in range(30)), endpoint=ENDPOINT, window=8)]
+            assert len(results) == 30 and all(r.ok for r in results)
+            stats = await client.stats()
+            assert "engine" in stats and "lanes" in stats
+            assert await client.ping() >= 0
+
+        def blocking() -> None:
+            with Client(path) as sync_client:
+                assert sync_client.request(ENDPOINT, _chat("hi"))["object"] == "chat.completion"
+                outcomes = list(sync_client.map([(ENDPOINT, _chat(f"s{n}")) for n in range(10)], window=4))
+                assert all(r.ok for r in outcomes) and len(outcomes) == 10
+                assert sync_client.stats()["engine"]
+
+        await trio.to_thread.run_sync(blocking)
