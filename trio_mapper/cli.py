@@ -179,7 +179,15 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     configure_logging(server.log_level, server.log_format, secrets=[settings.openai.api_key])
     # Encodings load before the event loop starts: the first request must not wait for them.
     estimator = TokenEstimator.load()
-    engine = Engine(settings, estimator)
+    # SIGHUP reloads from the same layers: the config file and environment as they are now, the original argv.
+    dotenv_dir = Path.cwd()
+    engine = Engine(
+        settings,
+        estimator,
+        reload_settings=lambda: load_settings(
+            cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=dotenv_dir
+        ),
+    )
     try:
         trio.run(engine.serve)
     except ListenerError as exc:
@@ -212,24 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_arguments,
     )
     engine.set_defaults(handler=run_launch_engine)
-    _add_optional_commands(subparsers)
+    _add_other_commands(subparsers)
     return parser
 
 
-def _add_optional_commands(subparsers: Any) -> None:
-    """Commands whose modules arrive separately; each is wired only if its module is present."""
-    try:
-        from .simulator import add_simulate_arguments, run_simulate
-    except ImportError:
-        pass
-    else:
-        simulate = _subcommand(
-            subparsers,
-            "simulate",
-            "Run the OpenAI-compatible simulator (the project's test upstream).",
-            add_simulate_arguments,
-        )
-        simulate.set_defaults(handler=run_simulate)
+def _add_other_commands(subparsers: Any) -> None:
+    from .demo import add_demo_arguments, run_demo
+    from .simulator import add_simulate_arguments, run_simulate
+    from .status import add_status_arguments, run_status
+
+    simulate = _subcommand(
+        subparsers,
+        "simulate",
+        "Run the OpenAI-compatible simulator (the project's test upstream).",
+        add_simulate_arguments,
+    )
+    simulate.set_defaults(handler=run_simulate)
+    status = _subcommand(
+        subparsers,
+        "status",
+        "Show the engine's lanes, queues, usage against limits, 429s and retries.",
+        add_status_arguments,
+    )
+    status.set_defaults(handler=run_status)
+    demo = _subcommand(
+        subparsers,
+        "demo",
+        "Run the whole thing on the simulator: an engine, a batch of requests, a summary (no key, no network).",
+        add_demo_arguments,
+    )
+    demo.set_defaults(handler=run_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,16 +12,19 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import trio
 
-from . import __version__
+from . import __version__, systemd
 from .ledger import Ledger, Limits
-from .listener import OwnedSocketFile, open_unix_listener
+from .listener import ListenerError, OwnedSocketFile, open_unix_listener
+from .peers import is_allowed, peer_credentials, refusal_message, refuse
+from .reload import ledger_limits, plan_reload
 from .scheduler import Scheduler
 from .server import Connection
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .tokens import TokenEstimator
 from .upstream import Upstream
 
@@ -30,13 +33,26 @@ log = logging.getLogger("trio_mapper.engine")
 #: accept() errors that mean "out of resources right now", not "the listener is broken" (as in trio).
 _ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY_SLEEP: Final = 0.1
+#: How often the one-line STATUS= shown by `systemctl status` is refreshed (only sent when it changed).
+STATUS_INTERVAL: Final = 2.0
 
 
 class Engine:
     """Everything the running engine holds. `serve` runs it until SIGINT/SIGTERM or `request_shutdown`."""
 
-    def __init__(self, settings: Settings, estimator: TokenEstimator) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        estimator: TokenEstimator,
+        *,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
+        #: Loads the settings again from the same layers (file < env < original CLI args), for SIGHUP.
+        self._reload_settings = reload_settings
+        #: The socket actually served: --socket, or the one systemd passed (then --socket is informational).
+        self.listening_on = str(settings.server.socket)
+        self._notifier = systemd.Notifier(None)
         self._estimator = estimator
         server = settings.server
         self.ledger = Ledger(
@@ -62,7 +78,7 @@ class Engine:
             pid=os.getpid(),
             uptime=round(time.time() - self._started_at, 3),
             connections=len(self._connections),
-            socket=str(server.socket),
+            socket=self.listening_on,
             base_url=self.settings.openai.base_url,
             default_limits={"rpm": server.rpm, "tpm": server.tpm},
             period_length=server.period_length,
@@ -72,7 +88,10 @@ class Engine:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.settings.server
-        listener, socket_file = await open_unix_listener(server.socket, mode=server.socket_mode)
+        # Read (and removed from the environment) before anything else, so no child could inherit them.
+        self._notifier = systemd.Notifier.from_environment(os.environ)
+        watchdog_interval = systemd.watchdog_interval(os.environ)
+        listener, socket_file = await self._open_listener()
         try:
             async with Upstream(self.settings.openai, max_connections=server.max_nb_sockets) as upstream:
                 scheduler = self.scheduler = Scheduler(
@@ -86,14 +105,16 @@ class Engine:
                 async with trio.open_nursery() as root:
                     root.start_soon(self._watch_signals)
                     await root.start(scheduler.run)
+                    if watchdog_interval is not None:
+                        root.start_soon(self._keep_watchdog, watchdog_interval)
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as front:
                             front.start_soon(self._accept_loop, listener, connections)
                             front.start_soon(self._stop_on_request, front.cancel_scope)
                             log.info(
-                                "listening on %s (mode %#o); upstream %s; %d rpm, %d tpm, period %gs, %d concurrent",
-                                server.socket,
-                                server.socket_mode,
+                                "listening on %s (%s); upstream %s; %d rpm, %d tpm, period %gs, %d concurrent",
+                                self.listening_on,
+                                f"mode {server.socket_mode:#o}" if socket_file is not None else "passed by systemd",
                                 self.settings.openai.base_url,
                                 server.rpm,
                                 server.tpm,
@@ -101,6 +122,10 @@ class Engine:
                                 server.max_concurrent_reqs,
                             )
                             task_status.started()
+                            if self._notifier.enabled:
+                                self._notifier.ready(self._status_line())
+                                root.start_soon(self._report_status)
+                        self._notifier.stopping(self._status_line())
                         await self._stop_accepting(listener, socket_file)
                         await scheduler.shutdown(server.grace_period)
                         for connection in list(self._connections):
@@ -109,26 +134,111 @@ class Engine:
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-            socket_file.remove()
+            if socket_file is not None:
+                socket_file.remove()
+            self._notifier.close()
         log.info("stopped")
 
-    async def _stop_accepting(self, listener: trio.SocketListener, socket_file: OwnedSocketFile) -> None:
-        # Remove the path first so that new clients get a clear "no engine" instead of a hang.
-        socket_file.remove()
+    async def _open_listener(self) -> tuple[trio.SocketListener, OwnedSocketFile | None]:
+        """systemd's socket when it passed one, else our own at --socket (then None: nothing of ours to remove)."""
+        server = self.settings.server
+        try:
+            inherited = systemd.take_listening_socket(os.environ)
+        except systemd.SystemdError as exc:
+            raise ListenerError(str(exc)) from None
+        if inherited is None:
+            return await open_unix_listener(server.socket, mode=server.socket_mode)
+        self.listening_on = systemd.socket_path(inherited)
+        log.info(
+            "using the socket passed by systemd (%s); --socket/socket = %s is informational only",
+            self.listening_on,
+            server.socket,
+        )
+        return trio.SocketListener(trio.socket.from_stdlib_socket(inherited)), None
+
+    async def _stop_accepting(self, listener: trio.SocketListener, socket_file: OwnedSocketFile | None) -> None:
+        # Remove the path first so that new clients get a clear "no engine" instead of a hang. A socket passed
+        # by systemd is never removed: systemd owns it and queues new clients for the next start.
+        if socket_file is not None:
+            socket_file.remove()
         await listener.aclose()
         log.info("stopped accepting connections")
 
     async def _watch_signals(self) -> None:
-        """First SIGINT/SIGTERM: graceful shutdown. A second one: skip what is left of the grace period."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        """First SIGINT/SIGTERM: graceful shutdown. A second one: skip what is left of the grace period.
+
+        SIGHUP reloads the limits, here in a task rather than in the signal handler.
+        """
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
                 if not self._shutdown_requested.is_set():
                     log.info("received %s; shutting down", name)
                     self._shutdown_requested.set()
                 elif self.scheduler is not None:
                     log.info("received %s again; cancelling in-flight requests now", name)
                     self.scheduler.end_grace_period()
+
+    def reload(self) -> None:
+        """Re-read the settings and apply what can change while serving; a bad config changes nothing.
+
+        No request is touched: the ledger keeps its reservations and waiters, the limiter its borrowers.
+        """
+        if self._shutdown_requested.is_set() or self._reload_settings is None:
+            log.warning("SIGHUP ignored: %s", "shutting down" if self._reload_settings else "nothing to reload from")
+            return
+        self._notifier.reloading()
+        try:
+            try:
+                new = self._reload_settings()
+            except SettingsError as exc:
+                for problem in exc.problems:
+                    log.error("reload: %s", problem)
+                log.error("reload failed; keeping the current settings")
+                return
+            plan = plan_reload(self.settings, new)
+            for line in plan.refused:
+                log.warning("reload: %s needs a restart; keeping the running value", line)
+            server = plan.settings.server
+            self.ledger.update_limits(*ledger_limits(server))
+            if self.scheduler is not None:
+                self.scheduler.limiter.total_tokens = server.max_concurrent_reqs
+            logging.getLogger("trio_mapper").setLevel(server.log_level)
+            self.settings = plan.settings
+            log.info("reloaded: %s", "; ".join(plan.applied) if plan.applied else "no changes")
+        except Exception:
+            # A bug in reloading must not stop the engine: it keeps serving with what it has.
+            log.exception("reload failed; serving continues")
+        finally:
+            self._notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        if self.scheduler is None:
+            return "starting"
+        engine, lanes = self.scheduler.statistics()
+        state = "stopping" if self._shutdown_requested.is_set() else "serving"
+        return (
+            f"{state}: {len(self._connections)} connections, {engine['outstanding']} outstanding, "
+            f"{engine['in_flight']} in flight, 429s: {sum(lane['upstream_429s'] for lane in lanes.values())}"
+        )
+
+    async def _report_status(self) -> None:
+        sent = ""
+        while True:
+            line = self._status_line()
+            if line != sent:
+                self._notifier.status(line)
+                sent = line
+            await trio.sleep(STATUS_INTERVAL)
+
+    async def _keep_watchdog(self, interval: float) -> None:
+        # The ping comes from the event loop itself, so a loop blocked or wedged stops it and systemd restarts us.
+        while True:
+            self._notifier.watchdog()
+            await trio.sleep(interval)
 
     async def _stop_on_request(self, front: trio.CancelScope) -> None:
         await self._shutdown_requested.wait()
@@ -152,11 +262,21 @@ class Engine:
 
     async def _run_connection(self, stream: trio.SocketStream) -> None:
         assert self.scheduler is not None
+        server = self.settings.server
+        peer = peer_credentials(stream.socket)
+        if not is_allowed(peer, server.allowed_uids, server.allowed_gids):
+            log.warning(
+                "refused a client (%s): not in allowed_uids/allowed_gids",
+                f"{peer.label} gid {peer.gid}" if peer is not None else "credentials unknown",
+            )
+            await refuse(stream, refusal_message(peer))
+            return
         connection = Connection(
             stream,
             scheduler=self.scheduler,
             stats=self.statistics,
-            max_frame_bytes=self.settings.server.max_frame_bytes,
+            max_frame_bytes=server.max_frame_bytes,
+            peer=peer.label if peer is not None else "",
         )
         self._connections.add(connection)
         try:

@@ -104,6 +104,10 @@ class ServerSettings:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     models: dict[str, LaneLimits] = attrs.field(factory=dict)
+    #: Client uids / gids (primary or supplementary) allowed to connect, checked with SO_PEERCRED. Both empty:
+    #: anyone who can open the socket file, whose permissions are then the only access control.
+    allowed_uids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
+    allowed_gids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
 
 
 @attrs.frozen
@@ -163,6 +167,8 @@ def _make_converter() -> cattrs.Converter:
 _converter = _make_converter()
 
 _SERVER_FIELDS: Final = frozenset(field.name for field in attrs.fields(ServerSettings))
+#: Fields given in the environment as comma-separated lists (TRIO_MAPPER_ALLOWED_UIDS="1000,1001").
+_LIST_FIELDS: Final = frozenset({"allowed_uids", "allowed_gids"})
 _OPENAI_FIELDS: Final = frozenset(field.name for field in attrs.fields(OpenAISettings))
 
 
@@ -201,11 +207,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings found in the environment: ``TRIO_MAPPER_<FIELD>`` and the SDK's ``OPENAI_*`` names."""
-    server = {
+    server: dict[str, Any] = {
         name: environ[SERVER_ENV_PREFIX + name.upper()]
         for name in _SERVER_FIELDS - {"models"}
         if SERVER_ENV_PREFIX + name.upper() in environ
     }
+    for name in _LIST_FIELDS & server.keys():
+        server[name] = server[name].replace(",", " ").split()
     openai = {name: environ[var] for name, var in OPENAI_ENV_VARS.items() if environ.get(var)}
     if environ.get("OPENAI_ORGANIZATION") and "organization" not in openai:
         openai["organization"] = environ["OPENAI_ORGANIZATION"]
@@ -213,10 +221,22 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def find_api_key(environ: Mapping[str, str], dotenv_dir: Path | None) -> str | None:
-    """The key from the environment, else from ``.env`` in ``dotenv_dir`` (os.environ is left untouched)."""
+    """The key from the environment, else the systemd credential, else ``.env`` in ``dotenv_dir``.
+
+    The environment wins so that an operator can override a credential for one run; under systemd the key is
+    normally only in ``$CREDENTIALS_DIRECTORY/openai-api-key`` (LoadCredential=). os.environ is left untouched.
+    """
     key = environ.get(API_KEY_ENV_VAR)
     if key:
         return key.strip()
+    from .systemd import API_KEY_CREDENTIAL, SystemdError, read_credential
+
+    try:
+        credential = read_credential(API_KEY_CREDENTIAL, environ)
+    except SystemdError as exc:
+        raise SettingsError([f"openai.api_key: {exc}"]) from None
+    if credential:
+        return credential
     if dotenv_dir is not None and (dotenv_dir / ".env").is_file():
         from dotenv import dotenv_values
 
@@ -272,7 +292,10 @@ def _how_to_set(path: str) -> str:
         env_var = SERVER_ENV_PREFIX + name.upper()
         return f" (use --{name}, {name} = … under [server] in the config file, or {env_var})"
     if section == "openai" and name == "api_key":
-        return f" (export {API_KEY_ENV_VAR}=… or put it in ./.env; it is never taken from the command line)"
+        return (
+            f" (export {API_KEY_ENV_VAR}=…, put it in ./.env or, under systemd, in the credential "
+            "openai-api-key; it is never taken from the command line)"
+        )
     return ""
 
 
