@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_other_commands(subparsers: Any) -> None:
     from .demo import add_demo_arguments, run_demo
+    from .mapper import add_map_arguments, run_map
     from .simulator import add_simulate_arguments, run_simulate
     from .status import add_status_arguments, run_status
 
@@ -243,6 +244,13 @@ def _add_other_commands(subparsers: Any) -> None:
         add_status_arguments,
     )
     status.set_defaults(handler=run_status)
+    mapper = _subcommand(
+        subparsers,
+        "map",
+        "Send every request of a JSONL file (Batch API or plain bodies) through the engine; resumable.",
+        add_map_arguments,
+    )
+    mapper.set_defaults(handler=run_map)
     demo = _subcommand(
         subparsers,
         "demo",

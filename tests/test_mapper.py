@@ -1,0 +1,485 @@
+"""``trio-mapper map``: JSONL in, Batch API output out, resumable, against a real engine and the simulator.
+
+The end-to-end tests run the command as a subprocess (as a user would, signals included) against a real
+engine subprocess whose upstream is the simulator. The unit tests at the end cover `trio_mapper.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import ROOT, running_engine, simulator
+
+from trio_mapper import mapper
+from trio_mapper.jsonl import (
+    BadLine,
+    InputRequest,
+    OutputFileError,
+    OutputWriter,
+    count_lines,
+    encode_record,
+    failure_record,
+    parse_line,
+    prepare_output,
+    success_record,
+)
+from trio_mapper.mapper import ProgressMode
+
+CHAT = "/v1/chat/completions"
+
+
+def chat_body(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+
+
+def batch_line(custom_id: str, body: dict[str, Any], url: str = CHAT, **extra: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body, **extra}
+
+
+def write_jsonl(path: Path, items: list[Any]) -> Path:
+    with path.open("w") as file:
+        for item in items:
+            file.write((item if isinstance(item, str) else json.dumps(item)) + "\n")
+    return path
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    """Every output line, parsed; fails the test on a torn or non-JSON line."""
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), "the output ends with a torn line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def map_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TRIO_MAPPER_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def map_command(socket: Path, source: Path | str, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trio_mapper", "map", str(source), "-o", str(output), "--socket", str(socket), *extra]
+
+
+async def run_map(socket: Path, source: Path | str, output: Path, *extra: str) -> tuple[int, str]:
+    """Run ``trio-mapper map`` to completion; returns (exit status, stderr)."""
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            map_command(socket, source, output, *extra), capture_stderr=True, check=False, env=map_env(), cwd=ROOT
+        )
+    return done.returncode, done.stderr.decode()
+
+
+async def interrupt_map(socket: Path, source: Path, output: Path, sig: int, *, after_lines: int) -> tuple[int, str]:
+    """Start ``trio-mapper map``, send ``sig`` once the output has ``after_lines`` lines, wait for it to exit."""
+    log_path = output.with_suffix(f".{sig}.log")
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            map_command(socket, source, output, "--window", "8"), stderr=log, env=map_env(), cwd=ROOT
+        )
+    try:
+        with trio.fail_after(60):
+            await wait_until(lambda: process.returncode is not None or _line_count(output) >= after_lines)
+            assert process.returncode is None, "the job finished before it could be interrupted"
+            process.send_signal(sig)
+            returncode = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return returncode, log_path.read_text()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.02)  # another process writes the file: nothing to wait on but the clock
+
+
+def _line_count(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def assert_each_id_once(records: list[dict[str, Any]], expected: set[str]) -> None:
+    counts = Counter(record["custom_id"] for record in records)
+    assert set(counts) == expected
+    assert max(counts.values()) == 1, [cid for cid, n in counts.items() if n > 1]
+
+
+async def engine_outstanding(socket: Path) -> int:
+    from trio_mapper import AsyncClient
+
+    async with AsyncClient(socket) as client:
+        stats = await client.stats()
+    return int(stats["engine"]["outstanding"])
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+
+async def test_batch_api_file_in_batch_api_output_out(short_tmp: Path) -> None:
+    lines = [batch_line(f"req-{i}", chat_body(f"question {i}")) for i in range(12)]
+    lines.append(batch_line("emb-1", {"model": "text-embedding-3-small", "input": "hello"}, url="/v1/embeddings"))
+    lines.append(batch_line("meta-1", chat_body("with metadata"), metadata={"row": 7, "tags": ["a"]}))
+    source = write_jsonl(short_tmp / "in.jsonl", lines)
+    output = short_tmp / "out.jsonl"
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        status, stderr = await run_map(engine.socket, source, output, "--no-progress")
+    assert status == 0, stderr
+    records = read_output(output)
+    assert_each_id_once(records, {line["custom_id"] for line in lines})
+    for record in records:
+        assert set(record) <= {"id", "custom_id", "response", "error", "metadata"}
+        assert record["id"].startswith("batch_req_")
+        assert record["error"] is None
+        assert record["response"]["status_code"] == 200
+        assert record["response"]["request_id"].startswith("req_")
+    by_id = {record["custom_id"]: record for record in records}
+    assert by_id["req-3"]["response"]["body"]["object"] == "chat.completion"
+    assert by_id["emb-1"]["response"]["body"]["object"] == "list"
+    assert by_id["meta-1"]["metadata"] == {"row": 7, "tags": ["a"]}
+    assert "metadata" not in by_id["req-3"]
+    assert "14 succeeded" in stderr and "0 failed" in stderr
+    assert " tokens" in stderr
+
+
+async def test_cookbook_format_with_metadata_and_stdin(short_tmp: Path) -> None:
+    lines = [{**chat_body(f"q{i}"), "metadata": {"row_id": i}} for i in range(5)]
+    lines.append(chat_body("no metadata here"))
+    source = write_jsonl(short_tmp / "in.jsonl", lines)
+    output = short_tmp / "out.jsonl"
+    embeddings = write_jsonl(short_tmp / "emb.jsonl", [{"model": "text-embedding-3-small", "input": "x"}])
+    emb_output = short_tmp / "emb-out.jsonl"
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        status, stderr = await run_map(engine.socket, source, output)  # stderr is a pipe: plain progress
+        assert status == 0, stderr
+        with trio.fail_after(60):
+            piped = await trio.run_process(
+                map_command(engine.socket, "-", emb_output, "--endpoint", "/v1/embeddings", "--no-progress"),
+                stdin=embeddings.read_bytes(),
+                capture_stderr=True,
+                check=False,
+                env=map_env(),
+                cwd=ROOT,
+            )
+        assert piped.returncode == 0, piped.stderr.decode()
+    records = {record["custom_id"]: record for record in read_output(output)}
+    assert set(records) == {f"line-{n}" for n in range(1, 7)}
+    for i in range(5):
+        assert records[f"line-{i + 1}"]["metadata"] == {"row_id": i}
+        assert records[f"line-{i + 1}"]["response"]["body"]["object"] == "chat.completion"
+    assert "metadata" not in records["line-6"]
+    (emb,) = read_output(emb_output)
+    assert emb["custom_id"] == "line-1" and emb["response"]["body"]["object"] == "list"
+
+
+async def test_bad_lines_are_reported_written_as_failures_and_do_not_stop_the_run(short_tmp: Path) -> None:
+    source = write_jsonl(
+        short_tmp / "in.jsonl",
+        [
+            batch_line("ok-1", chat_body("fine")),  # line 1
+            "this is not json",  # line 2
+            "[1, 2, 3]",  # line 3
+            {"custom_id": "no-body", "method": "POST", "url": CHAT},  # line 4
+            batch_line("abs-url", chat_body("x"), url="https://api.openai.com/v1/chat/completions"),  # line 5
+            "",  # line 6: blank, ignored
+            batch_line("ok-1", chat_body("duplicate id")),  # line 7
+            batch_line("upstream-400", chat_body("too many choices", n=500)),  # line 8: the simulator says 400
+            batch_line("ok-2", chat_body("fine too")),  # line 9
+        ],
+    )
+    output = short_tmp / "out.jsonl"
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        status, stderr = await run_map(engine.socket, source, output, "--no-progress")
+    assert status == 1, stderr
+    for needle in ("line 2", "line 3", "line 4 (no-body)", "line 5 (abs-url)", "line 7", "line 8 (upstream-400)"):
+        assert needle in stderr, (needle, stderr)
+    records = read_output(output)
+    assert_each_id_once(records, {"ok-1", "line-2", "line-3", "no-body", "abs-url", "upstream-400", "ok-2"})
+    by_id = {record["custom_id"]: record for record in records}
+    assert by_id["ok-1"]["error"] is None and by_id["ok-2"]["error"] is None
+    for bad in ("line-2", "line-3", "no-body", "abs-url"):
+        assert by_id[bad]["error"]["code"] == "invalid_request", by_id[bad]
+        assert by_id[bad]["response"] is None
+    # The upstream answered: its 400 is kept, like the Batch API keeps the upstream's response.
+    rejected = by_id["upstream-400"]
+    assert rejected["error"]["code"] == "upstream_error"
+    assert rejected["response"]["status_code"] == 400
+    assert rejected["response"]["body"]["error"]["param"] == "n"
+    assert "2 succeeded" in stderr and "6 failed (4 bad lines, 1 duplicate id)" in stderr
+
+
+async def test_interrupted_twice_then_resumed_answers_every_id_exactly_once(short_tmp: Path) -> None:
+    ids = {f"job-{i}" for i in range(300)}
+    source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
+    output = short_tmp / "out.jsonl"
+    async with simulator(latency_ms=100.0) as url, running_engine(short_tmp, url) as engine:
+        status, stderr = await interrupt_map(engine.socket, source, output, signal.SIGINT, after_lines=20)
+        assert status == 130, stderr
+        assert "interrupted by SIGINT" in stderr
+        first = read_output(output)
+        assert 20 <= len(first) < 300
+        assert all(record["error"] is None for record in first)  # nothing was written as "cancelled"
+        # The interrupted run's requests were withdrawn from the engine, not left to cost tokens.
+        with trio.fail_after(10):
+            while True:
+                if not await engine_outstanding(engine.socket):
+                    break
+                await trio.sleep(0.05)  # the engine's counters: polling its stats is the only way to watch them
+
+        status, stderr = await interrupt_map(engine.socket, source, output, signal.SIGTERM, after_lines=len(first) + 20)
+        assert status == 143, stderr
+        assert f"{len(first):,} skipped" in stderr
+        second = read_output(output)
+        assert len(first) + 20 <= len(second) < 300
+        assert_each_id_once(second, {record["custom_id"] for record in second})
+
+        status, stderr = await run_map(engine.socket, source, output, "--window", "32", "--no-progress")
+    assert status == 0, stderr
+    assert f"{len(second):,} skipped" in stderr
+    final = read_output(output)
+    assert_each_id_once(final, ids)
+    assert all(record["error"] is None for record in final)
+    assert final[: len(second)] == second  # resuming appends: lines already written stay as they were
+
+
+async def test_failed_requests_are_retried_by_the_next_run(short_tmp: Path) -> None:
+    ids = {f"q-{i}" for i in range(10)}
+    source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
+    output = short_tmp / "out.jsonl"
+    (short_tmp / "a").mkdir()
+    (short_tmp / "b").mkdir()
+    async with simulator(insufficient_quota=True) as url, running_engine(short_tmp / "a", url) as engine:
+        status, stderr = await run_map(engine.socket, source, output, "--no-progress")
+    assert status == 1, stderr
+    first = read_output(output)
+    assert_each_id_once(first, ids)
+    for record in first:
+        assert record["error"]["code"] == "rate_limited"
+        assert record["response"]["status_code"] == 429
+        assert record["response"]["body"]["error"]["code"] == "insufficient_quota"
+
+    async with simulator() as url, running_engine(short_tmp / "b", url) as engine:
+        status, stderr = await run_map(engine.socket, source, output, "--no-progress")
+    assert status == 0, stderr
+    assert "10 failed lines of a previous run retried" in stderr
+    final = read_output(output)
+    assert_each_id_once(final, ids)
+    assert all(record["error"] is None for record in final)
+
+
+async def test_kill_9_mid_job_and_a_torn_last_line_are_resumed(short_tmp: Path) -> None:
+    ids = {f"k-{i}" for i in range(120)}
+    source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
+    output = short_tmp / "out.jsonl"
+    async with simulator(latency_ms=100.0) as url, running_engine(short_tmp, url) as engine:
+        status, _ = await interrupt_map(engine.socket, source, output, signal.SIGKILL, after_lines=10)
+        assert status == -signal.SIGKILL
+        survivors = read_output(output)
+        # What a kill -9 in the middle of a write leaves behind: the start of a line, no newline.
+        torn = encode_record(success_record("k-999", status=200, request_id="req_x", body={"a": 1}))[:40]
+        with output.open("ab") as file:
+            file.write(torn)
+        status, stderr = await run_map(engine.socket, source, output, "--no-progress")
+    assert status == 0, stderr
+    assert f"a torn last line ({len(torn)} bytes) cut off" in stderr
+    assert f"{len(survivors):,} skipped" in stderr
+    final = read_output(output)
+    assert_each_id_once(final, ids)
+    assert all(record["error"] is None for record in final)
+
+
+async def test_an_engine_that_dies_mid_job_exits_3_and_the_next_engine_finishes_it(short_tmp: Path) -> None:
+    ids = {f"e-{i}" for i in range(150)}
+    source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
+    output = short_tmp / "out.jsonl"
+    (short_tmp / "a").mkdir()
+    (short_tmp / "b").mkdir()
+    async with simulator(latency_ms=100.0) as url:
+        async with running_engine(short_tmp / "a", url) as engine:
+            with (short_tmp / "map.log").open("wb") as log:
+                process = await trio.lowlevel.open_process(
+                    map_command(engine.socket, source, output, "--window", "8", "--no-progress"),
+                    stderr=log,
+                    env=map_env(),
+                    cwd=ROOT,
+                )
+            try:
+                with trio.fail_after(60):
+                    await wait_until(lambda: _line_count(output) >= 10)
+                    engine.process.kill()
+                    status = await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        stderr = (short_tmp / "map.log").read_text()
+        assert status == 3, stderr
+        assert "run the same command again to resume" in stderr
+        partial = read_output(output)
+        assert all(record["error"] is None for record in partial)
+        async with running_engine(short_tmp / "b", url) as engine:
+            status, stderr = await run_map(engine.socket, source, output, "--no-progress")
+    assert status == 0, stderr
+    final = read_output(output)
+    assert_each_id_once(final, ids)
+    assert all(record["error"] is None for record in final)
+
+
+@pytest.mark.parametrize("mode", ["bar", "plain"])
+async def test_progress_displays(
+    short_tmp: Path, mode: ProgressMode, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process, so the display code runs with its intervals shortened (the command's are 0.25 s and 10 s).
+    monkeypatch.setattr(mapper, "BAR_INTERVAL", 0.01)
+    monkeypatch.setattr(mapper, "PLAIN_INTERVAL", 0.05)
+    monkeypatch.setattr(mapper, "STATS_INTERVAL", 0.05)
+    source = write_jsonl(short_tmp / "in.jsonl", [chat_body(f"q{i}") for i in range(40)])
+    output = short_tmp / "out.jsonl"
+    async with simulator(latency_ms=50.0) as url, running_engine(short_tmp, url) as engine:
+        writer = OutputWriter(output)
+        with source.open("rb") as lines:
+            job = mapper.MapJob(
+                lines=lines,
+                writer=writer,
+                done=set(),
+                counters=mapper.MapCounters(total=count_lines(source)),
+                socket=engine.socket,
+                endpoint=CHAT,
+                window=4,
+                deadline=None,
+                max_attempts=None,
+                progress=mode,
+            )
+            await job.run()
+        writer.close()
+    assert job.counters.succeeded == 40 and job.counters.tokens > 0
+    assert job.interrupted_by is None and job.engine_problem is None
+    stderr = capsys.readouterr().err
+    assert "req/min" in stderr and "tok/min" in stderr and "429s absorbed" in stderr
+    assert ("40/40" if mode == "bar" else "/40 lines") in stderr
+
+
+async def test_an_output_file_that_is_not_ours_is_left_alone(short_tmp: Path) -> None:
+    source = write_jsonl(short_tmp / "in.jsonl", [chat_body("hi")])
+    output = short_tmp / "notes.txt"
+    output.write_text("my precious notes\n")
+    status, stderr = await run_map(short_tmp / "no-engine.sock", source, output)
+    assert status == 2
+    assert "notes.txt:1 is not a Batch API output line" in stderr
+    assert output.read_text() == "my precious notes\n"
+
+
+async def test_no_engine_exits_3_and_says_where_it_looked(short_tmp: Path) -> None:
+    source = write_jsonl(short_tmp / "in.jsonl", [chat_body("hi")])
+    output = short_tmp / "out.jsonl"
+    status, stderr = await run_map(short_tmp / "no-engine.sock", source, output, "--no-progress")
+    assert status == 3
+    assert "no-engine.sock" in stderr
+    assert "run the same command again to resume" in stderr
+    assert read_output(output) == []
+
+
+# --- trio_mapper.jsonl ---------------------------------------------------------------------------------------
+
+
+def test_parse_line_formats() -> None:
+    batch = parse_line(json.dumps(batch_line("a", chat_body("x"), metadata=None)).encode(), 3, CHAT)
+    assert isinstance(batch, InputRequest)
+    assert (batch.custom_id, batch.endpoint, batch.method, batch.has_metadata) == ("a", CHAT, "POST", True)
+    plain = parse_line(json.dumps({**chat_body("x"), "metadata": {"k": 1}}).encode() + b"\r\n", 17, "/v1/x")
+    assert isinstance(plain, InputRequest)
+    assert plain.custom_id == "line-17" and plain.endpoint == "/v1/x"
+    assert "metadata" not in plain.body and plain.metadata == {"k": 1}  # never sent upstream
+    assert parse_line(b"  \n", 4, CHAT) is None
+
+
+@pytest.mark.parametrize(
+    ("line", "custom_id", "needle"),
+    [
+        (b"{nope", "line-5", "not valid JSON"),
+        (b'"text"', "line-5", "expected a JSON object, got string"),
+        (b'{"metadata": {"a": 1}}', "line-5", "body is empty"),
+        (b'{"url": "/v1/chat/completions", "body": {}}', "line-5", "custom_id is missing"),
+        (b'{"custom_id": 7, "url": "/v1/x", "body": {}}', "line-5", "custom_id is not a non-empty string"),
+        (b'{"custom_id": "c", "url": "/v1/x", "body": [1]}', "c", "body is a JSON array"),
+        (b'{"custom_id": "c", "body": {}}', "c", "url is missing"),
+        (b'{"custom_id": "c", "method": "PUT", "url": "/v1/x", "body": {}}', "c", "method must be POST"),
+    ],
+)
+def test_parse_line_bad_lines(line: bytes, custom_id: str, needle: str) -> None:
+    parsed = parse_line(line, 5, CHAT)
+    assert isinstance(parsed, BadLine)
+    assert parsed.custom_id == custom_id
+    assert parsed.message.startswith("line 5") and needle in parsed.message, parsed.message
+
+
+def test_count_lines(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    for content, expected in [(b"", 0), (b"a\n", 1), (b"a\nb", 2), (b"a\n\nb\n", 3), (b"x" * 3_000_000 + b"\n", 1)]:
+        path.write_bytes(content)
+        assert count_lines(path) == expected
+
+
+def test_prepare_output_keeps_successes_drops_failures_duplicates_and_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    ok_a = encode_record(success_record("a", status=200, request_id="r", body={"x": 1}))
+    failed_b = encode_record(failure_record("b", code="timeout", message="late"))
+    ok_c = encode_record(success_record("c", status=200, request_id="r", body="text", metadata=[1], has_metadata=True))
+    duplicate_a = encode_record(success_record("a", status=200, request_id="r2", body={}))
+    path.write_bytes(ok_a + failed_b + ok_c + duplicate_a + ok_c[:25])
+    path.chmod(0o640)
+    scan = prepare_output(path)
+    assert scan.done == {"a", "c"}
+    assert (scan.dropped_failures, scan.dropped_duplicates, scan.torn_bytes) == (1, 1, 25)
+    assert path.read_bytes() == ok_a + ok_c
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temporary file left behind
+
+    path.write_bytes(ok_a + ok_c[:10])  # only a torn tail: cut in place
+    scan = prepare_output(path)
+    assert scan.done == {"a"} and scan.torn_bytes == 10
+    assert path.read_bytes() == ok_a
+
+    assert prepare_output(tmp_path / "missing.jsonl").done == set()
+
+
+def test_prepare_output_refuses_a_foreign_file(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    content = encode_record(success_record("a", status=200, request_id="r", body={})) + b'{"custom_id": "x"}\n'
+    path.write_bytes(content)
+    with pytest.raises(OutputFileError, match=r"out\.jsonl:2"):
+        prepare_output(path)
+    assert path.read_bytes() == content
+
+    for foreign in (b"my precious notes", b'{"a": 1}\nno final newline'):  # not torn lines of ours: kept as is
+        path.write_bytes(foreign)
+        with pytest.raises(OutputFileError):
+            prepare_output(path)
+        assert path.read_bytes() == foreign
+
+
+def test_prepare_output_keeps_a_complete_last_line_without_newline(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    ok_a = encode_record(success_record("a", status=200, request_id="r", body={}))
+    ok_b = encode_record(success_record("b", status=200, request_id="r", body={}))
+    path.write_bytes(ok_a + ok_b[:-1])
+    assert prepare_output(path).done == {"a", "b"}
+    assert path.read_bytes() == ok_a + ok_b  # the newline is added, so the next line cannot run into it
+
+    failed = encode_record(failure_record("c", code="timeout", message="late"))
+    path.write_bytes(failed + ok_a[:-1])
+    assert prepare_output(path).done == {"a"}
+    assert path.read_bytes() == ok_a

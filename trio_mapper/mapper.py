@@ -1,0 +1,521 @@
+"""``trio-mapper map``: send every request of a JSONL file through the engine, write Batch API output lines.
+
+The run is a Trio program around `AsyncClient.map`: a lazy generator reads the input one line at a time, at
+most ``--window`` requests are in flight, each answer is appended to the output as soon as it arrives.
+Memory is constant in the number of lines, except for the custom ids (see `trio_mapper.jsonl`).
+
+Resuming: `trio_mapper.jsonl.prepare_output` keeps the previous run's successful lines and drops its failed
+ones; this run skips the kept ids and appends one line for every other id. So a completed run's output has
+every id exactly once, and an interrupted one (Ctrl+C, SIGTERM, kill -9, a lost engine) has a subset the next
+run completes. See docs/map.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final, Literal
+
+import trio
+
+from .aio_client import AsyncClient
+from .client import DEFAULT_WINDOW, MapResult, Request
+from .client_errors import ConnectionLost, EngineUnavailable, TrioMapperError
+from .jsonl import (
+    BadLine,
+    InputRequest,
+    OutputFileError,
+    OutputScan,
+    OutputWriter,
+    count_lines,
+    failure_record,
+    parse_line,
+    prepare_output,
+    success_record,
+)
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+DEFAULT_ENDPOINT: Final = "/v1/chat/completions"
+#: A redrawn rich bar (stderr is a terminal), a plain line every `PLAIN_INTERVAL` s (a log), or nothing.
+ProgressMode = Literal["bar", "plain", "off"]
+#: Exit statuses (documented in docs/map.md). 128 + signal number is the shell's convention for "killed by".
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_ENGINE: Final = 3
+#: Seconds between ``stats()`` polls of the engine for its 429 counters: cheap, and 429s are not urgent.
+STATS_INTERVAL: Final = 2.0
+#: Seconds between redraws of the progress bar, and between plain progress lines when stderr is not a TTY.
+BAR_INTERVAL: Final = 0.25
+PLAIN_INTERVAL: Final = 10.0
+#: Request and token rates (and so the ETA) are measured over this many recent seconds.
+RATE_WINDOW: Final = 30.0
+#: Failures and bad lines reported one by one on stderr; later ones are only counted (a job whose key has no
+#: quota fails every line: a million messages would bury the summary).
+MAX_REPORTED: Final = 20
+#: The input generator yields to Trio every so many lines: a resumed run may skip a long stretch of answered
+#: lines inside one ``next()``, and signals and the progress bar must not wait for it.
+CHECKPOINT_EVERY: Final = 1000
+
+
+def add_map_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import _positive_float, _positive_int
+
+    parser.add_argument(
+        "input", metavar="INPUT.jsonl", help="requests, one JSON object a line (Batch API or plain bodies); - for stdin"
+    )
+    parser.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="OUTPUT.jsonl",
+        help="Batch API output lines; an existing file is resumed (answered ids are skipped, failed ones retried)",
+    )  # fmt: skip
+    parser.add_argument("--socket", type=Path, metavar="PATH", help="engine socket (default: $TRIO_MAPPER_SOCKET, …)")
+    parser.add_argument(
+        "--endpoint", default=DEFAULT_ENDPOINT, metavar="PATH",
+        help=f"endpoint of plain-body lines (Batch API lines name their own url); default {DEFAULT_ENDPOINT}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="N",
+        help=f"requests in flight at once (default {DEFAULT_WINDOW})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deadline", type=_positive_float, metavar="S",
+        help="seconds the engine may spend on each request before it fails it with 'timeout' (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-attempts", type=_positive_int, metavar="N",
+        help="upstream attempts per request, first try included (default: the engine's)",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress display, only the final summary")
+
+
+@dataclass(slots=True)
+class MapCounters:
+    """What the run has done so far; read by the progress display and the summary."""
+
+    total: int | None
+    succeeded: int = 0
+    failed: int = 0
+    bad_lines: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    upstream_429s: int = 0
+    reported: int = 0
+
+    @property
+    def answered(self) -> int:
+        """Requests the engine answered in this run (successes and failures, not bad lines)."""
+        return self.succeeded + self.failed - self.bad_lines - self.duplicates
+
+    @property
+    def processed(self) -> int:
+        """Input lines dealt with, one way or another: what the progress bar counts against `total`."""
+        return self.succeeded + self.failed + self.skipped
+
+
+@dataclass(slots=True)
+class _RateMeter:
+    """Requests/min and tokens/min over the last `RATE_WINDOW` seconds, from periodic samples (bounded)."""
+
+    samples: collections.deque[tuple[float, int, int]] = field(default_factory=collections.deque)
+
+    def sample(self, now: float, answered: int, tokens: int) -> tuple[float, float]:
+        self.samples.append((now, answered, tokens))
+        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW:
+            self.samples.popleft()
+        then, answered_then, tokens_then = self.samples[0]
+        elapsed = now - then
+        if elapsed <= 0:
+            return 0.0, 0.0
+        return (answered - answered_then) * 60 / elapsed, (tokens - tokens_then) * 60 / elapsed
+
+
+def _tokens_of(body: Any) -> int:
+    usage = body.get("usage") if isinstance(body, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) else 0
+
+
+def _format_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MapJob:
+    """One ``trio-mapper map`` run, from an open input and a prepared output to the counters of its summary."""
+
+    def __init__(
+        self,
+        *,
+        lines: IO[bytes],
+        writer: OutputWriter,
+        done: set[str],
+        counters: MapCounters,
+        socket: Path | None,
+        endpoint: str,
+        window: int,
+        deadline: float | None,
+        max_attempts: int | None,
+        progress: ProgressMode,
+    ) -> None:
+        self._lines = lines
+        self._writer = writer
+        #: Ids answered by a previous run. An id moves from here to `_seen` when its line is met, so the two
+        #: sets together never hold more than the ids of the input and the output.
+        self._done = done
+        self._seen: set[str] = set()
+        self.counters = counters
+        self._socket = socket
+        self._endpoint = endpoint
+        self._window = window
+        self._deadline = deadline
+        self._max_attempts = max_attempts
+        self._progress_mode = progress
+        self._bar: Progress | None = None
+        self._bar_task: TaskID | None = None
+        self._baseline_429s: dict[str, int] | None = None
+        #: Why the run stopped early, if it did: the signal that stopped it; what went wrong with the engine.
+        self.interrupted_by: int | None = None
+        self.engine_problem: str | None = None
+
+    # -- the run -------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        # The receiver is open for the whole run, so SIGINT never becomes a KeyboardInterrupt at a random
+        # point: the watcher cancels the run, and the map's cancellation withdraws what is in flight.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
+                await self._run_with_engine()
+                nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            if self.interrupted_by is None:
+                self.interrupted_by = signum
+                self._note(f"{signal.Signals(signum).name}: stopping, cancelling the requests in flight…")
+            scope.cancel()
+
+    async def _run_with_engine(self) -> None:
+        try:
+            async with AsyncClient(self._socket, client_name=f"trio-mapper map[{os.getpid()}]") as client:
+                async with trio.open_nursery() as helpers:
+                    helpers.start_soon(self._poll_stats, client)
+                    if self._progress_mode == "bar":
+                        helpers.start_soon(self._show_bar)
+                    elif self._progress_mode == "plain":
+                        helpers.start_soon(self._print_progress_lines)
+                    await self._map(client)
+                    helpers.cancel_scope.cancel()
+                if self.engine_problem is None:
+                    await self._update_429s(client)  # the final figure for the summary
+        except EngineUnavailable as exc:
+            self.engine_problem = str(exc)
+
+    async def _map(self, client: AsyncClient) -> None:
+        try:
+            async with client.map(
+                self._requests(), window=self._window, deadline=self._deadline, max_attempts=self._max_attempts
+            ) as results:
+                async for item in results:
+                    self._record(item)
+        except ConnectionLost as exc:
+            self.engine_problem = str(exc)
+
+    async def _requests(self) -> AsyncIterator[Request]:
+        """The input as requests, read lazily: `AsyncClient.map` pulls about ``window`` lines ahead only.
+
+        Lines that do not become requests (blank, answered by a previous run, bad, duplicate) are dealt with
+        here. Reading a local file line by line is fast enough not to need a worker thread.
+        """
+        counters = self.counters
+        for line_no, raw in enumerate(self._lines, start=1):
+            if line_no % CHECKPOINT_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            parsed = parse_line(raw, line_no, self._endpoint)
+            if parsed is None:
+                if counters.total is not None:
+                    counters.total -= 1  # blank lines were counted by the first pass but are not requests
+                continue
+            custom_id = parsed.custom_id
+            if custom_id in self._seen:
+                counters.failed += 1
+                counters.duplicates += 1
+                self._report(f"line {line_no}: custom_id {custom_id!r} was already used by an earlier line; skipped")
+                continue
+            self._seen.add(custom_id)
+            if custom_id in self._done:
+                self._done.discard(custom_id)
+                counters.skipped += 1
+                continue
+            if isinstance(parsed, BadLine):
+                counters.failed += 1
+                counters.bad_lines += 1
+                self._report(parsed.message)
+                self._writer.write(
+                    failure_record(
+                        custom_id,
+                        code="invalid_request",
+                        message=parsed.message,
+                        metadata=parsed.metadata,
+                        has_metadata=parsed.has_metadata,
+                    )
+                )
+                continue
+            yield Request(parsed.endpoint, parsed.body, method=parsed.method, tag=parsed)
+
+    def _record(self, item: MapResult) -> None:
+        line: InputRequest = item.request.tag
+        if item.error is None:
+            assert item.result is not None
+            self.counters.succeeded += 1
+            self.counters.tokens += _tokens_of(item.result.body)
+            record = success_record(
+                line.custom_id,
+                status=item.result.status,
+                request_id=item.result.headers.get("x-request-id"),
+                body=item.result.body,
+                metadata=line.metadata,
+                has_metadata=line.has_metadata,
+            )
+        else:
+            error = item.error
+            self.counters.failed += 1
+            self._report(f"line {line.line_no} ({line.custom_id}): {error}")
+            record = failure_record(
+                line.custom_id,
+                code=error.kind,
+                message=error.message,
+                status=error.status,
+                request_id=error.headers.get("x-request-id"),
+                body=error.body,
+                metadata=line.metadata,
+                has_metadata=line.has_metadata,
+            )
+        self._writer.write(record)
+
+    # -- engine stats --------------------------------------------------------------------------------------
+
+    async def _poll_stats(self, client: AsyncClient) -> None:
+        # Same connection as the requests: replies are multiplexed, so a stats reply never waits behind them.
+        while True:
+            try:
+                await self._update_429s(client)
+            except TrioMapperError:
+                return  # the connection is gone; the map reports it
+            await trio.sleep(STATS_INTERVAL)
+
+    async def _update_429s(self, client: AsyncClient) -> None:
+        """429s absorbed by the engine since this run started, over all lanes (they are engine-wide, so
+        they include other clients' traffic on the same models)."""
+        with trio.move_on_after(STATS_INTERVAL):
+            stats = await client.stats()
+            counts = {name: int(lane.get("upstream_429s", 0)) for name, lane in stats.get("lanes", {}).items()}
+            if self._baseline_429s is None:
+                self._baseline_429s = counts
+            baseline = self._baseline_429s
+            self.counters.upstream_429s = sum(max(0, n - baseline.get(name, 0)) for name, n in counts.items())
+
+    # -- progress and messages -----------------------------------------------------------------------------
+
+    def _rates(self, meter: _RateMeter) -> tuple[float, float, float | None]:
+        counters = self.counters
+        rpm, tpm = meter.sample(trio.current_time(), counters.answered, counters.tokens)
+        eta: float | None = None
+        if counters.total is not None and rpm > 0:
+            eta = max(0, counters.total - counters.processed) * 60 / rpm
+        return rpm, tpm, eta
+
+    def _progress_text(self, meter: _RateMeter) -> str:
+        rpm, tpm, eta = self._rates(meter)
+        failed = f"  [red]{self.counters.failed:,} failed[/]" if self.counters.failed else ""
+        return (
+            f"{rpm:,.0f} req/min  {tpm:,.0f} tok/min  {self.counters.upstream_429s:,} 429s absorbed  "
+            f"ETA {_format_eta(eta)}{failed}"
+        )
+
+    async def _print_progress_lines(self) -> None:
+        """When stderr is a file or a pipe (a log), a plain line now and then rather than a redrawn bar."""
+        meter = _RateMeter()
+        while True:
+            await trio.sleep(PLAIN_INTERVAL)
+            rpm, tpm, eta = self._rates(meter)
+            total = "?" if self.counters.total is None else f"{self.counters.total:,}"
+            print(
+                f"trio-mapper map: {self.counters.processed:,}/{total} lines, {self.counters.failed:,} failed, "
+                f"{rpm:,.0f} req/min, {tpm:,.0f} tok/min, {self.counters.upstream_429s:,} 429s absorbed, "
+                f"ETA {_format_eta(eta)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def _show_bar(self) -> None:
+        meter = _RateMeter()
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        # Redrawn by this task rather than rich's refresh thread: the counters are only touched in Trio's thread.
+        bar = Progress(
+            TextColumn("[bold]map[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[rates]}"),
+            console=Console(stderr=True),
+            auto_refresh=False,
+        )
+        self._bar = bar
+        self._bar_task = bar.add_task("map", total=self.counters.total, rates="")
+        bar.start()
+        try:
+            while True:
+                self._redraw(meter)
+                await trio.sleep(BAR_INTERVAL)
+        finally:
+            self._redraw(meter)  # the last figures stay on screen above the summary
+            bar.stop()
+            self._bar = None
+
+    def _redraw(self, meter: _RateMeter) -> None:
+        assert self._bar is not None and self._bar_task is not None
+        self._bar.update(
+            self._bar_task,
+            total=self.counters.total,
+            completed=self.counters.processed,
+            rates=self._progress_text(meter),
+            refresh=True,
+        )
+
+    def _note(self, message: str) -> None:
+        """A message on stderr, above the progress bar when there is one."""
+        if self._bar is not None:
+            self._bar.console.print(message, markup=False, highlight=False)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def _report(self, message: str) -> None:
+        self.counters.reported += 1
+        if self.counters.reported <= MAX_REPORTED:
+            self._note(f"trio-mapper map: {message}")
+        elif self.counters.reported == MAX_REPORTED + 1:
+            self._note(f"trio-mapper map: more failures: only the first {MAX_REPORTED} are shown; see the output")
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+def _summary(job: MapJob, scan: OutputScan, output: Path, elapsed: float) -> str:
+    c = job.counters
+    input_problems = [
+        f"{count:,} {what}{'' if count == 1 else 's'}"
+        for count, what in ((c.bad_lines, "bad line"), (c.duplicates, "duplicate id"))
+        if count
+    ]
+    parts = [
+        f"{c.succeeded:,} succeeded",
+        f"{c.failed:,} failed" + (f" ({', '.join(input_problems)})" if input_problems else ""),
+        f"{c.skipped:,} skipped (answered by a previous run)",
+        f"{c.tokens:,} tokens",
+        f"{c.upstream_429s:,} 429s absorbed by the engine",
+        f"{elapsed:.1f} s",
+    ]
+    lines = [f"trio-mapper map: {c.succeeded + c.failed:,} done: " + ", ".join(parts) + f" → {output}"]
+    if scan.dropped_failures or scan.torn_bytes:
+        retried = f"{scan.dropped_failures:,} failed lines of a previous run retried"
+        torn = f", a torn last line ({scan.torn_bytes} bytes) cut off" if scan.torn_bytes else ""
+        lines.append(f"trio-mapper map: {retried}{torn}")
+    if job.interrupted_by is not None:
+        name = signal.Signals(job.interrupted_by).name
+        lines.append(f"trio-mapper map: interrupted by {name}; run the same command again to resume")
+    elif job.engine_problem is not None:
+        lines.append(f"trio-mapper map: {job.engine_problem}")
+        lines.append("trio-mapper map: stopped early; run the same command again to resume")
+    elif c.failed:
+        lines.append("trio-mapper map: failed lines have an error; run the same command again to retry them")
+    return "\n".join(lines)
+
+
+def _progress_mode(args: argparse.Namespace) -> ProgressMode:
+    if args.no_progress:
+        return "off"
+    return "bar" if sys.stderr.isatty() else "plain"
+
+
+def run_map(args: argparse.Namespace) -> int:
+    """Run ``trio-mapper map``; returns the exit status (see `EXIT_OK` and docs/map.md)."""
+    output: Path = args.output
+    stdin = args.input == "-"
+    source = Path(args.input)
+    problem = _check_paths(source, output, stdin)
+    if problem is not None:
+        print(f"trio-mapper map: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        scan = prepare_output(output)
+        total = None if stdin else count_lines(source)
+        lines: IO[bytes] = sys.stdin.buffer if stdin else source.open("rb")
+    except (OutputFileError, OSError) as exc:
+        print(f"trio-mapper map: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.monotonic()
+    try:
+        writer = OutputWriter(output)
+    except OSError as exc:
+        lines.close()
+        print(f"trio-mapper map: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    job = MapJob(
+        lines=lines,
+        writer=writer,
+        done=scan.done,
+        counters=MapCounters(total=total),
+        socket=args.socket,
+        endpoint=args.endpoint,
+        window=args.window,
+        deadline=args.deadline,
+        max_attempts=args.max_attempts,
+        progress=_progress_mode(args),
+    )
+    try:
+        trio.run(job.run)
+    except KeyboardInterrupt:
+        job.interrupted_by = signal.SIGINT  # before the signal receiver was open, or after it closed
+    finally:
+        try:
+            writer.close()  # flush and fsync: everything answered is on disk before we say so
+        finally:
+            if not stdin:
+                lines.close()
+    print(_summary(job, scan, output, time.monotonic() - started), file=sys.stderr)
+    if job.interrupted_by is not None:
+        return 128 + job.interrupted_by
+    if job.engine_problem is not None:
+        return EXIT_ENGINE
+    return EXIT_FAILED if job.counters.failed else EXIT_OK
+
+
+def _check_paths(source: Path, output: Path, stdin: bool) -> str | None:
+    if not stdin and not source.is_file():
+        return f"{source}: no such file"
+    if output.is_dir():
+        return f"{output} is a directory; give the output file's path"
+    if not output.parent.is_dir():
+        return f"{output.parent}: no such directory"
+    if not stdin and output.exists() and os.path.samefile(source, output):
+        return "the output must not be the input file"
+    return None
+
+
+__all__ = ["DEFAULT_ENDPOINT", "MapCounters", "MapJob", "add_map_arguments", "run_map"]
