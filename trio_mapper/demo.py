@@ -103,8 +103,9 @@ class Outcome:
 
     succeeded: int = 0
     failed: int = 0
-    usage_tokens: int = 0
     errors: dict[str, int] = attrs.field(factory=dict)
+    #: The first message seen for each kind of error, to say why requests were lost.
+    messages: dict[str, str] = attrs.field(factory=dict)
     wall: float = 0.0
 
 
@@ -281,8 +282,11 @@ async def _neighbour(base_url: str, plan: Plan, tally: Neighbour) -> None:
             return
         # Anything past admission was charged, 500s included, as on the real API.
         tally.admitted += 1
-        usage = response.json().get("usage") if response.status_code == 200 else None
-        prompt = usage["prompt_tokens"] if usage else words + CHAT_OVERHEAD_TOKENS
+        try:
+            usage = response.json().get("usage") if response.status_code == 200 else None
+        except ValueError:  # not JSON: count the estimate rather than crash the demo over the neighbour
+            usage = None
+        prompt = int(usage["prompt_tokens"]) if usage else words + CHAT_OVERHEAD_TOKENS
         tally.tokens += prompt + max_tokens
         if response.status_code != 200:
             tally.failed += 1
@@ -341,12 +345,11 @@ async def _run_batch(
                     async for item in results:
                         if item.ok:
                             outcome.succeeded += 1
-                            usage = item.body.get("usage", {}) if isinstance(item.body, dict) else {}
-                            outcome.usage_tokens += int(usage.get("total_tokens", 0))
                         else:
                             outcome.failed += 1
                             kind = getattr(item.error, "kind", type(item.error).__name__)
                             outcome.errors[str(kind)] = outcome.errors.get(str(kind), 0) + 1
+                            outcome.messages.setdefault(str(kind), str(item.error))
                         progress.advance(task)
                 outcome.wall = time.monotonic() - started
                 nursery.cancel_scope.cancel()
@@ -383,27 +386,30 @@ def render_summary(
     engine_tpm, total_tpm = (charged - other.tokens) / minutes, charged / minutes
     admitted = int(simulator.get("admitted", 0))
     engine_rpm, total_rpm = (admitted - other.admitted) / minutes, admitted / minutes
+    to_engine = upstream_429s - other.rate_limited
+    absorbed = int(lane.get("upstream_429s", 0))
     lines = [
         f"requests        {total}",
         f"succeeded       {outcome.succeeded}",
         f"lost            {lost}"
         + (f"  ({', '.join(f'{n} {kind}' for kind, n in sorted(outcome.errors.items()))})" if lost else ""),
-        f"tokens/min      {engine_tpm:,.0f} through the engine = {_percent(engine_tpm, plan.tpm)} of the "
-        f"{plan.tpm:,} TPM limit (charged: prompt + max_tokens; {outcome.usage_tokens:,} tokens of usage)",
-        f"requests/min    {engine_rpm:,.0f} through the engine = {_percent(engine_rpm, plan.rpm)} of the "
+        # The upstream charges prompt + max_tokens at admission, so that is what the TPM limit is about.
+        f"tokens/min      {engine_tpm:,.0f} via the engine: {_percent(engine_tpm, plan.tpm)} of the "
+        f"{plan.tpm:,} TPM limit (prompt + max_tokens, as the upstream charges)",
+        f"requests/min    {engine_rpm:,.0f} via the engine: {_percent(engine_rpm, plan.rpm)} of the "
         f"{plan.rpm:,} RPM limit",
     ]
     if neighbour is not None:
         lines.append(
-            f"neighbour       {other.sent} requests sent around the engine with the same key: {other.admitted} "
-            f"admitted, {other.rate_limited} got 429 (it does not retry); all users together: "
+            f"neighbour       {other.sent} requests around the engine on the same key: {other.admitted} admitted, "
+            f"{other.rate_limited} refused with 429 (it does not retry); everyone together: "
             f"{_percent(total_tpm, plan.tpm)} of TPM, {_percent(total_rpm, plan.rpm)} of RPM"
         )
     lines += [
-        f"429s            {upstream_429s - other.rate_limited} sent to the engine by the upstream (RPM and TPM, "
-        f"{limited.get('requests', 0)} + {limited.get('tokens', 0)} counting the neighbour's), "
-        f"{lane.get('upstream_429s', 0)} absorbed by the engine",
-        f"server errors   {server_errors} injected by the simulator (--fail-rate {FAIL_RATE}, neighbour included)",
+        f"429s            {upstream_429s} sent by the upstream: {to_engine} to the engine, "
+        + (f"all {absorbed} absorbed" if absorbed == to_engine and absorbed else f"{absorbed} absorbed by it")
+        + (f"; {other.rate_limited} to the neighbour" if neighbour is not None else ""),
+        f"server errors   {server_errors} injected by the simulator (--fail-rate {FAIL_RATE})",
         f"retries         {lane.get('retries', 0)} made by the engine, none by the client",
         f"wall time       {outcome.wall:.1f} s for the batch",
     ]
@@ -420,9 +426,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seconds",
         type=_positive_float,
-        default=25.0,
+        default=20.0,
         metavar="S",
-        help="about how long the batch should take; sets the limits unless --rpm/--tpm are given (25)",
+        help="about how long the batch should take; sets the limits unless --rpm/--tpm are given (20)",
     )
     parser.add_argument("--rpm", type=_positive_int, metavar="N", help="requests per minute (default: from --seconds)")
     parser.add_argument("--tpm", type=_positive_int, metavar="N", help="tokens per minute (default: from --seconds)")
@@ -506,7 +512,7 @@ async def _main(
 
 def _print_logs(console: Any, children: list[Child]) -> None:
     for child in children:
-        console.print(f"--- last lines of the {child.name} log ({child.log_path}) ---", markup=False, highlight=False)
+        console.print(f"--- last lines of the {child.name} log ({child.log_path}) ---", markup=False)
         console.print(child.tail(), markup=False, highlight=False)
 
 
@@ -522,7 +528,8 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; 0 only when every request succeeded, 130 when interrupted, 1 on any failure."""
     from rich.console import Console
 
-    console = Console(highlight=False)
+    # soft_wrap: long lines stay whole (a terminal wraps them anyway), so they can be grepped from a log.
+    console = Console(highlight=False, soft_wrap=True)
     plan = make_plan(args.requests, args.seconds, args.rpm, args.tpm, args.max_concurrent_reqs)
     console.print(
         f"[bold]trio-mapper demo[/]: {len(plan.bodies)} chat requests ({plan.planned_tokens:,} tokens) through an "
@@ -547,17 +554,20 @@ def run_demo(args: argparse.Namespace) -> int:
             return status
         outcome, lines = result
         for line in lines:
-            console.print(line, markup=False, soft_wrap=True)
+            console.print(line, markup=False)
         lost = len(plan.bodies) - outcome.succeeded
         if lost:
             console.print(f"[red]{lost} request(s) lost[/]")
+            for kind, message in sorted(outcome.messages.items()):
+                console.print(f"  {kind}: {message}", markup=False)
             _print_logs(console, children)
             return 1
         status = 0
         return status
     finally:
-        if args.keep_logs or status not in (0, 130):
+        # By now both children have been reaped (their context managers ran inside trio.run).
+        if args.keep_logs:
             console.print(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-            console.print(f"temporary directory {workdir} removed")
+            console.print(f"temporary directory {workdir} removed" + ("" if status == 0 else " (--keep-logs keeps it)"))
