@@ -63,7 +63,8 @@ async def test_upstream_sends_the_key_only_to_the_base_url() -> None:
         return httpx.Response(200, json={"ok": True}, headers={"x-request-id": "req_1", "set-cookie": "a=b"})
 
     upstream = Upstream(OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)), max_connections=4)
-    upstream._client._transport = httpx.MockTransport(handler)  # unit test of this module only
+    for client in upstream._clients:
+        client._transport = httpx.MockTransport(handler)  # unit test of this module only
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.status == 200

@@ -93,7 +93,9 @@ class Engine:
         watchdog_interval = systemd.watchdog_interval(os.environ)
         listener, socket_file = await self._open_listener()
         try:
-            async with Upstream(self.settings.openai, max_connections=server.max_nb_sockets) as upstream:
+            async with Upstream(
+                self.settings.openai, max_connections=server.max_nb_sockets, concurrency=server.max_concurrent_reqs
+            ) as upstream:
                 scheduler = self.scheduler = Scheduler(
                     ledger=self.ledger,
                     upstream=upstream,

@@ -7,6 +7,8 @@ URL's host: whatever a client sends, the key goes nowhere else.
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Final
@@ -100,13 +102,20 @@ def _decode_body(response: httpx.Response) -> Any:
         return response.text
 
 
-class Upstream:
-    """An httpx client configured for the upstream: auth, pool size, timeouts.
+#: Connections per httpx client. httpcore scans its whole pool on every request, so one big pool becomes
+#: the bottleneck: measured against the simulator (docs/performance.md), one pool of 64 connections served
+#: about 200 requests/s where 8 pools of 8 served about 500.
+CONNECTIONS_PER_POOL: Final = 8
 
-    Use as an async context manager; `send` may be called from many tasks at once.
+
+class Upstream:
+    """httpx clients configured for the upstream: auth, pool size, timeouts.
+
+    The ``max_connections`` sockets are spread over several small pools, used in turn. Use as an async
+    context manager; `send` may be called from many tasks at once.
     """
 
-    def __init__(self, settings: OpenAISettings, *, max_connections: int) -> None:
+    def __init__(self, settings: OpenAISettings, *, max_connections: int, concurrency: int | None = None) -> None:
         self.base_url = httpx.URL(settings.base_url)
         headers = {
             "Authorization": f"Bearer {settings.api_key}",
@@ -116,23 +125,27 @@ class Upstream:
             headers["OpenAI-Organization"] = settings.organization
         if settings.project:
             headers["OpenAI-Project"] = settings.project
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout,
-                read=settings.read_timeout,
-                write=settings.write_timeout,
-                # Waiting for a pooled connection is bounded by the scheduler's limiter, not by httpx.
-                pool=None,
-            ),
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-            ),
-            # Redirects could carry the Authorization header to another host.
-            follow_redirects=False,
-            trust_env=False,
-        )
+        busy_connections = min(max_connections, concurrency or max_connections)
+        pools = max(1, math.ceil(busy_connections / CONNECTIONS_PER_POOL))
+        per_pool = max(1, math.ceil(max_connections / pools))
+        self._clients = [
+            httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(
+                    connect=settings.connect_timeout,
+                    read=settings.read_timeout,
+                    write=settings.write_timeout,
+                    # Waiting for a pooled connection is bounded by the scheduler's limiter, not by httpx.
+                    pool=None,
+                ),
+                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
+                # Redirects could carry the Authorization header to another host.
+                follow_redirects=False,
+                trust_env=False,
+            )
+            for _ in range(pools)
+        ]
+        self._turns = itertools.cycle(self._clients)
 
     async def __aenter__(self) -> Upstream:
         return self
@@ -142,7 +155,8 @@ class Upstream:
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await self._client.aclose()
+            for client in self._clients:
+                await client.aclose()
 
     def url_for(self, endpoint: str) -> httpx.URL:
         return join_url(self.base_url, relative_api_path(endpoint, self.base_url))
@@ -151,7 +165,7 @@ class Upstream:
         """One attempt. Raises httpx's transport and timeout errors for the retry policy to classify."""
         started = trio.current_time()
         request_headers: Mapping[str, str] = {"Content-Type": "application/json"} if body is not None else {}
-        response = await self._client.request(method, url, content=body, headers=request_headers)
+        response = await next(self._turns).request(method, url, content=body, headers=request_headers)
         return UpstreamReply(
             status=response.status_code,
             headers=useful_headers(response.headers),

@@ -1,0 +1,111 @@
+"""Shared pieces of the benchmarks: real subprocesses for the simulator and the engine, and job builders.
+
+Every benchmark runs its contenders side by side in one run and prints ratios, because the machines are
+noisy: absolute figures from different runs are not comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+BENCH_KEY = "sk-bench-not-a-real-key-000000000000"
+_LISTENING = re.compile(rb"simulator listening on (http://\S+)")
+
+
+@asynccontextmanager
+async def simulator_process(*flags: str) -> AsyncIterator[str]:
+    """``trio-mapper simulate`` in its own process (its own core); yields its base URL."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_mapper", "simulate", "--port", "0", *flags],
+        stdout=-1,
+        stderr=-1,
+    )
+    try:
+        assert process.stdout is not None
+        seen = b""
+        with trio.fail_after(60):
+            while not (match := _LISTENING.search(seen)):
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError(f"simulator exited: {seen.decode(errors='replace')}")
+                seen += chunk
+        yield match.group(1).decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+
+
+@asynccontextmanager
+async def engine_process(base_url: str, *flags: str) -> AsyncIterator[Path]:
+    """``trio-mapper launch-engine`` in its own process; yields its socket path once it accepts."""
+    directory = Path(tempfile.mkdtemp(prefix="tmb-", dir="/tmp"))
+    socket = directory / "engine.sock"
+    log = (directory / "engine.log").open("wb")
+    env = {**os.environ, "OPENAI_API_KEY": BENCH_KEY}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_mapper", "launch-engine", "--socket", str(socket), "--base-url", base_url,
+         "--log-level", "WARNING", *flags],
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(60):
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError(f"engine exited: {(directory / 'engine.log').read_text()}")
+                try:
+                    stream = await trio.open_unix_socket(str(socket))
+                except OSError:
+                    await trio.sleep(0.05)
+                else:
+                    await stream.aclose()
+                    break
+        yield socket
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(30):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+        log.close()
+
+
+async def simulator_stats(base_url: str, *, reset: bool = False) -> dict[str, Any]:
+    root = base_url.removesuffix("/v1")
+    async with httpx.AsyncClient() as client:
+        if reset:
+            (await client.post(root + "/_simulator/reset")).raise_for_status()
+        response = await client.get(root + "/_simulator/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+
+def chat_body(index: int, *, words: int, max_tokens: int, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    text = " ".join(f"word{(index * 7 + i) % 997}" for i in range(words))
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Request {index}: {text}"}],
+        "max_tokens": max_tokens,
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
