@@ -6,8 +6,8 @@ A request's path through the engine, in order:
    (or answers at once: ``invalid_request``, ``request_too_large``, ``overloaded``, ``shutting_down``).
 2. The lane's dispatcher takes jobs round-robin across clients (one flooding client cannot starve
    another) and waits for the lane's budget to admit each (`LaneBudget.reserve`).
-3. An attempt task waits for one of the ``max_concurrent_reqs`` slots of a `trio.CapacityLimiter` — it
-   bounds concurrency, the ledger bounds rate — and calls the upstream.
+3. It then waits for one of the ``max_concurrent_reqs`` slots of a `trio.CapacityLimiter` — it bounds
+   concurrency, the ledger bounds rate — and hands the job to an attempt task that calls the upstream.
 4. The reply reconciles the ledger, then the retry policy decides: answer, or send the job down the retry
    channel, whose timer puts it back at the front of its lane when its wait is over.
 
@@ -383,20 +383,30 @@ class Scheduler:
             task_status.started()
 
     async def _dispatch(self, lane: Lane) -> None:
+        # The dispatcher waits for the budget and then for a concurrency slot before it takes the next job,
+        # so jobs stay in their lane's fair queue (not in the limiter's FIFO) and a reservation is never
+        # made long before its request is sent.
         while True:
             job = await lane.take()
             self._set_state(job, JobState.RESERVING)
+            reservation: Reservation | None = None
+            slot_taken = False
             with trio.CancelScope(deadline=job.deadline) as scope:
                 job.scope = scope
                 reservation = await lane.budget.reserve(job.cost)
+                await self.limiter.acquire_on_behalf_of(job)
+                slot_taken = True
             job.scope = None
-            if scope.cancelled_caught:
-                # Nothing was reserved. A client cancel or shutdown has already answered the job.
-                self._expire(job)
+            if not slot_taken or job.finished:
+                # Cancelled by the client, shutdown or the deadline before anything was sent.
+                if slot_taken:
+                    self.limiter.release_on_behalf_of(job)
+                if reservation is not None:
+                    lane.budget.refund(reservation)
+                if scope.cancelled_caught:
+                    self._expire(job)
                 continue
-            if job.finished:
-                lane.budget.refund(reservation)
-                continue
+            assert reservation is not None  # the slot is taken only after the reservation
             self._set_state(job, JobState.IN_FLIGHT)
             if job.first_dispatched_at is None:
                 job.first_dispatched_at = trio.current_time()
@@ -404,14 +414,13 @@ class Scheduler:
             self._nursery.start_soon(self._attempt, job, reservation)
 
     async def _attempt(self, job: Job, reservation: Reservation) -> None:
+        """One upstream call for a job that holds a reservation and a concurrency slot (released here)."""
         lane = job.lane
-        sent = False
         reply: UpstreamReply | None = None
         verdict: Verdict | None = None
-        with trio.CancelScope(deadline=job.deadline) as scope:
-            job.scope = scope
-            async with self.limiter:
-                sent = True
+        try:
+            with trio.CancelScope(deadline=job.deadline) as scope:
+                job.scope = scope
                 job.attempts += 1
                 started = trio.current_time()
                 try:
@@ -422,13 +431,12 @@ class Scheduler:
                     verdict = classify_response(reply.status, reply.headers, reply.body)
                 finally:
                     job.upstream_seconds += trio.current_time() - started
-        job.scope = None
+            job.scope = None
+        finally:
+            self.limiter.release_on_behalf_of(job)
 
         if verdict is None:  # cancelled: by the client, shutdown (already answered) or the deadline
-            if sent:
-                lane.budget.reconcile(reservation, prompt_tokens=None, snapshot=None)
-            else:
-                lane.budget.refund(reservation)
+            lane.budget.reconcile(reservation, prompt_tokens=None, snapshot=None)
             if scope.cancelled_caught:
                 self._expire(job)
             return

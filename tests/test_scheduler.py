@@ -1,0 +1,412 @@
+"""The scheduler alone, under autojump_clock, with an httpx.MockTransport upstream (a unit test of one module).
+
+Each test checks one behaviour and that every accepted request got exactly one final reply.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from trio_mapper.ledger import Ledger, Limits
+from trio_mapper.protocol import Error, Result, Submit
+from trio_mapper.scheduler import Scheduler
+from trio_mapper.settings import OpenAISettings
+from trio_mapper.tokens import TokenEstimator
+from trio_mapper.upstream import Upstream
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+@pytest.fixture(scope="module")
+def estimator() -> TokenEstimator:
+    return TokenEstimator.load()
+
+
+@attrs.define(eq=False)
+class Sink:
+    """Stands in for a connection: collects replies."""
+
+    name: str
+    replies: list[Result | Error] = attrs.field(factory=list)
+    arrived: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def fairness_key(self) -> str:
+        return self.name
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def deliver(self, message: Result | Error) -> None:
+        self.replies.append(message)
+        self.arrived.set()
+
+    def by_id(self) -> dict[object, Result | Error]:
+        counts = Counter(reply.id for reply in self.replies)
+        assert all(count == 1 for count in counts.values()), f"duplicate replies: {counts}"
+        return {reply.id: reply for reply in self.replies}
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.replies) < count:
+            self.arrived = trio.Event()
+            await self.arrived.wait()
+
+
+def ok_response(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(
+        200,
+        json={"object": "chat.completion", "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}},
+        headers={"x-request-id": "req_test"},
+    )
+
+
+def chat(request_id: object, **extra: Any) -> Submit:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    return Submit(id=request_id, endpoint="/v1/chat/completions", body=body, **extra)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def scheduler_with(
+    handler: Handler,
+    estimator: TokenEstimator,
+    *,
+    rpm: int = 10_000,
+    tpm: int = 10_000_000,
+    concurrency: int = 8,
+    max_queued: int = 1000,
+    max_attempts: int = 4,
+) -> AsyncIterator[Scheduler]:
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-0123456789", base_url="http://upstream.test/v1"), max_connections=8
+    )
+    for client in upstream._clients:
+        client._transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
+    scheduler = Scheduler(
+        ledger=Ledger(Limits(rpm=rpm, tpm=tpm), 60.0),
+        upstream=upstream,
+        estimator=estimator,
+        max_concurrent_reqs=concurrency,
+        max_queued=max_queued,
+        default_max_attempts=max_attempts,
+    )
+    async with upstream, trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        yield scheduler
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_is_answered_once_with_the_upstream_body(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url == "http://upstream.test/v1/chat/completions"
+        assert request.headers["authorization"] == "Bearer sk-test-0123456789"
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Result)
+    assert reply.body["object"] == "chat.completion"
+    assert reply.attempts == 1
+    assert reply.headers["x-request-id"] == "req_test"
+
+
+async def test_server_errors_are_retried_with_backoff(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls: list[float] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(trio.current_time())
+        if len(calls) < 3:
+            return httpx.Response(500, json={"error": {"message": "boom", "type": "server_error"}})
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Result) and reply.attempts == 3
+    assert calls[1] - calls[0] >= 0.5 * 0.75  # the SDK's schedule, with jitter
+    assert calls[2] - calls[1] >= 1.0 * 0.75
+
+
+def _error(message: str, type_: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (400, _error("bad", "invalid_request_error", "context_length_exceeded"), "upstream_error"),
+        (401, _error("key", "invalid_request_error", "invalid_api_key"), "upstream_error"),
+        (404, _error("no", "invalid_request_error", "model_not_found"), "upstream_error"),
+        (429, _error("You exceeded your current quota", "insufficient_quota", "insufficient_quota"), "rate_limited"),
+        (
+            429,
+            _error("Request too large for gpt-4o. Limit 30000, Requested 31538.", "tokens", "rate_limit_exceeded"),
+            "request_too_large",
+        ),
+    ],
+)
+async def test_final_errors_are_never_retried(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock, status: int, body: dict[str, Any], kind: str
+) -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(status, json=body)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Error)
+    assert (reply.kind, reply.status, reply.body, reply.attempts) == (kind, status, body, 1)
+    assert calls == 1
+
+
+async def test_a_rate_limit_429_pauses_the_lane_for_the_named_wait(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls: list[float] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(trio.current_time())
+        if len(calls) == 1:
+            message = "Rate limit reached for gpt-4o-mini on tokens per min (TPM): Limit 100, Used 99. " + (
+                "Please try again in 2s."
+            )
+            return httpx.Response(
+                429,
+                json={"error": {"message": message, "type": "tokens", "code": "rate_limit_exceeded"}},
+                headers={"retry-after-ms": "2000"},
+            )
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+        _, lanes = scheduler.statistics()
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Result) and reply.attempts == 2
+    assert calls[1] - calls[0] >= 2.0
+    assert lanes["gpt-4o-mini"]["upstream_429s"] == 1
+    assert lanes["gpt-4o-mini"]["retries"] == 1
+
+
+async def test_attempts_are_bounded(estimator: TokenEstimator, autojump_clock: trio.testing.MockClock) -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(503, json={"error": {"message": "overloaded", "type": "server_error"}})
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, chat(1, max_attempts=2))
+        scheduler.submit(sink, chat(2))
+        await sink.wait_for(2)
+    replies = sink.by_id()
+    assert replies[1].attempts == 2 and replies[2].attempts == 4  # per request, else the engine default
+    assert all(isinstance(reply, Error) and reply.kind == "upstream_error" for reply in replies.values())
+    assert calls == 6
+
+
+async def test_connection_errors_are_retried_then_reported_unreachable(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, max_attempts=3) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Error) and reply.kind == "upstream_unreachable" and reply.attempts == 3
+
+
+async def test_deadline_cancels_the_upstream_call(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    finished = False
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal finished
+        await trio.sleep(100)
+        finished = True
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, chat(1, deadline=5.0))
+        await sink.wait_for(1)
+        assert trio.current_time() < 10
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Error) and reply.kind == "timeout"
+    assert not finished
+
+
+async def test_deadline_while_queued(estimator: TokenEstimator, autojump_clock: trio.testing.MockClock) -> None:
+    # One request per minute: the second waits for budget and its deadline passes while it waits.
+    sink = Sink("a")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    async with scheduler_with(handler, estimator, rpm=1) as scheduler:
+        scheduler.submit(sink, chat(1))
+        scheduler.submit(sink, chat(2, deadline=3.0))
+        await sink.wait_for(2)
+        assert trio.current_time() < 10
+    replies = sink.by_id()
+    assert isinstance(replies[1], Result)
+    assert isinstance(replies[2], Error) and replies[2].kind == "timeout" and replies[2].attempts == 0
+
+
+async def test_cancel_releases_the_reservation(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    release = trio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, concurrency=1) as scheduler:
+        scheduler.submit(sink, chat("in-flight"))
+        scheduler.submit(sink, chat("waiting-for-slot"))
+        scheduler.submit(sink, chat("queued"))
+        await trio.sleep(1)
+        assert scheduler.cancel(sink, "waiting-for-slot")
+        assert scheduler.cancel(sink, "queued")
+        assert not scheduler.cancel(sink, "unknown")
+        await sink.wait_for(2)
+        release.set()
+        await sink.wait_for(3)
+        ledger_stats = scheduler._ledger.statistics()["gpt-4o-mini"]
+    replies = sink.by_id()
+    assert isinstance(replies["in-flight"], Result)
+    assert replies["waiting-for-slot"].kind == "cancelled"  # type: ignore[union-attr]
+    assert replies["queued"].kind == "cancelled"  # type: ignore[union-attr]
+    # The reservation of the request that never reached the upstream went back to the budget.
+    assert ledger_stats.refunds >= 1
+    assert ledger_stats.in_flight == 0
+
+
+async def test_disconnect_cancels_silently(estimator: TokenEstimator, autojump_clock: trio.testing.MockClock) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(100)
+        return ok_response(request)
+
+    gone, other = Sink("gone"), Sink("other")
+    async with scheduler_with(handler, estimator, concurrency=2) as scheduler:
+        for i in range(5):
+            scheduler.submit(gone, chat(i))
+        scheduler.submit(other, chat("x"))
+        await trio.sleep(1)
+        assert scheduler.forget_owner(gone) == 5
+        engine, _ = scheduler.statistics()
+        assert engine["outstanding"] == 1
+        await other.wait_for(1)
+    assert isinstance(other.by_id()["x"], Result)
+
+
+async def test_queue_bound_and_too_large(estimator: TokenEstimator, autojump_clock: trio.testing.MockClock) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(10)
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, max_queued=2, tpm=100) as scheduler:
+        huge_body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}
+        huge = Submit(id=4, endpoint="/v1/chat/completions", body=huge_body)
+        scheduler.submit(sink, huge)  # more than the whole per-minute budget: answered at once
+        scheduler.submit(sink, chat(1))
+        scheduler.submit(sink, chat(1))  # duplicate id while outstanding
+        scheduler.submit(sink, chat(2))
+        scheduler.submit(sink, chat(3))  # over the bound: answered at once
+        replies = {reply.id: reply for reply in sink.replies}
+        assert replies[3].kind == "overloaded"  # type: ignore[union-attr]
+        assert replies[4].kind == "request_too_large"  # type: ignore[union-attr]
+        assert replies[1].kind == "invalid_request" and "already in flight" in replies[1].message  # type: ignore[union-attr]
+
+
+async def test_one_flooding_client_does_not_starve_another(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    order: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        order.append(request.content.decode())
+        await trio.sleep(1)
+        return ok_response(request)
+
+    flood, polite = Sink("flood"), Sink("polite")
+    async with scheduler_with(handler, estimator, concurrency=1) as scheduler:
+        for i in range(50):
+            scheduler.submit(flood, chat(f"f{i}"))
+        await trio.sleep(0.5)
+        scheduler.submit(polite, chat("p"))
+        await polite.wait_for(1)
+        done_before_polite = len(flood.replies)
+    # Round-robin between clients: the polite request waits for a handful of the flood, not all fifty.
+    assert done_before_polite <= 3
+
+
+async def test_shutdown_answers_queued_and_lets_in_flight_finish(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(2)
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, concurrency=2) as scheduler:
+        for i in range(10):
+            scheduler.submit(sink, chat(i))
+        await trio.sleep(0.5)
+        await scheduler.shutdown(grace_period=30)
+        scheduler.submit(sink, chat("late"))
+    replies = sink.by_id()
+    assert len(replies) == 11
+    kinds = Counter(reply.kind if isinstance(reply, Error) else "result" for reply in replies.values())
+    assert kinds == {"result": 2, "shutting_down": 9}
+
+
+async def test_grace_period_expiry_answers_in_flight(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(1000)
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, concurrency=2) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await trio.sleep(0.5)
+        await scheduler.shutdown(grace_period=5)
+        assert trio.current_time() < 10
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Error) and reply.kind == "shutting_down"
+    assert "may have processed it" in reply.message
