@@ -288,16 +288,26 @@ async def test_overestimate_is_credited_back(autojump_clock: trio.testing.MockCl
     assert lane.statistics().tokens_available == pytest.approx(before - 300)
 
 
-async def test_headers_clamp_available_but_never_raise_it(autojump_clock: trio.testing.MockClock) -> None:
+async def test_headers_clamp_available_and_raise_it_only_from_a_rested_bucket(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     lane = await _rested_lane(rpm=600, tpm=60_000)
     assert lane.statistics().tokens_available == pytest.approx(60_000)
     first = await lane.reserve(Cost(1000))
-    later = await lane.reserve(Cost(2000))  # reserved after `first` and still in flight
-    lane.reconcile(first, prompt_tokens=None, snapshot=RateLimitSnapshot(remaining_tokens=5000))
-    # The upstream had 5000 left when it answered `first`; `later` may not have reached it yet.
-    assert lane.statistics().tokens_available == pytest.approx(3000)
-    lane.reconcile(later, prompt_tokens=None, snapshot=RateLimitSnapshot(remaining_tokens=50_000))
-    assert lane.statistics().tokens_available == pytest.approx(3000)  # never raised
+    later = await lane.reserve(Cost(20_000))  # reserved after `first` and still in flight
+    tired = await lane.reserve(Cost(1000))  # admitted from a bucket far from full
+    lane.reconcile(first, prompt_tokens=None, snapshot=RateLimitSnapshot(remaining_tokens=25_000))
+    # The upstream had 25000 left when it answered `first`; the later ones may not have reached it yet.
+    assert lane.statistics().tokens_available == pytest.approx(4000)
+    lane.reconcile(tired, prompt_tokens=None, snapshot=RateLimitSnapshot(remaining_tokens=30_000))
+    assert lane.statistics().tokens_available == pytest.approx(4000)  # not raised: not from a rested bucket
+    fresh = _lane(rpm=600, tpm=60_000)  # a new lane allows itself one second of burst
+    assert fresh.statistics().tokens_available == pytest.approx(1000)
+    cold = await fresh.reserve(Cost(500))
+    fresh.reconcile(cold, prompt_tokens=None, snapshot=RateLimitSnapshot(remaining_tokens=50_000))
+    # A reply to a request admitted from a full bucket describes the upstream's real burst: trust it.
+    assert fresh.statistics().tokens_available == pytest.approx(50_000)
+    lane.refund(later)
 
 
 async def test_headers_do_not_subtract_reservations_made_before(autojump_clock: trio.testing.MockClock) -> None:

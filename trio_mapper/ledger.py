@@ -722,6 +722,7 @@ class LocalLaneBudget:
                 limits_changed = True
         if limits_changed:
             self._apply_limits(now)
+        gains: list[tuple[_Dimension, float]] = []
         for i, dim, remaining, own in (
             (0, self._tokens, _header_value(snapshot.remaining_tokens), reservation.charged_tokens),
             (1, self._requests, _header_value(snapshot.remaining_requests), reservation.cost.requests),
@@ -740,11 +741,21 @@ class LocalLaneBudget:
             if excess > 0:
                 dim.meter.charge(excess, now)
                 dim.adjusted += excess
+            elif excess < 0 and self._mode == "bucket" and book.rested[i]:
+                gains.append((dim, -excess))
             if book.rested[i] and self._mode == "bucket" and remaining + own > dim.learned:
                 dim.learned = float(remaining + own)
                 limits_changed = True
         if limits_changed:
             self._apply_limits(now)
+        for dim, gain in gains:
+            # The upstream had more than we believed when our own bucket was full: a fresh lane starts
+            # with one second of burst, and without this it would spend its first minute refilling towards
+            # a burst the upstream had all along (measured: 2.6x the minimum wall time on a minute bucket).
+            # Only replies to requests admitted from a full bucket raise our view, as they describe a
+            # rested upstream; any other reply can only lower it.
+            dim.meter.credit(gain, dim.meter.expired_since(0.0, now), now)
+            dim.adjusted -= gain
 
     def pause(self, wait: float | None, scope: str | None) -> None:
         now = trio.current_time()
