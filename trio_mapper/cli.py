@@ -9,9 +9,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from . import __version__
 from .paths import default_socket_path
-from .settings import API_KEY_ENV_VAR, DEFAULT_BASE_URL, SettingsError
+from .settings import API_KEY_ENV_VAR, DEFAULT_BASE_URL, ServerSettings, SettingsError
 
 
 def _positive_int(text: str) -> int:
@@ -46,6 +48,11 @@ def _octal_mode(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an octal mode such as 0660, got {text!r}") from None
 
 
+def _default(name: str) -> Any:
+    """A ServerSettings default, quoted in the help so the two cannot drift apart."""
+    return attrs.fields_dict(ServerSettings)[name].default
+
+
 def _both_spellings(name: str) -> list[str]:
     """The seed's snake_case option plus a kebab-case alias (``--max_nb_sockets``, ``--max-nb-sockets``)."""
     spellings = [f"--{name}"]
@@ -78,14 +85,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         dest="period_length",
         type=_positive_float,
         metavar="SECONDS",
-        help="budget period: the engine spends at most limit x period / 60 at once (default 60)",
+        help=f"budget period: at most limit x period / 60 is spent at once (default {_default('period_length'):g})",
     )
     limits.add_argument(
         *_both_spellings("max_nb_sockets"),
         dest="max_nb_sockets",
         type=_positive_int,
         metavar="N",
-        help="size of the upstream connection pool (default 1024)",
+        help=f"size of the upstream connection pool (default {_default('max_nb_sockets')})",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument(
@@ -100,7 +107,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         dest="socket_mode",
         type=_octal_mode,
         metavar="MODE",
-        help="permissions of the socket file, octal (default 0660; never world-writable)",
+        help=f"permissions of the socket file, octal (default {_default('socket_mode'):04o}; never world-writable)",
     )
     serving.add_argument(
         *_both_spellings("base-url"),
@@ -119,44 +126,47 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         dest="max_queued",
         type=_positive_int,
         metavar="N",
-        help="requests held at once before new ones get 'overloaded' (default 200000)",
+        help=f"requests held at once before new ones get 'overloaded' (default {_default('max_queued')})",
     )
     serving.add_argument(
         *_both_spellings("max-attempts"),
         dest="max_attempts",
         type=_positive_int,
         metavar="N",
-        help="upstream attempts per request, first try included (default 6)",
+        help=f"upstream attempts per request, first try included (default {_default('max_attempts')})",
     )
     serving.add_argument(
         *_both_spellings("grace-period"),
         dest="grace_period",
         type=_non_negative_float,
         metavar="SECONDS",
-        help="time in-flight requests get to finish on SIGTERM (default 30)",
+        help=f"time in-flight requests get to finish on SIGTERM (default {_default('grace_period'):g})",
     )
     serving.add_argument(
         *_both_spellings("max-frame-bytes"),
         dest="max_frame_bytes",
         type=_positive_int,
         metavar="N",
-        help="largest protocol frame accepted (default 4 MiB)",
+        help=f"largest protocol frame accepted, in bytes (default {_default('max_frame_bytes')})",
     )
     serving.add_argument(
         *_both_spellings("ledger-mode"),
         dest="ledger_mode",
         choices=["bucket", "period"],
-        help="budget semantics (default bucket; see docs/ledger.md)",
+        help=f"budget semantics (default {_default('ledger_mode')}; see docs/ledger.md)",
     )
     serving.add_argument(
         *_both_spellings("log-level"),
         dest="log_level",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default INFO",
+        help=f"default {_default('log_level')}",
     )
     serving.add_argument(
-        *_both_spellings("log-format"), dest="log_format", choices=["text", "json"], help="default text"
+        *_both_spellings("log-format"),
+        dest="log_format",
+        choices=["text", "json"],
+        help=f"default {_default('log_format')}",
     )
 
 
