@@ -349,7 +349,55 @@ async def test_queue_bound_and_too_large(estimator: TokenEstimator, autojump_clo
         replies = {reply.id: reply for reply in sink.replies}
         assert replies[3].kind == "overloaded"  # type: ignore[union-attr]
         assert replies[4].kind == "request_too_large"  # type: ignore[union-attr]
-        assert replies[1].kind == "invalid_request" and "already in flight" in replies[1].message  # type: ignore[union-attr]
+        # The duplicate is refused with a null id: id 1 still gets exactly one final reply, later.
+        duplicate = replies[None]
+        assert (
+            isinstance(duplicate, Error) and duplicate.kind == "invalid_request" and "reused id 1" in duplicate.message
+        )
+        assert 1 not in replies
+
+
+async def test_a_lowered_limit_fails_queued_requests_instead_of_the_engine(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(1)
+        response = ok_response(request)
+        response.headers["x-ratelimit-limit-tokens"] = "1000"  # far below what the engine was told
+        return response
+
+    sink = Sink("a")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}
+    async with scheduler_with(handler, estimator, concurrency=1, tpm=600_000) as scheduler:
+        for i in range(4):
+            scheduler.submit(sink, Submit(id=i, endpoint="/v1/chat/completions", body=body))
+        await sink.wait_for(4)
+        scheduler.submit(sink, chat("small"))
+        await sink.wait_for(5)
+    replies = sink.by_id()
+    kinds = [reply.kind if isinstance(reply, Error) else "result" for reply in replies.values()]
+    # The first (and one already reserved before the reply came back) may run; the rest are refused.
+    assert set(kinds) == {"result", "request_too_large"} and kinds.count("request_too_large") >= 2
+    assert isinstance(replies["small"], Result)
+
+
+async def test_made_up_model_names_cannot_lock_real_models_out(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    from trio_mapper.scheduler import MAX_LANES
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        for i in range(MAX_LANES + 10):
+            scheduler.submit(sink, Submit(id=i, endpoint="/v1/embeddings", body={"model": f"junk-{i}", "input": "x"}))
+        await sink.wait_for(MAX_LANES + 10)
+        scheduler.submit(sink, chat("real"))
+        await sink.wait_for(MAX_LANES + 11)
+        assert len(scheduler._lanes) <= MAX_LANES
+    assert isinstance(sink.by_id()["real"], Result)
 
 
 async def test_one_flooding_client_does_not_starve_another(

@@ -73,3 +73,15 @@ async def test_upstream_sends_the_key_only_to_the_base_url() -> None:
     assert seen[0].url.host == "api.openai.com"
     assert seen[0].headers["authorization"] == "Bearer sk-test-secret-key"
     assert "sk-test-secret-key" not in repr(upstream.__dict__.get("base_url"))
+
+
+async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"message": "Incorrect API key provided: sk-test-secret-key"}})
+
+    upstream = Upstream(OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)), max_connections=4)
+    for client in upstream._clients:
+        client._transport = httpx.MockTransport(handler)
+    async with upstream:
+        reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
+    assert reply.body == {"error": {"message": "Incorrect API key provided: [REDACTED]"}}

@@ -850,6 +850,14 @@ class Ledger:
     def statistics(self) -> dict[str, LaneStatistics]:
         return {name: lane.statistics() for name, lane in self._lanes.items()}
 
+    def forget(self, model: str) -> None:
+        """Drop an idle lane (no waiters, nothing in flight); it is created afresh if used again."""
+        lane = self._lanes.get(model)
+        if lane is not None:
+            stats = lane.statistics()
+            if stats.waiters == 0 and stats.in_flight == 0:
+                del self._lanes[model]
+
     def update_limits(self, default_limits: Limits, per_model: Mapping[str, Limits]) -> None:
         self._default = default_limits
         self._per_model = dict(per_model)

@@ -63,16 +63,27 @@ async def _someone_listens(path: Path) -> bool:
 
 def _prepare_parent(path: Path, socket_mode: int) -> None:
     parent = path.parent
-    if parent.is_dir():
-        return
-    # Clients need to traverse the directory only if the socket grants them access through its group.
-    directory_mode = 0o750 if socket_mode & 0o070 else 0o700
-    try:
-        parent.mkdir(mode=directory_mode, parents=True, exist_ok=True)
-    except OSError as exc:
+    if not parent.exists():
+        # Clients need to traverse the directory only if the socket grants them access through its group.
+        directory_mode = 0o750 if socket_mode & 0o070 else 0o700
+        try:
+            parent.mkdir(mode=directory_mode, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ListenerError(
+                f"cannot create the socket's directory {parent}: {exc.strerror}; create it or choose --socket"
+            ) from None
+    info = os.lstat(parent)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ListenerError(f"{parent} is not a directory (or is a symlink); choose another --socket")
+    # Whoever can write to the directory can swap the socket for their own and read every client's
+    # requests: in a shared place like /tmp, the directory must be ours and closed to others.
+    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        raise ListenerError(f"{parent} is world-writable; choose a --socket in a directory only you can write")
+    if not info.st_mode & stat.S_ISVTX and info.st_uid not in (os.geteuid(), 0):
         raise ListenerError(
-            f"cannot create the socket's directory {parent}: {exc.strerror}; create it or choose --socket"
-        ) from None
+            f"{parent} belongs to uid {info.st_uid}, not to this engine (uid {os.geteuid()}); "
+            "another user could replace the socket. Choose another --socket"
+        )
 
 
 def _check_path(path: Path, mode: int) -> tuple[Path, bool]:
@@ -110,8 +121,14 @@ async def open_unix_listener(path: Path, *, mode: int) -> tuple[trio.SocketListe
     temporary.unlink(missing_ok=True)
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
-        await sock.bind(os.fspath(temporary))
-        os.chmod(temporary, mode)
+        # The umask gives the socket its mode at creation, with no window in which it is more open (and
+        # no chmod that could follow a symlink swapped in). Start-up is single-threaded, so the
+        # process-wide umask is safe to change for this one call.
+        previous_umask = os.umask(0o777 & ~mode)
+        try:
+            await sock.bind(os.fspath(temporary))
+        finally:
+            os.umask(previous_umask)
         sock.listen(BACKLOG)
         os.replace(temporary, path)
         created = os.lstat(path)

@@ -122,6 +122,8 @@ class Lane:
     per_owner: dict[Hashable, deque[Job]] = attrs.field(factory=dict)
     rotation: deque[Hashable] = attrs.field(factory=deque)
     wakeup: trio.Event = attrs.field(factory=trio.Event)
+    #: The dispatcher task's scope, so an idle lane can be dropped.
+    dispatcher: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     counts: dict[JobState, int] = attrs.field(factory=lambda: dict.fromkeys(JobState, 0))
     upstream_429s: int = 0
     retries_made: int = 0
@@ -232,10 +234,18 @@ class Scheduler:
         if self._closing:
             return refuse(ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit to the next engine")
         if key in self._jobs:
-            return refuse(
-                ErrorKind.INVALID_REQUEST,
-                f"id {message.id!r} is already in flight on this connection; use a unique id per request",
+            # Answered with a null id: a reply carrying this id would read as the final answer to the
+            # request that is still outstanding under it.
+            self.rejected += 1
+            owner.deliver(
+                Error(
+                    id=None,
+                    kind=ErrorKind.INVALID_REQUEST,
+                    message=f"a submit reused id {message.id!r}, which is still outstanding on this connection; "
+                    "it was ignored. Use a unique id per outstanding request",
+                )
             )
+            return
         if len(self._jobs) >= self._max_queued:
             return refuse(
                 ErrorKind.OVERLOADED,
@@ -258,10 +268,10 @@ class Scheduler:
         lane_name = model if isinstance(model, str) and model else "default"
         lane = self._lanes.get(lane_name)
         if lane is None:
-            if len(self._lanes) >= MAX_LANES:
+            if len(self._lanes) >= MAX_LANES and not self._evict_idle_lane():
                 return refuse(
-                    ErrorKind.INVALID_REQUEST,
-                    f"the engine already tracks {MAX_LANES} distinct models; check the model name",
+                    ErrorKind.OVERLOADED,
+                    f"the engine is busy with {MAX_LANES} distinct models; retry when some are idle",
                 )
             lane = self._open_lane(lane_name)
         try:
@@ -292,6 +302,9 @@ class Scheduler:
             heapq.heappush(self._deadlines, (job.deadline, next(self._sequence), job))
             if self._deadlines[0][2] is job:
                 self._deadline_changed.set()
+
+    def is_outstanding(self, owner: ReplySink, request_id: RequestId) -> bool:
+        return (owner.fairness_key, request_id) in self._jobs
 
     def cancel(self, owner: ReplySink, request_id: RequestId) -> bool:
         """Withdraw a request at the client's wish; False when it is unknown or already answered."""
@@ -327,6 +340,11 @@ class Scheduler:
             return False
         self._set_state(job, JobState.DONE)
         del self._jobs[(job.owner.fairness_key, job.request_id)]
+        # Finished jobs may linger in heaps and queues until popped: do not let them keep the body.
+        job.body = None
+        if len(self._deadlines) > 2 * len(self._jobs) + 1024:
+            self._deadlines = [entry for entry in self._deadlines if not entry[2].finished]
+            heapq.heapify(self._deadlines)
         if job.scope is not None:
             job.scope.cancel()
         if not self._jobs:
@@ -375,6 +393,21 @@ class Scheduler:
         self._nursery.start_soon(self._dispatch, lane, name=f"dispatch {name}")
         return lane
 
+    def _evict_idle_lane(self) -> bool:
+        """Make room for a new model by dropping a lane with no work; False when every lane is busy.
+
+        Lanes are per model name, which clients choose: without eviction, made-up names could fill the
+        table for good and lock real models out.
+        """
+        for name, lane in self._lanes.items():
+            busy = sum(count for state, count in lane.counts.items() if state is not JobState.DONE)
+            if not busy and lane.budget.statistics().in_flight == 0:
+                lane.dispatcher.cancel()
+                del self._lanes[name]
+                self._ledger.forget(name)
+                return True
+        return False
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -386,38 +419,51 @@ class Scheduler:
         # The dispatcher waits for the budget and then for a concurrency slot before it takes the next job,
         # so jobs stay in their lane's fair queue (not in the limiter's FIFO) and a reservation is never
         # made long before its request is sent.
-        while True:
-            job = await lane.take()
-            self._set_state(job, JobState.RESERVING)
-            reservation: Reservation | None = None
-            slot_taken = False
-            with trio.CancelScope(deadline=job.deadline) as scope:
-                job.scope = scope
+        with lane.dispatcher:
+            while True:
+                await self._dispatch_one(lane, await lane.take())
+
+    async def _dispatch_one(self, lane: Lane, job: Job) -> None:
+        self._set_state(job, JobState.RESERVING)
+        reservation: Reservation | None = None
+        slot_taken = False
+        with trio.CancelScope(deadline=job.deadline) as scope:
+            job.scope = scope
+            try:
                 reservation = await lane.budget.reserve(job.cost)
-                await self.limiter.acquire_on_behalf_of(job)
-                slot_taken = True
-            job.scope = None
-            if not slot_taken or job.finished:
-                # Cancelled by the client, shutdown or the deadline before anything was sent.
-                if slot_taken:
-                    self.limiter.release_on_behalf_of(job)
-                if reservation is not None:
-                    lane.budget.refund(reservation)
-                if scope.cancelled_caught:
-                    self._expire(job)
-                continue
-            assert reservation is not None  # the slot is taken only after the reservation
-            self._set_state(job, JobState.IN_FLIGHT)
-            if job.first_dispatched_at is None:
-                job.first_dispatched_at = trio.current_time()
-            assert self._nursery is not None
-            self._nursery.start_soon(self._attempt, job, reservation)
+            except RequestTooLarge as exc:
+                # The limits were lowered (reload, or the upstream's headers) after it was accepted.
+                job.scope = None
+                self._finish_error(job, ErrorKind.REQUEST_TOO_LARGE, str(exc))
+                return
+            await self.limiter.acquire_on_behalf_of(job)
+            slot_taken = True
+        job.scope = None
+        if not slot_taken or job.finished:
+            # Cancelled by the client, shutdown or the deadline before anything was sent.
+            if slot_taken:
+                self.limiter.release_on_behalf_of(job)
+            if reservation is not None:
+                lane.budget.refund(reservation)
+            if scope.cancelled_caught:
+                self._expire(job)
+            return
+        assert reservation is not None  # the slot is taken only after the reservation
+        self._set_state(job, JobState.IN_FLIGHT)
+        if job.first_dispatched_at is None:
+            job.first_dispatched_at = trio.current_time()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._attempt, job, reservation)
 
     async def _attempt(self, job: Job, reservation: Reservation) -> None:
         """One upstream call for a job that holds a reservation and a concurrency slot (released here)."""
         lane = job.lane
         reply: UpstreamReply | None = None
         verdict: Verdict | None = None
+        if job.finished:  # answered (cancelled, shutdown) between dispatch and this task's start
+            self.limiter.release_on_behalf_of(job)
+            lane.budget.refund(reservation)
+            return
         try:
             with trio.CancelScope(deadline=job.deadline) as scope:
                 job.scope = scope

@@ -87,6 +87,7 @@ class Connection:
         self._outbox_drained = trio.Event()
         self._draining = False
         self._scope = trio.CancelScope()
+        self._opened_at = trio.current_time()
         self.handshaken = False
 
     @property
@@ -119,8 +120,9 @@ class Connection:
                         return
                     # The peer closed: nobody is left to read replies.
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("%s: connection lost: %r", self.label, exc)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            # The client went away mid-write: routine, not an engine error.
+            log.debug("%s: connection lost: %r", self.label, group.exceptions[0])
         finally:
             self._scheduler.forget_owner(self)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -140,14 +142,31 @@ class Connection:
                 continue
             frames: list[bytes] = []
             while self._outbox and len(frames) < 256:
-                frames.append(self._codec.encode(self._outbox.popleft()))
+                frames.append(self._encode(self._outbox.popleft()))
             await self._stream.send_all(b"".join(frames))
             self._outbox_drained.set()
+
+    def _encode(self, message: Message) -> bytes:
+        try:
+            return self._codec.encode(message)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            # An upstream body msgpack cannot carry (an integer beyond 64 bits, say): the request still
+            # gets its one final reply, and the other requests on this connection are unaffected.
+            request_id = getattr(message, "id", None)
+            log.warning("%s: cannot encode the reply to id=%r: %s", self.label, request_id, exc)
+            return self._codec.encode(
+                Error(
+                    id=request_id,
+                    kind=ErrorKind.INTERNAL_ERROR,
+                    message=f"the upstream's reply could not be encoded as msgpack ({exc}); please report it",
+                )
+            )
 
     # --- reading -------------------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         buffer = FrameBuffer(self._max_frame_bytes)
+        frame_started: float | None = None
         while True:
             try:
                 payload = buffer.next_frame()
@@ -167,25 +186,33 @@ class Connection:
                 if len(self._outbox) > OUTBOX_HIGH_WATER:
                     await self._wait_for_outbox_to_drain()
                 continue
-            data = await self._receive(partial=buffer.pending_bytes > 0)
+            if not buffer.pending_bytes:
+                frame_started = None
+            elif frame_started is None:
+                frame_started = trio.current_time()
+            data = await self._receive(frame_started)
             if not data:
                 if buffer.pending_bytes:
                     log.info("%s closed in the middle of a frame", self.label)
                 return
             buffer.feed(data)
 
-    async def _receive(self, *, partial: bool) -> bytes | bytearray:
-        timeout = HANDSHAKE_TIMEOUT if not self.handshaken else FRAME_STALL_TIMEOUT if partial else None
-        if timeout is None:
+    async def _receive(self, frame_started: float | None) -> bytes | bytearray:
+        """The next bytes, within the handshake's or the current frame's total allowance (not per read:
+        a client trickling a byte a minute must not pin a frame buffer forever)."""
+        if not self.handshaken:
+            deadline, what, allowance = self._opened_at + HANDSHAKE_TIMEOUT, "say hello", HANDSHAKE_TIMEOUT
+        elif frame_started is not None:
+            deadline, what, allowance = frame_started + FRAME_STALL_TIMEOUT, "finish a frame", FRAME_STALL_TIMEOUT
+        else:
             return await self._stream.receive_some(READ_CHUNK)
-        with trio.move_on_after(timeout):
+        with trio.move_on_at(deadline):
             return await self._stream.receive_some(READ_CHUNK)
-        what = "say hello" if not self.handshaken else "finish a frame"
         self.deliver(
             Error(
                 id=None,
                 kind=ErrorKind.PROTOCOL_ERROR,
-                message=f"the client took longer than {timeout:.0f}s to {what}; the connection is closed",
+                message=f"the client took longer than {allowance:.0f}s to {what}; the connection is closed",
             )
         )
         raise _CloseConnection
@@ -203,6 +230,8 @@ class Connection:
             message = self._codec.decode(payload)
         except (msgspec.MsgspecError, ValueError) as exc:
             request_id = salvage_request_id(payload)
+            if request_id is not None and self._scheduler.is_outstanding(self, request_id):
+                request_id = None  # that id's final reply is still to come; this error must not read as it
             log.info("%s sent an invalid frame: %s", self.label, exc)
             return self._protocol_error(request_id, f"invalid frame: {describe_decode_error(exc)}")
 

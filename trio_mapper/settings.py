@@ -7,6 +7,7 @@ one line per problem with its path, e.g. ``server.rpm: must be > 0, got -5``.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -41,8 +42,8 @@ class SettingsError(Exception):
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be a finite number > 0, got {value}")
 
 
 def _http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -51,6 +52,9 @@ def _http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> Non
         raise ValueError(f"must be an http(s) URL such as {DEFAULT_BASE_URL}, got {value!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"must not have a query or fragment, got {value!r}")
+    if parts.username is not None or parts.password is not None:
+        # They would appear in logs and stats; the key is the only credential the engine sends.
+        raise ValueError("must not contain a user name or password")
 
 
 def _not_world_writable(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -214,6 +218,10 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     }
     for name in _LIST_FIELDS & server.keys():
         server[name] = server[name].replace(",", " ").split()
+    mode = server.get("socket_mode")
+    if isinstance(mode, str) and mode.strip().isdigit():
+        # A permission mode is written in octal, as for chmod and --socket-mode: "0660" means 0o660.
+        server["socket_mode"] = int(mode.strip(), 8) if set(mode.strip()) <= set("01234567") else mode
     openai = {name: environ[var] for name, var in OPENAI_ENV_VARS.items() if environ.get(var)}
     if environ.get("OPENAI_ORGANIZATION") and "organization" not in openai:
         openai["organization"] = environ["OPENAI_ORGANIZATION"]

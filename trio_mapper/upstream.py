@@ -92,14 +92,13 @@ def useful_headers(headers: httpx.Headers) -> dict[str, str]:
     return {name: headers[name] for name in USEFUL_HEADERS if name in headers}
 
 
-def _decode_body(response: httpx.Response) -> Any:
-    content = response.content
+def _decode_body(content: bytes, encoding: str | None) -> Any:
     if not content:
         return None
     try:
         return msgspec.json.decode(content)
     except msgspec.DecodeError:
-        return response.text
+        return content.decode(encoding or "utf-8", errors="replace")
 
 
 #: Connections per httpx client. httpcore scans its whole pool on every request, so one big pool becomes
@@ -125,6 +124,7 @@ class Upstream:
             headers["OpenAI-Organization"] = settings.organization
         if settings.project:
             headers["OpenAI-Project"] = settings.project
+        self._secret = settings.api_key.encode()
         busy_connections = min(max_connections, concurrency or max_connections)
         pools = max(1, math.ceil(busy_connections / CONNECTIONS_PER_POOL))
         per_pool = max(1, math.ceil(max_connections / pools))
@@ -166,9 +166,13 @@ class Upstream:
         started = trio.current_time()
         request_headers: Mapping[str, str] = {"Content-Type": "application/json"} if body is not None else {}
         response = await next(self._turns).request(method, url, content=body, headers=request_headers)
+        content = response.content
+        if self._secret in content:
+            # Some OpenAI-compatible servers echo the key in a 401 body; it must not reach clients.
+            content = content.replace(self._secret, b"[REDACTED]")
         return UpstreamReply(
             status=response.status_code,
             headers=useful_headers(response.headers),
-            body=_decode_body(response),
+            body=_decode_body(content, response.encoding),
             elapsed=trio.current_time() - started,
         )
