@@ -104,13 +104,18 @@ async def running_engine(
         await wait_for_socket(socket, process, log_path)
         yield engine
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGKILL if sys.exc_info()[0] else signal.SIGTERM)
-        with trio.move_on_after(30):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop_process(process, failed=sys.exc_info()[0] is not None)
+
+
+async def stop_process(process: trio.Process, *, failed: bool) -> None:
+    """SIGTERM (SIGKILL after a test failure, to leave the log as it was), then SIGKILL after 30 s."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGKILL if failed else signal.SIGTERM)
+    with trio.move_on_after(30):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
 
 
 @asynccontextmanager

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from conftest import ROOT, TEST_API_KEY, engine_env, running_engine, simulator
+from conftest import ROOT, TEST_API_KEY, engine_env, running_engine, simulator, stop_process
 from wire import RawClient, chat
 
 from trio_mapper import systemd
@@ -170,13 +170,7 @@ async def activated_engine(
     try:
         yield engine
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGKILL if sys.exc_info()[0] else signal.SIGTERM)
-        with trio.move_on_after(30):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop_process(process, failed=sys.exc_info()[0] is not None)
         notify.close()
         if own:
             sock.close()

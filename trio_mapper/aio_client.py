@@ -39,12 +39,12 @@ from trio_mapper.client import (
     coerce_request,
     default_client_name,
     describe_connection_loss,
+    encode_submit,
     engine_unavailable,
     expect_result,
     logger,
     parse_frame,
     socket_source,
-    submit_message,
 )
 from trio_mapper.client_errors import (
     ConnectionLost,
@@ -461,17 +461,8 @@ class AsyncClient:
     # -- sending -----------------------------------------------------------------------------------------
 
     def _encode_submit(self, request_id: RequestId, request: Request) -> bytes:
-        frame = self._codec.encode(submit_message(request_id, request))
         assert self.welcome is not None
-        limit = self.welcome.max_frame_bytes
-        if len(frame) - 4 > limit:
-            raise InvalidRequestError(
-                "invalid_request",
-                f"the request is {len(frame) - 4} bytes once encoded; the engine accepts frames of at most "
-                f"{limit} bytes",
-                request_id=request_id,
-            )
-        return frame
+        return encode_submit(self._codec, request_id, request, self.welcome)
 
     def _enqueue(self, data: bytes) -> _Outgoing:
         """Queue whole frames for the writer task; never blocks."""

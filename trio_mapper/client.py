@@ -219,6 +219,19 @@ class _LenientError(msgspec.Struct, tag_field="type", tag="error", forbid_unknow
 Reply = Welcome | Result | Stats | Pong | TrioMapperError
 
 
+def encode_submit(codec: Codec, request_id: RequestId, request: Request, welcome: Welcome) -> bytes:
+    """The Submit frame, refused locally when larger than the engine accepts (it would close the connection)."""
+    frame = codec.encode(submit_message(request_id, request))
+    limit = welcome.max_frame_bytes
+    if len(frame) - 4 > limit:
+        raise InvalidRequestError(
+            "invalid_request",
+            f"the request is {len(frame) - 4} bytes once encoded; the engine accepts frames of at most {limit} bytes",
+            request_id=request_id,
+        )
+    return frame
+
+
 def error_from_message(message: Error | _LenientError) -> TrioMapperError:
     return make_error(
         str(message.kind),
@@ -571,16 +584,7 @@ class Client:
     # -- sending -----------------------------------------------------------------------------------------
 
     def _encode_submit(self, request_id: RequestId, request: Request) -> bytes:
-        frame = self._codec.encode(submit_message(request_id, request))
-        limit = self.welcome.max_frame_bytes
-        if len(frame) - 4 > limit:
-            raise InvalidRequestError(
-                "invalid_request",
-                f"the request is {len(frame) - 4} bytes once encoded; the engine accepts frames of at most "
-                f"{limit} bytes",
-                request_id=request_id,
-            )
-        return frame
+        return encode_submit(self._codec, request_id, request, self.welcome)
 
     def _send(self, frame: bytes) -> None:
         with self._send_lock:
