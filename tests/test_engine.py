@@ -239,7 +239,7 @@ async def test_stale_socket_is_replaced_and_live_one_refused(short_tmp: Path) ->
                 check=False,
             )
         assert second.returncode == 1
-        assert b"another engine is already listening" in second.stderr
+        assert b"another engine is" in second.stderr
         assert engine.socket.exists(), "the refused engine must not remove the live one's socket"
 
 

@@ -7,6 +7,7 @@ bind, listen, wrap in `trio.SocketListener`, close on error.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket as stdlib_socket
 import stat
@@ -26,21 +27,45 @@ class ListenerError(Exception):
     """The socket cannot be created; the message says why and what to do."""
 
 
-@attrs.frozen
+@attrs.define
 class OwnedSocketFile:
-    """The socket file this engine created, identified by inode so we never unlink someone else's."""
+    """The socket file this engine created, identified by inode so we never unlink someone else's.
+
+    It also holds the lock that keeps a second engine from taking over the path while this one lives.
+    """
 
     path: Path
     device: int
     inode: int
+    lock_fd: int | None = None
 
     def remove(self) -> None:
+        """Unlink the socket if it is still ours, and release the lock. Safe to call twice."""
         try:
             current = os.lstat(self.path)
         except FileNotFoundError:
-            return
-        if (current.st_dev, current.st_ino) == (self.device, self.inode):
-            self.path.unlink(missing_ok=True)
+            pass
+        else:
+            if (current.st_dev, current.st_ino) == (self.device, self.inode):
+                self.path.unlink(missing_ok=True)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def _lock_path(path: Path) -> int:
+    """Hold an exclusive lock beside the socket for the engine's life: two engines started at the same
+    moment would otherwise both find the path free and both rename their socket into place."""
+    lock_file = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ListenerError(
+            f"another engine is starting or running on {path}; stop it first or choose another --socket"
+        ) from None
+    return fd
 
 
 async def _someone_listens(path: Path) -> bool:
@@ -114,7 +139,21 @@ async def open_unix_listener(path: Path, *, mode: int) -> tuple[trio.SocketListe
         ListenerError: the path is too long, is not a socket, or another process is listening on it.
     """
     path, stale_candidate = _check_path(path, mode)
-    if stale_candidate and await _someone_listens(path):
+    lock_fd = _lock_path(path)
+    try:
+        listener, created = await _bind(path, mode, stale_candidate)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return listener, OwnedSocketFile(path, created.st_dev, created.st_ino, lock_fd)
+
+
+async def _bind(path: Path, mode: int, stale_candidate: bool) -> tuple[trio.SocketListener, os.stat_result]:
+    try:
+        someone_listens = stale_candidate and await _someone_listens(path)
+    except OSError as exc:
+        raise ListenerError(f"cannot tell whether an engine listens on {path}: {exc}") from None
+    if someone_listens:
         raise ListenerError(f"another engine is already listening on {path}; stop it first or choose another --socket")
 
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -136,4 +175,4 @@ async def open_unix_listener(path: Path, *, mode: int) -> tuple[trio.SocketListe
         sock.close()
         temporary.unlink(missing_ok=True)
         raise ListenerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    return trio.SocketListener(sock), OwnedSocketFile(path, created.st_dev, created.st_ino)
+    return trio.SocketListener(sock), created

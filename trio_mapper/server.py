@@ -51,6 +51,10 @@ FRAME_STALL_TIMEOUT: Final = 60.0
 #: Replies waiting to be written beyond which the reader stops reading: a client that floods pings
 #: without reading replies gets backpressure instead of growing the engine's memory.
 OUTBOX_HIGH_WATER: Final = 10_000
+#: Bytes of replies waiting to be written beyond which the client is taken to have stopped reading and is
+#: disconnected (its requests cancelled). Replies of requests already accepted keep arriving whether or
+#: not the client reads, so message counts alone do not bound them; large embedding batches stay far below.
+OUTBOX_MAX_BYTES: Final = 256 * 1024 * 1024
 #: How long shutdown waits for a connection to flush its last replies.
 FLUSH_TIMEOUT: Final = 5.0
 
@@ -82,7 +86,8 @@ class Connection:
         self._stats = stats
         self._max_frame_bytes = max_frame_bytes
         self._codec = engine_codec()
-        self._outbox: deque[Message] = deque()
+        self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
         self._outbox_changed = trio.Event()
         self._outbox_drained = trio.Event()
         self._draining = False
@@ -99,8 +104,17 @@ class Connection:
         return f"conn#{self.number}{f' ({self.peer})' if self.peer else ''}"
 
     def deliver(self, message: Message) -> None:
-        self._outbox.append(message)
+        frame = self._encode(message)
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
         self._outbox_changed.set()
+        if self._outbox_bytes > OUTBOX_MAX_BYTES and not self._scope.cancel_called:
+            log.warning(
+                "%s has %d MiB of replies it does not read; disconnecting it",
+                self.label,
+                self._outbox_bytes // (1024 * 1024),
+            )
+            self._scope.cancel()
 
     def begin_close(self) -> None:
         """Finish writing what is queued, then close; a client that does not read gets FLUSH_TIMEOUT."""
@@ -142,8 +156,10 @@ class Connection:
                 continue
             frames: list[bytes] = []
             while self._outbox and len(frames) < 256:
-                frames.append(self._encode(self._outbox.popleft()))
-            await self._stream.send_all(b"".join(frames))
+                frames.append(self._outbox.popleft())
+            data = b"".join(frames)
+            self._outbox_bytes -= len(data)
+            await self._stream.send_all(data)
             self._outbox_drained.set()
 
     def _encode(self, message: Message) -> bytes:
