@@ -741,19 +741,24 @@ class LocalLaneBudget:
             if excess > 0:
                 dim.meter.charge(excess, now)
                 dim.adjusted += excess
-            elif excess < 0 and self._mode == "bucket" and book.rested[i]:
-                gains.append((dim, -excess))
+            elif excess < 0 and self._mode == "bucket":
+                # From a rested bucket, trust the upstream fully (below). Otherwise undo at most the
+                # corrections made since this request was admitted: a request that overtook an earlier one
+                # on another connection made that earlier reply's shortfall look bigger than it was, and
+                # without the undo that double count stalls the lane (bench/ratelimit.py, minute bucket).
+                since = dim.adjusted - book.adjusted[i]
+                undo = -excess if book.rested[i] else min(-excess, max(0.0, since))
+                if undo > 0:
+                    gains.append((dim, undo))
             if book.rested[i] and self._mode == "bucket" and remaining + own > dim.learned:
                 dim.learned = float(remaining + own)
                 limits_changed = True
         if limits_changed:
             self._apply_limits(now)
         for dim, gain in gains:
-            # The upstream had more than we believed when our own bucket was full: a fresh lane starts
-            # with one second of burst, and without this it would spend its first minute refilling towards
-            # a burst the upstream had all along (measured: 2.6x the minimum wall time on a minute bucket).
-            # Only replies to requests admitted from a full bucket raise our view, as they describe a
-            # rested upstream; any other reply can only lower it.
+            # The upstream had more than we believed. When our own bucket was full (a fresh lane starts
+            # with one second of burst), without this it would spend its first minute refilling towards a
+            # burst the upstream had all along (measured: 2.6x the minimum wall time on a minute bucket).
             dim.meter.credit(gain, dim.meter.expired_since(0.0, now), now)
             dim.adjusted -= gain
 
