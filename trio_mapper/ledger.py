@@ -401,7 +401,7 @@ class _WindowMeter:
 class _Dimension:
     """One metered dimension of a lane ("requests" or "tokens") and what replies taught us about it."""
 
-    __slots__ = ("adjusted", "learned", "meter", "name", "observed", "warned")
+    __slots__ = ("adjusted", "cold", "held_back", "learned", "meter", "name", "observed", "warned")
 
     def __init__(self, name: str, meter: _Meter, learned: float) -> None:
         self.name = name
@@ -409,6 +409,11 @@ class _Dimension:
         # Budget taken away after the fact (usage and header corrections), cumulative: a reply compares
         # the upstream's view with ours at its reservation, minus what later corrections already removed.
         self.adjusted = 0.0
+        # Until the first reply to a request admitted from a full bucket: our level is the cold-start guess
+        # (one second of refill), which that reply may raise once to what the upstream really holds.
+        self.cold = True
+        # What the cold start withheld from a full bucket: the most that first raise may give back.
+        self.held_back = 0.0
         # Bucket mode: the largest burst a rested upstream has shown (see RESTED_FRACTION).
         self.learned = learned
         self.observed: int | None = None  # the latest limit header
@@ -476,6 +481,8 @@ class LocalLaneBudget:
                 meters.append(_WindowMeter(limit, self._full(limit), now, origin, period))
         self._tokens = _Dimension("tokens", meters[0], limits.tpm / 60.0 * INITIAL_BURST_SECONDS)
         self._requests = _Dimension("requests", meters[1], limits.rpm / 60.0 * INITIAL_BURST_SECONDS)
+        for dim, limit in ((self._tokens, limits.tpm), (self._requests, limits.rpm)):
+            dim.held_back = max(0.0, self._full(limit) - limit / 60.0 * INITIAL_BURST_SECONDS)
         self._waiters: collections.OrderedDict[_Waiter, None] = collections.OrderedDict()
         self._in_flight = 0
         self._paused_until = -math.inf
@@ -747,18 +754,23 @@ class LocalLaneBudget:
                 # on another connection made that earlier reply's shortfall look bigger than it was, and
                 # without the undo that double count stalls the lane (bench/ratelimit.py, minute bucket).
                 since = dim.adjusted - book.adjusted[i]
-                undo = -excess if book.rested[i] else min(-excess, max(0.0, since))
+                undo = min(-excess, dim.held_back if book.rested[i] and dim.cold else max(0.0, since))
                 if undo > 0:
                     gains.append((dim, undo))
+            if book.rested[i]:
+                # Once only: after the cold start our own refill, at the configured rate, fills the bucket;
+                # trusting every rested reply would let an upstream with more budget than configured pull
+                # the engine above the limits it was given.
+                dim.cold = False
             if book.rested[i] and self._mode == "bucket" and remaining + own > dim.learned:
                 dim.learned = float(remaining + own)
                 limits_changed = True
         if limits_changed:
             self._apply_limits(now)
         for dim, gain in gains:
-            # The upstream had more than we believed. When our own bucket was full (a fresh lane starts
-            # with one second of burst), without this it would spend its first minute refilling towards a
-            # burst the upstream had all along (measured: 2.6x the minimum wall time on a minute bucket).
+            # The upstream had more than we believed. At a cold start (a fresh lane allows itself one second
+            # of burst), without this it would spend its first minute refilling towards a burst the upstream
+            # had all along (measured: 2.6x the minimum wall time on a minute bucket).
             dim.meter.credit(gain, dim.meter.expired_since(0.0, now), now)
             dim.adjusted -= gain
 
