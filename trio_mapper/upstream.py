@@ -103,7 +103,7 @@ def _decode_body(content: bytes, encoding: str | None) -> Any:
 
 #: Connections per httpx client. httpcore scans its whole pool on every request, so one big pool becomes
 #: the bottleneck: measured against the simulator (docs/performance.md), one pool of 64 connections served
-#: about 200 requests/s where 8 pools of 8 served about 500.
+#: about 200 requests/s where 8 pools of 8 served about 500 (bench/httpx_pools.py).
 CONNECTIONS_PER_POOL: Final = 8
 
 
