@@ -156,9 +156,6 @@ class Pong(Message, tag="pong"):
 ClientMessage = Hello | Submit | Cancel | StatsRequest | Ping
 EngineMessage = Welcome | Result | Error | Stats | Pong
 
-#: Replies that settle a request id for good; a client can forget the id once it sees one of these.
-FINAL_REPLIES: Final = (Result, Error)
-
 
 class FrameTooLarge(Exception):
     def __init__(self, length: int, limit: int) -> None:

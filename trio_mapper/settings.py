@@ -353,11 +353,3 @@ def _validation_problems(instance: Any, path: str) -> Iterator[str]:
             for key, item in value.items():
                 if attrs.has(type(item)):
                     yield from _validation_problems(item, f"{where}.{key}.")
-
-
-def unstructure_for_display(settings: Settings) -> dict[str, Any]:
-    """Settings as plain data for logs and stats, with the key removed."""
-    data: dict[str, Any] = _converter.unstructure(settings)
-    data["openai"].pop("api_key", None)
-    data["server"]["socket"] = str(settings.server.socket)
-    return data
