@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 import httpx
+import msgspec
 import pytest
 import trio
 
@@ -86,10 +87,10 @@ async def scheduler_with(
     max_attempts: int = 4,
 ) -> AsyncIterator[Scheduler]:
     upstream = Upstream(
-        OpenAISettings(api_key="sk-test-0123456789", base_url="http://upstream.test/v1"), max_connections=8
+        OpenAISettings(api_key="sk-test-0123456789", base_url="http://upstream.test/v1"),
+        max_connections=8,
+        transport=lambda: httpx.MockTransport(handler),  # type: ignore[arg-type]
     )
-    for client in upstream._clients:
-        client._transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
     scheduler = Scheduler(
         ledger=Ledger(Limits(rpm=rpm, tpm=tpm), 60.0),
         upstream=upstream,
@@ -394,10 +395,16 @@ async def test_made_up_model_names_cannot_lock_real_models_out(
         for i in range(MAX_LANES + 10):
             scheduler.submit(sink, Submit(id=i, endpoint="/v1/embeddings", body={"model": f"junk-{i}", "input": "x"}))
         await sink.wait_for(MAX_LANES + 10)
-        scheduler.submit(sink, chat("real"))
+        # Every lane has just spent budget the upstream still counts: none may be dropped and created afresh.
+        scheduler.submit(sink, chat("too-soon"))
         await sink.wait_for(MAX_LANES + 11)
+        await trio.sleep(60)  # the budgets have refilled: idle lanes can go
+        scheduler.submit(sink, chat("real"))
+        await sink.wait_for(MAX_LANES + 12)
         assert len(scheduler._lanes) <= MAX_LANES
-    assert isinstance(sink.by_id()["real"], Result)
+    replies = sink.by_id()
+    assert isinstance(replies["too-soon"], Error) and replies["too-soon"].kind == "overloaded"
+    assert isinstance(replies["real"], Result)
 
 
 async def test_one_flooding_client_does_not_starve_another(
@@ -458,3 +465,204 @@ async def test_grace_period_expiry_answers_in_flight(
     reply = sink.by_id()[1]
     assert isinstance(reply, Error) and reply.kind == "shutting_down"
     assert "may have processed it" in reply.message
+
+
+def _rate_limited(wait_ms: int = 1000) -> httpx.Response:
+    message = "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3, Used 3."
+    return httpx.Response(
+        429,
+        json={"error": {"message": message, "type": "requests", "code": "rate_limit_exceeded"}},
+        headers={"retry-after-ms": str(wait_ms)},
+    )
+
+
+async def test_429s_do_not_use_up_max_attempts(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    # An upstream enforcing less than the engine was told answers 429 many times in a row: the request
+    # waits for budget instead of failing rate_limited once max_attempts answers came back.
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return _rate_limited() if calls <= 10 else ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, max_attempts=2) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Result) and reply.attempts == 11
+
+
+async def test_faults_still_bound_attempts_when_mixed_with_429s(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            return _rate_limited()
+        return httpx.Response(503, json={"error": {"message": "overloaded", "type": "server_error"}})
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, max_attempts=3) as scheduler:
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+    reply = sink.by_id()[1]
+    # Three 503s end it; the 429s between them were not counted.
+    assert isinstance(reply, Error) and reply.kind == "upstream_error" and reply.attempts == 6
+
+
+async def test_endless_429s_end_at_the_default_deadline(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return _rate_limited(wait_ms=600_000)  # beyond what the engine honours: it pauses for 120 s
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, max_attempts=2) as scheduler:
+        scheduler.default_deadline = 1000.0
+        scheduler.submit(sink, chat(1))
+        await sink.wait_for(1)
+        answered_at = trio.current_time()
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Error) and reply.kind == "timeout"
+    assert "429" in reply.message and reply.attempts > 2
+    assert 1000.0 <= answered_at <= 1001.0
+
+
+def _live_jobs() -> int:
+    import gc
+
+    from trio_mapper.scheduler import Job
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, Job))
+
+
+async def test_submit_cancel_churn_holds_no_finished_jobs(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    # "Time out, cancel, resubmit" against a lane that waits for budget: the finished jobs must not pile up
+    # in the lane's queue or the deadline heap behind a dispatcher that waits.
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    before = _live_jobs()
+    async with scheduler_with(handler, estimator, rpm=1, max_queued=100) as scheduler:
+        scheduler.submit(sink, chat("first"))
+        await sink.wait_for(1)  # the lane's budget is spent for a minute
+        for i in range(20_000):
+            scheduler.submit(sink, chat(i, deadline=600.0))
+            assert scheduler.cancel(sink, i)
+        assert all(isinstance(reply, Error) and reply.kind == "cancelled" for reply in sink.replies[1:])
+        assert _live_jobs() - before <= 200
+
+
+async def test_a_finished_job_does_not_keep_its_connection_alive(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    import weakref
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    async with scheduler_with(handler, estimator, rpm=1) as scheduler:
+        keeper = Sink("keeper")
+        scheduler.submit(keeper, chat("spend"))
+        await keeper.wait_for(1)
+        gone = Sink("gone")
+        scheduler.submit(gone, chat(1, deadline=600.0))  # waits for budget, in the deadline heap
+        scheduler.forget_owner(gone)
+        assert gone.replies == []  # nothing is delivered to a client that went away
+        reference = weakref.ref(gone)
+        del gone
+        import gc
+
+        gc.collect()
+        assert reference() is None
+
+
+async def test_an_unexpected_error_costs_one_request(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug while concluding one job (simulated by a classifier that fails on one body) answers that job
+    # internal_error; the scheduler and the other requests carry on.
+    import trio_mapper.scheduler as scheduler_module
+
+    real_classify = scheduler_module.classify_response
+
+    def flaky_classify(status: int, headers: Any, body: Any) -> Any:
+        if body.get("poison"):
+            raise RuntimeError("bug")
+        return real_classify(status, headers, body)
+
+    monkeypatch.setattr(scheduler_module, "classify_response", flaky_classify)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        response = ok_response(request)
+        if b'"poison"' in request.content:
+            return httpx.Response(200, json={"poison": True})
+        return response
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        poisoned = chat("bad")
+        poisoned.body["poison"] = True
+        scheduler.submit(sink, poisoned)
+        scheduler.submit(sink, chat("good"))
+        await sink.wait_for(2)
+        scheduler.submit(sink, chat("after"))
+        await sink.wait_for(3)
+        engine, _ = scheduler.statistics()
+    replies = sink.by_id()
+    assert isinstance(replies["bad"], Error) and replies["bad"].kind == "internal_error"
+    assert isinstance(replies["good"], Result) and isinstance(replies["after"], Result)
+    assert engine["internal_errors"] == 1 and engine["outstanding"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "m" * 4_000_000, "input": "x"}, "model names have at most"),
+        ({"model": "m", "input": "x", "extra": msgspec.msgpack.Ext(1, b"data")}, "JSON cannot represent"),
+    ],
+)
+async def test_bad_bodies_are_refused_before_a_lane_exists(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock, body: dict[str, Any], message: str
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, tpm=1000) as scheduler:
+        scheduler.submit(sink, Submit(id=1, endpoint="/v1/embeddings", body=body))
+        too_large = {"model": "big", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}
+        scheduler.submit(sink, Submit(id=2, endpoint="/v1/chat/completions", body=too_large))
+        _, lanes = scheduler.statistics()
+    replies = sink.by_id()
+    assert isinstance(replies[1], Error) and replies[1].kind == "invalid_request" and message in replies[1].message
+    assert isinstance(replies[2], Error) and replies[2].kind == "request_too_large"
+    assert lanes == {}
+
+
+async def test_dated_snapshots_share_their_familys_lane(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        for i, model in enumerate(["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-2024-11-20", "gpt-4-0613"]):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+            scheduler.submit(sink, Submit(id=i, endpoint="/v1/chat/completions", body=body))
+        await sink.wait_for(4)
+        _, lanes = scheduler.statistics()
+    assert sorted(lanes) == ["gpt-4", "gpt-4o"]
+    assert lanes["gpt-4o"]["succeeded"] == 3

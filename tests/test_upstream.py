@@ -2,6 +2,8 @@
 
 import httpx
 import pytest
+import trio
+import trio.testing
 
 from trio_mapper.settings import OpenAISettings
 from trio_mapper.upstream import InvalidEndpoint, Upstream, join_url, relative_api_path
@@ -62,9 +64,11 @@ async def test_upstream_sends_the_key_only_to_the_base_url() -> None:
         seen.append(request)
         return httpx.Response(200, json={"ok": True}, headers={"x-request-id": "req_1", "set-cookie": "a=b"})
 
-    upstream = Upstream(OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)), max_connections=4)
-    for client in upstream._clients:
-        client._transport = httpx.MockTransport(handler)  # unit test of this module only
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        max_connections=4,
+        transport=lambda: httpx.MockTransport(handler),
+    )
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.status == 200
@@ -79,9 +83,52 @@ async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(401, json={"error": {"message": "Incorrect API key provided: sk-test-secret-key"}})
 
-    upstream = Upstream(OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)), max_connections=4)
-    for client in upstream._clients:
-        client._transport = httpx.MockTransport(handler)
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        max_connections=4,
+        transport=lambda: httpx.MockTransport(handler),
+    )
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.body == {"error": {"message": "Incorrect API key provided: [REDACTED]"}}
+
+
+def test_endpoints_beyond_the_length_limit_are_refused() -> None:
+    with pytest.raises(InvalidEndpoint, match="characters long"):
+        relative_api_path("/v1/" + "a" * 100_000, BASE)
+
+
+async def test_requests_go_to_the_least_busy_pool() -> None:
+    # Two pools; one holds a slow request. Every request after it must go to the other pool, where a
+    # round-robin choice would queue every second one behind the slow pool's connections.
+    release = trio.Event()
+    served_by: list[int] = []
+    transports: list[httpx.MockTransport] = []
+
+    def make_transport() -> httpx.MockTransport:
+        number = len(transports)
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            served_by.append(number)
+            if request.url.path.endswith("/slow"):
+                await release.wait()
+            return httpx.Response(200, json={})
+
+        transports.append(httpx.MockTransport(handler))
+        return transports[-1]
+
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        max_connections=16,
+        concurrency=16,
+        transport=make_transport,
+    )
+    assert len(transports) == 2
+    async with upstream, trio.open_nursery() as nursery:
+        nursery.start_soon(upstream.send, "POST", upstream.url_for("/v1/slow"), b"{}")
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(6):
+            await upstream.send("POST", upstream.url_for("/v1/fast"), b"{}")
+        release.set()
+    slow_pool = served_by[0]
+    assert served_by[1:] == [1 - slow_pool] * 6

@@ -21,6 +21,8 @@ PROTOCOL_VERSION: Final = 1
 #: Frames larger than this are refused unless the engine was configured otherwise; `Welcome` says the value.
 DEFAULT_MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 LENGTH_PREFIX: Final = struct.Struct(">I")
+#: Why a frame nested deeper than the decoder's recursion limit (about 1000 levels) was refused.
+TOO_DEEP: Final = "the message is nested too deeply (maps and arrays nest at most a few hundred levels)"
 
 RequestId = int | str
 
@@ -184,9 +186,13 @@ class Codec:
 
         Raises:
             msgspec.MsgspecError: malformed, or not a valid message (the text names the field).
-            ValueError: invalid UTF-8 in a string, and similar low-level problems.
+            ValueError: invalid UTF-8 in a string, nesting deeper than the decoder allows, and similar
+                low-level problems.
         """
-        return self._decoder.decode(payload)
+        try:
+            return self._decoder.decode(payload)
+        except RecursionError:
+            raise ValueError(TOO_DEEP) from None
 
 
 def engine_codec() -> Codec:
@@ -248,7 +254,7 @@ def salvage_request_id(payload: bytes) -> RequestId | None:
     """The ``id`` of a frame that failed validation, when it has a usable one, so the error can name it."""
     try:
         raw = msgspec.msgpack.decode(payload)
-    except (msgspec.MsgspecError, ValueError):  # ValueError: invalid UTF-8 in a string, among others
+    except (msgspec.MsgspecError, ValueError, RecursionError):  # ValueError: invalid UTF-8 in a string…
         return None
     if isinstance(raw, dict):
         candidate = raw.get("id")

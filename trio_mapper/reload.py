@@ -17,7 +17,7 @@ from .settings import LaneLimits, OpenAISettings, ServerSettings, Settings
 
 #: `ServerSettings` fields a reload applies; every other difference is refused with a warning.
 RELOADABLE: Final = frozenset(
-    {"rpm", "tpm", "models", "max_concurrent_reqs", "log_level", "allowed_uids", "allowed_gids"}
+    {"rpm", "tpm", "models", "max_concurrent_reqs", "log_level", "allowed_uids", "allowed_gids", "default_deadline"}
 )
 
 

@@ -17,13 +17,13 @@ client cancel, deadline, disconnect or engine shutdown.
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import itertools
 import logging
 import math
 import random
-from collections import deque
 from collections.abc import Hashable
 from typing import Any, Final, Protocol
 
@@ -48,13 +48,21 @@ from .retry import (
     exhausted,
 )
 from .tokens import InvalidBody, TokenEstimate, TokenEstimator
-from .upstream import InvalidEndpoint, Upstream, UpstreamReply
+from .upstream import ALLOWED_METHODS, InvalidEndpoint, Upstream, UpstreamReply
 
 log = logging.getLogger("trio_mapper.scheduler")
 
 #: Distinct models (lanes) the engine tracks; beyond this a new model name is refused, so that a client
 #: inventing model names cannot make the engine grow without bound.
 MAX_LANES: Final = 256
+#: Longest model name accepted. Real names are a few dozen characters; the name is a lane's key and appears
+#: in every stats reply and log line about the lane.
+MAX_MODEL_NAME_CHARS: Final = 256
+#: Frames above this size have their tokens counted (and body encoded) in a worker thread: counting runs
+#: at about 10 MB/s, so a 64 KiB body costs the event loop a few milliseconds at most.
+LARGE_BODY_BYTES: Final = 64 * 1024
+#: Worker threads counting tokens at once. Two cores: one thread leaves a core to the event loop.
+TOKENIZER_THREADS: Final = 1
 
 
 class ReplySink(Protocol):
@@ -81,7 +89,11 @@ class JobState(enum.Enum):
 @attrs.define(eq=False)
 class Job:
     request_id: RequestId
-    owner: ReplySink
+    #: Where the final reply goes; None once the job is finished, so that a finished job lingering in a
+    #: heap never keeps its connection (and that connection's buffers) alive.
+    owner: ReplySink | None
+    fairness_key: Hashable
+    owner_label: str
     lane: Lane
     method: str
     url: httpx.URL
@@ -98,6 +110,13 @@ class Job:
     upstream_seconds: float = 0.0
     first_dispatched_at: float | None = None
     last_failure: str = ""
+    #: Attempts answered with a retryable 429. They do not count against ``max_attempts``, which bounds
+    #: faults (5xx, resets, timeouts): a 429 is the upstream saying "later", and only the deadline ends it.
+    rate_limited_attempts: int = 0
+
+    @property
+    def fault_attempts(self) -> int:
+        return self.attempts - self.rate_limited_attempts
 
     @property
     def finished(self) -> bool:
@@ -109,18 +128,23 @@ class Job:
 
     @property
     def log_label(self) -> str:
-        return f"{self.owner.label} id={self.request_id!r}"
+        return f"{self.owner_label} id={self.request_id!r}"
 
 
 @attrs.define(eq=False)
 class Lane:
-    """One model's queue and counters; its budget lives in the ledger."""
+    """One model's queue and counters; its budget lives in the ledger.
+
+    Queues are insertion-ordered dicts so that a job leaving early (cancel, deadline, disconnect) is removed
+    at once in O(1): finished jobs never pile up behind a dispatcher that waits for budget.
+    """
 
     name: str
     budget: LaneBudget
-    retries: deque[Job] = attrs.field(factory=deque)
-    per_owner: dict[Hashable, deque[Job]] = attrs.field(factory=dict)
-    rotation: deque[Hashable] = attrs.field(factory=deque)
+    retries: collections.OrderedDict[Job, None] = attrs.field(factory=collections.OrderedDict)
+    per_owner: dict[Hashable, collections.OrderedDict[Job, None]] = attrs.field(factory=dict)
+    #: Clients with queued jobs, in turn order.
+    rotation: collections.OrderedDict[Hashable, None] = attrs.field(factory=collections.OrderedDict)
     wakeup: trio.Event = attrs.field(factory=trio.Event)
     #: The dispatcher task's scope, so an idle lane can be dropped.
     dispatcher: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -132,36 +156,49 @@ class Lane:
     estimated_prompt_tokens: int = 0
     actual_prompt_tokens: int = 0
 
+    @property
+    def busy(self) -> bool:
+        return any(count for state, count in self.counts.items() if state is not JobState.DONE)
+
     def push(self, job: Job) -> None:
-        key = job.owner.fairness_key
+        key = job.fairness_key
         queue = self.per_owner.get(key)
         if queue is None:
-            self.per_owner[key] = queue = deque()
-            self.rotation.append(key)
-        queue.append(job)
+            self.per_owner[key] = queue = collections.OrderedDict()
+            self.rotation[key] = None
+        queue[job] = None
         self.wakeup.set()
 
     def push_front(self, job: Job) -> None:
-        self.retries.append(job)
+        self.retries[job] = None
         self.wakeup.set()
 
-    def pop_next(self) -> Job | None:
-        """The next live job: due retries first, then one job per client in turn."""
-        while self.retries:
-            job = self.retries.popleft()
-            if not job.finished:
-                return job
-        while self.rotation:
-            key = self.rotation.popleft()
-            queue = self.per_owner[key]
-            job = queue.popleft()
-            if queue:
-                self.rotation.append(key)
-            else:
+    def remove(self, job: Job) -> None:
+        """Forget a job that finished while queued (a no-op for jobs not in a queue)."""
+        self.retries.pop(job, None)
+        key = job.fairness_key
+        queue = self.per_owner.get(key)
+        if queue is not None and job in queue:
+            del queue[job]
+            if not queue:
                 del self.per_owner[key]
-            if not job.finished:
-                return job
-        return None
+                del self.rotation[key]
+
+    def pop_next(self) -> Job | None:
+        """The next job: due retries first, then one job per client in turn."""
+        if self.retries:
+            return self.retries.popitem(last=False)[0]
+        if not self.rotation:
+            return None
+        key = next(iter(self.rotation))
+        queue = self.per_owner[key]
+        job = queue.popitem(last=False)[0]
+        if queue:
+            self.rotation.move_to_end(key)
+        else:
+            del self.per_owner[key]
+            del self.rotation[key]
+        return job
 
     async def take(self) -> Job:
         while True:
@@ -185,6 +222,46 @@ def _prompt_tokens_used(body: Any) -> int | None:
     return None
 
 
+@attrs.frozen
+class _Checked:
+    """What the cheap checks of a submit found: everything but the body's measurements."""
+
+    method: str
+    url: httpx.URL
+    lane_name: str
+    deadline: float
+    max_attempts: int
+
+
+@attrs.frozen
+class Measured:
+    """The CPU-bound part of accepting a request: its token estimate and its body as JSON bytes."""
+
+    estimate: TokenEstimate
+    body: bytes | None
+
+
+class _Refused(Exception):
+    """A submit answered at once with an error, not accepted."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, anonymous: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        #: Answer with a null id (the id is not this submit's to use).
+        self.anonymous = anonymous
+
+
+def _lingering(heap: list[tuple[float, int, Job]], live: int) -> bool:
+    """Whether a lazily-cleaned heap holds enough finished jobs to be worth compacting (amortised O(1))."""
+    return len(heap) > 2 * live + 64
+
+
+def _compact(heap: list[tuple[float, int, Job]]) -> None:
+    heap[:] = [entry for entry in heap if not entry[2].finished]
+    heapq.heapify(heap)
+
+
 class Scheduler:
     """Admits, runs and answers jobs. Run `run` in a nursery; call the sync methods from the event loop."""
 
@@ -197,19 +274,26 @@ class Scheduler:
         max_concurrent_reqs: int,
         max_queued: int,
         default_max_attempts: int,
+        default_deadline: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._ledger = ledger
         self._upstream = upstream
         self._estimator = estimator
         self.limiter = trio.CapacityLimiter(max_concurrent_reqs)
+        self._tokenizer = trio.CapacityLimiter(TOKENIZER_THREADS)
         self._max_queued = max_queued
         self._default_max_attempts = default_max_attempts
+        #: Seconds a request that names no deadline may take (None: no limit); a reload may change it.
+        self.default_deadline = default_deadline
         self._rng = rng or random.Random()
         self._lanes: dict[str, Lane] = {}
-        self._jobs: dict[tuple[Hashable, RequestId], Job] = {}
+        # Outstanding jobs by client, so that a disconnect costs that client's jobs, not everyone's.
+        self._owners: dict[Hashable, dict[RequestId, Job]] = {}
+        self._outstanding = 0
         # Retry channel: every job in it is an accepted job, so max_queued bounds it.
         self._retry_send, self._retry_receive = trio.open_memory_channel[tuple[float, Job]](max_queued)
+        self._retry_waiting: list[tuple[float, int, Job]] = []
         self._deadlines: list[tuple[float, int, Job]] = []
         self._deadline_changed = trio.Event()
         self._sequence = itertools.count()
@@ -220,79 +304,58 @@ class Scheduler:
         self._grace = trio.CancelScope()
         self.accepted = 0
         self.rejected = 0
+        self.internal_errors = 0
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
 
     # --- submission, from connection tasks -----------------------------------------------------------------
 
-    def submit(self, owner: ReplySink, message: Submit) -> None:
+    async def intake(self, owner: ReplySink, message: Submit, *, frame_bytes: int) -> None:
+        """`submit`, with a large body's CPU work done in a worker thread so other clients are not stalled.
+
+        The caller (a connection's reader) awaits it before reading its next frame, which keeps the
+        connection's order and its backpressure.
+        """
+        if frame_bytes < LARGE_BODY_BYTES:
+            return self.submit(owner, message)
+        try:
+            checked = self._check(owner, message)
+        except _Refused as refusal:
+            return self._refuse(owner, message, refusal)
+        try:
+            measured = await trio.to_thread.run_sync(self._measure, message, checked, limiter=self._tokenizer)
+        except _Refused as refusal:
+            return self._refuse(owner, message, refusal)
+        self.submit(owner, message, measured=measured)
+
+    def submit(self, owner: ReplySink, message: Submit, *, measured: Measured | None = None) -> None:
         """Accept a request or answer it at once; never blocks."""
-        key = (owner.fairness_key, message.id)
-
-        def refuse(kind: ErrorKind, text: str) -> None:
-            self.rejected += 1
-            owner.deliver(Error(id=message.id, kind=kind, message=text))
-
-        if self._closing:
-            return refuse(ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit to the next engine")
-        if key in self._jobs:
-            # Answered with a null id: a reply carrying this id would read as the final answer to the
-            # request that is still outstanding under it.
-            self.rejected += 1
-            owner.deliver(
-                Error(
-                    id=None,
-                    kind=ErrorKind.INVALID_REQUEST,
-                    message=f"a submit reused id {message.id!r}, which is still outstanding on this connection; "
-                    "it was ignored. Use a unique id per outstanding request",
-                )
-            )
-            return
-        if len(self._jobs) >= self._max_queued:
-            return refuse(
-                ErrorKind.OVERLOADED,
-                f"the engine already holds {len(self._jobs)} requests (max_queued); "
-                "wait for replies before submitting more, or raise max_queued",
-            )
-        method = message.method.upper()
-        if method not in {"POST", "GET"}:
-            return refuse(ErrorKind.INVALID_REQUEST, f"method {message.method!r} is not supported; use POST")
         try:
-            url = self._upstream.url_for(message.endpoint)
-            estimate = self._estimator.estimate(message.endpoint, message.body)
-        except (InvalidEndpoint, InvalidBody) as exc:
-            return refuse(ErrorKind.INVALID_REQUEST, str(exc))
-        if message.max_attempts is not None and message.max_attempts < 1:
-            return refuse(ErrorKind.INVALID_REQUEST, "max_attempts must be at least 1")
-        if message.deadline is not None and not (message.deadline > 0 and math.isfinite(message.deadline)):
-            return refuse(ErrorKind.INVALID_REQUEST, "deadline must be a positive number of seconds")
-        model = message.body.get("model")
-        lane_name = model if isinstance(model, str) and model else "default"
-        lane = self._lanes.get(lane_name)
-        if lane is None:
-            if len(self._lanes) >= MAX_LANES and not self._evict_idle_lane():
-                return refuse(
-                    ErrorKind.OVERLOADED,
-                    f"the engine is busy with {MAX_LANES} distinct models; retry when some are idle",
-                )
-            lane = self._open_lane(lane_name)
-        try:
-            lane.budget.check_admissible(Cost(tokens=estimate.total, prompt_tokens=estimate.prompt_tokens))
-        except RequestTooLarge as exc:
-            return refuse(ErrorKind.REQUEST_TOO_LARGE, str(exc))
+            checked = self._check(owner, message)
+            if measured is None:
+                measured = self._measure(message, checked)
+            lane = self._lane_for(checked.lane_name, measured.estimate)
+        except _Refused as refusal:
+            return self._refuse(owner, message, refusal)
 
-        now = trio.current_time()
         job = Job(
             request_id=message.id,
             owner=owner,
+            fairness_key=owner.fairness_key,
+            owner_label=owner.label,
             lane=lane,
-            method=method,
-            url=url,
-            body=msgspec.json.encode(message.body) if method == "POST" else None,
-            estimate=estimate,
-            received_at=now,
-            deadline=now + message.deadline if message.deadline is not None else math.inf,
-            max_attempts=message.max_attempts or self._default_max_attempts,
+            method=checked.method,
+            url=checked.url,
+            body=measured.body,
+            estimate=measured.estimate,
+            received_at=trio.current_time(),
+            deadline=checked.deadline,
+            max_attempts=checked.max_attempts,
         )
-        self._jobs[key] = job
+        self._owners.setdefault(job.fairness_key, {})[job.request_id] = job
+        self._outstanding += 1
         if self._all_done.is_set():
             self._all_done = trio.Event()
         self.accepted += 1
@@ -303,22 +366,111 @@ class Scheduler:
             if self._deadlines[0][2] is job:
                 self._deadline_changed.set()
 
+    def _refuse(self, owner: ReplySink, message: Submit, refusal: _Refused) -> None:
+        self.rejected += 1
+        request_id = None if refusal.anonymous else message.id
+        owner.deliver(Error(id=request_id, kind=refusal.kind, message=refusal.message))
+
+    def _check(self, owner: ReplySink, message: Submit) -> _Checked:
+        """Everything about a submit that is cheap to check; raises `_Refused`."""
+        if self._closing:
+            raise _Refused(ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit to the next engine")
+        if self.is_outstanding(owner, message.id):
+            # Answered with a null id: a reply carrying this id would read as the final answer to the request
+            # that is still outstanding under it.
+            raise _Refused(
+                ErrorKind.INVALID_REQUEST,
+                f"a submit reused id {message.id!r}, which is still outstanding on this connection; "
+                "it was ignored. Use a unique id per outstanding request",
+                anonymous=True,
+            )
+        if self._outstanding >= self._max_queued:
+            raise _Refused(
+                ErrorKind.OVERLOADED,
+                f"the engine already holds {self._outstanding} requests (max_queued); "
+                "wait for replies before submitting more, or raise max_queued",
+            )
+        method = message.method.upper()
+        if method not in ALLOWED_METHODS:
+            raise _Refused(ErrorKind.INVALID_REQUEST, f"method {message.method!r} is not supported; use POST")
+        try:
+            url = self._upstream.url_for(message.endpoint)
+        except InvalidEndpoint as exc:
+            raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
+        if message.max_attempts is not None and message.max_attempts < 1:
+            raise _Refused(ErrorKind.INVALID_REQUEST, "max_attempts must be at least 1")
+        if message.deadline is not None and not (message.deadline > 0 and math.isfinite(message.deadline)):
+            raise _Refused(ErrorKind.INVALID_REQUEST, "deadline must be a positive number of seconds")
+        model = message.body.get("model")
+        if isinstance(model, str) and len(model) > MAX_MODEL_NAME_CHARS:
+            raise _Refused(
+                ErrorKind.INVALID_REQUEST,
+                f"body.model is {len(model)} characters long; model names have at most {MAX_MODEL_NAME_CHARS}",
+            )
+        timeout = message.deadline if message.deadline is not None else self.default_deadline
+        return _Checked(
+            method=method,
+            url=url,
+            lane_name=self._ledger.lane_name(model) if isinstance(model, str) and model else "default",
+            deadline=trio.current_time() + timeout if timeout is not None else math.inf,
+            max_attempts=message.max_attempts or self._default_max_attempts,
+        )
+
+    def _measure(self, message: Submit, checked: _Checked) -> Measured:
+        """The token estimate and the JSON body: CPU-bound, thread-safe (`intake` runs it in a thread)."""
+        try:
+            estimate = self._estimator.estimate(message.endpoint, message.body)
+            body = msgspec.json.encode(message.body) if checked.method == "POST" else None
+        except InvalidBody as exc:
+            raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
+        except RecursionError:
+            raise _Refused(
+                ErrorKind.INVALID_REQUEST, "the body is nested too deeply; JSON request bodies nest a few levels"
+            ) from None
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            # A msgpack value JSON cannot carry: an ext type, a non-string map key.
+            raise _Refused(
+                ErrorKind.INVALID_REQUEST,
+                f"the body holds a value JSON cannot represent ({exc}); send only maps with string keys, "
+                "arrays, strings, numbers, booleans and nil",
+            ) from None
+        return Measured(estimate, body)
+
+    def _lane_for(self, name: str, estimate: TokenEstimate) -> Lane:
+        """The request's lane, created only now that the request is known to be valid and admissible."""
+        cost = Cost(tokens=estimate.total, prompt_tokens=estimate.prompt_tokens)
+        lane = self._lanes.get(name)
+        try:
+            if lane is not None:
+                lane.budget.check_admissible(cost)
+                return lane
+            self._ledger.check_admissible(name, cost)
+        except RequestTooLarge as exc:
+            raise _Refused(ErrorKind.REQUEST_TOO_LARGE, str(exc)) from None
+        if len(self._lanes) >= MAX_LANES and not self._evict_idle_lane():
+            raise _Refused(
+                ErrorKind.OVERLOADED,
+                f"the engine is busy with {MAX_LANES} distinct models; retry when some are idle",
+            )
+        return self._open_lane(name)
+
     def is_outstanding(self, owner: ReplySink, request_id: RequestId) -> bool:
-        return (owner.fairness_key, request_id) in self._jobs
+        return request_id in self._owners.get(owner.fairness_key, {})
 
     def cancel(self, owner: ReplySink, request_id: RequestId) -> bool:
         """Withdraw a request at the client's wish; False when it is unknown or already answered."""
-        job = self._jobs.get((owner.fairness_key, request_id))
+        job = self._owners.get(owner.fairness_key, {}).get(request_id)
         if job is None:
             return False
         self._finish_error(job, ErrorKind.CANCELLED, "cancelled by the client")
         return True
 
     def forget_owner(self, owner: ReplySink) -> int:
-        """The client went away: cancel its requests (their replies have nowhere to go)."""
-        jobs = [job for (key, _), job in self._jobs.items() if key == owner.fairness_key]
+        """The client went away: withdraw its requests. Their replies have nowhere to go and are not built."""
+        jobs = list(self._owners.get(owner.fairness_key, {}).values())
         for job in jobs:
-            self._finish_error(job, ErrorKind.CANCELLED, "the client disconnected")
+            if self._close(job):
+                job.lane.failed += 1
         if jobs:
             log.info("%s disconnected; cancelled %d outstanding requests", owner.label, len(jobs))
         return len(jobs)
@@ -335,44 +487,58 @@ class Scheduler:
         dispatched = job.first_dispatched_at if job.first_dispatched_at is not None else now
         return Timings(queued=dispatched - job.received_at, upstream=job.upstream_seconds, total=now - job.received_at)
 
-    def _close(self, job: Job) -> bool:
-        if job.finished:
-            return False
+    def _close(self, job: Job) -> ReplySink | None:
+        """Mark the job finished and drop every reference to it that matters; returns where its reply goes.
+
+        Finished jobs may linger in the deadline and retry heaps until popped or compacted; they keep
+        neither their body nor their connection.
+        """
+        if job.finished or job.owner is None:
+            return None
+        owner, job.owner = job.owner, None
         self._set_state(job, JobState.DONE)
-        del self._jobs[(job.owner.fairness_key, job.request_id)]
-        # Finished jobs may linger in heaps and queues until popped: do not let them keep the body.
+        jobs = self._owners[job.fairness_key]
+        del jobs[job.request_id]
+        if not jobs:
+            del self._owners[job.fairness_key]
+        self._outstanding -= 1
+        job.lane.remove(job)
         job.body = None
-        if len(self._deadlines) > 2 * len(self._jobs) + 1024:
-            self._deadlines = [entry for entry in self._deadlines if not entry[2].finished]
-            heapq.heapify(self._deadlines)
+        if _lingering(self._deadlines, self._outstanding):
+            _compact(self._deadlines)
+        if _lingering(self._retry_waiting, self._outstanding):
+            _compact(self._retry_waiting)
         if job.scope is not None:
             job.scope.cancel()
-        if not self._jobs:
+        if not self._outstanding:
             self._all_done.set()
-        return True
+        return owner
 
     def _finish_result(self, job: Job, reply: UpstreamReply) -> None:
-        if self._close(job):
+        timings = self._timings(job)
+        owner = self._close(job)
+        if owner is not None:
             job.lane.succeeded += 1
-            job.owner.deliver(
+            owner.deliver(
                 Result(
                     id=job.request_id,
                     status=reply.status,
                     body=reply.body,
                     headers=reply.headers,
                     attempts=job.attempts,
-                    timings=self._timings(job),
+                    timings=timings,
                 )
             )
 
     def _finish_error(self, job: Job, kind: ErrorKind, message: str, reply: UpstreamReply | None = None) -> None:
-        if not self._close(job):
+        owner = self._close(job)
+        if owner is None:
             return
         job.lane.failed += 1
         # Cancellations and shutdown are summarised elsewhere; per-request lines are for real failures.
         if kind not in {ErrorKind.CANCELLED, ErrorKind.SHUTTING_DOWN}:
             log.warning("request %s failed: %s: %s", job.log_label, kind.value, message)
-        job.owner.deliver(
+        owner.deliver(
             Error(
                 id=job.request_id,
                 kind=kind,
@@ -382,6 +548,16 @@ class Scheduler:
                 headers=reply.headers if reply else {},
                 attempts=job.attempts,
             )
+        )
+
+    def _internal_error(self, job: Job, what: str) -> None:
+        """The bug fence: an unexpected exception costs the one job it happened in, never the engine."""
+        self.internal_errors += 1
+        log.exception("internal error while %s %s; answering it internal_error", what, job.log_label)
+        self._finish_error(
+            job,
+            ErrorKind.INTERNAL_ERROR,
+            f"the engine failed while {what} this request (a bug, logged by the engine); please report it",
         )
 
     # --- the tasks ---------------------------------------------------------------------------------------
@@ -397,14 +573,13 @@ class Scheduler:
         """Make room for a new model by dropping a lane with no work; False when every lane is busy.
 
         Lanes are per model name, which clients choose: without eviction, made-up names could fill the
-        table for good and lock real models out.
+        table for good and lock real models out. Only a lane whose budget is at rest (refilled, not paused)
+        goes: a lane created again afresh must not hand out budget the upstream still counts as spent.
         """
         for name, lane in self._lanes.items():
-            busy = sum(count for state, count in lane.counts.items() if state is not JobState.DONE)
-            if not busy and lane.budget.statistics().in_flight == 0:
+            if not lane.busy and self._ledger.forget(name):
                 lane.dispatcher.cancel()
                 del self._lanes[name]
-                self._ledger.forget(name)
                 return True
         return False
 
@@ -421,7 +596,11 @@ class Scheduler:
         # made long before its request is sent.
         with lane.dispatcher:
             while True:
-                await self._dispatch_one(lane, await lane.take())
+                job = await lane.take()
+                try:
+                    await self._dispatch_one(lane, job)
+                except Exception:
+                    self._internal_error(job, "admitting")
 
     async def _dispatch_one(self, lane: Lane, job: Job) -> None:
         self._set_state(job, JobState.RESERVING)
@@ -458,12 +637,12 @@ class Scheduler:
     async def _attempt(self, job: Job, reservation: Reservation) -> None:
         """One upstream call for a job that holds a reservation and a concurrency slot (released here)."""
         lane = job.lane
-        reply: UpstreamReply | None = None
-        verdict: Verdict | None = None
         if job.finished:  # answered (cancelled, shutdown) between dispatch and this task's start
             self.limiter.release_on_behalf_of(job)
             lane.budget.refund(reservation)
             return
+        reply: UpstreamReply | None = None
+        failure: Exception | None = None
         try:
             with trio.CancelScope(deadline=job.deadline) as scope:
                 job.scope = scope
@@ -471,22 +650,35 @@ class Scheduler:
                 started = trio.current_time()
                 try:
                     reply = await self._upstream.send(job.method, job.url, job.body)
-                except Exception as exc:  # classify_exception re-raises what is not an Exception
-                    verdict = classify_exception(exc)
-                else:
-                    verdict = classify_response(reply.status, reply.headers, reply.body)
+                except Exception as exc:
+                    failure = exc
                 finally:
                     job.upstream_seconds += trio.current_time() - started
             job.scope = None
         finally:
             self.limiter.release_on_behalf_of(job)
+        try:
+            self._settle(job, reservation, reply, failure, cancelled=scope.cancelled_caught)
+        except Exception:
+            lane.budget.reconcile(reservation, prompt_tokens=None, snapshot=None)  # no-op if settled already
+            self._internal_error(job, "concluding")
 
-        if verdict is None:  # cancelled: by the client, shutdown (already answered) or the deadline
+    def _settle(
+        self,
+        job: Job,
+        reservation: Reservation,
+        reply: UpstreamReply | None,
+        failure: Exception | None,
+        *,
+        cancelled: bool,
+    ) -> None:
+        """Reconcile the budget with what the upstream said, then answer or retry the job."""
+        lane = job.lane
+        if reply is None and failure is None:  # cancelled: by the client, shutdown (already answered) or deadline
             lane.budget.reconcile(reservation, prompt_tokens=None, snapshot=None)
-            if scope.cancelled_caught:
+            if cancelled:
                 self._expire(job)
             return
-
         prompt_tokens = _prompt_tokens_used(reply.body) if reply is not None else None
         lane.budget.reconcile(
             reservation,
@@ -496,6 +688,11 @@ class Scheduler:
         if prompt_tokens is not None:
             lane.estimated_prompt_tokens += job.estimate.prompt_tokens
             lane.actual_prompt_tokens += prompt_tokens
+        if reply is not None:
+            verdict = classify_response(reply.status, reply.headers, reply.body)
+        else:
+            assert failure is not None
+            verdict = classify_exception(failure)
         self._conclude(job, verdict, reply)
 
     def _conclude(self, job: Job, verdict: Verdict, reply: UpstreamReply | None) -> None:
@@ -511,21 +708,22 @@ class Scheduler:
         wait: float
         if isinstance(verdict, RateLimitRetry):
             lane.upstream_429s += 1
-            if verdict.wait is not None and verdict.wait > MAX_HONOURED_WAIT:
-                failure = exhausted(verdict, attempts=job.attempts, wait=verdict.wait)
-                return self._finish_error(job, failure.kind, failure.message, reply)
-            lane.budget.pause(verdict.wait, verdict.scope)
+            job.rate_limited_attempts += 1
+            # A wait beyond what we honour (a daily limit's hour, a proxy's wild header) pauses the lane for
+            # the longest we honour; if the 429s go on, the request waits on until its deadline.
+            pause = verdict.wait if verdict.wait is None else min(verdict.wait, MAX_HONOURED_WAIT)
+            lane.budget.pause(pause, verdict.scope)
             log.info(
                 "lane %s paused %.3fs after a 429 (%s budget) on %s",
                 lane.name,
-                verdict.wait or 0.0,
+                pause or 0.0,
                 verdict.scope or "unknown",
                 job.log_label,
             )
             wait = 0.0  # the lane's pause delays it; the retry goes first once the lane resumes
         else:
             assert isinstance(verdict, BackoffRetry)
-            wait = backoff_delay(job.attempts, hint=verdict.wait_hint, rng=self._rng)
+            wait = backoff_delay(job.fault_attempts, hint=verdict.wait_hint, rng=self._rng)
 
         job.last_failure = verdict.reason
         if self._closing:
@@ -535,8 +733,8 @@ class Scheduler:
                 f"the engine is shutting down and did not retry (last answer: {verdict.reason}); resubmit",
                 reply,
             )
-        if job.attempts >= job.max_attempts:
-            failure = exhausted(verdict, attempts=job.attempts)
+        if isinstance(verdict, BackoffRetry) and job.fault_attempts >= job.max_attempts:
+            failure = exhausted(verdict, attempts=job.fault_attempts)
             return self._finish_error(job, failure.kind, failure.message, reply)
         due = trio.current_time() + wait
         if due >= job.deadline:
@@ -562,7 +760,7 @@ class Scheduler:
 
     async def _retry_timer(self) -> None:
         """The retry channel's consumer: holds waiting retries and puts each back in its lane when due."""
-        waiting: list[tuple[float, int, Job]] = []
+        waiting = self._retry_waiting
         while True:
             next_due = waiting[0][0] if waiting else math.inf
             with trio.move_on_at(next_due):
@@ -598,10 +796,10 @@ class Scheduler:
     async def shutdown(self, grace_period: float) -> None:
         """Refuse new work, answer waiting jobs ``shutting_down``, give in-flight ones ``grace_period``."""
         self._closing = True
-        waiting = [job for job in self._jobs.values() if job.state is not JobState.IN_FLIGHT]
+        waiting = [job for job in self._all_jobs() if job.state is not JobState.IN_FLIGHT]
         for job in waiting:
             self._finish_error(job, ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit later")
-        in_flight = len(self._jobs)
+        in_flight = self._outstanding
         log.info(
             "shutting down: answered %d waiting requests 'shutting_down'; giving %d in flight up to %gs",
             len(waiting),
@@ -611,7 +809,7 @@ class Scheduler:
         with self._grace:
             self._grace.relative_deadline = grace_period
             await self._all_done.wait()
-        unfinished = list(self._jobs.values())
+        unfinished = list(self._all_jobs())
         for job in unfinished:
             self._finish_error(
                 job,
@@ -623,6 +821,9 @@ class Scheduler:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _all_jobs(self) -> list[Job]:
+        return [job for jobs in self._owners.values() for job in jobs.values()]
+
     def end_grace_period(self) -> None:
         """Stop waiting for in-flight requests (a second signal)."""
         self._grace.cancel()
@@ -632,13 +833,14 @@ class Scheduler:
     def statistics(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         limiter = self.limiter.statistics()
         engine = {
-            "outstanding": len(self._jobs),
+            "outstanding": self._outstanding,
             "in_flight": limiter.borrowed_tokens,
             "max_concurrent_reqs": limiter.total_tokens,
             "waiting_for_slot": limiter.tasks_waiting,
             "max_queued": self._max_queued,
             "accepted": self.accepted,
             "rejected": self.rejected,
+            "internal_errors": self.internal_errors,
             "closing": self._closing,
         }
         ledger_stats = self._ledger.statistics()

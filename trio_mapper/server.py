@@ -55,6 +55,9 @@ OUTBOX_HIGH_WATER: Final = 10_000
 #: disconnected (its requests cancelled). Replies of requests already accepted keep arriving whether or
 #: not the client reads, so message counts alone do not bound them; large embedding batches stay far below.
 OUTBOX_MAX_BYTES: Final = 256 * 1024 * 1024
+#: Bytes of unsent replies across all connections beyond which the connection with the most unsent replies
+#: is disconnected: the per-connection cap alone would let many slow readers hold cap x connections.
+BACKLOG_MAX_BYTES: Final = 1024 * 1024 * 1024
 #: How long shutdown waits for a connection to flush its last replies.
 FLUSH_TIMEOUT: Final = 5.0
 
@@ -63,6 +66,29 @@ StatsProvider = Callable[[], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
 
 class _CloseConnection(Exception):
     """Raised inside the reader to end the connection after the replies so far are flushed."""
+
+
+class ReplyBacklog:
+    """Unsent reply bytes of every connection, bounded engine-wide by disconnecting the worst reader."""
+
+    def __init__(self, max_bytes: int = BACKLOG_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._connections: set[Connection] = set()
+
+    def add(self, connection: Connection) -> None:
+        self._connections.add(connection)
+
+    def discard(self, connection: Connection) -> None:
+        self._connections.discard(connection)
+
+    def grew(self) -> None:
+        if self.total > self.max_bytes:
+            worst = max(self._connections, key=lambda connection: connection.unsent_bytes, default=None)
+            if worst is not None:
+                worst.stop_for_unread_replies(
+                    f"all clients together have {self.total // 2**20} MiB unread, over {self.max_bytes // 2**20} MiB"
+                )
 
 
 class Connection:
@@ -78,6 +104,7 @@ class Connection:
         stats: StatsProvider,
         max_frame_bytes: int,
         peer: str = "",
+        backlog: ReplyBacklog | None = None,
     ) -> None:
         self.number = next(self._numbers)
         self.peer = peer
@@ -88,6 +115,8 @@ class Connection:
         self._codec = engine_codec()
         self._outbox: deque[bytes] = deque()
         self._outbox_bytes = 0
+        self._backlog = backlog if backlog is not None else ReplyBacklog()
+        self._closed = False
         self._outbox_changed = trio.Event()
         self._outbox_drained = trio.Event()
         self._draining = False
@@ -103,18 +132,37 @@ class Connection:
     def label(self) -> str:
         return f"conn#{self.number}{f' ({self.peer})' if self.peer else ''}"
 
+    @property
+    def unsent_bytes(self) -> int:
+        return self._outbox_bytes
+
     def deliver(self, message: Message) -> None:
+        if self._closed:
+            return  # nobody is left to read it
         frame = self._encode(message)
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
+        self._backlog.total += len(frame)
         self._outbox_changed.set()
-        if self._outbox_bytes > OUTBOX_MAX_BYTES and not self._scope.cancel_called:
+        if self._outbox_bytes > OUTBOX_MAX_BYTES:
+            self.stop_for_unread_replies(f"the limit per connection is {OUTBOX_MAX_BYTES // 2**20} MiB")
+        self._backlog.grew()
+
+    def stop_for_unread_replies(self, why: str) -> None:
+        """Disconnect a client that does not read its replies (its requests are withdrawn)."""
+        if not self._scope.cancel_called:
             log.warning(
-                "%s has %d MiB of replies it does not read; disconnecting it",
+                "%s has %d MiB of replies it does not read (%s); disconnecting it",
                 self.label,
-                self._outbox_bytes // (1024 * 1024),
+                self._outbox_bytes // 2**20,
+                why,
             )
             self._scope.cancel()
+
+    def _drop_outbox(self) -> None:
+        self._backlog.total -= self._outbox_bytes
+        self._outbox.clear()
+        self._outbox_bytes = 0
 
     def begin_close(self) -> None:
         """Finish writing what is queued, then close; a client that does not read gets FLUSH_TIMEOUT."""
@@ -123,6 +171,7 @@ class Connection:
         self._outbox_changed.set()
 
     async def serve(self) -> None:
+        self._backlog.add(self)
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -138,6 +187,9 @@ class Connection:
             # The client went away mid-write: routine, not an engine error.
             log.debug("%s: connection lost: %r", self.label, group.exceptions[0])
         finally:
+            self._closed = True
+            self._drop_outbox()
+            self._backlog.discard(self)
             self._scheduler.forget_owner(self)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self._stream.aclose()
@@ -159,6 +211,7 @@ class Connection:
                 frames.append(self._outbox.popleft())
             data = b"".join(frames)
             self._outbox_bytes -= len(data)
+            self._backlog.total -= len(data)
             await self._stream.send_all(data)
             self._outbox_drained.set()
 
@@ -198,7 +251,7 @@ class Connection:
                 log.info("%s sent a frame of %d bytes (limit %d); closing", self.label, exc.length, exc.limit)
                 raise _CloseConnection from None
             if payload is not None:
-                self._handle_frame(payload)
+                await self._handle_frame(payload)
                 if len(self._outbox) > OUTBOX_HIGH_WATER:
                     await self._wait_for_outbox_to_drain()
                 continue
@@ -241,7 +294,7 @@ class Connection:
     def _protocol_error(self, request_id: Any, message: str) -> None:
         self.deliver(Error(id=request_id, kind=ErrorKind.PROTOCOL_ERROR, message=message))
 
-    def _handle_frame(self, payload: bytes) -> None:
+    async def _handle_frame(self, payload: bytes) -> None:
         try:
             message = self._codec.decode(payload)
         except (msgspec.MsgspecError, ValueError) as exc:
@@ -278,7 +331,7 @@ class Connection:
         match message:
             case Submit():
                 try:
-                    self._scheduler.submit(self, message)
+                    await self._scheduler.intake(self, message, frame_bytes=len(payload))
                 except Exception:
                     # A bug must cost one request, not the connection and every request on it.
                     log.exception("%s: internal error while accepting id=%r", self.label, message.id)

@@ -102,8 +102,12 @@ class ServerSettings:
     max_frame_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=v.ge(1024))
     #: Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.
     grace_period: float = attrs.field(default=30.0, validator=v.ge(0))
-    #: Upstream attempts per request (first try included) unless the request says otherwise.
+    #: Upstream attempts per request (first try included) unless the request says otherwise. Attempts
+    #: answered with a retryable 429 do not count: they wait for budget, bounded by the deadline.
     max_attempts: int = attrs.field(default=6, validator=_positive)
+    #: Seconds from acceptance after which a request that names no deadline is answered ``timeout``. It is
+    #: what ends a request the upstream keeps answering 429; an hour covers a long queue of a busy key.
+    default_deadline: float = attrs.field(default=3600.0, validator=_positive)
     ledger_mode: Literal["bucket", "period"] = "bucket"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

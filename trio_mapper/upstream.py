@@ -7,10 +7,9 @@ URL's host: whatever a client sends, the key goes nowhere else.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -39,6 +38,8 @@ USEFUL_HEADERS: Final = (
     "x-ratelimit-reset-tokens",
 )
 ALLOWED_METHODS: Final = frozenset({"POST", "GET"})
+#: Longest endpoint accepted. API paths are a few dozen characters; httpx refuses URLs beyond 64 KiB.
+MAX_ENDPOINT_CHARS: Final = 1024
 
 
 class InvalidEndpoint(ValueError):
@@ -68,6 +69,8 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
         raise InvalidEndpoint(f"endpoint is empty; {hint}")
     if "://" in endpoint or endpoint.startswith("//"):
         raise InvalidEndpoint(f"endpoint {endpoint!r} names a host; the engine only calls its own base URL; {hint}")
+    if len(endpoint) > MAX_ENDPOINT_CHARS:
+        raise InvalidEndpoint(f"endpoint is {len(endpoint)} characters long, over {MAX_ENDPOINT_CHARS}; {hint}")
     path = endpoint.strip().lstrip("/")
     if not _SAFE_PATH.fullmatch(path):
         raise InvalidEndpoint(f"endpoint {endpoint!r} is not a plain path (no query, escapes or spaces); {hint}")
@@ -107,14 +110,29 @@ def _decode_body(content: bytes, encoding: str | None) -> Any:
 CONNECTIONS_PER_POOL: Final = 8
 
 
+TransportFactory = Callable[[], httpx.AsyncBaseTransport]
+
+
 class Upstream:
     """httpx clients configured for the upstream: auth, pool size, timeouts.
 
-    The ``max_connections`` sockets are spread over several small pools, used in turn. Use as an async
-    context manager; `send` may be called from many tasks at once.
+    The ``max_connections`` sockets are spread over several small pools; each request goes to the pool with
+    the fewest requests in progress, so a pool holding slow completions does not queue requests while
+    others sit idle. Use as an async context manager; `send` may be called from many tasks at once.
+
+    Args:
+        transport: builds each pool's transport; None is httpx's own (a connection pool per client). Tests
+            pass an `httpx.MockTransport` factory here.
     """
 
-    def __init__(self, settings: OpenAISettings, *, max_connections: int, concurrency: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: OpenAISettings,
+        *,
+        max_connections: int,
+        concurrency: int | None = None,
+        transport: TransportFactory | None = None,
+    ) -> None:
         self.base_url = httpx.URL(settings.base_url)
         headers = {
             "Authorization": f"Bearer {settings.api_key}",
@@ -142,10 +160,12 @@ class Upstream:
                 # Redirects could carry the Authorization header to another host.
                 follow_redirects=False,
                 trust_env=False,
+                transport=transport() if transport is not None else None,
             )
             for _ in range(pools)
         ]
-        self._turns = itertools.cycle(self._clients)
+        #: Requests in progress per pool.
+        self._in_progress = [0] * pools
 
     async def __aenter__(self) -> Upstream:
         return self
@@ -165,7 +185,12 @@ class Upstream:
         """One attempt. Raises httpx's transport and timeout errors for the retry policy to classify."""
         started = trio.current_time()
         request_headers: Mapping[str, str] = {"Content-Type": "application/json"} if body is not None else {}
-        response = await next(self._turns).request(method, url, content=body, headers=request_headers)
+        pool = min(range(len(self._clients)), key=self._in_progress.__getitem__)
+        self._in_progress[pool] += 1
+        try:
+            response = await self._clients[pool].request(method, url, content=body, headers=request_headers)
+        finally:
+            self._in_progress[pool] -= 1
         content = response.content
         if self._secret in content:
             # Some OpenAI-compatible servers echo the key in a 401 body; it must not reach clients.
