@@ -1,4 +1,9 @@
-"""``trio-mapper status``: the engine's lanes, queues and budget usage, readable at a glance."""
+"""``trio-mapper status``: the engine's lanes, queues and budget usage, readable at a glance.
+
+Every string shown comes from the engine's stats, and some of them from its clients: a lane is named by
+whatever model name a client sent. They are printed as plain text (never as rich markup) with their control
+characters escaped, so a name cannot recolour the table, clear the screen or retitle the terminal.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,17 @@ from typing import Any
 
 from .client import Client
 from .client_errors import EngineUnavailable, TrioMapperError
+from .logs import escape_control_characters
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, metavar="PATH", help="engine socket (default: $TRIO_MAPPER_SOCKET, …)")
     parser.add_argument("--json", action="store_true", help="print the raw counters as JSON, for scripts")
+
+
+def _text(value: Any) -> str:
+    """An engine-provided value as text fit for a terminal: its control characters written as escapes."""
+    return escape_control_characters(str(value))
 
 
 def _number(value: Any, digits: int = 0) -> str:
@@ -32,22 +43,29 @@ def _used_of(used: Any, capacity: Any) -> str:
 def render(stats: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     engine = stats["engine"]
     console = Console()
     limits = engine.get("default_limits", {})
-    console.print(
-        f"[bold]trio-mapper {engine.get('version', '?')}[/] pid {engine.get('pid', '?')} on {engine.get('socket', '?')}"
-        f" → {engine.get('base_url', '?')}  up {_number(engine.get('uptime'), 0)}s"
-        + ("  [yellow]shutting down[/]" if engine.get("closing") else "")
+    # Text objects, not markup strings: rich reads no markup in them, so "[red]" in a name stays as it is.
+    header = Text.assemble(
+        (f"trio-mapper {_text(engine.get('version', '?'))}", "bold"),
+        f" pid {_text(engine.get('pid', '?'))} on {_text(engine.get('socket', '?'))}"
+        f" → {_text(engine.get('base_url', '?'))}  up {_number(engine.get('uptime'), 0)}s",
     )
+    if engine.get("closing"):
+        header.append("  shutting down", style="yellow")
+    console.print(console.highlighter(header))
     console.print(
-        f"connections {engine.get('connections', 0)}  outstanding {engine.get('outstanding', 0)} "
-        f"(max {_number(engine.get('max_queued'))})  in flight {engine.get('in_flight', 0)}"
-        f"/{engine.get('max_concurrent_reqs', '?')}  accepted {_number(engine.get('accepted'))}  "
-        f"refused {_number(engine.get('rejected'))}  default limits {_number(limits.get('rpm'))} rpm, "
-        f"{_number(limits.get('tpm'))} tpm, period {engine.get('period_length', '?')}s "
-        f"({engine.get('ledger_mode', '?')})"
+        console.highlighter(
+            f"connections {_text(engine.get('connections', 0))}  outstanding {_text(engine.get('outstanding', 0))} "
+            f"(max {_number(engine.get('max_queued'))})  in flight {_text(engine.get('in_flight', 0))}"
+            f"/{_text(engine.get('max_concurrent_reqs', '?'))}  accepted {_number(engine.get('accepted'))}  "
+            f"refused {_number(engine.get('rejected'))}  default limits {_number(limits.get('rpm'))} rpm, "
+            f"{_number(limits.get('tpm'))} tpm, period {_text(engine.get('period_length', '?'))}s "
+            f"({_text(engine.get('ledger_mode', '?'))})"
+        )
     )
     lanes: dict[str, dict[str, Any]] = stats.get("lanes", {})
     if not lanes:
@@ -63,7 +81,7 @@ def render(stats: dict[str, Any]) -> None:
         ratio = f"{estimated / actual:.2f}" if actual else "-"
         pause = budget.get("pause_remaining") or 0
         table.add_row(
-            name,
+            Text(_text(name)),
             _number(lane.get("queued")),
             _number(lane.get("retry_wait")),
             _number(lane.get("in_flight")),
@@ -87,7 +105,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"trio-mapper status: {exc}", file=sys.stderr)
         return 3
     except TrioMapperError as exc:
-        print(f"trio-mapper status: the engine answered with an error: {exc}", file=sys.stderr)
+        print(f"trio-mapper status: the engine answered with an error: {_text(exc)}", file=sys.stderr)
         return 1
     if args.json:
         json.dump(stats, sys.stdout, indent=2, sort_keys=True)
