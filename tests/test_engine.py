@@ -294,3 +294,26 @@ def test_help_lists_the_seed_options() -> None:
     for option in ("--max_concurrent_reqs", "--rpm", "--tpm", "--period_length", "--max_nb_sockets", "--socket"):
         assert option in result.stdout
     assert "--max-concurrent-reqs" in result.stdout
+
+
+async def test_a_client_may_take_upstream_bodies_as_json_bytes(short_tmp: Path) -> None:
+    # body_format "json": the engine forwards the upstream's bytes instead of re-encoding them as msgpack.
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        client = await RawClient.connect(str(engine.socket), hello=False)
+        welcome = await client.request({"type": "hello", "protocol": 1, "body_format": "json"})
+        assert welcome["type"] == "welcome" and welcome["body_format"] == "json"
+        reply = await client.request(chat(1))
+        assert reply["type"] == "result" and isinstance(reply["body"], bytes)
+        body = msgspec.json.decode(reply["body"])
+        assert body["object"] == "chat.completion" and body["usage"]["prompt_tokens"] > 0
+        bad = {**chat(2), "body": {"model": "gpt-4o-mini", "messages": "not a list"}}
+        error = await client.request(bad)
+        assert error["type"] == "error"
+        await client.aclose()
+
+        legacy = await RawClient.connect(str(engine.socket), hello=False)
+        welcome = await legacy.request({"type": "hello", "protocol": 1, "body_format": "xml"})
+        assert welcome["body_format"] == "msgpack"  # unknown formats fall back, and the welcome says so
+        reply = await legacy.request(chat(3))
+        assert reply["body"]["object"] == "chat.completion"
+        await legacy.aclose()

@@ -72,7 +72,7 @@ async def test_upstream_sends_the_key_only_to_the_base_url() -> None:
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.status == 200
-    assert reply.body == {"ok": True}
+    assert reply.body.decoded() == {"ok": True}
     assert reply.headers == {"x-request-id": "req_1"}  # cookies and noise stay in the engine
     assert seen[0].url.host == "api.openai.com"
     assert seen[0].headers["authorization"] == "Bearer sk-test-secret-key"
@@ -90,7 +90,7 @@ async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
     )
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
-    assert reply.body == {"error": {"message": "Incorrect API key provided: [REDACTED]"}}
+    assert reply.body.decoded() == {"error": {"message": "Incorrect API key provided: [REDACTED]"}}
 
 
 def test_endpoints_beyond_the_length_limit_are_refused() -> None:

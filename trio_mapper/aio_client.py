@@ -39,6 +39,7 @@ from trio_mapper.client import (
     coerce_request,
     default_client_name,
     describe_connection_loss,
+    encode_hello,
     encode_submit,
     engine_unavailable,
     expect_result,
@@ -54,11 +55,9 @@ from trio_mapper.client_errors import (
 )
 from trio_mapper.paths import resolve_socket_path
 from trio_mapper.protocol import (
-    PROTOCOL_VERSION,
     Cancel,
     FrameBuffer,
     FrameTooLarge,
-    Hello,
     Ping,
     Pong,
     RequestId,
@@ -340,7 +339,7 @@ class AsyncClient:
                 except OSError as exc:
                     raise engine_unavailable(path, exc, self._socket_source) from exc
                 try:
-                    await stream.send(self._codec.encode(Hello(protocol=PROTOCOL_VERSION, client=self.client_name)))
+                    await stream.send(encode_hello(self._codec, self.client_name))
                     reply = await self._read_handshake_reply(stream)
                     return stream, check_welcome(reply, path)
                 except BaseException:

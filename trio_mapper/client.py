@@ -67,6 +67,7 @@ from trio_mapper.protocol import (
     Submit,
     Welcome,
     client_codec,
+    decode_body,
     salvage_request_id,
 )
 
@@ -256,6 +257,16 @@ def _message_type(frame: bytes) -> Any:
     return raw.get("type") if isinstance(raw, dict) else None
 
 
+def encode_hello(codec: Codec, client_name: str) -> bytes:
+    # Bodies in the "json" format: the engine forwards the upstream's bytes and this process decodes them.
+    return codec.encode(Hello(protocol=PROTOCOL_VERSION, client=client_name, body_format="json"))
+
+
+def _decoded(body: Any) -> Any:
+    """A body sent in the "json" format (bytes, see `Hello.body_format`), decoded here in the client."""
+    return decode_body(body) if isinstance(body, bytes) else body
+
+
 def parse_frame(codec: Codec, frame: bytes) -> tuple[RequestId | None, Reply] | None:
     """Decode one engine frame into ``(id, reply)``; ``id`` is None for connection-level messages.
 
@@ -278,7 +289,9 @@ def parse_frame(codec: Codec, frame: bytes) -> tuple[RequestId | None, Reply] | 
                 f"could not decode a frame from the engine: {exc}",
                 request_id=request_id,
             )
-        return lenient.id, error_from_message(lenient)
+        return lenient.id, error_from_message(msgspec.structs.replace(lenient, body=_decoded(lenient.body)))
+    if isinstance(message, Result | Error):
+        message = msgspec.structs.replace(message, body=_decoded(message.body))
     if isinstance(message, Error):
         return message.id, error_from_message(message)
     if isinstance(message, Welcome):
@@ -536,7 +549,7 @@ class Client:
 
     def _handshake(self) -> Welcome:
         try:
-            self._sock.sendall(self._codec.encode(Hello(protocol=PROTOCOL_VERSION, client=self.client_name)))
+            self._sock.sendall(encode_hello(self._codec, self.client_name))
             _, reply = self._read_reply()
         except TimeoutError as exc:
             reason = "the engine did not answer the handshake in time"

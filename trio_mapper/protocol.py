@@ -63,11 +63,19 @@ class Message(msgspec.Struct, tag_field="type"):
 # --- client → engine -------------------------------------------------------------------------------------
 
 
+#: How upstream bodies travel in `Result.body` and `Error.body`. "msgpack": decoded, as msgpack values (the
+#: default, what every client understands). "json": the upstream's bytes as they came, in a msgpack bin — the
+#: engine then spends no CPU re-encoding a large reply (embeddings), and the client decodes it (`decode_body`).
+BODY_FORMATS: Final = ("msgpack", "json")
+
+
 class Hello(Message, tag="hello"):
     """First frame of every connection: the protocol version the client speaks."""
 
     protocol: int
     client: str = ""
+    #: One of `BODY_FORMATS`; `Welcome.body_format` says what the engine will send.
+    body_format: str = "msgpack"
 
 
 class Submit(Message, tag="submit"):
@@ -108,6 +116,9 @@ class Welcome(Message, tag="welcome"):
     protocol: int
     server: str
     max_frame_bytes: int
+    #: The body format the engine uses on this connection (an engine that predates the field sends none:
+    #: the default, "msgpack").
+    body_format: str = "msgpack"
 
 
 class Timings(msgspec.Struct):
@@ -248,6 +259,16 @@ def describe_decode_error(exc: Exception) -> str:
     if text.endswith("at `$.type`") or "missing required field `type`" in text:
         return f"{text}; the 'type' field must be one of: {', '.join(CLIENT_MESSAGE_TYPES)}"
     return text
+
+
+def decode_body(content: bytes, encoding: str | None = None) -> Any:
+    """An upstream body's value: its JSON decoded, else its text (a proxy's HTML error page, say); None if empty."""
+    if not content:
+        return None
+    try:
+        return msgspec.json.decode(content)
+    except (msgspec.DecodeError, RecursionError):
+        return content.decode(encoding or "utf-8", errors="replace")
 
 
 def salvage_request_id(payload: bytes) -> RequestId | None:

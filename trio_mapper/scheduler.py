@@ -209,19 +209,6 @@ class Lane:
             await self.wakeup.wait()
 
 
-def _prompt_tokens_used(body: Any) -> int | None:
-    if not isinstance(body, dict):
-        return None
-    usage = body.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    for key in ("prompt_tokens", "input_tokens"):
-        value = usage.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
 @attrs.frozen
 class _Checked:
     """What the cheap checks of a submit found: everything but the body's measurements."""
@@ -679,7 +666,7 @@ class Scheduler:
             if cancelled:
                 self._expire(job)
             return
-        prompt_tokens = _prompt_tokens_used(reply.body) if reply is not None else None
+        prompt_tokens = reply.body.prompt_tokens() if reply is not None else None
         lane.budget.reconcile(
             reservation,
             prompt_tokens=prompt_tokens,
@@ -689,7 +676,9 @@ class Scheduler:
             lane.estimated_prompt_tokens += job.estimate.prompt_tokens
             lane.actual_prompt_tokens += prompt_tokens
         if reply is not None:
-            verdict = classify_response(reply.status, reply.headers, reply.body)
+            # A success is classified by its status alone: its body is not decoded here (see ReplyBody).
+            body = None if 200 <= reply.status < 300 else reply.body.decoded()
+            verdict = classify_response(reply.status, reply.headers, body)
         else:
             assert failure is not None
             verdict = classify_exception(failure)

@@ -29,6 +29,7 @@ from .protocol import (
     Message,
     Ping,
     Pong,
+    Result,
     Stats,
     StatsRequest,
     Submit,
@@ -38,6 +39,7 @@ from .protocol import (
     salvage_request_id,
 )
 from .scheduler import Scheduler
+from .upstream import ReplyBody
 
 log = logging.getLogger("trio_mapper.server")
 
@@ -123,6 +125,7 @@ class Connection:
         self._scope = trio.CancelScope()
         self._opened_at = trio.current_time()
         self.handshaken = False
+        self._json_bodies = False
 
     @property
     def fairness_key(self) -> int:
@@ -215,9 +218,16 @@ class Connection:
             await self._stream.send_all(data)
             self._outbox_drained.set()
 
+    def _render_body(self, message: Message) -> Message:
+        """Replace an upstream body with what this connection asked for: its bytes, or its decoded values."""
+        if isinstance(message, Result | Error) and isinstance(message.body, ReplyBody):
+            body = message.body.content if self._json_bodies else message.body.decoded()
+            return msgspec.structs.replace(message, body=body)
+        return message
+
     def _encode(self, message: Message) -> bytes:
         try:
-            return self._codec.encode(message)
+            return self._codec.encode(self._render_body(message))
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
             # An upstream body msgpack cannot carry (an integer beyond 64 bits, say): the request still
             # gets its one final reply, and the other requests on this connection are unaffected.
@@ -319,11 +329,14 @@ class Connection:
                 )
                 raise _CloseConnection
             self.handshaken = True
+            # An unknown format is not an error: the welcome says which one this connection gets.
+            self._json_bodies = message.body_format == "json"
             log.debug("%s: hello from %r", self.label, message.client)
             welcome = Welcome(
                 protocol=PROTOCOL_VERSION,
                 server=f"trio-mapper/{__version__}",
                 max_frame_bytes=self._max_frame_bytes,
+                body_format="json" if self._json_bodies else "msgpack",
             )
             self.deliver(welcome)
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, final
 
 import attrs
 import httpx
@@ -18,6 +18,7 @@ import msgspec
 import trio
 
 from . import __version__
+from .protocol import decode_body
 from .settings import OpenAISettings
 
 #: A path of plain segments: no scheme, host, query, fragment, percent-escapes or backslashes.
@@ -46,12 +47,55 @@ class InvalidEndpoint(ValueError):
     """The endpoint is not a relative API path; the message says what a valid one looks like."""
 
 
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    input_tokens: int | None = None  # the Responses API's name
+
+
+class _UsageOnly(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+@final
+class ReplyBody:
+    """An upstream body as received. Decoded only for whoever needs its values: the engine itself reads just
+    ``usage`` (a partial decode that skips the rest), and a client that asked for JSON bodies gets the bytes."""
+
+    __slots__ = ("_decoded", "content", "encoding")
+
+    def __init__(self, content: bytes, encoding: str | None = None) -> None:
+        self.content = content
+        self.encoding = encoding
+        self._decoded: Any = _NOT_DECODED
+
+    def __repr__(self) -> str:
+        return f"<ReplyBody {len(self.content)} bytes>"
+
+    def decoded(self) -> Any:
+        """Decoded JSON when the upstream sent JSON, else the text; None when empty."""
+        if self._decoded is _NOT_DECODED:
+            self._decoded = decode_body(self.content, self.encoding)
+        return self._decoded
+
+    def prompt_tokens(self) -> int | None:
+        """``usage.prompt_tokens`` (or ``input_tokens``) when the body reports it."""
+        try:
+            usage = msgspec.json.decode(self.content, type=_UsageOnly).usage
+        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+            return None
+        if usage is None:
+            return None
+        return usage.prompt_tokens if usage.prompt_tokens is not None else usage.input_tokens
+
+
+_NOT_DECODED: Final = object()
+
+
 @attrs.frozen
 class UpstreamReply:
     status: int
     headers: dict[str, str]
-    #: Decoded JSON when the upstream sent JSON, else the text (a CDN's HTML error page, say).
-    body: Any
+    body: ReplyBody
     elapsed: float
 
 
@@ -93,15 +137,6 @@ def join_url(base_url: httpx.URL, relative_path: str) -> httpx.URL:
 
 def useful_headers(headers: httpx.Headers) -> dict[str, str]:
     return {name: headers[name] for name in USEFUL_HEADERS if name in headers}
-
-
-def _decode_body(content: bytes, encoding: str | None) -> Any:
-    if not content:
-        return None
-    try:
-        return msgspec.json.decode(content)
-    except msgspec.DecodeError:
-        return content.decode(encoding or "utf-8", errors="replace")
 
 
 #: Connections per httpx client. httpcore scans its whole pool on every request, so one big pool becomes
@@ -198,6 +233,6 @@ class Upstream:
         return UpstreamReply(
             status=response.status_code,
             headers=useful_headers(response.headers),
-            body=_decode_body(content, response.encoding),
+            body=ReplyBody(content, response.encoding),
             elapsed=trio.current_time() - started,
         )
