@@ -646,10 +646,14 @@ async def test_bad_bodies_are_refused_before_a_lane_exists(
         scheduler.submit(sink, Submit(id=1, endpoint="/v1/embeddings", body=body))
         too_large = {"model": "big", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}
         scheduler.submit(sink, Submit(id=2, endpoint="/v1/chat/completions", body=too_large))
+        long_prompt = {"model": "big", "messages": [{"role": "user", "content": "word " * 100_000}], "max_tokens": 1}
+        scheduler.submit(sink, Submit(id=3, endpoint="/v1/chat/completions", body=long_prompt))
         _, lanes = scheduler.statistics()
     replies = sink.by_id()
     assert isinstance(replies[1], Error) and replies[1].kind == "invalid_request" and message in replies[1].message
     assert isinstance(replies[2], Error) and replies[2].kind == "request_too_large"
+    assert isinstance(replies[3], Error) and replies[3].kind == "request_too_large"
+    assert "prompt alone has more than 1000 tokens" in replies[3].message
     assert lanes == {}
 
 

@@ -776,3 +776,18 @@ def test_agrees_with_the_simulator(estimator: TokenEstimator) -> None:
     )
     body = {"model": "gpt-3.5-turbo-instruct", "prompt": ["a b", "c"]}
     assert estimator.estimate("completions", body).prompt_tokens == sum(counter.prompts(["a b", "c"]))
+
+
+def test_counting_stops_once_the_prompt_exceeds_the_limit(estimator: TokenEstimator) -> None:
+    from trio_mapper.tokens import TooManyTokens
+
+    words = " ".join(f"word{i}" for i in range(400_000))  # about 1.2 M tokens
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words}]}
+    with pytest.raises(TooManyTokens) as excinfo:
+        estimator.estimate("/v1/chat/completions", body, limit=10_000)
+    # It stopped within a chunk or two of the limit instead of counting the whole prompt.
+    assert 10_000 < excinfo.value.at_least < 12_000
+    small = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+    assert estimator.estimate("/v1/chat/completions", small, limit=10_000) == estimator.estimate(
+        "/v1/chat/completions", small
+    )

@@ -47,7 +47,7 @@ from .retry import (
     classify_response,
     exhausted,
 )
-from .tokens import InvalidBody, TokenEstimate, TokenEstimator
+from .tokens import InvalidBody, TokenEstimate, TokenEstimator, TooManyTokens
 from .upstream import ALLOWED_METHODS, InvalidEndpoint, Upstream, UpstreamReply
 
 log = logging.getLogger("trio_mapper.scheduler")
@@ -405,11 +405,19 @@ class Scheduler:
 
     def _measure(self, message: Submit, checked: _Checked) -> Measured:
         """The token estimate and the JSON body: CPU-bound, thread-safe (`intake` runs it in a thread)."""
+        # A prompt above the whole per-minute budget can never be admitted: stop counting there.
+        budget = self._ledger.configured_limits(checked.lane_name).tpm
         try:
-            estimate = self._estimator.estimate(message.endpoint, message.body)
+            estimate = self._estimator.estimate(message.endpoint, message.body, limit=budget)
             body = msgspec.json.encode(message.body) if checked.method == "POST" else None
         except InvalidBody as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
+        except TooManyTokens as exc:
+            raise _Refused(
+                ErrorKind.REQUEST_TOO_LARGE,
+                f"{checked.lane_name}: the prompt alone has more than {exc.limit} tokens, the whole per-minute "
+                "budget; reduce input or max_tokens",
+            ) from None
         except RecursionError:
             raise _Refused(
                 ErrorKind.INVALID_REQUEST, "the body is nested too deeply; JSON request bodies nest a few levels"
