@@ -1,0 +1,290 @@
+"""The limits that protect the engine from its clients, one connection at a time (`trio_mapper.server`).
+
+A connection must say hello within HANDSHAKE_TIMEOUT and finish each frame within FRAME_STALL_TIMEOUT; a
+client that does not read its replies stops being read at OUTBOX_HIGH_WATER unsent replies, and is
+disconnected once they exceed OUTBOX_MAX_BYTES. No setting exposes these, so most tests drive one
+`Connection` in-process over in-memory streams with a fake scheduler: the timeouts under autojump_clock, the
+backpressure over lockstep streams (whose writes wait for the reader, like a full socket buffer) until every
+task is blocked. The last test floods a real engine over its socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import msgspec
+import pytest
+import trio
+import trio.testing
+from conftest import running_engine, simulator
+from wire import PREFIX, RawClient, chat
+
+from trio_mapper import server
+from trio_mapper.protocol import DEFAULT_MAX_FRAME_BYTES, Result, Submit
+from trio_mapper.server import FRAME_STALL_TIMEOUT, HANDSHAKE_TIMEOUT, OUTBOX_HIGH_WATER, Connection
+
+HELLO = {"type": "hello", "protocol": 1, "client": "limits-test"}
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    body = msgspec.msgpack.encode(message)
+    return PREFIX.pack(len(body)) + body
+
+
+class FakeScheduler:
+    """The part of the scheduler a Connection uses: each submit is answered at once with a result whose body
+    holds ``reply_bytes`` of padding; it remembers the submits and the owners whose requests were withdrawn."""
+
+    def __init__(self, reply_bytes: int = 0) -> None:
+        self.reply_bytes = reply_bytes
+        self.submitted: list[Any] = []
+        self.forgotten: list[Any] = []
+
+    async def intake(self, owner: Connection, message: Submit, **_: Any) -> None:
+        self.submit(owner, message)
+
+    def submit(self, owner: Connection, message: Submit, **_: Any) -> None:
+        self.submitted.append(message.id)
+        owner.deliver(Result(id=message.id, status=200, body={"padding": "x" * self.reply_bytes}))
+
+    def cancel(self, owner: Connection, request_id: Any) -> bool:
+        return False
+
+    def is_outstanding(self, owner: Connection, request_id: Any) -> bool:
+        return False
+
+    def forget_owner(self, owner: Connection) -> int:
+        self.forgotten.append(owner)
+        return 0
+
+
+@attrs.define
+class Served:
+    """One Connection serving in the test's nursery, and the client end of its stream."""
+
+    client: RawClient
+    connection: Connection
+    scheduler: FakeScheduler
+    closed: trio.Event
+    stats_requests: list[int]
+
+
+def serve_connection(
+    nursery: trio.Nursery,
+    *,
+    pair: Callable[[], tuple[Any, Any]] = trio.testing.memory_stream_pair,
+    reply_bytes: int = 0,
+) -> Served:
+    client_stream, engine_stream = pair()
+    scheduler = FakeScheduler(reply_bytes)
+    stats_requests: list[int] = []
+
+    def stats() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        stats_requests.append(len(stats_requests))
+        return {}, {}
+
+    connection = Connection(
+        engine_stream,
+        scheduler=scheduler,  # duck-typed: the methods a Connection calls
+        stats=stats,
+        max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
+    )
+    closed = trio.Event()
+
+    async def serve() -> None:
+        try:
+            await connection.serve()
+        finally:
+            closed.set()
+
+    nursery.start_soon(serve)
+    return Served(RawClient(client_stream), connection, scheduler, closed, stats_requests)
+
+
+async def say_hello(served: Served) -> None:
+    welcome = await served.client.request(HELLO)
+    assert welcome["type"] == "welcome", welcome
+
+
+async def nothing_arrives_within(client: RawClient, seconds: float) -> None:
+    with trio.move_on_after(seconds):
+        message = await client.receive()
+        pytest.fail(f"the engine sent {message} too early")
+
+
+async def assert_closed_with_protocol_error(served: Served, about: str) -> None:
+    error = await served.client.receive()
+    assert (error["type"], error["kind"], error["id"]) == ("error", "protocol_error", None), error
+    assert about in error["message"]
+    with pytest.raises(EOFError):
+        await served.client.receive()
+    await served.closed.wait()
+    assert served.scheduler.forgotten == [served.connection], "the connection's requests are withdrawn"
+
+
+async def trickle(client: RawClient, data: bytes, every: float, sent: list[int]) -> None:
+    """Send ``data`` one byte at a time, ``every`` seconds apart, until done or the engine hangs up."""
+    try:
+        for index in range(len(data)):
+            await client.send_raw(data[index : index + 1])
+            sent.append(index)
+            await trio.sleep(every)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+# --- the handshake -----------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_never_says_hello_is_told_why_and_closed(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(HANDSHAKE_TIMEOUT + 60):  # hang guard, in the test's virtual time
+        async with trio.open_nursery() as nursery:
+            served = serve_connection(nursery)
+            await nothing_arrives_within(served.client, HANDSHAKE_TIMEOUT - 1)
+            with trio.fail_after(2):
+                await assert_closed_with_protocol_error(served, "say hello")
+
+
+async def test_the_hello_allowance_is_in_total_not_per_read(autojump_clock: trio.abc.Clock) -> None:
+    hello = frame(HELLO)
+    sent: list[int] = []
+    every = HANDSHAKE_TIMEOUT / 6  # each byte comes well within the allowance; the whole hello never does
+    assert len(hello) * every > 2 * HANDSHAKE_TIMEOUT
+    with trio.fail_after(HANDSHAKE_TIMEOUT + 60):
+        async with trio.open_nursery() as nursery:
+            served = serve_connection(nursery)
+            nursery.start_soon(trickle, served.client, hello, every, sent)
+            await nothing_arrives_within(served.client, HANDSHAKE_TIMEOUT - 1)
+            with trio.fail_after(2):
+                await assert_closed_with_protocol_error(served, "say hello")
+    assert 0 < len(sent) < len(hello)
+
+
+async def test_a_prompt_hello_is_welcomed_and_an_idle_connection_stays_open(autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        served = serve_connection(nursery)
+        await trio.sleep(HANDSHAKE_TIMEOUT - 1)
+        await say_hello(served)
+        # Idle between frames is fine, however long: only the hello and a started frame have a deadline.
+        await nothing_arrives_within(served.client, 24 * 60 * 60)
+        assert await served.client.request({"type": "ping", "id": 1}) == {"type": "pong", "id": 1}
+        assert not served.closed.is_set()
+        await served.client.aclose()
+        await served.closed.wait()
+
+
+# --- half frames ---------------------------------------------------------------------------------------------
+
+
+async def test_a_half_sent_frame_is_closed_after_the_stall_timeout(autojump_clock: trio.abc.Clock) -> None:
+    ping = frame({"type": "ping", "id": "half"})
+    with trio.fail_after(HANDSHAKE_TIMEOUT + FRAME_STALL_TIMEOUT + 60):
+        async with trio.open_nursery() as nursery:
+            served = serve_connection(nursery)
+            await say_hello(served)
+            assert await served.client.request({"type": "ping", "id": 1}) == {"type": "pong", "id": 1}
+            await served.client.send_raw(ping[: len(ping) // 2])
+            await nothing_arrives_within(served.client, FRAME_STALL_TIMEOUT - 1)
+            with trio.fail_after(2):
+                await assert_closed_with_protocol_error(served, "finish a frame")
+
+
+async def test_a_frame_trickled_a_byte_at_a_time_is_closed_after_the_stall_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    ping = frame({"type": "ping", "id": "trickled"})
+    sent: list[int] = []
+    every = FRAME_STALL_TIMEOUT / 6  # each byte in time; the frame, counted from its first byte, not
+    assert len(ping) * every > 2 * FRAME_STALL_TIMEOUT
+    with trio.fail_after(HANDSHAKE_TIMEOUT + FRAME_STALL_TIMEOUT + 60):
+        async with trio.open_nursery() as nursery:
+            served = serve_connection(nursery)
+            await say_hello(served)
+            nursery.start_soon(trickle, served.client, ping, every, sent)
+            await nothing_arrives_within(served.client, FRAME_STALL_TIMEOUT - 1)
+            with trio.fail_after(2):
+                await assert_closed_with_protocol_error(served, "finish a frame")
+    assert 0 < len(sent) < len(ping)
+
+
+# --- clients that do not read --------------------------------------------------------------------------------
+
+
+async def test_a_client_that_does_not_read_stops_being_read_until_it_reads() -> None:
+    # Stats requests, because the fake stats provider counts the frames the connection handled.
+    count = 3 * OUTBOX_HIGH_WATER
+    flood = b"".join(frame({"type": "stats", "id": n}) for n in range(count))
+    with trio.fail_after(60):  # hang guard
+        async with trio.open_nursery() as nursery:
+            served = serve_connection(nursery, pair=trio.testing.lockstep_stream_pair)
+            await say_hello(served)
+            flooded = trio.Event()
+
+            async def send_flood() -> None:
+                await served.client.send_raw(flood)
+                flooded.set()
+
+            nursery.start_soon(send_flood)
+            await trio.testing.wait_all_tasks_blocked()
+            # Stuck: the engine stopped reading once its unsent replies passed the high-water mark...
+            handled = len(served.stats_requests)
+            assert not flooded.is_set()
+            assert OUTBOX_HIGH_WATER < handled < count
+            # ...and reads on once the client reads: every request is answered, each exactly once.
+            replies = [await served.client.receive() for _ in range(count)]
+            await flooded.wait()
+            assert {reply["type"] for reply in replies} == {"stats_reply"}
+            assert sorted(reply["id"] for reply in replies) == list(range(count))
+            assert len(served.stats_requests) == count
+            assert not served.closed.is_set()
+            await served.client.aclose()
+
+
+async def test_a_client_whose_unread_replies_pass_the_byte_cap_is_disconnected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reply_bytes = 64 * 1024
+    cap = 16 * reply_bytes
+    monkeypatch.setattr(server, "OUTBOX_MAX_BYTES", cap)
+    with trio.fail_after(60):  # hang guard
+        async with trio.open_nursery() as nursery:
+            served = serve_connection(nursery, pair=trio.testing.lockstep_stream_pair, reply_bytes=reply_bytes)
+            await say_hello(served)
+            # Under the cap, unread replies just wait.
+            below = cap // reply_bytes - 2
+            for n in range(below):
+                await served.client.send(chat(n))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not served.closed.is_set()
+            assert served.scheduler.forgotten == []
+            # Past it, the connection is closed, its requests withdrawn, and what it sends next is not read.
+            with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+                for n in range(below, 4 * below):
+                    await served.client.send(chat(n))
+            await served.closed.wait()
+            assert served.scheduler.forgotten == [served.connection]
+            assert below < len(served.scheduler.submitted) <= cap // reply_bytes + 2
+            with pytest.raises(EOFError):
+                while True:
+                    await served.client.receive()
+
+
+# --- a real engine -------------------------------------------------------------------------------------------
+
+
+async def test_a_real_engine_answers_every_ping_of_a_flood_sent_without_reading(short_tmp: Path) -> None:
+    count = 3 * OUTBOX_HIGH_WATER
+    flood = b"".join(frame({"type": "ping", "id": n}) for n in range(count)) + frame(chat("last"))
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        with trio.fail_after(60):
+            async with await RawClient.connect(str(engine.socket)) as client, trio.open_nursery() as nursery:
+                # More than the socket buffers and the high-water mark hold: the send finishes only as we read.
+                nursery.start_soon(client.send_raw, flood)
+                replies = [await client.receive() for _ in range(count + 1)]
+        assert await engine.stop() == 0
+    pongs = [reply["id"] for reply in replies if reply["type"] == "pong"]
+    assert sorted(pongs) == list(range(count))
+    assert [(reply["type"], reply["id"]) for reply in replies if reply["type"] != "pong"] == [("result", "last")]
