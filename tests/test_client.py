@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import pickle
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import trio
 import trio.lowlevel
 from client_fixtures import (
     FakeEngine,
+    _Connection,
     remove_dir,
     short_socket_dir,
     socket_path_in,
@@ -42,9 +44,11 @@ from trio_mapper.client_errors import (
     error_class_for,
 )
 from trio_mapper.paths import SOCKET_ENV_VAR
-from trio_mapper.protocol import PROTOCOL_VERSION, ErrorKind
+from trio_mapper.protocol import PROTOCOL_VERSION, ErrorKind, Ping, RequestId
 
 ENDPOINT = "/v1/chat/completions"
+#: The hang guard of a ping: a round trip on this machine takes microseconds, never this long.
+PING_GUARD = 10.0
 
 
 @pytest.fixture
@@ -65,6 +69,29 @@ def make_engine(socket_dir: str, **options: Any) -> FakeEngine:
     return FakeEngine(socket_path_in(socket_dir), **options).start()
 
 
+@pytest.fixture
+def pings(monkeypatch: pytest.MonkeyPatch) -> list[RequestId]:
+    """The ids of the ping frames fake engines decode during the test, in order (each is answered as before)."""
+    seen: list[RequestId] = []
+    handle = _Connection.handle
+
+    def counting_handle(self: _Connection, message: Any) -> None:
+        if isinstance(message, Ping):
+            with self.engine.lock:
+                seen.append(message.id)  # before the pong goes out, so the client's return implies it
+        handle(self, message)
+
+    monkeypatch.setattr(_Connection, "handle", counting_handle)
+    return seen
+
+
+def assert_round_trip(seconds: object, pings: list[RequestId], count: int) -> None:
+    """``ping()`` returned a measured round trip, after the engine got the ``count``-th ping frame."""
+    assert isinstance(seconds, float)
+    assert 0 < seconds < PING_GUARD
+    assert len(pings) == count and len(set(pings)) == count, pings
+
+
 async def until(predicate: Any) -> None:
     """Poll from async code (Trio or asyncio), letting the client's background tasks run meanwhile.
 
@@ -78,23 +105,64 @@ async def until(predicate: Any) -> None:
 # --- packaging --------------------------------------------------------------------------------------------
 
 
+#: Heavy modules a client program must never load by importing the client helpers.
+ENGINE_ONLY_IMPORTS = {"trio", "httpx", "httpcore", "h11", "hypercorn", "rich", "tiktoken", "attrs", "cattrs", "dotenv"}
+#: Everything beyond the standard library that importing a client module may load, and why.
+CLIENT_IMPORTS_ALLOWED = {
+    "trio_mapper": "the package itself",
+    "msgspec": "the protocol's encoding",
+    "typing_extensions": "msgspec's own import",
+    # trio_mapper/__init__.py imports AsyncClient eagerly (its docstring allows anyio), so importing any
+    # submodule, trio_mapper.client included, loads aio_client and with it anyio.
+    "anyio": "AsyncClient, imported by trio_mapper/__init__.py",
+    "sniffio": "anyio's own import",
+}
+
+
+def fresh_interpreter(code: str) -> Any:
+    """Run ``code`` in a new interpreter (this one has trio and anyio loaded already); return what it prints
+    as JSON."""
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(output.stdout)
+
+
 @pytest.mark.parametrize("module", ["trio_mapper.client", "trio_mapper.client_errors", "trio_mapper.aio_client"])
 def test_client_modules_import_light(module: str) -> None:
-    # A fresh interpreter: this one has trio loaded already. Importing the module runs the package's
-    # __init__ too, so this also guards what `trio_mapper` itself imports.
-    code = (
-        f"import sys, {module}\n"
-        "loaded = [name for name in ('trio', 'httpx') if name in sys.modules]\n"
-        "print(','.join(loaded))\n"
+    loaded = set(
+        fresh_interpreter(
+            "import json, sys\n"
+            "before = set(sys.modules)\n"
+            f"import {module}\n"
+            "new = {name.partition('.')[0] for name in set(sys.modules) - before}\n"
+            "print(json.dumps(sorted(new - set(sys.stdlib_module_names))))\n"
+        )
     )
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert output.stdout.strip() == "", f"importing {module} pulled in {output.stdout.strip()}"
+    assert loaded & ENGINE_ONLY_IMPORTS == set(), f"importing {module} pulled in {loaded & ENGINE_ONLY_IMPORTS}"
+    assert loaded <= set(CLIENT_IMPORTS_ALLOWED), f"importing {module} pulled in {loaded - set(CLIENT_IMPORTS_ALLOWED)}"
+    assert {"trio_mapper", "msgspec"} <= loaded
 
 
-def test_async_client_is_reachable_lazily_from_client_module() -> None:
-    from trio_mapper import aio_client, client
-
-    assert client.AsyncClient is aio_client.AsyncClient
+def test_async_client_is_loaded_by_the_package_and_lazily_by_the_client_module() -> None:
+    # Through the package, as client programs import it: __init__ loads aio_client (and anyio) at once.
+    through_package = fresh_interpreter(
+        "import json, sys\n"
+        "import trio_mapper.client\n"
+        "print(json.dumps(['trio_mapper.aio_client' in sys.modules, 'anyio' in sys.modules]))\n"
+    )
+    assert through_package == [True, True], "trio_mapper/__init__.py no longer imports AsyncClient: update this"
+    # The module alone (the package's __init__ not run): AsyncClient is imported on first use only.
+    module_alone = fresh_interpreter(
+        "import importlib.util, json, sys, types\n"
+        "package = types.ModuleType('trio_mapper')\n"
+        "package.__path__ = importlib.util.find_spec('trio_mapper').submodule_search_locations\n"
+        "sys.modules['trio_mapper'] = package\n"
+        "import trio_mapper.client as client\n"
+        "seen = [name in sys.modules for name in ('trio_mapper.aio_client', 'anyio')]\n"
+        "async_client = client.AsyncClient\n"
+        "seen += [name in sys.modules for name in ('trio_mapper.aio_client', 'anyio')]\n"
+        "print(json.dumps(seen + [async_client is sys.modules['trio_mapper.aio_client'].AsyncClient]))\n"
+    )
+    assert module_alone == [False, False, True, True, True]
 
 
 # --- errors -----------------------------------------------------------------------------------------------
@@ -191,19 +259,21 @@ def test_undecodable_reply_fails_its_request_only(engine: FakeEngine) -> None:
         assert client.request(ENDPOINT, {"n": 2})["echo"]["n"] == 2
 
 
-def test_socket_path_from_environment(engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_socket_path_from_environment(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, pings: list[RequestId]
+) -> None:
     monkeypatch.setenv(SOCKET_ENV_VAR, engine.path)
     with Client() as client:
         assert str(client.socket_path) == engine.path
-        client.ping()
+        assert_round_trip(client.ping(), pings, 1)
 
 
 def test_explicit_socket_path_wins_over_environment(
-    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, socket_dir: str
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, socket_dir: str, pings: list[RequestId]
 ) -> None:
     monkeypatch.setenv(SOCKET_ENV_VAR, socket_dir + "/nothing-here.sock")
     with Client(engine.path) as client:
-        client.ping()
+        assert_round_trip(client.ping(), pings, 1)
 
 
 def test_no_engine_raises_engine_unavailable_with_advice(socket_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,10 +319,11 @@ def test_welcome_with_other_protocol_raises_protocol_error(socket_dir: str) -> N
         fake.stop()
 
 
-def test_stats_and_ping(engine: FakeEngine) -> None:
+def test_stats_and_ping(engine: FakeEngine, pings: list[RequestId]) -> None:
     with Client(engine.path) as client:
         assert client.stats() == {"engine": {"connections": 1}, "lanes": {"gpt-test": {"queued": 0}}}
-        assert client.ping() >= 0
+        assert_round_trip(client.ping(), pings, 1)
+        assert_round_trip(client.ping(), pings, 2)
 
 
 def test_close_is_idempotent_and_final(engine: FakeEngine) -> None:
@@ -264,14 +335,14 @@ def test_close_is_idempotent_and_final(engine: FakeEngine) -> None:
         client.request(ENDPOINT, {})
 
 
-def test_oversized_request_is_refused_locally(socket_dir: str) -> None:
+def test_oversized_request_is_refused_locally(socket_dir: str, pings: list[RequestId]) -> None:
     fake = make_engine(socket_dir, max_frame_bytes=1000)
     try:
         with Client(fake.path) as client:
             with pytest.raises(InvalidRequestError, match="at most 1000 bytes"):
                 client.request(ENDPOINT, {"text": "x" * 2000})
             results = list(client.map([{"text": "x" * 2000}, {"text": "ok"}], endpoint=ENDPOINT))
-            assert client.ping() >= 0
+            assert_round_trip(client.ping(), pings, 1)  # the connection is still in step
         assert len(fake.submits) == 1
         assert sorted(r.ok for r in results) == [False, True]
     finally:
@@ -413,14 +484,14 @@ def test_map_connection_lost_is_raised(engine: FakeEngine) -> None:
 # --- AsyncClient on Trio ----------------------------------------------------------------------------------
 
 
-async def test_async_request_trio(engine: FakeEngine) -> None:
+async def test_async_request_trio(engine: FakeEngine, pings: list[RequestId]) -> None:
     async with AsyncClient(engine.path, client_name="trio-test") as client:
         assert client.welcome is not None and client.welcome.protocol == PROTOCOL_VERSION
         assert (await client.request(ENDPOINT, {"x": 1}, deadline=3.0))["echo"] == {"x": 1}
         result = await client.request_result(ENDPOINT, {"x": 2})
         assert result.headers == {"x-request-id": "req-2"}
         assert await client.stats() == {"engine": {"connections": 1}, "lanes": {"gpt-test": {"queued": 0}}}
-        assert await client.ping() >= 0
+        assert_round_trip(await client.ping(), pings, 1)
         with pytest.raises(RateLimitedError) as caught:
             await client.request(ENDPOINT, {"error": "rate_limited", "status": 429})
         assert caught.value.status == 429
@@ -565,7 +636,7 @@ async def test_cancelling_the_scope_around_map_cancels_outstanding_trio(engine: 
         await until(lambda: sorted(engine.cancels) == [1, 2, 3])
 
 
-async def test_cancelled_writes_never_leave_half_a_frame_trio(engine: FakeEngine) -> None:
+async def test_cancelled_writes_never_leave_half_a_frame_trio(engine: FakeEngine, pings: list[RequestId]) -> None:
     big = "x" * 300_000
     with trio.fail_after(10):  # a torn frame would leave the engine waiting for bytes that never come
         async with AsyncClient(engine.path) as client:
@@ -574,7 +645,8 @@ async def test_cancelled_writes_never_leave_half_a_frame_trio(engine: FakeEngine
                     nursery.start_soon(client.request, ENDPOINT, {"n": n, "hold": True, "big": big})
                 await until(lambda: len(engine.submits) >= 1)
                 nursery.cancel_scope.cancel()
-            assert await client.ping() >= 0
+            # The engine decoded the ping that followed the cancelled writes: the framing is intact.
+            assert_round_trip(await client.ping(), pings, 1)
             await until(lambda: len(engine.cancels) == len(engine.submits))
     assert engine.decode_errors == []
 
@@ -619,7 +691,7 @@ async def test_connection_level_error_is_reported_in_connection_lost_trio(engine
 # --- AsyncClient on asyncio -------------------------------------------------------------------------------
 
 
-def test_async_client_on_asyncio(engine: FakeEngine) -> None:
+def test_async_client_on_asyncio(engine: FakeEngine, pings: list[RequestId]) -> None:
     async def main() -> None:
         async with AsyncClient(engine.path) as client:
             assert (await client.request(ENDPOINT, {"x": 1}))["echo"] == {"x": 1}
@@ -641,7 +713,7 @@ def test_async_client_on_asyncio(engine: FakeEngine) -> None:
                 break
             assert seen == [{"quick": 1}]
             await until(lambda: len(engine.cancels) == 2)
-            assert await client.ping() >= 0
+            assert_round_trip(await client.ping(), pings, 1)
 
     asyncio.run(main())
 
@@ -655,7 +727,7 @@ def test_errors_raised_inside_async_with_are_not_wrapped_on_asyncio(engine: Fake
         asyncio.run(main())
 
 
-def test_native_asyncio_cancellation_never_tears_a_frame(engine: FakeEngine) -> None:
+def test_native_asyncio_cancellation_never_tears_a_frame(engine: FakeEngine, pings: list[RequestId]) -> None:
     # asyncio.wait_for cancels natively, which goes through anyio's shields: only the writer task may write.
     big = "x" * 300_000
 
@@ -668,7 +740,7 @@ def test_native_asyncio_cancellation_never_tears_a_frame(engine: FakeEngine) -> 
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            assert await asyncio.wait_for(client.ping(), 10) >= 0
+            assert_round_trip(await asyncio.wait_for(client.ping(), PING_GUARD), pings, 1)
             await until(lambda: len(engine.cancels) == len(engine.submits))
             assert not client._sinks
 
@@ -717,8 +789,10 @@ async def test_both_clients_against_the_real_engine(short_tmp: Any) -> None:
             results = [r async for r in client.map((_chat(f"q{n}") for n in range(30)), endpoint=ENDPOINT, window=8)]
             assert len(results) == 30 and all(r.ok for r in results)
             stats = await client.stats()
-            assert "engine" in stats and "lanes" in stats
-            assert await client.ping() >= 0
+            assert stats["engine"]["accepted"] == 1 + 30
+            assert stats["lanes"]["gpt-4o-mini"]["succeeded"] == 1 + 30
+            seconds = await client.ping()  # the real engine's pong: no fake to count the ping
+            assert isinstance(seconds, float) and 0 < seconds < PING_GUARD
 
         def blocking() -> None:
             with Client(path) as sync_client:
