@@ -43,8 +43,14 @@ def _assert_cleaned_up(output: str) -> None:
     assert not _temp_dir(output).exists()
 
 
+def _count(pattern: str, output: str) -> tuple[int, ...]:
+    match = re.search(pattern, output, re.MULTILINE)
+    assert match, (pattern, output)
+    return tuple(int(group) for group in match.groups())
+
+
 def test_small_run_loses_nothing_and_cleans_up() -> None:
-    started = time.monotonic()
+    # RUN_TIMEOUT is a hang guard only: how long the run takes depends on the machine, what it does does not.
     done = subprocess.run(
         [*DEMO, "--requests", "60", "--seconds", "5"], capture_output=True, text=True, timeout=RUN_TIMEOUT
     )
@@ -54,9 +60,12 @@ def test_small_run_loses_nothing_and_cleans_up() -> None:
     assert re.search(r"^lost\s+0$", output, re.MULTILINE), output
     for label in ("tokens/min", "requests/min", "429s", "retries", "wall time"):
         assert re.search(rf"^{label}\s", output, re.MULTILINE), (label, output)
+    # Every 429 the upstream sent the engine was absorbed by it, each with a retry (nothing was lost).
+    to_engine, absorbed = _count(r"^429s\s+\d+ sent by the upstream: (\d+) to the engine, \D*(\d+) absorbed", output)
+    assert absorbed == to_engine
+    (retries,) = _count(r"^retries\s+(\d+) made by the engine", output)
+    assert retries >= absorbed
     _assert_cleaned_up(output)
-    # About 9 s alone (5 s of batch, the rest start-up); the bound leaves room for a loaded CI machine.
-    assert time.monotonic() - started < 45
 
 
 def test_lost_requests_exit_non_zero_with_logs() -> None:
