@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -82,30 +83,24 @@ async def phase(socket: Path, count: int, body: dict[str, Any] | None) -> tuple[
     return results["ping"], results["chat"], sent[0]
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace, config: Path) -> None:
     simulator_flags = ["--rpm", "100000000", "--tpm", "10000000000", "--latency-ms", "0",
                        "--per-token-latency-ms", "0", "--seed", "1"]  # fmt: skip
     frame = int((args.body_mib + 1) * 1024 * 1024)
     engine_flags = ["--rpm", "100000000", "--tpm", "10000000000", "--max_concurrent_reqs", "64",
                     "--max-frame-bytes", str(frame)]  # fmt: skip
-    config = Path(f"/tmp/loop-stall-{id(args)}.toml")
-    # The "refused" model's per-minute token limit is far below one big body, far above a small one.
-    config.write_text('[models."refused-model"]\nrpm = 100000\ntpm = 50000\n')
     rows = []
-    try:
-        async with simulator_process(*simulator_flags) as url, engine_process(
-            url, *engine_flags, "--config", str(config)
-        ) as socket:
-            await probe(socket, 20, "chat")  # warm up
-            for name, body in (
-                ("alone", None),
-                ("4 MiB admitted", big_body(args.body_mib, "gpt-4o-mini")),
-                ("4 MiB refused", big_body(args.body_mib, "refused-model")),
-            ):
-                pings, chats, sent = await phase(socket, args.probes, body)
-                rows.append((name, pings, chats, sent))
-    finally:
-        config.unlink(missing_ok=True)
+    async with simulator_process(*simulator_flags) as url, engine_process(
+        url, *engine_flags, "--config", str(config)
+    ) as socket:
+        await probe(socket, 20, "chat")  # warm up
+        for name, body in (
+            ("alone", None),
+            ("4 MiB admitted", big_body(args.body_mib, "gpt-4o-mini")),
+            ("4 MiB refused", big_body(args.body_mib, "refused-model")),
+        ):
+            pings, chats, sent = await phase(socket, args.probes, body)
+            rows.append((name, pings, chats, sent))
 
     base_ping, base_chat = rows[0][1], rows[0][2]
     print(f"{args.probes} probes of each kind per phase; latency in ms; ratio = p99 / p99 alone")
@@ -123,4 +118,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probes", type=int, default=300)
     parser.add_argument("--body-mib", type=float, default=3.5)
-    trio.run(main, parser.parse_args())
+    with tempfile.TemporaryDirectory() as directory:
+        config = Path(directory) / "limits.toml"
+        # The "refused" model's per-minute token limit is far below one big body, far above a small one.
+        config.write_text('[models."refused-model"]\nrpm = 100000\ntpm = 50000\n')
+        trio.run(main, parser.parse_args(), config)

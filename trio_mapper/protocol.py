@@ -243,7 +243,9 @@ class FrameBuffer:
         end = LENGTH_PREFIX.size + length
         if len(self._data) < end:
             return None
-        body = bytes(self._data[LENGTH_PREFIX.size : end])
+        # One copy through a memoryview (slicing the bytearray first would copy a large frame twice).
+        with memoryview(self._data) as view:
+            body = bytes(view[LENGTH_PREFIX.size : end])
         del self._data[:end]
         return body
 
