@@ -89,3 +89,23 @@ async def test_a_large_body_keeps_its_place_in_the_connections_order(short_tmp: 
         reply = await client.request(chat(2))
         assert reply["type"] == "result"
         await client.aclose()
+
+
+async def test_an_undecodable_first_frame_closes_the_connection(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        client = await RawClient.connect(str(engine.socket), hello=False)
+        await client.send_raw(_frame(b"\xc1 not msgpack"))
+        error = await client.receive()
+        assert (error["type"], error["kind"], error["id"]) == ("error", "protocol_error", None)
+        assert "first frame must be a hello" in error["message"]
+        with pytest.raises(EOFError):
+            await client.receive()
+        await client.aclose()
+
+
+async def test_a_get_needs_no_body(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        client = await RawClient.connect(str(engine.socket))
+        reply = await client.request({"type": "submit", "id": 1, "endpoint": "/v1/models", "method": "get"})
+        assert reply["type"] == "result" and reply["body"]["object"] == "list"
+        await client.aclose()

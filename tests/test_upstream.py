@@ -49,6 +49,8 @@ def test_base_without_version_keeps_the_endpoint_whole() -> None:
         "   ",
         "/v1//chat",
         "@evil.example/x",
+        "/v1",
+        "v1/",
     ],
 )
 def test_anything_but_a_plain_relative_path_is_refused(endpoint: str) -> None:

@@ -85,7 +85,9 @@ class Submit(Message, tag="submit"):
     #: A relative API path such as ``/v1/chat/completions`` or ``chat/completions``; joined to the engine's
     #: base URL. Absolute URLs, hosts, schemes, ``..`` and query strings are refused.
     endpoint: str
-    body: dict[str, Any]
+    #: The JSON request body; a GET may leave it out (it sends none).
+    body: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: ``POST`` or ``GET``, in any case.
     method: str = "POST"
     #: Seconds from the moment the engine reads this frame; past it the request is answered with ``timeout``.
     deadline: float | None = None

@@ -312,6 +312,14 @@ class Connection:
             if request_id is not None and self._scheduler.is_outstanding(self, request_id):
                 request_id = None  # that id's final reply is still to come; this error must not read as it
             log.info("%s sent an invalid frame: %s", self.label, exc)
+            if not self.handshaken:
+                # A client whose first frame is not even a message speaks something else: no point going on.
+                self._protocol_error(
+                    None,
+                    f"invalid first frame: {describe_decode_error(exc)}; the first frame must be a hello with "
+                    f"protocol={PROTOCOL_VERSION}. The connection is closed",
+                )
+                raise _CloseConnection
             return self._protocol_error(request_id, f"invalid frame: {describe_decode_error(exc)}")
 
         if not self.handshaken:

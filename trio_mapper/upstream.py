@@ -122,7 +122,9 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
     if any(segment in {".", ".."} for segment in segments):
         raise InvalidEndpoint(f"endpoint {endpoint!r} contains '.' or '..' segments; {hint}")
     base_last_segment = base_url.path.rstrip("/").rsplit("/", 1)[-1]
-    if base_last_segment and segments[0] == base_last_segment and len(segments) > 1:
+    if base_last_segment and segments[0] == base_last_segment:
+        if len(segments) == 1:
+            raise InvalidEndpoint(f"endpoint {endpoint!r} names no API resource, only the version; {hint}")
         segments = segments[1:]
     return "/".join(segments)
 
