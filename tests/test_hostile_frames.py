@@ -70,6 +70,9 @@ async def test_values_json_cannot_carry_and_oversized_names_are_invalid_requests
                 error = await client.request(huge_model)
                 assert (error["id"], error["kind"]) == (100 + i, "invalid_request")
                 assert len(error["message"]) < 1000
+            error = await client.request({"type": "x" * 1_000_000, "id": 7})
+            assert (error["id"], error["kind"]) == (7, "protocol_error")
+            assert len(error["message"]) < 1000 and "must be one of" in error["message"]
             await client.send({"type": "stats", "id": "s"})
             stats = await client.receive()
             assert stats["type"] == "stats_reply" and stats["lanes"] == {}

@@ -257,10 +257,18 @@ CLIENT_MESSAGE_TYPES: Final = tuple(
 )
 
 
+#: Longest decoder message quoted back to a client: msgspec quotes the offending value (a 1 MB bogus
+#: ``type`` string would come back whole).
+_MAX_DECODE_ERROR_CHARS: Final = 300
+
+
 def describe_decode_error(exc: Exception) -> str:
     """A one-line, client-facing explanation of why a frame body was rejected."""
     text = str(exc)
-    if text.endswith("at `$.type`") or "missing required field `type`" in text:
+    about_type = text.endswith("at `$.type`") or "missing required field `type`" in text
+    if len(text) > _MAX_DECODE_ERROR_CHARS:
+        text = f"{text[: _MAX_DECODE_ERROR_CHARS - 1]}… ({len(text)} characters)"
+    if about_type:
         return f"{text}; the 'type' field must be one of: {', '.join(CLIENT_MESSAGE_TYPES)}"
     return text
 

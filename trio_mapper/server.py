@@ -319,7 +319,7 @@ class Connection:
                     f"invalid first frame: {describe_decode_error(exc)}; the first frame must be a hello with "
                     f"protocol={PROTOCOL_VERSION}. The connection is closed",
                 )
-                raise _CloseConnection
+                raise _CloseConnection from None
             return self._protocol_error(request_id, f"invalid frame: {describe_decode_error(exc)}")
 
         if not self.handshaken:
