@@ -23,6 +23,7 @@ from trio_mapper import mapper
 from trio_mapper.jsonl import (
     BadLine,
     InputRequest,
+    LineSplitter,
     OutputFileError,
     OutputWriter,
     count_lines,
@@ -424,6 +425,26 @@ def test_parse_line_bad_lines(line: bytes, custom_id: str, needle: str) -> None:
     assert isinstance(parsed, BadLine)
     assert parsed.custom_id == custom_id
     assert parsed.message.startswith("line 5") and needle in parsed.message, parsed.message
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 10_000])
+def test_line_splitter_any_chunking(size: int) -> None:
+    data = b'{"a": 1}\n\n{"long": "' + b"x" * 5000 + b'"}\r\n{"b": 2}\n{"no": "newline"}'
+    splitter = LineSplitter()
+    lines: list[bytes] = []
+    for start in range(0, len(data), size):
+        lines.extend(splitter.feed(data[start : start + size]))
+    assert splitter.finish() == b'{"no": "newline"}'
+    assert splitter.finish() is None
+    assert lines == data.splitlines(keepends=True)[:-1]
+
+
+def test_line_splitter_empty_input_and_final_newline() -> None:
+    splitter = LineSplitter()
+    assert splitter.feed(b"") == []
+    assert splitter.finish() is None
+    assert splitter.feed(b"a\nb\n") == [b"a\n", b"b\n"]
+    assert splitter.finish() is None
 
 
 def test_count_lines(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ Output: the Batch API output format, one line per request, in completion order. 
 ever appended to with whole lines (one ``write`` + flush per line), so a crash can tear its *last* line at
 most; `prepare_output` detects that on the next run and cuts it off.
 
-Memory: lines are read one at a time (never the whole file); what is kept across a file is the set of
-custom ids, the only state resuming needs.
+Memory: the input is read in bounded chunks, cut into lines by `LineSplitter` (never the whole file); what is
+kept across a file is the set of custom ids, the only state resuming needs.
 """
 
 from __future__ import annotations
@@ -127,6 +127,42 @@ def _parse_batch_line(value: dict[str, Any], line_no: int, metadata: Any, has_me
 def _json_type(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+class LineSplitter:
+    """Cuts bytes that arrive in chunks of any size into lines; it does no I/O, its caller reads.
+
+    Lines keep their ``b"\\n"``, like iterating over a binary file; a line longer than a chunk is assembled
+    from its parts. `finish` returns a last line that has no newline.
+    """
+
+    def __init__(self) -> None:
+        #: The start of a line whose newline has not arrived yet, in parts (joined once, when it ends).
+        self._partial: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines that `chunk` completes, in order (none if it holds no newline)."""
+        lines: list[bytes] = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            line = chunk[start : end + 1]
+            if self._partial:
+                self._partial.append(line)
+                line = b"".join(self._partial)
+                self._partial.clear()
+            lines.append(line)
+            start = end + 1
+        if start < len(chunk):
+            self._partial.append(chunk[start:])
+        return lines
+
+    def finish(self) -> bytes | None:
+        """At the end of the input: its last line if that had no newline, else None."""
+        if not self._partial:
+            return None
+        line = b"".join(self._partial)
+        self._partial.clear()
+        return line
 
 
 def count_lines(path: Path) -> int:
@@ -373,6 +409,7 @@ class OutputWriter:
 __all__ = [
     "BadLine",
     "InputRequest",
+    "LineSplitter",
     "OutputFileError",
     "OutputScan",
     "OutputWriter",
