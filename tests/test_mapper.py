@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import termios
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +113,10 @@ def _line_count(path: Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
+
+
+def jsonl_bytes(items: list[Any]) -> bytes:
+    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
 
 
 def assert_each_id_once(records: list[dict[str, Any]], expected: set[str]) -> None:
@@ -339,6 +345,124 @@ async def test_an_engine_that_dies_mid_job_exits_3_and_the_next_engine_finishes_
     assert all(record["error"] is None for record in final)
 
 
+async def test_stdin_from_a_slow_producer_is_answered_as_it_comes_and_ctrl_c_works_while_it_is_idle(
+    short_tmp: Path,
+) -> None:
+    # `slow_generator | trio-mapper map -`: the producer writes a few lines, then goes quiet without closing the
+    # pipe. A read of stdin in the event loop would hold up every reply and the SIGINT handler until it wrote
+    # again; the timeouts below only guard against that hang, nothing is timed.
+    lines = [batch_line(f"s-{i}", chat_body(f"slow {i}")) for i in range(10)]
+    output = short_tmp / "out.jsonl"
+    log_path = short_tmp / "map.log"
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        with log_path.open("wb") as log:
+            process = await trio.lowlevel.open_process(
+                map_command(engine.socket, "-", output, "--no-progress"),
+                stdin=subprocess.PIPE,
+                stderr=log,
+                env=map_env(),
+                cwd=ROOT,
+            )
+        assert process.stdin is not None
+        try:
+            for written in (3, 6):  # some lines, later some more; then the producer idles, stdin still open
+                await process.stdin.send_all(jsonl_bytes(lines[written - 3 : written]))
+                with trio.move_on_after(60):  # hang guard
+                    await wait_until(lambda n=written: process.returncode is not None or _line_count(output) >= n)
+                assert _line_count(output) >= written, "answers wait for more input"
+                assert process.returncode is None, log_path.read_text()
+            process.send_signal(signal.SIGINT)
+            with trio.move_on_after(60):  # hang guard
+                await process.wait()
+            assert process.returncode is not None, "SIGINT did not end a run whose stdin is idle"
+            status = process.returncode
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.stdin.aclose()
+        stderr = log_path.read_text()
+        assert status == 130, stderr
+        assert "interrupted by SIGINT" in stderr and "Fatal Python error" not in stderr
+        first = read_output(output)
+        assert_each_id_once(first, {f"s-{i}" for i in range(6)})
+        assert all(record["error"] is None for record in first)
+
+        # The output is resumable: the whole input, piped at once, skips what was answered.
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                map_command(engine.socket, "-", output, "--no-progress"),
+                stdin=jsonl_bytes(lines),
+                capture_stderr=True,
+                check=False,
+                env=map_env(),
+                cwd=ROOT,
+            )
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "4 succeeded" in stderr and "6 skipped" in stderr
+    final = read_output(output)
+    assert final[:6] == first
+    assert_each_id_once(final, {line["custom_id"] for line in lines})
+
+
+@pytest.mark.parametrize("kind", ["file", "terminal"])
+async def test_stdin_may_be_a_file_or_a_terminal(short_tmp: Path, kind: str) -> None:
+    # `map - < requests.jsonl` (a regular file: epoll cannot wait on it) and typing into a terminal (Ctrl+D ends).
+    lines = [batch_line(f"t-{i}", chat_body(f"typed {i}")) for i in range(5)]
+    output = short_tmp / "out.jsonl"
+    if kind == "file":
+        source = short_tmp / "in.jsonl"
+        source.write_bytes(jsonl_bytes(lines))
+        stdin = os.open(source, os.O_RDONLY)
+        to_close = [stdin]
+    else:
+        master, stdin = os.openpty()
+        to_close = [master, stdin]
+        settings = termios.tcgetattr(stdin)
+        settings[3] &= ~termios.ECHO  # nobody reads the echo
+        termios.tcsetattr(stdin, termios.TCSANOW, settings)
+        os.write(master, jsonl_bytes(lines) + b"\x04")  # Ctrl+D at the start of a line: end of input
+    try:
+        async with simulator() as url, running_engine(short_tmp, url) as engine:
+            with trio.fail_after(60):
+                done = await trio.run_process(
+                    map_command(engine.socket, "-", output, "--no-progress"),
+                    stdin=stdin,
+                    capture_stderr=True,
+                    check=False,
+                    env=map_env(),
+                    cwd=ROOT,
+                )
+    finally:
+        for fd in to_close:
+            os.close(fd)
+    assert done.returncode == 0, done.stderr.decode()
+    records = read_output(output)
+    assert_each_id_once(records, {line["custom_id"] for line in lines})
+    assert all(record["error"] is None for record in records)
+
+
+async def test_input_reader_returns_lines_as_they_are_written(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        reader = mapper.InputReader(read_fd, abandon_on_cancel=True)
+        with trio.fail_after(10):  # hang guard: each read below has data waiting
+            os.write(write_fd, b'{"a": 1}\n{"b": 2}\n{"c"')
+            assert await reader.read_lines() == [b'{"a": 1}\n', b'{"b": 2}\n']  # the pipe is still open
+            os.write(write_fd, b': 3}\n\n{"last": true}')
+            assert await reader.read_lines() == [b'{"c": 3}\n', b"\n"]
+            os.close(write_fd)
+            write_fd = -1
+            assert await reader.read_lines() == [b'{"last": true}']  # no newline at the end
+            assert await reader.read_lines() == []
+            assert await reader.read_lines() == []
+    finally:
+        os.close(read_fd)
+        if write_fd != -1:
+            os.close(write_fd)
+
+
 @pytest.mark.parametrize("mode", ["bar", "plain"])
 async def test_progress_displays(
     short_tmp: Path, mode: ProgressMode, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -353,7 +477,7 @@ async def test_progress_displays(
         writer = OutputWriter(output)
         with source.open("rb") as lines:
             job = mapper.MapJob(
-                lines=lines,
+                lines=mapper.InputReader(lines.fileno(), abandon_on_cancel=False),
                 writer=writer,
                 done=set(),
                 counters=mapper.MapCounters(total=count_lines(source)),

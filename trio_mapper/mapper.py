@@ -1,8 +1,9 @@
 """``trio-mapper map``: send every request of a JSONL file through the engine, write Batch API output lines.
 
-The run is a Trio program around `AsyncClient.map`: a lazy generator reads the input one line at a time, at
-most ``--window`` requests are in flight, each answer is appended to the output as soon as it arrives.
-Memory is constant in the number of lines, except for the custom ids (see `trio_mapper.jsonl`).
+The run is a Trio program on one `AsyncClient` connection: a lazy generator reads the input as it comes (in a
+worker thread, see `InputReader`), at most ``--window`` requests are in flight, each in its own task, and each
+answer is appended to the output as soon as it arrives, whether or not more input has come. Memory is constant
+in the number of lines, except for the custom ids (see `trio_mapper.jsonl`).
 
 Resuming: `trio_mapper.jsonl.prepare_output` keeps the previous run's successful lines and drops its failed
 ones; this run skips the kept ids and appends one line for every other id. So a completed run's output has
@@ -14,24 +15,26 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, final
 
 import trio
 
 from .aio_client import AsyncClient
-from .client import DEFAULT_WINDOW, MapResult, Request
+from .client import DEFAULT_WINDOW
 from .client_errors import ConnectionLost, EngineUnavailable, TrioMapperError
 from .jsonl import (
     BadLine,
     InputRequest,
+    LineSplitter,
     OutputFileError,
     OutputScan,
     OutputWriter,
@@ -44,6 +47,8 @@ from .jsonl import (
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
+
+    from .protocol import Result
 
 DEFAULT_ENDPOINT: Final = "/v1/chat/completions"
 #: A redrawn rich bar (stderr is a terminal), a plain line every `PLAIN_INTERVAL` s (a log), or nothing.
@@ -66,6 +71,10 @@ MAX_REPORTED: Final = 20
 #: The input generator yields to Trio every so many lines: a resumed run may skip a long stretch of answered
 #: lines inside one ``next()``, and signals and the progress bar must not wait for it.
 CHECKPOINT_EVERY: Final = 1000
+#: Bytes asked of the input per read: one worker-thread round trip per chunk of lines, not per line, and a
+#: bounded amount of input in memory.
+READ_CHUNK_BYTES: Final = 64 * 1024
+STDIN_FILENO: Final = 0
 
 
 def add_map_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +132,54 @@ class MapCounters:
         return self.succeeded + self.failed + self.skipped
 
 
+@final
+class InputReader:
+    """The input's lines, read from a file descriptor in a worker thread, so that Trio's loop never waits on it.
+
+    A producer that is slow or idle (``generate | trio-mapper map -``) must not stop replies from being written,
+    the progress display, or Ctrl+C. A worker thread running `os.read` rather than `trio.lowlevel.FdStream`,
+    because it reads every kind of input the same way: a regular file (which epoll cannot wait on, so FdStream
+    refuses it, and ``map - < file`` is one), a pipe, or a terminal (FdStream would set ``O_NONBLOCK`` on the
+    open file the shell shares with us). ``os.read`` returns what is there, so lines that a slow producer has
+    written are sent at once; and it takes no lock, unlike ``sys.stdin.buffer``, so a thread left blocked in it
+    cannot trip up the interpreter's exit.
+
+    With ``abandon_on_cancel`` (stdin), cancelling does not wait for a read blocked on an idle producer: the
+    thread is left to finish on its own (a daemon thread: it does not hold up the exit). The descriptor must
+    then stay open for the life of the process, which holds for fd 0. A regular file's reads never block for
+    long, so they are awaited, and the file may be closed once the run is over.
+    """
+
+    def __init__(self, fd: int, *, abandon_on_cancel: bool) -> None:
+        self._fd = fd
+        self._abandon_on_cancel = abandon_on_cancel
+        self._splitter = LineSplitter()
+        self._eof = False
+
+    async def read_lines(self) -> list[bytes]:
+        """The next lines, with their newlines (at least one), or an empty list at the end of the input."""
+        while not self._eof:
+            chunk = await self._read()
+            if not chunk:
+                self._eof = True
+                last = self._splitter.finish()
+                return [] if last is None else [last]
+            lines = self._splitter.feed(chunk)
+            if lines:
+                return lines
+        return []
+
+    async def _read(self) -> bytes:
+        while True:
+            try:
+                return await trio.to_thread.run_sync(
+                    os.read, self._fd, READ_CHUNK_BYTES, abandon_on_cancel=self._abandon_on_cancel
+                )
+            except BlockingIOError:
+                # Another process sharing our pipe or terminal made it non-blocking: wait for data in the loop.
+                await trio.lowlevel.wait_readable(self._fd)
+
+
 @dataclass(slots=True)
 class _RateMeter:
     """Requests/min and tokens/min over the last `RATE_WINDOW` seconds, from periodic samples (bounded)."""
@@ -159,7 +216,7 @@ class MapJob:
     def __init__(
         self,
         *,
-        lines: IO[bytes],
+        lines: InputReader,
         writer: OutputWriter,
         done: set[str],
         counters: MapCounters,
@@ -225,73 +282,116 @@ class MapJob:
             self.engine_problem = str(exc)
 
     async def _map(self, client: AsyncClient) -> None:
-        try:
-            async with client.map(
-                self._requests(), window=self._window, deadline=self._deadline, max_attempts=self._max_attempts
-            ) as results:
-                async for item in results:
-                    self._record(item)
-        except ConnectionLost as exc:
-            self.engine_problem = str(exc)
+        """Send the input's requests with at most ``window`` in flight; record each answer as it arrives.
 
-    async def _requests(self) -> AsyncIterator[Request]:
-        """The input as requests, read lazily: `AsyncClient.map` pulls about ``window`` lines ahead only.
+        Not `AsyncClient.map`: it fills its window before it hands back an answer, so while a producer on
+        stdin pauses, answers already received would wait for its next lines. Here one task reads the input
+        and each request waits for its answer in a task of its own: answers are written whatever the input
+        does. Cancelling (a signal) withdraws the requests in flight from the engine, as `request_result` does
+        when cancelled.
+        """
+        window = trio.Semaphore(self._window)
+        async with trio.open_nursery() as in_flight, contextlib.aclosing(self._requests()) as requests:
+            async for line in requests:
+                await window.acquire()
+                await in_flight.start(self._send, client, line, window, in_flight.cancel_scope)
+
+    async def _send(
+        self,
+        client: AsyncClient,
+        line: InputRequest,
+        window: trio.Semaphore,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            # The reader goes on once this task runs, and `request_result` queues the request before its first
+            # checkpoint: requests reach the engine in input order.
+            task_status.started()
+            try:
+                result = await client.request_result(
+                    line.endpoint,
+                    line.body,
+                    method=line.method,
+                    deadline=self._deadline,
+                    max_attempts=self._max_attempts,
+                )
+            except ConnectionLost as exc:
+                if self.engine_problem is None:
+                    self.engine_problem = str(exc)
+                scope.cancel()  # every other request would fail the same way
+            except TrioMapperError as exc:
+                self._record(line, None, exc)
+            else:
+                self._record(line, result, None)
+        finally:
+            window.release()
+
+    async def _requests(self) -> AsyncGenerator[InputRequest, None]:
+        """The input's requests, read lazily: `_map` reads about ``window`` lines ahead of the answers only.
 
         Lines that do not become requests (blank, answered by a previous run, bad, duplicate) are dealt with
-        here. Reading a local file line by line is fast enough not to need a worker thread.
+        here. The reads happen in a worker thread (`InputReader`); the lines of one read are parsed here.
         """
-        counters = self.counters
-        for line_no, raw in enumerate(self._lines, start=1):
-            if line_no % CHECKPOINT_EVERY == 0:
-                await trio.lowlevel.checkpoint()
-            parsed = parse_line(raw, line_no, self._endpoint)
-            if parsed is None:
-                if counters.total is not None:
-                    counters.total -= 1  # blank lines were counted by the first pass but are not requests
-                continue
-            custom_id = parsed.custom_id
-            if custom_id in self._seen:
-                counters.failed += 1
-                counters.duplicates += 1
-                self._report(f"line {line_no}: custom_id {custom_id!r} was already used by an earlier line; skipped")
-                continue
-            self._seen.add(custom_id)
-            if custom_id in self._done:
-                self._done.discard(custom_id)
-                counters.skipped += 1
-                continue
-            if isinstance(parsed, BadLine):
-                counters.failed += 1
-                counters.bad_lines += 1
-                self._report(parsed.message)
-                self._writer.write(
-                    failure_record(
-                        custom_id,
-                        code="invalid_request",
-                        message=parsed.message,
-                        metadata=parsed.metadata,
-                        has_metadata=parsed.has_metadata,
-                    )
-                )
-                continue
-            yield Request(parsed.endpoint, parsed.body, method=parsed.method, tag=parsed)
+        line_no = 0
+        while batch := await self._lines.read_lines():
+            for raw in batch:
+                line_no += 1
+                if line_no % CHECKPOINT_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
+                if (request := self._request_of(raw, line_no)) is not None:
+                    yield request
 
-    def _record(self, item: MapResult) -> None:
-        line: InputRequest = item.request.tag
-        if item.error is None:
-            assert item.result is not None
+    def _request_of(self, raw: bytes, line_no: int) -> InputRequest | None:
+        """The request of one input line, or None when the line was dealt with here."""
+        counters = self.counters
+        parsed = parse_line(raw, line_no, self._endpoint)
+        if parsed is None:
+            if counters.total is not None:
+                counters.total -= 1  # blank lines were counted by the first pass but are not requests
+            return None
+        custom_id = parsed.custom_id
+        if custom_id in self._seen:
+            counters.failed += 1
+            counters.duplicates += 1
+            self._report(f"line {line_no}: custom_id {custom_id!r} was already used by an earlier line; skipped")
+            return None
+        self._seen.add(custom_id)
+        if custom_id in self._done:
+            self._done.discard(custom_id)
+            counters.skipped += 1
+            return None
+        if isinstance(parsed, BadLine):
+            counters.failed += 1
+            counters.bad_lines += 1
+            self._report(parsed.message)
+            self._writer.write(
+                failure_record(
+                    custom_id,
+                    code="invalid_request",
+                    message=parsed.message,
+                    metadata=parsed.metadata,
+                    has_metadata=parsed.has_metadata,
+                )
+            )
+            return None
+        return parsed
+
+    def _record(self, line: InputRequest, result: Result | None, error: TrioMapperError | None) -> None:
+        if error is None:
+            assert result is not None
             self.counters.succeeded += 1
-            self.counters.tokens += _tokens_of(item.result.body)
+            self.counters.tokens += _tokens_of(result.body)
             record = success_record(
                 line.custom_id,
-                status=item.result.status,
-                request_id=item.result.headers.get("x-request-id"),
-                body=item.result.body,
+                status=result.status,
+                request_id=result.headers.get("x-request-id"),
+                body=result.body,
                 metadata=line.metadata,
                 has_metadata=line.has_metadata,
             )
         else:
-            error = item.error
             self.counters.failed += 1
             self._report(f"line {line.line_no} ({line.custom_id}): {error}")
             record = failure_record(
@@ -462,20 +562,23 @@ def run_map(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"trio-mapper map: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    file: BinaryIO | None = None  # the input file; stdin is never closed (see InputReader)
     try:
         scan = prepare_output(output)
         total = None if stdin else count_lines(source)
-        lines: IO[bytes] = sys.stdin.buffer if stdin else source.open("rb")
+        if not stdin:
+            file = source.open("rb", buffering=0)  # read by os.read: a buffer would only copy
+        writer = OutputWriter(output)
     except (OutputFileError, OSError) as exc:
+        if file is not None:
+            file.close()
         print(f"trio-mapper map: {exc}", file=sys.stderr)
         return EXIT_USAGE
     started = time.monotonic()
-    try:
-        writer = OutputWriter(output)
-    except OSError as exc:
-        lines.close()
-        print(f"trio-mapper map: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    if file is None:
+        lines = InputReader(STDIN_FILENO, abandon_on_cancel=True)  # Ctrl+C must not wait for an idle producer
+    else:
+        lines = InputReader(file.fileno(), abandon_on_cancel=False)
     job = MapJob(
         lines=lines,
         writer=writer,
@@ -496,8 +599,8 @@ def run_map(args: argparse.Namespace) -> int:
         try:
             writer.close()  # flush and fsync: everything answered is on disk before we say so
         finally:
-            if not stdin:
-                lines.close()
+            if file is not None:
+                file.close()
     print(_summary(job, scan, output, time.monotonic() - started), file=sys.stderr)
     if job.interrupted_by is not None:
         return 128 + job.interrupted_by
@@ -507,7 +610,12 @@ def run_map(args: argparse.Namespace) -> int:
 
 
 def _check_paths(source: Path, output: Path, stdin: bool) -> str | None:
-    if not stdin and not source.is_file():
+    if stdin:
+        try:
+            os.fstat(STDIN_FILENO)
+        except OSError as exc:
+            return f"cannot read stdin: {exc.strerror}"
+    elif not source.is_file():
         return f"{source}: no such file"
     if output.is_dir():
         return f"{output} is a directory; give the output file's path"
@@ -518,4 +626,4 @@ def _check_paths(source: Path, output: Path, stdin: bool) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_ENDPOINT", "MapCounters", "MapJob", "add_map_arguments", "run_map"]
+__all__ = ["DEFAULT_ENDPOINT", "InputReader", "MapCounters", "MapJob", "add_map_arguments", "run_map"]
