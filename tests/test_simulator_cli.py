@@ -38,6 +38,7 @@ def test_flags_map_onto_config_fields() -> None:
             "--bad-gateway-rate", "0.05", "--overloaded-rate", "0.05", "--reset-rate", "0.01",
             "--slow-rate", "0.2", "--slow-ms", "100", "--seed", "7", "--insufficient-quota",
             "--model", "gpt-4o=5:500", "--model", "ft:gpt-4o-mini:acme=6:600",
+            "--no-ratelimit-headers", "--no-retry-after",
         )
     )  # fmt: skip
     assert (config.port, config.rpm, config.tpm, config.quantum) == (8123, 10, 1000, 1.0)
@@ -45,6 +46,8 @@ def test_flags_map_onto_config_fields() -> None:
     assert (config.fail_rate, config.bad_gateway_rate, config.overloaded_rate) == (0.1, 0.05, 0.05)
     assert (config.reset_rate, config.slow_rate, config.slow_ms, config.seed) == (0.01, 0.2, 100.0, 7)
     assert config.insufficient_quota
+    assert not config.ratelimit_headers
+    assert not config.retry_after
     assert config.model_limits == {"gpt-4o": (5, 500), "ft:gpt-4o-mini:acme": (6, 600)}
     assert config.limits_for("gpt-4o") == (5, 500)
     assert config.limits_for("other") == (10, 1000)

@@ -398,3 +398,35 @@ async def test_key_is_any_bearer_by_default() -> None:
     ):
         assert API_KEY != "whatever"
         assert (await other.post("/chat/completions", json=chat_body())).status_code == 200
+
+
+async def test_no_ratelimit_headers_keeps_the_429_wait_and_type() -> None:
+    async with simulator_client(fast_config(rpm=1, tpm=10_000, ratelimit_headers=False)) as client:
+        admitted = await client.post("/chat/completions", json=chat_body(max_tokens=4))
+        refused = await client.post("/chat/completions", json=chat_body(max_tokens=4))
+        counts = await stats(client)
+    assert (admitted.status_code, refused.status_code) == (200, 429)
+    for response in (admitted, refused):
+        assert not [name for name in response.headers if name.startswith("x-ratelimit-")]
+        assert response.headers["x-request-id"].startswith("req_")
+    # Only the x-ratelimit-* headers go: the 429 still says which budget ran out and how long to wait.
+    assert refused.json()["error"]["type"] == "requests"
+    assert "Please try again in" in refused.json()["error"]["message"]
+    assert 59_000 < int(refused.headers["retry-after-ms"]) <= 60_000
+    assert counts["rate_limited"]["requests"] == 1
+
+
+async def test_no_retry_after_names_no_wait_anywhere() -> None:
+    config = fast_config(rpm=1, tpm=10_000, ratelimit_headers=False, retry_after=False)
+    async with simulator_client(config) as client:
+        await client.post("/chat/completions", json=chat_body(max_tokens=4))
+        refused = await client.post("/chat/completions", json=chat_body(max_tokens=4))
+    assert refused.status_code == 429
+    assert "retry-after" not in refused.headers
+    assert "retry-after-ms" not in refused.headers
+    error = refused.json()["error"]
+    assert error["type"] == "requests"
+    assert error["message"] == (
+        "Rate limit reached for gpt-4o-mini in organization org-simulator on requests per min (RPM): "
+        "Limit 1, Used 1, Requested 1. Visit https://platform.openai.com/account/rate-limits to learn more."
+    )

@@ -215,11 +215,11 @@ class SimulatorApp:
         now = trio.current_time()
         if self.config.insufficient_quota:
             self.stats.rate_limited(model, "insufficient_quota")
-            exchange.headers = self.limits.buckets(model, now).headers()
+            exchange.headers = self._ratelimit_headers(self.limits.buckets(model, now).headers())
             await exchange.json(429, errors.insufficient_quota())
             return
         buckets, rejection = self.limits.admit(model, plan.cost, now)
-        exchange.headers = buckets.headers()
+        exchange.headers = self._ratelimit_headers(buckets.headers())
         if rejection is not None:
             await self._reject(model, rejection, exchange)
             return
@@ -248,14 +248,17 @@ class SimulatorApp:
 
     async def _reject(self, model: str, rejection: Rejection, exchange: _Exchange) -> None:
         self.stats.rate_limited(model, rejection.kind)
-        if rejection.wait is not None:
+        if rejection.wait is not None and self.config.retry_after:
             # Rounded up so a client that waits exactly this long finds room.
             millis = max(1, math.ceil(rejection.wait * 1000 - 1e-6))
             exchange.headers += [
                 (b"retry-after", str(math.ceil(millis / 1000)).encode()),
                 (b"retry-after-ms", str(millis).encode()),
             ]
-        await exchange.json(429, errors.rate_limited(model, rejection))
+        await exchange.json(429, errors.rate_limited(model, rejection, name_wait=self.config.retry_after))
+
+    def _ratelimit_headers(self, headers: Headers) -> Headers:
+        return headers if self.config.ratelimit_headers else []
 
     async def _fail(self, model: str, fault: Fault, exchange: _Exchange) -> None:
         if fault is Fault.SERVER_ERROR:

@@ -52,6 +52,18 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer every model request with a 429 insufficient_quota",
     )
     parser.add_argument(
+        "--no-ratelimit-headers",
+        dest="sim_no_ratelimit_headers",
+        action="store_true",
+        help="send no x-ratelimit-* headers, like many OpenAI-compatible servers and proxies",
+    )
+    parser.add_argument(
+        "--no-retry-after",
+        dest="sim_no_retry_after",
+        action="store_true",
+        help="rate-limit 429s name no wait: no retry-after(-ms) header, no 'Please try again in' in the message",
+    )
+    parser.add_argument(
         "--model",
         dest="sim_models",
         action="append",
@@ -81,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         if value is not None:
             values[name] = value
     values["insufficient_quota"] = bool(getattr(args, "sim_insufficient_quota", False))
+    values["ratelimit_headers"] = not getattr(args, "sim_no_ratelimit_headers", False)
+    values["retry_after"] = not getattr(args, "sim_no_retry_after", False)
     limits: dict[str, tuple[int, int]] = {}
     path = getattr(args, "sim_model_limits", None)
     if path is not None:

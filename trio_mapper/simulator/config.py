@@ -75,6 +75,10 @@ class SimulatorConfig:
     slow_rate: float = attrs.field(default=0.0, validator=_probability)
     slow_ms: float = attrs.field(default=2000.0, validator=_non_negative)
     insufficient_quota: bool = False
+    # Many OpenAI-compatible servers and proxies send no x-ratelimit-* headers, and some no wait on their
+    # 429s either: a client must then learn the limits from the 429s alone.
+    ratelimit_headers: bool = True
+    retry_after: bool = True
     seed: int | None = None
     model_limits: dict[str, tuple[int, int]] = attrs.field(
         factory=dict, converter=_normalise_limits, validator=_model_limits

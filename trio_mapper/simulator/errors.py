@@ -57,8 +57,8 @@ def not_found(method: str, path: str) -> dict[str, Any]:
     return error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
 
 
-def rate_limited(model: str, rejection: Rejection) -> dict[str, Any]:
-    """The 429 body for an RPM, TPM or too-large rejection."""
+def rate_limited(model: str, rejection: Rejection, *, name_wait: bool = True) -> dict[str, Any]:
+    """The 429 body for an RPM, TPM or too-large rejection; without ``name_wait``, no "Please try again"."""
     if rejection.kind == "too_large":
         message = (
             f"Request too large for {model} in organization {ORGANIZATION} on tokens per min (TPM): "
@@ -67,10 +67,10 @@ def rate_limited(model: str, rejection: Rejection) -> dict[str, Any]:
         )
         return error_body(message, "tokens", "rate_limit_exceeded")
     unit = "requests per min (RPM)" if rejection.kind == "requests" else "tokens per min (TPM)"
+    wait = f"Please try again in {format_duration(rejection.wait or 0.0)}. " if name_wait else ""
     message = (
         f"Rate limit reached for {model} in organization {ORGANIZATION} on {unit}: Limit {rejection.limit}, "
-        f"Used {rejection.used}, Requested {rejection.requested}. "
-        f"Please try again in {format_duration(rejection.wait or 0.0)}. "
+        f"Used {rejection.used}, Requested {rejection.requested}. {wait}"
         f"Visit {_RATE_LIMITS_URL} to learn more."
     )
     return error_body(message, rejection.kind, "rate_limit_exceeded")
