@@ -32,19 +32,36 @@ def _lane(
     return lane
 
 
-async def _teach_full_burst(lane: LaneBudget) -> None:
-    """Show a bucket-mode lane a rested upstream with room for a whole period, then let it fill up."""
+async def _teach_full_burst(lane: LaneBudget, *, limit_headers: bool = False) -> None:
+    """Show a bucket-mode lane a rested upstream with room for a whole period, then let it fill up.
+
+    With ``limit_headers`` the reply also states the configured limits, as OpenAI does: 429s then pause the
+    lane without lowering its pace (that is learned from 429s only when no limit header comes).
+    """
     r = await lane.reserve(Cost(1))
-    lane.reconcile(r, prompt_tokens=None, snapshot=RateLimitSnapshot(remaining_requests=10**9, remaining_tokens=10**9))
+    limits = lane.statistics().configured
+    snapshot = RateLimitSnapshot(
+        limit_requests=limits.rpm if limit_headers else None,
+        limit_tokens=limits.tpm if limit_headers else None,
+        remaining_requests=10**9,
+        remaining_tokens=10**9,
+    )
+    lane.reconcile(r, prompt_tokens=None, snapshot=snapshot)
     await trio.sleep(2 * lane.statistics().period)
 
 
 async def _rested_lane(
-    rpm: int = 600, tpm: int = 60_000, *, period: float = 60.0, mode: str = "bucket", name: str = "m"
+    rpm: int = 600,
+    tpm: int = 60_000,
+    *,
+    period: float = 60.0,
+    mode: str = "bucket",
+    name: str = "m",
+    limit_headers: bool = False,
 ) -> LocalLaneBudget:
     """A lane whose burst is the whole configured period and whose bucket (or window) is full."""
     lane = _lane(rpm, tpm, period=period, mode=mode, name=name)
-    await _teach_full_burst(lane)
+    await _teach_full_burst(lane, limit_headers=limit_headers)
     return lane
 
 
@@ -172,7 +189,8 @@ async def test_requests_count_one_each(autojump_clock: trio.testing.MockClock, m
 
 @pytest.mark.parametrize("mode", ["bucket", "period"])
 async def test_pause_blocks_then_resumes_at_refill_pace(autojump_clock: trio.testing.MockClock, mode: str) -> None:
-    lane = await _rested_lane(rpm=60_000, tpm=6000, period=60.0, mode=mode)  # 100 tokens per second
+    # 100 tokens per second; the upstream states its limits, so the 429 does not lower the pace.
+    lane = await _rested_lane(rpm=60_000, tpm=6000, period=60.0, mode=mode, limit_headers=True)
     start = _now()
     lane.pause(5.0, "tokens")
     stats = lane.statistics()
@@ -196,7 +214,7 @@ async def test_pause_blocks_then_resumes_at_refill_pace(autojump_clock: trio.tes
 async def test_period_pause_paces_for_one_period_then_windows_resume(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    lane = await _rested_lane(rpm=60_000, tpm=6000, period=60.0, mode="period")
+    lane = await _rested_lane(rpm=60_000, tpm=6000, period=60.0, mode="period", limit_headers=True)
     lane.pause(1.0, "tokens")
     await trio.sleep(30)
     assert lane.statistics().tokens_available == pytest.approx(100)  # paced: one second of refill at most
@@ -207,7 +225,7 @@ async def test_period_pause_paces_for_one_period_then_windows_resume(
 async def test_pause_without_wait_uses_default_and_drains_both_dimensions(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    lane = await _rested_lane(rpm=600, tpm=60_000)
+    lane = await _rested_lane(rpm=600, tpm=60_000, limit_headers=True)
     start = _now()
     lane.pause(None, None)
     assert lane.statistics().pause_remaining == pytest.approx(ledger_module.DEFAULT_PAUSE)
@@ -718,12 +736,18 @@ class _Bucket:
 
 @attrs.define
 class FakeUpstream:
-    """An upstream that enforces per-minute limits as a bucket holding ``burst`` seconds of refill."""
+    """An upstream that enforces per-minute limits as a bucket holding ``burst`` seconds of refill.
+
+    ``send_limit_headers`` False drops the ``limit_*`` headers, ``send_headers`` False every header (an empty
+    snapshot), ``send_wait`` False the wait of its 429s.
+    """
 
     rpm: int
     tpm: int
     send_limit_headers: bool = True
     burst: float = 1.0
+    send_headers: bool = True
+    send_wait: bool = True
     requests: _Bucket = attrs.field(init=False)
     tokens: _Bucket = attrs.field(init=False)
     admitted: int = 0
@@ -734,7 +758,7 @@ class FakeUpstream:
         self.requests = _Bucket(self.rpm / 60, self.rpm / 60 * self.burst, self.rpm / 60 * self.burst, now)
         self.tokens = _Bucket(self.tpm / 60, self.tpm / 60 * self.burst, self.tpm / 60 * self.burst, now)
 
-    def admit(self, tokens: int) -> tuple[bool, RateLimitSnapshot, float, str]:
+    def admit(self, tokens: int) -> tuple[bool, RateLimitSnapshot, float | None, str]:
         now = trio.current_time()
         self.requests.refill(now)
         self.tokens.refill(now)
@@ -751,10 +775,13 @@ class FakeUpstream:
             remaining_requests=max(0, math.floor(self.requests.level)),
             remaining_tokens=max(0, math.floor(self.tokens.level)),
         )
+        if not self.send_headers:
+            snapshot = RateLimitSnapshot()
         short_tokens = max(0.0, tokens - self.tokens.level) / self.tokens.rate
         short_requests = max(0.0, 1 - self.requests.level) / self.requests.rate
         scope = "tokens" if short_tokens >= short_requests else "requests"
-        return ok, snapshot, max(short_tokens, short_requests), scope
+        wait = max(short_tokens, short_requests) if self.send_wait else None
+        return ok, snapshot, wait, scope
 
 
 @attrs.frozen
@@ -791,12 +818,14 @@ async def simulate(
     send_limit_headers: bool = True,
     reconcile_headers: bool = True,
     upstream_burst: float = 1.0,
+    send_headers: bool = True,
+    send_wait: bool = True,
 ) -> SimResult:
     """Waves of chat requests through a ledger lane to a `FakeUpstream`, the way the scheduler drives it."""
     rng = random.Random(seed)
     ledger = Ledger(configured, period, mode=mode)
     lane = ledger.lane("sim")
-    fake = FakeUpstream(upstream.rpm, upstream.tpm, send_limit_headers, upstream_burst)
+    fake = FakeUpstream(upstream.rpm, upstream.tpm, send_limit_headers, upstream_burst, send_headers, send_wait)
     limiter = trio.CapacityLimiter(concurrency)
     attempts = 0
     rejections_by_wave = [0] * waves

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Literal, Protocol, final
@@ -56,6 +57,38 @@ CORRECTION_MAX: Final = 2.0
 #: A reply to a request admitted while our bucket was at least this full describes a rested upstream:
 #: its remaining budget plus that request's cost is (a lower bound of) the upstream's burst size.
 RESTED_FRACTION: Final = 0.9
+
+# Learning the rate from 429s when the upstream sends no limit header: additive increase, multiplicative
+# decrease (AIMD) of the pace of each dimension. docs/ledger.md ("Learning the rate from 429s") has the
+# algorithm and the measurements behind each value (the simulations in tests/test_ledger*.py, the bench).
+#: A 429 that is new evidence multiplies the pace by AIMD_DECREASE when it comes less than REPEAT_SECONDS
+#: after the previous decrease (refused again at once: still far too fast). 0.7, TCP CUBIC's factor: told
+#: 2x the real limits, the engine is under them after three decreases (2 -> 1.6 -> 1.12 -> 0.78).
+AIMD_DECREASE: Final = 0.7
+#: ... and by this after a quiet spell: the top of a sawtooth, ~10 % above the real rate, undone in one
+#: step. 0.7 here measured 91 % of the rate with exact limits and one stray 429 (a deep dip, slow back);
+#: 0.9 50 % more 429s told 2x (too shallow to get under a 10 % overshoot).
+AIMD_DECREASE_ISOLATED: Final = 0.8
+#: A 429 less than this many seconds after the previous decrease counts as repeated. Five seconds is many
+#: round trips (the requests refused for one overshoot are back long before, and do not count anyway),
+#: and less than a sawtooth, which lasts tens of seconds.
+REPEAT_SECONDS: Final = 5.0
+#: While replies come back, the pace grows by this fraction of max(pace before the last decrease, pace) per
+#: second of replies at the full pace: back from a 20 % dip in ~10 s, then 2 % per second, so a raised
+#: limit is found within a minute. 0.01 measured 92-93 % of the rate on a bench-like workload told 2x (slow
+#: back after each dip); 0.05 no better and more 429s.
+AIMD_INCREASE: Final = 0.02
+#: ... but by at most this fraction per reply. At a few requests per second a reply stands for a second or
+#: more, and time-clocked growth alone drew a 429 every ~15 requests (6.7 % told 2x); this keeps about 30
+#: replies between overshoots (3.3 %).
+AIMD_INCREASE_PER_REPLY: Final = 0.005
+#: The pace never drops below this fraction of the configured limit: 429s that another client of the key
+#: causes could otherwise drive it towards zero, from where the increase (relative to the pace) is slow.
+AIMD_FLOOR: Final = 0.01
+
+#: A model name ending in a snapshot date, ``gpt-4o-2024-08-06`` or the older ``gpt-4-0613``: group 1 is the
+#: family whose limit it shares upstream.
+_DATED_SNAPSHOT: Final = re.compile(r"(.+?)-(?:\d{4}-\d{2}-\d{2}|(?:0[1-9]|1[0-2])\d{2})")
 
 #: Float slack in budget comparisons: refill is continuous, so a waiter woken at its computed time may see
 #: its budget short by rounding error and would otherwise sleep again for a nanosecond.
@@ -102,6 +135,13 @@ class RequestTooLarge(Exception):
         self.unit = unit
         hint = "reduce input or max_tokens" if unit == "tokens" else "split the request"
         super().__init__(f"{lane}: requested {requested} {unit}, the whole per-minute budget is {budget}; {hint}")
+
+
+def _check_cost(lane: str, limits: Limits, cost: Cost) -> None:
+    if cost.tokens > limits.tpm:
+        raise RequestTooLarge(lane, cost.tokens, limits.tpm)
+    if cost.requests > limits.rpm:
+        raise RequestTooLarge(lane, cost.requests, limits.rpm, "requests")
 
 
 @final
@@ -165,6 +205,14 @@ class LaneStatistics:
     reservations: int
     refunds: int
     reconciles: int
+    #: Pace learned from 429s (per minute), when the upstream sends no limit header for that dimension and
+    #: has refused at least once; None otherwise. The lane admits at min(effective, learned).
+    learned_rpm: float | None = None
+    learned_tpm: float | None = None
+    #: Multiplicative decreases of the learned pace (both dimensions): at most one per overshoot.
+    rate_decreases: int = 0
+    #: Every meter full, no debt, no pause, nothing in flight, no waiters: see `LaneBudget.at_rest`.
+    at_rest: bool = False
 
 
 class LaneBudget(Protocol):
@@ -201,7 +249,16 @@ class LaneBudget(Protocol):
         ...
 
     def pause(self, wait: float | None, scope: str | None) -> None:
-        """A retryable 429: admit nothing for ``wait`` seconds, then resume at the refill pace."""
+        """A retryable 429: admit nothing for ``wait`` seconds, then resume at the refill pace.
+
+        Call it right after `reconcile` with the reply that was the 429: that tells the lane which request
+        overshot, so that the replies to one overshoot lower a pace learned from 429s only once.
+        """
+        ...
+
+    def at_rest(self) -> bool:
+        """True when forgetting the lane loses nothing the upstream still counts: every meter is full, no
+        debt, no pause in force, nothing in flight and no waiters."""
         ...
 
     def update_limits(self, limits: Limits) -> None:
@@ -401,7 +458,20 @@ class _WindowMeter:
 class _Dimension:
     """One metered dimension of a lane ("requests" or "tokens") and what replies taught us about it."""
 
-    __slots__ = ("adjusted", "cold", "held_back", "learned", "meter", "name", "observed", "warned")
+    __slots__ = (
+        "adjusted",
+        "cold",
+        "decreased_at",
+        "decreased_when",
+        "held_back",
+        "learned",
+        "meter",
+        "name",
+        "observed",
+        "paced",
+        "peak",
+        "warned",
+    )
 
     def __init__(self, name: str, meter: _Meter, learned: float) -> None:
         self.name = name
@@ -418,13 +488,20 @@ class _Dimension:
         self.learned = learned
         self.observed: int | None = None  # the latest limit header
         self.warned: int | None = None
+        # Learned from 429s while no limit header is seen (AIMD): the pace per minute, None until the first
+        # 429 that names this dimension; the pace just before the latest decrease; and how many requests
+        # had been admitted at that decrease (a 429 to one of those is the same overshoot, not new evidence).
+        self.paced: float | None = None
+        self.peak = 0.0
+        self.decreased_at = 0
+        self.decreased_when = -math.inf  # and when
 
 
 @final
 class _Book:
     """Per-reservation state of `LocalLaneBudget`, one value per dimension: (tokens, requests)."""
 
-    __slots__ = ("adjusted", "available", "charged_prompt", "marks", "rested")
+    __slots__ = ("adjusted", "available", "charged_prompt", "marks", "rested", "seq")
 
     def __init__(
         self,
@@ -433,7 +510,9 @@ class _Book:
         available: tuple[float, float],
         adjusted: tuple[float, float],
         rested: tuple[bool, bool],
+        seq: int,
     ) -> None:
+        self.seq = seq  # admitted as the lane's seq-th reservation
         self.charged_prompt = charged_prompt
         self.marks = marks  # what a later credit may still give back (see _Meter)
         self.available = available  # our view just after charging it
@@ -495,6 +574,12 @@ class LocalLaneBudget:
         self._reservations = 0
         self._refunds = 0
         self._reconciles = 0
+        # The seq of the reservation `reconcile` settled last: the request a `pause` right after it answers;
+        # and the paces before the growth that reply gave, which that pause takes back (a 429 is no clean
+        # reply).
+        self._last_reply: int | None = None
+        self._last_paces: tuple[float | None, float | None] | None = None
+        self._decreases = 0
 
     def __repr__(self) -> str:
         return (
@@ -504,10 +589,10 @@ class LocalLaneBudget:
 
     # -- limits ------------------------------------------------------------------------------------------
 
-    def _full(self, limit: int) -> float:
+    def _full(self, limit: float) -> float:
         return limit * self._period / 60.0
 
-    def _capacity(self, limit: int, learned: float) -> float:
+    def _capacity(self, limit: float, learned: float) -> float:
         full = self._full(limit)
         if self._mode != "bucket":
             return full
@@ -534,7 +619,23 @@ class LocalLaneBudget:
         rpm = self._effective_limit(self._requests, self._configured.rpm)
         self._effective = Limits(rpm=rpm, tpm=tpm)
         for dim, limit in ((self._tokens, tpm), (self._requests, rpm)):
-            dim.meter.configure(limit, self._capacity(limit, dim.learned), now)
+            self._configure(dim, limit, now)
+
+    def _pace(self, dim: _Dimension, limit: int) -> float:
+        """The rate a dimension is metered at: the effective limit, or lower when learned from 429s."""
+        if dim.paced is None or dim.observed is not None:
+            return float(limit)
+        return min(float(limit), dim.paced)
+
+    def _configure(self, dim: _Dimension, limit: int, now: float) -> None:
+        pace = self._pace(dim, limit)
+        dim.meter.configure(pace, self._capacity(pace, dim.learned), now)
+
+    def _limit_of(self, dim: _Dimension) -> int:
+        return self._effective.tpm if dim is self._tokens else self._effective.rpm
+
+    def _configured_of(self, dim: _Dimension) -> int:
+        return self._configured.tpm if dim is self._tokens else self._configured.rpm
 
     def update_limits(self, limits: Limits) -> None:
         self._configured = limits
@@ -544,10 +645,7 @@ class LocalLaneBudget:
     # -- admission ---------------------------------------------------------------------------------------
 
     def check_admissible(self, cost: Cost) -> None:
-        if cost.tokens > self._effective.tpm:
-            raise RequestTooLarge(self.name, cost.tokens, self._effective.tpm)
-        if cost.requests > self._effective.rpm:
-            raise RequestTooLarge(self.name, cost.requests, self._effective.rpm, "requests")
+        _check_cost(self.name, self._effective, cost)
 
     def _charge_for(self, cost: Cost) -> tuple[int, int | None]:
         """Tokens to charge, and the prompt part of them, with the lane's estimate correction applied."""
@@ -578,6 +676,7 @@ class LocalLaneBudget:
             available=(t.available(now), r.available(now)),
             adjusted=(self._tokens.adjusted, self._requests.adjusted),
             rested=rested,
+            seq=self._reservations + 1,
         )
         self._reservations += 1
         self._in_flight += 1
@@ -693,6 +792,8 @@ class LocalLaneBudget:
             return
         now = trio.current_time()
         self._reconciles += 1
+        self._last_reply = book.seq
+        self._last_paces = None
         estimate = reservation.cost.prompt_tokens
         if prompt_tokens is not None and prompt_tokens >= 0 and estimate is not None:
             assert book.charged_prompt is not None
@@ -706,7 +807,26 @@ class LocalLaneBudget:
             self._learn_correction(estimate, prompt_tokens)
         if snapshot is not None:
             self._apply_snapshot(reservation, book, snapshot, now)
+        if snapshot is not None or prompt_tokens is not None:
+            # An answer came back (a 429 among them: `pause` follows, takes the growth back and decreases).
+            self._last_paces = (self._tokens.paced, self._requests.paced)
+            self._grow(self._tokens, reservation.charged_tokens, now)
+            self._grow(self._requests, reservation.cost.requests, now)
         self._changed()
+
+    def _grow(self, dim: _Dimension, amount: float, now: float) -> None:
+        """Additive increase of a pace learned from 429s, clocked by replies: ``amount`` is what the reply's
+        request was charged, so at full pace the growth is AIMD_INCREASE x max(peak, pace) per second."""
+        if dim.paced is None or dim.observed is not None or amount <= 0:
+            return
+        limit = self._limit_of(dim)
+        pace = self._pace(dim, limit)
+        if pace >= limit:
+            return
+        seconds = amount / (pace / 60.0)
+        step = min(AIMD_INCREASE * seconds, AIMD_INCREASE_PER_REPLY)
+        dim.paced = min(float(limit), pace + step * max(dim.peak, pace))
+        self._configure(dim, limit, now)
 
     def _learn_correction(self, estimate: int, actual: int) -> None:
         self._estimated_total += estimate
@@ -781,10 +901,62 @@ class LocalLaneBudget:
         self._paused_until = max(self._paused_until, now + wait)
         self._pauses += 1
         scope = (scope or "").lower()
-        dims = [dim for dim in (self._tokens, self._requests) if dim.name.rstrip("s") in scope]
-        for dim in dims or (self._tokens, self._requests):
+        named = [dim for dim in (self._tokens, self._requests) if dim.name.rstrip("s") in scope]
+        self._learn_from_429(named, now)
+        for dim in named or (self._tokens, self._requests):
             dim.meter.drain_until(self._paused_until, now)
         self._changed()
+
+    def _learn_from_429(self, named: list[_Dimension], now: float) -> None:
+        # The 429 answered the request reconciled just before; called on its own, take the latest admission.
+        seq = self._last_reply if self._last_reply is not None else self._reservations
+        if self._last_paces is not None:
+            for dim, paced in zip((self._tokens, self._requests), self._last_paces, strict=True):
+                if dim.paced != paced:
+                    dim.paced = paced
+                    self._configure(dim, self._limit_of(dim), now)
+        self._last_reply = self._last_paces = None
+        for dim in named or self._unnamed_culprits(now):
+            self._decrease(dim, seq, now)
+
+    def _unnamed_culprits(self, now: float) -> list[_Dimension]:
+        """The dimensions a 429 that names none is taken to be about: those whose meter was not nearly full
+        (a dimension with room to spare did not run out), or both when each had room (someone else spent)."""
+        dims = (self._tokens, self._requests)
+        busy = [dim for dim in dims if dim.meter.available(now) < RESTED_FRACTION * dim.meter.capacity]
+        return busy or list(dims)
+
+    def _decrease(self, dim: _Dimension, seq: int, now: float) -> None:
+        """Multiplicative decrease of the pace, unless limit headers tell the real limit or the 429 answers
+        a request admitted before the previous decrease (the same overshoot, already acted on)."""
+        if dim.observed is not None or seq <= dim.decreased_at:
+            return
+        limit = self._limit_of(dim)
+        pace = self._pace(dim, limit)
+        repeated = now - dim.decreased_when < REPEAT_SECONDS
+        factor = AIMD_DECREASE if repeated else AIMD_DECREASE_ISOLATED
+        dim.peak = pace
+        dim.paced = max(AIMD_FLOOR * self._configured_of(dim), pace * factor)
+        dim.decreased_at = self._reservations
+        dim.decreased_when = now
+        self._decreases += 1
+        logger.info(
+            "lane %s: 429 on %s with no limit header; pace lowered from %.0f to %.0f per minute",
+            self.name,
+            dim.name,
+            pace,
+            dim.paced,
+        )
+        self._configure(dim, limit, now)
+
+    def at_rest(self) -> bool:
+        now = trio.current_time()
+        if self._waiters or self._in_flight or self._paused_until > now:
+            return False
+        for meter in (self._tokens.meter, self._requests.meter):
+            if meter.available(now) < meter.capacity * (1.0 - 1e-9) - _EPS:
+                return False
+        return True
 
     # -- introspection -----------------------------------------------------------------------------------
 
@@ -814,7 +986,16 @@ class LocalLaneBudget:
             reservations=self._reservations,
             refunds=self._refunds,
             reconciles=self._reconciles,
+            learned_rpm=self._learned(self._requests),
+            learned_tpm=self._learned(self._tokens),
+            rate_decreases=self._decreases,
+            at_rest=self.at_rest(),
         )
+
+    def _learned(self, dim: _Dimension) -> float | None:
+        if dim.paced is None or dim.observed is not None:
+            return None
+        return self._pace(dim, self._limit_of(dim))
 
 
 _NO_PER_MODEL: Final[Mapping[str, Limits]] = MappingProxyType({})
@@ -867,13 +1048,40 @@ class Ledger:
     def statistics(self) -> dict[str, LaneStatistics]:
         return {name: lane.statistics() for name, lane in self._lanes.items()}
 
-    def forget(self, model: str) -> None:
-        """Drop an idle lane (no waiters, nothing in flight); it is created afresh if used again."""
+    def forget(self, model: str) -> bool:
+        """Drop a lane whose budget is at rest (`LaneBudget.at_rest`); it is created afresh if used again.
+
+        A lane that is not at rest is kept: a fresh one would start with a budget the upstream still counts
+        as spent (or ignore a pause, or debt). Returns whether the lane is gone (True also when there was
+        none).
+        """
         lane = self._lanes.get(model)
         if lane is not None:
-            stats = lane.statistics()
-            if stats.waiters == 0 and stats.in_flight == 0:
-                del self._lanes[model]
+            if not lane.at_rest():
+                return False
+            del self._lanes[model]
+        return True
+
+    def lane_name(self, model: str) -> str:
+        """The lane whose budget ``model``'s requests spend: the model's own when it has configured limits,
+        else its family's. Dated snapshots share their family's limit upstream (``gpt-4o-2024-08-06`` counts
+        against ``gpt-4o``), so they share its lane."""
+        if model in self._per_model:
+            return model
+        match = _DATED_SNAPSHOT.fullmatch(model)
+        return match.group(1) if match else model
+
+    def configured_limits(self, model: str) -> Limits:
+        """The limits configured for a lane (the upstream's headers may have lowered the ones in force)."""
+        return self._per_model.get(model, self._default)
+
+    def check_admissible(self, model: str, cost: Cost) -> None:
+        """`LaneBudget.check_admissible` for a lane that may not exist yet, without creating it."""
+        lane = self._lanes.get(model)
+        if lane is not None:
+            lane.check_admissible(cost)
+        else:
+            _check_cost(model, self.configured_limits(model), cost)
 
     def update_limits(self, default_limits: Limits, per_model: Mapping[str, Limits]) -> None:
         self._default = default_limits
