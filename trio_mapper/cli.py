@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import attrs
@@ -170,7 +172,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _record_engine_signals() -> list[int]:
+    """From now on SIGINT, SIGTERM and SIGHUP are appended to the returned list instead of acting.
+
+    Their default actions would end start-up wherever it is (SIGTERM and SIGHUP kill the process, SIGINT raises
+    KeyboardInterrupt), possibly with the socket file created and left behind. The engine acts on the
+    recorded ones as soon as its Trio signal receiver is installed (`Engine.serve`), and the receiver puts
+    these handlers back when it closes: a signal during the last moments of exit changes nothing.
+    """
+    received: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # engine.SIGNALS, without importing the engine
+        signal.signal(signum, record)
+    return received
+
+
 def run_launch_engine(args: argparse.Namespace) -> int:
+    # First, before the imports below take their time: nothing is created on disk before this line.
+    early_signals = _record_engine_signals()
     import trio
 
     from .engine import Engine
@@ -197,6 +219,7 @@ def run_launch_engine(args: argparse.Namespace) -> int:
         reload_settings=lambda: load_settings(
             cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=dotenv_dir
         ),
+        early_signals=early_signals,
     )
     try:
         trio.run(engine.serve)

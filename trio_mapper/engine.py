@@ -1,8 +1,11 @@
 """The engine daemon: one Trio nursery supervising the listener, the scheduler and the connections.
 
-Shutdown follows hypercorn's two-nursery pattern. The front nursery (accept loop and signal watcher) is
-cancelled first, so no new client gets in; then the scheduler answers queued requests ``shutting_down``
-and gives in-flight ones the grace period; then every connection flushes its last replies and closes.
+Shutdown follows hypercorn's two-nursery pattern. The front nursery (the accept loop) is cancelled first, so
+no new client gets in; then the scheduler answers queued requests ``shutting_down`` and gives in-flight ones
+the grace period; then every connection flushes its last replies and closes.
+
+Signals are received from the first moment of the Trio run, before anything is created: SIGINT or SIGTERM
+during start-up abandons it, and whatever start-up had created is removed on the way out.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import trio
@@ -35,6 +38,8 @@ _ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errn
 _ACCEPT_RETRY_SLEEP: Final = 0.1
 #: How often the one-line STATUS= shown by `systemctl status` is refreshed (only sent when it changed).
 STATUS_INTERVAL: Final = 2.0
+#: SIGINT and SIGTERM stop the engine gracefully (a second one ends the grace period); SIGHUP reloads.
+SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Engine:
@@ -46,10 +51,14 @@ class Engine:
         estimator: TokenEstimator,
         *,
         reload_settings: Callable[[], Settings] | None = None,
+        early_signals: list[int] | None = None,
     ) -> None:
         self.settings = settings
         #: Loads the settings again from the same layers (file < env < original CLI args), for SIGHUP.
         self._reload_settings = reload_settings
+        #: Signals that arrived before `serve` installed its receiver, recorded by whoever started the process
+        #: (launch-engine does from its first line); `serve` acts on them, in order, once its receiver is in place.
+        self._early_signals = early_signals if early_signals is not None else []
         #: The socket actually served: --socket, or the one systemd passed (then --socket is informational).
         self.listening_on = str(settings.server.socket)
         self._notifier = systemd.Notifier(None)
@@ -62,12 +71,17 @@ class Engine:
             mode=server.ledger_mode,
         )
         self._shutdown_requested = trio.Event()
+        #: Covers start-up (socket, upstream clients); a shutdown request cancels it.
+        self._starting = trio.CancelScope()
+        #: READY=1 was sent: reloads are announced to systemd only from then on.
+        self._ready = False
         self._connections: set[Connection] = set()
         self._started_at = time.time()
         self.scheduler: Scheduler | None = None
 
     def request_shutdown(self) -> None:
         self._shutdown_requested.set()
+        self._starting.cancel()
 
     def statistics(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         assert self.scheduler is not None
@@ -87,59 +101,115 @@ class Engine:
         return engine, lanes
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until SIGINT/SIGTERM or `request_shutdown`, then stop gracefully; remove our socket on the way out.
+
+        The signal receiver is the first thing installed: from then on a signal is a request the engine acts on,
+        at any point of start-up as well as while serving, never the default action that would kill the
+        process and leave the socket file behind.
+
+        Raises:
+            ListenerError: the socket cannot be created or taken over from systemd.
+        """
+        with trio.open_signal_receiver(*SIGNALS) as signals:
+            # Those recorded before the receiver existed. Any later one reaches the receiver: the handlers
+            # were all replaced before this list is read.
+            while self._early_signals:
+                self._on_signal(self._early_signals.pop(0))
+            failure: ListenerError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, signals)
+                try:
+                    await self._start_and_serve(task_status)
+                except ListenerError as exc:
+                    # Raised below, outside the nursery, so that the CLI gets it as itself rather than inside
+                    # an exception group.
+                    failure = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+        log.info("stopped")
+
+    async def _start_and_serve(self, task_status: trio.TaskStatus[None]) -> None:
         server = self.settings.server
         # Read (and removed from the environment) before anything else, so no child could inherit them.
         self._notifier = systemd.Notifier.from_environment(os.environ)
         watchdog_interval = systemd.watchdog_interval(os.environ)
-        listener, socket_file = await self._open_listener()
+        listener: trio.SocketListener | None = None
+        socket_file: OwnedSocketFile | None = None
+        upstream: Upstream | None = None
         try:
-            async with Upstream(
-                self.settings.openai, max_connections=server.max_nb_sockets, concurrency=server.max_concurrent_reqs
-            ) as upstream:
-                scheduler = self.scheduler = Scheduler(
-                    ledger=self.ledger,
-                    upstream=upstream,
-                    estimator=self._estimator,
-                    max_concurrent_reqs=server.max_concurrent_reqs,
-                    max_queued=server.max_queued,
-                    default_max_attempts=server.max_attempts,
-                )
-                async with trio.open_nursery() as root:
-                    root.start_soon(self._watch_signals)
-                    await root.start(scheduler.run)
-                    if watchdog_interval is not None:
-                        root.start_soon(self._keep_watchdog, watchdog_interval)
-                    async with trio.open_nursery() as connections:
-                        async with trio.open_nursery() as front:
-                            front.start_soon(self._accept_loop, listener, connections)
-                            front.start_soon(self._stop_on_request, front.cancel_scope)
-                            log.info(
-                                "listening on %s (%s); upstream %s; %d rpm, %d tpm, period %gs, %d concurrent",
-                                self.listening_on,
-                                f"mode {server.socket_mode:#o}" if socket_file is not None else "passed by systemd",
-                                self.settings.openai.base_url,
-                                server.rpm,
-                                server.tpm,
-                                server.period_length,
-                                server.max_concurrent_reqs,
-                            )
-                            task_status.started()
-                            if self._notifier.enabled:
-                                self._notifier.ready(self._status_line())
-                                root.start_soon(self._report_status)
-                        self._notifier.stopping(self._status_line())
-                        await self._stop_accepting(listener, socket_file)
-                        await scheduler.shutdown(server.grace_period)
-                        for connection in list(self._connections):
-                            connection.begin_close()
-                    root.cancel_scope.cancel()
+            # A stop requested before now (a signal recorded before the Trio run) creates nothing at all.
+            if not self._shutdown_requested.is_set():
+                with self._starting:
+                    listener, socket_file = await self._open_listener()
+                    # Building the clients takes a while (an SSL context each) and cannot be interrupted: a
+                    # signal meanwhile is acted on at the next checkpoint, which stops serving at once.
+                    upstream = Upstream(
+                        self.settings.openai,
+                        max_connections=server.max_nb_sockets,
+                        concurrency=server.max_concurrent_reqs,
+                    )
+            if listener is None or upstream is None or self._shutdown_requested.is_set():
+                log.info("stopping before serving")
+                return
+            await self._serve(listener, socket_file, upstream, watchdog_interval, task_status)
         finally:
             with trio.CancelScope(shield=True):
-                await listener.aclose()
-            if socket_file is not None:
-                socket_file.remove()
+                if listener is not None:
+                    await listener.aclose()
+                if socket_file is not None:
+                    socket_file.remove()
+                if upstream is not None:
+                    await upstream.aclose()
             self._notifier.close()
-        log.info("stopped")
+
+    async def _serve(
+        self,
+        listener: trio.SocketListener,
+        socket_file: OwnedSocketFile | None,
+        upstream: Upstream,
+        watchdog_interval: float | None,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        server = self.settings.server
+        scheduler = self.scheduler = Scheduler(
+            ledger=self.ledger,
+            upstream=upstream,
+            estimator=self._estimator,
+            max_concurrent_reqs=server.max_concurrent_reqs,
+            max_queued=server.max_queued,
+            default_max_attempts=server.max_attempts,
+        )
+        async with trio.open_nursery() as root:
+            await root.start(scheduler.run)
+            if watchdog_interval is not None:
+                root.start_soon(self._keep_watchdog, watchdog_interval)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as front:
+                    front.start_soon(self._accept_loop, listener, connections)
+                    front.start_soon(self._stop_on_request, front.cancel_scope)
+                    log.info(
+                        "listening on %s (%s); upstream %s; %d rpm, %d tpm, period %gs, %d concurrent",
+                        self.listening_on,
+                        f"mode {server.socket_mode:#o}" if socket_file is not None else "passed by systemd",
+                        self.settings.openai.base_url,
+                        server.rpm,
+                        server.tpm,
+                        server.period_length,
+                        server.max_concurrent_reqs,
+                    )
+                    task_status.started()
+                    if self._notifier.enabled:
+                        self._notifier.ready(self._status_line())
+                        self._ready = True
+                        root.start_soon(self._report_status)
+                self._notifier.stopping(self._status_line())
+                await self._stop_accepting(listener, socket_file)
+                await scheduler.shutdown(server.grace_period)
+                for connection in list(self._connections):
+                    connection.begin_close()
+            root.cancel_scope.cancel()
 
     async def _open_listener(self) -> tuple[trio.SocketListener, OwnedSocketFile | None]:
         """systemd's socket when it passed one, else our own at --socket (then None: nothing of ours to remove)."""
@@ -166,23 +236,25 @@ class Engine:
         await listener.aclose()
         log.info("stopped accepting connections")
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
         """First SIGINT/SIGTERM: graceful shutdown. A second one: skip what is left of the grace period.
 
         SIGHUP reloads the limits, here in a task rather than in the signal handler.
         """
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if signum == signal.SIGHUP:
-                    self.reload()
-                    continue
-                if not self._shutdown_requested.is_set():
-                    log.info("received %s; shutting down", name)
-                    self._shutdown_requested.set()
-                elif self.scheduler is not None:
-                    log.info("received %s again; cancelling in-flight requests now", name)
-                    self.scheduler.end_grace_period()
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            self.reload()
+            return
+        if not self._shutdown_requested.is_set():
+            log.info("received %s; shutting down", name)
+            self.request_shutdown()
+        elif self.scheduler is not None:
+            log.info("received %s again; cancelling in-flight requests now", name)
+            self.scheduler.end_grace_period()
 
     def reload(self) -> None:
         """Re-read the settings and apply what can change while serving; a bad config changes nothing.
@@ -192,7 +264,10 @@ class Engine:
         if self._shutdown_requested.is_set() or self._reload_settings is None:
             log.warning("SIGHUP ignored: %s", "shutting down" if self._reload_settings else "nothing to reload from")
             return
-        self._notifier.reloading()
+        # During start-up the reload is applied too, but systemd hears of it only once READY=1 was sent.
+        announce = self._ready
+        if announce:
+            self._notifier.reloading()
         try:
             try:
                 new = self._reload_settings()
@@ -215,7 +290,8 @@ class Engine:
             # A bug in reloading must not stop the engine: it keeps serving with what it has.
             log.exception("reload failed; serving continues")
         finally:
-            self._notifier.ready(self._status_line())
+            if announce:
+                self._notifier.ready(self._status_line())
 
     def _status_line(self) -> str:
         if self.scheduler is None:

@@ -171,8 +171,11 @@ async def _bind(path: Path, mode: int, stale_candidate: bool) -> tuple[trio.Sock
         sock.listen(BACKLOG)
         os.replace(temporary, path)
         created = os.lstat(path)
-    except OSError as exc:
+    except BaseException as exc:
+        # Cancelled too (a signal during start-up): no half-made socket or temporary file may stay behind.
         sock.close()
         temporary.unlink(missing_ok=True)
-        raise ListenerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise ListenerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        raise
     return trio.SocketListener(sock), created
