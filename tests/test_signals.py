@@ -2,7 +2,8 @@
 
 systemd stopping a unit that has just started sends SIGTERM at an arbitrary point of start-up; so does a user's
 Ctrl+C. The engine runs as a real subprocess here and gets the signal at chosen moments: the instant its
-socket file appears, while it builds its upstream clients, and at random points of start-up.
+socket file appears, while it builds its upstream clients, at random points of start-up, and a second time
+during the grace period.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from conftest import engine_command, engine_env
+from conftest import engine_command, engine_env, running_engine, simulator
+from wire import RawClient, chat
 
 #: Nothing is sent upstream in the start-up tests: the engine needs a base URL to start, not an upstream.
 UNUSED_UPSTREAM = "http://127.0.0.1:9/v1"
@@ -127,3 +129,31 @@ async def test_sigterm_at_random_moments_of_start_up_ends_cleanly(short_tmp: Pat
         trial.process.send_signal(signal.SIGTERM)
         returncode = await trial.wait()
         assert_ended_cleanly(trial, returncode, signal.SIGTERM)
+
+
+async def test_a_second_sigterm_cuts_the_grace_period_short(short_tmp: Path) -> None:
+    # The upstream takes ten minutes to answer and the grace period is ten minutes too: only the second
+    # signal can end the wait within the hang guard's minute.
+    async with (
+        simulator(latency_ms=600_000.0) as url,
+        running_engine(short_tmp, url, "--grace-period", "600") as engine,
+    ):
+        async with await RawClient.connect(str(engine.socket)) as client:
+            await client.send(chat("slow"))
+            with trio.fail_after(30):
+                while (  # noqa: ASYNC110 - polling another process's state: no event to wait on
+                    await client.request({"type": "stats", "id": "s"})
+                )["engine"]["in_flight"] < 1:
+                    await trio.sleep(0.05)
+            engine.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                while "shutting down: answered" not in engine.log:  # noqa: ASYNC110 - the engine's log file
+                    await trio.sleep(0.05)
+            assert not engine.socket.exists(), "the first signal stops accepting and removes the socket"
+            engine.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(60):  # hang guard, far below the grace period
+                reply = await client.receive()
+                assert await engine.process.wait() == 0
+        assert (reply["id"], reply["type"], reply["kind"]) == ("slow", "error", "shutting_down"), reply
+        assert not engine.socket.exists()
+        assert "cancelling in-flight requests now" in engine.log
