@@ -49,6 +49,9 @@ class OwnedSocketFile:
             if (current.st_dev, current.st_ino) == (self.device, self.inode):
                 self.path.unlink(missing_ok=True)
         if self.lock_fd is not None:
+            # The lock file stays (empty, 0600, reused by the next engine): unlinking it would race with an
+            # engine that has just opened it and is about to lock it, which would then hold a lock on a file
+            # no longer at the path while another engine creates and locks a new one.
             os.close(self.lock_fd)
             self.lock_fd = None
 
