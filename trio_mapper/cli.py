@@ -135,7 +135,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         dest="max_attempts",
         type=_positive_int,
         metavar="N",
-        help=f"upstream attempts per request, first try included (default {_default('max_attempts')})",
+        help=f"upstream attempts per request, first try included; 429s do not count "
+        f"(default {_default('max_attempts')})",
+    )
+    serving.add_argument(
+        *_both_spellings("default-deadline"),
+        dest="default_deadline",
+        type=_positive_float,
+        metavar="S",
+        help="seconds after which a request that names no deadline is answered 'timeout' "
+        f"(default {_default('default_deadline'):g})",
     )
     serving.add_argument(
         *_both_spellings("grace-period"),

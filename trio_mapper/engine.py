@@ -26,7 +26,7 @@ from .listener import ListenerError, OwnedSocketFile, open_unix_listener
 from .peers import is_allowed, peer_credentials, refusal_message, refuse
 from .reload import ledger_limits, plan_reload
 from .scheduler import Scheduler
-from .server import Connection
+from .server import Connection, ReplyBacklog
 from .settings import Settings, SettingsError
 from .tokens import TokenEstimator
 from .upstream import Upstream
@@ -76,6 +76,7 @@ class Engine:
         #: READY=1 was sent: reloads are announced to systemd only from then on.
         self._ready = False
         self._connections: set[Connection] = set()
+        self._backlog = ReplyBacklog()
         self._started_at = time.time()
         self.scheduler: Scheduler | None = None
 
@@ -180,6 +181,7 @@ class Engine:
             max_concurrent_reqs=server.max_concurrent_reqs,
             max_queued=server.max_queued,
             default_max_attempts=server.max_attempts,
+            default_deadline=server.default_deadline,
         )
         async with trio.open_nursery() as root:
             await root.start(scheduler.run)
@@ -283,6 +285,7 @@ class Engine:
             self.ledger.update_limits(*ledger_limits(server))
             if self.scheduler is not None:
                 self.scheduler.limiter.total_tokens = server.max_concurrent_reqs
+                self.scheduler.default_deadline = server.default_deadline
             logging.getLogger("trio_mapper").setLevel(server.log_level)
             self.settings = plan.settings
             log.info("reloaded: %s", "; ".join(plan.applied) if plan.applied else "no changes")
@@ -355,6 +358,7 @@ class Engine:
             stats=self.statistics,
             max_frame_bytes=server.max_frame_bytes,
             peer=peer.label if peer is not None else "",
+            backlog=self._backlog,
         )
         self._connections.add(connection)
         try:
