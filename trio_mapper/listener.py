@@ -104,9 +104,13 @@ def _prepare_parent(path: Path, socket_mode: int) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise ListenerError(f"{parent} is not a directory (or is a symlink); choose another --socket")
     # Whoever can write to the directory can swap the socket for their own and read every client's
-    # requests: in a shared place like /tmp, the directory must be ours and closed to others.
-    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
-        raise ListenerError(f"{parent} is world-writable; choose a --socket in a directory only you can write")
+    # requests. The sticky bit (/tmp) stops others from renaming or removing what we own; without it the
+    # directory must be closed to writers other than its owner, group members included.
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        who = "world-writable" if info.st_mode & 0o002 else "group-writable"
+        raise ListenerError(
+            f"{parent} is {who} without the sticky bit; choose a --socket in a directory only you can write"
+        )
     if not info.st_mode & stat.S_ISVTX and info.st_uid not in (os.geteuid(), 0):
         raise ListenerError(
             f"{parent} belongs to uid {info.st_uid}, not to this engine (uid {os.geteuid()}); "

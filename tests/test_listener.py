@@ -1,0 +1,46 @@
+"""The socket's directory: refused where someone else could swap the socket (a unit test of listener.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from trio_mapper.listener import ListenerError, open_unix_listener
+
+
+@pytest.mark.parametrize(
+    ("mode", "refused"),
+    [
+        (0o700, None),
+        (0o750, None),
+        (0o770, "group-writable"),
+        (0o775, "group-writable"),
+        (0o777, "world-writable"),
+        (0o1777, None),  # sticky, like /tmp: others cannot rename or remove what is ours
+        (0o1770, None),
+    ],
+)
+async def test_a_directory_others_may_write_to_is_refused(short_tmp: Path, mode: int, refused: str | None) -> None:
+    directory = short_tmp / "d"
+    directory.mkdir()
+    os.chmod(directory, mode)
+    if refused is None:
+        listener, socket_file = await open_unix_listener(directory / "e.sock", mode=0o660)
+        await listener.aclose()
+        socket_file.remove()
+        return
+    with pytest.raises(ListenerError, match=refused):
+        await open_unix_listener(directory / "e.sock", mode=0o660)
+    assert not (directory / "e.sock").exists()
+
+
+async def test_a_directory_of_another_user_is_refused(short_tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory owned by another user")
+    directory = short_tmp / "theirs"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, 12345, 12345)
+    with pytest.raises(ListenerError, match="belongs to uid 12345"):
+        await open_unix_listener(directory / "e.sock", mode=0o660)
