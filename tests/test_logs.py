@@ -246,3 +246,10 @@ async def test_the_engine_logs_bounded_lines_for_megabytes_of_client_text(short_
     assert max(len(line) for line in lines) <= 5000
     assert not any(line.startswith("2030-01-01") for line in lines), "a client's newline forged a log line"
     assert all(control_characters(line) == [] for line in lines)
+
+
+def test_bidirectional_controls_are_escaped() -> None:
+    from trio_mapper.logs import escape_control_characters
+
+    # U+202E would show "gpt-4o-mini" as something else on a terminal.
+    assert escape_control_characters("model\u202einim-o4-tpg\u2066x\u2069") == "model\\u202einim-o4-tpg\\u2066x\\u2069"

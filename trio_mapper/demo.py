@@ -30,6 +30,7 @@ import attrs
 import httpx
 import trio
 
+from .logs import escape_control_characters
 from .simulator.content import WORDS
 
 #: Any non-empty key works on the simulator; this one says what it is in case it ever shows up somewhere.
@@ -527,6 +528,7 @@ def _describe(error: BaseException) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; 0 only when every request succeeded, 130 when interrupted, 1 on any failure."""
     from rich.console import Console
+    from rich.text import Text
 
     # soft_wrap: long lines stay whole (a terminal wraps them anyway), so they can be grepped from a log.
     console = Console(highlight=False, soft_wrap=True)
@@ -543,7 +545,8 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             result = trio.run(_main, plan, workdir, console, children, not args.no_neighbour)
         except Exception as exc:
-            console.print(f"[red]demo failed:[/] {_describe(exc)}")
+            # The description quotes the engine and the upstream: plain text, never markup.
+            console.print("[red]demo failed:[/]", Text(escape_control_characters(_describe(exc))))
             _print_logs(console, children)
             return 1
         except KeyboardInterrupt:  # a Ctrl+C before the signal receiver was installed

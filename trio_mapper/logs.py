@@ -26,13 +26,16 @@ MAX_MESSAGE_CHARS: Final = 4000
 #: Longest traceback; the cut is in the middle, as its first and last lines say the most.
 MAX_EXCEPTION_CHARS: Final = 20_000
 
-#: C0 controls, DEL, C1 controls and the Unicode line and paragraph separators, each as a visible escape.
+#: C0 controls, DEL, C1 controls, the Unicode line and paragraph separators and the bidirectional
+#: overrides and isolates (which can make a terminal show text in another order than it is), each as a
+#: visible escape.
 _ESCAPES: Final[dict[int, str]] = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 _ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+_ESCAPES.update({code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 
 
 def escape_control_characters(text: str) -> str:
-    """``text`` with every control character (C0, DEL, C1, U+2028/9) written as a visible escape."""
+    """``text`` with every control character (C0, DEL, C1, U+2028/9, bidi controls) as a visible escape."""
     return text.translate(_ESCAPES)
 
 

@@ -44,6 +44,7 @@ from .jsonl import (
     prepare_output,
     success_record,
 )
+from .logs import escape_control_characters
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -500,6 +501,8 @@ class MapJob:
 
     def _note(self, message: str) -> None:
         """A message on stderr, above the progress bar when there is one."""
+        # Messages quote the engine and the upstream: no escape sequence of theirs reaches the terminal.
+        message = escape_control_characters(message)
         if self._bar is not None:
             self._bar.console.print(message, markup=False, highlight=False)
         else:
