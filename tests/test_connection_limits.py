@@ -23,8 +23,10 @@ from conftest import running_engine, simulator
 from wire import PREFIX, RawClient, chat
 
 from trio_mapper import server
-from trio_mapper.protocol import DEFAULT_MAX_FRAME_BYTES, Result, Submit
+from trio_mapper.outcome import Finished, RequestSpec, Timings
+from trio_mapper.protocol import DEFAULT_MAX_FRAME_BYTES
 from trio_mapper.server import FRAME_STALL_TIMEOUT, HANDSHAKE_TIMEOUT, OUTBOX_HIGH_WATER, Connection
+from trio_mapper.upstream import ReplyBody
 
 HELLO = {"type": "hello", "protocol": 1, "client": "limits-test"}
 
@@ -43,12 +45,11 @@ class FakeScheduler:
         self.submitted: list[Any] = []
         self.forgotten: list[Any] = []
 
-    async def intake(self, owner: Connection, message: Submit, **_: Any) -> None:
-        self.submit(owner, message)
-
-    def submit(self, owner: Connection, message: Submit, **_: Any) -> None:
-        self.submitted.append(message.id)
-        owner.deliver(Result(id=message.id, status=200, body={"padding": "x" * self.reply_bytes}))
+    async def intake(self, owner: Connection, request_id: Any, spec: RequestSpec, **_: Any) -> None:
+        self.submitted.append(request_id)
+        body = ReplyBody(msgspec.json.encode({"padding": "x" * self.reply_bytes}))
+        timings = Timings(queued=0.0, upstream=0.0, total=0.0)
+        owner.report(request_id, Finished(status=200, headers={}, body=body, attempts=1, timings=timings))
 
     def cancel(self, owner: Connection, request_id: Any) -> bool:
         return False

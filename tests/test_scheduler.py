@@ -17,11 +17,12 @@ import pytest
 import trio
 
 from trio_mapper.ledger import Ledger, Limits
-from trio_mapper.protocol import Error, Result, Submit
+from trio_mapper.outcome import Failed, Finished, Outcome, RequestSpec, Started
+from trio_mapper.protocol import Error, Result, Submit, Timings
 from trio_mapper.scheduler import Scheduler
 from trio_mapper.settings import OpenAISettings
 from trio_mapper.tokens import TokenEstimator
-from trio_mapper.upstream import ReplyBody, Upstream
+from trio_mapper.upstream import Upstream
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -37,19 +38,45 @@ class Sink:
 
     name: str
     replies: list[Result | Error] = attrs.field(factory=list)
+    started: set[Any] = attrs.field(factory=set)
     arrived: trio.Event = attrs.field(factory=trio.Event)
 
     @property
-    def fairness_key(self) -> str:
+    def client_key(self) -> str:
         return self.name
 
     @property
     def label(self) -> str:
         return self.name
 
-    def deliver(self, message: Result | Error) -> None:
-        if isinstance(message.body, ReplyBody):  # rendered as a front would
-            message = msgspec.structs.replace(message, body=message.body.decoded())
+    def report(self, request_id: Any, event: Outcome) -> None:
+        # Rendered as the msgpack front would, so the tests read replies as a client does.
+        message: Result | Error
+        match event:
+            case Started():
+                assert request_id not in self.started, "two Started events for one request"
+                self.started.add(request_id)
+                return
+            case Finished():
+                assert request_id in self.started, "Finished without Started"
+                message = Result(
+                    id=request_id,
+                    status=event.status,
+                    body=event.body.decoded(),
+                    headers=dict(event.headers),
+                    attempts=event.attempts,
+                    timings=Timings(event.timings.queued, event.timings.upstream, event.timings.total),
+                )
+            case Failed():
+                message = Error(
+                    id=request_id,
+                    kind=event.kind,
+                    message=event.message,
+                    status=event.status,
+                    body=event.body.decoded() if event.body is not None else None,
+                    headers=dict(event.headers),
+                    attempts=event.attempts,
+                )
         self.replies.append(message)
         self.arrived.set()
 
@@ -70,6 +97,18 @@ def ok_response(request: httpx.Request) -> httpx.Response:
         json={"object": "chat.completion", "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}},
         headers={"x-request-id": "req_test"},
     )
+
+
+def submit(scheduler: Scheduler, sink: Sink, message: Submit) -> None:
+    """Submit as the msgpack front does: the wire message becomes the core's RequestSpec."""
+    spec = RequestSpec(
+        endpoint=message.endpoint,
+        body=message.body,
+        method=message.method,
+        deadline=message.deadline,
+        max_attempts=message.max_attempts,
+    )
+    scheduler.submit(sink, message.id, spec)
 
 
 def chat(request_id: object, **extra: Any) -> Submit:
@@ -117,7 +156,7 @@ async def test_a_request_is_answered_once_with_the_upstream_body(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
     reply = sink.by_id()[1]
     assert isinstance(reply, Result)
@@ -139,7 +178,7 @@ async def test_server_errors_are_retried_with_backoff(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
     reply = sink.by_id()[1]
     assert isinstance(reply, Result) and reply.attempts == 3
@@ -177,7 +216,7 @@ async def test_final_errors_are_never_retried(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
     reply = sink.by_id()[1]
     assert isinstance(reply, Error)
@@ -205,7 +244,7 @@ async def test_a_rate_limit_429_pauses_the_lane_for_the_named_wait(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
         _, lanes = scheduler.statistics()
     reply = sink.by_id()[1]
@@ -225,8 +264,8 @@ async def test_attempts_are_bounded(estimator: TokenEstimator, autojump_clock: t
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator) as scheduler:
-        scheduler.submit(sink, chat(1, max_attempts=2))
-        scheduler.submit(sink, chat(2))
+        submit(scheduler, sink, chat(1, max_attempts=2))
+        submit(scheduler, sink, chat(2))
         await sink.wait_for(2)
     replies = sink.by_id()
     assert replies[1].attempts == 2 and replies[2].attempts == 4  # per request, else the engine default
@@ -242,7 +281,7 @@ async def test_connection_errors_are_retried_then_reported_unreachable(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator, max_attempts=3) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
     reply = sink.by_id()[1]
     assert isinstance(reply, Error) and reply.kind == "upstream_unreachable" and reply.attempts == 3
@@ -261,7 +300,7 @@ async def test_deadline_cancels_the_upstream_call(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator) as scheduler:
-        scheduler.submit(sink, chat(1, deadline=5.0))
+        submit(scheduler, sink, chat(1, deadline=5.0))
         await sink.wait_for(1)
         assert trio.current_time() < 10
     reply = sink.by_id()[1]
@@ -277,8 +316,8 @@ async def test_deadline_while_queued(estimator: TokenEstimator, autojump_clock: 
         return ok_response(request)
 
     async with scheduler_with(handler, estimator, rpm=1) as scheduler:
-        scheduler.submit(sink, chat(1))
-        scheduler.submit(sink, chat(2, deadline=3.0))
+        submit(scheduler, sink, chat(1))
+        submit(scheduler, sink, chat(2, deadline=3.0))
         await sink.wait_for(2)
         assert trio.current_time() < 10
     replies = sink.by_id()
@@ -297,9 +336,9 @@ async def test_cancel_releases_the_reservation(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator, concurrency=1) as scheduler:
-        scheduler.submit(sink, chat("in-flight"))
-        scheduler.submit(sink, chat("waiting-for-slot"))
-        scheduler.submit(sink, chat("queued"))
+        submit(scheduler, sink, chat("in-flight"))
+        submit(scheduler, sink, chat("waiting-for-slot"))
+        submit(scheduler, sink, chat("queued"))
         await trio.sleep(1)
         assert scheduler.cancel(sink, "waiting-for-slot")
         assert scheduler.cancel(sink, "queued")
@@ -325,8 +364,8 @@ async def test_disconnect_cancels_silently(estimator: TokenEstimator, autojump_c
     gone, other = Sink("gone"), Sink("other")
     async with scheduler_with(handler, estimator, concurrency=2) as scheduler:
         for i in range(5):
-            scheduler.submit(gone, chat(i))
-        scheduler.submit(other, chat("x"))
+            submit(scheduler, gone, chat(i))
+        submit(scheduler, other, chat("x"))
         await trio.sleep(1)
         assert scheduler.forget_owner(gone) == 5
         engine, _ = scheduler.statistics()
@@ -344,11 +383,11 @@ async def test_queue_bound_and_too_large(estimator: TokenEstimator, autojump_clo
     async with scheduler_with(handler, estimator, max_queued=2, tpm=100) as scheduler:
         huge_body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}
         huge = Submit(id=4, endpoint="/v1/chat/completions", body=huge_body)
-        scheduler.submit(sink, huge)  # more than the whole per-minute budget: answered at once
-        scheduler.submit(sink, chat(1))
-        scheduler.submit(sink, chat(1))  # duplicate id while outstanding
-        scheduler.submit(sink, chat(2))
-        scheduler.submit(sink, chat(3))  # over the bound: answered at once
+        submit(scheduler, sink, huge)  # more than the whole per-minute budget: answered at once
+        submit(scheduler, sink, chat(1))
+        submit(scheduler, sink, chat(1))  # duplicate id while outstanding
+        submit(scheduler, sink, chat(2))
+        submit(scheduler, sink, chat(3))  # over the bound: answered at once
         replies = {reply.id: reply for reply in sink.replies}
         assert replies[3].kind == "overloaded"  # type: ignore[union-attr]
         assert replies[4].kind == "request_too_large"  # type: ignore[union-attr]
@@ -373,9 +412,9 @@ async def test_a_lowered_limit_fails_queued_requests_instead_of_the_engine(
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}
     async with scheduler_with(handler, estimator, concurrency=1, tpm=600_000) as scheduler:
         for i in range(4):
-            scheduler.submit(sink, Submit(id=i, endpoint="/v1/chat/completions", body=body))
+            submit(scheduler, sink, Submit(id=i, endpoint="/v1/chat/completions", body=body))
         await sink.wait_for(4)
-        scheduler.submit(sink, chat("small"))
+        submit(scheduler, sink, chat("small"))
         await sink.wait_for(5)
     replies = sink.by_id()
     kinds = [reply.kind if isinstance(reply, Error) else "result" for reply in replies.values()]
@@ -395,13 +434,13 @@ async def test_made_up_model_names_cannot_lock_real_models_out(
     sink = Sink("a")
     async with scheduler_with(handler, estimator) as scheduler:
         for i in range(MAX_LANES + 10):
-            scheduler.submit(sink, Submit(id=i, endpoint="/v1/embeddings", body={"model": f"junk-{i}", "input": "x"}))
+            submit(scheduler, sink, Submit(id=i, endpoint="/v1/embeddings", body={"model": f"junk-{i}", "input": "x"}))
         await sink.wait_for(MAX_LANES + 10)
         # Every lane has just spent budget the upstream still counts: none may be dropped and created afresh.
-        scheduler.submit(sink, chat("too-soon"))
+        submit(scheduler, sink, chat("too-soon"))
         await sink.wait_for(MAX_LANES + 11)
         await trio.sleep(60)  # the budgets have refilled: idle lanes can go
-        scheduler.submit(sink, chat("real"))
+        submit(scheduler, sink, chat("real"))
         await sink.wait_for(MAX_LANES + 12)
         assert len(scheduler._lanes) <= MAX_LANES
     replies = sink.by_id()
@@ -422,9 +461,9 @@ async def test_one_flooding_client_does_not_starve_another(
     flood, polite = Sink("flood"), Sink("polite")
     async with scheduler_with(handler, estimator, concurrency=1) as scheduler:
         for i in range(50):
-            scheduler.submit(flood, chat(f"f{i}"))
+            submit(scheduler, flood, chat(f"f{i}"))
         await trio.sleep(0.5)
-        scheduler.submit(polite, chat("p"))
+        submit(scheduler, polite, chat("p"))
         await polite.wait_for(1)
         done_before_polite = len(flood.replies)
     # Round-robin between clients: the polite request waits for a handful of the flood, not all fifty.
@@ -441,10 +480,10 @@ async def test_shutdown_answers_queued_and_lets_in_flight_finish(
     sink = Sink("a")
     async with scheduler_with(handler, estimator, concurrency=2) as scheduler:
         for i in range(10):
-            scheduler.submit(sink, chat(i))
+            submit(scheduler, sink, chat(i))
         await trio.sleep(0.5)
         await scheduler.shutdown(grace_period=30)
-        scheduler.submit(sink, chat("late"))
+        submit(scheduler, sink, chat("late"))
     replies = sink.by_id()
     assert len(replies) == 11
     kinds = Counter(reply.kind if isinstance(reply, Error) else "result" for reply in replies.values())
@@ -460,7 +499,7 @@ async def test_grace_period_expiry_answers_in_flight(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator, concurrency=2) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await trio.sleep(0.5)
         await scheduler.shutdown(grace_period=5)
         assert trio.current_time() < 10
@@ -492,7 +531,7 @@ async def test_429s_do_not_use_up_max_attempts(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator, max_attempts=2) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
     reply = sink.by_id()[1]
     assert isinstance(reply, Result) and reply.attempts == 11
@@ -512,7 +551,7 @@ async def test_faults_still_bound_attempts_when_mixed_with_429s(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator, max_attempts=3) as scheduler:
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
     reply = sink.by_id()[1]
     # Three 503s end it; the 429s between them were not counted.
@@ -528,7 +567,7 @@ async def test_endless_429s_end_at_the_default_deadline(
     sink = Sink("a")
     async with scheduler_with(handler, estimator, max_attempts=2) as scheduler:
         scheduler.default_deadline = 1000.0
-        scheduler.submit(sink, chat(1))
+        submit(scheduler, sink, chat(1))
         await sink.wait_for(1)
         answered_at = trio.current_time()
     reply = sink.by_id()[1]
@@ -557,10 +596,10 @@ async def test_submit_cancel_churn_holds_no_finished_jobs(
     sink = Sink("a")
     before = _live_jobs()
     async with scheduler_with(handler, estimator, rpm=1, max_queued=100) as scheduler:
-        scheduler.submit(sink, chat("first"))
+        submit(scheduler, sink, chat("first"))
         await sink.wait_for(1)  # the lane's budget is spent for a minute
         for i in range(20_000):
-            scheduler.submit(sink, chat(i, deadline=600.0))
+            submit(scheduler, sink, chat(i, deadline=600.0))
             assert scheduler.cancel(sink, i)
         assert all(isinstance(reply, Error) and reply.kind == "cancelled" for reply in sink.replies[1:])
         assert _live_jobs() - before <= 200
@@ -576,10 +615,10 @@ async def test_a_finished_job_does_not_keep_its_connection_alive(
 
     async with scheduler_with(handler, estimator, rpm=1) as scheduler:
         keeper = Sink("keeper")
-        scheduler.submit(keeper, chat("spend"))
+        submit(scheduler, keeper, chat("spend"))
         await keeper.wait_for(1)
         gone = Sink("gone")
-        scheduler.submit(gone, chat(1, deadline=600.0))  # waits for budget, in the deadline heap
+        submit(scheduler, gone, chat(1, deadline=600.0))  # waits for budget, in the deadline heap
         scheduler.forget_owner(gone)
         assert gone.replies == []  # nothing is delivered to a client that went away
         reference = weakref.ref(gone)
@@ -616,10 +655,10 @@ async def test_an_unexpected_error_costs_one_request(
     async with scheduler_with(handler, estimator) as scheduler:
         poisoned = chat("bad")
         poisoned.body["poison"] = True
-        scheduler.submit(sink, poisoned)
-        scheduler.submit(sink, chat("good"))
+        submit(scheduler, sink, poisoned)
+        submit(scheduler, sink, chat("good"))
         await sink.wait_for(2)
-        scheduler.submit(sink, chat("after"))
+        submit(scheduler, sink, chat("after"))
         await sink.wait_for(3)
         engine, _ = scheduler.statistics()
     replies = sink.by_id()
@@ -643,11 +682,11 @@ async def test_bad_bodies_are_refused_before_a_lane_exists(
 
     sink = Sink("a")
     async with scheduler_with(handler, estimator, tpm=1000) as scheduler:
-        scheduler.submit(sink, Submit(id=1, endpoint="/v1/embeddings", body=body))
+        submit(scheduler, sink, Submit(id=1, endpoint="/v1/embeddings", body=body))
         too_large = {"model": "big", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}
-        scheduler.submit(sink, Submit(id=2, endpoint="/v1/chat/completions", body=too_large))
+        submit(scheduler, sink, Submit(id=2, endpoint="/v1/chat/completions", body=too_large))
         long_prompt = {"model": "big", "messages": [{"role": "user", "content": "word " * 100_000}], "max_tokens": 1}
-        scheduler.submit(sink, Submit(id=3, endpoint="/v1/chat/completions", body=long_prompt))
+        submit(scheduler, sink, Submit(id=3, endpoint="/v1/chat/completions", body=long_prompt))
         _, lanes = scheduler.statistics()
     replies = sink.by_id()
     assert isinstance(replies[1], Error) and replies[1].kind == "invalid_request" and message in replies[1].message
@@ -667,7 +706,7 @@ async def test_dated_snapshots_share_their_familys_lane(
     async with scheduler_with(handler, estimator) as scheduler:
         for i, model in enumerate(["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-2024-11-20", "gpt-4-0613"]):
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-            scheduler.submit(sink, Submit(id=i, endpoint="/v1/chat/completions", body=body))
+            submit(scheduler, sink, Submit(id=i, endpoint="/v1/chat/completions", body=body))
         await sink.wait_for(4)
         _, lanes = scheduler.statistics()
     assert sorted(lanes) == ["gpt-4", "gpt-4o"]

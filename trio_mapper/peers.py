@@ -12,7 +12,8 @@ from typing import Final
 import attrs
 import trio
 
-from .protocol import Error, ErrorKind, engine_codec
+from .kinds import ErrorKind
+from .protocol import Error, engine_codec
 
 log = logging.getLogger("trio_mapper.peers")
 

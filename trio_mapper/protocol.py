@@ -11,11 +11,12 @@ it: client programs must not need trio or httpx.
 
 from __future__ import annotations
 
-import enum
 import struct
 from typing import Any, Final
 
 import msgspec
+
+from .kinds import ErrorKind as ErrorKind  # re-exported: the wire carries these values
 
 PROTOCOL_VERSION: Final = 1
 #: Frames larger than this are refused unless the engine was configured otherwise; `Welcome` says the value.
@@ -25,35 +26,6 @@ LENGTH_PREFIX: Final = struct.Struct(">I")
 TOO_DEEP: Final = "the message is nested too deeply (maps and arrays nest at most a few hundred levels)"
 
 RequestId = int | str
-
-
-class ErrorKind(enum.StrEnum):
-    """Stable error kinds: clients branch on these, so existing values never change meaning."""
-
-    #: The request itself is unusable (bad endpoint, body not an object, unknown model…). Fix the request.
-    INVALID_REQUEST = "invalid_request"
-    #: The upstream answered with a final error (4xx other than rate limits, or retries exhausted on 5xx).
-    UPSTREAM_ERROR = "upstream_error"
-    #: A 429 that can never succeed (quota exhausted, spend limit), or rate-limit retries ran out.
-    RATE_LIMITED = "rate_limited"
-    #: The request alone costs more tokens than the whole per-minute budget: it can never be admitted.
-    REQUEST_TOO_LARGE = "request_too_large"
-    #: The engine's queue is full; try again later or lower your concurrency.
-    OVERLOADED = "overloaded"
-    #: The request's deadline passed before it completed.
-    TIMEOUT = "timeout"
-    #: The client cancelled the request.
-    CANCELLED = "cancelled"
-    #: The engine is shutting down and did not start this request.
-    SHUTTING_DOWN = "shutting_down"
-    #: The frame or message broke the protocol (undecodable, unknown type, wrong field type, no handshake…).
-    PROTOCOL_ERROR = "protocol_error"
-    #: The upstream could not be reached (DNS, refused, TLS) after all attempts.
-    UPSTREAM_UNREACHABLE = "upstream_unreachable"
-    #: A bug in the engine; the message says what happened. Please report it.
-    INTERNAL_ERROR = "internal_error"
-    #: This client is not allowed to use the engine.
-    FORBIDDEN = "forbidden"
 
 
 class Message(msgspec.Struct, tag_field="type"):

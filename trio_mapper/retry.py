@@ -32,7 +32,7 @@ from typing import Any, Final, Literal
 import attrs
 import httpx
 
-from trio_mapper.protocol import ErrorKind
+from trio_mapper.kinds import ErrorKind
 from trio_mapper.ratelimit_headers import RateLimitSnapshot, retry_after_seconds
 
 __all__ = [

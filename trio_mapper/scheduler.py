@@ -25,15 +25,16 @@ import logging
 import math
 import random
 from collections.abc import Hashable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import attrs
 import httpx
 import msgspec
 import trio
 
+from .kinds import ErrorKind
 from .ledger import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
-from .protocol import Error, ErrorKind, RequestId, Result, Submit, Timings
+from .outcome import Failed, Finished, ReplySink, RequestSpec, Started, Timings
 from .ratelimit_headers import RateLimitSnapshot
 from .retry import (
     MAX_HONOURED_WAIT,
@@ -65,19 +66,6 @@ LARGE_BODY_BYTES: Final = 64 * 1024
 TOKENIZER_THREADS: Final = 1
 
 
-class ReplySink(Protocol):
-    """Where a job's final reply goes: the connection that submitted it."""
-
-    @property
-    def fairness_key(self) -> Hashable: ...
-
-    @property
-    def label(self) -> str: ...
-
-    def deliver(self, message: Result | Error) -> None:
-        """Queue the reply for sending; never blocks (replies are bounded by accepted jobs)."""
-
-
 class JobState(enum.Enum):
     QUEUED = "queued"
     RESERVING = "reserving"
@@ -88,11 +76,11 @@ class JobState(enum.Enum):
 
 @attrs.define(eq=False)
 class Job:
-    request_id: RequestId
-    #: Where the final reply goes; None once the job is finished, so that a finished job lingering in a
+    request_id: Hashable
+    #: Where the job's events go; None once the job is finished, so that a finished job lingering in a
     #: heap never keeps its connection (and that connection's buffers) alive.
     owner: ReplySink | None
-    fairness_key: Hashable
+    client_key: Hashable
     owner_label: str
     lane: Lane
     method: str
@@ -161,7 +149,7 @@ class Lane:
         return any(count for state, count in self.counts.items() if state is not JobState.DONE)
 
     def push(self, job: Job) -> None:
-        key = job.fairness_key
+        key = job.client_key
         queue = self.per_owner.get(key)
         if queue is None:
             self.per_owner[key] = queue = collections.OrderedDict()
@@ -176,7 +164,7 @@ class Lane:
     def remove(self, job: Job) -> None:
         """Forget a job that finished while queued (a no-op for jobs not in a queue)."""
         self.retries.pop(job, None)
-        key = job.fairness_key
+        key = job.client_key
         queue = self.per_owner.get(key)
         if queue is not None and job in queue:
             del queue[job]
@@ -276,7 +264,7 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._lanes: dict[str, Lane] = {}
         # Outstanding jobs by client, so that a disconnect costs that client's jobs, not everyone's.
-        self._owners: dict[Hashable, dict[RequestId, Job]] = {}
+        self._owners: dict[Hashable, dict[Hashable, Job]] = {}
         self._outstanding = 0
         # Retry channel: every job in it is an accepted job, so max_queued bounds it.
         self._retry_send, self._retry_receive = trio.open_memory_channel[tuple[float, Job]](max_queued)
@@ -299,38 +287,44 @@ class Scheduler:
 
     # --- submission, from connection tasks -----------------------------------------------------------------
 
-    async def intake(self, owner: ReplySink, message: Submit, *, frame_bytes: int) -> None:
+    async def intake(self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, size_bytes: int) -> None:
         """`submit`, with a large body's CPU work done in a worker thread so other clients are not stalled.
+
+        Args:
+            size_bytes: the size of the request as the front received it, which decides whether a thread
+                is worth it.
 
         The caller (a connection's reader) awaits it before reading its next frame, which keeps the
         connection's order and its backpressure.
         """
-        if frame_bytes < LARGE_BODY_BYTES:
-            return self.submit(owner, message)
+        if size_bytes < LARGE_BODY_BYTES:
+            return self.submit(owner, request_id, spec)
         try:
-            checked = self._check(owner, message)
+            checked = self._check(owner, request_id, spec)
         except _Refused as refusal:
-            return self._refuse(owner, message, refusal)
+            return self._refuse(owner, request_id, refusal)
         try:
-            measured = await trio.to_thread.run_sync(self._measure, message, checked, limiter=self._tokenizer)
+            measured = await trio.to_thread.run_sync(self._measure, spec, checked, limiter=self._tokenizer)
         except _Refused as refusal:
-            return self._refuse(owner, message, refusal)
-        self.submit(owner, message, measured=measured)
+            return self._refuse(owner, request_id, refusal)
+        self.submit(owner, request_id, spec, measured=measured)
 
-    def submit(self, owner: ReplySink, message: Submit, *, measured: Measured | None = None) -> None:
-        """Accept a request or answer it at once; never blocks."""
+    def submit(
+        self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, measured: Measured | None = None
+    ) -> None:
+        """Accept a request or answer it at once (a `Failed` event); never blocks."""
         try:
-            checked = self._check(owner, message)
+            checked = self._check(owner, request_id, spec)
             if measured is None:
-                measured = self._measure(message, checked)
+                measured = self._measure(spec, checked)
             lane = self._lane_for(checked.lane_name, measured.estimate)
         except _Refused as refusal:
-            return self._refuse(owner, message, refusal)
+            return self._refuse(owner, request_id, refusal)
 
         job = Job(
-            request_id=message.id,
+            request_id=request_id,
             owner=owner,
-            fairness_key=owner.fairness_key,
+            client_key=owner.client_key,
             owner_label=owner.label,
             lane=lane,
             method=checked.method,
@@ -341,7 +335,7 @@ class Scheduler:
             deadline=checked.deadline,
             max_attempts=checked.max_attempts,
         )
-        self._owners.setdefault(job.fairness_key, {})[job.request_id] = job
+        self._owners.setdefault(job.client_key, {})[job.request_id] = job
         self._outstanding += 1
         if self._all_done.is_set():
             self._all_done = trio.Event()
@@ -353,21 +347,20 @@ class Scheduler:
             if self._deadlines[0][2] is job:
                 self._deadline_changed.set()
 
-    def _refuse(self, owner: ReplySink, message: Submit, refusal: _Refused) -> None:
+    def _refuse(self, owner: ReplySink, request_id: Hashable, refusal: _Refused) -> None:
         self.rejected += 1
-        request_id = None if refusal.anonymous else message.id
-        owner.deliver(Error(id=request_id, kind=refusal.kind, message=refusal.message))
+        owner.report(None if refusal.anonymous else request_id, Failed(kind=refusal.kind, message=refusal.message))
 
-    def _check(self, owner: ReplySink, message: Submit) -> _Checked:
+    def _check(self, owner: ReplySink, request_id: Hashable, spec: RequestSpec) -> _Checked:
         """Everything about a submit that is cheap to check; raises `_Refused`."""
         if self._closing:
             raise _Refused(ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit to the next engine")
-        if self.is_outstanding(owner, message.id):
+        if self.is_outstanding(owner, request_id):
             # Answered with a null id: a reply carrying this id would read as the final answer to the request
             # that is still outstanding under it.
             raise _Refused(
                 ErrorKind.INVALID_REQUEST,
-                f"a submit reused id {message.id!r}, which is still outstanding on this connection; "
+                f"a submit reused id {request_id!r}, which is still outstanding on this connection; "
                 "it was ignored. Use a unique id per outstanding request",
                 anonymous=True,
             )
@@ -377,39 +370,39 @@ class Scheduler:
                 f"the engine already holds {self._outstanding} requests (max_queued); "
                 "wait for replies before submitting more, or raise max_queued",
             )
-        method = message.method.upper()
+        method = spec.method.upper()
         if method not in ALLOWED_METHODS:
-            raise _Refused(ErrorKind.INVALID_REQUEST, f"method {message.method!r} is not supported; use POST")
+            raise _Refused(ErrorKind.INVALID_REQUEST, f"method {spec.method!r} is not supported; use POST")
         try:
-            url = self._upstream.url_for(message.endpoint)
+            url = self._upstream.url_for(spec.endpoint)
         except InvalidEndpoint as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
-        if message.max_attempts is not None and message.max_attempts < 1:
+        if spec.max_attempts is not None and spec.max_attempts < 1:
             raise _Refused(ErrorKind.INVALID_REQUEST, "max_attempts must be at least 1")
-        if message.deadline is not None and not (message.deadline > 0 and math.isfinite(message.deadline)):
+        if spec.deadline is not None and not (spec.deadline > 0 and math.isfinite(spec.deadline)):
             raise _Refused(ErrorKind.INVALID_REQUEST, "deadline must be a positive number of seconds")
-        model = message.body.get("model")
+        model = spec.body.get("model")
         if isinstance(model, str) and len(model) > MAX_MODEL_NAME_CHARS:
             raise _Refused(
                 ErrorKind.INVALID_REQUEST,
                 f"body.model is {len(model)} characters long; model names have at most {MAX_MODEL_NAME_CHARS}",
             )
-        timeout = message.deadline if message.deadline is not None else self.default_deadline
+        timeout = spec.deadline if spec.deadline is not None else self.default_deadline
         return _Checked(
             method=method,
             url=url,
             lane_name=self._ledger.lane_name(model) if isinstance(model, str) and model else "default",
             deadline=trio.current_time() + timeout if timeout is not None else math.inf,
-            max_attempts=message.max_attempts or self._default_max_attempts,
+            max_attempts=spec.max_attempts or self._default_max_attempts,
         )
 
-    def _measure(self, message: Submit, checked: _Checked) -> Measured:
+    def _measure(self, spec: RequestSpec, checked: _Checked) -> Measured:
         """The token estimate and the JSON body: CPU-bound, thread-safe (`intake` runs it in a thread)."""
         # A prompt above the whole per-minute budget can never be admitted: stop counting there.
         budget = self._ledger.configured_limits(checked.lane_name).tpm
         try:
-            estimate = self._estimator.estimate(message.endpoint, message.body, limit=budget)
-            body = msgspec.json.encode(message.body) if checked.method == "POST" else None
+            estimate = self._estimator.estimate(spec.endpoint, spec.body, limit=budget)
+            body = msgspec.json.encode(spec.body) if checked.method == "POST" else None
         except InvalidBody as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
         except TooManyTokens as exc:
@@ -449,12 +442,12 @@ class Scheduler:
             )
         return self._open_lane(name)
 
-    def is_outstanding(self, owner: ReplySink, request_id: RequestId) -> bool:
-        return request_id in self._owners.get(owner.fairness_key, {})
+    def is_outstanding(self, owner: ReplySink, request_id: Hashable) -> bool:
+        return request_id in self._owners.get(owner.client_key, {})
 
-    def cancel(self, owner: ReplySink, request_id: RequestId) -> bool:
+    def cancel(self, owner: ReplySink, request_id: Hashable) -> bool:
         """Withdraw a request at the client's wish; False when it is unknown or already answered."""
-        job = self._owners.get(owner.fairness_key, {}).get(request_id)
+        job = self._owners.get(owner.client_key, {}).get(request_id)
         if job is None:
             return False
         self._finish_error(job, ErrorKind.CANCELLED, "cancelled by the client")
@@ -462,7 +455,7 @@ class Scheduler:
 
     def forget_owner(self, owner: ReplySink) -> int:
         """The client went away: withdraw its requests. Their replies have nowhere to go and are not built."""
-        jobs = list(self._owners.get(owner.fairness_key, {}).values())
+        jobs = list(self._owners.get(owner.client_key, {}).values())
         for job in jobs:
             if self._close(job):
                 job.lane.failed += 1
@@ -492,10 +485,10 @@ class Scheduler:
             return None
         owner, job.owner = job.owner, None
         self._set_state(job, JobState.DONE)
-        jobs = self._owners[job.fairness_key]
+        jobs = self._owners[job.client_key]
         del jobs[job.request_id]
         if not jobs:
-            del self._owners[job.fairness_key]
+            del self._owners[job.client_key]
         self._outstanding -= 1
         job.lane.remove(job)
         job.body = None
@@ -514,15 +507,16 @@ class Scheduler:
         owner = self._close(job)
         if owner is not None:
             job.lane.succeeded += 1
-            owner.deliver(
-                Result(
-                    id=job.request_id,
+            owner.report(job.request_id, Started(status=reply.status, headers=reply.headers))
+            owner.report(
+                job.request_id,
+                Finished(
                     status=reply.status,
-                    body=reply.body,
                     headers=reply.headers,
+                    body=reply.body,
                     attempts=job.attempts,
                     timings=timings,
-                )
+                ),
             )
 
     def _finish_error(self, job: Job, kind: ErrorKind, message: str, reply: UpstreamReply | None = None) -> None:
@@ -533,16 +527,16 @@ class Scheduler:
         # Cancellations and shutdown are summarised elsewhere; per-request lines are for real failures.
         if kind not in {ErrorKind.CANCELLED, ErrorKind.SHUTTING_DOWN}:
             log.warning("request %s failed: %s: %s", job.log_label, kind.value, message)
-        owner.deliver(
-            Error(
-                id=job.request_id,
+        owner.report(
+            job.request_id,
+            Failed(
                 kind=kind,
                 message=message,
                 status=reply.status if reply else None,
-                body=reply.body if reply else None,
                 headers=reply.headers if reply else {},
+                body=reply.body if reply else None,
                 attempts=job.attempts,
-            )
+            ),
         )
 
     def _internal_error(self, job: Job, what: str) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Hashable
+from typing import Any, Final, cast
 
 import msgspec
 import trio
 
 from . import __version__
+from .outcome import Failed, Finished, Outcome, RequestSpec, Started
 from .protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -29,6 +30,7 @@ from .protocol import (
     Message,
     Ping,
     Pong,
+    RequestId,
     Result,
     Stats,
     StatsRequest,
@@ -38,6 +40,7 @@ from .protocol import (
     engine_codec,
     salvage_request_id,
 )
+from .protocol import Timings as WireTimings
 from .scheduler import Scheduler
 from .upstream import ReplyBody
 
@@ -64,6 +67,16 @@ BACKLOG_MAX_BYTES: Final = 1024 * 1024 * 1024
 FLUSH_TIMEOUT: Final = 5.0
 
 StatsProvider = Callable[[], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+
+
+def _spec(message: Submit) -> RequestSpec:
+    return RequestSpec(
+        endpoint=message.endpoint,
+        body=message.body,
+        method=message.method,
+        deadline=message.deadline,
+        max_attempts=message.max_attempts,
+    )
 
 
 class _CloseConnection(Exception):
@@ -128,7 +141,7 @@ class Connection:
         self._json_bodies = False
 
     @property
-    def fairness_key(self) -> int:
+    def client_key(self) -> int:
         return self.number
 
     @property
@@ -218,16 +231,44 @@ class Connection:
             await self._stream.send_all(data)
             self._outbox_drained.set()
 
-    def _render_body(self, message: Message) -> Message:
-        """Replace an upstream body with what this connection asked for: its bytes, or its decoded values."""
-        if isinstance(message, Result | Error) and isinstance(message.body, ReplyBody):
-            body = message.body.content if self._json_bodies else message.body.decoded()
-            return msgspec.structs.replace(message, body=body)
-        return message
+    def report(self, request_id: Hashable | None, event: Outcome) -> None:
+        """A request's event from the core, rendered as this protocol's reply (`ReplySink`)."""
+        match event:
+            case Started():
+                pass  # a reply travels whole, as one frame: nothing to send before the body
+            case Finished():
+                self.deliver(
+                    Result(
+                        id=cast(RequestId, request_id),
+                        status=event.status,
+                        body=self._render_body(event.body),
+                        headers=dict(event.headers),
+                        attempts=event.attempts,
+                        timings=WireTimings(
+                            queued=event.timings.queued, upstream=event.timings.upstream, total=event.timings.total
+                        ),
+                    )
+                )
+            case Failed():
+                self.deliver(
+                    Error(
+                        id=cast(RequestId | None, request_id),
+                        kind=event.kind,
+                        message=event.message,
+                        status=event.status,
+                        body=self._render_body(event.body) if event.body is not None else None,
+                        headers=dict(event.headers),
+                        attempts=event.attempts,
+                    )
+                )
+
+    def _render_body(self, body: ReplyBody) -> Any:
+        """An upstream body as this connection asked for it: its bytes, or its decoded values."""
+        return body.content if self._json_bodies else body.decoded()
 
     def _encode(self, message: Message) -> bytes:
         try:
-            return self._codec.encode(self._render_body(message))
+            return self._codec.encode(message)
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
             # An upstream body msgpack cannot carry (an integer beyond 64 bits, say): the request still
             # gets its one final reply, and the other requests on this connection are unaffected.
@@ -352,7 +393,7 @@ class Connection:
         match message:
             case Submit():
                 try:
-                    await self._scheduler.intake(self, message, frame_bytes=len(payload))
+                    await self._scheduler.intake(self, message.id, _spec(message), size_bytes=len(payload))
                 except Exception:
                     # A bug must cost one request, not the connection and every request on it.
                     log.exception("%s: internal error while accepting id=%r", self.label, message.id)
