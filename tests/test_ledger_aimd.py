@@ -63,10 +63,13 @@ async def test_one_overshoot_lowers_the_pace_once(autojump_clock: trio.testing.M
     _refused(lane, await lane.reserve(Cost(10)))
     assert lane.statistics().rate_decreases == 2
     assert lane.statistics().learned_tpm == pytest.approx(60_000_000 * FIRST * AGAIN)
-    await trio.sleep(ledger_module.REPEAT_SECONDS)
-    # After a quiet spell a 429 is the top of a sawtooth: the shallower step again.
+    for _ in range(20):  # clean replies, each of about two seconds at the pace: it grows 0.5 % per reply
+        lane.reconcile(await lane.reserve(Cost(1_000_000)), prompt_tokens=None, snapshot=NO_HEADERS)
+    grown = lane.statistics().learned_tpm
+    assert grown > 60_000_000 * FIRST * AGAIN * (1 + ledger_module.REPEAT_GROWTH)
+    # Refused once it had grown back: the top of a sawtooth, the shallower step again.
     _refused(lane, await lane.reserve(Cost(10)))
-    assert lane.statistics().learned_tpm == pytest.approx(60_000_000 * FIRST * AGAIN * FIRST)
+    assert lane.statistics().learned_tpm == pytest.approx(grown * FIRST)
 
 
 async def test_limit_headers_keep_priority_over_429s(autojump_clock: trio.testing.MockClock) -> None:
@@ -106,11 +109,10 @@ async def test_pace_grows_back_with_clean_replies_never_above_the_configured_lim
 async def test_a_429_takes_back_the_growth_its_own_reply_gave(autojump_clock: trio.testing.MockClock) -> None:
     lane = _lane(rpm=60_000, tpm=60_000)
     _refused(lane, await lane.reserve(Cost(10)))
-    await trio.sleep(10)
-    for _ in range(5):
-        lane.reconcile(await lane.reserve(Cost(100)), prompt_tokens=None, snapshot=NO_HEADERS)
+    for _ in range(20):
+        lane.reconcile(await lane.reserve(Cost(1000)), prompt_tokens=None, snapshot=NO_HEADERS)
     grown = lane.statistics().learned_tpm
-    r = await lane.reserve(Cost(100))
+    r = await lane.reserve(Cost(1000))
     lane.reconcile(r, prompt_tokens=None, snapshot=NO_HEADERS)
     assert lane.statistics().learned_tpm > grown  # a reply: it might have been clean
     lane.pause(0.1, "tokens")  # it was a 429

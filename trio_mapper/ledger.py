@@ -61,18 +61,19 @@ RESTED_FRACTION: Final = 0.9
 # Learning the rate from 429s when the upstream sends no limit header: additive increase, multiplicative
 # decrease (AIMD) of the pace of each dimension. docs/ledger.md ("Learning the rate from 429s") has the
 # algorithm and the measurements behind each value (the simulations in tests/test_ledger*.py, the bench).
-#: A 429 that is new evidence multiplies the pace by AIMD_DECREASE when it comes less than REPEAT_SECONDS
-#: after the previous decrease (refused again at once: still far too fast). 0.7, TCP CUBIC's factor: told
-#: 2x the real limits, the engine is under them after three decreases (2 -> 1.6 -> 1.12 -> 0.78).
+#: A 429 that is new evidence multiplies the pace by AIMD_DECREASE when it comes before the pace grew
+#: REPEAT_GROWTH above what the previous decrease set (refused again at once: still far too fast). 0.7, TCP
+#: CUBIC's factor: told 2x the real limits, the engine is under them after three decreases
+#: (2 -> 1.6 -> 1.12 -> 0.78).
 AIMD_DECREASE: Final = 0.7
-#: ... and by this after a quiet spell: the top of a sawtooth, ~10 % above the real rate, undone in one
-#: step. 0.7 here measured 91 % of the rate with exact limits and one stray 429 (a deep dip, slow back);
-#: 0.9 50 % more 429s told 2x (too shallow to get under a 10 % overshoot).
+#: ... and by this once the pace had grown back: the top of a sawtooth, 10-20 % above the real rate, undone
+#: in one step. 0.7 here measured 91 % of the rate with exact limits and one stray 429 (a deep dip, slow
+#: back); 0.9 50 % more 429s told 2x (too shallow to get under the overshoot).
 AIMD_DECREASE_ISOLATED: Final = 0.8
-#: A 429 less than this many seconds after the previous decrease counts as repeated. Five seconds is many
-#: round trips (the requests refused for one overshoot are back long before, and do not count anyway),
-#: and less than a sawtooth, which lasts tens of seconds.
-REPEAT_SECONDS: Final = 5.0
+#: 5 % of growth is at least 10 replies (AIMD_INCREASE_PER_REPLY) and many round trips, so the retries of one
+#: overshoot are answered long before. A time limit (5 s, tried first) took a sawtooth that is short at
+#: 23 requests per second for a repeat and dropped the pace to 0.74x the real rate.
+REPEAT_GROWTH: Final = 0.05
 #: While replies come back, the pace grows by this fraction of max(pace before the last decrease, pace) per
 #: second of replies at the full pace: back from a 20 % dip in ~10 s, then 2 % per second, so a raised
 #: limit is found within a minute. 0.01 measured 92-93 % of the rate on a bench-like workload told 2x (slow
@@ -462,9 +463,9 @@ class _Dimension:
         "adjusted",
         "cold",
         "decreased_at",
-        "decreased_when",
         "held_back",
         "learned",
+        "lowered_to",
         "meter",
         "name",
         "observed",
@@ -494,7 +495,7 @@ class _Dimension:
         self.paced: float | None = None
         self.peak = 0.0
         self.decreased_at = 0
-        self.decreased_when = -math.inf  # and when
+        self.lowered_to = -math.inf  # and the pace it set
 
 
 @final
@@ -933,12 +934,12 @@ class LocalLaneBudget:
             return
         limit = self._limit_of(dim)
         pace = self._pace(dim, limit)
-        repeated = now - dim.decreased_when < REPEAT_SECONDS
+        repeated = pace < dim.lowered_to * (1.0 + REPEAT_GROWTH)
         factor = AIMD_DECREASE if repeated else AIMD_DECREASE_ISOLATED
         dim.peak = pace
         dim.paced = max(AIMD_FLOOR * self._configured_of(dim), pace * factor)
         dim.decreased_at = self._reservations
-        dim.decreased_when = now
+        dim.lowered_to = dim.paced
         self._decreases += 1
         logger.info(
             "lane %s: 429 on %s with no limit header; pace lowered from %.0f to %.0f per minute",
