@@ -7,9 +7,16 @@ OpenAI's cookbook ``api_request_parallel_processor.py`` (``cookbook_baseline.py`
 engine (in ``engine-2x`` both are told 2x the upstream's). For each (scenario, contender) it prints requests
 lost, 429s the upstream sent, wall time, and wall time divided by the theoretical minimum: the tokens (or
 requests) that contender's upstream charged beyond its initial burst capacity, divided by its refill rate.
-1.00 means the job ran as fast as the limits permit. A cookbook run is stopped after ``--cookbook-cap``
-seconds: "timeout" (merely slow) or "hung" (a request larger than its budget); what was not done is lost, and
-its minimum (so its ratio) covers only what its upstream charged before the stop.
+1.00 means the job ran as fast as the limits permit; "tput" is its inverse, the share of the real limit used.
+
+The ``nohdr-*`` scenarios run an upstream that sends no ``x-ratelimit-*`` header (``--no-ratelimit-headers``),
+so an engine told more than the real limits learns them from 429s alone. The cookbook reads no header
+anyway, so it runs only the one whose shape differs from the rest (a job long enough to outlast a minute's
+burst at 2x); its rows elsewhere would repeat exact-second and engine-2x.
+
+A cookbook run is stopped after ``--cookbook-cap`` seconds: "timeout" (merely slow) or "hung" (a request
+larger than its budget); what was not done is lost, and its minimum (so its ratio) covers only what its
+upstream charged before the stop.
 
     python bench/ratelimit.py                 # all scenarios, both contenders
     python bench/ratelimit.py --only exact-minute --requests 300 --contenders engine
@@ -45,6 +52,10 @@ class Scenario:
     engine_factor: float = 1.0
     simulator_flags: tuple[str, ...] = ()
     engine_flags: tuple[str, ...] = ()
+    contenders: tuple[str, ...] = ("engine", "cookbook")
+
+
+NO_HEADERS = ("--no-ratelimit-headers",)
 
 
 SCENARIOS = [
@@ -59,6 +70,51 @@ SCENARIOS = [
         60,
         560,
         simulator_flags=("--fail-rate", "0.05", "--reset-rate", "0.01"),
+    ),
+    # Told 2x, the engine spends the minute's burst in 60 s at 2x the refill, then must find the real rate:
+    # 1200 requests (~205k tokens) leave ~85 s of the job after the burst.
+    Scenario(
+        "nohdr-minute-2x",
+        "no x-ratelimit-* headers, engine told 2x, upstream bucket holds a minute",
+        3000,
+        60_000,
+        60,
+        1200,
+        engine_factor=2.0,
+        simulator_flags=NO_HEADERS,
+    ),
+    Scenario(
+        "nohdr-second-2x",
+        "no x-ratelimit-* headers, engine told 2x, upstream enforces per second",
+        12_000,
+        240_000,
+        1,
+        560,
+        engine_factor=2.0,
+        simulator_flags=NO_HEADERS,
+        contenders=("engine",),
+    ),
+    Scenario(
+        "nohdr-second-1.5x",
+        "no x-ratelimit-* headers, engine told 1.5x, upstream enforces per second",
+        12_000,
+        240_000,
+        1,
+        560,
+        engine_factor=1.5,
+        simulator_flags=NO_HEADERS,
+        contenders=("engine",),
+    ),
+    Scenario(
+        "nohdr-nowait-2x",
+        "as nohdr-second-2x, and 429s name no wait (--no-retry-after)",
+        12_000,
+        240_000,
+        1,
+        560,
+        engine_factor=2.0,
+        simulator_flags=(*NO_HEADERS, "--no-retry-after"),
+        contenders=("engine",),
     ),
 ]
 
@@ -122,7 +178,7 @@ async def run_scenario(
                        *scenario.simulator_flags]  # fmt: skip
     rows = []
     for contender in CONTENDERS:
-        if contender not in contenders:
+        if contender not in contenders or contender not in scenario.contenders:
             continue
         print(f"  {contender} …", file=sys.stderr, flush=True)
         async with simulator_process(*simulator_flags) as url:
@@ -167,15 +223,15 @@ def row_from(
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'scenario':<14} {'contender':<9} {'requests':>8} {'lost':>5} {'429s':>6} {'429 %':>6} " \
-             f"{'5xx/rst':>7} {'retries':>7} {'wall s':>7} {'min s':>7} {'ratio':>6}  status"  # fmt: skip
+    header = f"{'scenario':<17} {'contender':<9} {'requests':>8} {'lost':>5} {'429s':>6} {'429 %':>6} " \
+             f"{'5xx/rst':>7} {'retries':>7} {'wall s':>7} {'min s':>7} {'ratio':>6} {'tput':>5}  status"  # fmt: skip
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row['scenario']:<14} {row['contender']:<9} {row['requests']:>8} {row['lost']:>5} {row['429s']:>6} "
+            f"{row['scenario']:<17} {row['contender']:<9} {row['requests']:>8} {row['lost']:>5} {row['429s']:>6} "
             f"{100 * row['429_share']:>5.2f}% {row['5xx+resets']:>7} {row['retries']:>7} {row['wall_s']:>7.1f} "
-            f"{row['minimum_s']:>7.1f} {row['ratio']:>6.3f}  {row['status']}"
+            f"{row['minimum_s']:>7.1f} {row['ratio']:>6.3f} {100 / row['ratio']:>4.0f}%  {row['status']}"
         )
 
 
