@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
+import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -100,6 +104,21 @@ async def until(predicate: Any) -> None:
     with anyio.fail_after(5):
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.005)
+
+
+def in_a_thread(engine: FakeEngine, work: Any, guard: float = 60) -> Any:
+    """Run blocking ``work()`` in a thread and return what it returned; if it is still running after ``guard``
+    seconds (a hang guard), drop the engine's connections so that it ends, and fail."""
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.append(work()), daemon=True)
+    thread.start()
+    thread.join(guard)
+    if thread.is_alive():
+        engine.drop_connections()
+        thread.join(5)
+        raise AssertionError(f"still blocked after {guard} s")
+    assert outcome, "the work raised (see the thread's traceback above)"
+    return outcome[0]
 
 
 # --- packaging --------------------------------------------------------------------------------------------
@@ -484,6 +503,75 @@ def test_map_connection_lost_is_raised(engine: FakeEngine) -> None:
         list(client.map([{"hold": True}, {"die": True}], endpoint=ENDPOINT))
 
 
+def test_map_reads_replies_while_it_writes(engine: FakeEngine) -> None:
+    # Regression: map wrote its whole window before reading any reply. The fake, like the engine, stops
+    # reading while its replies wait unread, so writing blocked for good once the socket buffers were full.
+    count = 5_000
+
+    def work() -> list[MapResult]:
+        with Client(engine.path) as client:
+            return list(client.map(({"n": n} for n in range(count)), endpoint=ENDPOINT, window=count))
+
+    results = in_a_thread(engine, work)
+    assert sorted(r.body["echo"]["n"] for r in results) == list(range(count))
+
+
+def test_threads_share_the_connection_with_a_map(engine: FakeEngine) -> None:
+    # Whichever thread waits does the I/O for all: requests from other threads complete during a big map,
+    # and the map's replies keep flowing while those threads wait.
+    count = 3_000
+
+    def work() -> tuple[list[MapResult], dict[int, Any]]:
+        outcomes: dict[int, Any] = {}
+        with Client(engine.path) as client:
+
+            def one(n: int) -> None:
+                outcomes[n] = client.request(ENDPOINT, {"n": n, "delay": 0.001 * n})
+
+            threads = [threading.Thread(target=one, args=(n,)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            results = list(client.map(({"m": m} for m in range(count)), endpoint=ENDPOINT, window=count))
+            for thread in threads:
+                thread.join()
+        return results, outcomes
+
+    results, outcomes = in_a_thread(engine, work)
+    assert sorted(r.body["echo"]["m"] for r in results) == list(range(count))
+    assert {n: body["echo"]["n"] for n, body in outcomes.items()} == {n: n for n in range(8)}
+
+
+def _waiting_for_the_engine(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in `Client`'s poll() for the engine's next bytes."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    if frame is None or frame.f_code is not Client._pump_once.__code__:
+        return False
+    lines, first = inspect.getsourcelines(Client._pump_once)
+    return ".poll(" in lines[frame.f_lineno - first]
+
+
+def test_ctrl_c_during_a_request_cancels_it_and_keeps_the_client(engine: FakeEngine, pings: list[RequestId]) -> None:
+    # The interrupt lands where a user's Ctrl+C does: while the call waits for its reply. (Not in the
+    # microseconds after a send() and before its count is recorded: nobody can know then what was written,
+    # so the client closes the connection instead.)
+    main = threading.current_thread()
+
+    def interrupt_once_submitted() -> None:
+        engine.wait_for(lambda: len(engine.submits) == 1)
+        while not _waiting_for_the_engine(main):
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with Client(engine.path) as client:
+        threading.Thread(target=interrupt_once_submitted, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            client.request(ENDPOINT, {"hold": True})
+        engine.wait_for(lambda: engine.cancels == [1])
+        assert_round_trip(client.ping(), pings, 1)
+        assert client.request(ENDPOINT, {"after": 1})["echo"] == {"after": 1}
+    assert engine.decode_errors == []
+
+
 # --- AsyncClient on Trio ----------------------------------------------------------------------------------
 
 
@@ -532,7 +620,7 @@ async def test_cancelling_an_async_request_cancels_it_in_the_engine_trio(engine:
         with trio.move_on_after(0.01):
             await client.request(ENDPOINT, {"hold": True})
         await until(lambda: engine.cancels == [1, 2])
-        assert not client._sinks
+        assert not client._core.outstanding
         assert (await client.request(ENDPOINT, {"after": 1}))["echo"] == {"after": 1}
 
 
@@ -613,6 +701,52 @@ async def test_async_map_accepts_async_iterables_trio(engine: FakeEngine) -> Non
     assert engine.max_in_flight <= 2
 
 
+async def test_async_map_answers_while_its_input_waits_trio(engine: FakeEngine) -> None:
+    # Regression: the map filled its window from the input before handing back any answer, so while a slow
+    # input waited for its 4th item the first 3 answers (in long ago) waited too.
+    more = trio.Event()
+
+    async def produce() -> AsyncIterator[Request]:
+        for n in range(3):
+            yield Request(ENDPOINT, {"n": n}, tag=n)
+        await more.wait()
+        yield Request(ENDPOINT, {"n": 3}, tag=3)
+
+    tags: list[int] = []
+    async with AsyncClient(engine.path) as client:
+        with trio.fail_after(10):  # hang guard
+            async with client.map(produce(), window=8) as results:
+                async for result in results:
+                    tags.append(result.request.tag)
+                    if len(tags) == 3:
+                        assert not more.is_set()  # the 3 answers came while the input was waiting
+                        more.set()
+    assert sorted(tags[:3]) == [0, 1, 2] and tags[3] == 3
+
+
+async def test_async_map_raises_what_its_input_raises_trio(engine: FakeEngine) -> None:
+    async def produce() -> AsyncIterator[dict[str, int]]:
+        yield {"n": 0}
+        raise LookupError("the input broke")
+
+    async with AsyncClient(engine.path) as client:
+        with pytest.raises(LookupError, match="the input broke"):
+            async for _ in client.map(produce(), endpoint=ENDPOINT):
+                pass
+        with pytest.raises(TypeError, match="endpoint"):
+            async for _ in client.map([{"a": 1}]):
+                pass
+        assert (await client.request(ENDPOINT, {"after": 1}))["echo"] == {"after": 1}
+
+
+async def test_async_map_reads_replies_while_it_writes_trio(engine: FakeEngine) -> None:
+    count = 5_000
+    async with AsyncClient(engine.path) as client:
+        with trio.fail_after(60):  # hang guard
+            results = [r async for r in client.map(({"n": n} for n in range(count)), endpoint=ENDPOINT, window=count)]
+    assert sorted(r.body["echo"]["n"] for r in results) == list(range(count))
+
+
 async def test_async_map_break_cancels_outstanding_trio(engine: FakeEngine) -> None:
     items = [{"quick": True}, {"hold": True}, {"hold": True}]
     async with AsyncClient(engine.path) as client:
@@ -625,7 +759,7 @@ async def test_async_map_break_cancels_outstanding_trio(engine: FakeEngine) -> N
             async for _ in results:
                 break
         await until(lambda: sorted(engine.cancels) == [2, 3, 5, 6])
-        assert not client._sinks
+        assert not client._core.outstanding
 
 
 async def test_cancelling_the_scope_around_map_cancels_outstanding_trio(engine: FakeEngine) -> None:
@@ -721,6 +855,29 @@ def test_async_client_on_asyncio(engine: FakeEngine, pings: list[RequestId]) -> 
     asyncio.run(main())
 
 
+def test_async_map_answers_while_its_input_waits_on_asyncio(engine: FakeEngine) -> None:
+    async def main() -> list[int]:
+        more = asyncio.Event()
+
+        async def produce() -> AsyncIterator[dict[str, int]]:
+            for n in range(3):
+                yield {"n": n}
+            await more.wait()
+            yield {"n": 3}
+
+        seen: list[int] = []
+        async with AsyncClient(engine.path) as client:
+            async for result in client.map(produce(), endpoint=ENDPOINT):
+                seen.append(result.input["n"])
+                if len(seen) == 3:
+                    assert not more.is_set()
+                    more.set()
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(main(), 10))  # hang guard
+    assert sorted(seen[:3]) == [0, 1, 2] and seen[3] == 3
+
+
 def test_errors_raised_inside_async_with_are_not_wrapped_on_asyncio(engine: FakeEngine) -> None:
     async def main() -> None:
         async with AsyncClient(engine.path):
@@ -745,7 +902,7 @@ def test_native_asyncio_cancellation_never_tears_a_frame(engine: FakeEngine, pin
             await asyncio.gather(*tasks, return_exceptions=True)
             assert_round_trip(await asyncio.wait_for(client.ping(), PING_GUARD), pings, 1)
             await until(lambda: len(engine.cancels) == len(engine.submits))
-            assert not client._sinks
+            assert not client._core.outstanding
 
     asyncio.run(main())
     assert engine.decode_errors == []
@@ -805,3 +962,48 @@ async def test_both_clients_against_the_real_engine(short_tmp: Any) -> None:
                 assert sync_client.stats()["engine"]
 
         await trio.to_thread.run_sync(blocking)
+
+
+#: More requests in one window than the engine queues replies for before it stops reading a connection
+#: (10,000: docs/protocol.md, Session item 8).
+FLOOD = 40_000
+#: Hang guard of the flood tests: they take seconds; a deadlocked client would never finish.
+FLOOD_GUARD = 300
+
+
+def _refused_at_once(n: int) -> dict[str, Any]:
+    """A chat body without a model: the engine answers ``invalid_request`` as it reads it, with no upstream call."""
+    return {"messages": [{"role": "user", "content": f"q{n}"}]}
+
+
+async def test_blocking_map_reads_while_it_writes_against_the_real_engine(short_tmp: Any) -> None:
+    # Regression: Client.map wrote its whole window before reading. Answered at once, the replies filled the
+    # engine's queue, the engine stopped reading, sendall blocked, and nobody read: a deadlock.
+    from conftest import running_engine, simulator
+
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+
+        def blocking() -> list[MapResult]:
+            with Client(str(engine.socket)) as client:
+                items = (_refused_at_once(n) for n in range(FLOOD))
+                results = list(client.map(items, endpoint=ENDPOINT, window=FLOOD))
+                assert client.request(ENDPOINT, _chat("after"))["object"] == "chat.completion"
+                return results
+
+        with trio.fail_after(FLOOD_GUARD):
+            results = await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+    assert len(results) == FLOOD
+    assert all(isinstance(r.error, InvalidRequestError) for r in results)
+    assert sorted(int(r.input["messages"][0]["content"][1:]) for r in results) == list(range(FLOOD))
+
+
+async def test_async_map_reads_while_it_writes_against_the_real_engine(short_tmp: Any) -> None:
+    from conftest import running_engine, simulator
+
+    async with simulator() as url, running_engine(short_tmp, url) as engine, AsyncClient(str(engine.socket)) as client:
+        with trio.fail_after(FLOOD_GUARD):
+            items = (_refused_at_once(n) for n in range(FLOOD))
+            results = [r async for r in client.map(items, endpoint=ENDPOINT, window=FLOOD)]
+            assert (await client.request(ENDPOINT, _chat("after")))["object"] == "chat.completion"
+    assert len(results) == FLOOD
+    assert all(isinstance(r.error, InvalidRequestError) for r in results)

@@ -1,11 +1,22 @@
 """`AsyncClient`: the engine's client helper for async code, on Trio and asyncio alike (through anyio).
 
-One connection carries any number of concurrent requests: a background reader task hands each reply to
-whoever waits for its id, and a background writer task is the only one that ever writes. Callers queue
-whole frames for it without blocking, so a cancelled caller can never leave half a frame on the wire.
-(A shielded write is not enough: native asyncio cancellation, e.g. ``asyncio.wait_for``, goes through
-anyio's shields.) Cancelling a waiting `AsyncClient.request` (a timeout, a cancelled scope) withdraws it
-in the engine with a ``Cancel`` frame.
+How the work is divided: the protocol (handshake, ids, the outstanding requests, decoding and routing
+replies, why the connection ended, ``map()``'s window) is `trio_mapper.client_core`, a state machine with
+no I/O that the blocking `trio_mapper.client.Client` shares. This module is its anyio driver, three kinds
+of task around one connection:
+
+- The reader feeds what the socket returns to the core and hands each event to the task waiting for it.
+  It never waits for anything but the socket, so the connection is read however the writes are doing (the
+  engine stops reading a connection whose replies nobody reads: docs/protocol.md, Session item 8).
+- The writer is the only task that writes. Callers queue whole frames for it without blocking, so a
+  cancelled caller can never leave half a frame on the wire. (A shielded write is not enough: native
+  asyncio cancellation, e.g. ``asyncio.wait_for``, goes through anyio's shields.) A queued ``Submit`` not
+  written yet is withdrawn instead of cancelled.
+- Each ``map()`` has a feeder that pulls its input and submits it as the window has room, so answers
+  already in come back while a slow input makes the feeder wait.
+
+Cancelling a waiting `AsyncClient.request` (a timeout, a cancelled scope) withdraws it in the engine with a
+``Cancel`` frame.
 
 Imports msgspec, anyio, the standard library and the light `trio_mapper` modules only (never trio or
 httpx directly: anyio loads the running event loop's backend itself).
@@ -14,7 +25,6 @@ httpx directly: anyio loads the running event loop's backend itself).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import time
@@ -30,43 +40,28 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from trio_mapper.client import (
     _RECV_BYTES,
     DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_WINDOW,
-    MAX_REPLY_FRAME_BYTES,
-    MapResult,
-    Reply,
-    Request,
-    check_welcome,
-    coerce_request,
-    default_client_name,
-    describe_connection_loss,
-    encode_hello,
-    encode_submit,
     engine_unavailable,
-    expect_result,
-    logger,
-    parse_frame,
     socket_source,
 )
-from trio_mapper.client_errors import (
-    ConnectionLost,
-    InvalidRequestError,
-    ProtocolError,
-    TrioMapperError,
+from trio_mapper.client_core import (
+    DEFAULT_WINDOW,
+    Answered,
+    ClientConnection,
+    ConnectionClosed,
+    MapResult,
+    MapWindow,
+    PongReceived,
+    Reply,
+    Request,
+    State,
+    StatsReceived,
+    default_client_name,
+    logger,
+    unwrap,
 )
+from trio_mapper.client_errors import ConnectionLost
 from trio_mapper.paths import resolve_socket_path
-from trio_mapper.protocol import (
-    Cancel,
-    FrameBuffer,
-    FrameTooLarge,
-    Ping,
-    Pong,
-    RequestId,
-    Result,
-    Stats,
-    StatsRequest,
-    Welcome,
-    client_codec,
-)
+from trio_mapper.protocol import RequestId, Result, Welcome
 
 #: The writer joins queued frames into one write up to about this many bytes (fewer system calls).
 _WRITE_BATCH_BYTES: Final = 1024 * 1024
@@ -75,7 +70,7 @@ _STREAM_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, a
 
 
 class _Waiter:
-    """The sink for one `AsyncClient.request`/`stats`/`ping` call."""
+    """Where the reply to one `AsyncClient.request`/`stats`/`ping` lands."""
 
     __slots__ = ("event", "reply")
 
@@ -83,47 +78,41 @@ class _Waiter:
         self.event = anyio.Event()
         self.reply: Reply | None = None
 
-    def deliver(self, request_id: RequestId, reply: Reply) -> None:
+    def deliver(self, reply: Reply) -> None:
         self.reply = reply
         self.event.set()
 
     def fail(self) -> None:
-        self.event.set()  # no reply: the caller raises the client's ConnectionLost
-
-
-class _StreamSink:
-    """The sink for one `AsyncMapIterator`: replies queue in a memory stream the iterator drains.
-
-    Deliberately holds no reference to the iterator, so dropping the iterator (``break``) frees it.
-    """
-
-    __slots__ = ("send",)
-
-    def __init__(self, send: MemoryObjectSendStream[tuple[RequestId, Reply]]) -> None:
-        self.send = send
-
-    def deliver(self, request_id: RequestId, reply: Reply) -> None:
-        # ClosedResourceError: the iterator was closed and nobody wants this reply any more.
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self.send.send_nowait((request_id, reply))
-
-    def fail(self) -> None:
-        self.send.close()
-
-
-_Sink = _Waiter | _StreamSink
+        self.event.set()  # no reply: the caller raises the connection's ConnectionLost
 
 
 class _Outgoing:
-    """Bytes queued for the writer task. A queued ``Submit`` can still be withdrawn (never sent) until
-    the writer commits to it; after that, giving up on the request needs a ``Cancel``."""
+    """Frames queued for the writer task. A queued ``Submit`` can still be withdrawn (never written) until
+    the writer takes it; after that, giving up on the request needs a ``Cancel``."""
 
-    __slots__ = ("committed", "data", "withdrawn")
+    __slots__ = ("data", "request_id", "withdrawn")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, request_id: RequestId | None) -> None:
         self.data = data
+        self.request_id = request_id
         self.withdrawn = False
-        self.committed = False
+
+
+class _Flag:
+    """A "something changed, look again" signal for one waiting task: `set` any number of times; `wait`
+    returns at once if it was set since the last `wait` returned."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
 
 
 def _only_wraps(group: BaseExceptionGroup[BaseException], target: BaseException) -> bool:
@@ -174,11 +163,7 @@ class AsyncClient:
         self._socket_source = socket_source(socket_path)
         self.client_name = client_name if client_name is not None else default_client_name()
         self.connect_timeout = connect_timeout
-        self.welcome: Welcome | None = None
-        self._codec = client_codec()
-        self._frames = FrameBuffer(MAX_REPLY_FRAME_BYTES)
-        self._ids = itertools.count(1)
-        self._sinks: dict[RequestId, _Sink] = {}
+        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name)
         self._stream: anyio.abc.ByteStream | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._background_scope: anyio.CancelScope | None = None
@@ -187,9 +172,10 @@ class AsyncClient:
         # request plus one Cancel per abandoned one; callers bound those (a map's window, your tasks).
         self._outbox_send: MemoryObjectSendStream[_Outgoing] | None = None
         self._outbox_receive: MemoryObjectReceiveStream[_Outgoing] | None = None
-        self._failure: str | None = None
-        self._failure_cause: BaseException | None = None
-        self._last_connection_error: TrioMapperError | None = None
+        #: Queued frames of requests the writer has not taken yet, by id: those can be withdrawn.
+        self._unsent: dict[RequestId, _Outgoing] = {}
+        #: The maps in progress, stopped when the client closes.
+        self._maps: set[_MapRun] = set()
         self._entered = False
         self._closed = False
 
@@ -199,7 +185,7 @@ class AsyncClient:
         if self._entered:
             raise RuntimeError("an AsyncClient can only be entered once")
         self._entered = True
-        self._stream, self.welcome = await self._open()
+        self._stream = await self._open()
         self._outbox_send, self._outbox_receive = anyio.create_memory_object_stream[_Outgoing](math.inf)
         self._background_scope = anyio.CancelScope()
         self._task_group = anyio.create_task_group()
@@ -234,7 +220,10 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        self._fail("the client was closed", None)
+        self._core.close()
+        self._process_events()
+        for run in list(self._maps):
+            run.finish()
         if self._background_scope is not None:
             self._background_scope.cancel()
         if self._stream is not None:
@@ -244,8 +233,13 @@ class AsyncClient:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def welcome(self) -> Welcome | None:
+        """The engine's `Welcome`, once connected."""
+        return self._core.welcome
+
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._sinks)} in flight"
+        state = "closed" if self._closed else f"{len(self._core.outstanding)} in flight"
         return f"<AsyncClient {str(self.socket_path)!r} {state}>"
 
     # -- public API --------------------------------------------------------------------------------------
@@ -278,10 +272,13 @@ class AsyncClient:
     ) -> Result:
         """Like `request`, but returns the whole protocol `Result` (status, headers, attempts, timings)."""
         self._check_usable()
+        waiter = _Waiter()
+        # Queued before the first checkpoint: requests go out in the order their callers ran.
         request = Request(endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts)
-        request_id = next(self._ids)
-        frame = self._encode_submit(request_id, request)
-        return expect_result(await self._roundtrip(request_id, frame))
+        request_id, frame = self._core.submit(request, waiter)
+        self._enqueue(frame, request_id)
+        result: Result = unwrap(await self._wait(request_id, waiter))
+        return result
 
     def map(
         self,
@@ -295,7 +292,8 @@ class AsyncClient:
         """Send many requests with at most ``window`` in flight; iterate `MapResult`s as they complete.
 
         ``requests`` may be a plain or an async iterable of `Request` objects, ``(endpoint, body)`` pairs,
-        or body dicts (with ``endpoint=``); it is consumed lazily. Per-request failures are yielded
+        or body dicts (with ``endpoint=``); it is consumed lazily, by a task of the client's, so answers
+        come back while the input is slow to produce the next item. Per-request failures are yielded
         (``MapResult.error``), a lost connection raises `ConnectionLost`. Leaving the loop, cancelling the
         enclosing scope or closing the iterator cancels the requests still outstanding in the engine; use
         ``async with client.map(...) as results:`` to make that happen at a precise point.
@@ -308,29 +306,25 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         """The engine's counters: ``{"engine": {...}, "lanes": {lane: {...}}}``."""
         self._check_usable()
-        request_id = next(self._ids)
-        reply = await self._roundtrip(request_id, self._codec.encode(StatsRequest(id=request_id)))
-        if isinstance(reply, Stats):
-            return {"engine": reply.engine, "lanes": reply.lanes}
-        if isinstance(reply, TrioMapperError):
-            raise reply
-        raise ProtocolError("protocol_error", f"expected Stats, the engine sent {type(reply).__name__}")
+        waiter = _Waiter()
+        request_id, frame = self._core.stats(waiter)
+        self._enqueue(frame, request_id)
+        stats: dict[str, Any] = unwrap(await self._wait(request_id, waiter))
+        return stats
 
     async def ping(self) -> float:
         """Round-trip to the engine; returns the seconds it took."""
         self._check_usable()
-        request_id = next(self._ids)
+        waiter = _Waiter()
         started = time.perf_counter()
-        reply = await self._roundtrip(request_id, self._codec.encode(Ping(id=request_id)))
-        if isinstance(reply, Pong):
-            return time.perf_counter() - started
-        if isinstance(reply, TrioMapperError):
-            raise reply
-        raise ProtocolError("protocol_error", f"expected Pong, the engine sent {type(reply).__name__}")
+        request_id, frame = self._core.ping(waiter)
+        self._enqueue(frame, request_id)
+        unwrap(await self._wait(request_id, waiter))
+        return time.perf_counter() - started
 
     # -- connection --------------------------------------------------------------------------------------
 
-    async def _open(self) -> tuple[anyio.abc.ByteStream, Welcome]:
+    async def _open(self) -> anyio.abc.ByteStream:
         path = self.socket_path
         try:
             with anyio.fail_after(self.connect_timeout):
@@ -339,56 +333,59 @@ class AsyncClient:
                 except OSError as exc:
                     raise engine_unavailable(path, exc, self._socket_source) from exc
                 try:
-                    await stream.send(encode_hello(self._codec, self.client_name))
-                    reply = await self._read_handshake_reply(stream)
-                    return stream, check_welcome(reply, path)
+                    await self._handshake(stream)
                 except BaseException:
                     await anyio.aclose_forcefully(stream)
                     raise
+                return stream
         except TimeoutError as exc:
             reason = f"no answer to the handshake within {self.connect_timeout} s"
             raise engine_unavailable(path, reason, self._socket_source) from exc
 
-    async def _read_handshake_reply(self, stream: anyio.abc.ByteStream) -> Reply:
+    async def _handshake(self, stream: anyio.abc.ByteStream) -> None:
+        core = self._core
         try:
-            while True:
-                frame = self._frames.next_frame()
-                if frame is None:
-                    self._frames.feed(await stream.receive(_RECV_BYTES))
-                elif (parsed := parse_frame(self._codec, frame)) is not None:
-                    return parsed[1]
+            await stream.send(core.send_hello())
+            while core.state is State.HANDSHAKING:
+                try:
+                    data = await stream.receive(_RECV_BYTES)
+                except anyio.EndOfStream:
+                    data = b""
+                core.receive_data(data)
+                for _ in core.events():  # Welcomed, or ConnectionClosed; nothing is outstanding yet
+                    pass
         except _STREAM_ERRORS as exc:
-            raise ConnectionLost(
-                f"the engine at {self.socket_path} closed the connection during the handshake",
-                socket_path=self.socket_path,
-            ) from exc
-        except FrameTooLarge as exc:
-            raise ProtocolError("protocol_error", f"handshake reply refused: {exc}") from exc
+            core.fail(f"the handshake failed: {exc!r}", exc)  # ConnectionLost("…closed the connection during…")
+        if core.welcome is None:
+            assert core.error is not None
+            raise core.error
 
     def _check_usable(self) -> None:
         if not self._entered:
             raise RuntimeError("AsyncClient is not connected: use `async with AsyncClient() as client:`")
-        if self._failure is not None:
-            raise self._lost()
+        if self._core.closed:
+            raise self._core.connection_lost()
 
     def _fail(self, reason: str, cause: BaseException | None) -> None:
-        """Mark the connection dead and wake every waiter (they raise `ConnectionLost`). Never blocks."""
-        if self._failure is not None:
-            return
-        self._failure = describe_connection_loss(reason, self._last_connection_error)
-        self._failure_cause = cause if cause is not None else self._last_connection_error
-        sinks = list(self._sinks.values())
-        self._sinks.clear()
-        for sink in sinks:
-            sink.fail()
-        if self._outbox_send is not None:
-            self._outbox_send.close()
+        """The transport broke: close the core and wake every waiter (they raise `ConnectionLost`)."""
+        self._core.fail(reason, cause)
+        self._process_events()
 
-    def _lost(self) -> ConnectionLost:
-        """A fresh exception per waiter: one instance raised in many tasks would tangle its traceback."""
-        error = ConnectionLost(self._failure or "connection lost", socket_path=self.socket_path)
-        error.__cause__ = self._failure_cause
-        return error
+    def _process_events(self) -> None:
+        """Hand each of the core's events to whoever waits for it. Never blocks."""
+        for event in self._core.events():
+            if isinstance(event, Answered | StatsReceived | PongReceived):
+                event.context.deliver(event)
+            elif isinstance(event, ConnectionClosed):
+                for context in event.orphans:
+                    context.fail()
+                for run in list(self._maps):
+                    run.fail()
+                self._unsent.clear()
+                if self._outbox_send is not None:
+                    self._outbox_send.close()
+                if self._background_scope is not None:
+                    self._background_scope.cancel()
 
     # -- background tasks --------------------------------------------------------------------------------
 
@@ -401,37 +398,24 @@ class AsyncClient:
                 task_group.cancel_scope.cancel()
 
     async def _read_replies(self) -> None:
-        """Dispatch every reply to its waiter until the connection ends. Never raises (but `Cancelled`):
+        """Feed the core what the engine sends until the connection ends. Never raises (but `Cancelled`):
         an exception here would cancel the code inside ``async with AsyncClient()``."""
         assert self._stream is not None
         try:
             while True:
-                frame = self._frames.next_frame()
-                if frame is None:
-                    self._frames.feed(await self._stream.receive(_RECV_BYTES))
-                    continue
-                parsed = parse_frame(self._codec, frame)
-                if parsed is not None:
-                    self._dispatch(*parsed)
-        except anyio.EndOfStream:
-            self._fail(f"the engine at {self.socket_path} closed the connection", None)
+                self._process_events()
+                if self._core.closed:
+                    return
+                try:
+                    data = await self._stream.receive(_RECV_BYTES)
+                except anyio.EndOfStream:
+                    data = b""
+                self._core.receive_data(data)
         except _STREAM_ERRORS as exc:
             self._fail(f"reading from the engine failed: {exc!r}", exc)
-        except FrameTooLarge as exc:
-            self._fail(f"reply from the engine refused: {exc}", exc)
         except Exception as exc:
             logger.exception("trio-mapper client reader failed")
             self._fail(f"the client's reader failed: {exc!r}", exc)
-
-    def _dispatch(self, request_id: RequestId | None, reply: Reply) -> None:
-        if request_id is None:
-            if isinstance(reply, TrioMapperError):
-                self._last_connection_error = reply
-                logger.warning("engine error about the connection: %s", reply)
-            return
-        sink = self._sinks.pop(request_id, None)
-        if sink is not None:  # else: a request we gave up on; its late reply is dropped
-            sink.deliver(request_id, reply)
 
     async def _write_frames(self) -> None:
         """The only writer: callers queue whole frames, so cancelling a caller never tears one."""
@@ -448,7 +432,8 @@ class AsyncClient:
                     size += len(batch[-1].data)
                 live = [item for item in batch if not item.withdrawn]
                 for item in live:
-                    item.committed = True
+                    if item.request_id is not None:
+                        self._unsent.pop(item.request_id, None)  # taken: too late to withdraw
                 if not live:
                     continue
                 try:
@@ -459,43 +444,164 @@ class AsyncClient:
 
     # -- sending -----------------------------------------------------------------------------------------
 
-    def _encode_submit(self, request_id: RequestId, request: Request) -> bytes:
-        assert self.welcome is not None
-        return encode_submit(self._codec, request_id, request, self.welcome)
-
-    def _enqueue(self, data: bytes) -> _Outgoing:
-        """Queue whole frames for the writer task; never blocks."""
-        if self._failure is not None or self._outbox_send is None:
-            raise self._lost()
-        outgoing = _Outgoing(data)
+    def _enqueue(self, data: bytes, request_id: RequestId | None = None) -> None:
+        """Queue whole frames for the writer task (a request's own frame with its id); never blocks."""
+        if self._core.closed or self._outbox_send is None:
+            raise self._core.connection_lost()
+        outgoing = _Outgoing(data, request_id)
         try:
             self._outbox_send.send_nowait(outgoing)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise self._lost() from None
-        return outgoing
+            raise self._core.connection_lost() from None
+        if request_id is not None:
+            self._unsent[request_id] = outgoing
 
-    def _withdraw(self, request_id: RequestId, submit: _Outgoing) -> None:
-        """Give up on a request without blocking: unsent, it is dropped; sent, it is cancelled."""
-        if self._sinks.pop(request_id, None) is None:
-            return  # answered already (or the connection is gone): nothing left to withdraw
-        if not submit.committed:
-            submit.withdrawn = True
-            return
-        with contextlib.suppress(ConnectionLost):
-            self._enqueue(self._codec.encode(Cancel(id=request_id)))
+    def _withdraw(self, request_ids: Iterable[RequestId]) -> None:
+        """Give up on requests without blocking: unsent, they are dropped; sent, they are cancelled."""
+        written = []
+        for request_id in request_ids:
+            outgoing = self._unsent.pop(request_id, None)
+            if outgoing is None:
+                written.append(request_id)
+            else:
+                outgoing.withdrawn = True
+                self._core.forget((request_id,))
+        frames = self._core.cancel(written)  # only for those not answered yet
+        if frames:
+            with contextlib.suppress(ConnectionLost):
+                self._enqueue(frames)
 
-    async def _roundtrip(self, request_id: RequestId, frame: bytes) -> Reply:
-        waiter = _Waiter()
-        outgoing = self._enqueue(frame)
-        self._sinks[request_id] = waiter
+    async def _wait(self, request_id: RequestId, waiter: _Waiter) -> Reply:
         try:
             await waiter.event.wait()
         except BaseException:
-            self._withdraw(request_id, outgoing)
+            self._withdraw((request_id,))
             raise
         if waiter.reply is None:
-            raise self._lost()
+            raise self._core.connection_lost()
         return waiter.reply
+
+
+class _MapRun:
+    """One `AsyncClient.map` in progress: its `MapWindow`, the feeder task that pulls its input, and the
+    flags between them and the reader task (all in one event loop: no locks).
+
+    The `AsyncMapIterator` the caller holds wraps it; nothing here refers to that iterator, so dropping it
+    (``break`` out of ``async for``) lets its ``__del__`` stop the run.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        requests: Iterable[Any] | AsyncIterable[Any],
+        endpoint: str | None,
+        window: int,
+        deadline: float | None,
+        max_attempts: int | None,
+    ) -> None:
+        self.client = client
+        self.window = MapWindow(
+            client._core, endpoint=endpoint, window=window, deadline=deadline, max_attempts=max_attempts, context=self
+        )
+        self.sync_items: Iterator[Any] | None = None
+        self.async_items: AsyncIterator[Any] | None = None
+        if isinstance(requests, AsyncIterable):
+            self.async_items = aiter(requests)
+        else:
+            self.sync_items = iter(requests)
+        #: Set when there may be something for the consumer: a result, the feeder's end, the connection's.
+        self.results = _Flag()
+        #: Set when the feeder may go on: the consumer took a result (room in the window), or the run ended.
+        self.room = _Flag()
+        self.feeder_scope = anyio.CancelScope()
+        self.feeder_done = anyio.Event()
+        self.started = False
+        self.finished = False
+        #: What pulling or submitting the input raised; the consumer raises it.
+        self.error: BaseException | None = None
+
+    # -- the consumer (AsyncMapIterator) -----------------------------------------------------------------
+
+    async def next_result(self) -> MapResult:
+        client = self.client
+        if not self.started:
+            if client._core.closed or client._task_group is None:
+                raise client._core.connection_lost()
+            self.started = True
+            client._maps.add(self)
+            client._task_group.start_soon(self._feed)
+        while True:
+            if self.error is not None:
+                raise self.error
+            result = self.window.next_result()
+            if result is not None:
+                self.room.set()
+                return result
+            if self.window.done:
+                raise StopAsyncIteration
+            if client._core.closed:
+                raise client._core.connection_lost()
+            await self.results.wait()
+
+    def finish(self) -> None:
+        """Stop without blocking (so it works from any cleanup path): end the feeder, withdraw the requests
+        in flight. Safe to call twice."""
+        if self.finished:
+            return
+        self.finished = True
+        self.client._maps.discard(self)
+        self.feeder_scope.cancel()
+        self.room.set()
+        self.client._withdraw(self.window.close())
+
+    async def aclose(self) -> None:
+        self.finish()
+        if self.started:
+            with anyio.CancelScope(shield=True):
+                await self.feeder_done.wait()  # the feeder lets go of the input before it is closed here
+        if self.async_items is not None and hasattr(self.async_items, "aclose"):
+            await self.async_items.aclose()
+
+    # -- the reader task (contexts of the window's requests) ---------------------------------------------
+
+    def deliver(self, event: Answered) -> None:
+        self.window.deliver(event)
+        self.results.set()
+
+    def fail(self) -> None:
+        self.results.set()  # the consumer finds the connection closed
+
+    # -- the feeder task ---------------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        """Pull the input while the window has room, and submit it. Never raises (but `Cancelled`): it runs in
+        the client's task group."""
+        try:
+            with self.feeder_scope:
+                while not self.finished:
+                    if not self.window.wants_input:
+                        await self.room.wait()
+                        continue
+                    try:
+                        if self.async_items is not None:
+                            item = await anext(self.async_items)
+                        else:
+                            assert self.sync_items is not None
+                            item = next(self.sync_items)
+                    except (StopIteration, StopAsyncIteration):
+                        self.window.end_of_input()
+                        return
+                    if self.finished:
+                        return
+                    request_id, frame = self.window.add(item)
+                    if frame:
+                        self.client._enqueue(frame, request_id)
+                    self.results.set()  # a request refused locally is a result already
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.results.set()
+            self.feeder_done.set()
 
 
 class AsyncMapIterator:
@@ -511,104 +617,24 @@ class AsyncMapIterator:
         deadline: float | None,
         max_attempts: int | None,
     ) -> None:
-        self._client = client
-        self._sync_items: Iterator[Any] | None = None
-        self._async_items: AsyncIterator[Any] | None = None
-        if isinstance(requests, AsyncIterable):
-            self._async_items = aiter(requests)
-        else:
-            self._sync_items = iter(requests)
-        self._endpoint = endpoint
-        self._window = window
-        self._deadline = deadline
-        self._max_attempts = max_attempts
-        send, self._replies = anyio.create_memory_object_stream[tuple[RequestId, Reply]](math.inf)
-        self._sink = _StreamSink(send)
-        self._in_flight: dict[RequestId, tuple[Any, Request, _Outgoing]] = {}
-        self._ready: list[MapResult] = []
-        self._exhausted = False
-        self._finished = False
+        self._run = _MapRun(client, requests, endpoint, window, deadline, max_attempts)
 
     def __aiter__(self) -> AsyncMapIterator:
         return self
 
     async def __anext__(self) -> MapResult:
-        if self._finished:
+        run = self._run
+        if run.finished:
             raise StopAsyncIteration
         try:
-            await self._fill()
-            if self._ready:
-                return self._ready.pop(0)
-            if not self._in_flight:
-                self._finish()
-                raise StopAsyncIteration
-            try:
-                request_id, reply = await self._replies.receive()
-            except anyio.EndOfStream:
-                raise self._client._lost() from None
-        except StopAsyncIteration:
+            return await run.next_result()
+        except BaseException:  # StopAsyncIteration included: the run is over either way
+            run.finish()
             raise
-        except BaseException:
-            self._finish()
-            raise
-        item, request, _ = self._in_flight.pop(request_id)
-        if isinstance(reply, Result):
-            return MapResult(item, request, result=reply)
-        if isinstance(reply, TrioMapperError):
-            return MapResult(item, request, error=reply)
-        unexpected = type(reply).__name__
-        error = ProtocolError(
-            "protocol_error", f"expected a Result, the engine sent {unexpected}", request_id=request_id
-        )
-        return MapResult(item, request, error=error)
-
-    async def _next_item(self) -> tuple[bool, Any]:
-        if self._async_items is not None:
-            try:
-                return True, await anext(self._async_items)
-            except StopAsyncIteration:
-                return False, None
-        assert self._sync_items is not None
-        try:
-            return True, next(self._sync_items)
-        except StopIteration:
-            return False, None
-
-    async def _fill(self) -> None:
-        client = self._client
-        while not self._exhausted and len(self._in_flight) + len(self._ready) < self._window:
-            more, item = await self._next_item()
-            if not more:
-                self._exhausted = True
-                return
-            request = coerce_request(
-                item, endpoint=self._endpoint, deadline=self._deadline, max_attempts=self._max_attempts
-            )
-            request_id = next(client._ids)
-            try:
-                frame = client._encode_submit(request_id, request)
-            except InvalidRequestError as exc:
-                self._ready.append(MapResult(item, request, error=exc))
-                continue
-            outgoing = client._enqueue(frame)
-            client._sinks[request_id] = self._sink
-            self._in_flight[request_id] = (item, request, outgoing)
-
-    def _finish(self) -> None:
-        """Stop: cancel what is outstanding (without blocking, so it works from any cleanup path)."""
-        if self._finished:
-            return
-        self._finished = True
-        for request_id, (_, _, outgoing) in self._in_flight.items():
-            self._client._withdraw(request_id, outgoing)
-        self._in_flight.clear()
-        self._sink.send.close()
 
     async def aclose(self) -> None:
         """Stop iterating and cancel the requests still outstanding. Safe to call twice."""
-        self._finish()
-        if self._async_items is not None and hasattr(self._async_items, "aclose"):
-            await self._async_items.aclose()
+        await self._run.aclose()
 
     async def __aenter__(self) -> AsyncMapIterator:
         return self
@@ -619,7 +645,7 @@ class AsyncMapIterator:
     def __del__(self) -> None:
         # `break` out of `async for` drops the iterator without closing it: cancel its requests then.
         with contextlib.suppress(Exception):
-            self._finish()
+            self._run.finish()
 
 
 __all__ = ["AsyncClient", "AsyncMapIterator"]

@@ -3,8 +3,22 @@
 `Client` is for plain blocking code (the standard library's `socket`; thread-safe). `AsyncClient`
 (`trio_mapper.aio_client`, re-exported here lazily) runs on Trio and asyncio alike through anyio.
 
-This module is deliberately light: msgspec, the standard library, `trio_mapper.protocol` and
-`trio_mapper.paths`. Importing it never imports trio, httpx or anyio.
+How the work is divided: the protocol itself (handshake, ids, the table of outstanding requests, decoding
+and routing replies, why the connection ended, ``map()``'s window) is `trio_mapper.client_core`, a state
+machine with no I/O shared by both clients. This module is its blocking driver: it owns the socket and
+the threads' waiting, and nothing else.
+
+The driver: the socket is non-blocking, and at most one thread at a time, *the pump*, does its I/O. The
+pump polls the socket for reading always and for writing while bytes wait in the outbox, feeds what it
+reads to the core and hands each event to the caller it answers. Callers never write themselves: they
+append whole frames to the outbox (poking the pump awake through a socket pair) and wait on a condition
+variable; a caller that needs progress while no thread pumps becomes the pump. Since the one thread that
+writes also reads whenever it waits to write, a full reply queue can never stop the writes (the engine
+stops reading a connection whose replies nobody reads: docs/protocol.md, Session item 8), and no lock is
+held while anyone blocks.
+
+This module is deliberately light: msgspec, the standard library and the light `trio_mapper` modules.
+Importing it never imports trio, httpx or anyio.
 
 Wire protocol in short (see `trio_mapper.protocol`): the first frame is ``Hello``, the engine answers
 ``Welcome``; then many requests are in flight at once, each with an id chosen here; replies arrive in
@@ -13,22 +27,32 @@ completion order, exactly one final ``Result``/``Error`` per id; ``Cancel(id)`` 
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import itertools
-import logging
+import math
 import os
+import select
 import socket
-import sys
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping
-from dataclasses import KW_ONLY, dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import msgspec
-
+from trio_mapper.client_core import (
+    DEFAULT_WINDOW,
+    Answered,
+    ClientConnection,
+    ConnectionClosed,
+    MapResult,
+    MapWindow,
+    PongReceived,
+    Reply,
+    Request,
+    State,
+    StatsReceived,
+    default_client_name,
+    unwrap,
+)
 from trio_mapper.client_errors import (
     ERROR_CLASSES,
     ConnectionLost,
@@ -47,257 +71,23 @@ from trio_mapper.client_errors import (
     UpstreamError,
     UpstreamUnreachableError,
     error_class_for,
-    make_error,
 )
 from trio_mapper.paths import SOCKET_ENV_VAR, default_socket_path, resolve_socket_path
-from trio_mapper.protocol import (
-    PROTOCOL_VERSION,
-    Cancel,
-    Codec,
-    Error,
-    FrameBuffer,
-    FrameTooLarge,
-    Hello,
-    Ping,
-    Pong,
-    RequestId,
-    Result,
-    Stats,
-    StatsRequest,
-    Submit,
-    Welcome,
-    client_codec,
-    decode_body,
-    salvage_request_id,
-)
+from trio_mapper.protocol import RequestId, Result, Welcome
 
 if TYPE_CHECKING:
     from trio_mapper.aio_client import AsyncClient, AsyncMapIterator
 
-logger = logging.getLogger("trio_mapper.client")
-
-#: Largest reply frame accepted from the engine. `Welcome.max_frame_bytes` bounds what the engine *accepts*;
-#: replies carry upstream bodies (a large embeddings batch is tens of MB once msgpack'd), so this is
-#: generous. It only exists so a corrupt length prefix cannot make us buffer gigabytes.
-MAX_REPLY_FRAME_BYTES: Final = 512 * 1024 * 1024
-#: How many requests `map` keeps in flight unless told otherwise.
-DEFAULT_WINDOW: Final = 64
 #: Seconds allowed to connect and complete the handshake.
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+#: Bytes asked of one recv() at most.
 _RECV_BYTES: Final = 256 * 1024
+#: poll() flags saying the socket has something to read, or the connection ended (recv() then says how).
+_READABLE: Final = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+_WRITABLE: Final = select.POLLOUT | select.POLLERR | select.POLLHUP
 
 
-# --- shared by Client and AsyncClient ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One API request for `Client.map` / `AsyncClient.map` (``request()`` takes the same fields directly).
-
-    Args:
-        endpoint: a relative API path such as ``/v1/chat/completions``.
-        body: the JSON request body.
-        method: the HTTP method (``GET`` for e.g. ``/v1/models``).
-        deadline: seconds the engine may spend on it (from when it reads the request) before answering
-            with a `RequestTimeoutError`; None uses ``map(deadline=...)``, else no deadline.
-        max_attempts: upstream attempts at most, retries included; None uses ``map(max_attempts=...)``,
-            else the engine's default.
-        tag: anything of yours (a row id, a file name…); never sent, handed back in `MapResult.request`.
-    """
-
-    endpoint: str
-    body: Mapping[str, Any]
-    _: KW_ONLY
-    method: str = "POST"
-    deadline: float | None = None
-    max_attempts: int | None = None
-    tag: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class MapResult:
-    """One completed item of ``map()``.
-
-    Unpacks as ``(input, outcome)``: ``for item, outcome in client.map(...)``.
-
-    Attributes:
-        input: the item exactly as it came out of your iterable.
-        request: that item as a `Request` (with map's defaults applied; ``request.tag`` is yours).
-        result: the protocol `Result` (status, headers, attempts, timings) on success, else None.
-        error: the `TrioMapperError` on failure, else None.
-    """
-
-    input: Any
-    request: Request
-    result: Result | None = None
-    error: TrioMapperError | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def body(self) -> Any:
-        """The upstream's JSON body on success (usually a dict), None on failure."""
-        return None if self.result is None else self.result.body
-
-    @property
-    def outcome(self) -> Any:
-        """The body on success, the exception instance on failure."""
-        return self.error if self.error is not None else self.body
-
-    def unwrap(self) -> Any:
-        """The body on success; raises the error on failure."""
-        if self.error is not None:
-            raise self.error
-        return self.body
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.input, self.outcome))
-
-
-def coerce_request(
-    item: Any,
-    *,
-    endpoint: str | None,
-    deadline: float | None,
-    max_attempts: int | None,
-) -> Request:
-    """Turn one ``map()`` input into a `Request`: a `Request`, an ``(endpoint, body)`` pair, or a body dict
-    (which needs ``map(endpoint=...)``). Map-wide ``deadline``/``max_attempts`` fill the gaps."""
-    if isinstance(item, Request):
-        request = item
-    elif isinstance(item, Mapping):
-        if endpoint is None:
-            raise TypeError("map() got a body dict but no endpoint: pass map(..., endpoint='/v1/...')")
-        request = Request(endpoint, item)
-    elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-        request = Request(item[0], item[1])
-    else:
-        raise TypeError(
-            f"map() items must be a Request, an (endpoint, body) pair or a body dict; got {type(item).__name__}"
-        )
-    if (request.deadline is None and deadline is not None) or (
-        request.max_attempts is None and max_attempts is not None
-    ):
-        request = Request(
-            request.endpoint,
-            request.body,
-            method=request.method,
-            deadline=request.deadline if request.deadline is not None else deadline,
-            max_attempts=request.max_attempts if request.max_attempts is not None else max_attempts,
-            tag=request.tag,
-        )
-    return request
-
-
-def submit_message(request_id: RequestId, request: Request) -> Submit:
-    body = request.body if isinstance(request.body, dict) else dict(request.body)
-    return Submit(
-        id=request_id,
-        endpoint=request.endpoint,
-        body=body,
-        method=request.method,
-        deadline=request.deadline,
-        max_attempts=request.max_attempts,
-    )
-
-
-class _LenientError(msgspec.Struct, tag_field="type", tag="error", forbid_unknown_fields=False):
-    """`Error` with ``kind`` as a plain string: a newer engine's unknown kind must not make the frame
-    undecodable (`protocol.Error.kind` is the `ErrorKind` enum, which rejects values it does not know)."""
-
-    id: RequestId | None
-    kind: str
-    message: str = ""
-    status: int | None = None
-    body: Any = None
-    headers: dict[str, str] = {}
-    attempts: int = 0
-
-
-#: What `parse_frame` yields: a message to dispatch, or the exception an ``Error`` reply stands for.
-Reply = Welcome | Result | Stats | Pong | TrioMapperError
-
-
-def encode_submit(codec: Codec, request_id: RequestId, request: Request, welcome: Welcome) -> bytes:
-    """The Submit frame, refused locally when larger than the engine accepts (it would close the connection)."""
-    frame = codec.encode(submit_message(request_id, request))
-    limit = welcome.max_frame_bytes
-    if len(frame) - 4 > limit:
-        raise InvalidRequestError(
-            "invalid_request",
-            f"the request is {len(frame) - 4} bytes once encoded; the engine accepts frames of at most {limit} bytes",
-            request_id=request_id,
-        )
-    return frame
-
-
-def error_from_message(message: Error | _LenientError) -> TrioMapperError:
-    return make_error(
-        str(message.kind),
-        message.message,
-        status=message.status,
-        body=message.body,
-        headers=message.headers,
-        attempts=message.attempts,
-        request_id=message.id,
-    )
-
-
-#: Message types this client knows; protocol.md allows new ones within a version, so others are skipped.
-_KNOWN_ENGINE_TYPES: Final = frozenset(str(cls.__struct_config__.tag) for cls in (Welcome, Result, Error, Stats, Pong))
-
-
-def _message_type(frame: bytes) -> Any:
-    try:
-        raw = msgspec.msgpack.decode(frame)
-    except msgspec.DecodeError:
-        return None
-    return raw.get("type") if isinstance(raw, dict) else None
-
-
-def encode_hello(codec: Codec, client_name: str) -> bytes:
-    # Bodies in the "json" format: the engine forwards the upstream's bytes and this process decodes them.
-    return codec.encode(Hello(protocol=PROTOCOL_VERSION, client=client_name, body_format="json"))
-
-
-def _decoded(body: Any) -> Any:
-    """A body sent in the "json" format (bytes, see `Hello.body_format`), decoded here in the client."""
-    return decode_body(body) if isinstance(body, bytes) else body
-
-
-def parse_frame(codec: Codec, frame: bytes) -> tuple[RequestId | None, Reply] | None:
-    """Decode one engine frame into ``(id, reply)``; ``id`` is None for connection-level messages.
-
-    Returns None for a message type this client does not know (a newer engine's addition: ignored).
-    Never raises for a bad frame: it becomes a `ProtocolError` (for the id it names, when it names one).
-    """
-    try:
-        message = codec.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        message_type = _message_type(frame)
-        if isinstance(message_type, str) and message_type not in _KNOWN_ENGINE_TYPES:
-            logger.debug("ignoring a %r message from the engine (unknown to this client)", message_type)
-            return None
-        try:
-            lenient = msgspec.msgpack.decode(frame, type=_LenientError)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            request_id = salvage_request_id(frame)
-            return request_id, ProtocolError(
-                "protocol_error",
-                f"could not decode a frame from the engine: {exc}",
-                request_id=request_id,
-            )
-        return lenient.id, error_from_message(msgspec.structs.replace(lenient, body=_decoded(lenient.body)))
-    if isinstance(message, Result | Error):
-        message = msgspec.structs.replace(message, body=_decoded(message.body))
-    if isinstance(message, Error):
-        return message.id, error_from_message(message)
-    if isinstance(message, Welcome):
-        return None, message
-    assert isinstance(message, Result | Stats | Pong)
-    return message.id, message
+# --- connecting ------------------------------------------------------------------------------------------
 
 
 def socket_source(explicit: str | os.PathLike[str] | None) -> str:
@@ -333,66 +123,24 @@ def engine_unavailable(path: Path, exc: BaseException | str, source: str) -> Eng
     )
 
 
-def check_welcome(reply: Reply | None, path: Path) -> Welcome:
-    """Validate the engine's answer to ``Hello``; raises `ProtocolError` (or the engine's error)."""
-    if isinstance(reply, Welcome):
-        if reply.protocol != PROTOCOL_VERSION:
-            raise ProtocolError(
-                "protocol_error",
-                f"the engine at {path} ({reply.server}) speaks protocol {reply.protocol}, this client speaks "
-                f"protocol {PROTOCOL_VERSION}: upgrade trio-mapper so both sides match",
-            )
-        return reply
-    if isinstance(reply, TrioMapperError):
-        reply.message = (
-            f"the engine at {path} refused the handshake (this client speaks protocol {PROTOCOL_VERSION}): "
-            f"{reply.message}"
-        )
-        raise reply
-    raise ProtocolError(
-        "protocol_error",
-        f"the engine at {path} answered the handshake with {type(reply).__name__} instead of Welcome",
-    )
-
-
-def expect_result(reply: Reply) -> Result:
-    if isinstance(reply, Result):
-        return reply
-    if isinstance(reply, TrioMapperError):
-        raise reply
-    raise ProtocolError("protocol_error", f"expected a Result, the engine sent {type(reply).__name__}")
-
-
-def default_client_name() -> str:
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    return f"{program}[{os.getpid()}]"
-
-
-def describe_connection_loss(reason: str, last_error: TrioMapperError | None) -> str:
-    if last_error is not None:
-        return f"{reason}; the engine's last word: {last_error}"
-    return reason
-
-
 # --- the blocking client ----------------------------------------------------------------------------------
 
 
-class _Closed(Exception):
-    """Raised by `Client._read_reply` when the engine closed its end."""
+class _Waiter:
+    """Where the reply to one `Client.request`/`stats`/`ping` lands (written by the pump, under the lock)."""
 
-
-class _Sink:
-    """Where replies for one caller's ids collect (`Client.request` has one id, `map` up to ``window``)."""
-
-    __slots__ = ("replies",)
+    __slots__ = ("reply",)
 
     def __init__(self) -> None:
-        self.replies: collections.deque[tuple[RequestId, Reply]] = collections.deque()
+        self.reply: Reply | None = None
+
+    def deliver(self, event: Reply) -> None:
+        self.reply = event
 
 
 class Client:
     """A blocking connection to the engine. Thread-safe: threads may call `request` concurrently and
-    their requests share the one connection (whichever thread waits reads for everybody).
+    their requests share the one connection (whichever thread waits does the I/O for everybody).
 
     Connects and handshakes in the constructor, so an absent engine raises `EngineUnavailable` right
     away. Use as a context manager or call `close()` (idempotent).
@@ -414,25 +162,30 @@ class Client:
         self.socket_path: Path = resolve_socket_path(socket_path)
         self._socket_source = socket_source(socket_path)
         self.client_name = client_name if client_name is not None else default_client_name()
-        self._codec = client_codec()
-        self._frames = FrameBuffer(MAX_REPLY_FRAME_BYTES)
-        self._ids = itertools.count(1)
-        self._state = threading.Lock()
-        self._changed = threading.Condition(self._state)
-        self._send_lock = threading.Lock()
-        self._sinks: dict[RequestId, _Sink] = {}
-        self._reading = False
-        self._failure: str | None = None
-        self._failure_cause: BaseException | None = None
-        self._last_connection_error: TrioMapperError | None = None
+        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name)
+        # Guards the core, the outbox and the flags below; never held while a thread blocks in I/O.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pumping = False  # a thread is the pump (see the module docstring)
+        self._outbox = bytearray()  # whole frames, in order; the pump writes from the front
+        self._queued = 0  # bytes ever put in the outbox…
+        self._sent = 0  # …and written to the socket: a caller waits for its frame with these
+        self._poked = False  # a wake-up byte is on its way to the pump
         self._closed = False
+        self._released = False
         self._sock = self._connect(connect_timeout)
         try:
-            self.welcome: Welcome = self._handshake()
+            self._sock.setblocking(False)
+            self._wake_read, self._wake_write = socket.socketpair()
+            self._wake_read.setblocking(False)
+            self._wake_write.setblocking(False)
+            self._poller = select.poll()
+            self._poller.register(self._sock, select.POLLIN)
+            self._poller.register(self._wake_read, select.POLLIN)
+            self.welcome: Welcome = self._handshake(connect_timeout)
         except BaseException:
-            self._sock.close()
+            self._release()
             raise
-        self._sock.settimeout(None)
 
     # -- public API --------------------------------------------------------------------------------------
 
@@ -462,10 +215,12 @@ class Client:
     ) -> Result:
         """Like `request`, but returns the whole protocol `Result` (status, headers, attempts, timings)."""
         request = Request(endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts)
-        request_id = next(self._ids)
-        frame = self._encode_submit(request_id, request)
-        _, reply = self._roundtrip(request_id, frame)
-        return expect_result(reply)
+        waiter = _Waiter()
+        with self._lock:
+            request_id, frame = self._core.submit(request, waiter)
+            self._queue(frame)
+        result: Result = unwrap(self._wait(request_id, waiter))
+        return result
 
     def map(
         self,
@@ -483,39 +238,40 @@ class Client:
         raised; a lost connection raises `ConnectionLost`. Closing the generator (leaving a ``for`` loop
         in CPython, or ``contextlib.closing``) cancels the requests still outstanding in the engine.
         """
-        if window < 1:
-            raise ValueError(f"window must be at least 1, not {window}")
-        return self._map(iter(requests), endpoint, window, deadline, max_attempts)
+        state = MapWindow(self._core, endpoint=endpoint, window=window, deadline=deadline, max_attempts=max_attempts)
+        return self._map(iter(requests), state)
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters: ``{"engine": {...}, "lanes": {lane: {...}}}``."""
-        request_id = next(self._ids)
-        _, reply = self._roundtrip(request_id, self._codec.encode(StatsRequest(id=request_id)))
-        if isinstance(reply, Stats):
-            return {"engine": reply.engine, "lanes": reply.lanes}
-        if isinstance(reply, TrioMapperError):
-            raise reply
-        raise ProtocolError("protocol_error", f"expected Stats, the engine sent {type(reply).__name__}")
+        waiter = _Waiter()
+        with self._lock:
+            request_id, frame = self._core.stats(waiter)
+            self._queue(frame)
+        stats: dict[str, Any] = unwrap(self._wait(request_id, waiter))
+        return stats
 
     def ping(self) -> float:
         """Round-trip to the engine; returns the seconds it took."""
-        request_id = next(self._ids)
+        waiter = _Waiter()
         started = time.perf_counter()
-        _, reply = self._roundtrip(request_id, self._codec.encode(Ping(id=request_id)))
-        if isinstance(reply, Pong):
-            return time.perf_counter() - started
-        if isinstance(reply, TrioMapperError):
-            raise reply
-        raise ProtocolError("protocol_error", f"expected Pong, the engine sent {type(reply).__name__}")
+        with self._lock:
+            request_id, frame = self._core.ping(waiter)
+            self._queue(frame)
+        unwrap(self._wait(request_id, waiter))
+        return time.perf_counter() - started
 
     def close(self) -> None:
         """Close the connection; callers still waiting get `ConnectionLost`. Safe to call twice."""
-        with self._state:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._fail("the client was closed", None)
-        self._sock.close()
+            self._core.close()
+            self._dispatch()
+            if self._pumping:
+                self._poke()  # the pump lets go of the sockets when it sees the connection closed
+            else:
+                self._release()
 
     @property
     def closed(self) -> bool:
@@ -528,7 +284,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._sinks)} in flight"
+        state = "closed" if self._closed else f"{len(self._core.outstanding)} in flight"
         return f"<Client {str(self.socket_path)!r} {state}>"
 
     # -- connection --------------------------------------------------------------------------------------
@@ -547,195 +303,212 @@ class Client:
             raise engine_unavailable(self.socket_path, exc, self._socket_source) from exc
         return sock
 
-    def _handshake(self) -> Welcome:
+    def _handshake(self, timeout: float | None) -> Welcome:
+        with self._lock:
+            self._queue(self._core.send_hello())
         try:
-            self._sock.sendall(encode_hello(self._codec, self.client_name))
-            _, reply = self._read_reply()
+            self._progress(lambda: self._core.state is not State.HANDSHAKING, timeout)
         except TimeoutError as exc:
             reason = "the engine did not answer the handshake in time"
             raise engine_unavailable(self.socket_path, reason, self._socket_source) from exc
-        except (OSError, _Closed) as exc:
-            raise ConnectionLost(
-                f"the engine at {self.socket_path} closed the connection during the handshake",
-                socket_path=self.socket_path,
-            ) from exc
-        return check_welcome(reply, self.socket_path)
+        if self._core.welcome is None:
+            assert self._core.error is not None
+            raise self._core.error
+        return self._core.welcome
 
-    def _read_reply(self) -> tuple[RequestId | None, Reply]:
-        """Block until one whole frame arrived; only one thread at a time (the current reader) calls this."""
-        while True:
-            try:
-                frame = self._frames.next_frame()
-            except FrameTooLarge as exc:
-                raise ProtocolError("protocol_error", f"reply from the engine refused: {exc}") from exc
-            if frame is not None:
-                parsed = parse_frame(self._codec, frame)
-                if parsed is not None:
-                    return parsed
-                continue
-            data = self._sock.recv(_RECV_BYTES)
-            if not data:
-                raise _Closed
-            self._frames.feed(data)
-
-    def _fail(self, reason: str, cause: BaseException | None) -> None:
-        """Mark the connection dead and wake every waiter (they raise `ConnectionLost`)."""
-        with self._state:
-            if self._failure is not None:
-                return
-            self._failure = describe_connection_loss(reason, self._last_connection_error)
-            self._failure_cause = cause if cause is not None else self._last_connection_error
-            self._changed.notify_all()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv()
-
-    def _lost(self) -> ConnectionLost:
-        error = ConnectionLost(self._failure or "connection lost", socket_path=self.socket_path)
-        error.__cause__ = self._failure_cause
-        return error
-
-    # -- sending -----------------------------------------------------------------------------------------
-
-    def _encode_submit(self, request_id: RequestId, request: Request) -> bytes:
-        return encode_submit(self._codec, request_id, request, self.welcome)
-
-    def _send(self, frame: bytes) -> None:
-        with self._send_lock:
-            if self._failure is not None:
-                raise self._lost()
-            try:
-                self._sock.sendall(frame)
-            except OSError as exc:
-                self._fail(f"sending to the engine failed: {exc}", exc)
-                raise self._lost() from exc
-            except BaseException as exc:
-                # Interrupted (KeyboardInterrupt…) partway: part of a frame may be on the wire and the
-                # stream can no longer be parsed by the engine, so this connection is finished.
-                self._fail("interrupted while sending a frame; the connection was closed", exc)
-                raise
-
-    def _cancel_outstanding(self, request_ids: Iterable[RequestId]) -> None:
-        """Forget these ids; those with no final reply yet are cancelled in the engine (best effort)."""
-        with self._state:
-            pending = [rid for rid in request_ids if self._sinks.pop(rid, None) is not None]
-            alive = self._failure is None
-        if not pending or not alive:
+    def _release(self) -> None:
+        """Close the sockets, once no thread uses them."""
+        if self._released:
             return
-        with contextlib.suppress(TrioMapperError, OSError):
-            self._send(b"".join(self._codec.encode(Cancel(id=rid)) for rid in pending))
+        self._released = True
+        for sock in (self._sock, getattr(self, "_wake_read", None), getattr(self, "_wake_write", None)):
+            if sock is not None:
+                sock.close()
 
-    # -- receiving ---------------------------------------------------------------------------------------
+    # -- waiting: the pump -------------------------------------------------------------------------------
 
-    def _roundtrip(self, request_id: RequestId, frame: bytes) -> tuple[RequestId, Reply]:
-        sink = _Sink()
-        with self._state:
-            self._sinks[request_id] = sink
+    def _queue(self, frames: bytes) -> int:
+        """Append whole frames to the outbox (lock held); returns the `_sent` count at which they are out."""
+        if frames:
+            self._outbox += frames
+            self._queued += len(frames)
+            self._poke()
+        return self._queued
+
+    def _poke(self) -> None:
+        """Wake the pump from poll() (lock held): there is something new to write, or to notice."""
+        if self._pumping and not self._poked:
+            self._poked = True
+            with contextlib.suppress(OSError):
+                self._wake_write.send(b"\0")
+
+    def _wait(self, request_id: RequestId, waiter: _Waiter) -> Reply:
+        """The reply for ``request_id``; if this call ends otherwise (ConnectionLost, Ctrl+C), the request is
+        cancelled in the engine."""
         try:
-            self._send(frame)
-            return self._wait(sink)
+            self._progress(lambda: waiter.reply is not None)
         finally:
-            self._cancel_outstanding((request_id,))
+            if waiter.reply is None:
+                self._give_up((request_id,))
+        assert waiter.reply is not None
+        return waiter.reply
 
-    def _wait(self, sink: _Sink) -> tuple[RequestId, Reply]:
-        """The next reply for one of ``sink``'s ids; this thread reads the socket if nobody else is."""
-        with self._state:
-            while True:
-                if sink.replies:
-                    return sink.replies.popleft()
-                if self._failure is not None:
-                    raise self._lost()
-                if self._reading:
-                    self._changed.wait()
+    def _give_up(self, request_ids: Iterable[RequestId]) -> None:
+        """Forget these requests; those not answered yet are cancelled in the engine (best effort)."""
+        with self._lock:
+            frames = self._core.cancel(request_ids)
+            sent_at = self._queue(frames)
+        if frames:
+            with contextlib.suppress(TrioMapperError, OSError):
+                self._progress(lambda: self._sent >= sent_at)
+
+    def _progress(self, done: Callable[[], bool], timeout: float | None = None) -> None:
+        """Return once ``done()`` holds (checked under the lock). Meanwhile this thread is the pump, or waits
+        while another thread is.
+
+        Raises:
+            ConnectionLost: the connection closed first.
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not done():
+                if self._core.closed:
+                    raise self._core.connection_lost()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                if self._pumping:
+                    self._changed.wait(remaining)
                     continue
-                self._reading = True
-                self._state.release()
+                self._pumping = True
                 try:
-                    reply = self._read_one()
+                    while not done() and not self._core.closed:
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise TimeoutError
+                        self._pump_once(remaining)
                 finally:
-                    self._state.acquire()
-                    self._reading = False
+                    self._pumping = False
+                    if self._closed:
+                        self._release()
                     self._changed.notify_all()
-                if reply is not None:
-                    self._dispatch(*reply)
 
-    def _read_one(self) -> tuple[RequestId | None, Reply] | None:
-        """Read one reply without holding the state lock; a dead connection is recorded, not raised."""
+    def _pump_once(self, timeout: float | None) -> None:
+        """Wait until the socket can be read or written (or a poke), then read and write what it can
+        (lock held, released while polling)."""
+        self._poked = False
+        with contextlib.suppress(OSError):
+            while self._wake_read.recv(64):
+                pass
+        self._poller.modify(self._sock, select.POLLIN | (select.POLLOUT if self._outbox else 0))
+        self._lock.release()
         try:
-            return self._read_reply()
-        except _Closed:
-            self._fail(f"the engine at {self.socket_path} closed the connection", None)
-        except ProtocolError as exc:
-            self._fail(str(exc), exc)
-        except OSError as exc:
-            self._fail(f"reading from the engine failed: {exc}", exc)
-        return None
+            ready = self._poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+        finally:
+            self._lock.acquire()
+        flags = next((events for fd, events in ready if fd == self._sock.fileno()), 0)
+        if flags & _READABLE:
+            self._read()
+        if flags & _WRITABLE and self._outbox and not self._core.closed:
+            self._write()
+        self._changed.notify_all()
 
-    def _dispatch(self, request_id: RequestId | None, reply: Reply) -> None:
-        """Route one reply (state lock held)."""
-        if request_id is None:
-            if isinstance(reply, TrioMapperError):
-                self._last_connection_error = reply
-                logger.warning("engine error about the connection: %s", reply)
-            return
-        sink = self._sinks.pop(request_id, None)
-        if sink is None:
-            return  # a request we gave up on (cancelled, interrupted): its late reply is dropped
-        sink.replies.append((request_id, reply))
+    def _read(self) -> None:
+        try:
+            try:
+                data = self._sock.recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._core.fail(f"reading from the engine failed: {exc}", exc)
+            else:
+                self._core.receive_data(data)
+            self._dispatch()
+        except BaseException as exc:
+            # Interrupted (Ctrl+C…) between taking bytes from the socket and handing their replies out:
+            # some may be lost, so no reply can be trusted to come any more.
+            self._core.fail("interrupted while reading from the engine; the connection was closed", exc)
+            self._dispatch()
+            raise
+
+    def _write(self) -> None:
+        try:
+            try:
+                sent = self._sock.send(self._outbox)  # as much as the socket takes
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._read_last_words()
+                self._core.fail(f"sending to the engine failed: {exc}", exc)
+                self._dispatch()
+                return
+            del self._outbox[:sent]
+            self._sent += sent
+        except BaseException as exc:
+            # Interrupted (Ctrl+C…) partway: whether the bytes went out is unknown, so the engine can no
+            # longer parse this stream, and this connection is finished.
+            self._core.fail("interrupted while sending a frame; the connection was closed", exc)
+            self._dispatch()
+            raise
+
+    def _read_last_words(self) -> None:
+        """After a failed write, read what the engine sent before it went away (its reason for closing)."""
+        while not self._core.closed:
+            try:
+                data = self._sock.recv(_RECV_BYTES)
+            except OSError:
+                return
+            self._core.receive_data(data)
+            self._dispatch()
+            if not data:
+                return
+
+    def _dispatch(self) -> None:
+        """Hand each event to whoever waits for it (lock held)."""
+        for event in self._core.events():
+            if isinstance(event, Answered | StatsReceived | PongReceived):
+                event.context.deliver(event)
+            elif isinstance(event, ConnectionClosed):  # waiters see the core closed: they raise ConnectionLost
+                self._outbox.clear()
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+        self._changed.notify_all()
 
     # -- map ---------------------------------------------------------------------------------------------
 
-    def _map(
-        self,
-        items: Iterator[Any],
-        endpoint: str | None,
-        window: int,
-        deadline: float | None,
-        max_attempts: int | None,
-    ) -> Generator[MapResult, None, None]:
-        sink = _Sink()
-        in_flight: dict[RequestId, tuple[Any, Request]] = {}
-        ready: collections.deque[MapResult] = collections.deque()
-        exhausted = False
+    def _map(self, items: Iterator[Any], window: MapWindow) -> Generator[MapResult, None, None]:
         try:
             while True:
-                while not exhausted and len(in_flight) + len(ready) < window:
-                    try:
-                        item = next(items)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    request = coerce_request(item, endpoint=endpoint, deadline=deadline, max_attempts=max_attempts)
-                    new_id = next(self._ids)
-                    try:
-                        frame = self._encode_submit(new_id, request)
-                    except InvalidRequestError as exc:
-                        ready.append(MapResult(item, request, error=exc))
-                        continue
-                    with self._state:
-                        self._sinks[new_id] = sink
-                    in_flight[new_id] = (item, request)
-                    self._send(frame)
-                if ready:
-                    yield ready.popleft()
-                    continue
-                if not in_flight:
+                with self._lock:
+                    wants_input = window.wants_input
+                    result = None if wants_input else window.next_result()
+                    finished = window.done
+                if wants_input:  # fill the window first, as the engine works on all of it meanwhile
+                    self._pull(items, window)
+                elif result is not None:
+                    yield result
+                elif finished:
                     return
-                request_id, reply = self._wait(sink)
-                item, request = in_flight.pop(request_id)
-                if isinstance(reply, Result):
-                    yield MapResult(item, request, result=reply)
-                elif isinstance(reply, TrioMapperError):
-                    yield MapResult(item, request, error=reply)
                 else:
-                    error = ProtocolError(
-                        "protocol_error",
-                        f"expected a Result, the engine sent {type(reply).__name__}",
-                        request_id=request_id,
-                    )
-                    yield MapResult(item, request, error=error)
+                    self._progress(lambda: window.has_results)
         finally:
-            if in_flight:
-                self._cancel_outstanding(in_flight)
+            with self._lock:
+                in_flight = window.close()
+            self._give_up(in_flight)
+
+    def _pull(self, items: Iterator[Any], window: MapWindow) -> None:
+        """Submit the next input item, and wait until it is written (reading replies meanwhile)."""
+        try:
+            item = next(items)
+        except StopIteration:
+            with self._lock:
+                window.end_of_input()
+            return
+        with self._lock:
+            _, frame = window.add(item)
+            sent_at = self._queue(frame)
+        self._progress(lambda: self._sent >= sent_at)
 
 
 def __getattr__(name: str) -> Any:
