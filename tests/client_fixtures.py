@@ -14,6 +14,11 @@ What it does with each ``Submit`` is chosen by the request body:
 
 With ``batch=n`` every non-error submit is held until ``n`` are held (or one has ``"last": True``), then
 all are answered in reverse order: the client's window is observable and the order deterministic.
+
+Framing, encoding and decoding are `trio_mapper.protocol`'s (`FrameBuffer`, the engine's `Codec`, its
+message classes); only deliberately broken replies are built by hand (`raw_frame`). Like the real engine,
+it stops reading a connection while its replies wait unread: the thread that reads a frame writes its
+answer, so a client that writes without reading blocks once the socket buffers are full.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import msgspec
 
 from trio_mapper.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    LENGTH_PREFIX,
     PROTOCOL_VERSION,
     Cancel,
     Error,
@@ -45,8 +51,15 @@ from trio_mapper.protocol import (
     StatsRequest,
     Submit,
     Welcome,
+    describe_decode_error,
     engine_codec,
 )
+
+
+def raw_frame(fields: dict[str, Any]) -> bytes:
+    """A frame holding any map: for replies the message classes cannot express (unknown types, bad fields)."""
+    payload = msgspec.msgpack.encode(fields)
+    return LENGTH_PREFIX.pack(len(payload)) + payload
 
 
 class _Connection:
@@ -59,7 +72,8 @@ class _Connection:
         self.closed = False
 
     def send(self, message: Any) -> None:
-        data = self.codec.encode(message)
+        """Write one message, or the bytes of frames (`raw_frame`); nothing once the connection is closed."""
+        data = message if isinstance(message, bytes) else self.codec.encode(message)
         with self.write_lock:
             if self.closed:
                 return
@@ -73,16 +87,12 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
-    def finish(self, request_id: RequestId, message: Any, *, raw: bytes | None = None) -> None:
-        """Send a final reply (or raw bytes standing for one), keeping the engine's in-flight count."""
+    def finish(self, message: Any) -> None:
+        """Send a final reply (a message, or a `raw_frame` standing for one), keeping the in-flight count."""
         with self.engine.lock:
             self.engine.in_flight -= 1
             self.engine.changed.notify_all()
-        if raw is None:
-            self.send(message)
-            return
-        with self.write_lock:
-            self.sock.sendall(raw)
+        self.send(message)
 
     def serve(self) -> None:
         frames = FrameBuffer(self.engine.max_frame_bytes)
@@ -98,9 +108,9 @@ class _Connection:
                     continue
                 try:
                     message = self.codec.decode(frame)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                except (msgspec.MsgspecError, ValueError) as exc:
                     self.engine.record("decode_errors", str(exc))
-                    self.send(Error(id=None, kind=ErrorKind.PROTOCOL_ERROR, message=str(exc)))
+                    self.send(Error(id=None, kind=ErrorKind.PROTOCOL_ERROR, message=describe_decode_error(exc)))
                     continue
                 if not greeted:
                     greeted = True
@@ -134,7 +144,7 @@ class _Connection:
             engine.record("cancels", message.id)
             submit = self.held.pop(message.id, None)
             if submit is not None:
-                self.finish(message.id, Error(id=message.id, kind=ErrorKind.CANCELLED, message="cancelled"))
+                self.finish(Error(id=message.id, kind=ErrorKind.CANCELLED, message="cancelled"))
         elif isinstance(message, StatsRequest):
             self.send(Stats(id=message.id, engine={"connections": 1}, lanes={"gpt-test": {"queued": 0}}))
         elif isinstance(message, Ping):
@@ -152,12 +162,9 @@ class _Connection:
             self.close()
             return
         if body.get("progress"):  # a message type from the future, carrying the id, then the result
-            payload = msgspec.msgpack.encode({"type": "progress", "id": message.id, "done": 0.5})
-            with self.write_lock:
-                self.sock.sendall(len(payload).to_bytes(4, "big") + payload)
+            self.send(raw_frame({"type": "progress", "id": message.id, "done": 0.5}))
         if body.get("malformed"):  # a known type with a field of the wrong type: undecodable
-            payload = msgspec.msgpack.encode({"type": "result", "id": message.id, "status": "two hundred"})
-            self.finish(message.id, None, raw=len(payload).to_bytes(4, "big") + payload)
+            self.finish(raw_frame({"type": "result", "id": message.id, "status": "two hundred"}))
             return
         if "goodbye" in body:
             self.send(Error(id=None, kind=ErrorKind.SHUTTING_DOWN, message=body["goodbye"]))
@@ -165,7 +172,6 @@ class _Connection:
             return
         if "error" in body:
             self.finish(
-                message.id,
                 Error(
                     id=message.id,
                     kind=body["error"],  # a plain str is encoded as is, unknown kinds included
@@ -184,15 +190,15 @@ class _Connection:
             self.held[message.id] = message
             if len(self.held) >= engine.batch or body.get("last"):
                 for request_id in reversed(list(self.held)):
-                    self.finish(request_id, self.result(self.held.pop(request_id)))
+                    self.finish(self.result(self.held.pop(request_id)))
             return
         delay = body.get("delay")
         if delay:
-            timer = threading.Timer(delay, self.finish, (message.id, self.result(message)))
+            timer = threading.Timer(delay, self.finish, (self.result(message),))
             timer.daemon = True
             timer.start()
             return
-        self.finish(message.id, self.result(message))
+        self.finish(self.result(message))
 
     @staticmethod
     def result(message: Submit) -> Result:
