@@ -399,8 +399,6 @@ class ClientConnection:
         self._frames = FrameBuffer(max_reply_frame_bytes)
         self._ids = itertools.count(1)
         self._outstanding: dict[RequestId, tuple[_Kind, Any]] = {}
-        #: id → context of every request sent and not answered yet (read-only view).
-        self.outstanding: Mapping[RequestId, Any] = _ContextView(self._outstanding)
         self._eof = False
         self._closed_event: ConnectionClosed | None = None
         self._closed_event_taken = False
@@ -414,6 +412,11 @@ class ClientConnection:
     @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
+
+    @property
+    def outstanding(self) -> dict[RequestId, Any]:
+        """id → context of every request sent and not answered yet (a copy)."""
+        return {request_id: context for request_id, (_, context) in self._outstanding.items()}
 
     # -- requests in, bytes out --------------------------------------------------------------------------
 
@@ -641,22 +644,6 @@ class ClientConnection:
                 outcome = {"engine": outcome.engine, "lanes": outcome.lanes}
             return StatsReceived(request_id, outcome, context)
         return PongReceived(request_id, outcome, context)
-
-
-class _ContextView(Mapping[RequestId, Any]):
-    """`ClientConnection.outstanding`: the outstanding table as id → context."""
-
-    def __init__(self, table: dict[RequestId, tuple[_Kind, Any]]) -> None:
-        self._table = table
-
-    def __getitem__(self, request_id: RequestId) -> Any:
-        return self._table[request_id][1]
-
-    def __iter__(self) -> Iterator[RequestId]:
-        return iter(self._table)
-
-    def __len__(self) -> int:
-        return len(self._table)
 
 
 # --- map()'s window ---------------------------------------------------------------------------------------
