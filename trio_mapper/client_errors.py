@@ -1,5 +1,8 @@
 """Exceptions raised by the client helpers (`trio_mapper.client`, `trio_mapper.aio_client`).
 
+The protocol core (`trio_mapper.client_core`) builds them as values (a request's error is an event's
+outcome, a lost connection a state) and the drivers raise them in the caller that waits.
+
 Every failure is a `TrioMapperError`. The engine's `ErrorKind` values each have a subclass named after them;
 a kind this version does not know (sent by a newer engine) becomes a plain `TrioMapperError` carrying that
 kind, so ``except TrioMapperError`` keeps working across upgrades. Two client-side classes cover the
