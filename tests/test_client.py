@@ -143,7 +143,9 @@ def fresh_interpreter(code: str) -> Any:
     return json.loads(output.stdout)
 
 
-@pytest.mark.parametrize("module", ["trio_mapper.client", "trio_mapper.client_errors", "trio_mapper.aio_client"])
+@pytest.mark.parametrize(
+    "module", ["trio_mapper.client", "trio_mapper.client_core", "trio_mapper.client_errors", "trio_mapper.aio_client"]
+)
 def test_client_modules_import_light(module: str) -> None:
     loaded = set(
         fresh_interpreter(

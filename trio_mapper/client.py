@@ -10,9 +10,10 @@ the threads' waiting, and nothing else.
 
 The driver: the socket is non-blocking, and at most one thread at a time, *the pump*, does its I/O. The
 pump polls the socket for reading always and for writing while bytes wait in the outbox, feeds what it
-reads to the core and hands each event to the caller it answers. Callers never write themselves: they
-append whole frames to the outbox (poking the pump awake through a socket pair) and wait on a condition
-variable; a caller that needs progress while no thread pumps becomes the pump. Since the one thread that
+reads to the core and hands each event to the caller it answers. A caller appends whole frames to the
+outbox and writes what the socket takes at once, without blocking (under the lock, so writes never
+interleave); the rest waits for the pump, which it pokes awake through a socket pair. Then it waits on a
+condition variable; a caller that needs progress while no thread pumps becomes the pump. Since the one thread that
 writes also reads whenever it waits to write, a full reply queue can never stop the writes (the engine
 stops reading a connection whose replies nobody reads: docs/protocol.md, Session item 8), and no lock is
 held while anyone blocks.
@@ -328,11 +329,14 @@ class Client:
     # -- waiting: the pump -------------------------------------------------------------------------------
 
     def _queue(self, frames: bytes) -> int:
-        """Append whole frames to the outbox (lock held); returns the `_sent` count at which they are out."""
-        if frames:
+        """Append whole frames to the outbox and write what the socket takes now, without blocking (lock
+        held); returns the `_sent` count at which they are out. What is left goes out with the pump."""
+        if frames and not self._core.closed:
             self._outbox += frames
             self._queued += len(frames)
-            self._poke()
+            self._write()
+            if self._outbox:
+                self._poke()
         return self._queued
 
     def _poke(self) -> None:
@@ -433,6 +437,7 @@ class Client:
             raise
 
     def _write(self) -> None:
+        """Write what the socket takes now (lock held; the writes of all threads are serialised by it)."""
         try:
             try:
                 sent = self._sock.send(self._outbox)  # as much as the socket takes
