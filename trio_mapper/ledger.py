@@ -64,11 +64,11 @@ RESTED_FRACTION: Final = 0.9
 #: A 429 that is new evidence multiplies the pace by AIMD_DECREASE when it comes before the pace grew
 #: REPEAT_GROWTH above what the previous decrease set (refused again at once: still far too fast). 0.7, TCP
 #: CUBIC's factor: told 2x the real limits, the engine is under them after three decreases
-#: (2 -> 1.6 -> 1.12 -> 0.78).
+#: (2 -> 1.6 -> 1.12 -> 0.78). 0.5 undershot (91 % of the rate told 1.5x); 0.85 took more steps from 4x.
 AIMD_DECREASE: Final = 0.7
 #: ... and by this once the pace had grown back: the top of a sawtooth, 10-20 % above the real rate, undone
-#: in one step. 0.7 here measured 91 % of the rate with exact limits and one stray 429 (a deep dip, slow
-#: back); 0.9 50 % more 429s told 2x (too shallow to get under the overshoot).
+#: in one step. 0.7 here measured 91-92 % of the rate with exact limits (a stray 429 cost a deep dip) and
+#: 84 % told 2x; 0.9 refused 60 % more told 2x (too shallow to get under the overshoot).
 AIMD_DECREASE_ISOLATED: Final = 0.8
 #: 5 % of growth is at least 10 replies (AIMD_INCREASE_PER_REPLY) and many round trips, so the retries of one
 #: overshoot are answered long before. A time limit (5 s, tried first) took a sawtooth that is short at
@@ -76,11 +76,11 @@ AIMD_DECREASE_ISOLATED: Final = 0.8
 REPEAT_GROWTH: Final = 0.05
 #: While replies come back, the pace grows by this fraction of max(pace before the last decrease, pace) per
 #: second of replies at the full pace: back from a 20 % dip in ~10 s, then 2 % per second, so a raised
-#: limit is found within a minute. 0.01 measured 92-93 % of the rate on a bench-like workload told 2x (slow
-#: back after each dip); 0.05 no better and more 429s.
+#: limit is found within a minute. 0.01 measured 86-93 % of the rate told 2x (slow back after each dip);
+#: 0.05 gained nothing and was refused more.
 AIMD_INCREASE: Final = 0.02
 #: ... but by at most this fraction per reply. At a few requests per second a reply stands for a second or
-#: more, and time-clocked growth alone drew a 429 every ~15 requests (6.7 % told 2x); this keeps about 30
+#: more, and time-clocked growth alone had 6.2 % of the attempts refused told 2x; this keeps about 30
 #: replies between overshoots (3.3 %).
 AIMD_INCREASE_PER_REPLY: Final = 0.005
 #: The pace never drops below this fraction of the configured limit: 429s that another client of the key
