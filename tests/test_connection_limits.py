@@ -22,11 +22,16 @@ import trio.testing
 from conftest import running_engine, simulator
 from wire import PREFIX, RawClient, chat
 
-from trio_mapper import server
-from trio_mapper.outcome import Finished, RequestSpec, Timings
-from trio_mapper.protocol import DEFAULT_MAX_FRAME_BYTES
-from trio_mapper.server import FRAME_STALL_TIMEOUT, HANDSHAKE_TIMEOUT, OUTBOX_HIGH_WATER, Connection
-from trio_mapper.upstream import ReplyBody
+from trio_mapper.engine.core.outcome import Finished, RequestSpec, Timings
+from trio_mapper.engine.fronts.unix import connection as server
+from trio_mapper.engine.fronts.unix.connection import (
+    FRAME_STALL_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    OUTBOX_HIGH_WATER,
+    Connection,
+)
+from trio_mapper.engine.upstream.client import ReplyBody
+from trio_mapper.wire import DEFAULT_MAX_FRAME_BYTES
 
 HELLO = {"type": "hello", "protocol": 1, "client": "limits-test"}
 

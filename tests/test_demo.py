@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_mapper.demo import MODEL, Outcome, make_plan, render_summary
+from trio_mapper.tools.demo import MODEL, Outcome, make_plan, render_summary
 
 # Generous: the children load tokenizers on start, and CI machines are slow and shared.
 RUN_TIMEOUT = 90

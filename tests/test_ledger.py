@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_mapper import ledger as ledger_module
-from trio_mapper.ledger import (
+from trio_mapper.engine.budget import ledger as ledger_module
+from trio_mapper.engine.budget.ledger import (
     Cost,
     LaneBudget,
     Ledger,
@@ -21,7 +21,7 @@ from trio_mapper.ledger import (
     RequestTooLarge,
     Reservation,
 )
-from trio_mapper.ratelimit_headers import RateLimitSnapshot
+from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
 
 def _lane(

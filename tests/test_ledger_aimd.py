@@ -11,9 +11,9 @@ import trio
 import trio.testing
 from test_ledger import FakeUpstream, simulate
 
-from trio_mapper import ledger as ledger_module
-from trio_mapper.ledger import Cost, Ledger, Limits, LocalLaneBudget, Reservation
-from trio_mapper.ratelimit_headers import RateLimitSnapshot
+from trio_mapper.engine.budget import ledger as ledger_module
+from trio_mapper.engine.budget.ledger import Cost, Ledger, Limits, LocalLaneBudget, Reservation
+from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
 NO_HEADERS = RateLimitSnapshot()
 FIRST = ledger_module.AIMD_DECREASE_ISOLATED  # a 429 after a quiet spell

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_mapper.ledger import Cost, Ledger, Limits, LocalLaneBudget
-from trio_mapper.ratelimit_headers import RateLimitSnapshot
+from trio_mapper.engine.budget.ledger import Cost, Ledger, Limits, LocalLaneBudget
+from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
 
 def _ledger(mode: str = "bucket", period: float = 60.0) -> Ledger:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_mapper.listener import ListenerError, open_unix_listener
+from trio_mapper.engine.fronts.unix.listener import ListenerError, open_unix_listener
 
 
 @pytest.mark.parametrize(

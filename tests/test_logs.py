@@ -20,7 +20,7 @@ import trio
 from conftest import TEST_API_KEY, running_engine, simulator
 from wire import RawClient, chat
 
-from trio_mapper.logs import MAX_ARG_CHARS, MAX_EXCEPTION_CHARS, MAX_MESSAGE_CHARS, configure_logging
+from trio_mapper.engine.process.logs import MAX_ARG_CHARS, MAX_EXCEPTION_CHARS, MAX_MESSAGE_CHARS, configure_logging
 
 #: What a text line adds around the message: time, level and logger name.
 PREFIX_ALLOWANCE = 100
@@ -249,7 +249,7 @@ async def test_the_engine_logs_bounded_lines_for_megabytes_of_client_text(short_
 
 
 def test_bidirectional_controls_are_escaped() -> None:
-    from trio_mapper.logs import escape_control_characters
+    from trio_mapper.text import escape_control_characters
 
     # U+202E would show "gpt-4o-mini" as something else on a terminal.
     assert escape_control_characters("model\u202einim-o4-tpg\u2066x\u2069") == "model\\u202einim-o4-tpg\\u2066x\\u2069"

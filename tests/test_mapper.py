@@ -21,8 +21,8 @@ import pytest
 import trio
 from conftest import ROOT, running_engine, simulator
 
-from trio_mapper import mapper
-from trio_mapper.jsonl import (
+from trio_mapper.tools import mapper
+from trio_mapper.tools.jsonl import (
     BadLine,
     InputRequest,
     LineSplitter,
@@ -35,7 +35,7 @@ from trio_mapper.jsonl import (
     prepare_output,
     success_record,
 )
-from trio_mapper.mapper import ProgressMode
+from trio_mapper.tools.mapper import ProgressMode
 
 CHAT = "/v1/chat/completions"
 

@@ -5,7 +5,7 @@ import email.utils
 import httpx
 import pytest
 
-from trio_mapper.ratelimit_headers import RateLimitSnapshot, parse_duration, retry_after_seconds
+from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot, parse_duration, retry_after_seconds
 
 NOW = 1_750_000_000.0
 

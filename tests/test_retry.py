@@ -7,8 +7,7 @@ import httpx
 import pytest
 import trio
 
-from trio_mapper.protocol import ErrorKind
-from trio_mapper.retry import (
+from trio_mapper.engine.core.retry import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_HONOURED_WAIT,
     BackoffRetry,
@@ -21,6 +20,7 @@ from trio_mapper.retry import (
     exhausted,
     parse_error_body,
 )
+from trio_mapper.wire import ErrorKind
 
 
 def error(message: str, type: str | None = None, code: str | None = None, param: str | None = None) -> Any:

@@ -16,13 +16,13 @@ import msgspec
 import pytest
 import trio
 
-from trio_mapper.ledger import Ledger, Limits
-from trio_mapper.outcome import Failed, Finished, Outcome, RequestSpec, Started
-from trio_mapper.protocol import Error, Result, Submit, Timings
-from trio_mapper.scheduler import Scheduler
-from trio_mapper.settings import OpenAISettings
-from trio_mapper.tokens import TokenEstimator
-from trio_mapper.upstream import Upstream
+from trio_mapper.engine.budget.ledger import Ledger, Limits
+from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, RequestSpec, Started
+from trio_mapper.engine.core.scheduler import Scheduler
+from trio_mapper.engine.estimate.tokens import TokenEstimator
+from trio_mapper.engine.process.settings import OpenAISettings
+from trio_mapper.engine.upstream.client import Upstream
+from trio_mapper.wire import Error, Result, Submit, Timings
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -426,7 +426,7 @@ async def test_a_lowered_limit_fails_queued_requests_instead_of_the_engine(
 async def test_made_up_model_names_cannot_lock_real_models_out(
     estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from trio_mapper.scheduler import MAX_LANES
+    from trio_mapper.engine.core.scheduler import MAX_LANES
 
     async def handler(request: httpx.Request) -> httpx.Response:
         return ok_response(request)
@@ -579,7 +579,7 @@ async def test_endless_429s_end_at_the_default_deadline(
 def _live_jobs() -> int:
     import gc
 
-    from trio_mapper.scheduler import Job
+    from trio_mapper.engine.core.scheduler import Job
 
     gc.collect()
     return sum(1 for obj in gc.get_objects() if isinstance(obj, Job))
@@ -634,7 +634,7 @@ async def test_an_unexpected_error_costs_one_request(
 ) -> None:
     # A bug while concluding one job (simulated by a classifier that fails on one body) answers that job
     # internal_error; the scheduler and the other requests carry on.
-    import trio_mapper.scheduler as scheduler_module
+    import trio_mapper.engine.core.scheduler as scheduler_module
 
     real_classify = scheduler_module.classify_response
 

@@ -15,7 +15,7 @@ import trio
 from conftest import ROOT, running_engine, simulator
 
 from trio_mapper import AsyncClient
-from trio_mapper.status import render
+from trio_mapper.tools.status import render
 
 #: A model name as a hostile client might send it: set the terminal's title, clear the screen, a C1 CSI,
 #: DEL, a forged line, and rich markup that would recolour (or hide) the rest of the table.

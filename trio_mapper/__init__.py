@@ -7,8 +7,7 @@ or httpx, and the async client (with anyio) loads on first use of `AsyncClient`.
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .client import DEFAULT_WINDOW, Client, MapResult, Request
 from .client_errors import (
     ConnectionLost,

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from trio_mapper.tools.cli import main
 
 sys.exit(main())

@@ -12,8 +12,8 @@ from typing import Final
 import attrs
 import trio
 
-from .kinds import ErrorKind
-from .protocol import Error, engine_codec
+from trio_mapper.kinds import ErrorKind
+from trio_mapper.wire import Error, engine_codec
 
 log = logging.getLogger("trio_mapper.peers")
 

@@ -30,8 +30,8 @@ import attrs
 import httpx
 import trio
 
-from .logs import escape_control_characters
-from .simulator.content import WORDS
+from trio_mapper.simulator.content import WORDS
+from trio_mapper.text import escape_control_characters
 
 #: Any non-empty key works on the simulator; this one says what it is in case it ever shows up somewhere.
 DEMO_KEY: Final = "sk-demo-not-a-real-key-000000000000000000"
@@ -310,7 +310,7 @@ async def _run_batch(
     """Send every request through the engine with a progress bar; returns the outcome and the engine's stats."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .aio_client import AsyncClient
+    from trio_mapper.aio_client import AsyncClient
 
     outcome = Outcome()
     progress = Progress(
@@ -421,23 +421,23 @@ def render_summary(
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import _positive_float, _positive_int
+    from trio_mapper.tools.args import positive_float, positive_int
 
-    parser.add_argument("--requests", type=_positive_int, default=300, metavar="N", help="requests to send (300)")
+    parser.add_argument("--requests", type=positive_int, default=300, metavar="N", help="requests to send (300)")
     parser.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=positive_float,
         default=20.0,
         metavar="S",
         help="about how long the batch should take; sets the limits unless --rpm/--tpm are given (20)",
     )
-    parser.add_argument("--rpm", type=_positive_int, metavar="N", help="requests per minute (default: from --seconds)")
-    parser.add_argument("--tpm", type=_positive_int, metavar="N", help="tokens per minute (default: from --seconds)")
+    parser.add_argument("--rpm", type=positive_int, metavar="N", help="requests per minute (default: from --seconds)")
+    parser.add_argument("--tpm", type=positive_int, metavar="N", help="tokens per minute (default: from --seconds)")
     parser.add_argument(
         "--max-concurrent-reqs",
         "--max_concurrent_reqs",
         dest="max_concurrent_reqs",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="the engine's upstream concurrency (default: from the limits)",
     )

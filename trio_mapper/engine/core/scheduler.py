@@ -32,11 +32,9 @@ import httpx
 import msgspec
 import trio
 
-from .kinds import ErrorKind
-from .ledger import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
-from .outcome import Failed, Finished, ReplySink, RequestSpec, Started, Timings
-from .ratelimit_headers import RateLimitSnapshot
-from .retry import (
+from trio_mapper.engine.budget.ledger import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
+from trio_mapper.engine.core.outcome import Failed, Finished, ReplySink, RequestSpec, Started, Timings
+from trio_mapper.engine.core.retry import (
     MAX_HONOURED_WAIT,
     BackoffRetry,
     FinalFailure,
@@ -48,8 +46,10 @@ from .retry import (
     classify_response,
     exhausted,
 )
-from .tokens import InvalidBody, TokenEstimate, TokenEstimator, TooManyTokens
-from .upstream import ALLOWED_METHODS, InvalidEndpoint, Upstream, UpstreamReply
+from trio_mapper.engine.estimate.tokens import InvalidBody, TokenEstimate, TokenEstimator, TooManyTokens
+from trio_mapper.engine.upstream.client import ALLOWED_METHODS, InvalidEndpoint, Upstream, UpstreamReply
+from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
+from trio_mapper.kinds import ErrorKind
 
 log = logging.getLogger("trio_mapper.scheduler")
 

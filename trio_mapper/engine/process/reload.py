@@ -12,8 +12,8 @@ from typing import Any, Final
 
 import attrs
 
-from .ledger import Limits
-from .settings import LaneLimits, OpenAISettings, ServerSettings, Settings
+from trio_mapper.engine.budget.ledger import Limits
+from trio_mapper.engine.process.settings import LaneLimits, OpenAISettings, ServerSettings, Settings
 
 #: `ServerSettings` fields a reload applies; every other difference is refused with a warning.
 RELOADABLE: Final = frozenset(

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import attrs
 
-from .kinds import ErrorKind
-from .upstream import ReplyBody
+from trio_mapper.engine.upstream.client import ReplyBody
+from trio_mapper.kinds import ErrorKind
 
 __all__ = ["Failed", "Finished", "Outcome", "ReplySink", "RequestSpec", "Started", "Timings"]
 

@@ -17,9 +17,11 @@ from typing import Any, Final, cast
 import msgspec
 import trio
 
-from . import __version__
-from .outcome import Failed, Finished, Outcome, RequestSpec, Started
-from .protocol import (
+from trio_mapper._version import __version__
+from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, RequestSpec, Started
+from trio_mapper.engine.core.scheduler import Scheduler
+from trio_mapper.engine.upstream.client import ReplyBody
+from trio_mapper.wire import (
     PROTOCOL_VERSION,
     Cancel,
     Error,
@@ -40,9 +42,7 @@ from .protocol import (
     engine_codec,
     salvage_request_id,
 )
-from .protocol import Timings as WireTimings
-from .scheduler import Scheduler
-from .upstream import ReplyBody
+from trio_mapper.wire import Timings as WireTimings
 
 log = logging.getLogger("trio_mapper.server")
 

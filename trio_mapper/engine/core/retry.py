@@ -32,8 +32,8 @@ from typing import Any, Final, Literal
 import attrs
 import httpx
 
+from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot, retry_after_seconds
 from trio_mapper.kinds import ErrorKind
-from trio_mapper.ratelimit_headers import RateLimitSnapshot, retry_after_seconds
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",

@@ -24,9 +24,9 @@ import attrs
 import trio
 
 if TYPE_CHECKING:
-    from trio_mapper.ratelimit_headers import RateLimitSnapshot
+    from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trio_mapper.ledger")
 
 Mode = Literal["period", "bucket"]
 MODES: Final[tuple[Mode, ...]] = ("period", "bucket")

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .client import Client
-from .client_errors import EngineUnavailable, TrioMapperError
-from .logs import escape_control_characters
+from trio_mapper.client import Client
+from trio_mapper.client_errors import EngineUnavailable, TrioMapperError
+from trio_mapper.text import escape_control_characters
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:

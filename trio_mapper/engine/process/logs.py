@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+from trio_mapper.text import escape_control_characters, shorten
+
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 #: Longest text an argument of a log call contributes to the line; longer text keeps this many characters and
 #: says how long it was. Model names, ids and error messages are far shorter, and so are the engine's own
@@ -25,24 +27,6 @@ MAX_ARG_CHARS: Final = 1000
 MAX_MESSAGE_CHARS: Final = 4000
 #: Longest traceback; the cut is in the middle, as its first and last lines say the most.
 MAX_EXCEPTION_CHARS: Final = 20_000
-
-#: C0 controls, DEL, C1 controls, the Unicode line and paragraph separators and the bidirectional
-#: overrides and isolates (which can make a terminal show text in another order than it is), each as a
-#: visible escape.
-_ESCAPES: Final[dict[int, str]] = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
-_ESCAPES.update({code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
-
-
-def escape_control_characters(text: str) -> str:
-    """``text`` with every control character (C0, DEL, C1, U+2028/9, bidi controls) as a visible escape."""
-    return text.translate(_ESCAPES)
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters followed by how long it was, or ``text`` itself if it fits."""
-    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
-
 
 def _message_of(record: logging.LogRecord) -> str | None:
     """The formatted message, or None when the call's arguments do not fit its format: a filter must not

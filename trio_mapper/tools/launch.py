@@ -1,4 +1,8 @@
-"""The ``trio-mapper`` command: launch-engine, simulate, demo, map, status."""
+"""``trio-mapper launch-engine``: its options and the process around the engine (signals, settings, logging).
+
+The one tool that imports the engine: it is the engine's entry point. The other tools reach a running engine
+through `trio_mapper.client` only.
+"""
 
 from __future__ import annotations
 
@@ -6,48 +10,15 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import attrs
 
-from . import __version__
-from .paths import default_socket_path
-from .settings import API_KEY_ENV_VAR, DEFAULT_BASE_URL, ServerSettings, SettingsError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _positive_float(text) if text.strip() not in {"0", "0.0"} else 0.0
-    return value
-
-
-def _octal_mode(text: str) -> int:
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an octal mode such as 0660, got {text!r}") from None
+from trio_mapper.engine.process.settings import DEFAULT_BASE_URL, ServerSettings, SettingsError
+from trio_mapper.tools.args import non_negative_float, octal_mode, positive_float, positive_int
+from trio_mapper.wire.paths import default_socket_path
 
 
 def _default(name: str) -> Any:
@@ -72,27 +43,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         *_both_spellings("max_concurrent_reqs"),
         dest="max_concurrent_reqs",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="upstream requests in flight at once",
     )
     limits.add_argument(
-        "--rpm", type=_positive_int, metavar="N", help="requests per minute allowed for the key (per model)"
+        "--rpm", type=positive_int, metavar="N", help="requests per minute allowed for the key (per model)"
     )
     limits.add_argument(
-        "--tpm", type=_positive_int, metavar="N", help="tokens per minute allowed for the key (per model)"
+        "--tpm", type=positive_int, metavar="N", help="tokens per minute allowed for the key (per model)"
     )
     limits.add_argument(
         *_both_spellings("period_length"),
         dest="period_length",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help=f"budget period: at most limit x period / 60 is spent at once (default {_default('period_length'):g})",
     )
     limits.add_argument(
         *_both_spellings("max_nb_sockets"),
         dest="max_nb_sockets",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"size of the upstream connection pool (default {_default('max_nb_sockets')})",
     )
@@ -107,7 +78,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument(
         *_both_spellings("socket-mode"),
         dest="socket_mode",
-        type=_octal_mode,
+        type=octal_mode,
         metavar="MODE",
         help=f"permissions of the socket file, octal (default {_default('socket_mode'):04o}; never world-writable)",
     )
@@ -126,14 +97,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument(
         *_both_spellings("max-queued"),
         dest="max_queued",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"requests held at once before new ones get 'overloaded' (default {_default('max_queued')})",
     )
     serving.add_argument(
         *_both_spellings("max-attempts"),
         dest="max_attempts",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"upstream attempts per request, first try included; 429s do not count "
         f"(default {_default('max_attempts')})",
@@ -141,7 +112,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument(
         *_both_spellings("default-deadline"),
         dest="default_deadline",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="seconds after which a request that names no deadline is answered 'timeout' "
         f"(default {_default('default_deadline'):g})",
@@ -149,14 +120,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument(
         *_both_spellings("grace-period"),
         dest="grace_period",
-        type=_non_negative_float,
+        type=non_negative_float,
         metavar="SECONDS",
         help=f"time in-flight requests get to finish on SIGTERM (default {_default('grace_period'):g})",
     )
     serving.add_argument(
         *_both_spellings("max-frame-bytes"),
         dest="max_frame_bytes",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"largest protocol frame accepted, in bytes (default {_default('max_frame_bytes')})",
     )
@@ -204,11 +175,11 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     early_signals = _record_engine_signals()
     import trio
 
-    from .engine import Engine
-    from .listener import ListenerError
-    from .logs import configure_logging
-    from .settings import load_settings
-    from .tokens import TokenEstimator
+    from trio_mapper.engine.daemon import Engine
+    from trio_mapper.engine.estimate.tokens import TokenEstimator
+    from trio_mapper.engine.fronts.unix.listener import ListenerError
+    from trio_mapper.engine.process.logs import configure_logging
+    from trio_mapper.engine.process.settings import load_settings
 
     try:
         settings = load_settings(cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=Path.cwd())
@@ -236,81 +207,3 @@ def run_launch_engine(args: argparse.Namespace) -> int:
         print(f"trio-mapper launch-engine: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _subcommand(
-    subparsers: Any, name: str, help_text: str, add: Callable[[argparse.ArgumentParser], None] | None
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text, description=help_text)
-    if add is not None:
-        add(parser)
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trio-mapper",
-        description="A local engine that owns an OpenAI API key and its rate limits, shared by local clients "
-        "over a Unix socket.",
-    )
-    parser.add_argument("--version", action="version", version=f"trio-mapper {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    engine = _subcommand(
-        subparsers,
-        "launch-engine",
-        f"Run the engine in the foreground. The key comes from {API_KEY_ENV_VAR} (or ./.env), never from argv.",
-        add_engine_arguments,
-    )
-    engine.set_defaults(handler=run_launch_engine)
-    _add_other_commands(subparsers)
-    return parser
-
-
-def _add_other_commands(subparsers: Any) -> None:
-    from .demo import add_demo_arguments, run_demo
-    from .mapper import add_map_arguments, run_map
-    from .simulator import add_simulate_arguments, run_simulate
-    from .status import add_status_arguments, run_status
-
-    simulate = _subcommand(
-        subparsers,
-        "simulate",
-        "Run the OpenAI-compatible simulator (the project's test upstream).",
-        add_simulate_arguments,
-    )
-    simulate.set_defaults(handler=run_simulate)
-    status = _subcommand(
-        subparsers,
-        "status",
-        "Show the engine's lanes, queues, usage against limits, 429s and retries.",
-        add_status_arguments,
-    )
-    status.set_defaults(handler=run_status)
-    mapper = _subcommand(
-        subparsers,
-        "map",
-        "Send every request of a JSONL file (Batch API or plain bodies) through the engine; resumable.",
-        add_map_arguments,
-    )
-    mapper.set_defaults(handler=run_map)
-    demo = _subcommand(
-        subparsers,
-        "demo",
-        "Run the whole thing on the simulator: an engine, a batch of requests, a summary (no key, no network).",
-        add_demo_arguments,
-    )
-    demo.set_defaults(handler=run_demo)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

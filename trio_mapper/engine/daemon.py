@@ -20,16 +20,17 @@ from typing import Any, Final
 
 import trio
 
-from . import __version__, systemd
-from .ledger import Ledger, Limits
-from .listener import ListenerError, OwnedSocketFile, open_unix_listener
-from .peers import is_allowed, peer_credentials, refusal_message, refuse
-from .reload import ledger_limits, plan_reload
-from .scheduler import Scheduler
-from .server import Connection, ReplyBacklog
-from .settings import Settings, SettingsError
-from .tokens import TokenEstimator
-from .upstream import Upstream
+from trio_mapper._version import __version__
+from trio_mapper.engine.budget.ledger import Ledger, Limits
+from trio_mapper.engine.core.scheduler import Scheduler
+from trio_mapper.engine.estimate.tokens import TokenEstimator
+from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
+from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, open_unix_listener
+from trio_mapper.engine.fronts.unix.peers import is_allowed, peer_credentials, refusal_message, refuse
+from trio_mapper.engine.process import systemd
+from trio_mapper.engine.process.reload import ledger_limits, plan_reload
+from trio_mapper.engine.process.settings import Settings, SettingsError
+from trio_mapper.engine.upstream.client import Upstream
 
 log = logging.getLogger("trio_mapper.engine")
 

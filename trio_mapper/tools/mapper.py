@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, final
 
 import trio
 
-from .aio_client import AsyncClient
-from .client import DEFAULT_WINDOW
-from .client_errors import ConnectionLost, EngineUnavailable, TrioMapperError
-from .jsonl import (
+from trio_mapper.aio_client import AsyncClient
+from trio_mapper.client import DEFAULT_WINDOW
+from trio_mapper.client_errors import ConnectionLost, EngineUnavailable, TrioMapperError
+from trio_mapper.text import escape_control_characters
+from trio_mapper.tools.jsonl import (
     BadLine,
     InputRequest,
     LineSplitter,
@@ -44,12 +45,11 @@ from .jsonl import (
     prepare_output,
     success_record,
 )
-from .logs import escape_control_characters
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from .protocol import Result
+    from trio_mapper.wire import Result
 
 DEFAULT_ENDPOINT: Final = "/v1/chat/completions"
 #: A redrawn rich bar (stderr is a terminal), a plain line every `PLAIN_INTERVAL` s (a log), or nothing.
@@ -79,7 +79,7 @@ STDIN_FILENO: Final = 0
 
 
 def add_map_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import _positive_float, _positive_int
+    from trio_mapper.tools.args import positive_float, positive_int
 
     parser.add_argument(
         "input", metavar="INPUT.jsonl", help="requests, one JSON object a line (Batch API or plain bodies); - for stdin"
@@ -94,15 +94,15 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"endpoint of plain-body lines (Batch API lines name their own url); default {DEFAULT_ENDPOINT}",
     )  # fmt: skip
     parser.add_argument(
-        "--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="N",
+        "--window", type=positive_int, default=DEFAULT_WINDOW, metavar="N",
         help=f"requests in flight at once (default {DEFAULT_WINDOW})",
     )  # fmt: skip
     parser.add_argument(
-        "--deadline", type=_positive_float, metavar="S",
+        "--deadline", type=positive_float, metavar="S",
         help="seconds the engine may spend on each request before it fails it with 'timeout' (default: none)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-attempts", type=_positive_int, metavar="N",
+        "--max-attempts", type=positive_int, metavar="N",
         help="upstream attempts per request, first try included (default: the engine's)",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress display, only the final summary")

@@ -19,7 +19,7 @@ import attrs
 import cattrs
 from attrs import validators as v
 
-from .paths import default_socket_path
+from trio_mapper.wire.paths import default_socket_path
 
 DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 API_KEY_ENV_VAR: Final = "OPENAI_API_KEY"
@@ -241,7 +241,7 @@ def find_api_key(environ: Mapping[str, str], dotenv_dir: Path | None) -> str | N
     key = environ.get(API_KEY_ENV_VAR)
     if key:
         return key.strip()
-    from .systemd import API_KEY_CREDENTIAL, SystemdError, read_credential
+    from trio_mapper.engine.process.systemd import API_KEY_CREDENTIAL, SystemdError, read_credential
 
     try:
         credential = read_credential(API_KEY_CREDENTIAL, environ)
