@@ -28,8 +28,8 @@ from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
 from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, open_unix_listener
 from trio_mapper.engine.fronts.unix.peers import is_allowed, peer_credentials, refusal_message, refuse
 from trio_mapper.engine.process import systemd
-from trio_mapper.engine.process.reload import ledger_limits, plan_reload
-from trio_mapper.engine.process.settings import Settings, SettingsError
+from trio_mapper.engine.process.reload import plan_reload
+from trio_mapper.engine.process.settings import ServerSettings, Settings, SettingsError
 from trio_mapper.engine.upstream.client import Upstream
 
 log = logging.getLogger("trio_mapper.engine")
@@ -41,6 +41,12 @@ _ACCEPT_RETRY_SLEEP: Final = 0.1
 STATUS_INTERVAL: Final = 2.0
 #: SIGINT and SIGTERM stop the engine gracefully (a second one ends the grace period); SIGHUP reloads.
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ledger_limits(server: ServerSettings) -> tuple[Limits, dict[str, Limits]]:
+    """The default limits and the per-model table of the settings, as the ledger takes them."""
+    per_model = {name: Limits(rpm=lim.rpm, tpm=lim.tpm) for name, lim in server.models.items()}
+    return Limits(rpm=server.rpm, tpm=server.tpm), per_model
 
 
 class Engine:
@@ -65,10 +71,11 @@ class Engine:
         self._notifier = systemd.Notifier(None)
         self._estimator = estimator
         server = settings.server
+        default_limits, per_model = ledger_limits(server)
         self.ledger = Ledger(
-            Limits(rpm=server.rpm, tpm=server.tpm),
+            default_limits,
             server.period_length,
-            per_model={name: Limits(rpm=lim.rpm, tpm=lim.tpm) for name, lim in server.models.items()},
+            per_model=per_model,
             mode=server.ledger_mode,
         )
         self._shutdown_requested = trio.Event()

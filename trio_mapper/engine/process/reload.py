@@ -12,7 +12,6 @@ from typing import Any, Final
 
 import attrs
 
-from trio_mapper.engine.budget.ledger import Limits
 from trio_mapper.engine.process.settings import LaneLimits, OpenAISettings, ServerSettings, Settings
 
 #: `ServerSettings` fields a reload applies; every other difference is refused with a warning.
@@ -61,9 +60,3 @@ def plan_reload(current: Settings, new: Settings) -> ReloadPlan:
             refused.append(f"openai.{field.name}: {_show(old_value)} -> {_show(new_value)}")
     server = attrs.evolve(current.server, **{name: getattr(new.server, name) for name in RELOADABLE})
     return ReloadPlan(settings=attrs.evolve(current, server=server), applied=applied, refused=refused)
-
-
-def ledger_limits(server: ServerSettings) -> tuple[Limits, dict[str, Limits]]:
-    """The default limits and the per-model table, as the ledger takes them."""
-    per_model = {name: Limits(rpm=lim.rpm, tpm=lim.tpm) for name, lim in server.models.items()}
-    return Limits(rpm=server.rpm, tpm=server.tpm), per_model
