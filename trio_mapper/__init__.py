@@ -7,17 +7,19 @@ or httpx, and the async client (with anyio) loads on first use of `AsyncClient`.
 
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .client import DEFAULT_WINDOW, Client, MapResult, Request
-from .client_errors import (
+from trio_mapper.client import (
+    DEFAULT_WINDOW,
+    Client,
     ConnectionLost,
     EngineUnavailable,
     ForbiddenError,
     InternalEngineError,
     InvalidRequestError,
+    MapResult,
     OverloadedError,
     ProtocolError,
     RateLimitedError,
+    Request,
     RequestCancelledError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -27,16 +29,18 @@ from .client_errors import (
     UpstreamUnreachableError,
 )
 
+from ._version import __version__
+
 if TYPE_CHECKING:
-    from .aio_client import AsyncClient, AsyncMapIterator
+    from trio_mapper.client.aio import AsyncClient, AsyncMapIterator
 
 
 def __getattr__(name: str) -> Any:
     # The async client needs anyio; a program using only the blocking Client should not pay for it.
     if name in {"AsyncClient", "AsyncMapIterator"}:
-        from . import aio_client
+        from trio_mapper.client import aio
 
-        return getattr(aio_client, name)
+        return getattr(aio, name)
     raise AttributeError(f"module 'trio_mapper' has no attribute {name!r}")
 
 

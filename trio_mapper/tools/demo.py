@@ -310,7 +310,7 @@ async def _run_batch(
     """Send every request through the engine with a progress bar; returns the outcome and the engine's stats."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from trio_mapper.aio_client import AsyncClient
+    from trio_mapper.client.aio import AsyncClient
 
     outcome = Outcome()
     progress = Progress(

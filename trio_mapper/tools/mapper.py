@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, final
 
 import trio
 
-from trio_mapper.aio_client import AsyncClient
-from trio_mapper.client import DEFAULT_WINDOW
-from trio_mapper.client_errors import ConnectionLost, EngineUnavailable, TrioMapperError
+from trio_mapper.client.aio import AsyncClient
+from trio_mapper.client.errors import ConnectionLost, EngineUnavailable, TrioMapperError
+from trio_mapper.client.sync import DEFAULT_WINDOW
 from trio_mapper.text import escape_control_characters
 from trio_mapper.tools.jsonl import (
     BadLine,

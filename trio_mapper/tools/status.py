@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trio_mapper.client import Client
-from trio_mapper.client_errors import EngineUnavailable, TrioMapperError
+from trio_mapper.client.errors import EngineUnavailable, TrioMapperError
+from trio_mapper.client.sync import Client
 from trio_mapper.text import escape_control_characters
 
 

@@ -31,7 +31,7 @@ logger = logging.getLogger("trio_mapper.ledger")
 Mode = Literal["period", "bucket"]
 MODES: Final[tuple[Mode, ...]] = ("period", "bucket")
 #: The continuous bucket matches how the upstream meters, learns a smaller upstream burst, and measured
-#: fewest 429s in tests/test_ledger.py's simulation (numbers in docs/ledger.md).
+#: fewest 429s in tests/engine/budget/test_ledger.py's simulation (numbers in docs/ledger.md).
 DEFAULT_MODE: Final[Mode] = "bucket"
 #: `--period_length` default: the upstream's limits are per minute.
 DEFAULT_PERIOD: Final = 60.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from conftest import running_engine, simulator
-from wire import RawClient, chat
+from raw_client import RawClient, chat
 
 PREFIX = struct.Struct(">I")
 

@@ -1,8 +1,8 @@
 """`AsyncClient`: the engine's client helper for async code, on Trio and asyncio alike (through anyio).
 
 How the work is divided: the protocol (handshake, ids, the outstanding requests, decoding and routing
-replies, why the connection ended, ``map()``'s window) is `trio_mapper.client_core`, a state machine with
-no I/O that the blocking `trio_mapper.client.Client` shares. This module is its anyio driver, three kinds
+replies, why the connection ended, ``map()``'s window) is `trio_mapper.client.core`, a state machine with
+no I/O that the blocking `trio_mapper.client.sync.Client` shares. This module is its anyio driver, three kinds
 of task around one connection:
 
 - The reader feeds what the socket returns to the core and hands each event to the task waiting for it.
@@ -37,13 +37,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trio_mapper.client import (
-    _RECV_BYTES,
-    DEFAULT_CONNECT_TIMEOUT,
-    engine_unavailable,
-    socket_source,
-)
-from trio_mapper.client_core import (
+from trio_mapper.client.core import (
     DEFAULT_WINDOW,
     Answered,
     ClientConnection,
@@ -59,9 +53,15 @@ from trio_mapper.client_core import (
     logger,
     unwrap,
 )
-from trio_mapper.client_errors import ConnectionLost
-from trio_mapper.paths import resolve_socket_path
-from trio_mapper.protocol import RequestId, Result, Welcome
+from trio_mapper.client.errors import ConnectionLost
+from trio_mapper.client.sync import (
+    _RECV_BYTES,
+    DEFAULT_CONNECT_TIMEOUT,
+    engine_unavailable,
+    socket_source,
+)
+from trio_mapper.wire import RequestId, Result, Welcome
+from trio_mapper.wire.paths import resolve_socket_path
 
 #: The writer joins queued frames into one write up to about this many bytes (fewer system calls).
 _WRITE_BATCH_BYTES: Final = 1024 * 1024
@@ -147,7 +147,7 @@ class AsyncClient:
 
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
-            `trio_mapper.paths.default_socket_path()`.
+            `trio_mapper.wire.paths.default_socket_path()`.
         client_name: how the engine names this client in its logs and stats.
         connect_timeout: seconds allowed to connect and complete the handshake (None: no limit).
     """

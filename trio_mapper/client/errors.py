@@ -1,6 +1,6 @@
-"""Exceptions raised by the client helpers (`trio_mapper.client`, `trio_mapper.aio_client`).
+"""Exceptions raised by the client helpers (`trio_mapper.client`, `trio_mapper.client.aio`).
 
-The protocol core (`trio_mapper.client_core`) builds them as values (a request's error is an event's
+The protocol core (`trio_mapper.client.core`) builds them as values (a request's error is an event's
 outcome, a lost connection a state) and the drivers raise them in the caller that waits.
 
 Every failure is a `TrioMapperError`. The engine's `ErrorKind` values each have a subclass named after them;
@@ -8,7 +8,7 @@ a kind this version does not know (sent by a newer engine) becomes a plain `Trio
 kind, so ``except TrioMapperError`` keeps working across upgrades. Two client-side classes cover the
 connection itself: `EngineUnavailable` (nothing to connect to) and `ConnectionLost` (it went away).
 
-Light on purpose: the standard library and `trio_mapper.protocol` only.
+Light on purpose: the standard library and `trio_mapper.wire` only.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Final
 
-from trio_mapper.protocol import ErrorKind, RequestId
+from trio_mapper.wire import ErrorKind, RequestId
 
 #: Client-side kinds: never sent by the engine, so they cannot collide with an `ErrorKind`.
 ENGINE_UNAVAILABLE_KIND: Final = "engine_unavailable"

@@ -1,4 +1,4 @@
-"""Client helpers (`trio_mapper.client`, `trio_mapper.aio_client`) against a fake engine on a real socket."""
+"""Client helpers (`trio_mapper.client`: the sync and aio drivers) against a fake engine on a real socket."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from trio_mapper.client import (
     MapResult,
     Request,
 )
-from trio_mapper.client_errors import (
+from trio_mapper.client.errors import (
     ERROR_CLASSES,
     ConnectionLost,
     EngineUnavailable,
@@ -47,8 +47,8 @@ from trio_mapper.client_errors import (
     UpstreamError,
     error_class_for,
 )
-from trio_mapper.paths import SOCKET_ENV_VAR
-from trio_mapper.protocol import PROTOCOL_VERSION, ErrorKind, Ping, RequestId
+from trio_mapper.wire import PROTOCOL_VERSION, ErrorKind, Ping, RequestId
+from trio_mapper.wire.paths import SOCKET_ENV_VAR
 
 ENDPOINT = "/v1/chat/completions"
 #: The hang guard of a ping: a round trip on this machine takes microseconds, never this long.
@@ -144,7 +144,9 @@ def fresh_interpreter(code: str) -> Any:
 
 
 @pytest.mark.parametrize(
-    "module", ["trio_mapper.client", "trio_mapper.client_core", "trio_mapper.client_errors", "trio_mapper.aio_client"]
+    "module",
+    ["trio_mapper.client", "trio_mapper.client.sync", "trio_mapper.client.core", "trio_mapper.client.errors",
+     "trio_mapper.client.aio", "trio_mapper.wire"],
 )
 def test_client_modules_import_light(module: str) -> None:
     loaded = set(
@@ -156,7 +158,7 @@ def test_client_modules_import_light(module: str) -> None:
             "print(json.dumps(sorted(new - set(sys.stdlib_module_names))))\n"
         )
     )
-    allowed = set(CLIENT_IMPORTS_ALLOWED) | (set(ASYNC_CLIENT_IMPORTS) if module.endswith("aio_client") else set())
+    allowed = set(CLIENT_IMPORTS_ALLOWED) | (set(ASYNC_CLIENT_IMPORTS) if module.endswith(".aio") else set())
     assert loaded & ENGINE_ONLY_IMPORTS == set(), f"importing {module} pulled in {loaded & ENGINE_ONLY_IMPORTS}"
     assert loaded <= allowed, f"importing {module} pulled in {loaded - allowed}"
     assert {"trio_mapper", "msgspec"} <= loaded
@@ -168,23 +170,23 @@ def test_the_async_client_loads_on_first_use_only() -> None:
         "import json, sys\n"
         "import trio_mapper\n"
         "from trio_mapper import Client\n"
-        "seen = [name in sys.modules for name in ('trio_mapper.aio_client', 'anyio')]\n"
+        "seen = [name in sys.modules for name in ('trio_mapper.client.aio', 'anyio')]\n"
         "from trio_mapper import AsyncClient\n"
-        "seen += [name in sys.modules for name in ('trio_mapper.aio_client', 'anyio')]\n"
+        "seen += [name in sys.modules for name in ('trio_mapper.client.aio', 'anyio')]\n"
         "print(json.dumps(seen))\n"
     )
     assert through_package == [False, False, True, True]
-    # The module alone (the package's __init__ not run): AsyncClient is imported on first use only.
+    # The client package alone (trio_mapper's own __init__ not run): the same, on first use only.
     module_alone = fresh_interpreter(
         "import importlib.util, json, sys, types\n"
         "package = types.ModuleType('trio_mapper')\n"
         "package.__path__ = importlib.util.find_spec('trio_mapper').submodule_search_locations\n"
         "sys.modules['trio_mapper'] = package\n"
         "import trio_mapper.client as client\n"
-        "seen = [name in sys.modules for name in ('trio_mapper.aio_client', 'anyio')]\n"
+        "seen = [name in sys.modules for name in ('trio_mapper.client.aio', 'anyio')]\n"
         "async_client = client.AsyncClient\n"
-        "seen += [name in sys.modules for name in ('trio_mapper.aio_client', 'anyio')]\n"
-        "print(json.dumps(seen + [async_client is sys.modules['trio_mapper.aio_client'].AsyncClient]))\n"
+        "seen += [name in sys.modules for name in ('trio_mapper.client.aio', 'anyio')]\n"
+        "print(json.dumps(seen + [async_client is sys.modules['trio_mapper.client.aio'].AsyncClient]))\n"
     )
     assert module_alone == [False, False, True, True, True]
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from trio_mapper.protocol import (
+from trio_mapper.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     LENGTH_PREFIX,
     PROTOCOL_VERSION,

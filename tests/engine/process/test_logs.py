@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import TEST_API_KEY, running_engine, simulator
-from wire import RawClient, chat
+from raw_client import RawClient, chat
 
 from trio_mapper.engine.process.logs import MAX_ARG_CHARS, MAX_EXCEPTION_CHARS, MAX_MESSAGE_CHARS, configure_logging
 

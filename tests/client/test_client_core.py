@@ -1,4 +1,4 @@
-"""The client's protocol core (`trio_mapper.client_core`) on its own: bytes and events, no sockets."""
+"""The client's protocol core (`trio_mapper.client.core`) on its own: bytes and events, no sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from trio_mapper.client_core import (
+from trio_mapper.client.core import (
     Answered,
     ClientConnection,
     ConnectionClosed,
@@ -22,7 +22,7 @@ from trio_mapper.client_core import (
     Welcomed,
     unwrap,
 )
-from trio_mapper.client_errors import (
+from trio_mapper.client.errors import (
     ConnectionLost,
     ForbiddenError,
     InvalidRequestError,
@@ -31,7 +31,7 @@ from trio_mapper.client_errors import (
     TrioMapperError,
     UpstreamError,
 )
-from trio_mapper.protocol import (
+from trio_mapper.wire import (
     LENGTH_PREFIX,
     PROTOCOL_VERSION,
     Cancel,

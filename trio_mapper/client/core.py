@@ -10,11 +10,11 @@ input item, makes the ``Submit`` for it, and turns replies into `MapResult` obje
 
 Nothing here blocks, sleeps, reads a clock, owns a socket or a thread, or raises because of what the engine
 sent: a bad frame becomes an error event for its request, a broken connection the `ConnectionClosed`
-event and the `State.CLOSED` state. The drivers own the rest. `trio_mapper.client.Client` moves the bytes
-with standard-library sockets for any number of threads; `trio_mapper.aio_client.AsyncClient` with anyio
+event and the `State.CLOSED` state. The drivers own the rest. `trio_mapper.client.sync.Client` moves the bytes
+with standard-library sockets for any number of threads; `trio_mapper.client.aio.AsyncClient` with anyio
 tasks on Trio or asyncio. Each is a short loop (read, ``receive_data``, hand each event to whoever waits
 for it; write what the core returned) plus the waiting its callers do, so a protocol rule is written (and
-tested, without sockets: tests/test_client_core.py) once.
+tested, without sockets: tests/client/test_client_core.py) once.
 
 The core is not thread-safe: a driver serialises calls to it (`Client` under its lock; `AsyncClient` runs
 it in one event loop).
@@ -38,14 +38,14 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from trio_mapper.client_errors import (
+from trio_mapper.client.errors import (
     ConnectionLost,
     InvalidRequestError,
     ProtocolError,
     TrioMapperError,
     make_error,
 )
-from trio_mapper.protocol import (
+from trio_mapper.wire import (
     LENGTH_PREFIX,
     PROTOCOL_VERSION,
     Cancel,

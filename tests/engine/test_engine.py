@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import trio
 from conftest import TEST_API_KEY, engine_command, engine_env, running_engine, simulator
-from wire import RawClient, chat
+from raw_client import RawClient, chat
 
 
 async def test_concurrent_requests_each_get_their_own_reply(short_tmp: Path) -> None:

@@ -17,7 +17,7 @@ from simulator_fixtures import chat_body
 from trio_mapper.simulator import SimulatorConfig, add_simulate_arguments, config_from_args, run_simulate
 from trio_mapper.simulator.config import load_model_limits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -28,7 +28,7 @@ import attrs
 import pytest
 import trio
 from conftest import ROOT, TEST_API_KEY, engine_env, running_engine, simulator, stop_process
-from wire import RawClient, chat
+from raw_client import RawClient, chat
 
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
 from trio_mapper.engine.process import systemd

@@ -18,7 +18,7 @@ import attrs
 import pytest
 import trio
 from conftest import engine_command, engine_env, running_engine, simulator
-from wire import RawClient, chat
+from raw_client import RawClient, chat
 
 #: Nothing is sent upstream in the start-up tests: the engine needs a base URL to start, not an upstream.
 UNUSED_UPSTREAM = "http://127.0.0.1:9/v1"

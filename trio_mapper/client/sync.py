@@ -1,10 +1,10 @@
 """Client helpers for the trio-mapper engine: send OpenAI API requests through its Unix socket.
 
 `Client` is for plain blocking code (the standard library's `socket`; thread-safe). `AsyncClient`
-(`trio_mapper.aio_client`, re-exported here lazily) runs on Trio and asyncio alike through anyio.
+(`trio_mapper.client.aio`) runs on Trio and asyncio alike through anyio.
 
 How the work is divided: the protocol itself (handshake, ids, the table of outstanding requests, decoding
-and routing replies, why the connection ended, ``map()``'s window) is `trio_mapper.client_core`, a state
+and routing replies, why the connection ended, ``map()``'s window) is `trio_mapper.client.core`, a state
 machine with no I/O shared by both clients. This module is its blocking driver: it owns the socket and
 the threads' waiting, and nothing else.
 
@@ -21,7 +21,7 @@ held while anyone blocks.
 This module is deliberately light: msgspec, the standard library and the light `trio_mapper` modules.
 Importing it never imports trio, httpx or anyio.
 
-Wire protocol in short (see `trio_mapper.protocol`): the first frame is ``Hello``, the engine answers
+Wire protocol in short (see `trio_mapper.wire`): the first frame is ``Hello``, the engine answers
 ``Welcome``; then many requests are in flight at once, each with an id chosen here; replies arrive in
 completion order, exactly one final ``Result``/``Error`` per id; ``Cancel(id)`` withdraws a request.
 """
@@ -37,9 +37,9 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from trio_mapper.client_core import (
+from trio_mapper.client.core import (
     DEFAULT_WINDOW,
     Answered,
     ClientConnection,
@@ -54,30 +54,12 @@ from trio_mapper.client_core import (
     default_client_name,
     unwrap,
 )
-from trio_mapper.client_errors import (
-    ERROR_CLASSES,
-    ConnectionLost,
+from trio_mapper.client.errors import (
     EngineUnavailable,
-    ForbiddenError,
-    InternalEngineError,
-    InvalidRequestError,
-    OverloadedError,
-    ProtocolError,
-    RateLimitedError,
-    RequestCancelledError,
-    RequestTimeoutError,
-    RequestTooLargeError,
-    ShuttingDownError,
     TrioMapperError,
-    UpstreamError,
-    UpstreamUnreachableError,
-    error_class_for,
 )
-from trio_mapper.paths import SOCKET_ENV_VAR, default_socket_path, resolve_socket_path
-from trio_mapper.protocol import RequestId, Result, Welcome
-
-if TYPE_CHECKING:
-    from trio_mapper.aio_client import AsyncClient, AsyncMapIterator
+from trio_mapper.wire import RequestId, Result, Welcome
+from trio_mapper.wire.paths import SOCKET_ENV_VAR, default_socket_path, resolve_socket_path
 
 #: Seconds allowed to connect and complete the handshake.
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
@@ -148,7 +130,7 @@ class Client:
 
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
-            `trio_mapper.paths.default_socket_path()`.
+            `trio_mapper.wire.paths.default_socket_path()`.
         client_name: how the engine names this client in its logs and stats.
         connect_timeout: seconds allowed to connect and complete the handshake.
     """
@@ -515,38 +497,4 @@ class Client:
             sent_at = self._queue(frame)
         self._progress(lambda: self._sent >= sent_at)
 
-
-def __getattr__(name: str) -> Any:
-    # AsyncClient needs anyio: import it only when asked for, keeping `import trio_mapper.client` light.
-    if name in {"AsyncClient", "AsyncMapIterator"}:
-        from trio_mapper import aio_client
-
-        return getattr(aio_client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "DEFAULT_WINDOW",
-    "ERROR_CLASSES",
-    "AsyncClient",
-    "AsyncMapIterator",
-    "Client",
-    "ConnectionLost",
-    "EngineUnavailable",
-    "ForbiddenError",
-    "InternalEngineError",
-    "InvalidRequestError",
-    "MapResult",
-    "OverloadedError",
-    "ProtocolError",
-    "RateLimitedError",
-    "Request",
-    "RequestCancelledError",
-    "RequestTimeoutError",
-    "RequestTooLargeError",
-    "ShuttingDownError",
-    "TrioMapperError",
-    "UpstreamError",
-    "UpstreamUnreachableError",
-    "error_class_for",
-]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "Client", "engine_unavailable", "socket_source"]

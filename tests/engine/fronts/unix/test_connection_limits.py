@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import running_engine, simulator
-from wire import PREFIX, RawClient, chat
+from raw_client import PREFIX, RawClient, chat
 
 from trio_mapper.engine.core.outcome import Finished, RequestSpec, Timings
 from trio_mapper.engine.fronts.unix import connection as server

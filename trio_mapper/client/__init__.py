@@ -1,0 +1,70 @@
+"""The client helpers: send OpenAI API requests through a running engine's Unix socket.
+
+`Client` (blocking, thread-safe; `sync.py`) and `AsyncClient` (Trio or asyncio through anyio; `aio.py`) are
+thin drivers of one sans-IO protocol core (`core.py`); their exceptions are in `errors.py`. Importing this
+package stays light (msgspec and the standard library): `AsyncClient`, and with it anyio, loads on first use.
+It never imports the engine.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from trio_mapper.client.core import DEFAULT_WINDOW, MapResult, Request
+from trio_mapper.client.errors import (
+    ERROR_CLASSES,
+    ConnectionLost,
+    EngineUnavailable,
+    ForbiddenError,
+    InternalEngineError,
+    InvalidRequestError,
+    OverloadedError,
+    ProtocolError,
+    RateLimitedError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    ShuttingDownError,
+    TrioMapperError,
+    UpstreamError,
+    UpstreamUnreachableError,
+    error_class_for,
+)
+from trio_mapper.client.sync import Client
+
+if TYPE_CHECKING:
+    from trio_mapper.client.aio import AsyncClient, AsyncMapIterator
+
+
+def __getattr__(name: str) -> Any:
+    # The async client needs anyio; a program using only the blocking Client should not pay for it.
+    if name in {"AsyncClient", "AsyncMapIterator"}:
+        from trio_mapper.client import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "ERROR_CLASSES",
+    "AsyncClient",
+    "AsyncMapIterator",
+    "Client",
+    "ConnectionLost",
+    "EngineUnavailable",
+    "ForbiddenError",
+    "InternalEngineError",
+    "InvalidRequestError",
+    "MapResult",
+    "OverloadedError",
+    "ProtocolError",
+    "RateLimitedError",
+    "Request",
+    "RequestCancelledError",
+    "RequestTimeoutError",
+    "RequestTooLargeError",
+    "ShuttingDownError",
+    "TrioMapperError",
+    "UpstreamError",
+    "UpstreamUnreachableError",
+    "error_class_for",
+]
