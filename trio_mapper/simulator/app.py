@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, final
+from typing import Any, Final, final
 
 import msgspec
 import trio
@@ -58,6 +58,8 @@ _encoder = msgspec.json.Encoder()
 
 class _BodyTooLarge(Exception):
     pass
+#: Bodies above this size are counted in a worker thread (tiktoken releases the GIL while it encodes).
+LARGE_BODY_BYTES: Final = 64 * 1024
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -100,6 +102,7 @@ class SimulatorApp:
     def __init__(self, config: SimulatorConfig, counter: TokenCounter | None = None) -> None:
         self.config = config
         self.counter = counter if counter is not None else TokenCounter()
+        self._counting = trio.CapacityLimiter(1)
         self.limits = RateLimits((config.rpm, config.tpm), config.model_limits, config.quantum)
         self.dice = Dice(config)
         self.stats = Stats()
@@ -176,7 +179,13 @@ class SimulatorApp:
             await exchange.json(400, errors.error_body(errors.INVALID_JSON, "invalid_request_error"))
             return
         try:
-            plan = plan_request(kind, body, self.counter, self.config.default_max_tokens)
+            if len(raw) < LARGE_BODY_BYTES:
+                plan = plan_request(kind, body, self.counter, self.config.default_max_tokens)
+            else:
+                # A real upstream does not stall its other requests while it counts a large prompt.
+                plan = await trio.to_thread.run_sync(
+                    plan_request, kind, body, self.counter, self.config.default_max_tokens, limiter=self._counting
+                )
         except RequestError as error:
             model = body.get("model")
             self.stats.client_error(model if isinstance(model, str) and model else None)

