@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import math
 import os
 import signal
@@ -28,9 +27,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, final
 
 import trio
 
+from trio_mapper.client import DEFAULT_WINDOW, Request
 from trio_mapper.client.aio import AsyncClient
 from trio_mapper.client.errors import ConnectionLost, EngineUnavailable, TrioMapperError
-from trio_mapper.client.sync import DEFAULT_WINDOW
 from trio_mapper.text import escape_control_characters
 from trio_mapper.tools.jsonl import (
     BadLine,
@@ -285,49 +284,22 @@ class MapJob:
     async def _map(self, client: AsyncClient) -> None:
         """Send the input's requests with at most ``window`` in flight; record each answer as it arrives.
 
-        Not `AsyncClient.map`: it fills its window before it hands back an answer, so while a producer on
-        stdin pauses, answers already received would wait for its next lines. Here one task reads the input
-        and each request waits for its answer in a task of its own: answers are written whatever the input
-        does. Cancelling (a signal) withdraws the requests in flight from the engine, as `request_result` does
-        when cancelled.
+        `AsyncClient.map` pulls the input in a task of its own, so answers are written whatever the input
+        does (a producer on stdin may pause for as long as it likes). Requests reach the engine in input
+        order. Cancelling (a signal) withdraws the requests in flight from the engine.
         """
-        window = trio.Semaphore(self._window)
-        async with trio.open_nursery() as in_flight, contextlib.aclosing(self._requests()) as requests:
-            async for line in requests:
-                await window.acquire()
-                await in_flight.start(self._send, client, line, window, in_flight.cancel_scope)
-
-    async def _send(
-        self,
-        client: AsyncClient,
-        line: InputRequest,
-        window: trio.Semaphore,
-        scope: trio.CancelScope,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+        requests = (
+            Request(line.endpoint, line.body, method=line.method, tag=line) async for line in self._requests()
+        )
         try:
-            # The reader goes on once this task runs, and `request_result` queues the request before its first
-            # checkpoint: requests reach the engine in input order.
-            task_status.started()
-            try:
-                result = await client.request_result(
-                    line.endpoint,
-                    line.body,
-                    method=line.method,
-                    deadline=self._deadline,
-                    max_attempts=self._max_attempts,
-                )
-            except ConnectionLost as exc:
-                if self.engine_problem is None:
-                    self.engine_problem = str(exc)
-                scope.cancel()  # every other request would fail the same way
-            except TrioMapperError as exc:
-                self._record(line, None, exc)
-            else:
-                self._record(line, result, None)
-        finally:
-            window.release()
+            async with client.map(
+                requests, window=self._window, deadline=self._deadline, max_attempts=self._max_attempts
+            ) as results:
+                async for item in results:
+                    self._record(item.request.tag, item.result, item.error)
+        except ConnectionLost as exc:
+            if self.engine_problem is None:
+                self.engine_problem = str(exc)
 
     async def _requests(self) -> AsyncGenerator[InputRequest, None]:
         """The input's requests, read lazily: `_map` reads about ``window`` lines ahead of the answers only.
