@@ -330,3 +330,31 @@ async def test_default_deadline_answers_a_request_that_names_none(short_tmp: Pat
             reply = await client.request(chat(1))
         assert (reply["type"], reply["kind"]) == ("error", "timeout")
         await client.aclose()
+
+
+async def test_other_connections_are_served_while_a_large_body_is_counted(short_tmp: Path) -> None:
+    # A body over 64 KiB is counted in a worker thread. A ping on another connection, sent right after the big
+    # frame, is answered before the big request: counted in the event loop, the big request's answer (an
+    # invalid_request found only after its first message was counted) would come first.
+    async with simulator() as url, running_engine(short_tmp, url, "--max-frame-bytes", str(8 * 2**20)) as engine:
+        big = await RawClient.connect(str(engine.socket))
+        other = await RawClient.connect(str(engine.socket))
+        words = " ".join(f"w{i % 5003}" for i in range(600_000))  # about 3.6 MB, a fraction of a second to count
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words}, "not a message"]}
+        order: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def big_request() -> None:
+                reply = await big.request({"type": "submit", "id": 1, "endpoint": "/v1/chat/completions", "body": body})
+                assert (reply["type"], reply["kind"]) == ("error", "invalid_request")
+                order.append("big")
+
+            nursery.start_soon(big_request)
+            await trio.sleep(0.05)  # the big frame is on its way (another process: nothing to wait on)
+            with trio.fail_after(30):
+                pong = await other.request({"type": "ping", "id": "p"})
+            assert pong["type"] == "pong"
+            order.append("ping")
+        assert order == ["ping", "big"]
+        await big.aclose()
+        await other.aclose()

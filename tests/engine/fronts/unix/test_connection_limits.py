@@ -29,6 +29,7 @@ from trio_mapper.engine.fronts.unix.connection import (
     HANDSHAKE_TIMEOUT,
     OUTBOX_HIGH_WATER,
     Connection,
+    ReplyBacklog,
 )
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.wire import DEFAULT_MAX_FRAME_BYTES
@@ -83,6 +84,7 @@ def serve_connection(
     *,
     pair: Callable[[], tuple[Any, Any]] = trio.testing.memory_stream_pair,
     reply_bytes: int = 0,
+    backlog: ReplyBacklog | None = None,
 ) -> Served:
     client_stream, engine_stream = pair()
     scheduler = FakeScheduler(reply_bytes)
@@ -97,6 +99,7 @@ def serve_connection(
         scheduler=scheduler,  # duck-typed: the methods a Connection calls
         stats=stats,
         max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
+        backlog=backlog,
     )
     closed = trio.Event()
 
@@ -276,6 +279,35 @@ async def test_a_client_whose_unread_replies_pass_the_byte_cap_is_disconnected(
             with pytest.raises(EOFError):
                 while True:
                     await served.client.receive()
+
+
+async def test_the_engine_wide_backlog_disconnects_the_client_holding_the_most() -> None:
+    # Each client stays under the per-connection cap; together they pass the engine-wide one. The one
+    # holding the most unread replies goes; the other, and everything it has, stays.
+    reply_bytes = 64 * 1024
+    backlog = ReplyBacklog(max_bytes=24 * reply_bytes)
+    with trio.fail_after(60):  # hang guard
+        async with trio.open_nursery() as nursery:
+            lockstep = trio.testing.lockstep_stream_pair
+            light = serve_connection(nursery, pair=lockstep, reply_bytes=reply_bytes, backlog=backlog)
+            heavy = serve_connection(nursery, pair=lockstep, reply_bytes=reply_bytes, backlog=backlog)
+            await say_hello(light)
+            await say_hello(heavy)
+            for n in range(8):
+                await light.client.send(chat(n))
+            with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+                for n in range(100):
+                    await heavy.client.send(chat(n))
+            await heavy.closed.wait()
+            assert heavy.scheduler.forgotten == [heavy.connection]
+            assert not light.closed.is_set() and light.scheduler.forgotten == []
+            # What the disconnected client held is no longer counted; the survivor's replies all arrive.
+            assert backlog.total == light.connection.unsent_bytes
+            replies = [await light.client.receive() for _ in range(8)]
+            assert sorted(reply["id"] for reply in replies) == list(range(8))
+            await trio.testing.wait_all_tasks_blocked()
+            assert backlog.total == 0
+            nursery.cancel_scope.cancel()
 
 
 # --- a real engine -------------------------------------------------------------------------------------------
