@@ -47,8 +47,8 @@ from trio_mapper.client.errors import (
     UpstreamError,
     error_class_for,
 )
+from trio_mapper.paths import SOCKET_ENV_VAR
 from trio_mapper.wire import PROTOCOL_VERSION, ErrorKind, Ping, RequestId
-from trio_mapper.wire.paths import SOCKET_ENV_VAR
 
 ENDPOINT = "/v1/chat/completions"
 #: The hang guard of a ping: a round trip on this machine takes microseconds, never this long.

@@ -60,8 +60,8 @@ from trio_mapper.client.sync import (
     engine_unavailable,
     socket_source,
 )
+from trio_mapper.paths import resolve_socket_path
 from trio_mapper.wire import RequestId, Result, Welcome
-from trio_mapper.wire.paths import resolve_socket_path
 
 #: The writer joins queued frames into one write up to about this many bytes (fewer system calls).
 _WRITE_BATCH_BYTES: Final = 1024 * 1024
@@ -147,7 +147,7 @@ class AsyncClient:
 
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
-            `trio_mapper.wire.paths.default_socket_path()`.
+            `trio_mapper.paths.default_socket_path()`.
         client_name: how the engine names this client in its logs and stats.
         connect_timeout: seconds allowed to connect and complete the handshake (None: no limit).
     """

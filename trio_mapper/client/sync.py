@@ -58,8 +58,8 @@ from trio_mapper.client.errors import (
     EngineUnavailable,
     TrioMapperError,
 )
+from trio_mapper.paths import SOCKET_ENV_VAR, default_socket_path, resolve_socket_path
 from trio_mapper.wire import RequestId, Result, Welcome
-from trio_mapper.wire.paths import SOCKET_ENV_VAR, default_socket_path, resolve_socket_path
 
 #: Seconds allowed to connect and complete the handshake.
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
@@ -130,7 +130,7 @@ class Client:
 
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
-            `trio_mapper.wire.paths.default_socket_path()`.
+            `trio_mapper.paths.default_socket_path()`.
         client_name: how the engine names this client in its logs and stats.
         connect_timeout: seconds allowed to connect and complete the handshake.
     """

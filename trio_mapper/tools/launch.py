@@ -17,8 +17,8 @@ from typing import Any
 import attrs
 
 from trio_mapper.engine.process.settings import DEFAULT_BASE_URL, ServerSettings, SettingsError
+from trio_mapper.paths import default_socket_path
 from trio_mapper.tools.args import non_negative_float, octal_mode, positive_float, positive_int
-from trio_mapper.wire.paths import default_socket_path
 
 
 def _default(name: str) -> Any:

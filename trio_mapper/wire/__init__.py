@@ -1,9 +1,10 @@
 """The wire protocol between local clients and the engine: messages and framing, no I/O.
 
 msgspec and the standard library only (plus `trio_mapper.kinds`), because client programs import it. Its
-specification is docs/protocol.md; `paths` says where the engine's socket is.
+specification is docs/protocol.md. Where the engine's socket is: `trio_mapper.paths`.
 """
 
+from trio_mapper.bodies import decode_body
 from trio_mapper.kinds import ErrorKind
 from trio_mapper.wire.framing import (
     CLIENT_MESSAGE_TYPES,
@@ -36,7 +37,6 @@ from trio_mapper.wire.messages import (
     Submit,
     Timings,
     Welcome,
-    decode_body,
 )
 
 __all__ = [

@@ -133,13 +133,3 @@ class Pong(Message, tag="pong"):
 
 ClientMessage = Hello | Submit | Cancel | StatsRequest | Ping
 EngineMessage = Welcome | Result | Error | Stats | Pong
-
-
-def decode_body(content: bytes, encoding: str | None = None) -> Any:
-    """An upstream body's value: its JSON decoded, else its text (a proxy's HTML error page, say); None if empty."""
-    if not content:
-        return None
-    try:
-        return msgspec.json.decode(content)
-    except (msgspec.DecodeError, RecursionError):
-        return content.decode(encoding or "utf-8", errors="replace")

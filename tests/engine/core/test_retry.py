@@ -473,22 +473,6 @@ def test_defaults() -> None:
 # --- giving up ------------------------------------------------------------------------------------
 
 
-def test_exhausted_rate_limit() -> None:
-    verdict = classify_response(429, {}, error(TPM_MESSAGE, "tokens", "rate_limit_exceeded"))
-    assert isinstance(verdict, RateLimitRetry)
-    final = exhausted(verdict, attempts=6)
-    assert final.kind is ErrorKind.RATE_LIMITED
-    assert "after 6 attempts" in final.message
-    assert "tokens budget" in final.message
-    assert "max_attempts" in final.message
-
-
-def test_exhausted_by_a_long_wait() -> None:
-    final = exhausted(RateLimitRetry(3600.0, "requests"), attempts=1, wait=3600.0)
-    assert final.kind is ErrorKind.RATE_LIMITED
-    assert "3600 s" in final.message
-
-
 def test_exhausted_unreachable() -> None:
     verdict = classify_exception(httpx.ConnectError("Name or service not known", request=REQUEST))
     assert isinstance(verdict, BackoffRetry)

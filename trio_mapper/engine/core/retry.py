@@ -14,9 +14,10 @@ Precedence, highest first:
 3. ``x-should-retry: true|false`` from the upstream decides next, as the official SDK lets it.
 4. The status: 429 is a `RateLimitRetry`; 408, 409 and 5xx a `BackoffRetry`; anything else is final.
 
-A verdict's wait may exceed `MAX_HONOURED_WAIT`. It stays retryable: the engine decides whether the request's
-deadline allows such a wait, and `backoff_delay` never sleeps longer than the cap (it falls back to the
-exponential schedule), so a wild ``retry-after`` cannot park a request for an hour.
+A verdict's wait may exceed `MAX_HONOURED_WAIT`. It stays retryable: a 429's wait pauses the model's lane for
+at most the cap (the scheduler's choice; the request waits on until its deadline), and `backoff_delay` never
+sleeps longer than the cap (it falls back to the exponential schedule), so a wild ``retry-after`` cannot park
+a request for an hour.
 
 Every message built here is client-facing and says what to do. Upstream text passes through `_scrub`, which
 masks anything shaped like an API key or a bearer token; no header value other than the waits is read.
@@ -349,26 +350,16 @@ def backoff_delay(attempt: int, *, hint: float | None = None, rng: random.Random
     return base * (1 - _JITTER * draw)
 
 
-def exhausted(verdict: RateLimitRetry | BackoffRetry, *, attempts: int, wait: float | None = None) -> FinalFailure:
-    """The final answer when the engine stops retrying `verdict`, the last retryable outcome.
+def exhausted(verdict: BackoffRetry, *, attempts: int) -> FinalFailure:
+    """The final answer when the engine stops retrying `verdict`, the last fault.
+
+    Only faults run out: a rate-limit 429 is never final (the request waits for budget until its deadline).
 
     Args:
-        attempts: how many upstream attempts were made.
-        wait: pass the wait that made the engine give up, when it was longer than it could honour.
+        attempts: how many upstream attempts ended in a fault.
     """
     plural = "attempt" if attempts == 1 else "attempts"
-    if wait is not None:
-        why = f"the upstream asked to wait {wait:.0f} s, longer than the engine can honour"
-    else:
-        why = f"still failing after {attempts} {plural}"
-    if isinstance(verdict, RateLimitRetry):
-        scope = f" ({verdict.scope} budget)" if verdict.scope else ""
-        detail = f"; last answer: {verdict.reason}" if verdict.reason else ""
-        return FinalFailure(
-            ErrorKind.RATE_LIMITED,
-            f"Rate-limited by the upstream{scope}, {why}{detail}: lower the load on this model, raise its "
-            "limits, or submit with a later deadline or more max_attempts.",
-        )
+    why = f"still failing after {attempts} {plural}"
     if verdict.exhausted_kind is ErrorKind.UPSTREAM_UNREACHABLE:
         return FinalFailure(
             ErrorKind.UPSTREAM_UNREACHABLE,

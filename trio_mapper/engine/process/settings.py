@@ -19,7 +19,7 @@ import attrs
 import cattrs
 from attrs import validators as v
 
-from trio_mapper.wire.paths import default_socket_path
+from trio_mapper.paths import default_socket_path
 
 DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 API_KEY_ENV_VAR: Final = "OPENAI_API_KEY"

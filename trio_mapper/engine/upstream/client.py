@@ -18,8 +18,8 @@ import msgspec
 import trio
 
 from trio_mapper._version import __version__
+from trio_mapper.bodies import decode_body
 from trio_mapper.engine.process.settings import OpenAISettings
-from trio_mapper.wire import decode_body
 
 #: A path of plain segments: no scheme, host, query, fragment, percent-escapes or backslashes.
 _SAFE_PATH: Final = re.compile(r"[A-Za-z0-9._~:\-]+(?:/[A-Za-z0-9._~:\-]+)*")

@@ -366,7 +366,7 @@ class Connection:
         if not self.handshaken:
             if not isinstance(message, Hello):
                 self._protocol_error(
-                    getattr(message, "id", None),
+                    None,
                     f"the first frame must be a hello with protocol={PROTOCOL_VERSION}; the connection is closed",
                 )
                 raise _CloseConnection

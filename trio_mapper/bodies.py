@@ -1,0 +1,23 @@
+"""How an upstream body is read: its JSON value, or its text when it is not JSON. A leaf any layer may import.
+
+The engine reads upstream replies with it, and a client decodes the bodies it asked to receive as bytes
+(`Hello.body_format` "json") with it, so both sides agree on what a body's value is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ["decode_body"]
+
+
+def decode_body(content: bytes, encoding: str | None = None) -> Any:
+    """An upstream body's value: its JSON decoded, else its text (a proxy's HTML error page, say); None if empty."""
+    if not content:
+        return None
+    try:
+        return msgspec.json.decode(content)
+    except (msgspec.DecodeError, RecursionError):
+        return content.decode(encoding or "utf-8", errors="replace")
