@@ -112,3 +112,13 @@ async def test_a_get_needs_no_body(short_tmp: Path) -> None:
         reply = await client.request({"type": "submit", "id": 1, "endpoint": "/v1/models", "method": "get"})
         assert reply["type"] == "result" and reply["body"]["object"] == "list"
         await client.aclose()
+
+
+async def test_a_first_frame_that_is_not_a_hello_is_answered_without_its_id(short_tmp: Path) -> None:
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        client = await RawClient.connect(str(engine.socket), hello=False)
+        error = await client.request(chat(5))
+        assert (error["type"], error["kind"], error["id"]) == ("error", "protocol_error", None)
+        with pytest.raises(EOFError):
+            await client.receive()
+        await client.aclose()
