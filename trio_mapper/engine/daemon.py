@@ -21,7 +21,7 @@ from typing import Any, Final
 import trio
 
 from trio_mapper._version import __version__
-from trio_mapper.engine.budget.ledger import Ledger, Limits
+from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog

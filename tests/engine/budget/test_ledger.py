@@ -11,24 +11,26 @@ import pytest
 import trio
 import trio.testing
 
-from trio_mapper.engine.budget import ledger as ledger_module
-from trio_mapper.engine.budget.ledger import (
+from trio_mapper.engine.budget import local as local_module
+from trio_mapper.engine.budget.interface import (
     Cost,
     LaneBudget,
-    Ledger,
+    LaneStatistics,
     Limits,
-    LocalLaneBudget,
     RequestTooLarge,
     Reservation,
 )
+from trio_mapper.engine.budget.ledger import Ledger
+from trio_mapper.engine.budget.local import LocalMeter
+from trio_mapper.engine.budget.queue import QueuedLaneBudget
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
 
 def _lane(
     rpm: int = 600, tpm: int = 60_000, *, period: float = 60.0, mode: str = "bucket", name: str = "m"
-) -> LocalLaneBudget:
+) -> LaneBudget:
     lane = Ledger(Limits(rpm=rpm, tpm=tpm), period, mode=mode).lane(name)
-    assert isinstance(lane, LocalLaneBudget)
+    assert isinstance(lane, QueuedLaneBudget) and isinstance(lane.meter, LocalMeter)
     return lane
 
 
@@ -58,7 +60,7 @@ async def _rested_lane(
     mode: str = "bucket",
     name: str = "m",
     limit_headers: bool = False,
-) -> LocalLaneBudget:
+) -> LaneBudget:
     """A lane whose burst is the whole configured period and whose bucket (or window) is full."""
     lane = _lane(rpm, tpm, period=period, mode=mode, name=name)
     await _teach_full_burst(lane, limit_headers=limit_headers)
@@ -228,10 +230,10 @@ async def test_pause_without_wait_uses_default_and_drains_both_dimensions(
     lane = await _rested_lane(rpm=600, tpm=60_000, limit_headers=True)
     start = _now()
     lane.pause(None, None)
-    assert lane.statistics().pause_remaining == pytest.approx(ledger_module.DEFAULT_PAUSE)
+    assert lane.statistics().pause_remaining == pytest.approx(local_module.DEFAULT_PAUSE)
     _, at = await _reserve_at(lane, Cost(1))
     # Requests refill at 10/s from empty once the pause is over.
-    assert at == pytest.approx(start + ledger_module.DEFAULT_PAUSE + 0.1)
+    assert at == pytest.approx(start + local_module.DEFAULT_PAUSE + 0.1)
 
 
 async def test_pause_expiry_wakes_waiter_without_other_events(autojump_clock: trio.testing.MockClock) -> None:
@@ -283,7 +285,7 @@ async def test_correction_factor_converges_and_is_bounded(autojump_clock: trio.t
     for _ in range(200):
         r = await lane.reserve(Cost(1100, prompt_tokens=1000))
         lane.reconcile(r, prompt_tokens=10_000, snapshot=None)
-    assert lane.statistics().correction == ledger_module.CORRECTION_MAX
+    assert lane.statistics().correction == local_module.CORRECTION_MAX
 
 
 async def test_reconcile_without_prompt_estimate_learns_nothing(autojump_clock: trio.testing.MockClock) -> None:
@@ -661,7 +663,7 @@ async def test_thousands_of_waiters_admitted_in_order(autojump_clock: trio.testi
 async def test_update_limits_keeps_reservations(autojump_clock: trio.testing.MockClock, mode: str) -> None:
     ledger = Ledger(Limits(rpm=600, tpm=6000), 60.0, mode=mode, per_model={"big": Limits(rpm=60, tpm=60_000)})
     lane = ledger.lane("m")
-    assert isinstance(lane, LocalLaneBudget)
+    assert isinstance(lane, QueuedLaneBudget) and isinstance(lane.meter, LocalMeter)
     assert ledger.lane("big").statistics().configured == Limits(rpm=60, tpm=60_000)
     await _teach_full_burst(lane)
     r = await lane.reserve(Cost(6000))
@@ -794,7 +796,7 @@ class SimResult:
     efficiency: float
     #: Rejections after the first wave: what is left once the ledger has learned from replies.
     late_rejections: int
-    stats: ledger_module.LaneStatistics
+    stats: LaneStatistics
 
     def __str__(self) -> str:
         return (

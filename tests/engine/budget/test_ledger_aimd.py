@@ -11,22 +11,25 @@ import trio
 import trio.testing
 from test_ledger import FakeUpstream, simulate
 
-from trio_mapper.engine.budget import ledger as ledger_module
-from trio_mapper.engine.budget.ledger import Cost, Ledger, Limits, LocalLaneBudget, Reservation
+from trio_mapper.engine.budget import local as local_module
+from trio_mapper.engine.budget.interface import Cost, LaneBudget, Limits, Reservation
+from trio_mapper.engine.budget.ledger import Ledger
+from trio_mapper.engine.budget.local import LocalMeter
+from trio_mapper.engine.budget.queue import QueuedLaneBudget
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
 NO_HEADERS = RateLimitSnapshot()
-FIRST = ledger_module.AIMD_DECREASE_ISOLATED  # a 429 after a quiet spell
-AGAIN = ledger_module.AIMD_DECREASE  # one soon after a decrease
+FIRST = local_module.AIMD_DECREASE_ISOLATED  # a 429 after a quiet spell
+AGAIN = local_module.AIMD_DECREASE  # one soon after a decrease
 
 
-def _lane(rpm: int = 600, tpm: int = 60_000, *, mode: str = "bucket") -> LocalLaneBudget:
+def _lane(rpm: int = 600, tpm: int = 60_000, *, mode: str = "bucket") -> LaneBudget:
     lane = Ledger(Limits(rpm=rpm, tpm=tpm), 60.0, mode=mode).lane("m")
-    assert isinstance(lane, LocalLaneBudget)
+    assert isinstance(lane, QueuedLaneBudget) and isinstance(lane.meter, LocalMeter)
     return lane
 
 
-def _refused(lane: LocalLaneBudget, reservation: Reservation, scope: str | None = "tokens", wait: float = 0.5) -> None:
+def _refused(lane: LaneBudget, reservation: Reservation, scope: str | None = "tokens", wait: float = 0.5) -> None:
     """What the scheduler does with a retryable 429: reconcile with the reply, then pause."""
     lane.reconcile(reservation, prompt_tokens=None, snapshot=NO_HEADERS)
     lane.pause(wait, scope)
@@ -68,7 +71,7 @@ async def test_one_overshoot_lowers_the_pace_once(autojump_clock: trio.testing.M
     for _ in range(20):  # clean replies, each of about two seconds at the pace: it grows 0.5 % per reply
         lane.reconcile(await lane.reserve(Cost(1_000_000)), prompt_tokens=None, snapshot=NO_HEADERS)
     grown = lane.statistics().learned_tpm
-    assert grown > 60_000_000 * FIRST * AGAIN * (1 + ledger_module.REPEAT_GROWTH)
+    assert grown > 60_000_000 * FIRST * AGAIN * (1 + local_module.REPEAT_GROWTH)
     # Refused once it had grown back: the top of a sawtooth, the shallower step again.
     _refused(lane, await lane.reserve(Cost(10)))
     assert lane.statistics().learned_tpm == pytest.approx(grown * FIRST)
@@ -103,7 +106,7 @@ async def test_pace_grows_back_with_clean_replies_never_above_the_configured_lim
     assert paces == sorted(paces)
     steps = [b - a for a, b in itertools.pairwise(paces)]
     # Never more than AIMD_INCREASE_PER_REPLY of the old peak per reply, and never above the configured limit.
-    assert max(steps) <= ledger_module.AIMD_INCREASE_PER_REPLY * 6_000 + 1e-6
+    assert max(steps) <= local_module.AIMD_INCREASE_PER_REPLY * 6_000 + 1e-6
     assert paces[-1] == 6_000
     assert lane.statistics().rate_decreases == 1
 
@@ -135,7 +138,7 @@ async def test_pace_has_a_floor(autojump_clock: trio.testing.MockClock) -> None:
     for _ in range(40):
         _refused(lane, await lane.reserve(Cost(1)))
         await trio.sleep(1)
-    assert lane.statistics().learned_tpm == pytest.approx(ledger_module.AIMD_FLOOR * 60_000)
+    assert lane.statistics().learned_tpm == pytest.approx(local_module.AIMD_FLOOR * 60_000)
     assert lane.statistics().rate_decreases == 40
 
 

@@ -6,7 +6,10 @@ import pytest
 import trio
 import trio.testing
 
-from trio_mapper.engine.budget.ledger import Cost, Ledger, Limits, LocalLaneBudget
+from trio_mapper.engine.budget.interface import Cost, LaneBudget, Limits
+from trio_mapper.engine.budget.ledger import Ledger
+from trio_mapper.engine.budget.local import LocalMeter
+from trio_mapper.engine.budget.queue import QueuedLaneBudget
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
 
@@ -14,9 +17,9 @@ def _ledger(mode: str = "bucket", period: float = 60.0) -> Ledger:
     return Ledger(Limits(rpm=600, tpm=60_000), period, mode=mode)  # 10 requests, 1000 tokens per second
 
 
-def _local(ledger: Ledger, name: str = "m") -> LocalLaneBudget:
+def _local(ledger: Ledger, name: str = "m") -> LaneBudget:
     lane = ledger.lane(name)
-    assert isinstance(lane, LocalLaneBudget)
+    assert isinstance(lane, QueuedLaneBudget) and isinstance(lane.meter, LocalMeter)
     return lane
 
 

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import trio
 
-from trio_mapper.engine.budget.ledger import Ledger, Limits
+from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator

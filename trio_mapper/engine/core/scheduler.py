@@ -32,7 +32,7 @@ import httpx
 import msgspec
 import trio
 
-from trio_mapper.engine.budget.ledger import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
+from trio_mapper.engine.budget import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
 from trio_mapper.engine.core.outcome import Failed, Finished, ReplySink, RequestSpec, Started, Timings
 from trio_mapper.engine.core.retry import (
     MAX_HONOURED_WAIT,
