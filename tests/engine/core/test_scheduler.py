@@ -18,7 +18,7 @@ import trio
 
 from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, RequestSpec, Started
-from trio_mapper.engine.core.scheduler import Scheduler
+from trio_mapper.engine.core.scheduler import Job, JobState, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.client import Upstream
@@ -711,3 +711,60 @@ async def test_dated_snapshots_share_their_familys_lane(
         _, lanes = scheduler.statistics()
     assert sorted(lanes) == ["gpt-4", "gpt-4o"]
     assert lanes["gpt-4o"]["succeeded"] == 3
+
+
+async def test_a_front_that_fails_to_take_a_success_gets_an_internal_error_instead(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The events' one exit from the core is fenced: the request still gets one final answer.
+    class Fussy(Sink):
+        def report(self, request_id: Any, event: Outcome) -> None:
+            if isinstance(event, Finished):
+                raise RuntimeError("the front's bug")
+            super().report(request_id, event)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Fussy("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        submit(scheduler, sink, chat(1))
+        await sink.wait_for(1)
+        submit(scheduler, sink, chat(2))
+        await sink.wait_for(2)
+        engine, _ = scheduler.statistics()
+    replies = sink.by_id()
+    assert all(isinstance(reply, Error) and reply.kind == "internal_error" for reply in replies.values())
+    assert engine["internal_errors"] == 2 and engine["outstanding"] == 0
+
+
+async def test_a_bug_while_admitting_gives_the_slot_and_the_budget_back(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, concurrency=1) as scheduler:
+        # A bug once the job holds both its reservation and its concurrency slot, just before the hand-over.
+        real_set_state = scheduler._set_state
+        failures = [RuntimeError("bug")]
+
+        def flaky_set_state(job: Job, state: JobState) -> None:
+            if state is JobState.IN_FLIGHT and failures:
+                raise failures.pop()
+            real_set_state(job, state)
+
+        monkeypatch.setattr(scheduler, "_set_state", flaky_set_state)
+        submit(scheduler, sink, chat("bad"))
+        await sink.wait_for(1)
+        submit(scheduler, sink, chat("good"))
+        with trio.fail_after(600):  # a leaked slot would make it wait for good
+            await sink.wait_for(2)
+        ledger_stats = scheduler._ledger.statistics()["gpt-4o-mini"]
+        limiter = scheduler.limiter.statistics()
+    replies = sink.by_id()
+    assert isinstance(replies["bad"], Error) and replies["bad"].kind == "internal_error"
+    assert isinstance(replies["good"], Result)
+    assert limiter.borrowed_tokens == 0 and ledger_stats.in_flight == 0
+    assert (ledger_stats.reservations, ledger_stats.refunds) == (2, 1)

@@ -33,7 +33,7 @@ import msgspec
 import trio
 
 from trio_mapper.engine.budget import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
-from trio_mapper.engine.core.outcome import Failed, Finished, ReplySink, RequestSpec, Started, Timings
+from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, ReplySink, RequestSpec, Started, Timings
 from trio_mapper.engine.core.retry import (
     MAX_HONOURED_WAIT,
     BackoffRetry,
@@ -62,6 +62,8 @@ MAX_MODEL_NAME_CHARS: Final = 256
 #: Frames above this size have their tokens counted (and body encoded) in a worker thread: counting runs
 #: at about 10 MB/s, so a 64 KiB body costs the event loop a few milliseconds at most.
 LARGE_BODY_BYTES: Final = 64 * 1024
+#: What a request hears when a bug in the engine ended it.
+_BUG_MESSAGE: Final = "the engine failed on this request (a bug, logged by the engine); please report it"
 #: Worker threads counting tokens at once. Two cores: one thread leaves a core to the event loop.
 TOKENIZER_THREADS: Final = 1
 
@@ -204,8 +206,13 @@ class _Checked:
     method: str
     url: httpx.URL
     lane_name: str
+    #: When the front handed the request over: its deadline and timings count from here.
+    received_at: float
     deadline: float
     max_attempts: int
+    #: The lane's whole per-minute token budget: counting a prompt stops there (read on the event loop, so
+    #: the worker thread that measures never touches the ledger).
+    token_budget: int
 
 
 @attrs.frozen
@@ -307,14 +314,25 @@ class Scheduler:
             measured = await trio.to_thread.run_sync(self._measure, spec, checked, limiter=self._tokenizer)
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
-        self.submit(owner, request_id, spec, measured=measured)
+        self.submit(owner, request_id, spec, measured=measured, received_at=checked.received_at)
 
     def submit(
-        self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, measured: Measured | None = None
+        self,
+        owner: ReplySink,
+        request_id: Hashable,
+        spec: RequestSpec,
+        *,
+        measured: Measured | None = None,
+        received_at: float | None = None,
     ) -> None:
-        """Accept a request or answer it at once (a `Failed` event); never blocks."""
+        """Accept a request or answer it at once (a `Failed` event); never blocks.
+
+        Args:
+            measured: the body's measurements, when `intake` made them in a worker thread.
+            received_at: when the front handed the request over, if earlier than now (`intake`).
+        """
         try:
-            checked = self._check(owner, request_id, spec)
+            checked = self._check(owner, request_id, spec, received_at=received_at)
             if measured is None:
                 measured = self._measure(spec, checked)
             lane = self._lane_for(checked.lane_name, measured.estimate)
@@ -331,7 +349,7 @@ class Scheduler:
             url=checked.url,
             body=measured.body,
             estimate=measured.estimate,
-            received_at=trio.current_time(),
+            received_at=checked.received_at,
             deadline=checked.deadline,
             max_attempts=checked.max_attempts,
         )
@@ -349,9 +367,12 @@ class Scheduler:
 
     def _refuse(self, owner: ReplySink, request_id: Hashable, refusal: _Refused) -> None:
         self.rejected += 1
-        owner.report(None if refusal.anonymous else request_id, Failed(kind=refusal.kind, message=refusal.message))
+        failed = Failed(kind=refusal.kind, message=refusal.message)
+        self._report(owner, None if refusal.anonymous else request_id, failed)
 
-    def _check(self, owner: ReplySink, request_id: Hashable, spec: RequestSpec) -> _Checked:
+    def _check(
+        self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, received_at: float | None = None
+    ) -> _Checked:
         """Everything about a submit that is cheap to check; raises `_Refused`."""
         if self._closing:
             raise _Refused(ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit to the next engine")
@@ -388,20 +409,23 @@ class Scheduler:
                 f"body.model is {len(model)} characters long; model names have at most {MAX_MODEL_NAME_CHARS}",
             )
         timeout = spec.deadline if spec.deadline is not None else self.default_deadline
+        received_at = trio.current_time() if received_at is None else received_at
+        lane_name = self._ledger.lane_name(model) if isinstance(model, str) and model else "default"
         return _Checked(
             method=method,
             url=url,
-            lane_name=self._ledger.lane_name(model) if isinstance(model, str) and model else "default",
-            deadline=trio.current_time() + timeout if timeout is not None else math.inf,
+            lane_name=lane_name,
+            received_at=received_at,
+            deadline=received_at + timeout if timeout is not None else math.inf,
             max_attempts=spec.max_attempts or self._default_max_attempts,
+            token_budget=self._ledger.configured_limits(lane_name).tpm,
         )
 
     def _measure(self, spec: RequestSpec, checked: _Checked) -> Measured:
         """The token estimate and the JSON body: CPU-bound, thread-safe (`intake` runs it in a thread)."""
         # A prompt above the whole per-minute budget can never be admitted: stop counting there.
-        budget = self._ledger.configured_limits(checked.lane_name).tpm
         try:
-            estimate = self._estimator.estimate(spec.endpoint, spec.body, limit=budget)
+            estimate = self._estimator.estimate(spec.endpoint, spec.body, limit=checked.token_budget)
             body = msgspec.json.encode(spec.body) if checked.method == "POST" else None
         except InvalidBody as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
@@ -502,22 +526,39 @@ class Scheduler:
             self._all_done.set()
         return owner
 
+    def _report(self, owner: ReplySink, request_id: Hashable, *events: Outcome) -> None:
+        """Hand a job's last events to its front: the one place they leave the core, so the one fence.
+
+        A front that fails to take a success gets a `Failed` of kind ``internal_error`` instead: the request
+        still gets its one final answer. If even that fails, the error is logged and the front is left to its
+        own handling of a broken connection.
+        """
+        try:
+            for event in events:
+                owner.report(request_id, event)
+        except Exception:
+            self.internal_errors += 1
+            log.exception("internal error while %s took the answer to id=%r", owner.label, request_id)
+            if isinstance(events[-1], Failed) and events[-1].kind is ErrorKind.INTERNAL_ERROR:
+                return
+            try:
+                owner.report(request_id, Failed(kind=ErrorKind.INTERNAL_ERROR, message=_BUG_MESSAGE))
+            except Exception:
+                log.exception("%s could not take an internal_error either", owner.label)
+
     def _finish_result(self, job: Job, reply: UpstreamReply) -> None:
         timings = self._timings(job)
         owner = self._close(job)
         if owner is not None:
             job.lane.succeeded += 1
-            owner.report(job.request_id, Started(status=reply.status, headers=reply.headers))
-            owner.report(
-                job.request_id,
-                Finished(
-                    status=reply.status,
-                    headers=reply.headers,
-                    body=reply.body,
-                    attempts=job.attempts,
-                    timings=timings,
-                ),
+            finished = Finished(
+                status=reply.status,
+                headers=reply.headers,
+                body=reply.body,
+                attempts=job.attempts,
+                timings=timings,
             )
+            self._report(owner, job.request_id, Started(status=reply.status, headers=reply.headers), finished)
 
     def _finish_error(self, job: Job, kind: ErrorKind, message: str, reply: UpstreamReply | None = None) -> None:
         owner = self._close(job)
@@ -527,27 +568,21 @@ class Scheduler:
         # Cancellations and shutdown are summarised elsewhere; per-request lines are for real failures.
         if kind not in {ErrorKind.CANCELLED, ErrorKind.SHUTTING_DOWN}:
             log.warning("request %s failed: %s: %s", job.log_label, kind.value, message)
-        owner.report(
-            job.request_id,
-            Failed(
-                kind=kind,
-                message=message,
-                status=reply.status if reply else None,
-                headers=reply.headers if reply else {},
-                body=reply.body if reply else None,
-                attempts=job.attempts,
-            ),
+        failed = Failed(
+            kind=kind,
+            message=message,
+            status=reply.status if reply else None,
+            headers=reply.headers if reply else {},
+            body=reply.body if reply else None,
+            attempts=job.attempts,
         )
+        self._report(owner, job.request_id, failed)
 
     def _internal_error(self, job: Job, what: str) -> None:
         """The bug fence: an unexpected exception costs the one job it happened in, never the engine."""
         self.internal_errors += 1
         log.exception("internal error while %s %s; answering it internal_error", what, job.log_label)
-        self._finish_error(
-            job,
-            ErrorKind.INTERNAL_ERROR,
-            f"the engine failed while {what} this request (a bug, logged by the engine); please report it",
-        )
+        self._finish_error(job, ErrorKind.INTERNAL_ERROR, f"{_BUG_MESSAGE} (while {what} it)")
 
     # --- the tasks ---------------------------------------------------------------------------------------
 
@@ -594,34 +629,41 @@ class Scheduler:
     async def _dispatch_one(self, lane: Lane, job: Job) -> None:
         self._set_state(job, JobState.RESERVING)
         reservation: Reservation | None = None
-        slot_taken = False
-        with trio.CancelScope(deadline=job.deadline) as scope:
-            job.scope = scope
-            try:
-                reservation = await lane.budget.reserve(job.cost)
-            except RequestTooLarge as exc:
-                # The limits were lowered (reload, or the upstream's headers) after it was accepted.
-                job.scope = None
-                self._finish_error(job, ErrorKind.REQUEST_TOO_LARGE, str(exc))
+        slot_taken = handed_over = False
+        try:
+            with trio.CancelScope(deadline=job.deadline) as scope:
+                job.scope = scope
+                try:
+                    reservation = await lane.budget.reserve(job.cost)
+                except RequestTooLarge as exc:
+                    # The limits were lowered (reload, or the upstream's headers) after it was accepted.
+                    job.scope = None
+                    self._finish_error(job, ErrorKind.REQUEST_TOO_LARGE, str(exc))
+                    return
+                await self.limiter.acquire_on_behalf_of(job)
+                slot_taken = True
+            job.scope = None
+            if not slot_taken or job.finished:
+                # Cancelled by the client, shutdown or the deadline before anything was sent.
+                if scope.cancelled_caught:
+                    self._expire(job)
                 return
-            await self.limiter.acquire_on_behalf_of(job)
-            slot_taken = True
-        job.scope = None
-        if not slot_taken or job.finished:
-            # Cancelled by the client, shutdown or the deadline before anything was sent.
-            if slot_taken:
-                self.limiter.release_on_behalf_of(job)
-            if reservation is not None:
-                lane.budget.refund(reservation)
-            if scope.cancelled_caught:
-                self._expire(job)
-            return
-        assert reservation is not None  # the slot is taken only after the reservation
-        self._set_state(job, JobState.IN_FLIGHT)
-        if job.first_dispatched_at is None:
-            job.first_dispatched_at = trio.current_time()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._attempt, job, reservation)
+            assert reservation is not None  # the slot is taken only after the reservation
+            self._set_state(job, JobState.IN_FLIGHT)
+            if job.first_dispatched_at is None:
+                job.first_dispatched_at = trio.current_time()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._attempt, job, reservation)
+            handed_over = True
+        finally:
+            # Whatever ended this before the attempt task took over (a cancel, the deadline, a bug), the slot
+            # and the budget go back: a leak would hold a slot for good and keep the lane from resting.
+            if not handed_over:
+                job.scope = None
+                if slot_taken:
+                    self.limiter.release_on_behalf_of(job)
+                if reservation is not None:
+                    lane.budget.refund(reservation)
 
     async def _attempt(self, job: Job, reservation: Reservation) -> None:
         """One upstream call for a job that holds a reservation and a concurrency slot (released here)."""
@@ -762,8 +804,11 @@ class Scheduler:
             while waiting and waiting[0][0] <= now:
                 _, _, job = heapq.heappop(waiting)
                 if not job.finished:
-                    self._set_state(job, JobState.QUEUED)
-                    job.lane.push_front(job)
+                    try:
+                        self._set_state(job, JobState.QUEUED)
+                        job.lane.push_front(job)
+                    except Exception:
+                        self._internal_error(job, "requeueing")
 
     async def _deadline_keeper(self) -> None:
         """Answers ``timeout`` for jobs whose deadline passes while they wait in a queue.
@@ -780,7 +825,10 @@ class Scheduler:
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, _, job = heapq.heappop(self._deadlines)
                 if job.state in {JobState.QUEUED, JobState.RETRY_WAIT}:
-                    self._expire(job)
+                    try:
+                        self._expire(job)
+                    except Exception:
+                        self._internal_error(job, "expiring")
 
     # --- shutdown ------------------------------------------------------------------------------------------
 
