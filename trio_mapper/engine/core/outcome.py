@@ -33,6 +33,9 @@ class RequestSpec:
     deadline: float | None = None
     #: Upstream attempts that end in a fault; None: the engine's default.
     max_attempts: int | None = None
+    #: Client headers to pass to the upstream. Only names in the upstream's allow-list
+    #: (`FORWARDED_REQUEST_HEADERS`) are ever sent; anything else here is dropped.
+    headers: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen

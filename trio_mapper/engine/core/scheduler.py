@@ -47,7 +47,13 @@ from trio_mapper.engine.core.retry import (
     exhausted,
 )
 from trio_mapper.engine.estimate.tokens import InvalidBody, TokenEstimate, TokenEstimator, TooManyTokens
-from trio_mapper.engine.upstream.client import ALLOWED_METHODS, InvalidEndpoint, Upstream, UpstreamReply
+from trio_mapper.engine.upstream.client import (
+    ALLOWED_METHODS,
+    InvalidEndpoint,
+    Upstream,
+    UpstreamReply,
+    forwarded_headers,
+)
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 from trio_mapper.kinds import ErrorKind
 
@@ -92,6 +98,8 @@ class Job:
     received_at: float
     deadline: float
     max_attempts: int
+    #: Client headers for the upstream, already filtered to the allow-list.
+    headers: dict[str, str] = attrs.field(factory=dict)
     state: JobState = JobState.QUEUED
     attempts: int = 0
     #: The cancel scope of whatever currently works on the job (reserving or in flight), so that a client
@@ -352,6 +360,7 @@ class Scheduler:
             received_at=checked.received_at,
             deadline=checked.deadline,
             max_attempts=checked.max_attempts,
+            headers=forwarded_headers(spec.headers),
         )
         self._owners.setdefault(job.client_key, {})[job.request_id] = job
         self._outstanding += 1
@@ -680,7 +689,7 @@ class Scheduler:
                 job.attempts += 1
                 started = trio.current_time()
                 try:
-                    reply = await self._upstream.send(job.method, job.url, job.body)
+                    reply = await self._upstream.send(job.method, job.url, job.body, job.headers)
                 except Exception as exc:
                     failure = exc
                 finally:

@@ -38,6 +38,9 @@ USEFUL_HEADERS: Final = (
     "x-ratelimit-reset-requests",
     "x-ratelimit-reset-tokens",
 )
+#: Client request headers passed on to the upstream (lower-case). Everything else a client sends — its own
+#: Authorization, Host, hop-by-hop headers, cookies — stays out: the engine sends its own key and host.
+FORWARDED_REQUEST_HEADERS: Final = frozenset({"openai-beta"})
 ALLOWED_METHODS: Final = frozenset({"POST", "GET"})
 #: Longest endpoint accepted. API paths are a few dozen characters; httpx refuses URLs beyond 64 KiB.
 MAX_ENDPOINT_CHARS: Final = 1024
@@ -137,6 +140,15 @@ def join_url(base_url: httpx.URL, relative_path: str) -> httpx.URL:
     return joined
 
 
+def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The client headers the upstream may see: the allow-list only, values without line breaks."""
+    return {
+        name.lower(): value
+        for name, value in headers.items()
+        if name.lower() in FORWARDED_REQUEST_HEADERS and "\r" not in value and "\n" not in value
+    }
+
+
 def useful_headers(headers: httpx.Headers) -> dict[str, str]:
     return {name: headers[name] for name in USEFUL_HEADERS if name in headers}
 
@@ -218,10 +230,18 @@ class Upstream:
     def url_for(self, endpoint: str) -> httpx.URL:
         return join_url(self.base_url, relative_api_path(endpoint, self.base_url))
 
-    async def send(self, method: str, url: httpx.URL, body: bytes | None) -> UpstreamReply:
-        """One attempt. Raises httpx's transport and timeout errors for the retry policy to classify."""
+    async def send(
+        self, method: str, url: httpx.URL, body: bytes | None, headers: Mapping[str, str] | None = None
+    ) -> UpstreamReply:
+        """One attempt. Raises httpx's transport and timeout errors for the retry policy to classify.
+
+        Args:
+            headers: client headers to pass on; filtered again here, so only the allow-list ever leaves.
+        """
         started = trio.current_time()
-        request_headers: Mapping[str, str] = {"Content-Type": "application/json"} if body is not None else {}
+        request_headers = forwarded_headers(headers or {})
+        if body is not None:
+            request_headers["Content-Type"] = "application/json"
         pool = min(range(len(self._clients)), key=self._in_progress.__getitem__)
         self._in_progress[pool] += 1
         try:
