@@ -82,6 +82,34 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODE",
         help=f"permissions of the socket file, octal (default {_default('socket_mode'):04o}; never world-writable)",
     )
+    http = parser.add_argument_group("OpenAI-compatible HTTP API (docs/http.md)")
+    http.add_argument(
+        *_both_spellings("http-socket"),
+        dest="http_socket",
+        type=Path,
+        metavar="PATH",
+        help="Unix socket of the HTTP API, same permissions as --socket (default: the --socket path + '.http')",
+    )
+    http.add_argument(
+        *_both_spellings("no-http-socket"),
+        dest="http_unix",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not serve the HTTP API on a Unix socket",
+    )
+    http.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the HTTP API on this loopback address (127.0.0.1:8765); needs --http-keys-file",
+    )
+    http.add_argument(
+        *_both_spellings("http-keys-file"),
+        dest="http_keys_file",
+        type=Path,
+        metavar="FILE.toml",
+        help='client keys for --http: [keys] name = "key" (not world-readable; re-read on SIGHUP)',
+    )
     serving.add_argument(
         *_both_spellings("base-url"),
         dest="base_url",

@@ -7,6 +7,7 @@ one line per problem with its path, e.g. ``server.rpm: must be > 0, got -5``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -64,6 +65,38 @@ def _not_world_writable(instance: Any, attribute: attrs.Attribute[Any], value: i
         raise ValueError(f"must not be world-writable (anyone could spend the key), got {value:#o}")
 
 
+def _loopback_address(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value:
+        parse_loopback_address(value)
+
+
+def parse_loopback_address(value: str) -> tuple[str, int]:
+    """``127.0.0.1:8765`` or ``[::1]:8765`` as (host, port); only loopback addresses are accepted.
+
+    Raises:
+        ValueError: not HOST:PORT, not an IP address, or not a loopback one.
+    """
+    host, sep, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        if not sep:
+            raise ValueError
+        port = int(port_text)
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be a loopback HOST:PORT such as 127.0.0.1:8765, got {value!r}") from None
+    if not address.is_loopback:
+        raise ValueError(
+            f"must be a loopback address (127.0.0.1, ::1), got {value!r}: the HTTP front spends the key for "
+            "whoever reaches it, so it never listens beyond this machine"
+        )
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be between 0 and 65535, got {port}")
+    return host, port
+
+
 @attrs.frozen
 class LaneLimits:
     """Per-minute limits of one model, as on the organization's limits page."""
@@ -116,6 +149,21 @@ class ServerSettings:
     #: anyone who can open the socket file, whose permissions are then the only access control.
     allowed_uids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
     allowed_gids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
+    #: The OpenAI-compatible HTTP front on a Unix socket (same mode and directory rules as ``socket``).
+    http_unix: bool = True
+    #: Its path; None: ``<socket>.http`` beside the msgpack socket.
+    http_socket: Path | None = None
+    #: A loopback ``HOST:PORT`` for the HTTP front over TCP; empty: no port is opened. Needs ``http_keys_file``.
+    http: str = attrs.field(default="", validator=_loopback_address)
+    #: TOML file of client keys for the HTTP front over TCP (``[keys] name = "key"``); never world-readable.
+    http_keys_file: Path | None = None
+
+    @property
+    def http_socket_path(self) -> Path | None:
+        """Where the HTTP front's Unix socket goes, or None when it is turned off."""
+        if not self.http_unix:
+            return None
+        return self.http_socket if self.http_socket is not None else self.socket.with_name(self.socket.name + ".http")
 
 
 @attrs.frozen
@@ -337,6 +385,10 @@ def load_settings(
     except Exception as exc:
         raise SettingsError(_readable(exc)) from None
     problems = list(_validation_problems(settings, ""))
+    if settings.server.http and settings.server.http_keys_file is None:
+        problems.append(
+            "server.http: the HTTP front over TCP needs client keys; set http_keys_file (see docs/http.md)"
+        )
     if problems:
         raise SettingsError(problems)
     return settings
