@@ -1,0 +1,323 @@
+"""The OpenAI-compatible HTTP API as an ASGI app: each request becomes a `RequestSpec` for the core, and its
+outcome an OpenAI-shaped reply.
+
+Only the listed endpoints are served, always on the engine's own base URL: the request's Host, its absolute
+target or its path cannot point the engine anywhere else. The client's Authorization header is its key for
+this engine (TCP), never forwarded; the engine adds the real key upstream. Streaming is a later slice:
+``"stream": true`` is refused with a 400.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Any, Final, Protocol
+
+import attrs
+import msgspec
+import trio
+
+from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, ReplySink, RequestSpec, Started
+from trio_mapper.engine.fronts.http.errors import Headers, error_body, render_failure, retry_headers
+from trio_mapper.engine.fronts.http.keys import ClientKeys
+from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
+from trio_mapper.text import escape_control_characters, shorten
+
+log = logging.getLogger("trio_mapper.http")
+
+#: (method, path) pairs served; everything else is a 404 that lists them.
+ENDPOINTS: Final = {
+    "/v1/chat/completions": "POST",
+    "/v1/completions": "POST",
+    "/v1/embeddings": "POST",
+    "/v1/responses": "POST",
+    "/v1/models": "GET",
+}
+#: Client headers offered to the core for forwarding (the upstream client filters them again).
+FORWARDED: Final = ("openai-beta",)
+#: Upstream reply headers passed back to clients. The x-ratelimit-* describe the key's upstream budget, not
+#: what this client may spend, so they stay in the engine.
+UPSTREAM_REPLY_HEADERS: Final = ("x-request-id", "openai-processing-ms", "openai-model", "openai-version")
+#: Seconds taken off the SDK's read timeout (x-stainless-read-timeout) so the engine answers first.
+READ_TIMEOUT_MARGIN: Final = 1.0
+#: Scope state keys the server sets per connection.
+TRANSPORT: Final = "trio_mapper.transport"
+PEER: Final = "trio_mapper.peer"
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+_JSON: Final = (b"content-type", b"application/json")
+
+
+class Intake(Protocol):
+    """What the front needs of the scheduler: hand a request in, withdraw it."""
+
+    async def intake(self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, size_bytes: int) -> None: ...
+
+    def cancel(self, owner: ReplySink, request_id: Hashable) -> bool: ...
+
+
+@attrs.define
+class HttpStats:
+    requests: int = 0
+    unauthorized: int = 0
+    not_found: int = 0
+    #: Requests the SDK sent again (``x-stainless-retry-count`` > 0): retries the engine could not spare it.
+    sdk_retries: int = 0
+    disconnected: int = 0
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+class _RequestSink:
+    """One HTTP request's `ReplySink`: keeps the final event for the waiting handler."""
+
+    def __init__(self, client_key: Hashable, label: str) -> None:
+        self._client_key = client_key
+        self._label = label
+        self.final: Finished | Failed | None = None
+        self.done = trio.Event()
+
+    @property
+    def client_key(self) -> Hashable:
+        return self._client_key
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def report(self, request_id: Hashable | None, event: Outcome) -> None:
+        if isinstance(event, Started):
+            return  # the reply travels whole; streaming is a later slice
+        self.final = event
+        self.done.set()
+
+
+class OpenAIApp:
+    """The ASGI app. ``keys`` and the uid/gid allow-lists may be replaced while serving (SIGHUP)."""
+
+    def __init__(
+        self,
+        scheduler: Intake,
+        *,
+        max_body_bytes: int,
+        keys: ClientKeys | None = None,
+        allowed_uids: list[int] | None = None,
+        allowed_gids: list[int] | None = None,
+    ) -> None:
+        self._scheduler = scheduler
+        self.max_body_bytes = max_body_bytes
+        self.keys = keys or ClientKeys()
+        self.allowed_uids = allowed_uids or []
+        self.allowed_gids = allowed_gids or []
+        self.stats = HttpStats()
+        #: Requests between their first byte and their reply's last.
+        self.active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._ids = itertools.count(1)
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan, no websockets
+        self.active += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request is between its first byte and its reply's last."""
+        await self._idle.wait()
+
+    async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        self.stats.requests += 1
+        headers = _headers(scope)
+        try:
+            if int(headers.get("x-stainless-retry-count", "0")) > 0:
+                self.stats.sdk_retries += 1
+        except ValueError:
+            pass
+        try:
+            client_key, label = self._identify(scope, headers)
+            spec, size = await self._request(scope, headers, receive)
+        except _Disconnected:
+            self.stats.disconnected += 1
+            return
+        except _Refusal as refusal:
+            return await _reply(
+                send,
+                refusal.status,
+                retry_headers(None),
+                error_body(refusal.message, refusal.type, refusal.code, refusal.param),
+            )
+        sink = _RequestSink(client_key, label)
+        request_id = next(self._ids)
+        await self._scheduler.intake(sink, request_id, spec, size_bytes=size)
+        if not sink.done.is_set():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id, nursery.cancel_scope)
+                await sink.done.wait()
+                nursery.cancel_scope.cancel()
+        if sink.final is None:
+            return  # the client went away; nobody to answer
+        await self._render(send, sink.final)
+
+    async def _cancel_on_disconnect(
+        self, receive: Receive, sink: _RequestSink, request_id: Hashable, scope: trio.CancelScope
+    ) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.stats.disconnected += 1
+        self._scheduler.cancel(sink, request_id)
+        scope.cancel()
+
+    def _identify(self, scope: dict[str, Any], headers: Mapping[str, str]) -> tuple[Hashable, str]:
+        state = scope.get("state") or {}
+        if state.get(TRANSPORT) == "unix":
+            peer: PeerCredentials | None = state.get(PEER)
+            if not is_allowed(peer, self.allowed_uids, self.allowed_gids):
+                raise _Refusal(
+                    403,
+                    "this client's uid/gid is not in the engine's allowed_uids/allowed_gids; ask the operator",
+                    "permission_denied",
+                    "forbidden",
+                )
+            who = f"uid {peer.uid}" if peer is not None else "unknown peer"
+            return ("http", who), f"http {peer.label if peer is not None else who}"
+        scheme, _, presented = headers.get("authorization", "").partition(" ")
+        name = self.keys.identify(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
+        if name is None:
+            self.stats.unauthorized += 1
+            log.info("http: refused a request without a valid client key")
+            raise _Refusal(
+                401,
+                "missing or unknown client key: send Authorization: Bearer <key> with a key from the engine's "
+                "keys file (over the Unix socket no key is needed)",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        return ("http key", name), f"http key {name!r}"
+
+    async def _request(
+        self, scope: dict[str, Any], headers: Mapping[str, str], receive: Receive
+    ) -> tuple[RequestSpec, int]:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        expected = ENDPOINTS.get(path)
+        if expected is None or scope.get("query_string"):
+            self.stats.not_found += 1
+            served = ", ".join(f"{m} {p}" for p, m in ENDPOINTS.items())
+            raise _Refusal(
+                404,
+                f"{method} {shorten(escape_control_characters(path), 200)} is not served by this engine; "
+                f"it serves {served} (no query strings)",
+                "invalid_request_error",
+                "unknown_url",
+            )
+        if method != expected:
+            raise _Refusal(405, f"{path} takes {expected}, not {method}", "invalid_request_error", "method_not_allowed")
+        raw = await self._read_body(receive)
+        body: Any = {}
+        if expected == "POST":
+            try:
+                body = msgspec.json.decode(raw)
+            except msgspec.DecodeError as exc:
+                raise _Refusal(
+                    400, f"the body is not valid JSON: {exc}", "invalid_request_error", "invalid_json"
+                ) from None
+            if not isinstance(body, dict):
+                raise _Refusal(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
+            if body.get("stream"):
+                raise _Refusal(
+                    400,
+                    "streaming is not supported by this engine yet; send the request without stream=true",
+                    "invalid_request_error",
+                    "streaming_not_supported",
+                    "stream",
+                )
+        spec = RequestSpec(
+            endpoint=path,
+            body=body,
+            method=method,
+            deadline=_deadline(headers),
+            headers={name: headers[name] for name in FORWARDED if name in headers},
+        )
+        return spec, len(raw)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _Refusal(
+                    413,
+                    f"the body is larger than the engine's limit of {self.max_body_bytes} bytes (max_frame_bytes)",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _render(self, send: Send, event: Finished | Failed) -> None:
+        if isinstance(event, Finished):
+            headers = _upstream_headers(event.headers)
+            headers += [
+                (b"x-trio-mapper-queued-ms", str(round(event.timings.queued * 1000)).encode()),
+                (b"x-trio-mapper-attempts", str(event.attempts).encode()),
+            ]
+            return await _reply(send, event.status, headers, event.body.content)
+        status, headers, body = render_failure(event)
+        headers = _upstream_headers(event.headers) + headers
+        headers.append((b"x-trio-mapper-attempts", str(event.attempts).encode()))
+        headers.append((b"x-trio-mapper-error", event.kind.value.encode()))
+        await _reply(send, status, headers, body)
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _headers(scope: dict[str, Any]) -> dict[str, str]:
+    """Request headers by lower-case name (the last of repeated ones)."""
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def _deadline(headers: Mapping[str, str]) -> float | None:
+    """The SDK's read timeout less a margin, so the engine's answer arrives before the client gives up."""
+    try:
+        timeout = float(headers["x-stainless-read-timeout"])
+    except (KeyError, ValueError):
+        return None
+    if not (timeout > 0 and math.isfinite(timeout)):
+        return None
+    return max(timeout - READ_TIMEOUT_MARGIN, timeout / 2)
+
+
+def _upstream_headers(headers: Mapping[str, str]) -> Headers:
+    return [
+        (name.encode(), headers[name].encode("latin-1", "replace"))
+        for name in UPSTREAM_REPLY_HEADERS
+        if name in headers
+    ]
+
+
+async def _reply(send: Send, status: int, headers: Headers, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
+    await send({"type": "http.response.body", "body": body})

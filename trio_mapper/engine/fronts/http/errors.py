@@ -1,0 +1,83 @@
+"""Engine failures as OpenAI error replies: the status and ``{"error": {...}}`` body the official SDK turns into
+the matching exception, and the ``x-should-retry`` / ``retry-after`` headers that steer its retries.
+
+The engine has already retried what was worth retrying, so a final failure says ``x-should-retry: false``
+unless waiting can help (the engine is busy or restarting), where it says ``retry-after`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+import msgspec
+
+from trio_mapper.engine.core.outcome import Failed
+from trio_mapper.kinds import ErrorKind
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@attrs.frozen
+class ErrorShape:
+    status: int
+    type: str
+    #: None: retry-after is not sent, and x-should-retry is false. A number: retry-after, and the SDK may retry.
+    retry_after: int | None = None
+
+
+#: Every kind the core reports, as HTTP. Timeouts are 504 (the SDK raises InternalServerError and retries it,
+#: as it would a 408): the engine is a gateway whose upstream did not answer in time; 408 would say that the
+#: client was too slow to send its request, and the SDK has no exception class of its own for it.
+SHAPES: Final[dict[ErrorKind, ErrorShape]] = {
+    ErrorKind.INVALID_REQUEST: ErrorShape(400, "invalid_request_error"),
+    # 400, not 413: the SDK raises BadRequestError for it (413 has no class of its own), and it can never succeed.
+    ErrorKind.REQUEST_TOO_LARGE: ErrorShape(400, "invalid_request_error"),
+    ErrorKind.RATE_LIMITED: ErrorShape(429, "insufficient_quota"),
+    ErrorKind.OVERLOADED: ErrorShape(503, "server_error", retry_after=1),
+    ErrorKind.TIMEOUT: ErrorShape(504, "timeout"),
+    ErrorKind.SHUTTING_DOWN: ErrorShape(503, "server_error", retry_after=1),
+    ErrorKind.UPSTREAM_UNREACHABLE: ErrorShape(502, "server_error"),
+    ErrorKind.UPSTREAM_ERROR: ErrorShape(502, "server_error"),
+    ErrorKind.INTERNAL_ERROR: ErrorShape(500, "server_error"),
+    ErrorKind.CANCELLED: ErrorShape(499, "cancelled"),
+    ErrorKind.PROTOCOL_ERROR: ErrorShape(400, "invalid_request_error"),
+    ErrorKind.FORBIDDEN: ErrorShape(403, "permission_denied"),
+}
+#: The ``code`` of the body for each kind: OpenAI's own where one exists, else the engine's kind.
+CODES: Final[dict[ErrorKind, str]] = {ErrorKind.RATE_LIMITED: "insufficient_quota"}
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def retry_headers(retry_after: int | None) -> Headers:
+    if retry_after is None:
+        return [(b"x-should-retry", b"false")]
+    return [(b"x-should-retry", b"true"), (b"retry-after", str(retry_after).encode())]
+
+
+def render_failure(event: Failed) -> tuple[int, Headers, bytes]:
+    """Status, headers and body for a final failure.
+
+    An upstream's own final answer (a 4xx, a quota 429, a 5xx after the engine's retries) passes through with
+    its status and body, so the SDK raises what it would have raised talking to the upstream directly.
+    """
+    shape = SHAPES.get(event.kind, SHAPES[ErrorKind.INTERNAL_ERROR])
+    if event.status is not None and event.body is not None and event.status >= 400:
+        retry = shape.retry_after if event.kind in {ErrorKind.SHUTTING_DOWN, ErrorKind.OVERLOADED} else None
+        status = event.status
+        if event.kind is ErrorKind.TIMEOUT:
+            status = 504  # the last answer was retryable, but the deadline ran out: the SDK must see a timeout
+        body = event.body.content if event.body.content.lstrip().startswith(b"{") else b""
+        if not body or event.kind is ErrorKind.TIMEOUT:
+            body = error_body(event.message, shape.type, CODES.get(event.kind, event.kind.value))
+        return status, retry_headers(retry), body
+    return (
+        shape.status,
+        retry_headers(shape.retry_after),
+        error_body(event.message, shape.type, CODES.get(event.kind, event.kind.value)),
+    )

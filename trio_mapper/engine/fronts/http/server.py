@@ -1,0 +1,101 @@
+"""Serving `OpenAIApp` with hypercorn's Trio worker on listeners the engine made (its Unix socket, a loopback port).
+
+hypercorn's ``serve`` opens its own sockets; here the engine opens them (the Unix one with the msgpack
+socket's permission and directory rules, `fronts.unix.listener`), accepts in its own front nursery (so
+SIGTERM stops accepting with the msgpack front) and hands each connection to hypercorn's `TCPServer`, which
+speaks HTTP/1.1 and calls the app. The connection's peer credentials travel in the ASGI scope's ``state``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, Final, Literal, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework
+from hypercorn.utils import wrap_app
+
+from trio_mapper.engine.fronts.http.app import PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.unix.peers import peer_credentials
+
+log = logging.getLogger("trio_mapper.http")
+
+#: accept() errors that mean "out of resources right now", not "the listener is broken" (as in trio).
+_ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY_SLEEP: Final = 0.1
+#: Longer than httpx's idle expiry (5 s), so clients close idle connections rather than race our close.
+KEEP_ALIVE_TIMEOUT: Final = 75.0
+#: How long shutdown waits for requests already answered by the core to finish writing their replies.
+FLUSH_TIMEOUT: Final = 5.0
+
+Transport = Literal["unix", "tcp"]
+
+
+def _hypercorn_config() -> HypercornConfig:
+    config = HypercornConfig()
+    config.accesslog = None  # one line per request costs more than the request; failures are logged by the core
+    config.errorlog = logging.getLogger("trio_mapper.http.hypercorn")
+    config.include_server_header = False
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    return config
+
+
+class HttpServer:
+    """Runs the HTTP connections of every HTTP listener. Start `run` in the connections nursery, run an
+    `accept_loop` per listener in the front nursery, and call `begin_close` once the core has answered all."""
+
+    def __init__(self, app: OpenAIApp) -> None:
+        self.app = app
+        self._config = _hypercorn_config()
+        self._context = WorkerContext(None)
+        self._wrapped = wrap_app(cast(ASGIFramework, app), self._config.wsgi_max_body_size, "asgi")
+        self._handlers: trio.Nursery | None = None
+        self._closing = trio.Event()
+        self.connections = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._handlers = nursery
+            task_status.started()
+            await self._closing.wait()
+            # Replies still being written get FLUSH_TIMEOUT; idle keep-alive connections are closed at once.
+            await self._context.terminated.set()
+            with trio.move_on_after(FLUSH_TIMEOUT):
+                await self.app.wait_idle()
+            nursery.cancel_scope.cancel()
+
+    def begin_close(self) -> None:
+        self._closing.set()
+
+    async def accept_loop(self, listener: trio.SocketListener, transport: Transport) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    log.error(
+                        "http accept failed (%s); retrying in %.1fs", os.strerror(exc.errno or 0), _ACCEPT_RETRY_SLEEP
+                    )
+                    await trio.sleep(_ACCEPT_RETRY_SLEEP)
+                    continue
+                raise
+            assert self._handlers is not None, "HttpServer.run must be started before accepting"
+            self._handlers.start_soon(self._serve_connection, stream, transport)
+
+    async def _serve_connection(self, stream: trio.SocketStream, transport: Transport) -> None:
+        state: dict[str, Any] = {TRANSPORT: transport}
+        if transport == "unix":
+            state[PEER] = peer_credentials(stream.socket)
+        self.connections += 1
+        try:
+            await TCPServer(self._wrapped, self._config, self._context, state, cast(Any, stream)).run()
+        except Exception:
+            # One broken connection must never take the engine down.
+            log.exception("http connection: unexpected error; connection closed")
+        finally:
+            self.connections -= 1
