@@ -14,22 +14,27 @@ import errno
 import logging
 import os
 import signal
+import socket as stdlib_socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
+import attrs
 import trio
 
 from trio_mapper._version import __version__
 from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
+from trio_mapper.engine.fronts.http.app import OpenAIApp
+from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, load_keys
+from trio_mapper.engine.fronts.http.server import HttpServer, Transport
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
 from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, open_unix_listener
 from trio_mapper.engine.fronts.unix.peers import is_allowed, peer_credentials, refusal_message, refuse
 from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.reload import plan_reload
-from trio_mapper.engine.process.settings import ServerSettings, Settings, SettingsError
+from trio_mapper.engine.process.settings import ServerSettings, Settings, SettingsError, parse_loopback_address
 from trio_mapper.engine.upstream.client import Upstream
 
 log = logging.getLogger("trio_mapper.engine")
@@ -87,6 +92,13 @@ class Engine:
         self._backlog = ReplyBacklog()
         self._started_at = time.time()
         self.scheduler: Scheduler | None = None
+        #: The HTTP front's listeners (its Unix socket, a loopback port) and the socket file we created.
+        self._http_listeners: list[tuple[trio.SocketListener, Transport]] = []
+        self._http_socket_file: OwnedSocketFile | None = None
+        #: Where the HTTP front listens, for logs and stats.
+        self.http_listening_on: list[str] = []
+        self._http_keys = ClientKeys()
+        self._http: HttpServer | None = None
 
     def request_shutdown(self) -> None:
         self._shutdown_requested.set()
@@ -102,11 +114,15 @@ class Engine:
             uptime=round(time.time() - self._started_at, 3),
             connections=len(self._connections),
             socket=self.listening_on,
+            http=self.http_listening_on,
             base_url=self.settings.openai.base_url,
             default_limits={"rpm": server.rpm, "tpm": server.tpm},
             period_length=server.period_length,
             ledger_mode=server.ledger_mode,
         )
+        if self._http is not None:
+            engine["http_requests"] = attrs.asdict(self._http.app.stats)
+            engine["http_connections"] = self._http.connections
         return engine, lanes
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -152,6 +168,7 @@ class Engine:
             if not self._shutdown_requested.is_set():
                 with self._starting:
                     listener, socket_file = await self._open_listener()
+                    await self._open_http_listeners()
                     # Building the clients takes a while (an SSL context each) and cannot be interrupted: a
                     # signal meanwhile is acted on at the next checkpoint, which stops serving at once.
                     upstream = Upstream(
@@ -169,6 +186,7 @@ class Engine:
                     await listener.aclose()
                 if socket_file is not None:
                     socket_file.remove()
+                await self._close_http_listeners()
                 if upstream is not None:
                     await upstream.aclose()
             self._notifier.close()
@@ -191,13 +209,25 @@ class Engine:
             default_max_attempts=server.max_attempts,
             default_deadline=server.default_deadline,
         )
+        http = self._http = HttpServer(
+            OpenAIApp(
+                scheduler,
+                max_body_bytes=server.max_frame_bytes,
+                keys=self._http_keys,
+                allowed_uids=server.allowed_uids,
+                allowed_gids=server.allowed_gids,
+            )
+        )
         async with trio.open_nursery() as root:
             await root.start(scheduler.run)
             if watchdog_interval is not None:
                 root.start_soon(self._keep_watchdog, watchdog_interval)
             async with trio.open_nursery() as connections:
+                await connections.start(http.run)
                 async with trio.open_nursery() as front:
                     front.start_soon(self._accept_loop, listener, connections)
+                    for http_listener, transport in self._http_listeners:
+                        front.start_soon(http.accept_loop, http_listener, transport)
                     front.start_soon(self._stop_on_request, front.cancel_scope)
                     log.info(
                         "listening on %s (%s); upstream %s; %d rpm, %d tpm, period %gs, %d concurrent",
@@ -209,6 +239,8 @@ class Engine:
                         server.period_length,
                         server.max_concurrent_reqs,
                     )
+                    if self.http_listening_on:
+                        log.info("OpenAI HTTP API on %s", ", ".join(self.http_listening_on))
                     task_status.started()
                     if self._notifier.enabled:
                         self._notifier.ready(self._status_line())
@@ -219,6 +251,7 @@ class Engine:
                 await scheduler.shutdown(server.grace_period)
                 for connection in list(self._connections):
                     connection.begin_close()
+                http.begin_close()
             root.cancel_scope.cancel()
 
     async def _open_listener(self) -> tuple[trio.SocketListener, OwnedSocketFile | None]:
@@ -238,12 +271,52 @@ class Engine:
         )
         return trio.SocketListener(trio.socket.from_stdlib_socket(inherited)), None
 
+    async def _open_http_listeners(self) -> None:
+        """The HTTP front's Unix socket (beside ours, same rules) and loopback port, and its client keys.
+
+        Raises:
+            ListenerError: a socket cannot be created, or the keys file cannot be used.
+        """
+        server = self.settings.server
+        if server.http_keys_file is not None:
+            try:
+                self._http_keys = load_keys(server.http_keys_file)
+            except KeysError as exc:
+                raise ListenerError(str(exc)) from None
+        path = server.http_socket_path
+        if path is not None and server.http_socket is None and self.listening_on != str(server.socket):
+            # systemd passed the msgpack socket: the default path beside it belongs to systemd's directory.
+            log.info("systemd passed the socket: no HTTP Unix socket unless http_socket is set")
+            path = None
+        if path is not None:
+            listener, self._http_socket_file = await open_unix_listener(path, mode=server.socket_mode)
+            self._http_listeners.append((listener, "unix"))
+            self.http_listening_on.append(f"unix:{self._http_socket_file.path}")
+        if server.http:
+            host, port = parse_loopback_address(server.http)
+            try:
+                tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise ListenerError(f"cannot listen on {server.http}: {exc.strerror or exc}") from None
+            for tcp in tcp_listeners:
+                self._http_listeners.append((tcp, "tcp"))
+                address = tcp.socket.getsockname()
+                host_part = address[0] if tcp.socket.family == stdlib_socket.AF_INET else f"[{address[0]}]"
+                self.http_listening_on.append(f"http://{host_part}:{address[1]}")
+
+    async def _close_http_listeners(self) -> None:
+        if self._http_socket_file is not None:
+            self._http_socket_file.remove()
+        for listener, _ in self._http_listeners:
+            await listener.aclose()
+
     async def _stop_accepting(self, listener: trio.SocketListener, socket_file: OwnedSocketFile | None) -> None:
         # Remove the path first so that new clients get a clear "no engine" instead of a hang. A socket passed
         # by systemd is never removed: systemd owns it and queues new clients for the next start.
         if socket_file is not None:
             socket_file.remove()
         await listener.aclose()
+        await self._close_http_listeners()
         log.info("stopped accepting connections")
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
@@ -295,6 +368,7 @@ class Engine:
                 self.scheduler.limiter.total_tokens = server.max_concurrent_reqs
                 self.scheduler.default_deadline = server.default_deadline
             logging.getLogger("trio_mapper").setLevel(server.log_level)
+            self._reload_http(server)
             self.settings = plan.settings
             log.info("reloaded: %s", "; ".join(plan.applied) if plan.applied else "no changes")
         except Exception:
@@ -303,6 +377,18 @@ class Engine:
         finally:
             if announce:
                 self._notifier.ready(self._status_line())
+
+    def _reload_http(self, server: ServerSettings) -> None:
+        """New client keys and allow-lists for the HTTP front; a bad keys file keeps the current keys."""
+        if server.http_keys_file is not None:
+            try:
+                self._http_keys = load_keys(server.http_keys_file)
+            except KeysError as exc:
+                log.error("reload: %s; keeping the current client keys", exc)
+        if self._http is not None:
+            self._http.app.keys = self._http_keys
+            self._http.app.allowed_uids = server.allowed_uids
+            self._http.app.allowed_gids = server.allowed_gids
 
     def _status_line(self) -> str:
         if self.scheduler is None:
