@@ -168,7 +168,7 @@ class Engine:
             if not self._shutdown_requested.is_set():
                 with self._starting:
                     listener, socket_file = await self._open_listener()
-                    await self._open_http_listeners()
+                    await self._open_http_listeners(systemd_socket=socket_file is None)
                     # Building the clients takes a while (an SSL context each) and cannot be interrupted: a
                     # signal meanwhile is acted on at the next checkpoint, which stops serving at once.
                     upstream = Upstream(
@@ -271,7 +271,7 @@ class Engine:
         )
         return trio.SocketListener(trio.socket.from_stdlib_socket(inherited)), None
 
-    async def _open_http_listeners(self) -> None:
+    async def _open_http_listeners(self, *, systemd_socket: bool) -> None:
         """The HTTP front's Unix socket (beside ours, same rules) and loopback port, and its client keys.
 
         Raises:
@@ -284,7 +284,7 @@ class Engine:
             except KeysError as exc:
                 raise ListenerError(str(exc)) from None
         path = server.http_socket_path
-        if path is not None and server.http_socket is None and self.listening_on != str(server.socket):
+        if path is not None and server.http_socket is None and systemd_socket:
             # systemd passed the msgpack socket: the default path beside it belongs to systemd's directory.
             log.info("systemd passed the socket: no HTTP Unix socket unless http_socket is set")
             path = None

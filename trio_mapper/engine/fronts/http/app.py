@@ -23,6 +23,7 @@ from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, ReplySink
 from trio_mapper.engine.fronts.http.errors import Headers, error_body, render_failure, retry_headers
 from trio_mapper.engine.fronts.http.keys import ClientKeys
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
+from trio_mapper.kinds import ErrorKind
 from trio_mapper.text import escape_control_characters, shorten
 
 log = logging.getLogger("trio_mapper.http")
@@ -163,7 +164,18 @@ class OpenAIApp:
             )
         sink = _RequestSink(client_key, label)
         request_id = next(self._ids)
-        await self._scheduler.intake(sink, request_id, spec, size_bytes=size)
+        try:
+            await self._scheduler.intake(sink, request_id, spec, size_bytes=size)
+        except Exception:
+            # A bug must cost this request an OpenAI-shaped 500, like any other internal error.
+            log.exception("%s: internal error while accepting a request", label)
+            sink.report(
+                request_id,
+                Failed(
+                    kind=ErrorKind.INTERNAL_ERROR,
+                    message="the engine failed to accept this request (a bug, logged by the engine); please report it",
+                ),
+            )
         if not sink.done.is_set():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id, nursery.cancel_scope)

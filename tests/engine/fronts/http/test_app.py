@@ -1,0 +1,114 @@
+"""The ASGI app alone, driven with plain ASGI messages and a fake scheduler (no sockets, no subprocess)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable
+from typing import Any
+
+import trio
+
+from trio_mapper.engine.core.outcome import Failed, ReplySink, RequestSpec
+from trio_mapper.engine.fronts.http.app import PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.unix.peers import PeerCredentials
+from trio_mapper.kinds import ErrorKind
+
+ME = PeerCredentials(pid=1, uid=1234, gid=1234, groups=frozenset({1234}))
+
+
+class FakeScheduler:
+    def __init__(self, *, fail: bool = False, answer: bool = True) -> None:
+        self.fail, self.answer = fail, answer
+        self.specs: list[RequestSpec] = []
+        self.cancelled: list[Hashable] = []
+
+    async def intake(self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, size_bytes: int) -> None:
+        self.specs.append(spec)
+        if self.fail:
+            raise RuntimeError("a bug")
+        if self.answer:
+            owner.report(request_id, Failed(kind=ErrorKind.INVALID_REQUEST, message="checked"))
+
+    def cancel(self, owner: ReplySink, request_id: Hashable) -> bool:
+        self.cancelled.append(request_id)
+        return True
+
+
+async def call(
+    app: OpenAIApp, headers: dict[str, str] | None = None, *, disconnect: bool = False, peer: Any = ME
+) -> tuple[int | None, dict[str, str], Any]:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+        "state": {TRANSPORT: "unix", PEER: peer},
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        if disconnect:
+            return {"type": "http.disconnect"}
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    if not sent:
+        return None, {}, None
+    reply_headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], reply_headers, json.loads(sent[1]["body"])
+
+
+async def test_the_read_timeout_becomes_the_deadline_and_only_openai_beta_is_offered() -> None:
+    scheduler = FakeScheduler()
+    headers = {
+        "x-stainless-read-timeout": "10",
+        "openai-beta": "assistants=v2",
+        "authorization": "Bearer sk-client",
+        "connection": "x-other",
+        "x-other": "1",
+    }
+    status, _, body = await call(OpenAIApp(scheduler, max_body_bytes=10_000), headers)
+    assert (status, body["error"]["code"]) == (400, "invalid_request")
+    spec = scheduler.specs[0]
+    assert spec.deadline == 9.0
+    assert dict(spec.headers) == {"openai-beta": "assistants=v2"}
+
+
+async def test_a_bug_in_intake_is_an_openai_shaped_500() -> None:
+    status, headers, body = await call(OpenAIApp(FakeScheduler(fail=True), max_body_bytes=10_000))
+    assert status == 500 and body["error"]["code"] == "internal_error"
+    assert headers["x-should-retry"] == "false"
+
+
+async def test_a_client_that_goes_away_has_its_request_withdrawn() -> None:
+    scheduler = FakeScheduler(answer=False)
+    app = OpenAIApp(scheduler, max_body_bytes=10_000)
+    assert await call(app, disconnect=True) == (None, {}, None)
+    assert scheduler.cancelled == [1]
+    assert app.stats.disconnected == 1 and app.active == 0
+
+
+async def test_uids_outside_the_allow_list_are_refused_on_the_unix_socket() -> None:
+    scheduler = FakeScheduler()
+    app = OpenAIApp(scheduler, max_body_bytes=10_000, allowed_uids=[1])
+    status, _, body = await call(app)
+    assert (status, body["error"]["code"]) == (403, "forbidden")
+    status, _, body = await call(app, peer=None)
+    assert status == 403
+    app.allowed_uids = [1234]  # what a SIGHUP does
+    status, _, _ = await call(app)
+    assert status == 400 and len(scheduler.specs) == 1
+
+
+async def test_bodies_over_the_limit_are_413() -> None:
+    status, _, body = await call(OpenAIApp(FakeScheduler(), max_body_bytes=10))
+    assert (status, body["error"]["code"]) == (413, "request_too_large")
