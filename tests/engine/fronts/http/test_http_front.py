@@ -286,6 +286,10 @@ async def test_overloaded_and_shutdown_answer_503(short_tmp: Path) -> None:
             nursery.start_soon(call, "queued")
             await trio.sleep(0.3)
             engine.process.send_signal(signal.SIGTERM)
+            await trio.sleep(0.3)
+            # Stopped accepting (the socket file is gone) while the request in flight is still running.
+            assert not await trio.Path(http_socket(engine)).exists()
+            assert "in_flight" not in outcomes
         assert outcomes["in_flight"].choices  # finished within the grace period
         queued = outcomes["queued"]
         assert isinstance(queued, openai.InternalServerError) and queued.status_code == 503
@@ -300,8 +304,10 @@ async def test_msgpack_and_http_clients_share_one_lane(short_tmp: Path) -> None:
             for i in range(3):
                 assert (await raw.request(chat(i)))["type"] == "result"
         async with async_unix_sdk(engine) as client:
-            for _ in range(2):
-                await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+            # Over 64 KiB: counted in the engine's worker thread, like a large msgpack frame.
+            large = [{"role": "user", "content": "word " * 20_000}]
+            await client.chat.completions.create(model=MODEL, messages=large, max_tokens=5)
         async with openai.AsyncOpenAI(api_key=CLIENT_KEY, base_url=tcp_url) as tcp_client:
             await tcp_client.chat.completions.create(model=MODEL, messages=MESSAGES)
             await tcp_client.with_options(max_retries=0).chat.completions.with_raw_response.create(
