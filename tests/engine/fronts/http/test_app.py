@@ -31,6 +31,7 @@ class FakeScheduler:
 
     def cancel(self, owner: ReplySink, request_id: Hashable) -> bool:
         self.cancelled.append(request_id)
+        owner.report(request_id, Failed(kind=ErrorKind.CANCELLED, message="cancelled by the client"))
         return True
 
 

@@ -19,7 +19,7 @@ from trio_mapper.kinds import ErrorKind
         (ErrorKind.REQUEST_TOO_LARGE, 400, "request_too_large", None),
         (ErrorKind.RATE_LIMITED, 429, "insufficient_quota", None),
         (ErrorKind.OVERLOADED, 503, "overloaded", b"1"),
-        (ErrorKind.TIMEOUT, 504, "timeout", None),
+        (ErrorKind.TIMEOUT, 504, "timeout", b"1"),
         (ErrorKind.SHUTTING_DOWN, 503, "shutting_down", b"1"),
         (ErrorKind.UPSTREAM_UNREACHABLE, 502, "upstream_unreachable", None),
         (ErrorKind.INTERNAL_ERROR, 500, "internal_error", None),

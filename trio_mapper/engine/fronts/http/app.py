@@ -84,6 +84,8 @@ class _RequestSink:
         self._label = label
         self.final: Finished | Failed | None = None
         self.done = trio.Event()
+        #: The client closed the connection before its answer.
+        self.disconnected = False
 
     @property
     def client_key(self) -> Hashable:
@@ -178,21 +180,20 @@ class OpenAIApp:
             )
         if not sink.done.is_set():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id, nursery.cancel_scope)
+                nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id)
                 await sink.done.wait()
                 nursery.cancel_scope.cancel()
-        if sink.final is None:
-            return  # the client went away; nobody to answer
+        if sink.final is None or sink.disconnected:
+            return  # the client went away: its request was withdrawn, and nobody is left to answer
         await self._render(send, sink.final)
 
-    async def _cancel_on_disconnect(
-        self, receive: Receive, sink: _RequestSink, request_id: Hashable, scope: trio.CancelScope
-    ) -> None:
+    async def _cancel_on_disconnect(self, receive: Receive, sink: _RequestSink, request_id: Hashable) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self.stats.disconnected += 1
-        self._scheduler.cancel(sink, request_id)
-        scope.cancel()
+        sink.disconnected = True
+        self._scheduler.cancel(sink, request_id)  # reports `cancelled`, which ends the wait
+        sink.done.set()
 
     def _identify(self, scope: dict[str, Any], headers: Mapping[str, str]) -> tuple[Hashable, str]:
         state = scope.get("state") or {}

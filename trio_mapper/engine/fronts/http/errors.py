@@ -28,14 +28,15 @@ class ErrorShape:
 
 #: Every kind the core reports, as HTTP. Timeouts are 504 (the SDK raises InternalServerError and retries it,
 #: as it would a 408): the engine is a gateway whose upstream did not answer in time; 408 would say that the
-#: client was too slow to send its request, and the SDK has no exception class of its own for it.
+#: client was too slow to send its request, and the SDK has no exception class of its own for it. A timeout
+#: may succeed later (the queue drains), so the SDK may retry it, as it retries its own timeouts.
 SHAPES: Final[dict[ErrorKind, ErrorShape]] = {
     ErrorKind.INVALID_REQUEST: ErrorShape(400, "invalid_request_error"),
     # 400, not 413: the SDK raises BadRequestError for it (413 has no class of its own), and it can never succeed.
     ErrorKind.REQUEST_TOO_LARGE: ErrorShape(400, "invalid_request_error"),
     ErrorKind.RATE_LIMITED: ErrorShape(429, "insufficient_quota"),
     ErrorKind.OVERLOADED: ErrorShape(503, "server_error", retry_after=1),
-    ErrorKind.TIMEOUT: ErrorShape(504, "timeout"),
+    ErrorKind.TIMEOUT: ErrorShape(504, "timeout", retry_after=1),
     ErrorKind.SHUTTING_DOWN: ErrorShape(503, "server_error", retry_after=1),
     ErrorKind.UPSTREAM_UNREACHABLE: ErrorShape(502, "server_error"),
     ErrorKind.UPSTREAM_ERROR: ErrorShape(502, "server_error"),
@@ -44,6 +45,8 @@ SHAPES: Final[dict[ErrorKind, ErrorShape]] = {
     ErrorKind.PROTOCOL_ERROR: ErrorShape(400, "invalid_request_error"),
     ErrorKind.FORBIDDEN: ErrorShape(403, "permission_denied"),
 }
+#: Kinds where the same request may succeed later; every other final failure says x-should-retry: false.
+_WORTH_WAITING: Final = frozenset({ErrorKind.SHUTTING_DOWN, ErrorKind.OVERLOADED, ErrorKind.TIMEOUT})
 #: The ``code`` of the body for each kind: OpenAI's own where one exists, else the engine's kind.
 CODES: Final[dict[ErrorKind, str]] = {ErrorKind.RATE_LIMITED: "insufficient_quota"}
 
@@ -68,7 +71,7 @@ def render_failure(event: Failed) -> tuple[int, Headers, bytes]:
     """
     shape = SHAPES.get(event.kind, SHAPES[ErrorKind.INTERNAL_ERROR])
     if event.status is not None and event.body is not None and event.status >= 400:
-        retry = shape.retry_after if event.kind in {ErrorKind.SHUTTING_DOWN, ErrorKind.OVERLOADED} else None
+        retry = shape.retry_after if event.kind in _WORTH_WAITING else None
         status = event.status
         if event.kind is ErrorKind.TIMEOUT:
             status = 504  # the last answer was retryable, but the deadline ran out: the SDK must see a timeout
