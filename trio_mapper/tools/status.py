@@ -67,6 +67,14 @@ def render(stats: dict[str, Any]) -> None:
             f"({_text(engine.get('ledger_mode', '?'))})"
         )
     )
+    http = engine.get("http_requests")
+    if engine.get("http") and isinstance(http, dict):
+        console.print(
+            console.highlighter(
+                f"http on {_text(', '.join(map(str, engine['http'])))}  requests {_number(http.get('requests'))}  "
+                f"unauthorized {_number(http.get('unauthorized'))}  SDK retries {_number(http.get('sdk_retries'))}"
+            )
+        )
     lanes: dict[str, dict[str, Any]] = stats.get("lanes", {})
     if not lanes:
         console.print("no requests seen yet")
