@@ -36,6 +36,7 @@ from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.reload import plan_reload
 from trio_mapper.engine.process.settings import ServerSettings, Settings, SettingsError, parse_loopback_address
 from trio_mapper.engine.upstream.client import Upstream
+from trio_mapper.engine.upstream.ratelimit_headers import budget_headers
 
 log = logging.getLogger("trio_mapper.engine")
 
@@ -124,6 +125,28 @@ class Engine:
             engine["http_requests"] = attrs.asdict(self._http.app.stats)
             engine["http_connections"] = self._http.connections
         return engine, lanes
+
+    def budget_headers(self, model: str) -> dict[str, str]:
+        """``x-ratelimit-*`` describing the engine's budget for ``model``'s lane (the whole key's, shared by
+        every client), in OpenAI's format; empty when the lane does not exist (yet, or any more)."""
+        stats = self.ledger.lane_statistics(self.ledger.lane_name(model) if model else "default")
+        if stats is None:
+            return {}
+        paused = stats.pause_remaining
+
+        def reset(capacity: float, available: float, per_minute: int) -> float | None:
+            if stats.mode != "bucket":
+                return None  # a window resets at its end, which the snapshot does not say
+            return max(paused, max(0.0, capacity - available) / (per_minute / 60))
+
+        return budget_headers(
+            limit_requests=stats.effective.rpm,
+            limit_tokens=stats.effective.tpm,
+            remaining_requests=0 if paused else stats.requests_available,
+            remaining_tokens=0 if paused else stats.tokens_available,
+            reset_requests=reset(stats.request_capacity, stats.requests_available, stats.effective.rpm),
+            reset_tokens=reset(stats.token_capacity, stats.tokens_available, stats.effective.tpm),
+        )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGINT/SIGTERM or `request_shutdown`, then stop gracefully; remove our socket on the way out.
@@ -216,6 +239,7 @@ class Engine:
                 keys=self._http_keys,
                 allowed_uids=server.allowed_uids,
                 allowed_gids=server.allowed_gids,
+                budget_headers=self.budget_headers,
             )
         )
         async with trio.open_nursery() as root:

@@ -5,7 +5,13 @@ import email.utils
 import httpx
 import pytest
 
-from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot, parse_duration, retry_after_seconds
+from trio_mapper.engine.upstream.ratelimit_headers import (
+    RateLimitSnapshot,
+    budget_headers,
+    format_duration,
+    parse_duration,
+    retry_after_seconds,
+)
 
 NOW = 1_750_000_000.0
 
@@ -152,3 +158,29 @@ def test_retry_after_from_message(message: str, seconds: float) -> None:
 )
 def test_retry_after_nothing_usable(message: str | None) -> None:
     assert retry_after_seconds({}, message) is None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, "0ms"), (0.012, "12ms"), (1.0, "1s"), (9.8164, "9.816s"), (360.0, "6m0s"), (90.5, "1m30.5s")],
+)
+def test_format_duration_writes_what_parse_duration_reads(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == pytest.approx(seconds, abs=0.001)
+
+
+def test_budget_headers_read_back_as_a_snapshot() -> None:
+    headers = budget_headers(
+        limit_requests=5000,
+        limit_tokens=160000,
+        remaining_requests=4999.7,
+        remaining_tokens=-3.0,
+        reset_requests=0.012,
+        reset_tokens=None,
+    )
+    assert headers["x-ratelimit-remaining-requests"] == "4999"
+    assert headers["x-ratelimit-remaining-tokens"] == "0"  # debt is shown as nothing left
+    assert "x-ratelimit-reset-tokens" not in headers
+    snapshot = RateLimitSnapshot.from_headers(headers)
+    assert (snapshot.limit_requests, snapshot.limit_tokens) == (5000, 160000)
+    assert snapshot.reset_requests == pytest.approx(0.012)

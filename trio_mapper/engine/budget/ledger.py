@@ -94,6 +94,11 @@ class Ledger:
     def statistics(self) -> dict[str, LaneStatistics]:
         return {name: lane.statistics() for name, lane in self._lanes.items()}
 
+    def lane_statistics(self, name: str) -> LaneStatistics | None:
+        """One lane's snapshot (None when there is no such lane; never creates one)."""
+        lane = self._lanes.get(name)
+        return lane.statistics() if lane is not None else None
+
     def forget(self, model: str) -> bool:
         """Drop a lane whose budget is at rest (`LaneBudget.at_rest`); it is created afresh if used again.
 

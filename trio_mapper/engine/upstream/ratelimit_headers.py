@@ -80,6 +80,39 @@ def parse_duration(text: str) -> float | None:
     return -seconds if text.startswith("-") else seconds
 
 
+def format_duration(seconds: float) -> str:
+    """A Go-style duration as OpenAI writes its reset headers: ``12ms``, ``9.816s``, ``6m0s``."""
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+def budget_headers(
+    *,
+    limit_requests: int,
+    limit_tokens: int,
+    remaining_requests: float,
+    remaining_tokens: float,
+    reset_requests: float | None,
+    reset_tokens: float | None,
+) -> dict[str, str]:
+    """``x-ratelimit-*`` headers in OpenAI's format, for a budget the engine describes itself."""
+    headers = {
+        "x-ratelimit-limit-requests": str(limit_requests),
+        "x-ratelimit-limit-tokens": str(limit_tokens),
+        "x-ratelimit-remaining-requests": str(max(0, math.floor(remaining_requests))),
+        "x-ratelimit-remaining-tokens": str(max(0, math.floor(remaining_tokens))),
+    }
+    if reset_requests is not None:
+        headers["x-ratelimit-reset-requests"] = format_duration(reset_requests)
+    if reset_tokens is not None:
+        headers["x-ratelimit-reset-tokens"] = format_duration(reset_tokens)
+    return headers
+
+
 def _lookup(headers: Mapping[str, str]) -> Mapping[str, str]:
     """A mapping that answers lower-case header names whatever case the sender used."""
     if isinstance(headers, httpx.Headers):

@@ -106,6 +106,11 @@ def exercise_sync(client: openai.OpenAI) -> None:
     assert "openai-processing-ms" in raw.headers
     assert raw.headers["x-trio-mapper-attempts"] == "1"
     assert int(raw.headers["x-trio-mapper-queued-ms"]) >= 0
+    # The engine's budget for the model (its --rpm/--tpm), in OpenAI's format; not the upstream's headers.
+    assert raw.headers["x-ratelimit-limit-requests"] == "100000"
+    assert raw.headers["x-ratelimit-limit-tokens"] == "10000000"
+    assert 0 <= int(raw.headers["x-ratelimit-remaining-requests"]) <= 100000  # refills 1,666/s
+    assert raw.headers["x-ratelimit-reset-tokens"].endswith("s")
     assert client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once", max_tokens=8).choices[0].text
     response = client.responses.create(model=MODEL, input="Say hello", max_output_tokens=20)
     assert response.output_text
@@ -300,7 +305,8 @@ async def test_overloaded_and_shutdown_answer_503(short_tmp: Path) -> None:
 
 
 async def test_msgpack_and_http_clients_share_one_lane(short_tmp: Path) -> None:
-    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+    # 60 rpm: a bucket of 60 that refills one request a second, so what both fronts spent shows in the headers.
+    async with simulator() as url, http_engine(short_tmp, url, "--rpm", "60") as (engine, tcp_url):
         async with await RawClient.connect(str(engine.socket)) as raw:
             for i in range(3):
                 assert (await raw.request(chat(i)))["type"] == "result"
@@ -311,9 +317,12 @@ async def test_msgpack_and_http_clients_share_one_lane(short_tmp: Path) -> None:
             await client.chat.completions.create(model=MODEL, messages=large, max_tokens=5)
         async with openai.AsyncOpenAI(api_key=CLIENT_KEY, base_url=tcp_url) as tcp_client:
             await tcp_client.chat.completions.create(model=MODEL, messages=MESSAGES)
-            await tcp_client.with_options(max_retries=0).chat.completions.with_raw_response.create(
+            last = await tcp_client.with_options(max_retries=0).chat.completions.with_raw_response.create(
                 model=MODEL, messages=MESSAGES, extra_headers={"x-stainless-retry-count": "1"}
             )
+        # Seven requests through both fronts came out of the one bucket of 60 (less what refilled meanwhile).
+        assert last.headers["x-ratelimit-limit-requests"] == "60"
+        assert int(last.headers["x-ratelimit-remaining-requests"]) <= 57
         stats = await engine_stats(engine)
         lane = stats["lanes"][MODEL]
         assert lane["succeeded"] == 7

@@ -38,8 +38,8 @@ ENDPOINTS: Final = {
 }
 #: Client headers offered to the core for forwarding (the upstream client filters them again).
 FORWARDED: Final = ("openai-beta",)
-#: Upstream reply headers passed back to clients. The x-ratelimit-* describe the key's upstream budget, not
-#: what this client may spend, so they stay in the engine.
+#: Upstream reply headers passed back to clients. The upstream's x-ratelimit-* stay in the engine: replies
+#: carry the engine's own (its budget for the model, which every client shares), from ``budget_headers``.
 UPSTREAM_REPLY_HEADERS: Final = ("x-request-id", "openai-processing-ms", "openai-model", "openai-version")
 #: Seconds taken off the SDK's read timeout (x-stainless-read-timeout) so the engine answers first.
 READ_TIMEOUT_MARGIN: Final = 1.0
@@ -113,12 +113,15 @@ class OpenAIApp:
         keys: ClientKeys | None = None,
         allowed_uids: list[int] | None = None,
         allowed_gids: list[int] | None = None,
+        budget_headers: Callable[[str], Mapping[str, str]] | None = None,
     ) -> None:
         self._scheduler = scheduler
         self.max_body_bytes = max_body_bytes
         self.keys = keys or ClientKeys()
         self.allowed_uids = allowed_uids or []
         self.allowed_gids = allowed_gids or []
+        #: ``x-ratelimit-*`` describing the engine's budget for a model (the daemon's view of the ledger).
+        self._budget_headers = budget_headers
         self.stats = HttpStats()
         #: Requests between their first byte and their reply's last.
         self.active = 0
@@ -185,7 +188,8 @@ class OpenAIApp:
                 nursery.cancel_scope.cancel()
         if sink.final is None or sink.disconnected:
             return  # the client went away: its request was withdrawn, and nobody is left to answer
-        await self._render(send, sink.final)
+        model = spec.body.get("model")
+        await self._render(send, sink.final, model if isinstance(model, str) else "")
 
     async def _cancel_on_disconnect(self, receive: Receive, sink: _RequestSink, request_id: Hashable) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -288,16 +292,18 @@ class OpenAIApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _render(self, send: Send, event: Finished | Failed) -> None:
+    async def _render(self, send: Send, event: Finished | Failed, model: str) -> None:
+        budget = self._budget_headers(model) if self._budget_headers is not None else {}
+        budget_list = [(name.encode(), value.encode()) for name, value in budget.items()]
         if isinstance(event, Finished):
-            headers = _upstream_headers(event.headers)
+            headers = _upstream_headers(event.headers) + budget_list
             headers += [
                 (b"x-trio-mapper-queued-ms", str(round(event.timings.queued * 1000)).encode()),
                 (b"x-trio-mapper-attempts", str(event.attempts).encode()),
             ]
             return await _reply(send, event.status, headers, event.body.content)
         status, headers, body = render_failure(event)
-        headers = _upstream_headers(event.headers) + headers
+        headers = _upstream_headers(event.headers) + budget_list + headers
         headers.append((b"x-trio-mapper-attempts", str(event.attempts).encode()))
         headers.append((b"x-trio-mapper-error", event.kind.value.encode()))
         await _reply(send, status, headers, body)
