@@ -61,3 +61,15 @@ def test_a_deadline_after_a_retryable_answer_is_a_timeout() -> None:
     failed = Failed(kind=ErrorKind.TIMEOUT, message="late", status=503, body=ReplyBody(b'{"error": {}}'))
     status, _, body = render_failure(failed)
     assert status == 504 and json.loads(body)["error"]["code"] == "timeout"
+
+
+def test_the_upstream_refusing_the_engines_key_is_a_gateway_error_not_the_clients() -> None:
+    upstream = b'{"error": {"message": "Incorrect API key provided: [REDACTED]", "code": "invalid_api_key"}}'
+    failed = Failed(
+        kind=ErrorKind.UPSTREAM_ERROR, message="check the engine's key", status=401, body=ReplyBody(upstream)
+    )
+    status, headers, body = render_failure(failed)
+    error = json.loads(body)["error"]
+    assert status == 502 and error["code"] == "upstream_authentication"
+    assert error["message"] == "check the engine's key"
+    assert dict(headers)[b"x-should-retry"] == b"false"

@@ -67,9 +67,14 @@ def render_failure(event: Failed) -> tuple[int, Headers, bytes]:
     """Status, headers and body for a final failure.
 
     An upstream's own final answer (a 4xx, a quota 429, a 5xx after the engine's retries) passes through with
-    its status and body, so the SDK raises what it would have raised talking to the upstream directly.
+    its status and body, so the SDK raises what it would have raised talking to the upstream directly; but an
+    upstream 401 is about the engine's key, not the client's, and is a 502.
     """
     shape = SHAPES.get(event.kind, SHAPES[ErrorKind.INTERNAL_ERROR])
+    if event.status == 401:
+        # The upstream refused the engine's own key. Passed through, the SDK would raise AuthenticationError and
+        # the client would look for a fault in its key, which was never sent upstream: this is the gateway's.
+        return 502, retry_headers(None), error_body(event.message, "server_error", "upstream_authentication")
     if event.status is not None and event.body is not None and event.status >= 400:
         retry = shape.retry_after if event.kind in _WORTH_WAITING else None
         status = event.status
