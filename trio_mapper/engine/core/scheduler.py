@@ -74,6 +74,10 @@ _BUG_MESSAGE: Final = "the engine failed on this request (a bug, logged by the e
 TOKENIZER_THREADS: Final = 1
 
 
+def _cost_of(estimate: TokenEstimate) -> Cost:
+    return Cost(tokens=estimate.total, prompt_tokens=estimate.prompt_tokens)
+
+
 class JobState(enum.Enum):
     QUEUED = "queued"
     RESERVING = "reserving"
@@ -122,7 +126,7 @@ class Job:
 
     @property
     def cost(self) -> Cost:
-        return Cost(tokens=self.estimate.total, prompt_tokens=self.estimate.prompt_tokens)
+        return _cost_of(self.estimate)
 
     @property
     def log_label(self) -> str:
@@ -459,15 +463,14 @@ class Scheduler:
 
     def _lane_for(self, name: str, estimate: TokenEstimate) -> Lane:
         """The request's lane, created only now that the request is known to be valid and admissible."""
-        cost = Cost(tokens=estimate.total, prompt_tokens=estimate.prompt_tokens)
-        lane = self._lanes.get(name)
         try:
-            if lane is not None:
-                lane.budget.check_admissible(cost)
-                return lane
-            self._ledger.check_admissible(name, cost)
+            # The lane's limits in force when it exists, its configured ones when it does not (yet).
+            self._ledger.check_admissible(name, _cost_of(estimate))
         except RequestTooLarge as exc:
             raise _Refused(ErrorKind.REQUEST_TOO_LARGE, str(exc)) from None
+        lane = self._lanes.get(name)
+        if lane is not None:
+            return lane
         if len(self._lanes) >= MAX_LANES and not self._evict_idle_lane():
             raise _Refused(
                 ErrorKind.OVERLOADED,
