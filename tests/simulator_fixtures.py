@@ -106,3 +106,15 @@ class AsgiCall:
 
 def make_app(config: SimulatorConfig | None = None) -> AsgiCall:
     return AsgiCall(SimulatorApp(config or fast_config(), counter()))
+
+
+def parse_typed_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """The ``(event, data)`` pairs of a Responses-API SSE body, in order; every block must name its event."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), block
+        events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return events

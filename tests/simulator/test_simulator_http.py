@@ -5,12 +5,24 @@ from __future__ import annotations
 import base64
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 import tiktoken
-from simulator_fixtures import API_KEY, MODEL, chat_body, fast_config, parse_sse, root, simulator_client, stats
+import trio
+from simulator_fixtures import (
+    API_KEY,
+    MODEL,
+    chat_body,
+    fast_config,
+    parse_sse,
+    parse_typed_sse,
+    root,
+    simulator_client,
+    stats,
+)
 
 from trio_mapper.simulator import SimulatorConfig
 
@@ -334,6 +346,116 @@ async def test_responses_endpoint_shape() -> None:
     assert message["type"] == "message" and message["role"] == "assistant"
     assert message["content"][0]["type"] == "output_text"
     assert len(ENCODING.encode(message["content"][0]["text"])) == reply["usage"]["output_tokens"] == 4
+
+
+RESPONSE_OPENING = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+]
+RESPONSE_CLOSING = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+
+
+async def test_responses_stream_events_order_and_usage() -> None:
+    body = {"model": MODEL, "input": "Hi there", "instructions": "Be brief", "stream": True}
+    # Paced, so the per-token path is the one under test.
+    config = fast_config(per_token_latency_ms=1.0)
+    async with simulator_client(config) as client:
+        response = await client.post("/responses", json=body)
+        counts = await stats(client)
+    # Same seed, same first request: the non-streamed twin of the streamed reply.
+    async with simulator_client(config) as client:
+        unstreamed = (await client.post("/responses", json={**body, "stream": False})).json()
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert "[DONE]" not in response.text
+    events = parse_typed_sse(response.text)
+    names = [name for name, _ in events]
+    deltas = [data for name, data in events if name == "response.output_text.delta"]
+    assert names == [
+        *RESPONSE_OPENING,
+        *["response.output_text.delta"] * len(deltas),
+        *RESPONSE_CLOSING,
+        "response.completed",
+    ]
+    assert [data["type"] for _, data in events] == names
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+
+    created, in_progress = events[0][1]["response"], events[1][1]["response"]
+    assert created == in_progress
+    assert (created["status"], created["output"], created["usage"]) == ("in_progress", [], None)
+    item_id = events[2][1]["item"]["id"]
+    assert events[2][1]["item"]["status"] == "in_progress"
+    for delta in deltas:
+        assert (delta["item_id"], delta["output_index"], delta["content_index"]) == (item_id, 0, 0)
+    text = "".join(delta["delta"] for delta in deltas)
+    assert events[-4][1]["text"] == text
+    assert events[-3][1]["part"]["text"] == text
+    assert events[-2][1]["item"]["content"][0]["text"] == text
+
+    final = events[-1][1]["response"]
+    assert final["status"] == "completed"
+    assert final["output"][0]["id"] == item_id
+    usage = final["usage"]
+    prompt = _chat_prompt_tokens([{"role": "user", "content": "Hi there"}, {"role": "system", "content": "Be brief"}])
+    assert usage["input_tokens"] == prompt
+    assert usage["output_tokens"] == len(deltas) == len(ENCODING.encode(text))
+    assert usage["total_tokens"] == prompt + len(deltas)
+    assert _stable(final) == _stable(unstreamed)
+    assert (counts["ok"], counts["streams_closed_by_client"]) == (1, 0)
+
+
+async def test_responses_stream_cut_by_max_output_tokens_ends_incomplete() -> None:
+    async with simulator_client() as client:
+        response = await client.post(
+            "/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 4, "stream": True}
+        )
+    events = parse_typed_sse(response.text)
+    assert [name for name, _ in events][-2:] == ["response.output_item.done", "response.incomplete"]
+    assert events[-2][1]["item"]["status"] == "incomplete"
+    final = events[-1][1]["response"]
+    assert final["status"] == "incomplete"
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["usage"]["output_tokens"] == 4
+
+
+async def _stats_once(client: httpx.AsyncClient, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll the stats until ``condition`` holds: the server records what it saw slightly after the client acts."""
+    with trio.fail_after(5):
+        while True:
+            counts = await stats(client)
+            if condition(counts):
+                return counts
+            await trio.sleep(0.01)
+
+
+STREAMED_REQUESTS = {
+    "chat": ("/chat/completions", chat_body(max_tokens=64, stream=True)),
+    "completions": ("/completions", {"model": MODEL, "prompt": "Once", "max_tokens": 64, "stream": True}),
+    "responses": ("/responses", {"model": MODEL, "input": "Once", "stream": True}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STREAMED_REQUESTS))
+async def test_stream_closed_by_the_client_is_counted_and_not_ok(kind: str) -> None:
+    path, body = STREAMED_REQUESTS[kind]
+    # 64 tokens at 100 ms each: the stream cannot have ended by the time the client hangs up.
+    config = fast_config(per_token_latency_ms=100.0, output_tokens_min=64, output_tokens_max=64)
+    async with simulator_client(config) as client:
+        async with client.stream("POST", path, json=body) as response:
+            assert response.status_code == 200
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break
+        # Leaving the block with the body unread closes the connection.
+        counts = await _stats_once(client, lambda c: c["streams_closed_by_client"] > 0)
+    assert counts["streams_closed_by_client"] == 1
+    assert counts["models"][MODEL]["streams_closed_by_client"] == 1
+    assert counts["ok"] == 0
+    assert counts["admitted"] == 1
 
 
 async def test_models_list_and_retrieve() -> None:

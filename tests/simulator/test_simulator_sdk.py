@@ -17,13 +17,15 @@ import pytest
 import trio
 from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from openai.types.responses import Response
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 from simulator_fixtures import API_KEY, MODEL, fast_config
 
 from trio_mapper.simulator import SimulatorConfig, open_simulator
 
 T = TypeVar("T")
 MESSAGES: list[Any] = [{"role": "user", "content": "Hello"}]
+STREAM_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
 
 async def _with_sdk(config: SimulatorConfig, work: Callable[[openai.OpenAI], T]) -> T:
@@ -102,6 +104,50 @@ async def test_chat_streaming_with_include_usage() -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) == 6
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def _check_response_stream(events: list[Any], final: Response) -> None:
+    """Every event validates strictly, and the final response agrees with the deltas it followed."""
+    for event in events:
+        STREAM_EVENT.validate_python(event.model_dump())
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[0].type == "response.created"
+    last = events[-1]
+    assert last.type == "response.completed"
+    assert last.response.usage is not None
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert last.response.usage.output_tokens == len(deltas)
+    assert final.id == last.response.id
+    assert final.output_text == "".join(deltas)
+    assert final.usage is not None
+    assert final.usage.total_tokens == final.usage.input_tokens + len(deltas)
+
+
+async def test_responses_streaming_sync_sdk() -> None:
+    def work(client: openai.OpenAI) -> tuple[list[Any], Response, Response]:
+        events = list(client.responses.create(model=MODEL, input="Hello", stream=True))
+        with client.responses.stream(model=MODEL, input="Hello") as stream:
+            final = stream.get_final_response()
+        return events, events[-1].response, final
+
+    events, created_final, streamed_final = await _with_sdk(fast_config(per_token_latency_ms=1.0), work)
+    _check_response_stream(events, created_final)
+    assert streamed_final.status == "completed"
+    assert streamed_final.output_text
+
+
+async def test_responses_streaming_async_sdk() -> None:
+    async with (
+        open_simulator(fast_config(per_token_latency_ms=1.0)) as url,
+        openai.AsyncOpenAI(api_key=API_KEY, base_url=url, max_retries=0, timeout=10.0) as client,
+    ):
+        stream = await client.responses.create(model=MODEL, input="Hello", stream=True)
+        events = [event async for event in stream]
+        async with client.responses.stream(model=MODEL, input="Hello") as manager:
+            final = await manager.get_final_response()
+    _check_response_stream(events, events[-1].response)
+    assert final.status == "completed"
+    assert final.output_text
 
 
 @pytest.mark.parametrize(

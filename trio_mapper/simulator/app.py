@@ -58,6 +58,8 @@ _encoder = msgspec.json.Encoder()
 
 class _BodyTooLarge(Exception):
     pass
+
+
 #: Bodies above this size are counted in a worker thread (tiktoken releases the GIL while it encodes).
 LARGE_BODY_BYTES: Final = 64 * 1024
 
@@ -191,7 +193,7 @@ class SimulatorApp:
             self.stats.client_error(model if isinstance(model, str) and model else None)
             await exchange.json(400, errors.error_body(error.message, "invalid_request_error", error.code, error.param))
             return
-        await self._model_request(plan, exchange)
+        await self._model_request(plan, receive, exchange)
 
     def _unauthorized(self, scope: Scope) -> dict[str, Any] | None:
         """The 401 body for a missing or (when ``api_key`` is set) wrong key; None when the key is fine."""
@@ -218,7 +220,7 @@ class SimulatorApp:
             # Every model name is served, so every model "exists".
             await exchange.json(200, self._model(path.removeprefix("/v1/models/")))
 
-    async def _model_request(self, plan: Plan, exchange: _Exchange) -> None:
+    async def _model_request(self, plan: Plan, receive: Receive, exchange: _Exchange) -> None:
         model = plan.model
         self.stats.model_seen(model)
         now = trio.current_time()
@@ -243,7 +245,7 @@ class SimulatorApp:
             return
         created = int(time.time())
         if plan.stream:
-            await self._stream(plan, replies, ident, created, slow, fault, exchange)
+            await self._stream(plan, replies, ident, created, slow, fault, receive, exchange)
             return
         output = sum(reply.tokens for reply in replies)
         payload = render(plan, replies, ident, created)
@@ -291,26 +293,57 @@ class SimulatorApp:
         created: int,
         slow: bool,
         fault: Fault,
+        receive: Receive,
         exchange: _Exchange,
     ) -> None:
         events = list(render_stream(plan, replies, ident, created))
-        per_token = self.config.per_token_latency_ms / 1000.0
-        await _pause(self.dice.latency(0, slow))
+        latency = self.dice.latency(0, slow)
         if fault is Fault.RESET:
+            await _pause(latency)
             self.stats.reset(plan.model)
             await exchange.abort(b"".join(event for event, _ in events), b"text/event-stream; charset=utf-8")
             return
+        delivered = False
+        async with trio.open_nursery() as nursery:
+            # Hypercorn accepts (and drops) writes to a connection the client has closed, so the only sign
+            # of a client that stopped reading is the disconnect message; without watching for it the
+            # pacing would run to the end and the stream would count as delivered.
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            await _pause(latency)
+            await self._write_stream(events, exchange)
+            delivered = True
+            nursery.cancel_scope.cancel()
+        if delivered:
+            self.stats.ok(plan.model)
+        else:
+            self.stats.closed_by_client(plan.model)
+
+    async def _write_stream(self, events: list[tuple[bytes, int]], exchange: _Exchange) -> None:
+        per_token = self.config.per_token_latency_ms / 1000.0
         await exchange.start(200, b"text/event-stream; charset=utf-8", extra=[(b"cache-control", b"no-cache")])
         if per_token <= 0.0:
             # Nothing to pace: one write is much cheaper than one per token.
-            await exchange.body(b"".join(event for event, _ in events), more=False)
+            await _last_body(exchange, b"".join(event for event, _ in events))
         else:
             for event, tokens in events:
                 if tokens:
                     await _pause(per_token * tokens)
                 await exchange.body(event, more=True)
-            await exchange.body(b"", more=False)
-        self.stats.ok(plan.model)
+            await _last_body(exchange, b"")
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _last_body(exchange: _Exchange, data: bytes) -> None:
+    # Finishing the response makes hypercorn post a disconnect of its own before this send returns; the
+    # shield keeps the watcher's reaction to it from cancelling the send half-way through hypercorn's
+    # connection recycling.
+    with trio.CancelScope(shield=True):
+        await exchange.body(data, more=False)
 
 
 @final

@@ -146,9 +146,7 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
             prompt = counter.responses_input(body["input"], body.get("instructions"))
             n = 1
             cap = _positive_int(body, "max_output_tokens", None)
-            if _flag(body, "stream"):
-                raise RequestError("The simulator does not stream /v1/responses.", "stream", "unsupported_parameter")
-            stream = False
+            stream = _flag(body, "stream")
             replies = 1
         else:
             if "input" not in body:
@@ -177,7 +175,9 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
     if replies > MAX_INPUTS:
         raise RequestError(f"'prompt' must have at most {MAX_INPUTS} items.", "prompt", "invalid_value")
     cost = prompt + (cap if cap is not None else default_max_tokens) * replies
-    return Plan(kind, model, prompt, cost, replies, cap, stream, stream and _include_usage(body), body)
+    # Responses streams always end with the usage; `stream_options.include_usage` is a chat/completions knob.
+    include_usage = stream and kind != "responses" and _include_usage(body)
+    return Plan(kind, model, prompt, cost, replies, cap, stream, include_usage, body)
 
 
 def _chat_usage(prompt: int, completion: int) -> dict[str, Any]:
@@ -247,27 +247,37 @@ def render(plan: Plan, replies: Sequence[Reply], ident: str, created: int) -> by
     return _encoder.encode(body)
 
 
+def _response_status(reply: Reply) -> str:
+    return "incomplete" if reply.truncated else "completed"
+
+
+def _response_message(reply: Reply, ident: str) -> dict[str, Any]:
+    return {
+        "id": f"msg_{ident}",
+        "type": "message",
+        "status": _response_status(reply),
+        "role": "assistant",
+        "content": [_output_text(reply.text())],
+    }
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _response_object(plan: Plan, reply: Reply, ident: str, created: int) -> dict[str, Any]:
     return {
         "id": f"resp_{ident}",
         "object": "response",
         "created_at": created,
-        "status": "incomplete" if reply.truncated else "completed",
+        "status": _response_status(reply),
         "background": False,
         "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if reply.truncated else None,
         "instructions": plan.body.get("instructions"),
         "max_output_tokens": plan.max_tokens,
         "model": plan.model,
-        "output": [
-            {
-                "id": f"msg_{ident}",
-                "type": "message",
-                "status": "incomplete" if reply.truncated else "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": reply.text(), "annotations": [], "logprobs": []}],
-            }
-        ],
+        "output": [_response_message(reply, ident)],
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "reasoning": {"effort": None, "summary": None},
@@ -332,8 +342,12 @@ def render_stream(plan: Plan, replies: Sequence[Reply], ident: str, created: int
 
     Chat sends a role chunk, one chunk per token, a finish chunk per choice, then (with
     ``stream_options.include_usage``) a usage chunk with empty ``choices``; every other chunk then carries
-    ``"usage": null``. Completions stream ``text_completion`` chunks the same way.
+    ``"usage": null``. Completions stream ``text_completion`` chunks the same way. Responses stream typed
+    events instead (see ``_response_stream``).
     """
+    if plan.kind == "responses":
+        yield from _response_stream(plan, replies[0], ident, created)
+        return
     chat = plan.kind == "chat"
     base: dict[str, Any] = {
         "id": f"chatcmpl-{ident}" if chat else f"cmpl-{ident}",
@@ -366,3 +380,42 @@ def render_stream(plan: Plan, replies: Sequence[Reply], ident: str, created: int
         completion = sum(reply.tokens for reply in replies)
         yield _sse({**base, "choices": [], "usage": _chat_usage(plan.prompt_tokens, completion)}), 0
     yield SSE_DONE, 0
+
+
+def _typed_sse(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + _encoder.encode(event) + b"\n\n"
+
+
+def _response_stream(plan: Plan, reply: Reply, ident: str, created: int) -> Iterator[tuple[bytes, int]]:
+    """The Responses API's typed events for one message, ending with the whole response and its usage.
+
+    A reply cut by ``max_output_tokens`` ends with ``response.incomplete``, as on the real API, not
+    ``response.completed``: a client that reads usage only from the latter misses it there too.
+    """
+    final = _response_object(plan, reply, ident, created)
+    # The opening snapshot has no output and no usage yet; everything else already has its final value.
+    opening = {**final, "status": "in_progress", "incomplete_details": None, "output": [], "usage": None}
+    message = _response_message(reply, ident)
+    opened = {**message, "status": "in_progress", "content": []}
+    item_id = message["id"]
+    text = reply.text()
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    sequence = 0
+
+    def event(kind: str, **fields: Any) -> bytes:
+        nonlocal sequence
+        payload = {"type": kind, "sequence_number": sequence, **fields}
+        sequence += 1
+        return _typed_sse(payload)
+
+    yield event("response.created", response=opening), 0
+    yield event("response.in_progress", response=opening), 0
+    yield event("response.output_item.added", output_index=0, item=opened), 0
+    yield event("response.content_part.added", **where, part=_output_text("")), 0
+    for piece in reply_tokens(reply.start, reply.tokens):
+        yield event("response.output_text.delta", **where, delta=piece, logprobs=[]), 1
+    yield event("response.output_text.done", **where, text=text, logprobs=[]), 0
+    yield event("response.content_part.done", **where, part=_output_text(text)), 0
+    yield event("response.output_item.done", output_index=0, item=message), 0
+    last = "response.incomplete" if reply.truncated else "response.completed"
+    yield event(last, response=final), 0

@@ -20,6 +20,7 @@ class Counts:
     ok: int = 0
     client_errors: int = 0
     resets: int = 0
+    streams_closed_by_client: int = 0
     tokens_charged: int = 0
     rate_limited: Counter[str] = attrs.field(factory=Counter)
     server_errors: Counter[str] = attrs.field(factory=Counter)
@@ -33,6 +34,7 @@ class Counts:
             "server_errors": {status: self.server_errors[status] for status in SERVER_ERROR_STATUSES},
             "resets": self.resets,
             "client_errors": self.client_errors,
+            "streams_closed_by_client": self.streams_closed_by_client,
             "tokens_charged": self.tokens_charged,
         }
 
@@ -86,6 +88,10 @@ class Stats:
     def reset(self, model: str) -> None:
         for counts in self._pair(model):
             counts.resets += 1
+
+    def closed_by_client(self, model: str) -> None:
+        for counts in self._pair(model):
+            counts.streams_closed_by_client += 1
 
     def client_error(self, model: str | None) -> None:
         for counts in self._pair(model):
