@@ -476,6 +476,7 @@ class Engine:
             stats=self.statistics,
             max_frame_bytes=server.max_frame_bytes,
             peer=peer.label if peer is not None else "",
+            identity=f"uid {peer.uid}" if peer is not None else "unknown peer",
             backlog=self._backlog,
         )
         self._connections.add(connection)

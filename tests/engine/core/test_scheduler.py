@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from trio_mapper.engine.budget import Ledger, Limits
-from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, RequestSpec, Started
+from trio_mapper.engine.core.outcome import Chunk, Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Job, JobState, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
@@ -40,10 +40,21 @@ class Sink:
     replies: list[Result | Error] = attrs.field(factory=list)
     started: set[Any] = attrs.field(factory=set)
     arrived: trio.Event = attrs.field(factory=trio.Event)
+    #: Streamed chunks by request id, in the order relayed.
+    chunks: dict[Any, list[Chunk]] = attrs.field(factory=dict)
 
     @property
     def client_key(self) -> str:
         return self.name
+
+    @property
+    def identity(self) -> str:
+        return self.name
+
+    async def relay(self, request_id: Any, chunk: Chunk) -> None:
+        assert request_id in self.started, "a chunk before Started"
+        self.chunks.setdefault(request_id, []).append(chunk)
+        self.arrived.set()
 
     @property
     def label(self) -> str:

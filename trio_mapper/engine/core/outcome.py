@@ -1,10 +1,11 @@
 """The seam between the engine's core and its fronts: what a front asks for, and what the core tells it back.
 
-A front (the msgpack Unix socket today; an HTTP front, streaming, later) turns what its clients send into a
-`RequestSpec` and hands it to the core with a `ReplySink` of its own. The core reports each request's life
-to that sink as events — `Started` when the upstream's status and headers are known, then exactly one of
-`Finished` or `Failed` — and the front renders them in its own format. The core never builds a wire message
-and never sees a connection: fairness is keyed by the identity the sink gives (`ReplySink.client_key`).
+A front (the msgpack Unix socket, the OpenAI HTTP API) turns what its clients send into a `RequestSpec` and
+hands it to the core with a `ReplySink` of its own. The core reports each request's life to that sink as
+events — `Started` when the reply is committed (its status and headers known), for a stream each `Chunk` as
+it arrives, then exactly one of `Finished` or `Failed` — and the front renders them in its own format. The
+core never builds a wire message and never sees a connection: fairness is keyed by the identity the sink
+gives (`ReplySink.client_key`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any, Protocol
 import attrs
 
 from trio_mapper.engine.upstream.client import ReplyBody
+from trio_mapper.engine.upstream.streams import Chunk
 from trio_mapper.kinds import ErrorKind
 
-__all__ = ["Failed", "Finished", "Outcome", "ReplySink", "RequestSpec", "Started", "Timings"]
+__all__ = ["Chunk", "Failed", "Finished", "Outcome", "ReplySink", "RequestSpec", "Started", "Timings"]
 
 
 @attrs.frozen
@@ -52,10 +54,17 @@ class Timings:
 
 @attrs.frozen
 class Started:
-    """The upstream answered the final attempt: its status and headers are known, the body follows."""
+    """The reply is committed: the upstream answered the attempt whose reply the client gets, with this status
+    and these headers. For a stream, its first `Chunk` follows at once; from here on nothing is retried."""
 
     status: int
     headers: Mapping[str, str]
+    #: Upstream attempts so far, this one included.
+    attempts: int = 1
+    #: Seconds from acceptance to the first dispatch to the upstream.
+    queued: float = 0.0
+    #: The body follows as `Chunk` events (the client asked for a stream and the upstream streams).
+    streaming: bool = False
 
 
 @attrs.frozen
@@ -67,6 +76,8 @@ class Finished:
     body: ReplyBody
     attempts: int
     timings: Timings
+    #: The body went out as `Chunk` events; ``body`` is empty.
+    streamed: bool = False
 
 
 @attrs.frozen
@@ -86,12 +97,18 @@ Outcome = Started | Finished | Failed
 
 
 class ReplySink(Protocol):
-    """Where a front's requests report their life. Each accepted request gets at most one `Started` and then
-    exactly one `Finished` or `Failed`; a submit refused at once gets just a `Failed`."""
+    """Where a front's requests report their life. Each accepted request gets at most one `Started`, then (a
+    stream) `Chunk` events through `relay`, then exactly one `Finished` or `Failed`; a submit refused at once
+    gets just a `Failed`. A `Failed` after a `Started` ends a reply the client has partly received."""
 
     @property
     def client_key(self) -> Hashable:
-        """Who is asking: fairness between clients, and request ids, are scoped by it."""
+        """Which client is asking: fairness between clients, and request ids, are scoped by it."""
+
+    @property
+    def identity(self) -> str:
+        """Who is asking, stable across connections (``uid 1000``, a client key's name): statistics and
+        metrics are kept per identity, so their number stays bounded however often clients reconnect."""
 
     @property
     def label(self) -> str:
@@ -100,3 +117,7 @@ class ReplySink(Protocol):
     def report(self, request_id: Hashable | None, event: Outcome) -> None:
         """Take one event; never blocks. ``request_id`` is None for a refusal that must not name the id
         (a duplicate of an outstanding request's id)."""
+
+    async def relay(self, request_id: Hashable, chunk: Chunk) -> None:
+        """Take one chunk of a streamed reply. Waits while the client is behind, which slows the reading of
+        the upstream's stream to the client's pace instead of buffering it."""

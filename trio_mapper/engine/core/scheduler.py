@@ -24,7 +24,8 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
+from contextlib import aclosing
 from typing import Any, Final
 
 import attrs
@@ -33,7 +34,16 @@ import msgspec
 import trio
 
 from trio_mapper.engine.budget import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
-from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, ReplySink, RequestSpec, Started, Timings
+from trio_mapper.engine.core.outcome import (
+    Chunk,
+    Failed,
+    Finished,
+    Outcome,
+    ReplySink,
+    RequestSpec,
+    Started,
+    Timings,
+)
 from trio_mapper.engine.core.retry import (
     MAX_HONOURED_WAIT,
     BackoffRetry,
@@ -50,11 +60,15 @@ from trio_mapper.engine.estimate.tokens import InvalidBody, TokenEstimate, Token
 from trio_mapper.engine.upstream.client import (
     ALLOWED_METHODS,
     InvalidEndpoint,
+    ReplyBody,
     Upstream,
     UpstreamReply,
     forwarded_headers,
+    join_url,
+    relative_api_path,
 )
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
+from trio_mapper.engine.upstream.streams import StreamPlan, StreamRelay, plan_stream
 from trio_mapper.kinds import ErrorKind
 
 log = logging.getLogger("trio_mapper.scheduler")
@@ -86,6 +100,29 @@ class JobState(enum.Enum):
     DONE = "done"
 
 
+@attrs.frozen
+class JobRecord:
+    """A finished job, for whoever keeps statistics over time (`Scheduler` ``observer``: the metrics)."""
+
+    lane: str
+    #: The client's identity (`ReplySink.identity`).
+    identity: str
+    #: ``succeeded``, or the `ErrorKind` value the request failed with.
+    outcome: str
+    attempts: int
+    #: Attempts answered with a retryable 429.
+    rate_limited_attempts: int
+    #: Seconds from acceptance to the first dispatch (to the end, for a job never dispatched).
+    queued: float
+    #: Seconds in upstream calls, all attempts.
+    upstream: float
+    #: Tokens the job was charged at admission (0 if never admitted): its use of the lane's budget.
+    charged_tokens: int
+
+
+Observer = Callable[[JobRecord], None]
+
+
 @attrs.define(eq=False)
 class Job:
     request_id: Hashable
@@ -94,6 +131,7 @@ class Job:
     owner: ReplySink | None
     client_key: Hashable
     owner_label: str
+    identity: str
     lane: Lane
     method: str
     url: httpx.URL
@@ -104,6 +142,10 @@ class Job:
     max_attempts: int
     #: Client headers for the upstream, already filtered to the allow-list.
     headers: dict[str, str] = attrs.field(factory=dict)
+    #: How the reply streams, when the client asked for a stream.
+    stream: StreamPlan | None = None
+    #: Part of the reply reached the client (`Started` was reported): nothing may be retried any more.
+    committed: bool = False
     state: JobState = JobState.QUEUED
     attempts: int = 0
     #: The cancel scope of whatever currently works on the job (reserving or in flight), so that a client
@@ -225,6 +267,9 @@ class _Checked:
     #: The lane's whole per-minute token budget: counting a prompt stops there (read on the event loop, so
     #: the worker thread that measures never touches the ledger).
     token_budget: int
+    #: The body to send upstream: the client's, or for a stream one that also asks for usage.
+    body: Mapping[str, Any]
+    stream: StreamPlan | None
 
 
 @attrs.frozen
@@ -270,6 +315,7 @@ class Scheduler:
         default_max_attempts: int,
         default_deadline: float | None = None,
         rng: random.Random | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._ledger = ledger
         self._upstream = upstream
@@ -281,7 +327,10 @@ class Scheduler:
         #: Seconds a request that names no deadline may take (None: no limit); a reload may change it.
         self.default_deadline = default_deadline
         self._rng = rng or random.Random()
+        self._observer = observer
         self._lanes: dict[str, Lane] = {}
+        #: Jobs by state per client identity, for statistics per client.
+        self._identities: dict[str, collections.Counter[JobState]] = {}
         # Outstanding jobs by client, so that a disconnect costs that client's jobs, not everyone's.
         self._owners: dict[Hashable, dict[Hashable, Job]] = {}
         self._outstanding = 0
@@ -356,6 +405,7 @@ class Scheduler:
             owner=owner,
             client_key=owner.client_key,
             owner_label=owner.label,
+            identity=owner.identity,
             lane=lane,
             method=checked.method,
             url=checked.url,
@@ -365,6 +415,7 @@ class Scheduler:
             deadline=checked.deadline,
             max_attempts=checked.max_attempts,
             headers=forwarded_headers(spec.headers),
+            stream=checked.stream,
         )
         self._owners.setdefault(job.client_key, {})[job.request_id] = job
         self._outstanding += 1
@@ -372,6 +423,7 @@ class Scheduler:
             self._all_done = trio.Event()
         self.accepted += 1
         lane.counts[JobState.QUEUED] += 1
+        self._identities.setdefault(job.identity, collections.Counter())[JobState.QUEUED] += 1
         lane.push(job)
         if job.deadline < math.inf:
             heapq.heappush(self._deadlines, (job.deadline, next(self._sequence), job))
@@ -408,9 +460,13 @@ class Scheduler:
         if method not in ALLOWED_METHODS:
             raise _Refused(ErrorKind.INVALID_REQUEST, f"method {spec.method!r} is not supported; use POST")
         try:
-            url = self._upstream.url_for(spec.endpoint)
+            path = relative_api_path(spec.endpoint, self._upstream.base_url)
+            url = join_url(self._upstream.base_url, path)
         except InvalidEndpoint as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
+        body, stream = plan_stream(path, spec.body)
+        if stream is not None and method != "POST":
+            raise _Refused(ErrorKind.INVALID_REQUEST, f"a streamed request must be a POST, not {method}")
         if spec.max_attempts is not None and spec.max_attempts < 1:
             raise _Refused(ErrorKind.INVALID_REQUEST, "max_attempts must be at least 1")
         if spec.deadline is not None and not (spec.deadline > 0 and math.isfinite(spec.deadline)):
@@ -432,6 +488,8 @@ class Scheduler:
             deadline=received_at + timeout if timeout is not None else math.inf,
             max_attempts=spec.max_attempts or self._default_max_attempts,
             token_budget=self._ledger.configured_limits(lane_name).tpm,
+            body=body,
+            stream=stream,
         )
 
     def _measure(self, spec: RequestSpec, checked: _Checked) -> Measured:
@@ -439,7 +497,7 @@ class Scheduler:
         # A prompt above the whole per-minute budget can never be admitted: stop counting there.
         try:
             estimate = self._estimator.estimate(spec.endpoint, spec.body, limit=checked.token_budget)
-            body = msgspec.json.encode(spec.body) if checked.method == "POST" else None
+            body = msgspec.json.encode(checked.body) if checked.method == "POST" else None
         except InvalidBody as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
         except TooManyTokens as exc:
@@ -493,7 +551,7 @@ class Scheduler:
         """The client went away: withdraw its requests. Their replies have nowhere to go and are not built."""
         jobs = list(self._owners.get(owner.client_key, {}).values())
         for job in jobs:
-            if self._close(job):
+            if self._close(job, ErrorKind.CANCELLED.value):
                 job.lane.failed += 1
         if jobs:
             log.info("%s disconnected; cancelled %d outstanding requests", owner.label, len(jobs))
@@ -504,6 +562,12 @@ class Scheduler:
     def _set_state(self, job: Job, state: JobState) -> None:
         job.lane.counts[job.state] -= 1
         job.lane.counts[state] += 1
+        counts = self._identities[job.identity]
+        counts[job.state] -= 1
+        if state is not JobState.DONE:
+            counts[state] += 1
+        elif not counts.total():
+            del self._identities[job.identity]
         job.state = state
 
     def _timings(self, job: Job) -> Timings:
@@ -511,15 +575,19 @@ class Scheduler:
         dispatched = job.first_dispatched_at if job.first_dispatched_at is not None else now
         return Timings(queued=dispatched - job.received_at, upstream=job.upstream_seconds, total=now - job.received_at)
 
-    def _close(self, job: Job) -> ReplySink | None:
+    def _close(self, job: Job, outcome: str) -> ReplySink | None:
         """Mark the job finished and drop every reference to it that matters; returns where its reply goes.
 
         Finished jobs may linger in the deadline and retry heaps until popped or compacted; they keep
         neither their body nor their connection.
+
+        Args:
+            outcome: ``succeeded`` or the error kind's value, for the observer.
         """
         if job.finished or job.owner is None:
             return None
         owner, job.owner = job.owner, None
+        self._observe(job, outcome)
         self._set_state(job, JobState.DONE)
         jobs = self._owners[job.client_key]
         del jobs[job.request_id]
@@ -537,6 +605,25 @@ class Scheduler:
         if not self._outstanding:
             self._all_done.set()
         return owner
+
+    def _observe(self, job: Job, outcome: str) -> None:
+        if self._observer is None:
+            return
+        timings = self._timings(job)
+        record = JobRecord(
+            lane=job.lane.name,
+            identity=job.identity,
+            outcome=outcome,
+            attempts=job.attempts,
+            rate_limited_attempts=job.rate_limited_attempts,
+            queued=timings.queued,
+            upstream=timings.upstream,
+            charged_tokens=job.cost.tokens if job.first_dispatched_at is not None else 0,
+        )
+        try:
+            self._observer(record)
+        except Exception:
+            log.exception("the job observer failed on %s; statistics may be incomplete", job.log_label)
 
     def _report(self, owner: ReplySink, request_id: Hashable, *events: Outcome) -> None:
         """Hand a job's last events to its front: the one place they leave the core, so the one fence.
@@ -560,20 +647,31 @@ class Scheduler:
 
     def _finish_result(self, job: Job, reply: UpstreamReply) -> None:
         timings = self._timings(job)
-        owner = self._close(job)
-        if owner is not None:
-            job.lane.succeeded += 1
-            finished = Finished(
-                status=reply.status,
-                headers=reply.headers,
-                body=reply.body,
-                attempts=job.attempts,
-                timings=timings,
-            )
-            self._report(owner, job.request_id, Started(status=reply.status, headers=reply.headers), finished)
+        owner = self._close(job, "succeeded")
+        if owner is None:
+            return
+        job.lane.succeeded += 1
+        finished = Finished(
+            status=reply.status,
+            headers=reply.headers,
+            body=reply.body,
+            attempts=job.attempts,
+            timings=timings,
+            streamed=reply.streamed,
+        )
+        if job.committed:
+            return self._report(owner, job.request_id, finished)
+        started = Started(
+            status=reply.status,
+            headers=reply.headers,
+            attempts=job.attempts,
+            queued=timings.queued,
+            streaming=reply.streamed,
+        )
+        self._report(owner, job.request_id, started, finished)
 
     def _finish_error(self, job: Job, kind: ErrorKind, message: str, reply: UpstreamReply | None = None) -> None:
-        owner = self._close(job)
+        owner = self._close(job, kind.value)
         if owner is None:
             return
         job.lane.failed += 1
@@ -692,7 +790,10 @@ class Scheduler:
                 job.attempts += 1
                 started = trio.current_time()
                 try:
-                    reply = await self._upstream.send(job.method, job.url, job.body, job.headers)
+                    if job.stream is not None:
+                        reply = await self._stream(job, job.stream)
+                    else:
+                        reply = await self._upstream.send(job.method, job.url, job.body, job.headers)
                 except Exception as exc:
                     failure = exc
                 finally:
@@ -705,6 +806,48 @@ class Scheduler:
         except Exception:
             lane.budget.reconcile(reservation, prompt_tokens=None, snapshot=None)  # no-op if settled already
             self._internal_error(job, "concluding")
+
+    async def _stream(self, job: Job, plan: StreamPlan) -> UpstreamReply:
+        """One attempt of a streamed request: each event is relayed to the client as it arrives.
+
+        The reply is committed (`Started`) with its first chunk; until then the attempt may still be retried
+        like any other. A reply that does not stream (an error, or an upstream that ignored ``stream``) comes
+        back whole, as from `Upstream.send`.
+        """
+        async with self._upstream.open_stream(job.method, job.url, job.body, job.headers) as opened:
+            if isinstance(opened, UpstreamReply):
+                return opened
+            relay = StreamRelay(plan)
+            async with aclosing(opened.events) as events:
+                async for event in events:
+                    chunk = relay.feed(event.data, event.event or None)
+                    if chunk is not None:
+                        await self._relay(job, opened.status, opened.headers, chunk)
+            return UpstreamReply(
+                status=opened.status,
+                headers=opened.headers,
+                body=ReplyBody(b""),
+                elapsed=trio.current_time() - opened.started,
+                streamed=True,
+                streamed_prompt_tokens=relay.prompt_tokens,
+            )
+
+    async def _relay(self, job: Job, status: int, headers: Mapping[str, str], chunk: Chunk) -> None:
+        owner = job.owner
+        if owner is None:
+            return  # finished meanwhile (cancelled): its scope is cancelled, the next checkpoint ends this attempt
+        if not job.committed:
+            job.committed = True
+            started = Started(
+                status=status, headers=headers, attempts=job.attempts, queued=self._timings(job).queued, streaming=True
+            )
+            self._report(owner, job.request_id, started)
+        try:
+            await owner.relay(job.request_id, chunk)
+        except Exception:
+            # The front failed to take a chunk: this request ends (internal_error, which cancels this
+            # attempt); the engine and the other requests go on.
+            self._internal_error(job, "relaying a chunk of")
 
     def _settle(
         self,
@@ -722,7 +865,7 @@ class Scheduler:
             if cancelled:
                 self._expire(job)
             return
-        prompt_tokens = reply.body.prompt_tokens() if reply is not None else None
+        prompt_tokens = reply.prompt_tokens() if reply is not None else None
         lane.budget.reconcile(
             reservation,
             prompt_tokens=prompt_tokens,
@@ -733,7 +876,7 @@ class Scheduler:
             lane.actual_prompt_tokens += prompt_tokens
         if reply is not None:
             # A success is classified by its status alone: its body is not decoded here (see ReplyBody).
-            body = None if 200 <= reply.status < 300 else reply.body.decoded()
+            body = None if 200 <= reply.status < 300 or reply.streamed else reply.body.decoded()
             verdict = classify_response(reply.status, reply.headers, body)
         else:
             assert failure is not None
@@ -749,6 +892,16 @@ class Scheduler:
             return self._finish_result(job, reply)
         if isinstance(verdict, FinalFailure):
             return self._finish_error(job, verdict.kind, verdict.message, reply)
+        if job.committed:
+            # Part of the reply is with the client: another attempt would send it a second, different start.
+            reason = verdict.reason
+            kind = verdict.exhausted_kind if isinstance(verdict, BackoffRetry) else ErrorKind.UPSTREAM_ERROR
+            return self._finish_error(
+                job,
+                kind,
+                f"the upstream's stream broke after it had started ({reason}); the reply is incomplete, and it "
+                "was not retried because part of it had reached the client. Submit it again",
+            )
 
         wait: float
         if isinstance(verdict, RateLimitRetry):
@@ -880,6 +1033,17 @@ class Scheduler:
         self._grace.cancel()
 
     # --- statistics ----------------------------------------------------------------------------------------
+
+    def client_statistics(self) -> dict[str, dict[str, int]]:
+        """Outstanding requests per client identity, by state."""
+        return {
+            identity: {
+                "queued": counts[JobState.QUEUED] + counts[JobState.RESERVING],
+                "retry_wait": counts[JobState.RETRY_WAIT],
+                "in_flight": counts[JobState.IN_FLIGHT],
+            }
+            for identity, counts in self._identities.items()
+        }
 
     def statistics(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         limiter = self.limiter.statistics()

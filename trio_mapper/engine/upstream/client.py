@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Any, Final, final
 
 import attrs
 import httpx
 import msgspec
 import trio
+from httpx_sse import EventSource, ServerSentEvent
 
 from trio_mapper._version import __version__
 from trio_mapper.bodies import decode_body
@@ -100,6 +102,24 @@ class UpstreamReply:
     headers: dict[str, str]
     body: ReplyBody
     elapsed: float
+    #: The reply was a stream whose events were relayed as they came: the body is empty.
+    streamed: bool = False
+    #: A relayed stream's ``usage.prompt_tokens`` (the body cannot be asked for it).
+    streamed_prompt_tokens: int | None = None
+
+    def prompt_tokens(self) -> int | None:
+        return self.streamed_prompt_tokens if self.streamed else self.body.prompt_tokens()
+
+
+@attrs.frozen
+class UpstreamStream:
+    """A 2xx reply whose body is a stream of server-sent events, still arriving."""
+
+    status: int
+    headers: dict[str, str]
+    started: float
+    #: Close it (`contextlib.aclosing`) when done, even when not read to the end.
+    events: AsyncGenerator[ServerSentEvent]
 
 
 def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
@@ -239,15 +259,57 @@ class Upstream:
             headers: client headers to pass on; filtered again here, so only the allow-list ever leaves.
         """
         started = trio.current_time()
-        request_headers = forwarded_headers(headers or {})
-        if body is not None:
-            request_headers["Content-Type"] = "application/json"
+        with self._least_busy_pool() as client:
+            response = await client.request(method, url, content=body, headers=_request_headers(headers, body))
+        return self._whole_reply(response, started)
+
+    @asynccontextmanager
+    async def open_stream(
+        self, method: str, url: httpx.URL, body: bytes | None, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[UpstreamReply | UpstreamStream]:
+        """One attempt whose reply may stream: an `UpstreamStream` for a 2xx event stream, read event by event
+        while the context is open; anything else (an error, a 2xx that does not stream) read whole, as `send`
+        does. Leaving the context closes the upstream connection, so a client that goes away mid-stream stops
+        the upstream's generation at once.
+        """
+        started = trio.current_time()
+        with self._least_busy_pool() as client:
+            request = client.build_request(method, url, content=body, headers=_request_headers(headers, body))
+            response = await client.send(request, stream=True)
+            try:
+                content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+                if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
+                    await response.aread()
+                    yield self._whole_reply(response, started)
+                    return
+                yield UpstreamStream(
+                    status=response.status_code,
+                    headers=useful_headers(response.headers),
+                    started=started,
+                    events=self._redacted(EventSource(response).aiter_sse()),
+                )
+            finally:
+                await response.aclose()
+
+    async def _redacted(self, events: AsyncGenerator[ServerSentEvent]) -> AsyncGenerator[ServerSentEvent]:
+        secret = self._secret.decode()
+        async with aclosing(events):
+            async for event in events:
+                if secret in event.data:
+                    event = ServerSentEvent(event.event, event.data.replace(secret, "[REDACTED]"), event.id)
+                yield event
+
+    @contextmanager
+    def _least_busy_pool(self) -> Iterator[httpx.AsyncClient]:
+        """The client with the fewest requests in progress, counted as busy for as long as it is used."""
         pool = min(range(len(self._clients)), key=self._in_progress.__getitem__)
         self._in_progress[pool] += 1
         try:
-            response = await self._clients[pool].request(method, url, content=body, headers=request_headers)
+            yield self._clients[pool]
         finally:
             self._in_progress[pool] -= 1
+
+    def _whole_reply(self, response: httpx.Response, started: float) -> UpstreamReply:
         content = response.content
         if self._secret in content:
             # Some OpenAI-compatible servers echo the key in a 401 body; it must not reach clients.
@@ -258,3 +320,10 @@ class Upstream:
             body=ReplyBody(content, response.encoding),
             elapsed=trio.current_time() - started,
         )
+
+
+def _request_headers(headers: Mapping[str, str] | None, body: bytes | None) -> dict[str, str]:
+    request_headers = forwarded_headers(headers or {})
+    if body is not None:
+        request_headers["Content-Type"] = "application/json"
+    return request_headers

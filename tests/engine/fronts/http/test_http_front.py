@@ -177,7 +177,6 @@ async def test_each_error_kind_raises_the_matching_sdk_exception(short_tmp: Path
                     "too_large": lambda: client.chat.completions.create(
                         model=MODEL, messages=MESSAGES, max_tokens=50_000_000
                     ),
-                    "stream": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True),
                     "not_found": lambda: client.get("/files", cast_to=object),
                     "wrong_method": lambda: client.get("/chat/completions", cast_to=object),
                 }
@@ -193,9 +192,6 @@ async def test_each_error_kind_raises_the_matching_sdk_exception(short_tmp: Path
         assert found["invalid_request"].code == "invalid_request"
         assert isinstance(found["too_large"], openai.BadRequestError)
         assert found["too_large"].code == "request_too_large"
-        assert isinstance(found["stream"], openai.BadRequestError)
-        assert "streaming is not supported" in found["stream"].message
-        assert found["stream"].param == "stream"
         assert isinstance(found["not_found"], openai.NotFoundError)
         assert "POST /v1/chat/completions" in found["not_found"].message
         assert found["wrong_method"].status_code == 405

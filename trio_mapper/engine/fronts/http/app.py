@@ -3,8 +3,11 @@ outcome an OpenAI-shaped reply.
 
 Only the listed endpoints are served, always on the engine's own base URL: the request's Host, its absolute
 target or its path cannot point the engine anywhere else. The client's Authorization header is its key for
-this engine (TCP), never forwarded; the engine adds the real key upstream. Streaming is a later slice:
-``"stream": true`` is refused with a 400.
+this engine (TCP), never forwarded; the engine adds the real key upstream.
+
+A streamed reply (``"stream": true``) goes out as server-sent events, each written as soon as the core relays
+it. A failure after the first event ends the stream with an error event in OpenAI's format, since the status
+line has gone out already.
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ import attrs
 import msgspec
 import trio
 
-from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, ReplySink, RequestSpec, Started
-from trio_mapper.engine.fronts.http.errors import Headers, error_body, render_failure, retry_headers
+from trio_mapper.engine.core.outcome import Chunk, Failed, Finished, Outcome, ReplySink, RequestSpec, Started
+from trio_mapper.engine.fronts.http.errors import (
+    Headers,
+    error_body,
+    render_failure,
+    retry_headers,
+    stream_error_event,
+)
 from trio_mapper.engine.fronts.http.keys import ClientKeys
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
 from trio_mapper.kinds import ErrorKind
@@ -47,9 +56,15 @@ READ_TIMEOUT_MARGIN: Final = 1.0
 TRANSPORT: Final = "trio_mapper.transport"
 PEER: Final = "trio_mapper.peer"
 
+#: Chunks relayed but not yet written beyond which the core's relay waits: a few smooth out scheduling; more
+#: would only hide a slow client from the upstream (whose stream is then read at the client's pace).
+MAX_BUFFERED_CHUNKS: Final = 16
+
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 _JSON: Final = (b"content-type", b"application/json")
+_EVENT_STREAM: Final = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_DONE: Final = b"data: [DONE]\n\n"
 
 
 class Intake(Protocol):
@@ -77,29 +92,41 @@ class _Refusal(Exception):
 
 
 class _RequestSink:
-    """One HTTP request's `ReplySink`: keeps the final event for the waiting handler."""
+    """One HTTP request's `ReplySink`: its events, in order, for the handler task that writes the reply."""
 
-    def __init__(self, client_key: Hashable, label: str) -> None:
+    def __init__(self, client_key: Hashable, identity: str, label: str) -> None:
         self._client_key = client_key
+        self._identity = identity
         self._label = label
-        self.final: Finished | Failed | None = None
-        self.done = trio.Event()
-        #: The client closed the connection before its answer.
-        self.disconnected = False
+        # Unbounded so that `report` never blocks; `relay` keeps the chunks in it few.
+        self._events, self._pending = trio.open_memory_channel[Outcome | Chunk](math.inf)
+        self._taken = trio.Event()
 
     @property
     def client_key(self) -> Hashable:
         return self._client_key
 
     @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
     def label(self) -> str:
         return self._label
 
     def report(self, request_id: Hashable | None, event: Outcome) -> None:
-        if isinstance(event, Started):
-            return  # the reply travels whole; streaming is a later slice
-        self.final = event
-        self.done.set()
+        self._events.send_nowait(event)
+
+    async def relay(self, request_id: Hashable, chunk: Chunk) -> None:
+        self._events.send_nowait(chunk)
+        while self._events.statistics().current_buffer_used > MAX_BUFFERED_CHUNKS:
+            self._taken = trio.Event()
+            await self._taken.wait()
+
+    async def next_event(self) -> Outcome | Chunk:
+        event = await self._pending.receive()
+        self._taken.set()
+        return event
 
 
 class OpenAIApp:
@@ -155,7 +182,7 @@ class OpenAIApp:
         except ValueError:
             pass
         try:
-            client_key, label = self._identify(scope, headers)
+            client_key, identity, label = self._identify(scope, headers)
             spec, size = await self._request(scope, headers, receive)
         except _Disconnected:
             self.stats.disconnected += 1
@@ -167,7 +194,7 @@ class OpenAIApp:
                 retry_headers(None),
                 error_body(refusal.message, refusal.type, refusal.code, refusal.param),
             )
-        sink = _RequestSink(client_key, label)
+        sink = _RequestSink(client_key, identity, label)
         request_id = next(self._ids)
         try:
             await self._scheduler.intake(sink, request_id, spec, size_bytes=size)
@@ -181,25 +208,54 @@ class OpenAIApp:
                     message="the engine failed to accept this request (a bug, logged by the engine); please report it",
                 ),
             )
-        if not sink.done.is_set():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id)
-                await sink.done.wait()
-                nursery.cancel_scope.cancel()
-        if sink.final is None or sink.disconnected:
-            return  # the client went away: its request was withdrawn, and nobody is left to answer
-        model = spec.body.get("model")
-        await self._render(send, sink.final, model if isinstance(model, str) else "")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id, nursery.cancel_scope)
+            await self._respond(send, sink, spec)
+            nursery.cancel_scope.cancel()
 
-    async def _cancel_on_disconnect(self, receive: Receive, sink: _RequestSink, request_id: Hashable) -> None:
+    async def _cancel_on_disconnect(
+        self, receive: Receive, sink: _RequestSink, request_id: Hashable, reply: trio.CancelScope
+    ) -> None:
+        """The client went away: withdraw its request (a stream's upstream connection closes at once) and stop
+        writing its reply, since nobody is left to read it."""
         while (await receive())["type"] != "http.disconnect":
             pass
         self.stats.disconnected += 1
-        sink.disconnected = True
-        self._scheduler.cancel(sink, request_id)  # reports `cancelled`, which ends the wait
-        sink.done.set()
+        reply.cancel()  # first, so that the `cancelled` reported next is never written
+        self._scheduler.cancel(sink, request_id)
 
-    def _identify(self, scope: dict[str, Any], headers: Mapping[str, str]) -> tuple[Hashable, str]:
+    async def _respond(self, send: Send, sink: _RequestSink, spec: RequestSpec) -> None:
+        """Write the request's events as its reply: whole when it is, event by event when it streams."""
+        model = spec.body.get("model")
+        budget = self._budget_list(model if isinstance(model, str) else "")
+        streaming = False
+        relayed = 0
+        while True:
+            event = await sink.next_event()
+            match event:
+                case Started(streaming=True):
+                    streaming = True
+                    headers = _EVENT_STREAM + _upstream_headers(event.headers) + budget + _engine_headers(event)
+                    await send({"type": "http.response.start", "status": event.status, "headers": headers})
+                case Chunk() if streaming:
+                    relayed += 1
+                    await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+                case Finished() | Failed():
+                    break
+        if not streaming:
+            return await self._render(send, event, budget)
+        if isinstance(event, Failed):
+            tail = stream_error_event(event, responses_api=spec.endpoint == "/v1/responses", sequence_number=relayed)
+        else:
+            tail = b"" if spec.endpoint == "/v1/responses" else _DONE  # the Responses API sends no [DONE]
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    def _budget_list(self, model: str) -> Headers:
+        budget = self._budget_headers(model) if self._budget_headers is not None else {}
+        return [(name.encode(), value.encode()) for name, value in budget.items()]
+
+    def _identify(self, scope: dict[str, Any], headers: Mapping[str, str]) -> tuple[Hashable, str, str]:
+        """The client's fairness key, identity and log label; refuses clients that may not use the engine."""
         state = scope.get("state") or {}
         if state.get(TRANSPORT) == "unix":
             peer: PeerCredentials | None = state.get(PEER)
@@ -211,7 +267,7 @@ class OpenAIApp:
                     "forbidden",
                 )
             who = f"uid {peer.uid}" if peer is not None else "unknown peer"
-            return ("http", who), f"http {peer.label if peer is not None else who}"
+            return ("http", who), who, f"http {peer.label if peer is not None else who}"
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         name = self.keys.identify(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
         if name is None:
@@ -224,7 +280,7 @@ class OpenAIApp:
                 "invalid_request_error",
                 "invalid_api_key",
             )
-        return ("http key", name), f"http key {name!r}"
+        return ("http key", name), f"key {name}", f"http key {name!r}"
 
     async def _request(
         self, scope: dict[str, Any], headers: Mapping[str, str], receive: Receive
@@ -255,14 +311,6 @@ class OpenAIApp:
                 ) from None
             if not isinstance(body, dict):
                 raise _Refusal(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
-            if body.get("stream"):
-                raise _Refusal(
-                    400,
-                    "streaming is not supported by this engine yet; send the request without stream=true",
-                    "invalid_request_error",
-                    "streaming_not_supported",
-                    "stream",
-                )
         spec = RequestSpec(
             endpoint=path,
             body=body,
@@ -292,18 +340,16 @@ class OpenAIApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _render(self, send: Send, event: Finished | Failed, model: str) -> None:
-        budget = self._budget_headers(model) if self._budget_headers is not None else {}
-        budget_list = [(name.encode(), value.encode()) for name, value in budget.items()]
+    async def _render(self, send: Send, event: Finished | Failed, budget: Headers) -> None:
         if isinstance(event, Finished):
-            headers = _upstream_headers(event.headers) + budget_list
+            headers = _upstream_headers(event.headers) + budget
             headers += [
                 (b"x-trio-mapper-queued-ms", str(round(event.timings.queued * 1000)).encode()),
                 (b"x-trio-mapper-attempts", str(event.attempts).encode()),
             ]
             return await _reply(send, event.status, headers, event.body.content)
         status, headers, body = render_failure(event)
-        headers = _upstream_headers(event.headers) + budget_list + headers
+        headers = _upstream_headers(event.headers) + budget + headers
         headers.append((b"x-trio-mapper-attempts", str(event.attempts).encode()))
         headers.append((b"x-trio-mapper-error", event.kind.value.encode()))
         await _reply(send, status, headers, body)
@@ -327,6 +373,20 @@ def _deadline(headers: Mapping[str, str]) -> float | None:
     if not (timeout > 0 and math.isfinite(timeout)):
         return None
     return max(timeout - READ_TIMEOUT_MARGIN, timeout / 2)
+
+
+def _engine_headers(started: Started) -> Headers:
+    return [
+        (b"x-trio-mapper-queued-ms", str(round(started.queued * 1000)).encode()),
+        (b"x-trio-mapper-attempts", str(started.attempts).encode()),
+    ]
+
+
+def _sse(chunk: Chunk) -> bytes:
+    """One server-sent event; data spanning lines becomes one ``data:`` line each, as the format requires."""
+    name = f"event: {chunk.event}\n" if chunk.event else ""
+    lines = "".join(f"data: {line}\n" for line in chunk.data.split("\n"))
+    return f"{name}{lines}\n".encode()
 
 
 def _upstream_headers(headers: Mapping[str, str]) -> Headers:

@@ -89,3 +89,23 @@ def render_failure(event: Failed) -> tuple[int, Headers, bytes]:
         retry_headers(shape.retry_after),
         error_body(event.message, shape.type, CODES.get(event.kind, event.kind.value)),
     )
+
+
+def stream_error_event(event: Failed, *, responses_api: bool, sequence_number: int) -> bytes:
+    """The event that ends a stream which failed after it started (its status line has gone out as a 200).
+
+    Chat and completions streams end with ``data: {"error": {...}}``, on which the SDK raises `APIError`; the
+    Responses API has a typed ``error`` event of its own.
+    """
+    shape = SHAPES.get(event.kind, SHAPES[ErrorKind.INTERNAL_ERROR])
+    code = CODES.get(event.kind, event.kind.value)
+    if responses_api:
+        payload = {
+            "type": "error",
+            "code": code,
+            "message": event.message,
+            "param": None,
+            "sequence_number": sequence_number,
+        }
+        return b"event: error\ndata: " + _encoder.encode(payload) + b"\n\n"
+    return b"data: " + error_body(event.message, shape.type, code) + b"\n\n"

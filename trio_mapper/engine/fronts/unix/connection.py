@@ -18,7 +18,7 @@ import msgspec
 import trio
 
 from trio_mapper._version import __version__
-from trio_mapper.engine.core.outcome import Failed, Finished, Outcome, RequestSpec, Started
+from trio_mapper.engine.core.outcome import Chunk, Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.wire import (
@@ -119,10 +119,12 @@ class Connection:
         stats: StatsProvider,
         max_frame_bytes: int,
         peer: str = "",
+        identity: str = "unknown peer",
         backlog: ReplyBacklog | None = None,
     ) -> None:
         self.number = next(self._numbers)
         self.peer = peer
+        self._identity = identity
         self._stream = stream
         self._scheduler = scheduler
         self._stats = stats
@@ -143,6 +145,10 @@ class Connection:
     @property
     def client_key(self) -> int:
         return self.number
+
+    @property
+    def identity(self) -> str:
+        return self._identity
 
     @property
     def label(self) -> str:
@@ -261,6 +267,9 @@ class Connection:
                         attempts=event.attempts,
                     )
                 )
+
+    async def relay(self, request_id: Hashable, chunk: Chunk) -> None:
+        raise NotImplementedError("streams are refused before they reach the core")
 
     def _render_body(self, body: ReplyBody) -> Any:
         """An upstream body as this connection asked for it: its bytes, or its decoded values."""
@@ -391,6 +400,15 @@ class Connection:
             return
 
         match message:
+            case Submit() if message.body.get("stream") is True:
+                self.deliver(
+                    Error(
+                        id=message.id,
+                        kind=ErrorKind.INVALID_REQUEST,
+                        message="streaming is not supported on the msgpack socket yet; send the request without "
+                        "stream=true, or use the HTTP front",
+                    )
+                )
             case Submit():
                 try:
                     await self._scheduler.intake(self, message.id, _spec(message), size_bytes=len(payload))

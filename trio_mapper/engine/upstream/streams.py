@@ -1,0 +1,140 @@
+"""Streamed replies: what the engine asks the upstream for, and what it does to each event on the way through.
+
+Every streamed reply must end with its usage, or the budget cannot be settled. Chat and completions streams
+carry usage only when asked (``stream_options.include_usage``), so the engine asks, and when the client did
+not, removes what asking added before the client sees it: the last chunk (``"choices": []`` plus usage) and
+the ``"usage": null`` field on every other chunk — clients break on fields they did not ask for. The
+Responses API's ``response.completed`` event carries usage in any case. Events pass one by one as they
+arrive; nothing waits for the end of the stream. No I/O here: `StreamRelay` is fed parsed events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+import attrs
+import msgspec
+
+__all__ = ["STREAM_END", "Chunk", "StreamKind", "StreamPlan", "StreamRelay", "plan_stream"]
+
+StreamKind = Literal["chat", "completions", "responses"]
+#: API paths (relative to the base URL) whose replies stream when the body says ``"stream": true``.
+STREAMING_PATHS: Final[Mapping[str, StreamKind]] = {
+    "chat/completions": "chat",
+    "completions": "completions",
+    "responses": "responses",
+}
+#: The Responses API's last events, each carrying the whole response with its usage.
+_FINAL_RESPONSE_EVENTS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+#: The data of the event that ends chat and completions streams.
+STREAM_END: Final = "[DONE]"
+
+
+@attrs.frozen
+class StreamPlan:
+    """How one request's stream is relayed."""
+
+    kind: StreamKind
+    #: The engine asked for the usage chunk on the client's behalf, so it removes it again.
+    strip_usage: bool
+
+
+@attrs.frozen
+class Chunk:
+    """One server-sent event of a streamed reply, as the client is to see it."""
+
+    #: The event's data: JSON text for every OpenAI stream.
+    data: str
+    #: The event's name: the Responses API names its events, chat and completions do not.
+    event: str | None = None
+
+
+def plan_stream(path: str, body: Mapping[str, Any]) -> tuple[Mapping[str, Any], StreamPlan | None]:
+    """The body to send upstream and how to relay its stream; None when the request does not stream.
+
+    Args:
+        path: the API path relative to the base URL (``chat/completions``).
+    """
+    if body.get("stream") is not True:
+        return body, None
+    kind = STREAMING_PATHS.get(path)
+    if kind is None:
+        return body, None  # not a streaming endpoint: the upstream answers as it sees fit
+    if kind == "responses":
+        return body, StreamPlan(kind, strip_usage=False)
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    elif not isinstance(options, Mapping):
+        return body, StreamPlan(kind, strip_usage=False)  # malformed: the upstream's 400 says so
+    if options.get("include_usage") is True:
+        return body, StreamPlan(kind, strip_usage=False)
+    return {**body, "stream_options": {**options, "include_usage": True}}, StreamPlan(kind, strip_usage=True)
+
+
+class _ChatUsage(msgspec.Struct):
+    prompt_tokens: int | None = None
+
+
+class _ResponsesUsage(msgspec.Struct):
+    input_tokens: int | None = None
+
+
+class _Response(msgspec.Struct):
+    usage: _ResponsesUsage | None = None
+
+
+class _Completed(msgspec.Struct):
+    response: _Response | None = None
+
+
+class StreamRelay:
+    """Turns the upstream's events into the client's, reading usage as it passes."""
+
+    def __init__(self, plan: StreamPlan) -> None:
+        self.plan = plan
+        #: ``usage.prompt_tokens`` (``input_tokens``) once the usage event went by.
+        self.prompt_tokens: int | None = None
+        #: Events received from the upstream, relayed or not.
+        self.events = 0
+
+    def feed(self, data: str, event: str | None = None) -> Chunk | None:
+        """The chunk to relay for one upstream event, or None when the client must not see it."""
+        self.events += 1
+        if data == STREAM_END:
+            return None  # each front ends the stream in its own way
+        if self.plan.kind == "responses":
+            if event in _FINAL_RESPONSE_EVENTS:
+                self._read_responses_usage(data)
+            return Chunk(data, event)
+        if self.plan.strip_usage or '"usage"' in data:
+            return self._chat_chunk(data, event)
+        return Chunk(data, event)
+
+    def _chat_chunk(self, data: str, event: str | None) -> Chunk | None:
+        try:
+            decoded = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return Chunk(data, event)  # not ours to judge: the client sees what the upstream sent
+        if not isinstance(decoded, dict) or "usage" not in decoded:
+            return Chunk(data, event)
+        usage = decoded["usage"]
+        if isinstance(usage, dict):
+            with contextlib.suppress(msgspec.ValidationError):
+                self.prompt_tokens = msgspec.convert(usage, _ChatUsage).prompt_tokens
+        if not self.plan.strip_usage:
+            return Chunk(data, event)
+        if isinstance(usage, dict) and decoded.get("choices") == []:
+            return None  # the usage chunk the engine asked for
+        del decoded["usage"]
+        return Chunk(msgspec.json.encode(decoded).decode(), event)
+
+    def _read_responses_usage(self, data: str) -> None:
+        try:
+            completed = msgspec.json.decode(data, type=_Completed)
+        except msgspec.DecodeError:
+            return
+        if completed.response is not None and completed.response.usage is not None:
+            self.prompt_tokens = completed.response.usage.input_tokens
