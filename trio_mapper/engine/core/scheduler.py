@@ -820,7 +820,7 @@ class Scheduler:
             relay = StreamRelay(plan)
             async with aclosing(opened.events) as events:
                 async for event in events:
-                    chunk = relay.feed(event.data, event.event or None)
+                    chunk = relay.feed(event.data, event.event)
                     if chunk is not None:
                         await self._relay(job, opened.status, opened.headers, chunk)
             return UpstreamReply(

@@ -103,6 +103,8 @@ class StreamRelay:
     def feed(self, data: str, event: str | None = None) -> Chunk | None:
         """The chunk to relay for one upstream event, or None when the client must not see it."""
         self.events += 1
+        if event == "message":
+            event = None  # the SSE default, which parsers report for unnamed events: relayed unnamed, as sent
         if data == STREAM_END:
             return None  # each front ends the stream in its own way
         if self.plan.kind == "responses":

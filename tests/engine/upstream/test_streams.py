@@ -1,0 +1,67 @@
+"""The stream relay on its own: what the engine asks the upstream for, and what each event becomes."""
+
+from __future__ import annotations
+
+import json
+
+from trio_mapper.engine.upstream.streams import Chunk, StreamPlan, StreamRelay, plan_stream
+
+CHAT = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+
+
+def test_the_engine_asks_for_usage_and_remembers_to_remove_it() -> None:
+    body, plan = plan_stream("chat/completions", CHAT)
+    assert body["stream_options"] == {"include_usage": True}
+    assert plan == StreamPlan("chat", strip_usage=True)
+    assert "stream_options" not in CHAT  # the client's body is left alone
+
+    asked = {**CHAT, "stream_options": {"include_usage": True}}
+    assert plan_stream("chat/completions", asked) == (asked, StreamPlan("chat", strip_usage=False))
+    # Other options the client set are kept.
+    body, _ = plan_stream("completions", {**CHAT, "stream_options": {"include_obfuscation": False}})
+    assert body["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+
+
+def test_only_streaming_endpoints_with_stream_true_are_streams() -> None:
+    assert plan_stream("chat/completions", {**CHAT, "stream": False})[1] is None
+    assert plan_stream("embeddings", CHAT)[1] is None
+    assert plan_stream("responses", CHAT) == (CHAT, StreamPlan("responses", strip_usage=False))
+    # A malformed stream_options is the upstream's to refuse, untouched.
+    malformed = {**CHAT, "stream_options": "yes"}
+    assert plan_stream("chat/completions", malformed) == (malformed, StreamPlan("chat", strip_usage=False))
+
+
+def test_added_usage_is_read_then_removed() -> None:
+    relay = StreamRelay(StreamPlan("chat", strip_usage=True))
+    content = relay.feed('{"choices": [{"delta": {"content": "hi"}}], "usage": null}', "message")
+    assert content is not None and json.loads(content.data) == {"choices": [{"delta": {"content": "hi"}}]}
+    assert content.event is None
+    usage = '{"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}'
+    assert relay.feed(usage) is None
+    assert relay.prompt_tokens == 12
+    assert relay.feed("[DONE]") is None
+
+
+def test_usage_the_client_asked_for_passes_untouched() -> None:
+    relay = StreamRelay(StreamPlan("chat", strip_usage=False))
+    usage = '{"choices": [], "usage": {"prompt_tokens": 7}}'
+    assert relay.feed(usage) == Chunk(usage)
+    assert relay.prompt_tokens == 7
+    # Not even re-encoded when there is nothing to remove.
+    odd = '{ "choices" : [ ] }'
+    assert relay.feed(odd) == Chunk(odd)
+
+
+def test_responses_events_keep_their_names_and_report_usage_at_the_end() -> None:
+    relay = StreamRelay(StreamPlan("responses", strip_usage=False))
+    delta = '{"type": "response.output_text.delta", "delta": "hi"}'
+    assert relay.feed(delta, "response.output_text.delta") == Chunk(delta, "response.output_text.delta")
+    completed = '{"type": "response.completed", "response": {"usage": {"input_tokens": 9, "output_tokens": 2}}}'
+    assert relay.feed(completed, "response.completed") == Chunk(completed, "response.completed")
+    assert relay.prompt_tokens == 9
+
+
+def test_events_that_are_not_json_pass_as_they_came() -> None:
+    relay = StreamRelay(StreamPlan("chat", strip_usage=True))
+    assert relay.feed("not json") == Chunk("not json")
+    assert relay.prompt_tokens is None
