@@ -1,8 +1,9 @@
 """``trio-mapper demo``: the whole system on one machine, with no API key and no network.
 
 It starts the simulator and an engine as subprocesses (each on its own core, as in real use), sends a batch of
-generated chat requests through the async client helper with a progress bar, and prints what happened: every
-request answered, the throughput achieved against the limits, and the 429s and faults the engine absorbed.
+generated chat requests through the async client helper with a progress bar while a few official ``openai`` SDK
+clients use the engine's HTTP front at the same time, and prints what happened: every request answered, the
+throughput achieved against the limits, and the 429s and faults the engine absorbed.
 The limits are derived from ``--seconds`` so the run takes about that long whatever ``--requests`` is, and the
 simulator enforces them per second (``--quantum 1``, like OpenAI's quantized limits), so a burst is punished
 at once rather than at the end of a minute.
@@ -17,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +62,18 @@ NEIGHBOUR_SHARE: Final = 0.3
 NEIGHBOUR_WINDOW: Final = (0.3, 0.65)
 #: The neighbour's requests cost about this much (bounded by a quarter of the per-second bucket).
 NEIGHBOUR_COST: Final = 250
+#: Programs of the user's own, written against the official SDK (a notebook, a web service), sharing the engine
+#: with the batch: each sends one small chat request at a time, starting one at most every `SDK_INTERVAL` s.
+SDK_CLIENTS: Final = 2
+SDK_INTERVAL: Final = 1.0
+SDK_PROMPT_WORDS: Final = (10, 60)
+SDK_MAX_TOKENS: Final = (16, 32)
+#: "SDK client N, request M:" in tokens, for the budget the plan keeps for the SDK clients.
+SDK_LABEL_TOKENS: Final = 8
+#: Once the batch is done, an SDK request still unanswered after this long is withdrawn, and counted lost: in
+#: a healthy run the engine's queue is empty by then, so waiting longer would only hide a hang.
+SDK_DRAIN_TIMEOUT: Final = 10.0
+SDK_SKIPPED: Final = "sdk clients skipped: the openai package is not installed (pip install openai)"
 #: The simulator loads a tokenizer and the engine its encodings before listening: slow on a cold cache.
 STARTUP_TIMEOUT: Final = 60.0
 #: SIGTERM first (both exit cleanly and the engine removes its socket), SIGKILL if they take longer.
@@ -91,11 +105,26 @@ class Plan:
     concurrency: int
     #: The upstream's cost of the whole batch (prompt + max_tokens, as it charges at admission).
     planned_tokens: int
+    sdk_clients: int = 0
 
     @property
     def expected_seconds(self) -> float:
-        """How long the limits make the batch take, ignoring the first second's burst."""
-        return max(self.planned_tokens * 60 / self.tpm, len(self.bodies) * 60 / self.rpm)
+        """How long the limits make the batch take, ignoring the first second's burst.
+
+        The SDK clients' share of the budget is not the batch's; when they would take (nearly) all of it, the
+        engine's fairness still leaves the batch some, so a tenth is assumed rather than none.
+        """
+        sdk_tokens, sdk_requests = _sdk_load(self.sdk_clients)
+        tokens_per_second = max(self.tpm / 60 - sdk_tokens, self.tpm / 600)
+        requests_per_second = max(self.rpm / 60 - sdk_requests, self.rpm / 600)
+        return max(self.planned_tokens / tokens_per_second, len(self.bodies) / requests_per_second)
+
+
+def _sdk_load(clients: int) -> tuple[float, float]:
+    """About how many tokens and requests per second the SDK clients send, as the upstream charges them."""
+    words, max_tokens = (sum(bounds) / 2 for bounds in (SDK_PROMPT_WORDS, SDK_MAX_TOKENS))
+    cost = words + CHAT_OVERHEAD_TOKENS + SDK_LABEL_TOKENS + max_tokens
+    return clients * cost / SDK_INTERVAL, clients / SDK_INTERVAL
 
 
 @attrs.define
@@ -108,6 +137,42 @@ class Outcome:
     #: The first message seen for each kind of error, to say why requests were lost.
     messages: dict[str, str] = attrs.field(factory=dict)
     wall: float = 0.0
+    #: From the batch's start until the last request through the engine (the batch's or an SDK client's) was
+    #: answered: the time the engine's throughput is measured over. 0 means `wall`.
+    span: float = 0.0
+
+
+@attrs.define
+class SdkClients:
+    """What the official-SDK clients sent through the engine's HTTP front."""
+
+    clients: int
+    sent: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    errors: dict[str, int] = attrs.field(factory=dict)
+    messages: dict[str, str] = attrs.field(factory=dict)
+    #: Seconds each successful request took, as its client saw it (queue, upstream and retries included).
+    waits: list[float] = attrs.field(factory=list)
+
+    @property
+    def withdrawn(self) -> int:
+        """Requests still unanswered `SDK_DRAIN_TIMEOUT` after the batch ended, given up on."""
+        return self.sent - self.succeeded - self.failed
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.succeeded
+
+    def count_error(self, kind: str, message: str) -> None:
+        self.failed += 1
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.messages.setdefault(kind, message)
+
+
+def lost_count(plan: Plan, outcome: Outcome, sdk: SdkClients | None) -> int:
+    """Work that did not get its answer: the batch's requests that did not succeed, and the SDK clients'."""
+    return len(plan.bodies) - outcome.succeeded + (sdk.lost if sdk is not None else 0)
 
 
 @attrs.define
@@ -122,12 +187,17 @@ class Neighbour:
     tokens: int = 0
 
 
+def _prompt(rng: random.Random, words: tuple[int, int], max_tokens: tuple[int, int]) -> tuple[str, int, int]:
+    """A prompt of random words, its length in words, and a random reply cap."""
+    count = rng.randint(*words)
+    cap = rng.randint(*max_tokens)
+    # Each of the simulator's reply words is one token with a leading space, so the cost is easy to predict.
+    return " ".join(rng.choice(WORDS) for _ in range(count)), count, cap
+
+
 def _chat_body(rng: random.Random, index: int) -> tuple[dict[str, Any], int]:
     """One request and its approximate upstream cost in tokens."""
-    words = rng.randint(*PROMPT_WORDS)
-    max_tokens = rng.randint(*MAX_TOKENS)
-    # Each of the simulator's reply words is one token with a leading space, so the cost is easy to predict.
-    text = " ".join(rng.choice(WORDS) for _ in range(words))
+    text, words, max_tokens = _prompt(rng, PROMPT_WORDS, MAX_TOKENS)
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": f"Request {index}: {text}"}],
@@ -136,8 +206,10 @@ def _chat_body(rng: random.Random, index: int) -> tuple[dict[str, Any], int]:
     return body, words + CHAT_OVERHEAD_TOKENS + 3 + max_tokens  # +3: "Request N:"
 
 
-def make_plan(requests: int, seconds: float, rpm: int | None, tpm: int | None, concurrency: int | None) -> Plan:
-    """Generate the requests and choose limits that make them take about ``seconds``."""
+def make_plan(
+    requests: int, seconds: float, rpm: int | None, tpm: int | None, concurrency: int | None, sdk_clients: int = 0
+) -> Plan:
+    """Generate the requests and choose limits that make them, with the SDK clients', take about ``seconds``."""
     rng = random.Random(SEED)
     bodies: list[dict[str, Any]] = []
     planned = 0
@@ -145,15 +217,20 @@ def make_plan(requests: int, seconds: float, rpm: int | None, tpm: int | None, c
         body, cost = _chat_body(rng, index)
         bodies.append(body)
         planned += cost
+    # The SDK clients share the budget for the whole batch: the limits make room for them, so that the batch
+    # still takes about `seconds` and the run stays as long as the user asked.
+    sdk_tokens, sdk_requests = _sdk_load(sdk_clients)
     # The bucket starts full (one second of budget) and that second is free, hence the +1.
     if tpm is None:
-        tpm = max(1, math.ceil(planned * 60 / (seconds + 1)))
+        tpm = max(1, math.ceil((planned + sdk_tokens * seconds) * 60 / (seconds + 1)))
     if rpm is None:
-        rpm = max(1, math.ceil(requests * 60 / (seconds + 1) * RPM_HEADROOM))
+        rpm = max(1, math.ceil((requests + sdk_requests * seconds) * 60 / (seconds + 1) * RPM_HEADROOM))
     if concurrency is None:
         # Replies take ~0.05-0.2 s on the simulator: a few per second of RPM budget keeps the pipe full.
         concurrency = max(4, min(64, math.ceil(rpm / 60)))
-    return Plan(bodies=bodies, rpm=rpm, tpm=tpm, concurrency=concurrency, planned_tokens=planned)
+    return Plan(
+        bodies=bodies, rpm=rpm, tpm=tpm, concurrency=concurrency, planned_tokens=planned, sdk_clients=sdk_clients
+    )
 
 
 # --- subprocesses -------------------------------------------------------------------------------------------
@@ -162,8 +239,8 @@ def make_plan(requests: int, seconds: float, rpm: int | None, tpm: int | None, c
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_ENGINE_ENV_PREFIXES)}
     # The children run in the temp dir (so no ./.env there can change the engine's settings); make sure they
-    # import this same trio_mapper even when it is not installed.
-    package_root = str(Path(__file__).resolve().parent.parent)
+    # import this same trio_mapper even when it is not installed: the directory that holds the package.
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     env.update(extra)
     return env
@@ -237,17 +314,18 @@ async def _wait_for_simulator(child: Child) -> str:
             await trio.sleep(0.05)
 
 
-async def _wait_for_engine(child: Child, socket: Path) -> None:
+async def _wait_for_engine(child: Child, *sockets: Path) -> None:
     with trio.fail_after(STARTUP_TIMEOUT):
-        while True:
-            child.check_alive()
-            try:
-                stream = await trio.open_unix_socket(str(socket))
-            except OSError:
-                await trio.sleep(0.05)
-            else:
-                await stream.aclose()
-                return
+        for socket in sockets:
+            while True:
+                child.check_alive()
+                try:
+                    stream = await trio.open_unix_socket(str(socket))
+                except OSError:
+                    await trio.sleep(0.05)
+                else:
+                    await stream.aclose()
+                    break
 
 
 async def _simulator_stats(base_url: str) -> dict[str, Any]:
@@ -301,13 +379,56 @@ async def _neighbour(base_url: str, plan: Plan, tally: Neighbour) -> None:
             await trio.sleep(interval)
 
 
+async def _sdk_client(http_socket: Path, index: int, tally: SdkClients, batch_done: trio.Event) -> None:
+    """Chat through the engine's HTTP front with the official SDK, as the user's own code would, until the batch
+    is done: one request at a time, at most one every `SDK_INTERVAL` seconds."""
+    import openai
+
+    rng = random.Random(SEED + 1 + index)
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(http_socket))) as http:
+        # The openai releases built on httpx2 type `http_client` as theirs but take an httpx client as well (the
+        # one the README shows); earlier releases type it as httpx's.
+        http_client: Any = http
+        # The host is nominal over a Unix socket, and the key unused: who may open the socket may use the engine.
+        # No SDK retries, so that anything the engine did not absorb shows as a failure.
+        client = openai.AsyncOpenAI(
+            base_url="http://engine/v1", api_key="unused", http_client=http_client, max_retries=0
+        )
+        next_start = trio.current_time()
+        number = 0
+        while not batch_done.is_set():
+            text, _, max_tokens = _prompt(rng, SDK_PROMPT_WORDS, SDK_MAX_TOKENS)
+            tally.sent += 1
+            started = trio.current_time()
+            try:
+                await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"SDK client {index + 1}, request {number}: {text}"}],
+                    max_tokens=max_tokens,
+                )
+            except openai.APIError as exc:
+                response = getattr(exc, "response", None)
+                kind = (response.headers.get("x-trio-mapper-error") if response is not None else None) or (
+                    exc.code or type(exc).__name__
+                )
+                tally.count_error(str(kind), str(exc))
+            else:
+                tally.succeeded += 1
+                tally.waits.append(trio.current_time() - started)
+            number += 1
+            next_start = max(next_start + SDK_INTERVAL, trio.current_time())
+            with trio.move_on_at(next_start):
+                await batch_done.wait()
+
+
 # --- the batch ----------------------------------------------------------------------------------------------
 
 
 async def _run_batch(
-    socket: Path, plan: Plan, console: Any, neighbour: tuple[str, Neighbour] | None
+    socket: Path, plan: Plan, console: Any, neighbour: tuple[str, Neighbour] | None, sdk: SdkClients | None
 ) -> tuple[Outcome, dict[str, Any]]:
-    """Send every request through the engine with a progress bar; returns the outcome and the engine's stats."""
+    """Send every request through the engine with a progress bar, while the SDK clients (if any) use its HTTP
+    front; returns the outcome and the engine's stats."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from trio_mapper.client.aio import AsyncClient
@@ -331,36 +452,53 @@ async def _run_batch(
                 progress.update(
                     task,
                     counters=f"in flight {lane.get('in_flight', 0):>2}  queued {lane.get('queued', 0):>3}  "
-                    f"429s absorbed {lane.get('upstream_429s', 0)}  retries {lane.get('retries', 0)}",
+                    f"429s absorbed {lane.get('upstream_429s', 0)}  retries {lane.get('retries', 0)}"
+                    + (f"  SDK answered {sdk.succeeded + sdk.failed}" if sdk is not None else ""),
                 )
                 await trio.sleep(STATS_INTERVAL)
 
         with progress:
             started = time.monotonic()
+            batch_done = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(show_counters)
                 if neighbour is not None:
                     nursery.start_soon(_neighbour, neighbour[0], plan, neighbour[1])
-                # A window of twice the concurrency keeps the engine's queue fed without queueing everything.
-                async with client.map(plan.bodies, endpoint=ENDPOINT, window=2 * plan.concurrency) as results:
-                    async for item in results:
-                        if item.ok:
-                            outcome.succeeded += 1
-                        else:
-                            outcome.failed += 1
-                            kind = getattr(item.error, "kind", type(item.error).__name__)
-                            outcome.errors[str(kind)] = outcome.errors.get(str(kind), 0) + 1
-                            outcome.messages.setdefault(str(kind), str(item.error))
-                        progress.advance(task)
-                outcome.wall = time.monotonic() - started
+                async with trio.open_nursery() as sdk_nursery:
+                    if sdk is not None:
+                        for index in range(sdk.clients):
+                            sdk_nursery.start_soon(_sdk_client, _http_socket(socket), index, sdk, batch_done)
+                    # A window of twice the concurrency keeps the engine's queue fed without queueing everything.
+                    async with client.map(plan.bodies, endpoint=ENDPOINT, window=2 * plan.concurrency) as results:
+                        async for item in results:
+                            if item.ok:
+                                outcome.succeeded += 1
+                            else:
+                                outcome.failed += 1
+                                kind = getattr(item.error, "kind", type(item.error).__name__)
+                                outcome.errors[str(kind)] = outcome.errors.get(str(kind), 0) + 1
+                                outcome.messages.setdefault(str(kind), str(item.error))
+                            progress.advance(task)
+                    outcome.wall = time.monotonic() - started
+                    # The SDK clients send nothing new; the requests they have in flight get their answers, which
+                    # the queue, empty now, gives at once, or are withdrawn after the drain timeout.
+                    batch_done.set()
+                    sdk_nursery.cancel_scope.deadline = trio.current_time() + SDK_DRAIN_TIMEOUT
+                outcome.span = time.monotonic() - started
                 nursery.cancel_scope.cancel()
             # One last refresh so the bar's counters match the summary.
             lane = (await client.stats())["lanes"].get(MODEL, {})
             progress.update(
                 task,
-                counters=f"429s absorbed {lane.get('upstream_429s', 0)}  retries {lane.get('retries', 0)}",
+                counters=f"429s absorbed {lane.get('upstream_429s', 0)}  retries {lane.get('retries', 0)}"
+                + (f"  SDK answered {sdk.succeeded + sdk.failed}" if sdk is not None else ""),
             )
         return outcome, await client.stats()
+
+
+def _http_socket(socket: Path) -> Path:
+    """Where the engine serves the OpenAI HTTP API by default: beside its msgpack socket."""
+    return socket.with_name(socket.name + ".http")
 
 
 # --- the report ---------------------------------------------------------------------------------------------
@@ -370,35 +508,56 @@ def _percent(value: float, limit: float) -> str:
     return f"{100 * value / limit:.0f}%" if limit > 0 else "-"
 
 
+def _errors(errors: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(errors.items()))
+
+
 def render_summary(
-    plan: Plan, outcome: Outcome, engine: dict[str, Any], simulator: dict[str, Any], neighbour: Neighbour | None
+    plan: Plan,
+    outcome: Outcome,
+    engine: dict[str, Any],
+    simulator: dict[str, Any],
+    neighbour: Neighbour | None,
+    sdk: SdkClients | None = None,
 ) -> list[str]:
     """The summary lines; plain text so they read the same in a terminal, a log or a test."""
     other = neighbour or Neighbour()
     total = len(plan.bodies)
-    lost = total - outcome.succeeded
+    lost = lost_count(plan, outcome, sdk)
     lane: dict[str, Any] = engine.get("lanes", {}).get(MODEL, {})
     limited = simulator.get("rate_limited", {})
     upstream_429s = int(limited.get("requests", 0)) + int(limited.get("tokens", 0))
     server_errors = sum(int(n) for n in simulator.get("server_errors", {}).values())
-    minutes = outcome.wall / 60 if outcome.wall > 0 else math.inf
-    # The upstream counts everyone who uses the key; the neighbour's share is what it was charged itself.
+    # Over the time anything went through the engine, SDK requests answered after the batch's end included.
+    span = max(outcome.span, outcome.wall)
+    minutes = span / 60 if span > 0 else math.inf
+    # The upstream counts everyone who uses the key, so what went through the engine is everything but what
+    # the neighbour was charged itself: the batch's requests and the SDK clients'.
     charged = int(simulator.get("tokens_charged", 0))
     engine_tpm, total_tpm = (charged - other.tokens) / minutes, charged / minutes
     admitted = int(simulator.get("admitted", 0))
     engine_rpm, total_rpm = (admitted - other.admitted) / minutes, admitted / minutes
     to_engine = upstream_429s - other.rate_limited
     absorbed = int(lane.get("upstream_429s", 0))
-    lines = [
-        f"requests        {total}",
-        f"succeeded       {outcome.succeeded}",
-        f"lost            {lost}"
-        + (f"  ({', '.join(f'{n} {kind}' for kind, n in sorted(outcome.errors.items()))})" if lost else ""),
+    lines = [f"requests        {total}", f"succeeded       {outcome.succeeded}"]
+    why = [_errors(outcome.errors)] if outcome.errors else []
+    via = "via the engine"
+    if sdk is not None:
+        median = f" (median wait {statistics.median(sdk.waits):.1f} s)" if sdk.waits else ""
+        withdrawn = f", {sdk.withdrawn} withdrawn unanswered after the batch" if sdk.withdrawn else ""
+        lines.append(
+            f"sdk clients     {sdk.clients} official openai SDK clients over the HTTP front: {sdk.sent} requests, "
+            f"{sdk.succeeded} succeeded, {sdk.failed} failed{withdrawn}{median}"
+        )
+        sdk_errors = {**sdk.errors, **({"withdrawn": sdk.withdrawn} if sdk.withdrawn else {})}
+        why += [f"SDK clients: {_errors(sdk_errors)}"] if sdk_errors else []
+        via = "via the engine (batch and SDK clients)"
+    lines += [
+        f"lost            {lost}" + (f"  ({'; '.join(why)})" if lost and why else ""),
         # The upstream charges prompt + max_tokens at admission, so that is what the TPM limit is about.
-        f"tokens/min      {engine_tpm:,.0f} via the engine: {_percent(engine_tpm, plan.tpm)} of the "
+        f"tokens/min      {engine_tpm:,.0f} {via}: {_percent(engine_tpm, plan.tpm)} of the "
         f"{plan.tpm:,} TPM limit (prompt + max_tokens, as the upstream charges)",
-        f"requests/min    {engine_rpm:,.0f} via the engine: {_percent(engine_rpm, plan.rpm)} of the "
-        f"{plan.rpm:,} RPM limit",
+        f"requests/min    {engine_rpm:,.0f} {via}: {_percent(engine_rpm, plan.rpm)} of the {plan.rpm:,} RPM limit",
     ]
     if neighbour is not None:
         lines.append(
@@ -411,13 +570,25 @@ def render_summary(
         + (f"all {absorbed} absorbed" if absorbed == to_engine and absorbed else f"{absorbed} absorbed by it")
         + (f"; {other.rate_limited} to the neighbour" if neighbour is not None else ""),
         f"server errors   {server_errors} injected by the simulator (--fail-rate {FAIL_RATE})",
-        f"retries         {lane.get('retries', 0)} made by the engine, none by the client",
+        # The client helper never retries, and the SDK clients are told not to (max_retries=0).
+        f"retries         {lane.get('retries', 0)} made by the engine, none by the client"
+        + ("s" if sdk is not None else ""),
         f"wall time       {outcome.wall:.1f} s for the batch",
     ]
     return lines
 
 
 # --- the command --------------------------------------------------------------------------------------------
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -447,6 +618,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out the other program that spends the same key around the engine (then 429s are rare)",
     )
     parser.add_argument(
+        "--sdk-clients",
+        type=_non_negative_int,
+        default=SDK_CLIENTS,
+        metavar="N",
+        help=f"official openai SDK clients using the engine's HTTP front during the batch; 0 for none ({SDK_CLIENTS})",
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the temporary directory with the simulator's and engine's logs"
     )
 
@@ -459,10 +637,13 @@ def _make_workdir() -> Path:
     return workdir
 
 
-async def _demo(
-    plan: Plan, workdir: Path, console: Any, children: list[Child], with_neighbour: bool
-) -> tuple[Outcome, list[str]]:
+#: What a run produced: the batch's outcome, the SDK clients' tally (None when there were none), the summary.
+Result = tuple[Outcome, SdkClients | None, list[str]]
+
+
+async def _demo(plan: Plan, workdir: Path, console: Any, children: list[Child], with_neighbour: bool) -> Result:
     socket = workdir / "engine.sock"
+    http_socket = _http_socket(socket)
     env = _child_env({})
     simulate = ["simulate", "--port", "0", "--rpm", str(plan.rpm), "--tpm", str(plan.tpm),
                 "--quantum", str(QUANTUM), "--fail-rate", str(FAIL_RATE), "--seed", str(SEED)]  # fmt: skip
@@ -473,31 +654,34 @@ async def _demo(
         engine_argv = ["launch-engine", "--socket", str(socket), "--base-url", base_url,
                        "--rpm", str(plan.rpm), "--tpm", str(plan.tpm),
                        "--max-concurrent-reqs", str(plan.concurrency), "--grace-period", str(ENGINE_GRACE)]  # fmt: skip
+        if plan.sdk_clients:
+            # The default, said explicitly: the SDK clients depend on it.
+            engine_argv += ["--http-socket", str(http_socket)]
         async with _child("engine", engine_argv, workdir, _child_env({"OPENAI_API_KEY": DEMO_KEY})) as engine:
             children.append(engine)
-            await _wait_for_engine(engine, socket)
+            await _wait_for_engine(engine, socket, *([http_socket] if plan.sdk_clients else []))
             console.print(
                 f"simulator pid {simulator.process.pid} at {base_url}, engine pid {engine.process.pid} on {socket}"
-                f" (ready in {time.monotonic() - started:.1f} s)"
+                + (" (and .http)" if plan.sdk_clients else "")
+                + f" (ready in {time.monotonic() - started:.1f} s)"
             )
             # A generous bound so a wedged run fails with logs instead of hanging; Ctrl+C works sooner.
             tally = Neighbour() if with_neighbour else None
-            with trio.fail_after(3 * plan.expected_seconds + 60):
+            sdk = SdkClients(plan.sdk_clients) if plan.sdk_clients else None
+            with trio.fail_after(3 * plan.expected_seconds + SDK_DRAIN_TIMEOUT + 60):
                 outcome, engine_stats = await _run_batch(
-                    socket, plan, console, (base_url, tally) if tally is not None else None
+                    socket, plan, console, (base_url, tally) if tally is not None else None, sdk
                 )
             simulator_stats = await _simulator_stats(base_url)
-    return outcome, render_summary(plan, outcome, engine_stats, simulator_stats, tally)
+    return outcome, sdk, render_summary(plan, outcome, engine_stats, simulator_stats, tally, sdk)
 
 
-async def _main(
-    plan: Plan, workdir: Path, console: Any, children: list[Child], with_neighbour: bool
-) -> tuple[Outcome, list[str]] | None:
+async def _main(plan: Plan, workdir: Path, console: Any, children: list[Child], with_neighbour: bool) -> Result | None:
     """Run the demo; None when interrupted by SIGINT/SIGTERM (cleanup has run by then)."""
     # Signals cancel the run so every `finally` gets to stop the children, instead of a KeyboardInterrupt
     # landing in the middle of cleanup.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        result: tuple[Outcome, list[str]] | None = None
+        result: Result | None = None
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
@@ -532,12 +716,24 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # soft_wrap: long lines stay whole (a terminal wraps them anyway), so they can be grepped from a log.
     console = Console(highlight=False, soft_wrap=True)
-    plan = make_plan(args.requests, args.seconds, args.rpm, args.tpm, args.max_concurrent_reqs)
+    sdk_clients = args.sdk_clients
+    if sdk_clients:
+        try:
+            # Imported once here, not in each client: a missing package is said once, and the import's second
+            # or so is spent before anything is started.
+            import openai  # noqa: F401
+        except ImportError:
+            sdk_clients = 0
+    plan = make_plan(args.requests, args.seconds, args.rpm, args.tpm, args.max_concurrent_reqs, sdk_clients)
     console.print(
         f"[bold]trio-mapper demo[/]: {len(plan.bodies)} chat requests ({plan.planned_tokens:,} tokens) through an "
-        f"engine to the simulator; limits {plan.rpm:,} RPM / {plan.tpm:,} TPM enforced per second, "
+        f"engine to the simulator"
+        + (f", with {sdk_clients} official openai SDK clients on its HTTP front" if sdk_clients else "")
+        + f"; limits {plan.rpm:,} RPM / {plan.tpm:,} TPM enforced per second, "
         f"{FAIL_RATE:.0%} server errors, {plan.concurrency} concurrent upstream requests"
     )
+    if sdk_clients != args.sdk_clients:
+        console.print(SDK_SKIPPED, markup=False)
     workdir = _make_workdir()
     children: list[Child] = []
     status = 1
@@ -555,14 +751,20 @@ def run_demo(args: argparse.Namespace) -> int:
             console.print("[yellow]interrupted[/]: simulator and engine stopped")
             status = 130
             return status
-        outcome, lines = result
+        outcome, sdk, lines = result
         for line in lines:
             console.print(line, markup=False)
-        lost = len(plan.bodies) - outcome.succeeded
+        lost = lost_count(plan, outcome, sdk)
         if lost:
             console.print(f"[red]{lost} request(s) lost[/]")
             for kind, message in sorted(outcome.messages.items()):
                 console.print(f"  {kind}: {message}", markup=False)
+            for kind, message in sorted((sdk.messages if sdk is not None else {}).items()):
+                console.print(f"  {kind} (SDK client): {message}", markup=False)
+            if sdk is not None and sdk.withdrawn:
+                console.print(
+                    f"  withdrawn (SDK client): no answer {SDK_DRAIN_TIMEOUT:.0f} s after the batch ended", markup=False
+                )
             _print_logs(console, children)
             return 1
         status = 0
