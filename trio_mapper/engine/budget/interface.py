@@ -9,6 +9,7 @@ neither the queue nor the scheduler changes. docs/ledger.md ("Queue, meter, fact
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 
 import attrs
@@ -311,6 +312,45 @@ class Meter(Protocol):
         ...
 
 
+class RemoteMeter(Protocol):
+    """A `Meter` whose charge is a round trip to a shared store (`budget/shared.py`): `charge` is awaited.
+
+    Everything else keeps `Meter`'s contract, synchronous for the scheduler: `refund`, `settle` and `pause`
+    take effect in this process at once (a reservation settles once) and reach the store in the
+    background, idempotently; `on_change` tells the queue when that may have freed budget.
+    """
+
+    name: str
+    #: Tells the ledger's queue to await `charge` instead of calling `try_charge`.
+    remote: Literal[True]
+
+    def check_admissible(self, cost: Cost) -> None: ...
+
+    async def charge(self, cost: Cost) -> Reservation | float:
+        """`Meter.try_charge` as a round trip: the reservation, or when to ask again (trio's clock)."""
+        ...
+
+    def on_change(self, listener: Callable[[], None]) -> None: ...
+
+    def refund(self, reservation: Reservation) -> bool: ...
+
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        prompt_tokens: int | None,
+        snapshot: RateLimitSnapshot | None,
+    ) -> bool: ...
+
+    def pause(self, wait: float | None, scope: str | None) -> None: ...
+
+    def update_limits(self, limits: Limits) -> None: ...
+
+    def at_rest(self) -> bool: ...
+
+    def statistics(self) -> LaneStatistics: ...
+
+
 class MeterFactory(Protocol):
     """Makes the meter of a lane when the ledger first needs it: `Ledger(..., meter_factory=...)`.
 
@@ -322,4 +362,6 @@ class MeterFactory(Protocol):
         origin: the ledger's start on trio's clock, where fixed windows align (a shared meter has its own).
     """
 
-    def __call__(self, lane: str, limits: Limits, *, period: float, mode: Mode, origin: float) -> Meter: ...
+    def __call__(
+        self, lane: str, limits: Limits, *, period: float, mode: Mode, origin: float
+    ) -> Meter | RemoteMeter: ...

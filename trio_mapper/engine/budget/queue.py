@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from trio_mapper.engine.budget.interface import Cost, LaneStatistics, Limits, Meter, RequestTooLarge, Reservation
+from trio_mapper.engine.budget.interface import (
+    Cost,
+    LaneStatistics,
+    Limits,
+    Meter,
+    RemoteMeter,
+    RequestTooLarge,
+    Reservation,
+)
 
 if TYPE_CHECKING:
     from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
@@ -127,17 +135,73 @@ class WaitQueue:
 
 
 @final
+class RemoteWaitQueue:
+    """`WaitQueue`'s FIFO for a meter whose charge is a round trip (the shared budget).
+
+    Only the head asks, so an engine sends one admission at a time per lane, however many wait; refused,
+    it sleeps until the ready-at the store answered (jitter included) or until something here may have
+    freed budget, then asks again. No polling beyond that.
+    """
+
+    def __init__(self, meter: RemoteMeter) -> None:
+        self._meter = meter
+        self._waiters: collections.OrderedDict[_Waiter, None] = collections.OrderedDict()
+        meter.on_change(self.changed)
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def __repr__(self) -> str:
+        return f"<RemoteWaitQueue waiters={len(self._waiters)} meter={self._meter!r}>"
+
+    def changed(self) -> None:
+        if self._waiters:
+            next(iter(self._waiters)).event.set()
+
+    async def reserve(self, cost: Cost) -> Reservation:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._meter.check_admissible(cost)
+        waiter = _Waiter(cost)
+        self._waiters[waiter] = None
+        try:
+            while True:
+                waiter.event = trio.Event()
+                ready_at = math.inf
+                if next(iter(self._waiters)) is waiter:
+                    # Shielded: cancelled mid-call, a granted reservation would be lost (never settled);
+                    # the meter's own timeout bounds the wait. A cancel is acted on right after.
+                    with trio.CancelScope(shield=True):
+                        answer = await self._meter.charge(cost)
+                    if isinstance(answer, Reservation):
+                        del self._waiters[waiter]
+                        self.changed()
+                        return answer  # the caller refunds it if it was cancelled meanwhile
+                    ready_at = answer
+                with trio.move_on_at(ready_at):
+                    await waiter.event.wait()
+        finally:
+            if waiter in self._waiters:
+                was_head = next(iter(self._waiters)) is waiter
+                del self._waiters[waiter]
+                if was_head:
+                    self.changed()
+
+
+@final
 class QueuedLaneBudget:
-    """A `LaneBudget`: this process's `WaitQueue` in front of a `Meter` (the local one, or a shared one).
+    """A `LaneBudget`: this process's waiting queue in front of a `Meter` (the local one) or a `RemoteMeter`
+    (the shared one).
 
     Each call that may free budget or change the limits goes to the meter first, then wakes the queue's
     head; a settlement the meter ignores (settled already) wakes nobody.
     """
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter | RemoteMeter) -> None:
         self.name = meter.name
         self.meter = meter
-        self._queue = WaitQueue(meter)
+        self._queue: WaitQueue | RemoteWaitQueue = (
+            RemoteWaitQueue(meter) if getattr(meter, "remote", False) else WaitQueue(meter)  # type: ignore[arg-type]
+        )
 
     def __repr__(self) -> str:
         return f"<QueuedLaneBudget {self.name!r} waiters={len(self._queue)} meter={self.meter!r}>"

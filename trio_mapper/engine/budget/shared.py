@@ -1,0 +1,550 @@
+"""The budget shared by every engine on one API key, kept in Redis: a `RemoteMeter` per lane over one Lua script.
+
+`SharedBudget` is one engine's side of it: the Redis client, the ledger's meter factory, and two tasks — the
+settler, which sends refunds, settlements and pauses in the background (each idempotent by reservation id,
+so a call retried after a lost reply changes nothing), and the heartbeat, which counts the engines sharing
+the key. `SharedMeter` is one lane's meter. Admission (`charge`) is one round trip running
+``shared_budget.lua``, which reads Redis's clock, refills, checks the pause and charges both dimensions or
+neither. docs/ledger.md ("Shared budget") has the design; this module is its plumbing.
+
+When Redis cannot be reached in time the engine follows its failure policy, says so once in the log and in
+`status`: ``wait`` sends nothing until Redis answers again (requests wait within their deadlines), and
+``local-share`` falls back to a local meter per lane with the limits divided by the number of engines seen
+through heartbeats. Never the full limits on every engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import itertools
+import logging
+import math
+import os
+import random
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Literal, final
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+
+from trio_mapper.engine.budget.interface import (
+    Cost,
+    LaneStatistics,
+    Limits,
+    Meter,
+    Mode,
+    Reservation,
+    check_cost,
+)
+from trio_mapper.engine.budget.local import LocalMeter
+from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
+
+log = logging.getLogger("trio_mapper.shared_budget")
+
+FailurePolicy = Literal["wait", "local-share"]
+FAILURE_POLICIES: Final[tuple[FailurePolicy, ...]] = ("wait", "local-share")
+#: Seconds a reservation counts as in flight before the store stops waiting for its settlement: longer than
+#: any request may take upstream (the default read timeout is 600 s), so only a dead engine's ones expire.
+RESERVATION_TTL: Final = 900.0
+#: A lane's state lives on this long after its last use; then the lane starts again from a cold start.
+IDLE_EXPIRY: Final = 3600
+#: Heartbeats: how often an engine says it is alive, and how long one counts.
+HEARTBEAT_INTERVAL: Final = 5.0
+HEARTBEAT_SPAN: Final = 30.0
+#: While Redis is unreachable: how often it is tried again, and how long a `wait` admission sleeps.
+RECONNECT_INTERVAL: Final = 1.0
+#: Up to this fraction of a wait (and at most 50 ms) is added at random, so engines told the same ready
+#: time do not all ask at once.
+WAIT_JITTER: Final = 0.1
+MAX_JITTER: Final = 0.05
+
+_HEARTBEAT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 4))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class BudgetUnavailable(Exception):
+    """Redis did not answer in time, or refused: the failure policy applies."""
+
+
+@attrs.frozen
+class SharedBudgetSettings:
+    """Where the shared budget lives and what to do without it."""
+
+    #: ``redis://host:port/db``, ``rediss://…`` (TLS) or ``unix:///path/to/redis.sock``; no password in it.
+    url: str
+    password: str | None = attrs.field(default=None, repr=False)
+    #: Prefix of every key, so several deployments can share one Redis.
+    namespace: str = "trio-mapper"
+    failure_policy: FailurePolicy = "wait"
+    #: Seconds one Redis call may take before the failure policy applies.
+    timeout: float = 0.5
+
+
+def key_identity(api_key: str, base_url: str) -> str:
+    """What names a key's budget in Redis: a hash of the key and its API, never the key itself."""
+    digest = hashlib.sha256(b"trio-mapper budget\0" + base_url.encode() + b"\0" + api_key.encode())
+    return digest.hexdigest()[:24]
+
+
+@attrs.frozen
+class _View:
+    """A lane as the script last left it."""
+
+    effective: Limits
+    request_capacity: float
+    token_capacity: float
+    requests_available: float
+    tokens_available: float
+    pause_remaining: float
+    in_flight: int
+    learned_rpm: float | None
+    learned_tpm: float | None
+    pauses: int
+    decreases: int
+
+    @classmethod
+    def parse(cls, reply: Sequence[Any]) -> tuple[_View, list[str]]:
+        values = [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
+        rpm, tpm = (max(1, math.floor(float(value))) for value in values[:2])
+        view = cls(
+            effective=Limits(rpm=rpm, tpm=tpm),
+            request_capacity=float(values[2]),
+            token_capacity=float(values[3]),
+            requests_available=float(values[4]),
+            tokens_available=float(values[5]),
+            pause_remaining=float(values[6]),
+            in_flight=int(values[7]),
+            learned_rpm=float(values[8]) if values[8] else None,
+            learned_tpm=float(values[9]) if values[9] else None,
+            pauses=int(float(values[10])),
+            decreases=int(float(values[11])),
+        )
+        return view, values[13:]
+
+
+@final
+class _Mark:
+    """A shared reservation's `Reservation.mark`: its id in Redis and our view at its admission."""
+
+    __slots__ = ("adjusted", "id", "level", "rested", "seq")
+
+    def __init__(
+        self, id: str, seq: int, level: tuple[float, float], adjusted: tuple[float, float], rested: tuple[bool, bool]
+    ) -> None:
+        self.id = id
+        self.seq = seq
+        self.level = level  # (requests, tokens) right after the charge
+        self.adjusted = adjusted
+        self.rested = rested
+
+
+def _number(value: int | None) -> str:
+    # Azure sends -1 for "unknown": like a missing header.
+    return "" if value is None or value < 0 else str(value)
+
+
+@final
+class SharedBudget:
+    """One engine's connection to the shared budget. Start `run` in a nursery before the first admission;
+    the instance is the ledger's meter factory (``Ledger(..., meter_factory=shared_budget)``)."""
+
+    def __init__(
+        self,
+        settings: SharedBudgetSettings,
+        *,
+        key_id: str,
+        rng: random.Random | None = None,
+        client: coredis.Redis[bytes] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.key_id = key_id
+        self.engine_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self._rng = rng or random.Random()
+        self._client = client if client is not None else _client(settings)
+        self._script = self._client.register_script(
+            importlib.resources.files(__package__).joinpath("shared_budget.lua").read_text()
+        )
+        self._heartbeat_script = self._client.register_script(_HEARTBEAT)
+        self._ops_send, self._ops = trio.open_memory_channel[Callable[[], Any]](math.inf)
+        self._ids = itertools.count(1)
+        self.available = True
+        self._down_since: float | None = None
+        self._back = trio.Event()
+        #: Engines sharing the key, as the last heartbeat counted them (this one included).
+        self.engines = 1
+        self.calls = 0
+        self.failures = 0
+        self._meters: list[SharedMeter] = []
+
+    def __call__(self, lane: str, limits: Limits, *, period: float, mode: Mode, origin: float) -> SharedMeter:
+        if mode != "bucket":
+            raise ValueError("the shared budget meters continuously (ledger_mode bucket); 'period' is local only")
+        meter = SharedMeter(self, lane, limits, period=period, origin=origin)
+        self._meters.append(meter)
+        return meter
+
+    def keys(self, lane: str) -> list[str]:
+        # One hash tag per key and lane: the lane's keys share a Cluster slot, lanes spread over slots.
+        tag = f"{self.settings.namespace}:{{{self.key_id}:{lane}}}"
+        return [f"{tag}:state", f"{tag}:reservations", f"{tag}:expiry"]
+
+    def new_reservation_id(self) -> str:
+        return f"{self.engine_id}:{next(self._ids)}"
+
+    # --- calls ---------------------------------------------------------------------------------------------
+
+    async def call(self, keys: list[str], args: Sequence[str | int | float]) -> list[Any]:
+        """One run of the lane script, bounded by the timeout; `BudgetUnavailable` when Redis is not there."""
+        if not self.available:
+            raise BudgetUnavailable("Redis is unreachable")
+        try:
+            with trio.fail_after(self.settings.timeout):
+                reply: Any = await self._script(keys=keys, args=[str(arg) for arg in args])
+        except (trio.TooSlowError, OSError, coredis.exceptions.RedisError) as exc:
+            self._went_down(exc)
+            raise BudgetUnavailable(str(exc) or type(exc).__name__) from exc
+        self.calls += 1
+        return list(reply)
+
+    def enqueue(self, operation: Callable[[], Any]) -> None:
+        """A refund, settlement or pause for the settler: sent in order, retried until it is applied."""
+        self._ops_send.send_nowait(operation)
+
+    def _went_down(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.available:
+            self.available = False
+            self._down_since = trio.current_time()
+            self._back = trio.Event()
+            policy = self.settings.failure_policy
+            what = (
+                "holding requests until it answers (failure policy 'wait')"
+                if policy == "wait"
+                else f"using 1/{self.engines} of the limits locally (failure policy 'local-share')"
+            )
+            log.error("shared budget: Redis unreachable (%s); %s", exc or type(exc).__name__, what)
+
+    def _came_back(self) -> None:
+        if not self.available:
+            down = trio.current_time() - (self._down_since or trio.current_time())
+            log.warning("shared budget: Redis reachable again after %.1fs; using the shared budget", down)
+            self.available = True
+            self._back.set()
+            for meter in self._meters:
+                meter.changed()
+
+    # --- tasks ---------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._client, trio.open_nursery() as nursery:
+            await self._heartbeat_once()
+            nursery.start_soon(self._heartbeats)
+            nursery.start_soon(self._settler)
+            task_status.started()
+
+    async def _heartbeat_once(self) -> None:
+        key = f"{self.settings.namespace}:{{{self.key_id}}}:engines"
+        try:
+            with trio.fail_after(self.settings.timeout):
+                count: Any = await self._heartbeat_script(keys=[key], args=[self.engine_id, str(HEARTBEAT_SPAN)])
+        except (trio.TooSlowError, OSError, coredis.exceptions.RedisError) as exc:
+            self._went_down(exc)
+            return
+        self.engines = max(1, int(count))
+        self._came_back()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_INTERVAL if self.available else RECONNECT_INTERVAL)
+            await self._heartbeat_once()
+
+    async def _settler(self) -> None:
+        async for operation in self._ops:
+            while True:
+                if not self.available:
+                    await self._back.wait()
+                try:
+                    await operation()
+                    break
+                except BudgetUnavailable:
+                    continue  # waits for Redis, then sends it again: idempotent by reservation id
+
+    def statistics(self) -> dict[str, Any]:
+        if self.available:
+            state = "ok"
+        elif self.settings.failure_policy == "wait":
+            state = "unreachable: holding requests"
+        else:
+            state = f"unreachable: local share 1/{self.engines}"
+        return {
+            "backend": "redis",
+            "state": state,
+            "engines": self.engines,
+            "engine_id": self.engine_id,
+            "calls": self.calls,
+            "failures": self.failures,
+            "failure_policy": self.settings.failure_policy,
+        }
+
+
+def _client(settings: SharedBudgetSettings) -> coredis.Redis[bytes]:
+    return coredis.Redis.from_url(
+        settings.url,
+        password=settings.password,
+        connect_timeout=settings.timeout,
+        stream_timeout=settings.timeout,
+        # The settler retries on its own, after the failure policy took over: the client must fail fast.
+        retry_policy=coredis.retry.NoRetryPolicy(),
+    )
+
+
+@final
+class SharedMeter:
+    """One lane's `RemoteMeter` over the shared budget."""
+
+    remote: Final = True
+
+    def __init__(self, budget: SharedBudget, lane: str, limits: Limits, *, period: float, origin: float) -> None:
+        self.name = lane
+        self._budget = budget
+        self._keys = budget.keys(lane)
+        self._configured = limits
+        self._period = period
+        self._origin = origin
+        self._view: _View | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._in_flight = 0
+        self._paused_until = -math.inf
+        self._last_settled: int | None = None
+        self._reservations = 0
+        self._refunds = 0
+        self._reconciles = 0
+        self._estimated = 0
+        self._actual = 0
+        self._local: LocalMeter | None = None
+
+    def __repr__(self) -> str:
+        return f"<SharedMeter {self.name!r} in_flight={self._in_flight}>"
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when budget may have been freed in the background (a settlement was applied)."""
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def _args(self, op: str) -> list[str | int | float]:
+        return [
+            op,
+            self._configured.rpm,
+            self._configured.tpm,
+            self._period,
+            self._budget.engine_id,
+            IDLE_EXPIRY,
+        ]
+
+    @property
+    def _effective(self) -> Limits:
+        return self._view.effective if self._view is not None else self._configured
+
+    def check_admissible(self, cost: Cost) -> None:
+        check_cost(self.name, self._effective, cost)
+
+    async def charge(self, cost: Cost) -> Reservation | float:
+        """Charge ``cost`` in one round trip: the `Reservation`, or when to ask again (trio's clock)."""
+        self.check_admissible(cost)
+        now = trio.current_time()
+        if self._paused_until > now:
+            return self._paused_until  # a 429 this engine saw: the store knows, but no need to ask
+        if not self._budget.available:
+            return self._fallback(cost, now)
+        reservation_id = self._budget.new_reservation_id()
+        args = [*self._args("charge"), reservation_id, cost.tokens, cost.requests, RESERVATION_TTL]
+        try:
+            reply = await self._budget.call(self._keys, args)
+        except BudgetUnavailable:
+            return self._fallback(cost, trio.current_time())
+        self._view, answer = _View.parse(reply)
+        self.check_admissible(cost)  # the limits in force may have dropped (another engine's headers)
+        now = trio.current_time()
+        if answer[0] == "wait":
+            wait = float(answer[1])
+            return now + wait + self._budget._rng.uniform(0.0, min(MAX_JITTER, wait * WAIT_JITTER))
+        seq, level_t, level_r, adjusted_t, adjusted_r, rested_t, rested_r = answer[1:8]
+        mark = _Mark(
+            reservation_id,
+            int(seq),
+            level=(float(level_r), float(level_t)),
+            adjusted=(float(adjusted_r), float(adjusted_t)),
+            rested=(rested_r == "1", rested_t == "1"),
+        )
+        self._reservations += 1
+        self._in_flight += 1
+        return Reservation(self.name, cost, now, cost.tokens, mark)
+
+    def _fallback(self, cost: Cost, now: float) -> Reservation | float:
+        if self._budget.settings.failure_policy == "wait":
+            return now + RECONNECT_INTERVAL
+        local = self._local_share()
+        return local.try_charge(cost)
+
+    def _local_share(self) -> LocalMeter:
+        share = max(1, self._budget.engines)
+        limits = Limits(rpm=max(1, self._effective.rpm // share), tpm=max(1, self._effective.tpm // share))
+        if self._local is None:
+            self._local = LocalMeter(self.name, limits, period=self._period, mode="bucket", origin=self._origin)
+        else:
+            self._local.update_limits(limits)
+        return self._local
+
+    def _owned(self, reservation: Reservation) -> Meter | None:
+        """The local meter that issued a fallback reservation, or None for a shared one."""
+        if isinstance(reservation.mark, _Mark):
+            return None
+        if self._local is None or reservation.lane != self.name:
+            raise ValueError(f"reservation of lane {reservation.lane!r} given to lane {self.name!r}")
+        return self._local
+
+    def refund(self, reservation: Reservation) -> bool:
+        local = self._owned(reservation)
+        if local is not None:
+            return local.refund(reservation)
+        if reservation.settled:
+            return False
+        reservation.settled = True
+        self._in_flight -= 1
+        self._refunds += 1
+        mark = reservation.mark
+        assert isinstance(mark, _Mark)
+
+        async def send() -> None:
+            self._view, _ = _View.parse(await self._budget.call(self._keys, [*self._args("refund"), mark.id]))
+            self.changed()
+
+        self._budget.enqueue(send)
+        return True
+
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        prompt_tokens: int | None,
+        snapshot: RateLimitSnapshot | None,
+    ) -> bool:
+        local = self._owned(reservation)
+        if local is not None:
+            return local.settle(reservation, prompt_tokens=prompt_tokens, snapshot=snapshot)
+        if reservation.settled:
+            return False
+        reservation.settled = True
+        self._in_flight -= 1
+        self._reconciles += 1
+        mark = reservation.mark
+        assert isinstance(mark, _Mark)
+        self._last_settled = mark.seq
+        estimate = reservation.cost.prompt_tokens
+        usage_error = 0
+        if prompt_tokens is not None and prompt_tokens >= 0 and estimate is not None:
+            usage_error = prompt_tokens - estimate
+            reservation.charged_tokens += usage_error
+            self._estimated += estimate
+            self._actual += prompt_tokens
+        answered = snapshot is not None or prompt_tokens is not None
+        args = [
+            *self._args("settle"),
+            mark.id,
+            usage_error,
+            _number(snapshot.limit_requests if snapshot else None),
+            _number(snapshot.limit_tokens if snapshot else None),
+            _number(snapshot.remaining_requests if snapshot else None),
+            _number(snapshot.remaining_tokens if snapshot else None),
+            mark.level[0],
+            mark.level[1],
+            mark.adjusted[0],
+            mark.adjusted[1],
+            int(mark.rested[0]),
+            int(mark.rested[1]),
+            int(answered),
+        ]
+
+        async def send() -> None:
+            self._view, _ = _View.parse(await self._budget.call(self._keys, args))
+            self.changed()
+
+        self._budget.enqueue(send)
+        return True
+
+    def pause(self, wait: float | None, scope: str | None) -> None:
+        if wait is None or not math.isfinite(wait) or wait < 0:
+            wait = 1.0
+        # This engine stops at once; the others learn it from the store at their next admission.
+        self._paused_until = max(self._paused_until, trio.current_time() + wait)
+        if self._local is not None:
+            self._local.pause(wait, scope)
+        answered = "" if self._last_settled is None else str(self._last_settled)
+        self._last_settled = None
+        args = [*self._args("pause"), wait, scope or "", answered]
+
+        async def send() -> None:
+            self._view, _ = _View.parse(await self._budget.call(self._keys, args))
+
+        self._budget.enqueue(send)
+
+    def update_limits(self, limits: Limits) -> None:
+        self._configured = limits
+        if self._local is not None:
+            self._local_share()
+
+    def at_rest(self) -> bool:
+        # The state outlives the lane in Redis: a lane made again reads it back. Only this process's
+        # reservations in flight (local ones included) keep the lane.
+        return not self._in_flight and (self._local is None or self._local.at_rest())
+
+    def statistics(self) -> LaneStatistics:
+        now = trio.current_time()
+        view = self._view
+        effective = self._effective
+        pause = max(0.0, self._paused_until - now, view.pause_remaining if view else 0.0)
+        token_capacity = view.token_capacity if view else effective.tpm / 60.0
+        request_capacity = view.request_capacity if view else effective.rpm / 60.0
+        tokens_available = view.tokens_available if view else token_capacity
+        requests_available = view.requests_available if view else request_capacity
+        return LaneStatistics(
+            name=self.name,
+            mode="bucket (shared)",
+            period=self._period,
+            configured=self._configured,
+            effective=effective,
+            token_capacity=token_capacity,
+            request_capacity=request_capacity,
+            tokens_used=max(0.0, token_capacity - tokens_available),
+            requests_used=max(0.0, request_capacity - requests_available),
+            tokens_available=tokens_available,
+            requests_available=requests_available,
+            waiters=0,
+            in_flight=self._in_flight,
+            paused_until=now + pause if pause > 0 else None,
+            pause_remaining=pause,
+            pauses=view.pauses if view else 0,
+            estimated_prompt_tokens=self._estimated,
+            actual_prompt_tokens=self._actual,
+            correction=1.0,
+            reservations=self._reservations,
+            refunds=self._refunds,
+            reconciles=self._reconciles,
+            learned_rpm=view.learned_rpm if view else None,
+            learned_tpm=view.learned_tpm if view else None,
+            rate_decreases=view.decreases if view else 0,
+            at_rest=self.at_rest(),
+        )

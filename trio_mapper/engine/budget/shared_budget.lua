@@ -1,0 +1,311 @@
+-- One lane's budget shared by every engine on an API key: the whole of its state, and every change to it.
+--
+-- Each call is one atomic step that reads, decides and writes (docs/ledger.md, "Shared budget"). The only
+-- clock is Redis's own (TIME): engines on other hosts disagree about the time, so they send durations and
+-- receive durations, never instants. Floats travel as strings (Redis truncates Lua numbers to integers).
+--
+-- KEYS[1]  the lane's state (hash)
+-- KEYS[2]  reservations in flight (hash: id -> "tokens requests seq")
+-- KEYS[3]  their expiry (sorted set: id -> Redis time when it stops counting as in flight)
+-- All three share one hash tag, so they live on one Cluster slot.
+--
+-- ARGV[1]  the operation: charge | refund | settle | pause | peek
+-- ARGV[2]  configured requests per minute      ARGV[3]  configured tokens per minute
+-- ARGV[4]  period: the largest burst, in seconds of refill
+-- ARGV[5]  this engine's id
+-- ARGV[6]  idle expiry of the state, seconds (refreshed by every call)
+-- ARGV[7...] the operation's own arguments (below)
+--
+-- Every reply starts with the lane as this step left it (see `view`), then the operation's answer.
+
+local state_key, reservations_key, expiry_key = KEYS[1], KEYS[2], KEYS[3]
+local op = ARGV[1]
+local configured = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
+local period = tonumber(ARGV[4])
+local engine = ARGV[5]
+local idle_expiry = tonumber(ARGV[6])
+
+-- The constants of the local meter's learning (trio_mapper/engine/budget/local.py explains each).
+local INITIAL_BURST_SECONDS = 1.0
+local RESTED_FRACTION = 0.9
+local AIMD_DECREASE = 0.7
+local AIMD_DECREASE_ISOLATED = 0.8
+local REPEAT_GROWTH = 0.05
+local AIMD_INCREASE = 0.02
+local AIMD_INCREASE_PER_REPLY = 0.005
+local AIMD_FLOOR = 0.01
+-- A refused head's claim on the budget outlives its ready time by this much, then lapses: an engine that
+-- died (or whose waiter gave up) does not hold the lane for longer than that.
+local CLAIM_GRACE = 2.0
+local EPS = 1e-6
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+
+local raw = redis.call('HGETALL', state_key)
+local s = {}
+for i = 1, #raw, 2 do
+    s[raw[i]] = raw[i + 1]
+end
+local function num(name, default)
+    local value = s[name]
+    if value == nil or value == '' then return default end
+    return tonumber(value)
+end
+
+-- A lane seen for the first time (or after Redis lost its state) starts with one second of refill, as a
+-- fresh local meter does: never full, so a restarted Redis cannot hand every engine a whole burst.
+local fresh = s.ts_t == nil
+local st = {
+    r = {level = num('level_r', nil), ts = num('ts_r', now), header = num('header_r', nil), pace = num('pace_r', nil),
+         peak = num('peak_r', 0), decreased_at = num('decreased_at_r', 0), lowered_to = num('lowered_to_r', -1),
+         learned = num('learned_r', configured.r / 60 * INITIAL_BURST_SECONDS), adjusted = num('adjusted_r', 0)},
+    t = {level = num('level_t', nil), ts = num('ts_t', now), header = num('header_t', nil), pace = num('pace_t', nil),
+         peak = num('peak_t', 0), decreased_at = num('decreased_at_t', 0), lowered_to = num('lowered_to_t', -1),
+         learned = num('learned_t', configured.t / 60 * INITIAL_BURST_SECONDS), adjusted = num('adjusted_t', 0)},
+}
+local paused_until = num('paused_until', 0)
+local seq = num('seq', 0)
+local claim = {engine = s.claim_engine, t = num('claim_t', 0), r = num('claim_r', 0), ends = num('claim_ends', 0)}
+local counters = {pauses = num('pauses', 0), decreases = num('decreases', 0)}
+
+local function effective(dim)
+    local limit = configured[dim]
+    local header = st[dim].header
+    if header ~= nil and header > 0 and header < limit then limit = header end
+    return limit
+end
+local function pace(dim)
+    local limit = effective(dim)
+    local d = st[dim]
+    if d.pace == nil or d.header ~= nil then return limit end
+    return math.min(limit, d.pace)
+end
+local function capacity(dim)
+    local p = pace(dim)
+    local full = p * period / 60
+    return math.min(full, math.max(st[dim].learned, p / 60 * INITIAL_BURST_SECONDS))
+end
+-- Refill up to now; a dimension drained by a pause has its clock in the future and stays empty until then.
+for _, dim in ipairs({'r', 't'}) do
+    local d = st[dim]
+    local cap = capacity(dim)
+    if d.level == nil then d.level = pace(dim) / 60 * INITIAL_BURST_SECONDS end
+    if now > d.ts then
+        d.level = math.min(cap, d.level + (now - d.ts) * pace(dim) / 60)
+        d.ts = now
+    end
+    if d.level > cap then d.level = cap end
+end
+
+-- Reservations whose engine never settled them (it died) stop counting as in flight; their charge stays
+-- spent and heals by refill, so nothing is ever credited twice.
+local expired = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(expired) do
+    redis.call('HDEL', reservations_key, id)
+    redis.call('ZREM', expiry_key, id)
+end
+if claim.engine ~= nil and claim.ends <= now then claim.engine = nil end
+
+local function save()
+    redis.call('HSET', state_key,
+        'level_r', tostring(st.r.level), 'ts_r', tostring(st.r.ts), 'learned_r', tostring(st.r.learned),
+        'adjusted_r', tostring(st.r.adjusted), 'peak_r', tostring(st.r.peak),
+        'decreased_at_r', tostring(st.r.decreased_at), 'lowered_to_r', tostring(st.r.lowered_to),
+        'level_t', tostring(st.t.level), 'ts_t', tostring(st.t.ts), 'learned_t', tostring(st.t.learned),
+        'adjusted_t', tostring(st.t.adjusted), 'peak_t', tostring(st.t.peak),
+        'decreased_at_t', tostring(st.t.decreased_at), 'lowered_to_t', tostring(st.t.lowered_to),
+        'paused_until', tostring(paused_until), 'seq', tostring(seq),
+        'pauses', tostring(counters.pauses), 'decreases', tostring(counters.decreases))
+    for _, dim in ipairs({'r', 't'}) do
+        for _, field in ipairs({'header', 'pace'}) do
+            local value = st[dim][field]
+            if value == nil then
+                redis.call('HDEL', state_key, field .. '_' .. dim)
+            else
+                redis.call('HSET', state_key, field .. '_' .. dim, tostring(value))
+            end
+        end
+    end
+    if claim.engine == nil then
+        redis.call('HDEL', state_key, 'claim_engine', 'claim_t', 'claim_r', 'claim_ends')
+    else
+        redis.call('HSET', state_key, 'claim_engine', claim.engine, 'claim_t', tostring(claim.t),
+            'claim_r', tostring(claim.r), 'claim_ends', tostring(claim.ends))
+    end
+    for _, key in ipairs({state_key, reservations_key, expiry_key}) do
+        redis.call('EXPIRE', key, idle_expiry)
+    end
+end
+
+-- The lane as this step leaves it: what the engine shows in its statistics and checks admission against.
+local function view()
+    local learned_r, learned_t = '', ''
+    if st.r.pace ~= nil and st.r.header == nil then learned_r = tostring(pace('r')) end
+    if st.t.pace ~= nil and st.t.header == nil then learned_t = tostring(pace('t')) end
+    return {
+        tostring(effective('r')), tostring(effective('t')),
+        tostring(capacity('r')), tostring(capacity('t')),
+        tostring(st.r.level), tostring(st.t.level),
+        tostring(math.max(0, paused_until - now)),
+        tostring(redis.call('HLEN', reservations_key)),
+        learned_r, learned_t, tostring(counters.pauses), tostring(counters.decreases),
+        fresh and '1' or '0',
+    }
+end
+
+local function reply(...)
+    save()
+    local out = view()
+    for _, value in ipairs({...}) do table.insert(out, tostring(value)) end
+    return out
+end
+
+if op == 'peek' then
+    return reply()
+end
+
+if op == 'charge' then
+    -- ARGV[7] reservation id, ARGV[8] tokens, ARGV[9] requests, ARGV[10] seconds before it expires
+    local id, cost_t, cost_r, ttl = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+    if paused_until > now then
+        return reply('wait', paused_until - now)
+    end
+    -- Another engine's refused head has a claim: leave it room, so a flood elsewhere cannot starve it.
+    local need_t, need_r = cost_t, cost_r
+    if claim.engine ~= nil and claim.engine ~= engine then
+        need_t, need_r = need_t + claim.t, need_r + claim.r
+    end
+    local wait = 0
+    for dim, need in pairs({t = need_t, r = need_r}) do
+        local d = st[dim]
+        -- A cost bigger than the whole burst is charged, into debt, once the bucket is full.
+        local target = math.min(need, capacity(dim))
+        if d.level < target - EPS then
+            wait = math.max(wait, (target - d.level) / (pace(dim) / 60))
+        end
+    end
+    if wait > 0 then
+        if claim.engine == nil then
+            claim = {engine = engine, t = cost_t, r = cost_r, ends = now + wait + CLAIM_GRACE}
+        end
+        return reply('wait', wait)
+    end
+    local rested_t = st.t.level >= RESTED_FRACTION * capacity('t') and 1 or 0
+    local rested_r = st.r.level >= RESTED_FRACTION * capacity('r') and 1 or 0
+    st.t.level = st.t.level - cost_t
+    st.r.level = st.r.level - cost_r
+    seq = seq + 1
+    if claim.engine == engine then claim.engine = nil end
+    redis.call('HSET', reservations_key, id, cost_t .. ' ' .. cost_r .. ' ' .. seq)
+    redis.call('ZADD', expiry_key, now + ttl, id)
+    return reply('granted', seq, st.t.level, st.r.level, st.t.adjusted, st.r.adjusted, rested_t, rested_r)
+end
+
+-- Settling: the reservation leaves the in-flight set exactly once; a repeat (a retried call whose first
+-- reply was lost, or a reservation that expired) changes nothing.
+local function take(id)
+    local held = redis.call('HGET', reservations_key, id)
+    if not held then return nil end
+    redis.call('HDEL', reservations_key, id)
+    redis.call('ZREM', expiry_key, id)
+    local tokens, requests, at = string.match(held, '(%S+) (%S+) (%S+)')
+    return {t = tonumber(tokens), r = tonumber(requests), seq = tonumber(at)}
+end
+
+if op == 'refund' then
+    -- ARGV[7] reservation id. Credited up to the bucket's capacity: a refund never mints budget.
+    local held = take(ARGV[7])
+    if held == nil then return reply('settled') end
+    for _, dim in ipairs({'t', 'r'}) do
+        st[dim].level = math.min(capacity(dim), st[dim].level + held[dim])
+    end
+    return reply('done')
+end
+
+local function grow(dim, amount)
+    -- Additive increase of a pace learned from 429s, clocked by replies (local.py `_grow`).
+    local d = st[dim]
+    if d.pace == nil or d.header ~= nil or amount <= 0 then return end
+    local limit = effective(dim)
+    local p = pace(dim)
+    if p >= limit then return end
+    local step = math.min(AIMD_INCREASE * amount / (p / 60), AIMD_INCREASE_PER_REPLY)
+    d.pace = math.min(limit, p + step * math.max(d.peak, p))
+end
+
+if op == 'settle' then
+    -- ARGV[7] reservation id; ARGV[8] tokens to charge more (negative: to credit) from usage;
+    -- ARGV[9], ARGV[10] limit headers (requests, tokens; '' when absent);
+    -- ARGV[11], ARGV[12] remaining headers (requests, tokens; '' when absent);
+    -- ARGV[13], ARGV[14] the levels right after the charge; ARGV[15], ARGV[16] `adjusted` then;
+    -- ARGV[17], ARGV[18] whether each dimension was rested before the charge; ARGV[19] whether the
+    -- upstream answered (usage or headers), which grows a learned pace
+    local held = take(ARGV[7])
+    if held == nil then return reply('settled') end
+    local usage_error = tonumber(ARGV[8])
+    if usage_error ~= 0 then
+        st.t.level = math.min(capacity('t'), st.t.level - usage_error)
+        st.t.adjusted = st.t.adjusted + usage_error
+    end
+    local own = {r = held.r, t = held.t + usage_error}
+    local limits = {r = tonumber(ARGV[9]), t = tonumber(ARGV[10])}
+    local remaining = {r = tonumber(ARGV[11]), t = tonumber(ARGV[12])}
+    local level_at = {r = tonumber(ARGV[13]), t = tonumber(ARGV[14])}
+    local adjusted_at = {r = tonumber(ARGV[15]), t = tonumber(ARGV[16])}
+    local rested = {r = ARGV[17] == '1', t = ARGV[18] == '1'}
+    for _, dim in ipairs({'r', 't'}) do
+        local d = st[dim]
+        if limits[dim] ~= nil and limits[dim] > 0 then d.header = limits[dim] end
+        if remaining[dim] ~= nil then
+            -- The upstream's remaining just after it admitted this request against ours just after we
+            -- charged it, less what corrections since already took: only ever lowers our view.
+            local excess = (level_at[dim] - remaining[dim]) - (d.adjusted - adjusted_at[dim])
+            if excess > 0 then
+                d.level = d.level - excess
+                d.adjusted = d.adjusted + excess
+            end
+            if rested[dim] and remaining[dim] + own[dim] > d.learned then
+                d.learned = remaining[dim] + own[dim]
+            end
+        end
+    end
+    if ARGV[19] == '1' then
+        grow('t', own.t)
+        grow('r', own.r)
+    end
+    return reply('done', held.seq)
+end
+
+if op == 'pause' then
+    -- ARGV[7] seconds; ARGV[8] the budget named ('tokens', 'requests' or ''); ARGV[9] the seq of the
+    -- reservation whose reply was the 429 ('' when unknown)
+    local wait, scope, answered = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+    paused_until = math.max(paused_until, now + wait)
+    counters.pauses = counters.pauses + 1
+    local named = {}
+    if string.find(scope, 'token') then table.insert(named, 't') end
+    if string.find(scope, 'request') then table.insert(named, 'r') end
+    if #named == 0 then named = {'t', 'r'} end
+    for _, dim in ipairs(named) do
+        local d = st[dim]
+        d.level = math.min(d.level, 0)
+        d.ts = math.max(d.ts, paused_until)
+        -- Multiplicative decrease of a pace learned from 429s alone (local.py `_decrease`), at most once
+        -- per overshoot: a 429 answering a request admitted before the last decrease is the same one.
+        local at = answered or seq
+        if d.header == nil and at > d.decreased_at then
+            local p = pace(dim)
+            local factor = AIMD_DECREASE_ISOLATED
+            if p < d.lowered_to * (1 + REPEAT_GROWTH) then factor = AIMD_DECREASE end
+            d.peak = p
+            d.pace = math.max(AIMD_FLOOR * configured[dim], p * factor)
+            d.decreased_at = seq
+            d.lowered_to = d.pace
+            counters.decreases = counters.decreases + 1
+        end
+    end
+    return reply('done')
+end
+
+return redis.error_reply('unknown operation ' .. tostring(op))
