@@ -182,6 +182,18 @@ CONNECTIONS_PER_POOL: Final = 8
 TransportFactory = Callable[[], httpx.AsyncBaseTransport]
 
 
+@attrs.frozen
+class Contact:
+    """How the upstream last answered, or failed to: the engine's readiness (``/readyz``) is judged from it."""
+
+    #: `trio.current_time()` when the answer (or the failure) came.
+    at: float
+    #: It answered with an HTTP status, whichever: the network path and a server are there.
+    reachable: bool
+    #: When it was not: the error's class name (never its message, which names the host).
+    detail: str = ""
+
+
 class Upstream:
     """httpx clients configured for the upstream: auth, pool size, timeouts.
 
@@ -235,6 +247,8 @@ class Upstream:
         ]
         #: Requests in progress per pool.
         self._in_progress = [0] * pools
+        #: The most recent exchange's verdict (None before the first).
+        self.last_contact: Contact | None = None
 
     async def __aenter__(self) -> Upstream:
         return self
@@ -259,7 +273,7 @@ class Upstream:
             headers: client headers to pass on; filtered again here, so only the allow-list ever leaves.
         """
         started = trio.current_time()
-        with self._least_busy_pool() as client:
+        with self._least_busy_pool() as client, self._noting_contact():
             response = await client.request(method, url, content=body, headers=_request_headers(headers, body))
         return self._whole_reply(response, started)
 
@@ -275,7 +289,8 @@ class Upstream:
         started = trio.current_time()
         with self._least_busy_pool() as client:
             request = client.build_request(method, url, content=body, headers=_request_headers(headers, body))
-            response = await client.send(request, stream=True)
+            with self._noting_contact():
+                response = await client.send(request, stream=True)
             try:
                 content_type = response.headers.get("content-type", "").partition(";")[0].strip()
                 if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
@@ -298,6 +313,17 @@ class Upstream:
                 if secret in event.data:
                     event = ServerSentEvent(event.event, event.data.replace(secret, "[REDACTED]"), event.id)
                 yield event
+
+    @contextmanager
+    def _noting_contact(self) -> Iterator[None]:
+        """Record whether the upstream answered. Only a failure to connect or a timeout says it is unreachable:
+        a reset or a malformed reply came from a server that is there, and the retry policy deals with it."""
+        try:
+            yield
+        except (httpx.ConnectError, httpx.TimeoutException) as exc:
+            self.last_contact = Contact(trio.current_time(), reachable=False, detail=type(exc).__name__)
+            raise
+        self.last_contact = Contact(trio.current_time(), reachable=True)
 
     @contextmanager
     def _least_busy_pool(self) -> Iterator[httpx.AsyncClient]:
