@@ -24,15 +24,16 @@ import trio
 
 from trio_mapper._version import __version__
 from trio_mapper.engine.budget import Ledger, Limits
-from trio_mapper.engine.core.scheduler import Scheduler
+from trio_mapper.engine.core.scheduler import MAX_LANES, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
-from trio_mapper.engine.fronts.http.app import OpenAIApp
+from trio_mapper.engine.fronts.http.app import OpenAIApp, Operation
 from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, load_keys
 from trio_mapper.engine.fronts.http.server import HttpServer, Transport
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
 from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, open_unix_listener
 from trio_mapper.engine.fronts.unix.peers import is_allowed, peer_credentials, refusal_message, refuse
 from trio_mapper.engine.process import systemd
+from trio_mapper.engine.process.metrics import EngineMetrics, Readiness, healthz
 from trio_mapper.engine.process.reload import plan_reload
 from trio_mapper.engine.process.settings import ServerSettings, Settings, SettingsError, parse_loopback_address
 from trio_mapper.engine.upstream.client import Upstream
@@ -100,6 +101,13 @@ class Engine:
         self.http_listening_on: list[str] = []
         self._http_keys = ClientKeys()
         self._http: HttpServer | None = None
+        #: Built once for the engine's life (a reload changes limits, not what is measured), so its collectors
+        #: are registered exactly once.
+        self.metrics = EngineMetrics(
+            statistics=self._statistics_for_metrics,
+            clients=lambda: self.scheduler.client_statistics() if self.scheduler is not None else {},
+            max_lanes=MAX_LANES,
+        )
 
     def request_shutdown(self) -> None:
         self._shutdown_requested.set()
@@ -125,6 +133,9 @@ class Engine:
             engine["http_requests"] = attrs.asdict(self._http.app.stats)
             engine["http_connections"] = self._http.connections
         return engine, lanes
+
+    def _statistics_for_metrics(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        return self.statistics() if self.scheduler is not None else ({}, {})
 
     def budget_headers(self, model: str) -> dict[str, str]:
         """``x-ratelimit-*`` describing the engine's budget for ``model``'s lane (the whole key's, shared by
@@ -231,6 +242,19 @@ class Engine:
             max_queued=server.max_queued,
             default_max_attempts=server.max_attempts,
             default_deadline=server.default_deadline,
+            observer=self.metrics.observe,
+        )
+        models_url = upstream.url_for("models")
+
+        async def probe() -> int:
+            # Sent as is, outside the budget: a readiness probe must not wait behind queued work. Readiness
+            # sends one only when the engine has been idle, at most once every few seconds.
+            return (await upstream.send("GET", models_url, None)).status
+
+        readiness = Readiness(
+            shutting_down=self._shutdown_requested.is_set,
+            last_contact=lambda: upstream.last_contact,
+            probe=probe,
         )
         http = self._http = HttpServer(
             OpenAIApp(
@@ -240,6 +264,11 @@ class Engine:
                 allowed_uids=server.allowed_uids,
                 allowed_gids=server.allowed_gids,
                 budget_headers=self.budget_headers,
+                operations={
+                    "/metrics": Operation(self.metrics.respond),
+                    "/healthz": Operation(healthz, keyless=True),
+                    "/readyz": Operation(readiness.respond, keyless=True),
+                },
             )
         )
         async with trio.open_nursery() as root:

@@ -67,6 +67,22 @@ _EVENT_STREAM: Final = [(b"content-type", b"text/event-stream; charset=utf-8"), 
 _DONE: Final = b"data: [DONE]\n\n"
 
 
+#: An operational route's answer: status, content type, body.
+OperationReply = tuple[int, str, bytes]
+
+
+@attrs.frozen
+class Operation:
+    """A GET route for operators (metrics, health checks), answered by what the daemon injects: the front serves
+    it without knowing what it is. Not an API request: never given to the scheduler, not counted in ``requests``.
+    """
+
+    respond: Callable[[], Awaitable[OperationReply]]
+    #: Served over TCP without a client key: only for answers that reveal nothing (health checks). Over the Unix
+    #: socket the uid/gid allow-lists apply to every route alike.
+    keyless: bool = False
+
+
 class Intake(Protocol):
     """What the front needs of the scheduler: hand a request in, withdraw it."""
 
@@ -141,6 +157,7 @@ class OpenAIApp:
         allowed_uids: list[int] | None = None,
         allowed_gids: list[int] | None = None,
         budget_headers: Callable[[str], Mapping[str, str]] | None = None,
+        operations: Mapping[str, Operation] | None = None,
     ) -> None:
         self._scheduler = scheduler
         self.max_body_bytes = max_body_bytes
@@ -149,6 +166,8 @@ class OpenAIApp:
         self.allowed_gids = allowed_gids or []
         #: ``x-ratelimit-*`` describing the engine's budget for a model (the daemon's view of the ledger).
         self._budget_headers = budget_headers
+        #: Operational GET routes by path (``/metrics``, ``/healthz``, ``/readyz``), from the daemon.
+        self._operations: Mapping[str, Operation] = operations or {}
         self.stats = HttpStats()
         #: Requests between their first byte and their reply's last.
         self.active = 0
@@ -174,6 +193,9 @@ class OpenAIApp:
         await self._idle.wait()
 
     async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        operation = self._operations.get(scope["path"])
+        if operation is not None and not scope.get("query_string"):
+            return await self._operate(scope, operation, send)
         self.stats.requests += 1
         headers = _headers(scope)
         try:
@@ -212,6 +234,30 @@ class OpenAIApp:
             nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id, nursery.cancel_scope)
             await self._respond(send, sink, spec)
             nursery.cancel_scope.cancel()
+
+    async def _operate(self, scope: dict[str, Any], operation: Operation, send: Send) -> None:
+        """An operator's GET: the client checked like any other (a key over TCP unless the route is keyless),
+        then whatever the route's provider answers."""
+        method: str = scope["method"]
+        try:
+            if method != "GET":
+                raise _Refusal(
+                    405, f"{scope['path']} takes GET, not {method}", "invalid_request_error", "method_not_allowed"
+                )
+            if not operation.keyless or (scope.get("state") or {}).get(TRANSPORT) == "unix":
+                self._identify(scope, _headers(scope))
+            status, content_type, body = await operation.respond()
+        except _Refusal as refusal:
+            return await _reply(
+                send, refusal.status, retry_headers(None), error_body(refusal.message, refusal.type, refusal.code)
+            )
+        except Exception:
+            log.exception("internal error while answering GET %s", scope["path"])
+            message = "the engine failed on this request (a bug, logged by the engine); please report it"
+            return await _reply(send, 500, retry_headers(None), error_body(message, "server_error", "internal_error"))
+        headers = [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _cancel_on_disconnect(
         self, receive: Receive, sink: _RequestSink, request_id: Hashable, reply: trio.CancelScope
@@ -290,7 +336,7 @@ class OpenAIApp:
         expected = ENDPOINTS.get(path)
         if expected is None or scope.get("query_string"):
             self.stats.not_found += 1
-            served = ", ".join(f"{m} {p}" for p, m in ENDPOINTS.items())
+            served = ", ".join([*(f"{m} {p}" for p, m in ENDPOINTS.items()), *(f"GET {p}" for p in self._operations)])
             raise _Refusal(
                 404,
                 f"{method} {shorten(escape_control_characters(path), 200)} is not served by this engine; "
