@@ -26,6 +26,8 @@ from trio_mapper.wire.messages import (
 LENGTH_PREFIX: Final = struct.Struct(">I")
 #: Why a frame nested deeper than the decoder's recursion limit (about 1000 levels) was refused.
 TOO_DEEP: Final = "the message is nested too deeply (maps and arrays nest at most a few hundred levels)"
+
+
 class FrameTooLarge(Exception):
     def __init__(self, length: int, limit: int) -> None:
         super().__init__(f"frame of {length} bytes exceeds the limit of {limit} bytes")

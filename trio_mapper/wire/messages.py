@@ -3,7 +3,8 @@
 Every frame body is one msgpack map whose ``"type"`` field names the message; the classes below are the
 single source of truth for field names, types and defaults. New fields are only ever added with a default,
 so an older peer can still decode newer messages (msgspec ignores unknown fields); incompatible changes
-bump ``PROTOCOL_VERSION``. msgspec and the standard library only: client programs import this.
+bump ``PROTOCOL_VERSION``. What a peer may use on top of its version is its minor version, agreed in the
+handshake (`PROTOCOL_MINOR`). msgspec and the standard library only: client programs import this.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Any, Final
 import msgspec
 
 PROTOCOL_VERSION: Final = 1
+#: Additions within `PROTOCOL_VERSION` that an older peer cannot take unasked (1: streamed replies as `Chunk`
+#: frames). The client offers its minor in `Hello`, the engine answers the lower of the two in `Welcome`, and
+#: neither side sends what the agreed minor lacks: a minor-0 client never receives a frame it cannot route.
+PROTOCOL_MINOR: Final = 1
 #: Frames larger than this are refused unless the engine was configured otherwise; `Welcome` says the value.
 DEFAULT_MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 
@@ -39,6 +44,8 @@ class Hello(Message, tag="hello"):
     client: str = ""
     #: One of `BODY_FORMATS`; `Welcome.body_format` says what the engine will send.
     body_format: str = "msgpack"
+    #: The highest `PROTOCOL_MINOR` the client understands; a client that predates the field offers 0.
+    minor: int = 0
 
 
 class Submit(Message, tag="submit"):
@@ -84,6 +91,9 @@ class Welcome(Message, tag="welcome"):
     #: The body format the engine uses on this connection (an engine that predates the field sends none:
     #: the default, "msgpack").
     body_format: str = "msgpack"
+    #: The minor version this connection uses: the lower of the client's and the engine's (an engine that
+    #: predates the field sends none: 0, no streaming).
+    minor: int = 0
 
 
 class Timings(msgspec.Struct):
@@ -105,6 +115,20 @@ class Result(Message, tag="result"):
     headers: dict[str, str] = {}
     attempts: int = 1
     timings: Timings = msgspec.field(default_factory=Timings)
+    #: The body went out as `Chunk` frames before this one; ``body`` is then None.
+    streamed: bool = False
+
+
+class Chunk(Message, tag="chunk"):
+    """One event of a streamed reply (minor 1). A streamed request's chunks come in order, then its one
+    `Result` (``streamed`` true) or `Error`."""
+
+    id: RequestId
+    #: The event's data, as `Result.body` travels: its JSON decoded (body format "msgpack"), or its bytes
+    #: in a bin (body format "json").
+    data: Any
+    #: The server-sent event's name: the Responses API names its events, chat and completions do not.
+    event: str | None = None
 
 
 class Error(Message, tag="error"):
@@ -132,4 +156,4 @@ class Pong(Message, tag="pong"):
 
 
 ClientMessage = Hello | Submit | Cancel | StatsRequest | Ping
-EngineMessage = Welcome | Result | Error | Stats | Pong
+EngineMessage = Welcome | Result | Chunk | Error | Stats | Pong
