@@ -18,13 +18,17 @@ class RawClient:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self._buffer = bytearray()
+        self.welcome: dict[str, Any] = {}
 
     @classmethod
-    async def connect(cls, path: str, *, hello: bool = True) -> RawClient:
+    async def connect(cls, path: str, *, hello: bool = True, **hello_fields: Any) -> RawClient:
+        """Connected, and (unless ``hello=False``) handshaken with a hello holding ``hello_fields`` too
+        (``minor=1`` for streams, ``body_format="json"``); ``welcome`` is the engine's answer."""
         client = cls(await trio.open_unix_socket(path))
         if hello:
-            welcome = await client.request({"type": "hello", "protocol": 1, "client": "wire-test"})
+            welcome = await client.request({"type": "hello", "protocol": 1, "client": "wire-test", **hello_fields})
             assert welcome["type"] == "welcome", welcome
+            client.welcome = welcome
         return client
 
     async def send(self, message: dict[str, Any]) -> None:

@@ -18,10 +18,12 @@ import msgspec
 import trio
 
 from trio_mapper._version import __version__
+from trio_mapper.bodies import decode_body
 from trio_mapper.engine.core.outcome import Chunk, Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.wire import (
+    PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Cancel,
     Error,
@@ -42,6 +44,7 @@ from trio_mapper.wire import (
     engine_codec,
     salvage_request_id,
 )
+from trio_mapper.wire import Chunk as WireChunk
 from trio_mapper.wire import Timings as WireTimings
 
 log = logging.getLogger("trio_mapper.server")
@@ -63,6 +66,12 @@ OUTBOX_MAX_BYTES: Final = 256 * 1024 * 1024
 #: Bytes of unsent replies across all connections beyond which the connection with the most unsent replies
 #: is disconnected: the per-connection cap alone would let many slow readers hold cap x connections.
 BACKLOG_MAX_BYTES: Final = 1024 * 1024 * 1024
+#: Unsent reply bytes above which a stream's next chunk waits (`Connection.relay`). The upstream's events then
+#: stay in the upstream connection, whose read pauses (TCP slows the upstream), instead of piling up here: a
+#: client that stops reading a stream costs the engine about this much, not the whole completion, and never
+#: nears OUTBOX_MAX_BYTES (which would disconnect it). A chunk is a few hundred bytes, so this is thousands of
+#: chunks ahead of a client that keeps up: it never waits.
+STREAM_HIGH_WATER_BYTES: Final = 1024 * 1024
 #: How long shutdown waits for a connection to flush its last replies.
 FLUSH_TIMEOUT: Final = 5.0
 
@@ -132,6 +141,8 @@ class Connection:
         self._codec = engine_codec()
         self._outbox: deque[bytes] = deque()
         self._outbox_bytes = 0
+        #: Bytes the writer took from the outbox and is still sending: unsent as well, for `relay`.
+        self._sending_bytes = 0
         self._backlog = backlog if backlog is not None else ReplyBacklog()
         self._closed = False
         self._outbox_changed = trio.Event()
@@ -141,6 +152,8 @@ class Connection:
         self._opened_at = trio.current_time()
         self.handshaken = False
         self._json_bodies = False
+        #: The protocol minor agreed in the handshake; chunk frames need 1.
+        self.minor = 0
 
     @property
     def client_key(self) -> int:
@@ -161,7 +174,9 @@ class Connection:
     def deliver(self, message: Message) -> None:
         if self._closed:
             return  # nobody is left to read it
-        frame = self._encode(message)
+        self._enqueue(self._encode(message))
+
+    def _enqueue(self, frame: bytes) -> None:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         self._backlog.total += len(frame)
@@ -211,6 +226,7 @@ class Connection:
         finally:
             self._closed = True
             self._drop_outbox()
+            self._outbox_drained.set()  # a stream waiting for room: there is none to wait for any more
             self._backlog.discard(self)
             self._scheduler.forget_owner(self)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -234,25 +250,33 @@ class Connection:
             data = b"".join(frames)
             self._outbox_bytes -= len(data)
             self._backlog.total -= len(data)
+            self._sending_bytes = len(data)
             await self._stream.send_all(data)
-            self._outbox_drained.set()
+            self._sending_bytes = 0
+            # Set, then renewed: everyone waiting now wakes (the reader, any number of streams' relays) and
+            # checks again; a waiter that replaced the event itself could orphan another waiting on the old one.
+            drained, self._outbox_drained = self._outbox_drained, trio.Event()
+            drained.set()
 
     def report(self, request_id: Hashable | None, event: Outcome) -> None:
         """A request's event from the core, rendered as this protocol's reply (`ReplySink`)."""
         match event:
             case Started():
-                pass  # a reply travels whole, as one frame: nothing to send before the body
+                # Nothing to send: a whole reply is one frame, and a stream's status and headers travel in
+                # its final Result (a client has nothing to do with them before its chunks).
+                pass
             case Finished():
                 self.deliver(
                     Result(
                         id=cast(RequestId, request_id),
                         status=event.status,
-                        body=self._render_body(event.body),
+                        body=None if event.streamed else self._render_body(event.body),
                         headers=dict(event.headers),
                         attempts=event.attempts,
                         timings=WireTimings(
                             queued=event.timings.queued, upstream=event.timings.upstream, total=event.timings.total
                         ),
+                        streamed=event.streamed,
                     )
                 )
             case Failed():
@@ -269,7 +293,24 @@ class Connection:
                 )
 
     async def relay(self, request_id: Hashable, chunk: Chunk) -> None:
-        raise NotImplementedError("streams are refused before they reach the core")
+        """One chunk of a streamed reply, as a chunk frame; then waits while this connection's unsent replies
+        exceed STREAM_HIGH_WATER_BYTES, which pauses the upstream read behind it (`ReplySink.relay`).
+
+        Runs in the core's attempt task, not this connection's: it waits on the writer's drained event, and
+        the core cancels it when the request ends (a cancel, the client gone, the deadline).
+
+        Raises:
+            msgspec.EncodeError, OverflowError…: the chunk cannot be carried in msgpack. Unlike `deliver`, the
+                failure is not turned into an Error frame here: the core ends the request with internal_error,
+                so the client still gets exactly one final reply, after the chunks it did get.
+        """
+        if self._closed:
+            return  # nobody is left to read it; the core is withdrawing the request
+        raw = chunk.data.encode()
+        data = raw if self._json_bodies else decode_body(raw)
+        self._enqueue(self._codec.encode(WireChunk(id=cast(RequestId, request_id), data=data, event=chunk.event)))
+        while self._outbox_bytes + self._sending_bytes > STREAM_HIGH_WATER_BYTES and not self._closed:
+            await self._outbox_drained.wait()
 
     def _render_body(self, body: ReplyBody) -> Any:
         """An upstream body as this connection asked for it: its bytes, or its decoded values."""
@@ -347,8 +388,7 @@ class Connection:
         raise _CloseConnection
 
     async def _wait_for_outbox_to_drain(self) -> None:
-        while len(self._outbox) > OUTBOX_HIGH_WATER // 2:
-            self._outbox_drained = trio.Event()
+        while len(self._outbox) > OUTBOX_HIGH_WATER // 2 and not self._closed:
             await self._outbox_drained.wait()
 
     def _protocol_error(self, request_id: Any, message: str) -> None:
@@ -389,24 +429,35 @@ class Connection:
             self.handshaken = True
             # An unknown format is not an error: the welcome says which one this connection gets.
             self._json_bodies = message.body_format == "json"
-            log.debug("%s: hello from %r", self.label, message.client)
+            # The lower of the two, so neither side sends what the other cannot read.
+            self.minor = max(0, min(message.minor, PROTOCOL_MINOR))
+            log.debug("%s: hello from %r (minor %d)", self.label, message.client, message.minor)
             welcome = Welcome(
                 protocol=PROTOCOL_VERSION,
                 server=f"trio-mapper/{__version__}",
                 max_frame_bytes=self._max_frame_bytes,
                 body_format="json" if self._json_bodies else "msgpack",
+                minor=self.minor,
             )
             self.deliver(welcome)
             return
 
         match message:
-            case Submit() if message.body.get("stream") is True:
+            case Submit() if (
+                self.minor < 1
+                and message.body.get("stream") is True
+                # A duplicate of an outstanding id goes on to intake, which refuses it without naming the id.
+                and not self._scheduler.is_outstanding(self, message.id)
+            ):
+                # A client that did not offer minor 1 would not know what to do with chunk frames.
                 self.deliver(
                     Error(
                         id=message.id,
                         kind=ErrorKind.INVALID_REQUEST,
-                        message="streaming is not supported on the msgpack socket yet; send the request without "
-                        "stream=true, or use the HTTP front",
+                        message="stream=true needs protocol minor 1 on the msgpack socket, and this client's hello "
+                        "did not offer it (minor 0), so it cannot take the chunk frames of a stream. Upgrade the "
+                        "client (to one that says hello with minor=1, such as trio-mapper's Client.stream()), send "
+                        "the request without stream=true, or use the HTTP front",
                     )
                 )
             case Submit():
