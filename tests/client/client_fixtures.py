@@ -10,6 +10,9 @@ What it does with each ``Submit`` is chosen by the request body:
 - ``{"progress": True}``: first send a message of a type no client knows (with the id), then answer.
 - ``{"malformed": True}``: answer with a ``result`` frame whose ``status`` has the wrong type.
 - ``{"goodbye": text}``: send a connection-level ``Error`` (id nil, ``shutting_down``), then drop it.
+- ``{"chunks": n}``: first send ``n`` chunk frames (``{"n": 0}``…, as bytes: the clients ask for body format
+  "json"), then go on as the rest of the body says (``hold``, ``error``, a result). Only an engine created
+  with ``minor=1`` welcomes streams.
 - anything else: ``Result(status=200, body={"echo": body, "id": id})``.
 
 With ``batch=n`` every non-error submit is held until ``n`` are held (or one has ``"last": True``), then
@@ -39,6 +42,7 @@ from trio_mapper.wire import (
     LENGTH_PREFIX,
     PROTOCOL_VERSION,
     Cancel,
+    Chunk,
     Error,
     ErrorKind,
     FrameBuffer,
@@ -133,7 +137,14 @@ class _Connection:
         if engine.refuse is not None:
             self.send(Error(id=None, kind=ErrorKind.PROTOCOL_ERROR, message=engine.refuse))
             return False
-        self.send(Welcome(protocol=engine.protocol, server="fake-engine", max_frame_bytes=engine.max_frame_bytes))
+        self.send(
+            Welcome(
+                protocol=engine.protocol,
+                server="fake-engine",
+                max_frame_bytes=engine.max_frame_bytes,
+                minor=engine.minor,
+            )
+        )
         return True
 
     def handle(self, message: Any) -> None:
@@ -163,6 +174,8 @@ class _Connection:
             return
         if body.get("progress"):  # a message type from the future, carrying the id, then the result
             self.send(raw_frame({"type": "progress", "id": message.id, "done": 0.5}))
+        for n in range(body.get("chunks", 0)):
+            self.send(Chunk(id=message.id, data=msgspec.json.encode({"n": n})))
         if body.get("malformed"):  # a known type with a field of the wrong type: undecodable
             self.finish(raw_frame({"type": "result", "id": message.id, "status": "two hundred"}))
             return
@@ -222,9 +235,12 @@ class FakeEngine:
         refuse: str | None = None,
         batch: int | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        minor: int = 0,
     ) -> None:
         self.path = path
         self.protocol = protocol
+        #: What the welcome says: 0 (the default) is an engine from before streams.
+        self.minor = minor
         self.refuse = refuse
         self.batch = batch
         self.max_frame_bytes = max_frame_bytes

@@ -9,6 +9,7 @@ import pytest
 
 from trio_mapper.client.core import (
     Answered,
+    ChunkReceived,
     ClientConnection,
     ConnectionClosed,
     ConnectionLevelError,
@@ -19,6 +20,8 @@ from trio_mapper.client.core import (
     Request,
     State,
     StatsReceived,
+    StreamChunk,
+    StreamState,
     Welcomed,
     unwrap,
 )
@@ -33,8 +36,10 @@ from trio_mapper.client.errors import (
 )
 from trio_mapper.wire import (
     LENGTH_PREFIX,
+    PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Cancel,
+    Chunk,
     Error,
     FrameBuffer,
     Hello,
@@ -102,7 +107,8 @@ def result(request_id: int, body: Any = None, **fields: Any) -> bytes:
 def test_hello_then_welcome_opens_the_connection() -> None:
     connection = ClientConnection(socket_path=PATH, client_name="core-test")
     assert connection.state is State.IDLE
-    assert sent(connection.send_hello()) == [Hello(protocol=PROTOCOL_VERSION, client="core-test", body_format="json")]
+    hello = Hello(protocol=PROTOCOL_VERSION, client="core-test", body_format="json", minor=PROTOCOL_MINOR)
+    assert sent(connection.send_hello()) == [hello]
     assert connection.state is State.HANDSHAKING
     # Bytes may come one at a time: nothing happens until a frame is whole.
     frame = welcome()
@@ -383,3 +389,154 @@ def test_map_results_unpack_and_unwrap() -> None:
     assert not failed.ok and failed.body is None and failed.outcome is failed.error
     with pytest.raises(UpstreamError):
         failed.unwrap()
+
+
+# --- streams ----------------------------------------------------------------------------------------------
+
+
+def streaming() -> ClientConnection:
+    """An open connection whose engine agreed to minor 1 (streams)."""
+    connection = ClientConnection(socket_path=PATH, client_name="core-test")
+    connection.send_hello()
+    [event] = feed(connection, welcome(minor=1))
+    assert isinstance(event, Welcomed) and connection.can_stream
+    return connection
+
+
+def chunk(request_id: int, data: bytes, event: str | None = None) -> bytes:
+    """A chunk frame as the engine sends it to this client (body format "json": the event's bytes)."""
+    return ENGINE.encode(Chunk(id=request_id, data=data, event=event))
+
+
+def test_a_stream_is_submitted_with_stream_true_and_its_chunks_come_in_order_then_its_result() -> None:
+    connection = streaming()
+    request_id, frame = connection.submit(Request(ENDPOINT, {"model": "m", "stream": False}), "s", stream=True)
+    assert sent(frame) == [Submit(id=request_id, endpoint=ENDPOINT, body={"model": "m", "stream": True})]
+    final = ENGINE.encode(Result(id=request_id, status=200, body=None, headers={"x-request-id": "r"}, streamed=True))
+    events = feed(
+        connection,
+        chunk(request_id, b'{"n": 0}') + chunk(request_id, b'{"n": 1}') + chunk(request_id, b"[not json") + final,
+    )
+    assert [type(e) for e in events] == [ChunkReceived, ChunkReceived, ChunkReceived, Answered]
+    assert all(e.request_id == request_id and e.context == "s" for e in events)  # type: ignore[union-attr]
+    assert [e.chunk for e in events[:3]] == [  # type: ignore[union-attr]
+        StreamChunk({"n": 0}),
+        StreamChunk({"n": 1}),
+        StreamChunk("[not json"),  # what is not JSON stays text, as bodies do
+    ]
+    answered = events[3]
+    assert isinstance(answered, Answered) and isinstance(answered.outcome, Result)
+    assert answered.outcome.streamed and answered.outcome.body is None
+    assert dict(connection.outstanding) == {}
+    assert feed(connection, chunk(request_id, b"{}")) == []  # after the end: nobody's
+
+
+def test_responses_chunks_carry_their_event_name_and_msgpack_data_passes_as_is() -> None:
+    connection = streaming()
+    request_id, _ = connection.submit(Request("/v1/responses", {"model": "m"}), stream=True)
+    events = feed(
+        connection,
+        chunk(request_id, b'{"type": "response.created"}', "response.created")
+        + ENGINE.encode(Chunk(id=request_id, data={"type": "x"}, event="x")),  # body format "msgpack"
+    )
+    assert [e.chunk for e in events] == [  # type: ignore[union-attr]
+        StreamChunk({"type": "response.created"}, "response.created"),
+        StreamChunk({"type": "x"}, "x"),
+    ]
+
+
+def test_a_stream_ending_in_an_error_gives_the_error_class_of_its_kind() -> None:
+    connection = streaming()
+    request_id, _ = connection.submit(chat(), stream=True)
+    error = ENGINE.encode(Error(id=request_id, kind="upstream_unreachable", message="gone", attempts=2))
+    events = feed(connection, chunk(request_id, b"{}") + error)
+    assert [type(e) for e in events] == [ChunkReceived, Answered]
+    state = StreamState()
+    for event in events:
+        state.deliver(event)  # type: ignore[arg-type]
+    assert state.next_chunk() == StreamChunk({}) and state.done
+    with pytest.raises(TrioMapperError) as caught:
+        state.finish()
+    assert caught.value.kind == "upstream_unreachable" and type(caught.value).__name__ == "UpstreamUnreachableError"
+
+
+def test_stream_state_gives_chunks_then_the_result() -> None:
+    state = StreamState()
+    assert not state.has_news and not state.done
+    with pytest.raises(RuntimeError):
+        state.finish()
+    state.deliver(ChunkReceived(1, StreamChunk({"n": 0}), None))
+    final = Result(id=1, status=200, body=None, streamed=True)
+    state.deliver(Answered(1, final, None))
+    assert state.has_news and not state.done  # a chunk is still to be taken
+    assert state.next_chunk() == StreamChunk({"n": 0})
+    assert state.done and state.next_chunk() is None and state.finish() is final
+
+
+def test_a_reply_the_upstream_did_not_stream_is_the_streams_one_chunk() -> None:
+    state = StreamState()
+    whole = Result(id=1, status=200, body={"data": [1, 2]})  # an endpoint that does not stream
+    state.deliver(Answered(1, whole, None))
+    assert state.next_chunk() == StreamChunk({"data": [1, 2]}) and state.done and state.finish() is whole
+
+
+def test_cancelling_a_stream_sends_a_cancel_and_drops_its_late_chunks() -> None:
+    connection = streaming()
+    request_id, _ = connection.submit(chat(), stream=True)
+    [event] = feed(connection, chunk(request_id, b"{}"))
+    assert isinstance(event, ChunkReceived)
+    assert sent(connection.cancel([request_id])) == [Cancel(id=request_id)]
+    late = chunk(request_id, b"{}") + ENGINE.encode(Error(id=request_id, kind="cancelled", message="cancelled"))
+    assert feed(connection, late) == []
+
+
+def test_chunks_for_a_request_not_streamed_fail_it_with_a_protocol_error() -> None:
+    # Only an engine's bug sends them: ignoring them would make the request succeed with no body.
+    connection = streaming()
+    request_id, _ = connection.submit(chat(), "waiter")
+    ping_id, _ = connection.ping("pinger")
+    events = feed(
+        connection,
+        chunk(request_id, b"{}")
+        + chunk(request_id, b"{}")
+        + ENGINE.encode(Result(id=request_id, status=200, body=None, streamed=True))
+        + chunk(ping_id, b"{}"),
+    )
+    assert [type(e) for e in events] == [Answered, PongReceived]  # the rest of the stream is dropped
+    for event, context in zip(events, ["waiter", "pinger"], strict=True):
+        assert isinstance(event.outcome, ProtocolError) and event.context == context  # type: ignore[union-attr]
+        assert "was not submitted as a stream" in event.outcome.message  # type: ignore[union-attr]
+    assert connection.state is State.OPEN and dict(connection.outstanding) == {}
+
+
+def test_a_body_asking_for_a_stream_outside_stream_is_refused_locally() -> None:
+    connection = streaming()
+    with pytest.raises(InvalidRequestError, match="use stream"):
+        connection.submit(Request(ENDPOINT, {"model": "m", "stream": True}))
+    assert dict(connection.outstanding) == {}
+    window = MapWindow(connection, endpoint=ENDPOINT)
+    _, nothing = window.add({"model": "m", "stream": True})
+    refused = window.next_result()
+    assert nothing == b"" and refused is not None and isinstance(refused.error, InvalidRequestError)
+
+
+@pytest.mark.parametrize("minor", [None, 0])
+def test_an_engine_without_minor_1_cannot_stream(minor: int | None) -> None:
+    connection = ClientConnection(socket_path=PATH, client_name="core-test")
+    connection.send_hello()
+    # An engine that predates the field sends none at all.
+    fields = {"type": "welcome", "protocol": PROTOCOL_VERSION, "server": "trio-mapper/0.0.9", "max_frame_bytes": 1000}
+    [event] = feed(connection, raw(fields if minor is None else {**fields, "minor": minor}))
+    assert isinstance(event, Welcomed) and event.welcome.minor == 0 and not connection.can_stream
+    with pytest.raises(ProtocolError, match="upgrade the engine") as caught:
+        connection.submit(chat(), stream=True)
+    assert "trio-mapper/0.0.9" in caught.value.message and f"minor {PROTOCOL_MINOR}" in caught.value.message
+    assert dict(connection.outstanding) == {}
+    assert connection.submit(chat())[1]  # whole requests are unaffected
+
+
+def test_streams_orphaned_by_a_lost_connection() -> None:
+    connection = streaming()
+    connection.submit(chat(), "stream", stream=True)
+    [closed] = feed(connection, b"")
+    assert isinstance(closed, ConnectionClosed) and closed.orphans == ("stream",)

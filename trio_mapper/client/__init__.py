@@ -8,7 +8,7 @@ It never imports the engine.
 
 from typing import TYPE_CHECKING, Any
 
-from trio_mapper.client.core import DEFAULT_WINDOW, MapResult, Request
+from trio_mapper.client.core import DEFAULT_WINDOW, MapResult, Request, StreamChunk
 from trio_mapper.client.errors import (
     ERROR_CLASSES,
     ConnectionLost,
@@ -28,15 +28,15 @@ from trio_mapper.client.errors import (
     UpstreamUnreachableError,
     error_class_for,
 )
-from trio_mapper.client.sync import Client
+from trio_mapper.client.sync import Client, Stream
 
 if TYPE_CHECKING:
-    from trio_mapper.client.aio import AsyncClient, AsyncMapIterator
+    from trio_mapper.client.aio import AsyncClient, AsyncMapIterator, AsyncStream
 
 
 def __getattr__(name: str) -> Any:
     # The async client needs anyio; a program using only the blocking Client should not pay for it.
-    if name in {"AsyncClient", "AsyncMapIterator"}:
+    if name in {"AsyncClient", "AsyncMapIterator", "AsyncStream"}:
         from trio_mapper.client import aio
 
         return getattr(aio, name)
@@ -48,6 +48,7 @@ __all__ = [
     "ERROR_CLASSES",
     "AsyncClient",
     "AsyncMapIterator",
+    "AsyncStream",
     "Client",
     "ConnectionLost",
     "EngineUnavailable",
@@ -63,6 +64,8 @@ __all__ = [
     "RequestTimeoutError",
     "RequestTooLargeError",
     "ShuttingDownError",
+    "Stream",
+    "StreamChunk",
     "TrioMapperError",
     "UpstreamError",
     "UpstreamUnreachableError",

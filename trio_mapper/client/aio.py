@@ -16,7 +16,7 @@ of task around one connection:
   already in come back while a slow input makes the feeder wait.
 
 Cancelling a waiting `AsyncClient.request` (a timeout, a cancelled scope) withdraws it in the engine with a
-``Cancel`` frame.
+``Cancel`` frame; so does leaving an `AsyncClient.stream` early.
 
 Imports msgspec, anyio, the standard library and the light `trio_mapper` modules only (never trio or
 httpx directly: anyio loads the running event loop's backend itself).
@@ -40,6 +40,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from trio_mapper.client.core import (
     DEFAULT_WINDOW,
     Answered,
+    ChunkReceived,
     ClientConnection,
     ConnectionClosed,
     MapResult,
@@ -49,6 +50,8 @@ from trio_mapper.client.core import (
     Request,
     State,
     StatsReceived,
+    StreamChunk,
+    StreamState,
     default_client_name,
     logger,
     unwrap,
@@ -113,6 +116,95 @@ class _Flag:
     async def wait(self) -> None:
         await self._event.wait()
         self._event = anyio.Event()
+
+
+class _StreamWaiter:
+    """Where one `AsyncClient.stream`'s chunks and end land. Never refers to its `AsyncStream`, so that
+    dropping the stream object finalises it even though the core still holds this."""
+
+    __slots__ = ("news", "state")
+
+    def __init__(self) -> None:
+        self.state = StreamState()
+        self.news = _Flag()
+
+    def deliver(self, event: ChunkReceived | Answered) -> None:
+        self.state.deliver(event)
+        self.news.set()
+
+    def fail(self) -> None:
+        self.news.set()  # the consumer finds the connection closed
+
+
+class AsyncStream:
+    """The chunks of one streamed request, as `AsyncClient.stream` returns it: ``async for`` it for
+    `StreamChunk`s.
+
+    The final `Result` (status, headers with ``x-request-id``, attempts, timings) is ``result`` once the
+    iteration ended; an error the stream ended with is raised by the iteration, after the chunks that came
+    before it. Leaving early cancels the request in the engine, which closes the upstream's stream at once:
+    at a precise point with ``async with client.stream(...) as chunks:`` or ``aclose()``; when the
+    object is dropped otherwise (``break`` out of ``async for``: at once in CPython). Cancelling a task
+    waiting for the next chunk does it too.
+    """
+
+    def __init__(self, client: AsyncClient, request_id: RequestId, waiter: _StreamWaiter) -> None:
+        self.request_id = request_id
+        #: The final `Result` once the stream ended successfully; None before.
+        self.result: Result | None = None
+        self._client = client
+        self._waiter = waiter
+        self._over = False
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        state = self._waiter.state
+        while True:
+            if self._over:  # ended, or closed: what is still buffered is not wanted
+                raise StopAsyncIteration
+            chunk = state.next_chunk()
+            if chunk is not None:
+                return chunk
+            if state.done:
+                self._over = True
+                self.result = state.finish()  # raises the error the stream ended with
+                raise StopAsyncIteration
+            if self._client._core.closed:
+                self._over = True
+                raise self._client._core.connection_lost()
+            try:
+                await self._waiter.news.wait()
+            except BaseException:  # cancelled while waiting: nobody will read the rest
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Stop without blocking: the request is cancelled in the engine unless it already ended. Safe to
+        call twice."""
+        if self._over:
+            return
+        self._over = True
+        self._client._withdraw((self.request_id,))
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # `break` out of `async for` drops the stream without closing it: cancel its request then.
+        if not getattr(self, "_over", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncStream id={self.request_id!r} {'over' if self._over else 'open'}>"
 
 
 def _only_wraps(group: BaseExceptionGroup[BaseException], target: BaseException) -> bool:
@@ -280,6 +372,29 @@ class AsyncClient:
         result: Result = unwrap(await self._wait(request_id, waiter))
         return result
 
+    def stream(
+        self,
+        endpoint: str,
+        body: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+    ) -> AsyncStream:
+        """Send one request as a stream: ``async for`` what this returns for its chunks as they come.
+
+        Not a coroutine: the request is sent when this is called. ``body`` is what `request` takes;
+        ``"stream": true`` is set here. Each item is a `StreamChunk` (see `trio_mapper.client.sync.Client.stream`
+        for what it holds). Raises, from this call: `ProtocolError` when the engine is too old to stream,
+        `InvalidRequestError` for a frame larger than the engine accepts, `ConnectionLost`; from the iteration:
+        the `TrioMapperError` subclass ``request`` would raise for the engine's error kind, or `ConnectionLost`.
+        """
+        self._check_usable()
+        waiter = _StreamWaiter()
+        request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts)
+        request_id, frame = self._core.submit(request, waiter, stream=True)
+        self._enqueue(frame, request_id)
+        return AsyncStream(self, request_id, waiter)
+
     def map(
         self,
         requests: Iterable[Any] | AsyncIterable[Any],
@@ -374,7 +489,7 @@ class AsyncClient:
     def _process_events(self) -> None:
         """Hand each of the core's events to whoever waits for it. Never blocks."""
         for event in self._core.events():
-            if isinstance(event, Answered | StatsReceived | PongReceived):
+            if isinstance(event, Answered | ChunkReceived | StatsReceived | PongReceived):
                 event.context.deliver(event)
             elif isinstance(event, ConnectionClosed):
                 for context in event.orphans:
@@ -648,4 +763,4 @@ class AsyncMapIterator:
             self._run.finish()
 
 
-__all__ = ["AsyncClient", "AsyncMapIterator"]
+__all__ = ["AsyncClient", "AsyncMapIterator", "AsyncStream"]

@@ -7,6 +7,7 @@ connection ended. Bytes in, events out: feed what the socket returned to `Client
 `ClientConnection.events`. Requests in, bytes out: `send_hello`, `submit`, `cancel`, `stats` and `ping`
 return the bytes to write. `MapWindow` is ``map()``'s window on top of it: it says when to pull the next
 input item, makes the ``Submit`` for it, and turns replies into `MapResult` objects in completion order.
+`StreamState` is ``stream()``'s: a streamed request's chunks in order, then its end.
 
 Nothing here blocks, sleeps, reads a clock, owns a socket or a thread, or raises because of what the engine
 sent: a bad frame becomes an error event for its request, a broken connection the `ConnectionClosed`
@@ -47,8 +48,10 @@ from trio_mapper.client.errors import (
 )
 from trio_mapper.wire import (
     LENGTH_PREFIX,
+    PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Cancel,
+    Chunk,
     Codec,
     Error,
     FrameBuffer,
@@ -146,6 +149,21 @@ class MapResult:
         return iter((self.input, self.outcome))
 
 
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One event of a streamed reply, as ``stream()`` yields it.
+
+    Attributes:
+        data: the event's data, decoded: for every OpenAI stream a dict (a ``chat.completion.chunk``, a
+            ``text_completion`` chunk, a Responses API event). A string if an event was not JSON.
+        event: the server-sent event's name: the Responses API names its events (``response.created``,
+            ``response.output_text.delta``… the same name as ``data["type"]``); None for chat and completions.
+    """
+
+    data: Any
+    event: str | None = None
+
+
 def coerce_request(
     item: Any,
     *,
@@ -208,6 +226,15 @@ class Answered:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkReceived:
+    """One chunk of a request submitted with ``stream=True``; its chunks come in order, then its `Answered`."""
+
+    request_id: RequestId
+    chunk: StreamChunk
+    context: Any
+
+
+@dataclass(frozen=True, slots=True)
 class StatsReceived:
     """The reply to `ClientConnection.stats`: ``{"engine": {...}, "lanes": {...}}``, or an error."""
 
@@ -251,7 +278,9 @@ class ConnectionClosed:
 
 #: The events that answer one request; ``request_id`` and ``context`` say which.
 Reply = Answered | StatsReceived | PongReceived
-Event = Welcomed | Answered | StatsReceived | PongReceived | ConnectionLevelError | ConnectionClosed
+#: The events for one request's context: its chunks (a stream), then its reply.
+RequestEvent = Reply | ChunkReceived
+Event = Welcomed | Answered | ChunkReceived | StatsReceived | PongReceived | ConnectionLevelError | ConnectionClosed
 
 
 def unwrap(reply: Reply) -> Any:
@@ -278,7 +307,9 @@ class _LenientError(msgspec.Struct, tag_field="type", tag="error", forbid_unknow
 
 
 #: Message types this client knows; protocol.md allows new ones within a version, so others are skipped.
-_KNOWN_ENGINE_TYPES: Final = frozenset(str(cls.__struct_config__.tag) for cls in (Welcome, Result, Error, Stats, Pong))
+_KNOWN_ENGINE_TYPES: Final = frozenset(
+    str(cls.__struct_config__.tag) for cls in (Welcome, Result, Chunk, Error, Stats, Pong)
+)
 
 
 def _message_type(frame: bytes) -> Any:
@@ -307,7 +338,7 @@ def error_from_message(message: Error | _LenientError) -> TrioMapperError:
 
 
 #: What `parse_frame` gives: a message to route, or the exception an ``error`` frame stands for.
-Parsed = Welcome | Result | Stats | Pong | TrioMapperError
+Parsed = Welcome | Result | StreamChunk | Stats | Pong | TrioMapperError
 
 
 def parse_frame(codec: Codec, frame: bytes) -> tuple[RequestId | None, Parsed] | None:
@@ -337,6 +368,8 @@ def parse_frame(codec: Codec, frame: bytes) -> tuple[RequestId | None, Parsed] |
         return message.id, error_from_message(message)
     if isinstance(message, Result):
         return message.id, msgspec.structs.replace(message, body=_decoded(message.body))
+    if isinstance(message, Chunk):
+        return message.id, StreamChunk(_decoded(message.data), message.event)
     if isinstance(message, Welcome):
         return None, message
     assert isinstance(message, Stats | Pong)
@@ -363,10 +396,11 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-_Kind = Literal["submit", "stats", "ping"]
+_Kind = Literal["submit", "stream", "stats", "ping"]
 #: What each kind of request expects back, for the message when the engine sends something else.
 _EXPECTED: Final[dict[_Kind, tuple[type, str]]] = {
     "submit": (Result, "a Result"),
+    "stream": (Result, "a Result"),
     "stats": (Stats, "Stats"),
     "ping": (Pong, "Pong"),
 }
@@ -426,20 +460,50 @@ class ClientConnection:
             raise RuntimeError(f"hello is the first frame; the connection is {self.state.value}")
         self.state = State.HANDSHAKING
         # Bodies in the "json" format: the engine forwards the upstream's bytes and this process decodes them.
-        return self._codec.encode(Hello(protocol=PROTOCOL_VERSION, client=self.client_name, body_format="json"))
+        hello = Hello(protocol=PROTOCOL_VERSION, client=self.client_name, body_format="json", minor=PROTOCOL_MINOR)
+        return self._codec.encode(hello)
 
-    def submit(self, request: Request, context: Any = None) -> tuple[RequestId, bytes]:
+    @property
+    def can_stream(self) -> bool:
+        """Whether the engine takes streamed requests (it agreed to protocol minor 1 in its welcome)."""
+        return self.welcome is not None and self.welcome.minor >= 1
+
+    def submit(self, request: Request, context: Any = None, *, stream: bool = False) -> tuple[RequestId, bytes]:
         """A new id for ``request`` and its ``submit`` frame; its reply will be an `Answered` event.
 
+        With ``stream=True`` the body is sent with ``"stream": true`` (set here, whatever the body said) and
+        the reply comes as `ChunkReceived` events, in order, then the `Answered` event (a `Result` whose
+        ``body`` is None and ``streamed`` true, or the error the stream ended with). Without it, a body that
+        says ``"stream": true`` is refused: its reply would come in pieces nobody asked for.
+
         Raises:
-            InvalidRequestError: the frame is larger than the engine accepts (it would close the connection);
-                nothing is outstanding and nothing is to be sent.
+            InvalidRequestError: the frame is larger than the engine accepts (it would close the connection),
+                or the body asks for a stream without ``stream=True``; nothing is outstanding and nothing is
+                to be sent.
+            ProtocolError: ``stream=True``, and the engine is too old to stream (nothing is sent).
             ConnectionLost: the connection is closed.
         """
         self._check_open()
         assert self.welcome is not None
+        if stream and not self.can_stream:
+            raise ProtocolError(
+                "protocol_error",
+                f"the engine at {self.socket_path} ({self.welcome.server}) cannot stream replies on this socket "
+                f"(it speaks protocol {self.welcome.protocol} minor {self.welcome.minor}; streams need minor "
+                f"{PROTOCOL_MINOR}): upgrade the engine, or send the request whole with request()",
+            )
         request_id = next(self._ids)
-        body = request.body if isinstance(request.body, dict) else dict(request.body)
+        if stream:
+            body = {**request.body, "stream": True}
+        elif request.body.get("stream") is True:
+            raise InvalidRequestError(
+                "invalid_request",
+                'the body says "stream": true: use stream() to receive the reply as it is generated, or drop '
+                '"stream" to get it whole',
+                request_id=request_id,
+            )
+        else:
+            body = request.body if isinstance(request.body, dict) else dict(request.body)
         message = Submit(
             id=request_id,
             endpoint=request.endpoint,
@@ -456,7 +520,7 @@ class ClientConnection:
                 f"the request is {size} bytes once encoded; the engine accepts frames of at most {limit} bytes",
                 request_id=request_id,
             )
-        self._outstanding[request_id] = ("submit", context)
+        self._outstanding[request_id] = ("stream" if stream else "submit", context)
         return request_id, frame
 
     def stats(self, context: Any = None) -> tuple[RequestId, bytes]:
@@ -480,7 +544,7 @@ class ClientConnection:
         return b"".join(
             self._codec.encode(Cancel(id=request_id))
             for request_id in request_ids
-            if (entry := self._outstanding.pop(request_id, None)) is not None and entry[0] == "submit"
+            if (entry := self._outstanding.pop(request_id, None)) is not None and entry[0] in {"submit", "stream"}
         )
 
     def forget(self, request_ids: Iterable[RequestId]) -> None:
@@ -624,6 +688,8 @@ class ClientConnection:
                 logger.warning("engine error about the connection: %s", message)
                 return ConnectionLevelError(message)
             return None  # a second welcome: nothing to do with it
+        if isinstance(message, StreamChunk):
+            return self._chunk(request_id, message)
         entry = self._outstanding.pop(request_id, None)
         if entry is None:
             return None  # a request we gave up on (cancelled, interrupted): its late reply is dropped
@@ -637,13 +703,35 @@ class ClientConnection:
                     f"expected {name}, the engine sent {type(message).__name__}",
                     request_id=request_id,
                 )
-        if kind == "submit":
+        if kind in {"submit", "stream"}:
             return Answered(request_id, outcome, context)
         if kind == "stats":
             if isinstance(outcome, Stats):
                 outcome = {"engine": outcome.engine, "lanes": outcome.lanes}
             return StatsReceived(request_id, outcome, context)
         return PongReceived(request_id, outcome, context)
+
+    def _chunk(self, request_id: RequestId, chunk: StreamChunk) -> Event | None:
+        entry = self._outstanding.get(request_id)
+        if entry is None:
+            return None  # a stream we gave up on: its chunks keep coming until the engine reads our cancel
+        kind, context = entry
+        if kind == "stream":
+            return ChunkReceived(request_id, chunk, context)
+        # The engine streamed a reply nobody asked to stream (`submit` refuses stream bodies, so only an
+        # engine's bug gets here). Ignoring the chunks would make the request succeed with a body of None, a
+        # silent wrong answer: fail it instead, and drop what else comes for it.
+        del self._outstanding[request_id]
+        error = ProtocolError(
+            "protocol_error",
+            f"the engine sent a chunk for request {request_id!r}, which was not submitted as a stream",
+            request_id=request_id,
+        )
+        if kind == "submit":
+            return Answered(request_id, error, context)
+        if kind == "stats":
+            return StatsReceived(request_id, error, context)
+        return PongReceived(request_id, error, context)
 
 
 # --- map()'s window ---------------------------------------------------------------------------------------
@@ -757,10 +845,65 @@ class MapWindow:
         return in_flight
 
 
+# --- stream()'s state -------------------------------------------------------------------------------------
+
+
+class StreamState:
+    """One streamed request without I/O: its chunks in the order they came, then how it ended.
+
+    The driver hands it the request's `ChunkReceived` and `Answered` events (`deliver`) and its caller takes
+    chunks (`next_chunk`) until there are none and `done`; then `finish` returns the final `Result` or raises
+    the error the stream ended with. Chunks are buffered without a bound: the engine paces the stream to
+    the connection's reading, not to this caller's, so a caller slower than the upstream holds the rest of
+    the reply here (a completion's worth of small chunks, at most).
+    """
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[StreamChunk] = collections.deque()
+        self._outcome: Result | TrioMapperError | None = None
+
+    def __repr__(self) -> str:
+        return f"<StreamState {len(self._chunks)} buffered{', ended' if self._outcome is not None else ''}>"
+
+    def deliver(self, event: ChunkReceived | Answered) -> None:
+        if isinstance(event, ChunkReceived):
+            self._chunks.append(event.chunk)
+            return
+        outcome = event.outcome
+        if isinstance(outcome, Result) and not outcome.streamed and outcome.body is not None:
+            # The upstream answered whole (an endpoint that does not stream, or one that ignored "stream"):
+            # the body is the stream's one chunk, rather than lost.
+            self._chunks.append(StreamChunk(outcome.body))
+        self._outcome = outcome
+
+    @property
+    def has_news(self) -> bool:
+        """Whether `next_chunk` or `finish` has something for the caller."""
+        return bool(self._chunks) or self._outcome is not None
+
+    @property
+    def done(self) -> bool:
+        """The request ended and every chunk was taken."""
+        return self._outcome is not None and not self._chunks
+
+    def next_chunk(self) -> StreamChunk | None:
+        """The oldest chunk not taken yet, or None."""
+        return self._chunks.popleft() if self._chunks else None
+
+    def finish(self) -> Result:
+        """The final `Result` (status, headers, attempts, timings) once `done`; raises the error it ended with."""
+        if self._outcome is None:
+            raise RuntimeError("the stream has not ended")
+        if isinstance(self._outcome, TrioMapperError):
+            raise self._outcome
+        return self._outcome
+
+
 __all__ = [
     "DEFAULT_WINDOW",
     "MAX_REPLY_FRAME_BYTES",
     "Answered",
+    "ChunkReceived",
     "ClientConnection",
     "ConnectionClosed",
     "ConnectionLevelError",
@@ -770,8 +913,11 @@ __all__ = [
     "PongReceived",
     "Reply",
     "Request",
+    "RequestEvent",
     "State",
     "StatsReceived",
+    "StreamChunk",
+    "StreamState",
     "Welcomed",
     "coerce_request",
     "default_client_name",

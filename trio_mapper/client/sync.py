@@ -28,6 +28,7 @@ completion order, exactly one final ``Result``/``Error`` per id; ``Cancel(id)`` 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -42,6 +43,7 @@ from typing import Any, Final
 from trio_mapper.client.core import (
     DEFAULT_WINDOW,
     Answered,
+    ChunkReceived,
     ClientConnection,
     ConnectionClosed,
     MapResult,
@@ -51,6 +53,8 @@ from trio_mapper.client.core import (
     Request,
     State,
     StatsReceived,
+    StreamChunk,
+    StreamState,
     default_client_name,
     unwrap,
 )
@@ -109,6 +113,85 @@ def engine_unavailable(path: Path, exc: BaseException | str, source: str) -> Eng
 # --- the blocking client ----------------------------------------------------------------------------------
 
 
+class _StreamWaiter:
+    """Where one `Client.stream`'s chunks and end land (written by the pump, under the lock). Never refers
+    to its `Stream`, so that dropping the `Stream` finalises it even though the core still holds this."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = StreamState()
+
+    def deliver(self, event: ChunkReceived | Answered) -> None:
+        self.state.deliver(event)
+
+
+class Stream:
+    """The chunks of one streamed request, as `Client.stream` returns it: iterate it for `StreamChunk`s.
+
+    The final `Result` (status, headers with ``x-request-id``, attempts, timings) is ``result`` once the
+    iteration ended; an error the stream ended with is raised by the iteration, after the chunks that came
+    before it. Leaving early (``close()``, the ``with`` block, or dropping the object, as a ``for`` loop left
+    by ``break`` or an exception does in CPython) cancels the request in the engine, which closes the
+    upstream's stream at once.
+    """
+
+    def __init__(self, client: Client, request_id: RequestId, waiter: _StreamWaiter) -> None:
+        self.request_id = request_id
+        #: The final `Result` once the stream ended successfully; None before.
+        self.result: Result | None = None
+        self._client = client
+        self._waiter = waiter
+        self._over = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        client, state = self._client, self._waiter.state
+        while True:
+            if self._over:  # ended, or closed: what is still buffered is not wanted
+                raise StopIteration
+            with client._lock:
+                chunk = state.next_chunk()
+                done = state.done
+            if chunk is not None:
+                return chunk
+            if done:
+                self._over = True
+                self.result = state.finish()  # raises the error the stream ended with
+                raise StopIteration
+            try:
+                client._progress(lambda: state.has_news)
+            except BaseException:  # ConnectionLost, Ctrl+C: nothing more will come for this stream
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Stop: the request is cancelled in the engine unless it already ended. Safe to call twice."""
+        if self._over:
+            return
+        self._over = True
+        self._client._give_up((self.request_id,))
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Dropped without being finished (a `for` loop left by break or an exception): cancel the request.
+        # Never block here: the collector may run this in a thread that holds the client's lock.
+        if not getattr(self, "_over", True):
+            self._over = True
+            with contextlib.suppress(Exception):
+                self._client._give_up_soon(self.request_id)
+
+    def __repr__(self) -> str:
+        return f"<Stream id={self.request_id!r} {'over' if self._over else 'open'}>"
+
+
 class _Waiter:
     """Where the reply to one `Client.request`/`stats`/`ping` lands (written by the pump, under the lock)."""
 
@@ -156,6 +239,9 @@ class Client:
         self._poked = False  # a wake-up byte is on its way to the pump
         self._closed = False
         self._released = False
+        #: Requests to cancel that a finaliser could not take the lock for (`_give_up_soon`). A deque: its
+        #: append and popleft are atomic, so a finaliser adds to it without the lock and nothing is lost.
+        self._deferred_cancels: collections.deque[RequestId] = collections.deque()
         self._sock = self._connect(connect_timeout)
         try:
             self._sock.setblocking(False)
@@ -204,6 +290,33 @@ class Client:
             self._queue(frame)
         result: Result = unwrap(self._wait(request_id, waiter))
         return result
+
+    def stream(
+        self,
+        endpoint: str,
+        body: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Stream:
+        """Send one request as a stream: iterate what this returns for its chunks as the upstream generates them.
+
+        ``body`` is what `request` takes; ``"stream": true`` is set here. Each item is a `StreamChunk`: its
+        ``data`` the event's decoded JSON (a ``chat.completion.chunk`` dict, a completions chunk, a Responses
+        API event), its ``event`` the Responses API's event name. The engine's usage chunk is not among them
+        unless the body asks for it (``"stream_options": {"include_usage": true}``).
+
+        Raises, from this call: `ProtocolError` when the engine is too old to stream (upgrade it),
+        `InvalidRequestError` for a frame larger than the engine accepts, `ConnectionLost`. From the
+        iteration: the `TrioMapperError` subclass ``request`` would raise for the engine's error kind (a
+        failure before or during the stream), or `ConnectionLost`.
+        """
+        request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts)
+        waiter = _StreamWaiter()
+        with self._lock:
+            request_id, frame = self._core.submit(request, waiter, stream=True)
+            self._queue(frame)
+        return Stream(self, request_id, waiter)
 
     def map(
         self,
@@ -313,6 +426,8 @@ class Client:
     def _queue(self, frames: bytes) -> int:
         """Append whole frames to the outbox and write what the socket takes now, without blocking (lock
         held); returns the `_sent` count at which they are out. What is left goes out with the pump."""
+        if self._deferred_cancels:
+            frames = self._take_deferred_cancels() + frames
         if frames and not self._core.closed:
             self._outbox += frames
             self._queued += len(frames)
@@ -338,6 +453,24 @@ class Client:
                 self._give_up((request_id,))
         assert waiter.reply is not None
         return waiter.reply
+
+    def _give_up_soon(self, request_id: RequestId) -> None:
+        """`_give_up` for finalisers: never blocks. Without the lock at once, the cancel waits for whichever
+        thread next writes or pumps."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._queue(self._core.cancel((request_id,)))
+            finally:
+                self._lock.release()
+        else:
+            self._deferred_cancels.append(request_id)
+
+    def _take_deferred_cancels(self) -> bytes:
+        """The cancel frames `_give_up_soon` left for later (lock held)."""
+        request_ids = []
+        while self._deferred_cancels:
+            request_ids.append(self._deferred_cancels.popleft())
+        return self._core.cancel(request_ids)
 
     def _give_up(self, request_ids: Iterable[RequestId]) -> None:
         """Forget these requests; those not answered yet are cancelled in the engine (best effort)."""
@@ -387,6 +520,8 @@ class Client:
         with contextlib.suppress(OSError):
             while self._wake_read.recv(64):
                 pass
+        if self._deferred_cancels:
+            self._queue(b"")
         self._poller.modify(self._sock, select.POLLIN | (select.POLLOUT if self._outbox else 0))
         self._lock.release()
         try:
@@ -454,7 +589,7 @@ class Client:
     def _dispatch(self) -> None:
         """Hand each event to whoever waits for it (lock held)."""
         for event in self._core.events():
-            if isinstance(event, Answered | StatsReceived | PongReceived):
+            if isinstance(event, Answered | ChunkReceived | StatsReceived | PongReceived):
                 event.context.deliver(event)
             elif isinstance(event, ConnectionClosed):  # waiters see the core closed: they raise ConnectionLost
                 self._outbox.clear()
@@ -497,4 +632,5 @@ class Client:
             sent_at = self._queue(frame)
         self._progress(lambda: self._sent >= sent_at)
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "Client", "engine_unavailable", "socket_source"]
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "Client", "Stream", "engine_unavailable", "socket_source"]
