@@ -75,6 +75,7 @@ async def test_the_sdk_streams_chat_completions_and_responses(short_tmp: Path) -
             assert events[-1].response.usage.input_tokens > 0
 
         stats = await engine_stats(engine)
+        assert stats["engine"]["http_requests"]["disconnected"] == 0  # every reply was read to its end
         lane = stats["lanes"][MODEL]
         assert lane["succeeded"] == 4 and lane["retries"] == 0
         # Every stream's usage reached the budget: actual prompt tokens come from the usage events only.

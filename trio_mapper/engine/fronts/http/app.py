@@ -117,6 +117,8 @@ class _RequestSink:
         # Unbounded so that `report` never blocks; `relay` keeps the chunks in it few.
         self._events, self._pending = trio.open_memory_channel[Outcome | Chunk](math.inf)
         self._taken = trio.Event()
+        #: The final event came: what is written from here on is the reply's end.
+        self.answered = False
 
     @property
     def client_key(self) -> Hashable:
@@ -266,6 +268,8 @@ class OpenAIApp:
         writing its reply, since nobody is left to read it."""
         while (await receive())["type"] != "http.disconnect":
             pass
+        if sink.answered:
+            return  # hypercorn reports the end of every exchange as a disconnect, once the reply is out
         self.stats.disconnected += 1
         reply.cancel()  # first, so that the `cancelled` reported next is never written
         self._scheduler.cancel(sink, request_id)
@@ -288,6 +292,7 @@ class OpenAIApp:
                     await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
                 case Finished() | Failed():
                     break
+        sink.answered = True
         if not streaming:
             return await self._render(send, event, budget)
         if isinstance(event, Failed):
