@@ -24,6 +24,8 @@ import trio
 
 from trio_mapper._version import __version__
 from trio_mapper.engine.budget import Ledger, Limits
+from trio_mapper.engine.budget.local import LocalMeter
+from trio_mapper.engine.budget.shared import SharedBudget, SharedBudgetSettings, key_identity
 from trio_mapper.engine.core.scheduler import MAX_LANES, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.fronts.http.app import OpenAIApp, Operation
@@ -46,6 +48,8 @@ _ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errn
 _ACCEPT_RETRY_SLEEP: Final = 0.1
 #: How often the one-line STATUS= shown by `systemctl status` is refreshed (only sent when it changed).
 STATUS_INTERVAL: Final = 2.0
+#: At exit, how long the last settlements may take to reach the shared budget's Redis.
+SETTLE_AT_EXIT_TIMEOUT: Final = 2.0
 #: SIGINT and SIGTERM stop the engine gracefully (a second one ends the grace period); SIGHUP reloads.
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -66,6 +70,7 @@ class Engine:
         *,
         reload_settings: Callable[[], Settings] | None = None,
         early_signals: list[int] | None = None,
+        budget_password: str | None = None,
     ) -> None:
         self.settings = settings
         #: Loads the settings again from the same layers (file < env < original CLI args), for SIGHUP.
@@ -79,11 +84,25 @@ class Engine:
         self._estimator = estimator
         server = settings.server
         default_limits, per_model = ledger_limits(server)
+        #: The budget shared with other engines through Redis, when ``budget`` names one.
+        self.shared_budget: SharedBudget | None = None
+        if server.budget != "local":
+            self.shared_budget = SharedBudget(
+                SharedBudgetSettings(
+                    url=server.budget,
+                    password=budget_password,
+                    namespace=server.budget_namespace,
+                    failure_policy=server.budget_failure,
+                    timeout=server.budget_timeout,
+                ),
+                key_id=key_identity(settings.openai.api_key, settings.openai.base_url),
+            )
         self.ledger = Ledger(
             default_limits,
             server.period_length,
             per_model=per_model,
             mode=server.ledger_mode,
+            meter_factory=self.shared_budget if self.shared_budget is not None else LocalMeter,
         )
         self._shutdown_requested = trio.Event()
         #: Covers start-up (socket, upstream clients); a shutdown request cancels it.
@@ -128,6 +147,7 @@ class Engine:
             default_limits={"rpm": server.rpm, "tpm": server.tpm},
             period_length=server.period_length,
             ledger_mode=server.ledger_mode,
+            budget=self.shared_budget.statistics() if self.shared_budget is not None else {"backend": "local"},
         )
         if self._http is not None:
             engine["http_requests"] = attrs.asdict(self._http.app.stats)
@@ -272,6 +292,8 @@ class Engine:
             )
         )
         async with trio.open_nursery() as root:
+            if self.shared_budget is not None:
+                await root.start(self.shared_budget.run)
             await root.start(scheduler.run)
             if watchdog_interval is not None:
                 root.start_soon(self._keep_watchdog, watchdog_interval)
@@ -302,6 +324,10 @@ class Engine:
                 self._notifier.stopping(self._status_line())
                 await self._stop_accepting(listener, socket_file)
                 await scheduler.shutdown(server.grace_period)
+                if self.shared_budget is not None:
+                    # What the last replies taught the shared budget reaches Redis if it can, briefly.
+                    with trio.move_on_after(SETTLE_AT_EXIT_TIMEOUT):
+                        await self.shared_budget.flush()
                 for connection in list(self._connections):
                     connection.begin_close()
                 http.begin_close()

@@ -110,6 +110,41 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.toml",
         help='client keys for --http: [keys] name = "key" (not world-readable; re-read on SIGHUP)',
     )
+    shared = parser.add_argument_group("shared budget (several engines on one key; docs/ledger.md)")
+    shared.add_argument(
+        "--budget",
+        metavar="URL",
+        help="keep the budget in Redis, shared by every engine on the key: redis://host:6379/0, rediss://..., "
+        "unix:///path/redis.sock (default: local, this process only). The password goes in "
+        "--budget-password-file or TRIO_MAPPER_BUDGET_PASSWORD, never in the URL",
+    )
+    shared.add_argument(
+        *_both_spellings("budget-password-file"),
+        dest="budget_password_file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the Redis password",
+    )
+    shared.add_argument(
+        *_both_spellings("budget-namespace"),
+        dest="budget_namespace",
+        metavar="PREFIX",
+        help="prefix of the budget's Redis keys (default trio-mapper)",
+    )
+    shared.add_argument(
+        *_both_spellings("budget-failure"),
+        dest="budget_failure",
+        choices=("wait", "local-share"),
+        help="when Redis is unreachable: wait (send nothing until it is back; the default) or local-share "
+        "(the limits divided by the number of engines seen)",
+    )
+    shared.add_argument(
+        *_both_spellings("budget-timeout"),
+        dest="budget_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest a Redis call may take before the failure policy applies (default 0.5)",
+    )
     serving.add_argument(
         *_both_spellings("base-url"),
         dest="base_url",
@@ -207,16 +242,18 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     from trio_mapper.engine.estimate.tokens import TokenEstimator
     from trio_mapper.engine.fronts.unix.listener import ListenerError
     from trio_mapper.engine.process.logs import configure_logging
-    from trio_mapper.engine.process.settings import load_settings
+    from trio_mapper.engine.process.settings import budget_password, load_settings
 
     try:
         settings = load_settings(cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=Path.cwd())
+        password = budget_password(settings.server, os.environ)
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"trio-mapper launch-engine: {problem}", file=sys.stderr)
         return 2
     server = settings.server
-    configure_logging(server.log_level, server.log_format, secrets=[settings.openai.api_key])
+    secrets = [settings.openai.api_key] + ([password] if password else [])
+    configure_logging(server.log_level, server.log_format, secrets=secrets)
     # Encodings load before the event loop starts: the first request must not wait for them.
     estimator = TokenEstimator.load()
     # SIGHUP reloads from the same layers: the config file and environment as they are now, the original argv.
@@ -228,6 +265,7 @@ def run_launch_engine(args: argparse.Namespace) -> int:
             cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=dotenv_dir
         ),
         early_signals=early_signals,
+        budget_password=password,
     )
     try:
         trio.run(engine.serve)

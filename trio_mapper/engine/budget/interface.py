@@ -321,8 +321,11 @@ class RemoteMeter(Protocol):
     """
 
     name: str
-    #: Tells the ledger's queue to await `charge` instead of calling `try_charge`.
-    remote: Literal[True]
+
+    @property
+    def remote(self) -> Literal[True]:
+        """Tells the ledger's queue to await `charge` instead of calling `try_charge`."""
+        ...
 
     def check_admissible(self, cost: Cost) -> None: ...
 

@@ -164,18 +164,20 @@ class SharedBudget:
         *,
         key_id: str,
         rng: random.Random | None = None,
-        client: coredis.Redis[bytes] | None = None,
     ) -> None:
         self.settings = settings
         self.key_id = key_id
         self.engine_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self._rng = rng or random.Random()
-        self._client = client if client is not None else _client(settings)
-        self._script = self._client.register_script(
-            importlib.resources.files(__package__).joinpath("shared_budget.lua").read_text()
-        )
-        self._heartbeat_script = self._client.register_script(_HEARTBEAT)
+        # Made in `run`: a client belongs to the Trio run that uses it.
+        self._client: coredis.Redis[bytes] | None = None
+        self._script: Any = None
+        self._heartbeat_script: Any = None
         self._ops_send, self._ops = trio.open_memory_channel[Callable[[], Any]](math.inf)
+        #: Operations enqueued and not yet applied; `flush` waits for none.
+        self._pending = 0
+        self._flushed = trio.Event()
+        self._flushed.set()
         self._ids = itertools.count(1)
         self.available = True
         self._down_since: float | None = None
@@ -205,7 +207,7 @@ class SharedBudget:
 
     async def call(self, keys: list[str], args: Sequence[str | int | float]) -> list[Any]:
         """One run of the lane script, bounded by the timeout; `BudgetUnavailable` when Redis is not there."""
-        if not self.available:
+        if not self.available or self._script is None:
             raise BudgetUnavailable("Redis is unreachable")
         try:
             with trio.fail_after(self.settings.timeout):
@@ -218,7 +220,20 @@ class SharedBudget:
 
     def enqueue(self, operation: Callable[[], Any]) -> None:
         """A refund, settlement or pause for the settler: sent in order, retried until it is applied."""
+        self._pending += 1
+        if self._flushed.is_set():
+            self._flushed = trio.Event()
         self._ops_send.send_nowait(operation)
+
+    async def flush(self) -> None:
+        """Until every settlement made so far reached Redis. At shutdown, bound it (`trio.move_on_after`):
+        what does not arrive stays charged until its reservation expires, and heals by refill."""
+        await self._flushed.wait()
+
+    @property
+    def pending(self) -> int:
+        """Refunds, settlements and pauses not yet applied in Redis."""
+        return self._pending
 
     def _went_down(self, exc: BaseException) -> None:
         self.failures += 1
@@ -245,7 +260,24 @@ class SharedBudget:
 
     # --- tasks ---------------------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        *,
+        client: coredis.Redis[bytes] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, count the engines once, then keep the heartbeat and the settler going until cancelled.
+
+        Redis being unreachable at start is not an error: the failure policy applies until it answers.
+
+        Args:
+            client: a coredis client to use instead of one made from the settings (tests).
+        """
+        self._client = client if client is not None else _client(self.settings)
+        self._script = self._client.register_script(
+            importlib.resources.files(__package__).joinpath("shared_budget.lua").read_text()
+        )
+        self._heartbeat_script = self._client.register_script(_HEARTBEAT)
         async with self._client, trio.open_nursery() as nursery:
             await self._heartbeat_once()
             nursery.start_soon(self._heartbeats)
@@ -278,6 +310,9 @@ class SharedBudget:
                     break
                 except BudgetUnavailable:
                     continue  # waits for Redis, then sends it again: idempotent by reservation id
+            self._pending -= 1
+            if not self._pending:
+                self._flushed.set()
 
     def statistics(self) -> dict[str, Any]:
         if self.available:

@@ -65,6 +65,27 @@ def _not_world_writable(instance: Any, attribute: attrs.Attribute[Any], value: i
         raise ValueError(f"must not be world-writable (anyone could spend the key), got {value:#o}")
 
 
+#: URL schemes of the shared budget's Redis (``rediss``: TLS; ``unix``: a local socket).
+BUDGET_SCHEMES: Final = ("redis", "rediss", "unix")
+#: Where the Redis password may come from besides ``budget_password_file``; never the command line.
+BUDGET_PASSWORD_ENV_VAR: Final = "TRIO_MAPPER_BUDGET_PASSWORD"
+
+
+def _budget_location(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value == "local":
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in BUDGET_SCHEMES:
+        raise ValueError(
+            f"must be 'local' or a Redis URL (redis://host:6379/0, rediss://…, unix:///path/redis.sock), got {value!r}"
+        )
+    if parts.password is not None:
+        raise ValueError(
+            "must not contain a password (command lines and config files are readable); put it in "
+            f"budget_password_file or {BUDGET_PASSWORD_ENV_VAR}"
+        )
+
+
 def _loopback_address(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     if value:
         parse_loopback_address(value)
@@ -157,6 +178,17 @@ class ServerSettings:
     http: str = attrs.field(default="", validator=_loopback_address)
     #: TOML file of client keys for the HTTP front over TCP (``[keys] name = "key"``); never world-readable.
     http_keys_file: Path | None = None
+    #: Where the budget is kept: ``local`` (this process), or a Redis URL that every engine on the key shares
+    #: (docs/ledger.md, "Shared budget"). The password never goes in the URL.
+    budget: str = attrs.field(default="local", validator=_budget_location)
+    #: A file holding the Redis password (or the environment's TRIO_MAPPER_BUDGET_PASSWORD).
+    budget_password_file: Path | None = None
+    #: Prefix of the shared budget's keys, so several deployments can share one Redis.
+    budget_namespace: str = attrs.field(default="trio-mapper", validator=v.matches_re(r"[A-Za-z0-9_.\-]{1,64}"))
+    #: Without Redis: ``wait`` (send nothing until it is back) or ``local-share`` (limits ÷ engines seen).
+    budget_failure: Literal["wait", "local-share"] = "wait"
+    #: Seconds one Redis call may take before the failure policy applies.
+    budget_timeout: float = attrs.field(default=0.5, validator=_positive)
 
     @property
     def http_socket_path(self) -> Path | None:
@@ -389,9 +421,23 @@ def load_settings(
         problems.append(
             "server.http: the HTTP front over TCP needs client keys; set http_keys_file (see docs/http.md)"
         )
+    if settings.server.budget != "local" and settings.server.ledger_mode != "bucket":
+        problems.append(
+            "server.budget: the shared budget meters continuously; use ledger_mode 'bucket' (the default) with it"
+        )
     if problems:
         raise SettingsError(problems)
     return settings
+
+
+def budget_password(server: ServerSettings, environ: Mapping[str, str]) -> str | None:
+    """The shared budget's Redis password: from ``budget_password_file``, else the environment; None if neither."""
+    if server.budget_password_file is not None:
+        try:
+            return server.budget_password_file.read_text().strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError([f"server.budget_password_file: cannot be read: {exc}"]) from None
+    return environ.get(BUDGET_PASSWORD_ENV_VAR) or None
 
 
 def _validation_problems(instance: Any, path: str) -> Iterator[str]:
