@@ -130,3 +130,13 @@ async def test_status_escapes_a_hostile_model_name_from_a_real_engine(short_tmp:
     assert status == 0, stderr
     assert control_characters(table) == []
     assert SHOWN in table
+
+
+def test_the_shared_budget_state_is_shown(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    budget = {"backend": "redis", "state": "unreachable: holding requests", "engines": 3, "failure_policy": "wait"}
+    render({"engine": {"budget": budget}, "lanes": {}})
+    plain = SGR.sub("", capsys.readouterr().out)
+    assert "budget shared through Redis: unreachable: holding requests  engines on the key 3" in plain
+    render({"engine": {"budget": {"backend": "local"}}, "lanes": {}})
+    assert "Redis" not in capsys.readouterr().out

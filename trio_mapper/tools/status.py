@@ -75,6 +75,16 @@ def render(stats: dict[str, Any]) -> None:
                 f"unauthorized {_number(http.get('unauthorized'))}  SDK retries {_number(http.get('sdk_retries'))}"
             )
         )
+    budget = engine.get("budget")
+    if isinstance(budget, dict) and budget.get("backend") == "redis":
+        state = _text(budget.get("state", "?"))
+        line = Text.assemble(
+            "budget shared through Redis: ",
+            (state, "green" if state == "ok" else "bold red"),
+            f"  engines on the key {_number(budget.get('engines'))}  failure policy "
+            f"{_text(budget.get('failure_policy', '?'))}",
+        )
+        console.print(line)
     lanes: dict[str, dict[str, Any]] = stats.get("lanes", {})
     if not lanes:
         console.print("no requests seen yet")
