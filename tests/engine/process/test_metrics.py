@@ -244,3 +244,18 @@ async def test_a_slow_probe_or_a_shutdown_is_not_ready(autojump_clock: trio.abc.
     upstream.shutting_down = True
     assert await readiness.check() == (False, {"status": "not_ready", "shutting_down": True, "upstream": None})
     assert upstream.probes == 1
+
+
+def test_a_shared_budget_shows_whether_redis_answers() -> None:
+    fake = FakeEngine()
+    metrics = fake.metrics()
+    assert get(scrape(metrics), "trio_mapper_budget_redis_up", failure_policy="wait") is None  # local budget
+    fake.engine["budget"] = {"backend": "redis", "state": "ok", "engines": 3, "failure_policy": "wait", "calls": 9}
+    samples = scrape(metrics)
+    assert get(samples, "trio_mapper_budget_redis_up", failure_policy="wait") == 1
+    assert get(samples, "trio_mapper_budget_engines") == 3
+    assert get(samples, "trio_mapper_budget_redis_calls_total") == 9
+    fake.engine["budget"] |= {"state": "unreachable: holding requests", "failures": 2}
+    samples = scrape(metrics)
+    assert get(samples, "trio_mapper_budget_redis_up", failure_policy="wait") == 0
+    assert get(samples, "trio_mapper_budget_redis_failures_total") == 2

@@ -304,6 +304,26 @@ def _engine_families(engine: Mapping[str, Any]) -> Iterator[Metric]:
         if key in http:
             counter.add_metric([], http[key])
         yield counter
+    budget = engine.get("budget") or {}
+    if budget.get("backend") == "redis":
+        # A shared budget whose Redis does not answer is the one state operators must be paged for.
+        reachable = GaugeMetricFamily(
+            _name("budget_redis_up"),
+            "1 while the shared budget's Redis answers; 0 while the failure policy holds or shares locally.",
+            labels=["failure_policy"],
+        )
+        reachable.add_metric([str(budget.get("failure_policy", ""))], 1 if budget.get("state") == "ok" else 0)
+        yield reachable
+        engines = GaugeMetricFamily(_name("budget_engines"), "Engines sharing the key's budget, by heartbeats.")
+        engines.add_metric([], budget.get("engines", 0))
+        yield engines
+        for suffix, text, key in (
+            ("budget_redis_calls_total", "Lane script runs in Redis.", "calls"),
+            ("budget_redis_failures_total", "Redis calls that failed or took longer than the timeout.", "failures"),
+        ):
+            counter = CounterMetricFamily(_name(suffix.removesuffix("_total")), text)
+            counter.add_metric([], budget.get(key, 0))
+            yield counter
 
 
 def _lane_families(lanes: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
