@@ -351,14 +351,6 @@ async def test_a_lower_limit_header_seen_by_one_engine_is_in_force_on_every_engi
             b.lane.check_admissible(Cost(tokens=4000))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "shared.py SharedMeter.charge: the check_admissible after a 'granted' reply raises RequestTooLarge "
-        "without refunding the reservation the script has just charged, so the cost stays charged (a debt "
-        "every engine pays off) and in flight in Redis for RESERVATION_TTL, for a request never sent"
-    ),
-)
 async def test_a_cost_above_a_limit_lowered_elsewhere_is_refused_without_being_charged(
     redis: RedisServer,
 ) -> None:
@@ -540,14 +532,6 @@ async def test_wait_policy_holds_requests_until_redis_returns_and_a_restarted_re
         assert float(state["learned_t"]) == pytest.approx(one_second["tokens"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "shared.py SharedBudget._heartbeats picks its sleep (HEARTBEAT_INTERVAL) while Redis is still up: an "
-        "outage found by a call is only retried when that sleep ends, so requests stay held for up to 5 s "
-        "after Redis is back, not RECONNECT_INTERVAL"
-    ),
-)
 async def test_wait_policy_notices_redis_back_within_the_reconnect_interval(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -607,13 +591,6 @@ async def test_local_share_divides_the_limits_by_the_engines_seen(redis: RedisSe
             assert share <= len(times) <= share + share * elapsed + 1, (index, len(times), elapsed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "shared.py SharedMeter.statistics reports the last shared view while the local-share fallback is in "
-        "force: effective limits, availability, in_flight and reservations ignore the local meter (self._local)"
-    ),
-)
 @pytest.mark.usefixtures("quick_reconnect")
 async def test_local_share_shows_in_the_lane_statistics(redis: RedisServer) -> None:
     limits = Limits(rpm=1200, tpm=600_000)

@@ -182,6 +182,7 @@ class SharedBudget:
         self.available = True
         self._down_since: float | None = None
         self._back = trio.Event()
+        self._wake_heartbeat = trio.Event()
         #: Engines sharing the key, as the last heartbeat counted them (this one included).
         self.engines = 1
         self.calls = 0
@@ -247,7 +248,8 @@ class SharedBudget:
                 if policy == "wait"
                 else f"using 1/{self.engines} of the limits locally (failure policy 'local-share')"
             )
-            log.error("shared budget: Redis unreachable (%s); %s", exc or type(exc).__name__, what)
+            log.error("shared budget: Redis unreachable (%s); %s", str(exc) or type(exc).__name__, what)
+            self._wake_heartbeat.set()  # try again in RECONNECT_INTERVAL, not at the next heartbeat
 
     def _came_back(self) -> None:
         if not self.available:
@@ -297,7 +299,13 @@ class SharedBudget:
 
     async def _heartbeats(self) -> None:
         while True:
-            await trio.sleep(HEARTBEAT_INTERVAL if self.available else RECONNECT_INTERVAL)
+            if self.available:
+                # Cut short when a call finds Redis gone, so its return is noticed within RECONNECT_INTERVAL.
+                with trio.move_on_after(HEARTBEAT_INTERVAL):
+                    await self._wake_heartbeat.wait()
+            if not self.available:
+                await trio.sleep(RECONNECT_INTERVAL)
+            self._wake_heartbeat = trio.Event()
             await self._heartbeat_once()
 
     async def _settler(self) -> None:
@@ -411,8 +419,10 @@ class SharedMeter:
         except BudgetUnavailable:
             return self._fallback(cost, trio.current_time())
         self._view, answer = _View.parse(reply)
-        self.check_admissible(cost)  # the limits in force may have dropped (another engine's headers)
         now = trio.current_time()
+        if answer[0] == "too_large":
+            self.check_admissible(cost)  # raises: the limits in force dropped (another engine's headers)
+            return now  # pragma: no cover - the script and the view agree; ask again at once if not
         if answer[0] == "wait":
             wait = float(answer[1])
             return now + wait + self._budget._rng.uniform(0.0, min(MAX_JITTER, wait * WAIT_JITTER))
@@ -547,6 +557,19 @@ class SharedMeter:
         return not self._in_flight and (self._local is None or self._local.at_rest())
 
     def statistics(self) -> LaneStatistics:
+        if self._local is not None and not self._budget.available:
+            # The local share is what admits now: show it, with this lane's shared reservations still out.
+            local = self._local.statistics()
+            return attrs.evolve(
+                local,
+                mode="bucket (local share while Redis is unreachable)",
+                configured=self._configured,
+                in_flight=local.in_flight + self._in_flight,
+                reservations=local.reservations + self._reservations,
+                refunds=local.refunds + self._refunds,
+                reconciles=local.reconciles + self._reconciles,
+                at_rest=self.at_rest(),
+            )
         now = trio.current_time()
         view = self._view
         effective = self._effective

@@ -107,31 +107,36 @@ for _, id in ipairs(expired) do
 end
 if claim.engine ~= nil and claim.ends <= now then claim.engine = nil end
 
+-- Lua's tostring keeps 14 digits: 0.1 ms at today's Unix times. %.17g round-trips a double exactly.
+local function exact(x)
+    return string.format('%.17g', x)
+end
+
 local function save()
     redis.call('HSET', state_key,
-        'level_r', tostring(st.r.level), 'ts_r', tostring(st.r.ts), 'learned_r', tostring(st.r.learned),
-        'adjusted_r', tostring(st.r.adjusted), 'peak_r', tostring(st.r.peak),
-        'decreased_at_r', tostring(st.r.decreased_at), 'lowered_to_r', tostring(st.r.lowered_to),
-        'level_t', tostring(st.t.level), 'ts_t', tostring(st.t.ts), 'learned_t', tostring(st.t.learned),
-        'adjusted_t', tostring(st.t.adjusted), 'peak_t', tostring(st.t.peak),
-        'decreased_at_t', tostring(st.t.decreased_at), 'lowered_to_t', tostring(st.t.lowered_to),
-        'paused_until', tostring(paused_until), 'seq', tostring(seq),
-        'pauses', tostring(counters.pauses), 'decreases', tostring(counters.decreases))
+        'level_r', exact(st.r.level), 'ts_r', exact(st.r.ts), 'learned_r', exact(st.r.learned),
+        'adjusted_r', exact(st.r.adjusted), 'peak_r', exact(st.r.peak),
+        'decreased_at_r', exact(st.r.decreased_at), 'lowered_to_r', exact(st.r.lowered_to),
+        'level_t', exact(st.t.level), 'ts_t', exact(st.t.ts), 'learned_t', exact(st.t.learned),
+        'adjusted_t', exact(st.t.adjusted), 'peak_t', exact(st.t.peak),
+        'decreased_at_t', exact(st.t.decreased_at), 'lowered_to_t', exact(st.t.lowered_to),
+        'paused_until', exact(paused_until), 'seq', exact(seq),
+        'pauses', exact(counters.pauses), 'decreases', exact(counters.decreases))
     for _, dim in ipairs({'r', 't'}) do
         for _, field in ipairs({'header', 'pace'}) do
             local value = st[dim][field]
             if value == nil then
                 redis.call('HDEL', state_key, field .. '_' .. dim)
             else
-                redis.call('HSET', state_key, field .. '_' .. dim, tostring(value))
+                redis.call('HSET', state_key, field .. '_' .. dim, exact(value))
             end
         end
     end
     if claim.engine == nil then
         redis.call('HDEL', state_key, 'claim_engine', 'claim_t', 'claim_r', 'claim_ends')
     else
-        redis.call('HSET', state_key, 'claim_engine', claim.engine, 'claim_t', tostring(claim.t),
-            'claim_r', tostring(claim.r), 'claim_ends', tostring(claim.ends))
+        redis.call('HSET', state_key, 'claim_engine', claim.engine, 'claim_t', exact(claim.t),
+            'claim_r', exact(claim.r), 'claim_ends', exact(claim.ends))
     end
     for _, key in ipairs({state_key, reservations_key, expiry_key}) do
         redis.call('EXPIRE', key, idle_expiry)
@@ -157,7 +162,9 @@ end
 local function reply(...)
     save()
     local out = view()
-    for _, value in ipairs({...}) do table.insert(out, tostring(value)) end
+    for _, value in ipairs({...}) do
+        table.insert(out, type(value) == 'number' and exact(value) or tostring(value))
+    end
     return out
 end
 
@@ -168,6 +175,10 @@ end
 if op == 'charge' then
     -- ARGV[7] reservation id, ARGV[8] tokens, ARGV[9] requests, ARGV[10] seconds before it expires
     local id, cost_t, cost_r, ttl = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+    if cost_t > effective('t') or cost_r > effective('r') then
+        -- Limits lowered since the engine checked (another engine's headers): never charged, never sent.
+        return reply('too_large')
+    end
     if paused_until > now then
         return reply('wait', paused_until - now)
     end

@@ -1,0 +1,99 @@
+"""Several engines on one key, end to end: real engine processes, a real redis-server, the simulator
+enforcing the key's limits strictly. With the shared budget they stay within the limits together; with
+local budgets the same run collects 429s (the N x failure this exists to prevent, shown here so the test
+is known to be able to fail)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from conftest import running_engine, simulator
+from raw_client import RawClient
+from redis_fixtures import redis_server
+
+from trio_mapper import AsyncClient
+
+MODEL = "gpt-4o-mini"
+#: The key's limit, enforced by the simulator per second (10 requests a second, no burst beyond that).
+RPM = 600
+ENGINES = 2
+PER_ENGINE = 30
+
+
+async def simulator_stats(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        result: dict[str, Any] = (await client.get(url.removesuffix("/v1") + "/_simulator/stats")).json()
+        return result
+
+
+async def run_jobs(sockets: list[Path]) -> list[int]:
+    """Each engine gets its own batch at once; returns how many of each batch succeeded."""
+    succeeded = [0] * len(sockets)
+
+    async def batch(index: int, socket: Path) -> None:
+        async with AsyncClient(socket) as client:
+            bodies = [
+                {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"engine {index} request {i}"}],
+                    "max_tokens": 5,
+                }
+                for i in range(PER_ENGINE)
+            ]
+            async with trio.open_nursery() as nursery:
+
+                async def one(body: dict[str, Any]) -> None:
+                    await client.request("/v1/chat/completions", body)
+                    succeeded[index] += 1
+
+                for body in bodies:
+                    nursery.start_soon(one, body)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for index, socket in enumerate(sockets):
+                nursery.start_soon(batch, index, socket)
+    return succeeded
+
+
+async def engines_on_one_key(directory: Path, url: str, *extra: str) -> tuple[list[int], dict[str, Any], list[Any]]:
+    async with AsyncExitStack() as stack:
+        engines = []
+        for number in range(ENGINES):
+            home = directory / f"e{number}"
+            home.mkdir()
+            args = ("--rpm", str(RPM), "--max_concurrent_reqs", "8", *extra)
+            engines.append(await stack.enter_async_context(running_engine(home, url, *args)))
+        before = await simulator_stats(url)
+        succeeded = await run_jobs([engine.socket for engine in engines])
+        after = await simulator_stats(url)
+        statistics = []
+        for engine in engines:
+            async with await RawClient.connect(str(engine.socket)) as client:
+                statistics.append(await client.request({"type": "stats", "id": "s"}))
+    refused = sum(after["rate_limited"].values()) - sum(before["rate_limited"].values())
+    return succeeded, {"refused": refused, "received": after["received"] - before["received"]}, statistics
+
+
+async def test_engines_sharing_a_redis_budget_stay_within_the_key_limits(short_tmp: Path) -> None:
+    async with simulator(rpm=RPM, quantum=1.0) as url, redis_server() as redis:
+        (short_tmp / "shared").mkdir()
+        succeeded, upstream, statistics = await engines_on_one_key(short_tmp / "shared", url, "--budget", redis.url)
+        assert succeeded == [PER_ENGINE] * ENGINES
+        # Together they never asked for more than the key allows: not a single 429.
+        assert upstream["refused"] == 0, upstream
+        for stats in statistics:
+            budget = stats["engine"]["budget"]
+            assert budget["backend"] == "redis" and budget["state"] == "ok"
+            assert budget["engines"] == ENGINES
+            assert stats["lanes"][MODEL]["budget"]["mode"] == "bucket (shared)"
+
+        # The same run with each engine on its own budget: each spends the whole key's limit.
+        (short_tmp / "local").mkdir()
+        succeeded, upstream, _ = await engines_on_one_key(short_tmp / "local", url)
+        assert succeeded == [PER_ENGINE] * ENGINES  # the engines absorb the 429s, but they were sent
+        assert upstream["refused"] > 0, upstream
