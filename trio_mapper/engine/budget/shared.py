@@ -199,7 +199,7 @@ class SharedBudget:
     def keys(self, lane: str) -> list[str]:
         # One hash tag per key and lane: the lane's keys share a Cluster slot, lanes spread over slots.
         tag = f"{self.settings.namespace}:{{{self.key_id}:{lane}}}"
-        return [f"{tag}:state", f"{tag}:reservations", f"{tag}:expiry"]
+        return [f"{tag}:state", f"{tag}:reservations", f"{tag}:expiry", f"{tag}:claims"]
 
     def new_reservation_id(self) -> str:
         return f"{self.engine_id}:{next(self._ids)}"

@@ -7,7 +7,8 @@
 -- KEYS[1]  the lane's state (hash)
 -- KEYS[2]  reservations in flight (hash: id -> "tokens requests seq")
 -- KEYS[3]  their expiry (sorted set: id -> Redis time when it stops counting as in flight)
--- All three share one hash tag, so they live on one Cluster slot.
+-- KEYS[4]  claims of refused heads (hash: engine id -> "since tokens requests ends")
+-- All four share one hash tag, so they live on one Cluster slot.
 --
 -- ARGV[1]  the operation: charge | refund | settle | pause | peek
 -- ARGV[2]  configured requests per minute      ARGV[3]  configured tokens per minute
@@ -18,7 +19,7 @@
 --
 -- Every reply starts with the lane as this step left it (see `view`), then the operation's answer.
 
-local state_key, reservations_key, expiry_key = KEYS[1], KEYS[2], KEYS[3]
+local state_key, reservations_key, expiry_key, claims_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local op = ARGV[1]
 local configured = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
 local period = tonumber(ARGV[4])
@@ -66,7 +67,6 @@ local st = {
 }
 local paused_until = num('paused_until', 0)
 local seq = num('seq', 0)
-local claim = {engine = s.claim_engine, t = num('claim_t', 0), r = num('claim_r', 0), ends = num('claim_ends', 0)}
 local counters = {pauses = num('pauses', 0), decreases = num('decreases', 0)}
 
 local function effective(dim)
@@ -105,7 +105,23 @@ for _, id in ipairs(expired) do
     redis.call('HDEL', reservations_key, id)
     redis.call('ZREM', expiry_key, id)
 end
-if claim.engine ~= nil and claim.ends <= now then claim.engine = nil end
+-- Claims: every engine whose head was refused holds one, until it is granted or its claim lapses (its
+-- engine died, or its waiter went away). The oldest claim of another engine is the one a charge must leave
+-- room for: a head that keeps being refused grows old, so it is served next, however often others ask.
+local oldest = nil
+local mine = nil
+local claims = redis.call('HGETALL', claims_key)
+for i = 1, #claims, 2 do
+    local since, tokens, requests, ends = string.match(claims[i + 1], '(%S+) (%S+) (%S+) (%S+)')
+    since, ends = tonumber(since), tonumber(ends)
+    if ends <= now then
+        redis.call('HDEL', claims_key, claims[i])
+    elseif claims[i] == engine then
+        mine = {since = since}
+    elseif oldest == nil or since < oldest.since then
+        oldest = {since = since, t = tonumber(tokens), r = tonumber(requests)}
+    end
+end
 
 -- Lua's tostring keeps 14 digits: 0.1 ms at today's Unix times. %.17g round-trips a double exactly.
 local function exact(x)
@@ -132,13 +148,7 @@ local function save()
             end
         end
     end
-    if claim.engine == nil then
-        redis.call('HDEL', state_key, 'claim_engine', 'claim_t', 'claim_r', 'claim_ends')
-    else
-        redis.call('HSET', state_key, 'claim_engine', claim.engine, 'claim_t', exact(claim.t),
-            'claim_r', exact(claim.r), 'claim_ends', exact(claim.ends))
-    end
-    for _, key in ipairs({state_key, reservations_key, expiry_key}) do
+    for _, key in ipairs({state_key, reservations_key, expiry_key, claims_key}) do
         redis.call('EXPIRE', key, idle_expiry)
     end
 end
@@ -182,10 +192,11 @@ if op == 'charge' then
     if paused_until > now then
         return reply('wait', paused_until - now)
     end
-    -- Another engine's refused head has a claim: leave it room, so a flood elsewhere cannot starve it.
+    -- Another engine's head, refused before this one, has a claim: leave it room, so that a flood of small
+    -- requests elsewhere cannot starve it.
     local need_t, need_r = cost_t, cost_r
-    if claim.engine ~= nil and claim.engine ~= engine then
-        need_t, need_r = need_t + claim.t, need_r + claim.r
+    if oldest ~= nil and (mine == nil or oldest.since < mine.since) then
+        need_t, need_r = need_t + oldest.t, need_r + oldest.r
     end
     local wait = 0
     for dim, need in pairs({t = need_t, r = need_r}) do
@@ -197,9 +208,9 @@ if op == 'charge' then
         end
     end
     if wait > 0 then
-        if claim.engine == nil then
-            claim = {engine = engine, t = cost_t, r = cost_r, ends = now + wait + CLAIM_GRACE}
-        end
+        local since = mine and mine.since or now
+        redis.call('HSET', claims_key, engine,
+            exact(since) .. ' ' .. exact(cost_t) .. ' ' .. exact(cost_r) .. ' ' .. exact(now + wait + CLAIM_GRACE))
         return reply('wait', wait)
     end
     local rested_t = st.t.level >= RESTED_FRACTION * capacity('t') and 1 or 0
@@ -207,7 +218,7 @@ if op == 'charge' then
     st.t.level = st.t.level - cost_t
     st.r.level = st.r.level - cost_r
     seq = seq + 1
-    if claim.engine == engine then claim.engine = nil end
+    if mine ~= nil then redis.call('HDEL', claims_key, engine) end
     redis.call('HSET', reservations_key, id, cost_t .. ' ' .. cost_r .. ' ' .. seq)
     redis.call('ZADD', expiry_key, now + ttl, id)
     return reply('granted', seq, st.t.level, st.r.level, st.t.adjusted, st.r.adjusted, rested_t, rested_r)
