@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from trio_mapper.client import (
     DEFAULT_WINDOW,
+    BudgetExhaustedError,
     Client,
     ConnectionLost,
     EngineUnavailable,
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "AsyncClient",
     "AsyncMapIterator",
+    "BudgetExhaustedError",
     "Client",
     "ConnectionLost",
     "EngineUnavailable",

@@ -38,3 +38,6 @@ class ErrorKind(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
     #: This client is not allowed to use the engine.
     FORBIDDEN = "forbidden"
+    #: The client's tenant spent its daily token or cost budget (the engine's configuration); it refills as
+    #: the last 24 hours' spending ages out. Retrying sooner cannot help.
+    BUDGET_EXHAUSTED = "budget_exhausted"

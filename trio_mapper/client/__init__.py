@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from trio_mapper.client.core import DEFAULT_WINDOW, MapResult, Request, StreamChunk
 from trio_mapper.client.errors import (
     ERROR_CLASSES,
+    BudgetExhaustedError,
     ConnectionLost,
     EngineUnavailable,
     ForbiddenError,
@@ -49,6 +50,7 @@ __all__ = [
     "AsyncClient",
     "AsyncMapIterator",
     "AsyncStream",
+    "BudgetExhaustedError",
     "Client",
     "ConnectionLost",
     "EngineUnavailable",

@@ -127,6 +127,10 @@ class ForbiddenError(TrioMapperError):
     """This client is not allowed to use the engine."""
 
 
+class BudgetExhaustedError(TrioMapperError):
+    """The client's tenant spent its daily token or cost budget; it refills as the day's spending ages out."""
+
+
 class EngineUnavailable(TrioMapperError):
     """Nothing answers on the engine's socket; the message says which path was tried and how to start one."""
 
@@ -157,6 +161,7 @@ ERROR_CLASSES: Final[dict[str, type[TrioMapperError]]] = {
     ErrorKind.UPSTREAM_UNREACHABLE: UpstreamUnreachableError,
     ErrorKind.INTERNAL_ERROR: InternalEngineError,
     ErrorKind.FORBIDDEN: ForbiddenError,
+    ErrorKind.BUDGET_EXHAUSTED: BudgetExhaustedError,
 }
 
 

@@ -27,6 +27,7 @@ from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.budget.local import LocalMeter
 from trio_mapper.engine.budget.shared import SharedBudget, SharedBudgetSettings, key_identity
 from trio_mapper.engine.core.scheduler import MAX_LANES, Scheduler
+from trio_mapper.engine.core.tenants import ClientIdentity, tenants_from_config
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.fronts.http.app import OpenAIApp, Operation
 from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, load_keys
@@ -263,6 +264,7 @@ class Engine:
             default_max_attempts=server.max_attempts,
             default_deadline=server.default_deadline,
             observer=self.metrics.observe,
+            tenants=tenants_from_config(server.tenants),
         )
         models_url = upstream.url_for("models")
 
@@ -446,6 +448,8 @@ class Engine:
             if self.scheduler is not None:
                 self.scheduler.limiter.total_tokens = server.max_concurrent_reqs
                 self.scheduler.default_deadline = server.default_deadline
+                # After the limits: a cap given as a share of a model's limit follows the new limit.
+                self.scheduler.update_tenants(tenants_from_config(server.tenants))
             logging.getLogger("trio_mapper").setLevel(server.log_level)
             self._reload_http(server)
             self.settings = plan.settings
@@ -532,6 +536,7 @@ class Engine:
             max_frame_bytes=server.max_frame_bytes,
             peer=peer.label if peer is not None else "",
             identity=f"uid {peer.uid}" if peer is not None else "unknown peer",
+            client=ClientIdentity(uid=peer.uid, gid=peer.gid) if peer is not None else None,
             backlog=self._backlog,
         )
         self._connections.add(connection)

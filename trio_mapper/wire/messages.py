@@ -63,6 +63,9 @@ class Submit(Message, tag="submit"):
     deadline: float | None = None
     #: Upstream attempts at most, retries included; ``None`` uses the engine's default.
     max_attempts: int | None = None
+    #: The priority class to queue it in: ``interactive``, ``default`` or ``batch``; ``None``: the class of the
+    #: client's tenant. A client may ask for a lower class than its tenant's, never a higher one.
+    priority: str | None = None
 
 
 class Cancel(Message, tag="cancel"):

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from trio_mapper.engine.budget import Ledger, Limits
-from trio_mapper.engine.core.outcome import Chunk, Failed, Finished, Outcome, RequestSpec, Started
+from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Job, JobState, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
@@ -50,6 +50,10 @@ class Sink:
     @property
     def identity(self) -> str:
         return self.name
+
+    @property
+    def client(self) -> ClientIdentity:
+        return ClientIdentity(name=self.name)
 
     async def relay(self, request_id: Any, chunk: Chunk) -> None:
         assert request_id in self.started, "a chunk before Started"

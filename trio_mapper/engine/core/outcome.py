@@ -15,11 +15,12 @@ from typing import Any, Protocol
 
 import attrs
 
+from trio_mapper.engine.core.tenants import ClientIdentity
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.engine.upstream.streams import Chunk
 from trio_mapper.kinds import ErrorKind
 
-__all__ = ["Chunk", "Failed", "Finished", "Outcome", "ReplySink", "RequestSpec", "Started", "Timings"]
+__all__ = ["Chunk", "ClientIdentity", "Failed", "Finished", "Outcome", "ReplySink", "RequestSpec", "Started", "Timings"]
 
 
 @attrs.frozen
@@ -38,6 +39,9 @@ class RequestSpec:
     #: Client headers to pass to the upstream. Only names in the upstream's allow-list
     #: (`FORWARDED_REQUEST_HEADERS`) are ever sent; anything else here is dropped.
     headers: Mapping[str, str] = attrs.field(factory=dict)
+    #: The priority class the client asks for (``interactive``, ``default``, ``batch``); None: its
+    #: tenant's. A client may ask for a lower class than its tenant's, never a higher one.
+    priority: str | None = None
 
 
 @attrs.frozen
@@ -104,6 +108,10 @@ class ReplySink(Protocol):
     @property
     def client_key(self) -> Hashable:
         """Which client is asking: fairness between clients, and request ids, are scoped by it."""
+
+    @property
+    def client(self) -> ClientIdentity:
+        """Who is asking, as the tenants are matched against it (docs/tenants.md)."""
 
     @property
     def identity(self) -> str:

@@ -34,6 +34,7 @@ import msgspec
 import trio
 
 from trio_mapper.engine.budget import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
+from trio_mapper.engine.core.fair_queue import FairQueue
 from trio_mapper.engine.core.outcome import (
     Chunk,
     Failed,
@@ -56,6 +57,7 @@ from trio_mapper.engine.core.retry import (
     classify_response,
     exhausted,
 )
+from trio_mapper.engine.core.tenants import CLASSES, DailyUsage, Tenant, Tenants, class_rank
 from trio_mapper.engine.estimate.tokens import InvalidBody, TokenEstimate, TokenEstimator, TooManyTokens
 from trio_mapper.engine.upstream.client import (
     ALLOWED_METHODS,
@@ -70,6 +72,7 @@ from trio_mapper.engine.upstream.client import (
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 from trio_mapper.engine.upstream.streams import StreamPlan, StreamRelay, plan_stream
 from trio_mapper.kinds import ErrorKind
+from trio_mapper.text import shorten
 
 log = logging.getLogger("trio_mapper.scheduler")
 
@@ -132,6 +135,9 @@ class Job:
     client_key: Hashable
     owner_label: str
     identity: str
+    tenant: Tenant
+    #: Its priority class, 0 the highest: its tenant's, or lower if the client asked.
+    rank: int
     lane: Lane
     method: str
     url: httpx.URL
@@ -171,6 +177,14 @@ class Job:
         return _cost_of(self.estimate)
 
     @property
+    def tenant_name(self) -> str:
+        return self.tenant.name
+
+    @property
+    def tokens(self) -> int:
+        return self.estimate.total
+
+    @property
     def log_label(self) -> str:
         return f"{self.owner_label} id={self.request_id!r}"
 
@@ -179,16 +193,15 @@ class Job:
 class Lane:
     """One model's queue and counters; its budget lives in the ledger.
 
-    Queues are insertion-ordered dicts so that a job leaving early (cancel, deadline, disconnect) is removed
-    at once in O(1): finished jobs never pile up behind a dispatcher that waits for budget.
+    New requests wait in a `FairQueue` (class, tenant share, caps, client turns); retries due go first. A
+    job leaving early (cancel, deadline, disconnect) is removed at once in O(1): finished jobs never pile
+    up behind a dispatcher that waits for budget.
     """
 
     name: str
     budget: LaneBudget
+    waiting: FairQueue[Job]
     retries: collections.OrderedDict[Job, None] = attrs.field(factory=collections.OrderedDict)
-    per_owner: dict[Hashable, collections.OrderedDict[Job, None]] = attrs.field(factory=dict)
-    #: Clients with queued jobs, in turn order.
-    rotation: collections.OrderedDict[Hashable, None] = attrs.field(factory=collections.OrderedDict)
     wakeup: trio.Event = attrs.field(factory=trio.Event)
     #: The dispatcher task's scope, so an idle lane can be dropped.
     dispatcher: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -205,12 +218,7 @@ class Lane:
         return any(count for state, count in self.counts.items() if state is not JobState.DONE)
 
     def push(self, job: Job) -> None:
-        key = job.client_key
-        queue = self.per_owner.get(key)
-        if queue is None:
-            self.per_owner[key] = queue = collections.OrderedDict()
-            self.rotation[key] = None
-        queue[job] = None
+        self.waiting.push(job)
         self.wakeup.set()
 
     def push_front(self, job: Job) -> None:
@@ -220,37 +228,23 @@ class Lane:
     def remove(self, job: Job) -> None:
         """Forget a job that finished while queued (a no-op for jobs not in a queue)."""
         self.retries.pop(job, None)
-        key = job.client_key
-        queue = self.per_owner.get(key)
-        if queue is not None and job in queue:
-            del queue[job]
-            if not queue:
-                del self.per_owner[key]
-                del self.rotation[key]
+        self.waiting.remove(job)
 
-    def pop_next(self) -> Job | None:
-        """The next job: due retries first, then one job per client in turn."""
+    def pop_next(self, now: float) -> Job | float:
+        """The next job: due retries first (their tenant's turn and cap were spent on the first attempt), then
+        the fair queue's pick; else when a capped tenant may go (inf: nothing waits)."""
         if self.retries:
             return self.retries.popitem(last=False)[0]
-        if not self.rotation:
-            return None
-        key = next(iter(self.rotation))
-        queue = self.per_owner[key]
-        job = queue.popitem(last=False)[0]
-        if queue:
-            self.rotation.move_to_end(key)
-        else:
-            del self.per_owner[key]
-            del self.rotation[key]
-        return job
+        return self.waiting.pop(now)
 
     async def take(self) -> Job:
         while True:
-            job = self.pop_next()
-            if job is not None:
-                return job
+            answer = self.pop_next(trio.current_time())
+            if isinstance(answer, Job):
+                return answer
             self.wakeup = trio.Event()
-            await self.wakeup.wait()
+            with trio.move_on_at(answer):
+                await self.wakeup.wait()
 
 
 @attrs.frozen
@@ -267,6 +261,8 @@ class _Checked:
     #: The lane's whole per-minute token budget: counting a prompt stops there (read on the event loop, so
     #: the worker thread that measures never touches the ledger).
     token_budget: int
+    tenant: Tenant
+    rank: int
     #: The body to send upstream: the client's, or for a stream one that also asks for usage.
     body: Mapping[str, Any]
     stream: StreamPlan | None
@@ -316,6 +312,7 @@ class Scheduler:
         default_deadline: float | None = None,
         rng: random.Random | None = None,
         observer: Observer | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self._ledger = ledger
         self._upstream = upstream
@@ -328,6 +325,9 @@ class Scheduler:
         self.default_deadline = default_deadline
         self._rng = rng or random.Random()
         self._observer = observer
+        self._tenants = tenants if tenants is not None else Tenants()
+        #: What each tenant spent over the last 24 hours (tokens charged at admission, corrected by usage).
+        self._daily: dict[str, DailyUsage] = {}
         self._lanes: dict[str, Lane] = {}
         #: Jobs by state per client identity, for statistics per client.
         self._identities: dict[str, collections.Counter[JobState]] = {}
@@ -406,6 +406,8 @@ class Scheduler:
             client_key=owner.client_key,
             owner_label=owner.label,
             identity=owner.identity,
+            tenant=checked.tenant,
+            rank=checked.rank,
             lane=lane,
             method=checked.method,
             url=checked.url,
@@ -477,6 +479,19 @@ class Scheduler:
                 ErrorKind.INVALID_REQUEST,
                 f"body.model is {len(model)} characters long; model names have at most {MAX_MODEL_NAME_CHARS}",
             )
+        tenant = self._tenants.resolve(owner.client)
+        rank = class_rank(tenant.priority)
+        if spec.priority is not None:
+            if spec.priority not in CLASSES:
+                raise _Refused(
+                    ErrorKind.INVALID_REQUEST,
+                    f"priority {shorten(str(spec.priority), 40)!r} is not a class; use one of {', '.join(CLASSES)}",
+                )
+            # A client may step down (a batch job asks for batch), never above its tenant's class.
+            rank = max(rank, class_rank(spec.priority))
+        exhausted = self._daily_budget_spent(tenant)
+        if exhausted is not None:
+            raise _Refused(ErrorKind.BUDGET_EXHAUSTED, exhausted)
         timeout = spec.deadline if spec.deadline is not None else self.default_deadline
         received_at = trio.current_time() if received_at is None else received_at
         lane_name = self._ledger.lane_name(model) if isinstance(model, str) and model else "default"
@@ -490,6 +505,8 @@ class Scheduler:
             token_budget=self._ledger.configured_limits(lane_name).tpm,
             body=body,
             stream=stream,
+            tenant=tenant,
+            rank=rank,
         )
 
     def _measure(self, spec: RequestSpec, checked: _Checked) -> Measured:
@@ -535,6 +552,52 @@ class Scheduler:
                 f"the engine is busy with {MAX_LANES} distinct models; retry when some are idle",
             )
         return self._open_lane(name)
+
+    # --- tenants -------------------------------------------------------------------------------------------
+
+    def update_tenants(self, tenants: Tenants) -> None:
+        """New tenants or limits (a reload): queued requests keep their place; caps and weights follow."""
+        self._tenants = tenants
+        for name, lane in self._lanes.items():
+            lane.waiting.reconfigure(tenants, self._lane_limits(name))
+
+    def _spend(self, tenant: Tenant, tokens: int) -> None:
+        if tokens:
+            self._daily.setdefault(tenant.name, DailyUsage()).add(tokens, 0.0, trio.current_time())
+
+    def _daily_budget_spent(self, tenant: Tenant) -> str | None:
+        """Why the tenant may not send more today, or None."""
+        if tenant.daily_tokens is None:
+            return None
+        usage = self._daily.get(tenant.name)
+        if usage is None:
+            return None
+        tokens, _ = usage.totals(trio.current_time())
+        if tokens < tenant.daily_tokens:
+            return None
+        return (
+            f"tenant {tenant.name!r} spent {tokens:,.0f} tokens in the last 24 hours, its daily budget is "
+            f"{tenant.daily_tokens:,}; it refills as that spending ages out. Ask the operator to raise it"
+        )
+
+    def tenant_statistics(self) -> dict[str, dict[str, Any]]:
+        """Each tenant's settings and what it spent in the last 24 hours."""
+        now = trio.current_time()
+        result: dict[str, dict[str, Any]] = {}
+        for tenant in self._tenants.all():
+            usage = self._daily.get(tenant.name)
+            tokens, cost = usage.totals(now) if usage is not None else (0.0, 0.0)
+            result[tenant.name] = {
+                "priority": tenant.priority,
+                "weight": tenant.weight,
+                "rpm_cap": str(tenant.rpm_cap) if tenant.rpm_cap else None,
+                "tpm_cap": str(tenant.tpm_cap) if tenant.tpm_cap else None,
+                "daily_tokens": tenant.daily_tokens,
+                "tokens_24h": round(tokens),
+                "cost_24h": cost,
+                "queued": sum(lane.waiting.statistics().get(tenant.name, 0) for lane in self._lanes.values()),
+            }
+        return result
 
     def is_outstanding(self, owner: ReplySink, request_id: Hashable) -> bool:
         return request_id in self._owners.get(owner.client_key, {})
@@ -696,8 +759,16 @@ class Scheduler:
 
     # --- the tasks ---------------------------------------------------------------------------------------
 
+    def _lane_limits(self, name: str) -> tuple[int, int]:
+        limits = self._ledger.configured_limits(name)
+        return limits.rpm, limits.tpm
+
     def _open_lane(self, name: str) -> Lane:
-        lane = Lane(name=name, budget=self._ledger.lane(name))
+        lane = Lane(
+            name=name,
+            budget=self._ledger.lane(name),
+            waiting=FairQueue(self._tenants, self._lane_limits(name)),
+        )
         self._lanes[name] = lane
         assert self._nursery is not None, "Scheduler.run must be started before submit"
         self._nursery.start_soon(self._dispatch, lane, name=f"dispatch {name}")
@@ -737,6 +808,10 @@ class Scheduler:
                     self._internal_error(job, "admitting")
 
     async def _dispatch_one(self, lane: Lane, job: Job) -> None:
+        exhausted = self._daily_budget_spent(job.tenant) if job.attempts == 0 else None
+        if exhausted is not None:
+            # Spent while this one waited: it fails as a new submit would, before any budget is reserved.
+            return self._finish_error(job, ErrorKind.BUDGET_EXHAUSTED, exhausted)
         self._set_state(job, JobState.RESERVING)
         reservation: Reservation | None = None
         slot_taken = handed_over = False
@@ -762,6 +837,7 @@ class Scheduler:
             self._set_state(job, JobState.IN_FLIGHT)
             if job.first_dispatched_at is None:
                 job.first_dispatched_at = trio.current_time()
+                self._spend(job.tenant, job.cost.tokens)
             assert self._nursery is not None
             self._nursery.start_soon(self._attempt, job, reservation)
             handed_over = True
@@ -874,6 +950,7 @@ class Scheduler:
         if prompt_tokens is not None:
             lane.estimated_prompt_tokens += job.estimate.prompt_tokens
             lane.actual_prompt_tokens += prompt_tokens
+            self._spend(job.tenant, prompt_tokens - job.estimate.prompt_tokens)
         if reply is not None:
             # A success is classified by its status alone: its body is not decoded here (see ReplyBody).
             body = None if 200 <= reply.status < 300 or reply.streamed else reply.body.decoded()
@@ -1047,7 +1124,7 @@ class Scheduler:
 
     def statistics(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         limiter = self.limiter.statistics()
-        engine = {
+        engine: dict[str, Any] = {
             "outstanding": self._outstanding,
             "in_flight": limiter.borrowed_tokens,
             "max_concurrent_reqs": limiter.total_tokens,
@@ -1073,5 +1150,7 @@ class Scheduler:
                 "estimated_prompt_tokens": lane.estimated_prompt_tokens,
                 "actual_prompt_tokens": lane.actual_prompt_tokens,
                 "budget": attrs.asdict(budget) if budget is not None else {},
+                "tenants_queued": lane.waiting.statistics(),
             }
+        engine["tenants"] = self.tenant_statistics()
         return engine, lanes

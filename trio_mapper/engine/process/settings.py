@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -69,6 +70,50 @@ def _not_world_writable(instance: Any, attribute: attrs.Attribute[Any], value: i
 BUDGET_SCHEMES: Final = ("redis", "rediss", "unix")
 #: Where the Redis password may come from besides ``budget_password_file``; never the command line.
 BUDGET_PASSWORD_ENV_VAR: Final = "TRIO_MAPPER_BUDGET_PASSWORD"
+
+
+#: The priority classes, highest first (`engine.core.tenants.CLASSES`, which this module may not import).
+PRIORITY_CLASSES: Final = ("interactive", "default", "batch")
+_CAP: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*")
+
+
+def _cap(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    match = _CAP.fullmatch(value)
+    if match is None or float(match[1]) <= 0 or (match[2] and float(match[1]) > 100):
+        raise ValueError(
+            f"must be a positive number per minute (5000) or a share of the model's limit ('25%'), got {value!r}"
+        )
+
+
+@attrs.frozen
+class TenantConfig:
+    """One ``[tenants.NAME]`` table (docs/tenants.md)."""
+
+    priority: Literal["interactive", "default", "batch"] = "default"
+    weight: float = attrs.field(default=1.0, validator=_positive)
+    #: Requests per minute in each model's lane: a number, or a share of the lane's limit like "25%".
+    rpm_cap: str | None = attrs.field(default=None, validator=_cap)
+    #: Tokens per minute in each model's lane, likewise.
+    tpm_cap: str | None = attrs.field(default=None, validator=_cap)
+    daily_tokens: int | None = attrs.field(default=None, validator=v.optional(_positive))
+    daily_cost: float | None = attrs.field(default=None, validator=v.optional(_positive))
+    uids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
+    gids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
+    keys: list[str] = attrs.field(factory=list)
+    names: list[str] = attrs.field(factory=list)
+
+
+def _valid_tenants(instance: Any, attribute: attrs.Attribute[Any], value: dict[str, TenantConfig]) -> None:
+    for name, tenant in value.items():
+        rules = tenant.uids or tenant.gids or tenant.keys or tenant.names
+        if name == "default" and rules:
+            raise ValueError(
+                "[tenants.default] takes every client no other tenant matches: give it no uids, gids, keys or names"
+            )
+        if name != "default" and not rules:
+            raise ValueError(f"[tenants.{name}] matches nobody: give it uids, gids, keys or names")
 
 
 def _budget_location(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -166,6 +211,8 @@ class ServerSettings:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     models: dict[str, LaneLimits] = attrs.field(factory=dict)
+    #: ``[tenants.NAME]`` tables: who gets which priority class, weight and caps (docs/tenants.md).
+    tenants: dict[str, TenantConfig] = attrs.field(factory=dict, validator=_valid_tenants)
     #: Client uids / gids (primary or supplementary) allowed to connect, checked with SO_PEERCRED. Both empty:
     #: anyone who can open the socket file, whose permissions are then the only access control.
     allowed_uids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
@@ -261,7 +308,7 @@ _OPENAI_FIELDS: Final = frozenset(field.name for field in attrs.fields(OpenAISet
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The TOML file's ``[server]``, ``[openai]`` and ``[models.NAME]`` tables, as a settings dict.
+    """The TOML file's ``[server]``, ``[openai]``, ``[models.NAME]`` and ``[tenants.NAME]`` tables, as a settings dict.
 
     The key is never read from the file: keep it in the environment, a ``.env`` file or a systemd credential.
     """
@@ -274,9 +321,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError([f"config file {path} is not valid TOML: {exc}"]) from None
     problems = [
-        f"config file {path}: unknown table or key {key!r} (expected [server], [openai], [models.NAME])"
+        f"config file {path}: unknown table or key {key!r} (expected [server], [openai], [models.NAME], "
+        "[tenants.NAME])"
         for key in raw
-        if key not in {"server", "openai", "models"}
+        if key not in {"server", "openai", "models", "tenants"}
     ]
     openai_section = dict(raw.get("openai", {}))
     if "api_key" in openai_section:
@@ -290,6 +338,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     server_section = dict(raw.get("server", {}))
     if "models" in raw:
         server_section["models"] = raw["models"]
+    if "tenants" in raw:
+        server_section["tenants"] = raw["tenants"]
     return {"server": server_section, "openai": openai_section}
 
 
@@ -297,7 +347,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings found in the environment: ``TRIO_MAPPER_<FIELD>`` and the SDK's ``OPENAI_*`` names."""
     server: dict[str, Any] = {
         name: environ[SERVER_ENV_PREFIX + name.upper()]
-        for name in _SERVER_FIELDS - {"models"}
+        for name in _SERVER_FIELDS - {"models", "tenants"}
         if SERVER_ENV_PREFIX + name.upper() in environ
     }
     for name in _LIST_FIELDS & server.keys():

@@ -22,7 +22,16 @@ import attrs
 import msgspec
 import trio
 
-from trio_mapper.engine.core.outcome import Chunk, Failed, Finished, Outcome, ReplySink, RequestSpec, Started
+from trio_mapper.engine.core.outcome import (
+    Chunk,
+    ClientIdentity,
+    Failed,
+    Finished,
+    Outcome,
+    ReplySink,
+    RequestSpec,
+    Started,
+)
 from trio_mapper.engine.fronts.http.errors import (
     Headers,
     error_body,
@@ -50,6 +59,8 @@ FORWARDED: Final = ("openai-beta",)
 #: Upstream reply headers passed back to clients. The upstream's x-ratelimit-* stay in the engine: replies
 #: carry the engine's own (its budget for the model, which every client shares), from ``budget_headers``.
 UPSTREAM_REPLY_HEADERS: Final = ("x-request-id", "openai-processing-ms", "openai-model", "openai-version")
+#: The request header that asks for a lower priority class (``batch``); a tenant's class is its ceiling.
+PRIORITY_HEADER: Final = "x-trio-mapper-priority"
 #: Seconds taken off the SDK's read timeout (x-stainless-read-timeout) so the engine answers first.
 READ_TIMEOUT_MARGIN: Final = 1.0
 #: Scope state keys the server sets per connection.
@@ -107,13 +118,23 @@ class _Refusal(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
 
+@attrs.frozen
+class _Caller:
+    """Who sent an HTTP request, as the core needs to know it."""
+
+    #: Fairness between clients is by this key.
+    client_key: Hashable
+    #: Stable name for statistics and metrics.
+    identity: str
+    label: str
+    client: ClientIdentity
+
+
 class _RequestSink:
     """One HTTP request's `ReplySink`: its events, in order, for the handler task that writes the reply."""
 
-    def __init__(self, client_key: Hashable, identity: str, label: str) -> None:
-        self._client_key = client_key
-        self._identity = identity
-        self._label = label
+    def __init__(self, caller: _Caller) -> None:
+        self._caller = caller
         # Unbounded so that `report` never blocks; `relay` keeps the chunks in it few.
         self._events, self._pending = trio.open_memory_channel[Outcome | Chunk](math.inf)
         self._taken = trio.Event()
@@ -122,15 +143,19 @@ class _RequestSink:
 
     @property
     def client_key(self) -> Hashable:
-        return self._client_key
+        return self._caller.client_key
+
+    @property
+    def client(self) -> ClientIdentity:
+        return self._caller.client
 
     @property
     def identity(self) -> str:
-        return self._identity
+        return self._caller.identity
 
     @property
     def label(self) -> str:
-        return self._label
+        return self._caller.label
 
     def report(self, request_id: Hashable | None, event: Outcome) -> None:
         self._events.send_nowait(event)
@@ -206,7 +231,7 @@ class OpenAIApp:
         except ValueError:
             pass
         try:
-            client_key, identity, label = self._identify(scope, headers)
+            caller = self._identify(scope, headers)
             spec, size = await self._request(scope, headers, receive)
         except _Disconnected:
             self.stats.disconnected += 1
@@ -218,13 +243,13 @@ class OpenAIApp:
                 retry_headers(None),
                 error_body(refusal.message, refusal.type, refusal.code, refusal.param),
             )
-        sink = _RequestSink(client_key, identity, label)
+        sink = _RequestSink(caller)
         request_id = next(self._ids)
         try:
             await self._scheduler.intake(sink, request_id, spec, size_bytes=size)
         except Exception:
             # A bug must cost this request an OpenAI-shaped 500, like any other internal error.
-            log.exception("%s: internal error while accepting a request", label)
+            log.exception("%s: internal error while accepting a request", caller.label)
             sink.report(
                 request_id,
                 Failed(
@@ -305,8 +330,8 @@ class OpenAIApp:
         budget = self._budget_headers(model) if self._budget_headers is not None else {}
         return [(name.encode(), value.encode()) for name, value in budget.items()]
 
-    def _identify(self, scope: dict[str, Any], headers: Mapping[str, str]) -> tuple[Hashable, str, str]:
-        """The client's fairness key, identity and log label; refuses clients that may not use the engine."""
+    def _identify(self, scope: dict[str, Any], headers: Mapping[str, str]) -> _Caller:
+        """Who is asking; refuses clients that may not use the engine."""
         state = scope.get("state") or {}
         if state.get(TRANSPORT) == "unix":
             peer: PeerCredentials | None = state.get(PEER)
@@ -318,7 +343,8 @@ class OpenAIApp:
                     "forbidden",
                 )
             who = f"uid {peer.uid}" if peer is not None else "unknown peer"
-            return ("http", who), who, f"http {peer.label if peer is not None else who}"
+            client = ClientIdentity(uid=peer.uid, gid=peer.gid) if peer is not None else ClientIdentity()
+            return _Caller(("http", who), who, f"http {peer.label if peer is not None else who}", client)
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         name = self.keys.identify(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
         if name is None:
@@ -331,7 +357,7 @@ class OpenAIApp:
                 "invalid_request_error",
                 "invalid_api_key",
             )
-        return ("http key", name), f"key {name}", f"http key {name!r}"
+        return _Caller(("http key", name), f"key {name}", f"http key {name!r}", ClientIdentity(key=name))
 
     async def _request(
         self, scope: dict[str, Any], headers: Mapping[str, str], receive: Receive
@@ -368,6 +394,7 @@ class OpenAIApp:
             method=method,
             deadline=_deadline(headers),
             headers={name: headers[name] for name in FORWARDED if name in headers},
+            priority=headers.get(PRIORITY_HEADER),
         )
         return spec, len(raw)
 

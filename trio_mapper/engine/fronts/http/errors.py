@@ -44,6 +44,8 @@ SHAPES: Final[dict[ErrorKind, ErrorShape]] = {
     ErrorKind.CANCELLED: ErrorShape(499, "cancelled"),
     ErrorKind.PROTOCOL_ERROR: ErrorShape(400, "invalid_request_error"),
     ErrorKind.FORBIDDEN: ErrorShape(403, "permission_denied"),
+    # 429 as OpenAI answers a spent quota (the SDK raises RateLimitError), and final: it refills over hours.
+    ErrorKind.BUDGET_EXHAUSTED: ErrorShape(429, "insufficient_quota"),
 }
 #: Kinds where the same request may succeed later; every other final failure says x-should-retry: false.
 _WORTH_WAITING: Final = frozenset({ErrorKind.SHUTTING_DOWN, ErrorKind.OVERLOADED, ErrorKind.TIMEOUT})

@@ -14,12 +14,13 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any, Final, cast
 
+import attrs
 import msgspec
 import trio
 
 from trio_mapper._version import __version__
 from trio_mapper.bodies import decode_body
-from trio_mapper.engine.core.outcome import Chunk, Failed, Finished, Outcome, RequestSpec, Started
+from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.wire import (
@@ -85,6 +86,7 @@ def _spec(message: Submit) -> RequestSpec:
         method=message.method,
         deadline=message.deadline,
         max_attempts=message.max_attempts,
+        priority=message.priority,
     )
 
 
@@ -129,11 +131,14 @@ class Connection:
         max_frame_bytes: int,
         peer: str = "",
         identity: str = "unknown peer",
+        client: ClientIdentity | None = None,
         backlog: ReplyBacklog | None = None,
     ) -> None:
         self.number = next(self._numbers)
         self.peer = peer
         self._identity = identity
+        #: The peer's uid/gid; the name its hello gives is added at the handshake.
+        self._client = client if client is not None else ClientIdentity()
         self._stream = stream
         self._scheduler = scheduler
         self._stats = stats
@@ -158,6 +163,10 @@ class Connection:
     @property
     def client_key(self) -> int:
         return self.number
+
+    @property
+    def client(self) -> ClientIdentity:
+        return self._client
 
     @property
     def identity(self) -> str:
@@ -429,6 +438,8 @@ class Connection:
             self.handshaken = True
             # An unknown format is not an error: the welcome says which one this connection gets.
             self._json_bodies = message.body_format == "json"
+            if message.client:
+                self._client = attrs.evolve(self._client, name=message.client)
             # The lower of the two, so neither side sends what the other cannot read.
             self.minor = max(0, min(message.minor, PROTOCOL_MINOR))
             log.debug("%s: hello from %r (minor %d)", self.label, message.client, message.minor)
