@@ -23,6 +23,7 @@ from trio_mapper.client.core import (
     StreamChunk,
     StreamState,
     Welcomed,
+    check_priority,
     unwrap,
 )
 from trio_mapper.client.errors import (
@@ -36,6 +37,7 @@ from trio_mapper.client.errors import (
 )
 from trio_mapper.wire import (
     LENGTH_PREFIX,
+    PRIORITY_CLASSES,
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Cancel,
@@ -380,6 +382,70 @@ def test_closing_the_window_hands_back_what_to_cancel() -> None:
     assert in_flight == ids[1:]
     assert window.done and not window.wants_input and window.next_result() is None
     assert sent(connection.cancel(in_flight)) == [Cancel(id=ids[1]), Cancel(id=ids[2])]
+
+
+# --- priority classes -------------------------------------------------------------------------------------
+
+
+def test_submit_carries_no_priority_unless_asked_so_the_engine_uses_the_tenants_class() -> None:
+    connection = opened()
+    assert connection.priority is None
+    [message] = sent(connection.submit(chat())[1])
+    assert isinstance(message, Submit) and message.priority is None
+
+
+@pytest.mark.parametrize("priority", PRIORITY_CLASSES)
+def test_submit_carries_the_priority_the_request_asks_for(priority: str) -> None:
+    connection = opened()
+    request = Request(ENDPOINT, {"model": "m"}, priority=priority)
+    assert sent(connection.submit(request)[1]) == [
+        Submit(id=1, endpoint=ENDPOINT, body={"model": "m"}, priority=priority)
+    ]
+
+
+def test_the_connections_priority_is_the_default_and_a_request_overrides_it() -> None:
+    connection = ClientConnection(socket_path=PATH, client_name="core-test", priority="batch")
+    connection.send_hello()
+    feed(connection, welcome(minor=1))  # streams too
+    assert connection.priority == "batch"
+    _, default = connection.submit(chat())
+    _, override = connection.submit(Request(ENDPOINT, {"model": "m"}, priority="interactive"))
+    _, stream = connection.submit(chat(), stream=True)
+    assert [message.priority for message in sent(default + override + stream)] == ["batch", "interactive", "batch"]
+
+
+def test_maps_priority_fills_the_items_that_name_none() -> None:
+    connection = opened(priority="interactive")
+    window = MapWindow(connection, endpoint=ENDPOINT, priority="batch")
+    _, plain = window.add({"n": 1})
+    _, own = window.add(Request(ENDPOINT, {"n": 2}, priority="default"))
+    assert [message.priority for message in sent(plain + own)] == ["batch", "default"]
+    assert [request.priority for _, request in window.in_flight.values()] == ["batch", "default"]
+    # Without map's priority, the connection's applies (and the item's Request keeps None: nothing to fill).
+    unset = MapWindow(connection, endpoint=ENDPOINT)
+    _, frame = unset.add({"n": 3})
+    assert [message.priority for message in sent(frame)] == ["interactive"]
+
+
+@pytest.mark.parametrize("priority", ["urgent", "Batch", "", " batch", 1])
+def test_a_priority_that_is_not_a_class_raises_value_error_naming_the_classes(priority: Any) -> None:
+    connection = opened()
+    pattern = "'interactive', 'default', 'batch'"
+    with pytest.raises(ValueError, match=pattern):
+        Request(ENDPOINT, {"model": "m"}, priority=priority)
+    with pytest.raises(ValueError, match=pattern):
+        ClientConnection(socket_path=PATH, priority=priority)
+    with pytest.raises(ValueError, match=pattern):
+        MapWindow(connection, endpoint=ENDPOINT, priority=priority)
+    with pytest.raises(ValueError, match=pattern):
+        check_priority(priority)
+    # A value slipped past the constructors is still refused before an id is spent or anything is outstanding.
+    connection.priority = priority
+    with pytest.raises(ValueError, match=pattern):
+        connection.submit(chat())
+    assert connection.outstanding == {}
+    connection.priority = None
+    assert connection.submit(chat())[0] == 1
 
 
 def test_map_results_unpack_and_unwrap() -> None:

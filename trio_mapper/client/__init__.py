@@ -8,7 +8,7 @@ It never imports the engine.
 
 from typing import TYPE_CHECKING, Any
 
-from trio_mapper.client.core import DEFAULT_WINDOW, MapResult, Request, StreamChunk
+from trio_mapper.client.core import DEFAULT_WINDOW, PRIORITY_CLASSES, MapResult, Request, StreamChunk
 from trio_mapper.client.errors import (
     ERROR_CLASSES,
     BudgetExhaustedError,
@@ -47,6 +47,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_WINDOW",
     "ERROR_CLASSES",
+    "PRIORITY_CLASSES",
     "AsyncClient",
     "AsyncMapIterator",
     "AsyncStream",

@@ -240,8 +240,16 @@ class AsyncClient:
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
             `trio_mapper.paths.default_socket_path()`.
-        client_name: how the engine names this client in its logs and stats.
+        client_name: how the engine names this client in its logs and stats; an engine with tenants also
+            matches it against each tenant's ``names`` (default: ``"<program>[<pid>]"``).
+        priority: the priority class of this client's requests when a call names none: ``"interactive"``,
+            ``"default"`` or ``"batch"``. None (the default) leaves it to the engine: the class of the
+            client's tenant. That class is a ceiling: asking for a lower class (a batch job asking for
+            ``"batch"``) takes effect, asking for a higher one gets the tenant's class.
         connect_timeout: seconds allowed to connect and complete the handshake (None: no limit).
+
+    Raises:
+        ValueError: ``priority`` is not one of the three classes.
     """
 
     def __init__(
@@ -249,13 +257,14 @@ class AsyncClient:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         client_name: str | None = None,
+        priority: str | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
         self._socket_source = socket_source(socket_path)
         self.client_name = client_name if client_name is not None else default_client_name()
         self.connect_timeout = connect_timeout
-        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name)
+        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=priority)
         self._stream: anyio.abc.ByteStream | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._background_scope: anyio.CancelScope | None = None
@@ -326,6 +335,11 @@ class AsyncClient:
         return self._closed
 
     @property
+    def priority(self) -> str | None:
+        """The priority class asked for by calls that name none (None: the class of the client's tenant)."""
+        return self._core.priority
+
+    @property
     def welcome(self) -> Welcome | None:
         """The engine's `Welcome`, once connected."""
         return self._core.welcome
@@ -344,13 +358,21 @@ class AsyncClient:
         method: str = "POST",
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> Any:
         """Send one request and wait for it; returns the upstream's JSON body (usually a dict).
 
-        Raises the `TrioMapperError` subclass for the engine's error kind, or `ConnectionLost`. If the
-        call is cancelled while waiting, the request is cancelled in the engine too.
+        ``priority`` is the class to queue it in (``"interactive"``, ``"default"``, ``"batch"``); None uses
+        the client's ``priority``, else the class of the client's tenant. The tenant's class is a ceiling: a
+        lower class takes effect, a higher one gets the tenant's.
+
+        Raises the `TrioMapperError` subclass for the engine's error kind, or `ConnectionLost`; `ValueError`
+        for a ``priority`` that is not a class (nothing is sent). If the call is cancelled while waiting, the
+        request is cancelled in the engine too.
         """
-        result = await self.request_result(endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts)
+        result = await self.request_result(
+            endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts, priority=priority
+        )
         return result.body
 
     async def request_result(
@@ -361,12 +383,15 @@ class AsyncClient:
         method: str = "POST",
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> Result:
         """Like `request`, but returns the whole protocol `Result` (status, headers, attempts, timings)."""
         self._check_usable()
         waiter = _Waiter()
         # Queued before the first checkpoint: requests go out in the order their callers ran.
-        request = Request(endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts)
+        request = Request(
+            endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts, priority=priority
+        )
         request_id, frame = self._core.submit(request, waiter)
         self._enqueue(frame, request_id)
         result: Result = unwrap(await self._wait(request_id, waiter))
@@ -379,18 +404,20 @@ class AsyncClient:
         *,
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> AsyncStream:
         """Send one request as a stream: ``async for`` what this returns for its chunks as they come.
 
         Not a coroutine: the request is sent when this is called. ``body`` is what `request` takes;
         ``"stream": true`` is set here. Each item is a `StreamChunk` (see `trio_mapper.client.sync.Client.stream`
-        for what it holds). Raises, from this call: `ProtocolError` when the engine is too old to stream,
+        for what it holds); ``priority`` is as for `request`. Raises, from this call: `ValueError` for a
+        ``priority`` that is not a class, `ProtocolError` when the engine is too old to stream,
         `InvalidRequestError` for a frame larger than the engine accepts, `ConnectionLost`; from the iteration:
         the `TrioMapperError` subclass ``request`` would raise for the engine's error kind, or `ConnectionLost`.
         """
         self._check_usable()
         waiter = _StreamWaiter()
-        request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts)
+        request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts, priority=priority)
         request_id, frame = self._core.submit(request, waiter, stream=True)
         self._enqueue(frame, request_id)
         return AsyncStream(self, request_id, waiter)
@@ -403,20 +430,24 @@ class AsyncClient:
         window: int = DEFAULT_WINDOW,
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> AsyncMapIterator:
         """Send many requests with at most ``window`` in flight; iterate `MapResult`s as they complete.
 
         ``requests`` may be a plain or an async iterable of `Request` objects, ``(endpoint, body)`` pairs,
-        or body dicts (with ``endpoint=``); it is consumed lazily, by a task of the client's, so answers
-        come back while the input is slow to produce the next item. Per-request failures are yielded
-        (``MapResult.error``), a lost connection raises `ConnectionLost`. Leaving the loop, cancelling the
-        enclosing scope or closing the iterator cancels the requests still outstanding in the engine; use
-        ``async with client.map(...) as results:`` to make that happen at a precise point.
+        or body dicts (with ``endpoint=``). ``deadline``, ``max_attempts`` and ``priority`` apply to the
+        items that do not set their own; ``priority`` as for `request` (a batch job may ask for ``"batch"``;
+        `ValueError`, raised here, for a value that is not a class). The input is consumed lazily, by a
+        task of the client's, so answers come back while the input is slow to produce the next item.
+        Per-request failures are yielded (``MapResult.error``), a lost connection raises `ConnectionLost`.
+        Leaving the loop, cancelling the enclosing scope or closing the iterator cancels the requests still
+        outstanding in the engine; use ``async with client.map(...) as results:`` to make that happen at a
+        precise point.
         """
         self._check_usable()
         if window < 1:
             raise ValueError(f"window must be at least 1, not {window}")
-        return AsyncMapIterator(self, requests, endpoint, window, deadline, max_attempts)
+        return AsyncMapIterator(self, requests, endpoint, window, deadline, max_attempts, priority)
 
     async def stats(self) -> dict[str, Any]:
         """The engine's counters: ``{"engine": {...}, "lanes": {lane: {...}}}``."""
@@ -613,10 +644,17 @@ class _MapRun:
         window: int,
         deadline: float | None,
         max_attempts: int | None,
+        priority: str | None = None,
     ) -> None:
         self.client = client
         self.window = MapWindow(
-            client._core, endpoint=endpoint, window=window, deadline=deadline, max_attempts=max_attempts, context=self
+            client._core,
+            endpoint=endpoint,
+            window=window,
+            deadline=deadline,
+            max_attempts=max_attempts,
+            priority=priority,
+            context=self,
         )
         self.sync_items: Iterator[Any] | None = None
         self.async_items: AsyncIterator[Any] | None = None
@@ -731,8 +769,9 @@ class AsyncMapIterator:
         window: int,
         deadline: float | None,
         max_attempts: int | None,
+        priority: str | None = None,
     ) -> None:
-        self._run = _MapRun(client, requests, endpoint, window, deadline, max_attempts)
+        self._run = _MapRun(client, requests, endpoint, window, deadline, max_attempts, priority)
 
     def __aiter__(self) -> AsyncMapIterator:
         return self

@@ -26,6 +26,7 @@ Light like the clients: msgspec, the standard library and the light `trio_mapper
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import itertools
 import logging
@@ -48,6 +49,7 @@ from trio_mapper.client.errors import (
 )
 from trio_mapper.wire import (
     LENGTH_PREFIX,
+    PRIORITY_CLASSES,
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Cancel,
@@ -80,6 +82,20 @@ MAX_REPLY_FRAME_BYTES: Final = 512 * 1024 * 1024
 DEFAULT_WINDOW: Final = 64
 
 
+def check_priority(priority: str | None) -> str | None:
+    """``priority`` itself when it is None or one of `PRIORITY_CLASSES`; else `ValueError` naming the classes.
+
+    Checked here, before anything is sent, so a typo fails at the call that made it rather than as an
+    ``invalid_request`` reply (the engine refuses it too).
+    """
+    if priority is None or (isinstance(priority, str) and priority in PRIORITY_CLASSES):
+        return priority
+    raise ValueError(
+        f"priority must be one of {', '.join(repr(c) for c in PRIORITY_CLASSES)}, or None for the class of "
+        f"the client's tenant; got {priority!r}"
+    )
+
+
 # --- what map() takes and gives ---------------------------------------------------------------------------
 
 
@@ -95,6 +111,10 @@ class Request:
             with a `RequestTimeoutError`; None uses ``map(deadline=...)``, else no deadline.
         max_attempts: upstream attempts at most, retries included; None uses ``map(max_attempts=...)``,
             else the engine's default.
+        priority: the priority class to queue it in (``interactive``, ``default`` or ``batch``); None uses
+            ``map(priority=...)``, else the client's ``priority``, else the class of the client's tenant. A
+            request may ask for a class *lower* than its tenant's, never a higher one: the engine takes the
+            lower of the two. Any other value raises `ValueError` here.
         tag: anything of yours (a row id, a file name…); never sent, handed back in `MapResult.request`.
     """
 
@@ -104,7 +124,11 @@ class Request:
     method: str = "POST"
     deadline: float | None = None
     max_attempts: int | None = None
+    priority: str | None = None
     tag: Any = None
+
+    def __post_init__(self) -> None:
+        check_priority(self.priority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +194,10 @@ def coerce_request(
     endpoint: str | None,
     deadline: float | None,
     max_attempts: int | None,
+    priority: str | None = None,
 ) -> Request:
     """Turn one ``map()`` input into a `Request`: a `Request`, an ``(endpoint, body)`` pair, or a body dict
-    (which needs ``map(endpoint=...)``). Map-wide ``deadline``/``max_attempts`` fill the gaps."""
+    (which needs ``map(endpoint=...)``). Map-wide ``deadline``/``max_attempts``/``priority`` fill the gaps."""
     if isinstance(item, Request):
         request = item
     elif isinstance(item, Mapping):
@@ -185,18 +210,9 @@ def coerce_request(
         raise TypeError(
             f"map() items must be a Request, an (endpoint, body) pair or a body dict; got {type(item).__name__}"
         )
-    if (request.deadline is None and deadline is not None) or (
-        request.max_attempts is None and max_attempts is not None
-    ):
-        request = Request(
-            request.endpoint,
-            request.body,
-            method=request.method,
-            deadline=request.deadline if request.deadline is not None else deadline,
-            max_attempts=request.max_attempts if request.max_attempts is not None else max_attempts,
-            tag=request.tag,
-        )
-    return request
+    defaults: dict[str, Any] = {"deadline": deadline, "max_attempts": max_attempts, "priority": priority}
+    gaps = {name: value for name, value in defaults.items() if value is not None and getattr(request, name) is None}
+    return dataclasses.replace(request, **gaps) if gaps else request
 
 
 def default_client_name() -> str:
@@ -411,8 +427,13 @@ class ClientConnection:
 
     Args:
         socket_path: the engine's socket, named in error messages (never opened here).
-        client_name: what ``hello`` tells the engine about this client.
+        client_name: what ``hello`` tells the engine about this client (a tenant's ``names`` match it).
+        priority: the priority class of submits whose `Request` names none (see `Request.priority`); None
+            leaves it to the engine: the class of the client's tenant.
         max_reply_frame_bytes: the largest reply frame accepted; a longer one closes the connection.
+
+    Raises:
+        ValueError: ``priority`` is not one of `PRIORITY_CLASSES`.
     """
 
     def __init__(
@@ -420,10 +441,13 @@ class ClientConnection:
         *,
         socket_path: str | os.PathLike[str] = "",
         client_name: str | None = None,
+        priority: str | None = None,
         max_reply_frame_bytes: int = MAX_REPLY_FRAME_BYTES,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.client_name = client_name if client_name is not None else default_client_name()
+        #: The class asked for by submits that name none (None: the tenant's).
+        self.priority = check_priority(priority)
         self.state = State.IDLE
         #: The engine's `Welcome`, once `State.OPEN`.
         self.welcome: Welcome | None = None
@@ -476,7 +500,11 @@ class ClientConnection:
         ``body`` is None and ``streamed`` true, or the error the stream ended with). Without it, a body that
         says ``"stream": true`` is refused: its reply would come in pieces nobody asked for.
 
+        The frame's ``priority`` is the request's, else this connection's `priority`, else None (the engine
+        then uses the class of the client's tenant, which is also the highest class it grants).
+
         Raises:
+            ValueError: the priority is not one of `PRIORITY_CLASSES` (nothing is outstanding or sent).
             InvalidRequestError: the frame is larger than the engine accepts (it would close the connection),
                 or the body asks for a stream without ``stream=True``; nothing is outstanding and nothing is
                 to be sent.
@@ -485,6 +513,7 @@ class ClientConnection:
         """
         self._check_open()
         assert self.welcome is not None
+        priority = check_priority(request.priority if request.priority is not None else self.priority)
         if stream and not self.can_stream:
             raise ProtocolError(
                 "protocol_error",
@@ -511,6 +540,7 @@ class ClientConnection:
             method=request.method,
             deadline=request.deadline,
             max_attempts=request.max_attempts,
+            priority=priority,
         )
         frame = self._codec.encode(message)
         size, limit = len(frame) - LENGTH_PREFIX.size, self.welcome.max_frame_bytes
@@ -747,7 +777,7 @@ class MapWindow:
 
     Args:
         connection: the `ClientConnection` the requests go through.
-        endpoint, deadline, max_attempts: map()'s defaults for the items (see `coerce_request`).
+        endpoint, deadline, max_attempts, priority: map()'s defaults for the items (see `coerce_request`).
         window: requests in flight at most.
         context: what the replies' events carry (default: this window), for the driver's routing.
     """
@@ -760,10 +790,12 @@ class MapWindow:
         window: int = DEFAULT_WINDOW,
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
         context: Any = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, not {window}")
+        self._priority = check_priority(priority)
         self._connection = connection
         self._endpoint = endpoint
         self._window = window
@@ -807,7 +839,11 @@ class MapWindow:
             ConnectionLost: the connection is closed.
         """
         request = coerce_request(
-            item, endpoint=self._endpoint, deadline=self._deadline, max_attempts=self._max_attempts
+            item,
+            endpoint=self._endpoint,
+            deadline=self._deadline,
+            max_attempts=self._max_attempts,
+            priority=self._priority,
         )
         try:
             request_id, frame = self._connection.submit(request, self._context)
@@ -902,6 +938,7 @@ class StreamState:
 __all__ = [
     "DEFAULT_WINDOW",
     "MAX_REPLY_FRAME_BYTES",
+    "PRIORITY_CLASSES",
     "Answered",
     "ChunkReceived",
     "ClientConnection",
@@ -919,6 +956,7 @@ __all__ = [
     "StreamChunk",
     "StreamState",
     "Welcomed",
+    "check_priority",
     "coerce_request",
     "default_client_name",
     "parse_frame",

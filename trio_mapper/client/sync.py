@@ -214,8 +214,16 @@ class Client:
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
             `trio_mapper.paths.default_socket_path()`.
-        client_name: how the engine names this client in its logs and stats.
+        client_name: how the engine names this client in its logs and stats; an engine with tenants also
+            matches it against each tenant's ``names`` (default: ``"<program>[<pid>]"``).
+        priority: the priority class of this client's requests when a call names none: ``"interactive"``,
+            ``"default"`` or ``"batch"``. None (the default) leaves it to the engine: the class of the
+            client's tenant. That class is a ceiling: asking for a lower class (a batch job asking for
+            ``"batch"``) takes effect, asking for a higher one gets the tenant's class.
         connect_timeout: seconds allowed to connect and complete the handshake.
+
+    Raises:
+        ValueError: ``priority`` is not one of the three classes (before connecting).
     """
 
     def __init__(
@@ -223,12 +231,13 @@ class Client:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         client_name: str | None = None,
+        priority: str | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
         self._socket_source = socket_source(socket_path)
         self.client_name = client_name if client_name is not None else default_client_name()
-        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name)
+        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=priority)
         # Guards the core, the outbox and the flags below; never held while a thread blocks in I/O.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -266,12 +275,20 @@ class Client:
         method: str = "POST",
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> Any:
         """Send one request and wait for it; returns the upstream's JSON body (usually a dict).
 
-        Raises the `TrioMapperError` subclass for the engine's error kind, or `ConnectionLost`.
+        ``priority`` is the class to queue it in (``"interactive"``, ``"default"``, ``"batch"``); None uses
+        the client's ``priority``, else the class of the client's tenant. The tenant's class is a ceiling: a
+        lower class takes effect, a higher one gets the tenant's.
+
+        Raises the `TrioMapperError` subclass for the engine's error kind, or `ConnectionLost`; `ValueError`
+        for a ``priority`` that is not a class (nothing is sent).
         """
-        return self.request_result(endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts).body
+        return self.request_result(
+            endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts, priority=priority
+        ).body
 
     def request_result(
         self,
@@ -281,9 +298,12 @@ class Client:
         method: str = "POST",
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> Result:
         """Like `request`, but returns the whole protocol `Result` (status, headers, attempts, timings)."""
-        request = Request(endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts)
+        request = Request(
+            endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts, priority=priority
+        )
         waiter = _Waiter()
         with self._lock:
             request_id, frame = self._core.submit(request, waiter)
@@ -298,20 +318,22 @@ class Client:
         *,
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> Stream:
         """Send one request as a stream: iterate what this returns for its chunks as the upstream generates them.
 
         ``body`` is what `request` takes; ``"stream": true`` is set here. Each item is a `StreamChunk`: its
         ``data`` the event's decoded JSON (a ``chat.completion.chunk`` dict, a completions chunk, a Responses
         API event), its ``event`` the Responses API's event name. The engine's usage chunk is not among them
-        unless the body asks for it (``"stream_options": {"include_usage": true}``).
+        unless the body asks for it (``"stream_options": {"include_usage": true}``). ``priority`` is as for
+        `request`.
 
-        Raises, from this call: `ProtocolError` when the engine is too old to stream (upgrade it),
-        `InvalidRequestError` for a frame larger than the engine accepts, `ConnectionLost`. From the
-        iteration: the `TrioMapperError` subclass ``request`` would raise for the engine's error kind (a
-        failure before or during the stream), or `ConnectionLost`.
+        Raises, from this call: `ValueError` for a ``priority`` that is not a class, `ProtocolError` when the
+        engine is too old to stream (upgrade it), `InvalidRequestError` for a frame larger than the engine
+        accepts, `ConnectionLost`. From the iteration: the `TrioMapperError` subclass ``request`` would raise
+        for the engine's error kind (a failure before or during the stream), or `ConnectionLost`.
         """
-        request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts)
+        request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts, priority=priority)
         waiter = _StreamWaiter()
         with self._lock:
             request_id, frame = self._core.submit(request, waiter, stream=True)
@@ -326,15 +348,26 @@ class Client:
         window: int = DEFAULT_WINDOW,
         deadline: float | None = None,
         max_attempts: int | None = None,
+        priority: str | None = None,
     ) -> Generator[MapResult, None, None]:
         """Send many requests with at most ``window`` in flight; yield a `MapResult` per item as it completes.
 
         Items are `Request` objects, ``(endpoint, body)`` pairs, or body dicts (with ``endpoint=``).
-        The iterable is consumed lazily. Per-request failures are yielded (``MapResult.error``), not
-        raised; a lost connection raises `ConnectionLost`. Closing the generator (leaving a ``for`` loop
-        in CPython, or ``contextlib.closing``) cancels the requests still outstanding in the engine.
+        ``deadline``, ``max_attempts`` and ``priority`` apply to the items that do not set their own (a
+        `Request`'s fields); ``priority`` as for `request` (a batch job may ask for ``"batch"``; `ValueError`,
+        raised here, for a value that is not a class). The iterable is consumed lazily. Per-request failures
+        are yielded (``MapResult.error``), not raised; a lost connection raises `ConnectionLost`. Closing the
+        generator (leaving a ``for`` loop in CPython, or ``contextlib.closing``) cancels the requests still
+        outstanding in the engine.
         """
-        state = MapWindow(self._core, endpoint=endpoint, window=window, deadline=deadline, max_attempts=max_attempts)
+        state = MapWindow(
+            self._core,
+            endpoint=endpoint,
+            window=window,
+            deadline=deadline,
+            max_attempts=max_attempts,
+            priority=priority,
+        )
         return self._map(iter(requests), state)
 
     def stats(self) -> dict[str, Any]:
@@ -372,6 +405,11 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def priority(self) -> str | None:
+        """The priority class asked for by calls that name none (None: the class of the client's tenant)."""
+        return self._core.priority
 
     def __enter__(self) -> Client:
         return self

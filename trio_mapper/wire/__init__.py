@@ -21,6 +21,7 @@ from trio_mapper.wire.framing import (
 from trio_mapper.wire.messages import (
     BODY_FORMATS,
     DEFAULT_MAX_FRAME_BYTES,
+    PRIORITY_CLASSES,
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Cancel,
@@ -46,6 +47,7 @@ __all__ = [
     "CLIENT_MESSAGE_TYPES",
     "DEFAULT_MAX_FRAME_BYTES",
     "LENGTH_PREFIX",
+    "PRIORITY_CLASSES",
     "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",
     "TOO_DEEP",
