@@ -517,6 +517,72 @@ async def test_no_engine_exits_3_and_says_where_it_looked(short_tmp: Path) -> No
     assert read_output(output) == []
 
 
+async def test_priority_and_client_name_put_the_job_in_its_tenant_at_the_class_it_asks(short_tmp: Path) -> None:
+    from trio_mapper import AsyncClient
+
+    config = short_tmp / "tenants.toml"
+    config.write_text('[tenants.nightly]\npriority = "interactive"\nnames = ["nightly"]\n')
+    lines = [batch_line(f"req-{i}", chat_body(f"question {i}")) for i in range(6)]
+    source = write_jsonl(short_tmp / "in.jsonl", lines)
+    output = short_tmp / "out.jsonl"
+    async with simulator() as url, running_engine(short_tmp, url, "--config", str(config)) as engine:
+        options = ("--priority", "batch", "--client-name", "nightly", "--no-progress")
+        status, stderr = await run_map(engine.socket, source, output, *options)
+        async with AsyncClient(engine.socket) as client:
+            tenants = (await client.stats())["engine"]["tenants"]
+    assert status == 0, stderr
+    records = read_output(output)
+    assert_each_id_once(records, {line["custom_id"] for line in lines})
+    assert all(record["error"] is None for record in records)
+    assert "6 succeeded" in stderr
+    # The hello name matched the tenant: the job's tokens are the nightly tenant's.
+    assert tenants["nightly"]["priority"] == "interactive"
+    assert tenants["nightly"]["tokens_24h"] > 0
+
+
+def test_priority_and_client_name_reach_the_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_mapper.tools.cli import build_parser
+
+    made: list[dict[str, Any]] = []
+
+    class RecordingClient(mapper.AsyncClient):
+        def __init__(self, *args: Any, **options: Any) -> None:
+            made.append(options)
+            super().__init__(*args, **options)
+
+    monkeypatch.setattr(mapper, "AsyncClient", RecordingClient)
+    source = write_jsonl(tmp_path / "in.jsonl", [chat_body("hi")])
+    common = ["map", str(source), "-o", str(tmp_path / "out.jsonl"), "--socket", str(tmp_path / "none.sock")]
+    parser = build_parser("map")
+    # No engine there (exit 3): what matters is how the client was made.
+    assert mapper.run_map(parser.parse_args([*common, "--no-progress"])) == 3
+    chosen = [*common, "--priority", "batch", "--client-name", "nightly", "--no-progress"]
+    assert mapper.run_map(parser.parse_args(chosen)) == 3
+    default, asked = made
+    assert default["priority"] is None and default["client_name"] == f"trio-mapper map[{os.getpid()}]"
+    assert asked["priority"] == "batch" and asked["client_name"] == "nightly"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--priority", "urgent", "invalid choice: 'urgent' (choose from"),
+        ("--priority", "Batch", "invalid choice: 'Batch'"),
+        ("--client-name", "", "must not be empty"),
+        ("--client-name", "night\nly", "printable"),
+    ],
+)
+def test_bad_priority_or_client_name_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, needle: str
+) -> None:
+    from trio_mapper.tools.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser("map").parse_args(["map", "in.jsonl", "-o", str(tmp_path / "out.jsonl"), option, value])
+    assert exited.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
 # --- trio_mapper.jsonl ---------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["non_negative_float", "octal_mode", "positive_float", "positive_int"]
+__all__ = ["client_name", "non_negative_float", "octal_mode", "positive_float", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -37,3 +37,13 @@ def octal_mode(text: str) -> int:
         return int(text, 8)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an octal mode such as 0660, got {text!r}") from None
+
+
+def client_name(text: str) -> str:
+    """The name a client gives in its hello, kept exactly as typed: the engine matches it against a tenant's
+    ``names`` character for character."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty: a tenant's names match it exactly")
+    if any(not character.isprintable() for character in text):
+        raise argparse.ArgumentTypeError(f"must be printable text (no control characters), got {text!r}")
+    return text

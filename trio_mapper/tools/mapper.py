@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, final
 
 import trio
 
-from trio_mapper.client import DEFAULT_WINDOW, Request
+from trio_mapper.client import DEFAULT_WINDOW, PRIORITY_CLASSES, Request
 from trio_mapper.client.aio import AsyncClient
 from trio_mapper.client.errors import ConnectionLost, EngineUnavailable, TrioMapperError
 from trio_mapper.text import escape_control_characters
@@ -78,7 +78,7 @@ STDIN_FILENO: Final = 0
 
 
 def add_map_arguments(parser: argparse.ArgumentParser) -> None:
-    from trio_mapper.tools.args import positive_float, positive_int
+    from trio_mapper.tools.args import client_name, positive_float, positive_int
 
     parser.add_argument(
         "input", metavar="INPUT.jsonl", help="requests, one JSON object a line (Batch API or plain bodies); - for stdin"
@@ -103,6 +103,16 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-attempts", type=positive_int, metavar="N",
         help="upstream attempts per request, first try included (default: the engine's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--priority", choices=PRIORITY_CLASSES,
+        help="priority class of the job's requests, at most your tenant's: a lower one (batch) takes effect, a "
+        "higher one gets the tenant's (default: the tenant's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-name", type=client_name, metavar="NAME",
+        help="the name the job gives the engine; a tenant with NAME in its names takes it "
+        "(default: trio-mapper map[PID])",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress display, only the final summary")
 
@@ -226,6 +236,8 @@ class MapJob:
         deadline: float | None,
         max_attempts: int | None,
         progress: ProgressMode,
+        priority: str | None = None,
+        client_name: str | None = None,
     ) -> None:
         self._lines = lines
         self._writer = writer
@@ -239,6 +251,8 @@ class MapJob:
         self._window = window
         self._deadline = deadline
         self._max_attempts = max_attempts
+        self._priority = priority
+        self._client_name = client_name if client_name is not None else f"trio-mapper map[{os.getpid()}]"
         self._progress_mode = progress
         self._bar: Progress | None = None
         self._bar_task: TaskID | None = None
@@ -267,7 +281,7 @@ class MapJob:
 
     async def _run_with_engine(self) -> None:
         try:
-            async with AsyncClient(self._socket, client_name=f"trio-mapper map[{os.getpid()}]") as client:
+            async with AsyncClient(self._socket, client_name=self._client_name, priority=self._priority) as client:
                 async with trio.open_nursery() as helpers:
                     helpers.start_soon(self._poll_stats, client)
                     if self._progress_mode == "bar":
@@ -565,6 +579,8 @@ def run_map(args: argparse.Namespace) -> int:
         deadline=args.deadline,
         max_attempts=args.max_attempts,
         progress=_progress_mode(args),
+        priority=args.priority,
+        client_name=args.client_name,
     )
     try:
         trio.run(job.run)
