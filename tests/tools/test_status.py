@@ -140,3 +140,79 @@ def test_the_shared_budget_state_is_shown(monkeypatch: pytest.MonkeyPatch, capsy
     assert "budget shared through Redis: unreachable: holding requests  engines on the key 3" in plain
     render({"engine": {"budget": {"backend": "local"}}, "lanes": {}})
     assert "Redis" not in capsys.readouterr().out
+
+
+def tenant_stats(**overrides: Any) -> dict[str, Any]:
+    tenant = {"priority": "default", "weight": 1.0, "rpm_cap": None, "tpm_cap": None, "daily_tokens": None,
+              "daily_cost": None, "tokens_24h": 0, "cost_24h": 0.0, "queued": 0}  # fmt: skip
+    return tenant | overrides
+
+
+def test_tenants_are_shown_with_their_settings_and_usage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    tenants = {
+        "nightly": tenant_stats(priority="batch", weight=3.0, tpm_cap="25% of the limit", daily_tokens=2_000_000,
+                                tokens_24h=1_234_567, queued=412),
+        "alice": tenant_stats(priority="interactive", rpm_cap="60/min", tokens_24h=9_876),
+        "default": tenant_stats(tokens_24h=5),
+    }  # fmt: skip
+    render({"engine": {"tenants": tenants}, "lanes": {}})
+    lines = SGR.sub("", capsys.readouterr().out).splitlines()
+    header = next(line for line in lines if "tenant" in line)
+    for column in ("class", "weight", "rpm cap", "tpm cap", "daily budget", "tokens 24h", "queued"):
+        assert column in header
+    assert "cost" not in header, "no price table, no cost budget: no column of zeros"
+    nightly = next(line for line in lines if line.lstrip().startswith("nightly"))
+    for cell in ("batch", "3", "25% of the limit", "2,000,000 tokens", "1,234,567", "412"):
+        assert cell in nightly, cell
+    alice = next(line for line in lines if line.lstrip().startswith("alice"))
+    assert "interactive" in alice and "60/min" in alice and "9,876" in alice
+    # In the engine's order: the configuration's, the default tenant last (the order rules are tried in).
+    names = [line.split()[0] for line in lines if line.split() and line.split()[0] in tenants]
+    assert names == ["nightly", "alice", "default"]
+
+    tenants["alice"] |= {"daily_cost": 5.0, "cost_24h": 1.25}
+    render({"engine": {"tenants": tenants}, "lanes": {}})
+    lines = SGR.sub("", capsys.readouterr().out).splitlines()
+    assert "cost 24h" in next(line for line in lines if "tenant" in line)
+    alice = next(line for line in lines if line.lstrip().startswith("alice"))
+    assert "cost 5.00" in alice and "1.2500" in alice
+
+
+def test_an_engine_without_tenants_shows_no_tenants_table(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    # Every engine reports its default tenant; unconfigured, it is every client and says nothing new.
+    render({"engine": {"tenants": {"default": tenant_stats(tokens_24h=100)}}, "lanes": {}})
+    assert "tenant" not in capsys.readouterr().out
+    # A default tenant with settings of its own is worth showing.
+    render({"engine": {"tenants": {"default": tenant_stats(daily_tokens=1000)}}, "lanes": {}})
+    assert "1,000 tokens" in capsys.readouterr().out
+    render({"engine": {}, "lanes": {}})  # an older engine, without tenant statistics
+    assert "tenant" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_tenant_strings_are_shown_as_text_never_acted_on(
+    terminal: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Tenant names come from the operator's config, caps from the engine: escaped all the same.
+    monkeypatch.setenv("COLUMNS", "600")
+    if terminal:
+        monkeypatch.setenv("FORCE_COLOR", "1")
+    else:
+        monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    hostile = tenant_stats(priority=f"p:{HOSTILE}", rpm_cap=f"r:{HOSTILE}", tpm_cap=f"t:{HOSTILE}", queued=1)
+    render({"engine": {"tenants": {HOSTILE: hostile, "default": tenant_stats()}}, "lanes": {}})
+    output = capsys.readouterr().out
+    assert bool(SGR.search(output)) is terminal
+    plain = SGR.sub("", output)
+    assert control_characters(plain) == []
+    assert plain.count(SHOWN) == 4, "the name, the class and both caps, each as it is"
+    for prefix in ("p:", "r:", "t:"):
+        assert f"{prefix}{SHOWN}" in plain
+    assert not any(line.startswith("forged") for line in plain.splitlines())

@@ -1,4 +1,4 @@
-"""``trio-mapper status``: the engine's lanes, queues and budget usage, readable at a glance.
+"""``trio-mapper status``: the engine's lanes, queues, budget usage and tenants, readable at a glance.
 
 Every string shown comes from the engine's stats, and some of them from its clients: a lane is named by
 whatever model name a client sent. They are printed as plain text (never as rich markup) with their control
@@ -11,11 +11,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from trio_mapper.client.errors import EngineUnavailable, TrioMapperError
 from trio_mapper.client.sync import Client
 from trio_mapper.text import escape_control_characters
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +45,6 @@ def _used_of(used: Any, capacity: Any) -> str:
 
 def render(stats: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
     engine = stats["engine"]
@@ -86,9 +88,20 @@ def render(stats: dict[str, Any]) -> None:
         )
         console.print(line)
     lanes: dict[str, dict[str, Any]] = stats.get("lanes", {})
-    if not lanes:
+    if lanes:
+        console.print(_lanes_table(lanes))
+    else:
         console.print("no requests seen yet")
-        return
+    tenants = engine.get("tenants")
+    if isinstance(tenants, dict) and _configured(tenants):
+        console.print()
+        console.print(_tenants_table(tenants))
+
+
+def _lanes_table(lanes: dict[str, dict[str, Any]]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_edge=False, header_style="bold")
     for column in ("model", "queued", "retrying", "in flight", "ok", "failed", "tokens used", "requests used",
                    "429s", "retries", "estimate/actual", "paused"):  # fmt: skip
@@ -112,7 +125,51 @@ def render(stats: dict[str, Any]) -> None:
             ratio,
             f"{pause:.1f}s" if pause > 0 else "",
         )
-    console.print(table)
+    return table
+
+
+#: A tenant's settings when nothing configures it: the default tenant of an engine without [tenants.*] tables.
+_UNCONFIGURED: Final = {"priority": "default", "weight": 1, "rpm_cap": None, "tpm_cap": None, "daily_tokens": None,
+                        "daily_cost": None}  # fmt: skip
+
+
+def _configured(tenants: dict[str, Any]) -> bool:
+    """Whether the tenants are worth a table: some are configured, or the default one has settings of its own."""
+    if set(tenants) != {"default"}:
+        return bool(tenants)
+    default = tenants["default"]
+    return isinstance(default, dict) and any(default.get(key, value) != value for key, value in _UNCONFIGURED.items())
+
+
+def _tenants_table(tenants: dict[str, Any]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [(name, tenant) for name, tenant in tenants.items() if isinstance(tenant, dict)]
+    # Cost only once something can cost: a price table gave a cost, or a tenant has a cost budget.
+    costs = any(tenant.get("cost_24h") or tenant.get("daily_cost") is not None for _, tenant in rows)
+    table = Table(show_edge=False, header_style="bold")
+    columns = ["tenant", "class", "weight", "rpm cap", "tpm cap", "daily budget", "tokens 24h"]
+    for column in [*columns, *(["cost 24h"] if costs else []), "queued"]:
+        table.add_column(column, justify="left" if column in {"tenant", "class"} else "right")
+    # In the engine's order (the configuration's, the default tenant last): the order rules are tried in.
+    for name, tenant in rows:
+        budget = [f"{_number(tenant['daily_tokens'])} tokens"] if tenant.get("daily_tokens") is not None else []
+        if tenant.get("daily_cost") is not None:
+            budget.append(f"cost {_number(tenant['daily_cost'], 2)}")
+        cells: list[Text | str] = [
+            Text(_text(name)),
+            Text(_text(tenant.get("priority", "?"))),
+            Text(_text(f"{tenant['weight']:g}" if isinstance(tenant.get("weight"), int | float) else "-")),
+            Text(_text(tenant.get("rpm_cap") or "-")),
+            Text(_text(tenant.get("tpm_cap") or "-")),
+            Text(", ".join(budget) or "-"),
+            _number(tenant.get("tokens_24h")),
+        ]
+        if costs:
+            cells.append(_number(tenant.get("cost_24h"), 4))
+        table.add_row(*cells, _number(tenant.get("queued")))
+    return table
 
 
 def run_status(args: argparse.Namespace) -> int:
