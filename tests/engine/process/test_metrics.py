@@ -259,3 +259,44 @@ def test_a_shared_budget_shows_whether_redis_answers() -> None:
     samples = scrape(metrics)
     assert get(samples, "trio_mapper_budget_redis_up", failure_policy="wait") == 0
     assert get(samples, "trio_mapper_budget_redis_failures_total") == 2
+
+
+def tenant_stats(**overrides: Any) -> dict[str, Any]:
+    tenant = {"priority": "default", "weight": 1.0, "rpm_cap": None, "tpm_cap": None, "daily_tokens": None,
+              "daily_cost": None, "tokens_24h": 0, "cost_24h": 0.0, "queued": 0}  # fmt: skip
+    return tenant | overrides
+
+
+def test_each_tenant_has_its_usage_and_queue() -> None:
+    fake = FakeEngine()
+    fake.engine["tenants"] = {
+        "nightly": tenant_stats(priority="batch", daily_tokens=2_000_000, tokens_24h=1_234_567, queued=412),
+        "alice": tenant_stats(priority="interactive", tokens_24h=9_876, cost_24h=0.42),
+        "default": tenant_stats(tokens_24h=5),
+    }
+    metrics = fake.metrics()
+    samples = scrape(metrics)
+    assert get(samples, "trio_mapper_tenant_tokens_24h", tenant="nightly") == 1_234_567
+    assert get(samples, "trio_mapper_tenant_queued", tenant="nightly") == 412
+    assert get(samples, "trio_mapper_tenant_cost_24h", tenant="nightly") == 0  # no price table: 0, not absent
+    assert get(samples, "trio_mapper_tenant_cost_24h", tenant="alice") == pytest.approx(0.42)
+    assert get(samples, "trio_mapper_tenant_tokens_24h", tenant="default") == 5
+    assert get(samples, "trio_mapper_tenant_daily_tokens_budget", tenant="nightly") == 2_000_000
+    assert get(samples, "trio_mapper_tenant_daily_tokens_budget", tenant="alice") is None  # no budget, no series
+    # A reload removed a tenant: its series go with it (they are read afresh at each scrape).
+    del fake.engine["tenants"]["alice"]
+    fake.engine["tenants"]["nightly"]["queued"] = 0
+    samples = scrape(metrics)
+    assert get(samples, "trio_mapper_tenant_tokens_24h", tenant="alice") is None
+    assert get(samples, "trio_mapper_tenant_queued", tenant="nightly") == 0
+
+
+def test_tenant_labels_are_bounded() -> None:
+    fake = FakeEngine()
+    fake.engine["tenants"] = {f"t{i}": tenant_stats(tokens_24h=10 * i, queued=1) for i in range(5)}
+    samples = scrape(fake.metrics(max_tenants=3))
+    tenants = {dict(labels)["tenant"] for name, labels in samples if name == "trio_mapper_tenant_tokens_24h"}
+    assert tenants == {"t0", "t1", "t2", OTHER}
+    # The rest are summed, so that the totals still add up.
+    assert get(samples, "trio_mapper_tenant_tokens_24h", tenant=OTHER) == 30 + 40
+    assert get(samples, "trio_mapper_tenant_queued", tenant=OTHER) == 2

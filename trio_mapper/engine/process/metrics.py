@@ -13,8 +13,9 @@ two ways:
 
 Label values are bounded: lanes are model families, at most the scheduler's ``MAX_LANES`` at once, and the
 series of a lane the scheduler dropped go with it; identities are uids and client-key names (never a
-connection or a request). Beyond a cap, newcomers are counted under ``(other)``, so no client can make the
-exposition grow without bound. Nothing the engine holds as a secret is in any statistic read here.
+connection or a request); tenants come from the configuration. Beyond a cap, newcomers are counted under
+``(other)``, so no client can make the exposition grow without bound. Nothing the engine holds as a secret is
+in any statistic read here.
 
 This module imports nothing of the engine: it knows the statistics by their shape and a finished job by the
 `FinishedJob` protocol, and the daemon wires it in (the layers stay acyclic).
@@ -39,6 +40,9 @@ NAMESPACE: Final = "trio_mapper"
 #: Client identities with series of their own; later ones are counted under `OTHER`. Identities are uids and
 #: client-key names, so a real engine stays far below it: this is a safety net.
 MAX_IDENTITIES: Final = 1024
+#: Tenants with series of their own, in the configuration's order; the rest are summed under `OTHER`. Tenants
+#: come from the operator's config file, so this too is only a safety net.
+MAX_TENANTS: Final = 256
 #: The label value that stands for every value beyond a cap (parentheses: no model or identity looks like it).
 OTHER: Final = "(other)"
 #: Seconds from acceptance to the first dispatch: the queue can be instant or wait out a paused lane.
@@ -139,6 +143,17 @@ _CLIENT_GAUGES: Final = (
     ("client_in_flight_requests", "The client's requests being sent upstream.", "in_flight"),
 )
 
+#: (name, help, key) of each tenant's series, read from ``engine.tenants`` (`Scheduler.tenant_statistics`).
+_TENANT_GAUGES: Final = (
+    ("tenant_tokens_24h", "Tokens the tenant spent over the last 24 hours (charged at dispatch, corrected by "
+     "the upstream's usage).", "tokens_24h"),
+    ("tenant_cost_24h", "What the tenant spent over the last 24 hours by the price table (0 without one).",
+     "cost_24h"),
+    ("tenant_queued", "The tenant's requests waiting in the lanes' fair queues, every lane.", "queued"),
+    ("tenant_daily_tokens_budget", "The tenant's daily_tokens: past it its requests fail budget_exhausted "
+     "(tenants with a budget only).", "daily_tokens"),
+)  # fmt: skip
+
 
 def _name(suffix: str) -> str:
     return f"{NAMESPACE}_{suffix}"
@@ -168,6 +183,7 @@ class EngineMetrics:
         clients: outstanding requests per client identity, read at each scrape.
         max_lanes: the scheduler's cap on lanes: lane labels of the observed series stop there too.
         max_identities: the cap on identity labels.
+        max_tenants: the cap on tenant labels.
     """
 
     def __init__(
@@ -177,8 +193,10 @@ class EngineMetrics:
         clients: ClientStatistics,
         max_lanes: int,
         max_identities: int = MAX_IDENTITIES,
+        max_tenants: int = MAX_TENANTS,
     ) -> None:
         self.registry = CollectorRegistry()
+        self._max_tenants = max_tenants
         self._statistics = statistics
         self._clients = clients
         self._lanes = _LabelValues(max_lanes)
@@ -261,6 +279,7 @@ class EngineMetrics:
         clients = self._clients()
         self._forget_lanes(lanes)
         yield from _engine_families(engine)
+        yield from _tenant_families(engine.get("tenants") or {}, self._max_tenants)
         yield from _lane_families(lanes)
         yield from _client_families(clients, self._identities)
 
@@ -324,6 +343,26 @@ def _engine_families(engine: Mapping[str, Any]) -> Iterator[Metric]:
             counter = CounterMetricFamily(_name(suffix.removesuffix("_total")), text)
             counter.add_metric([], budget.get(key, 0))
             yield counter
+
+
+def _tenant_families(tenants: Mapping[str, Mapping[str, Any]], limit: int) -> Iterator[Metric]:
+    # Read afresh at each scrape, so a tenant a reload removed leaves no series behind; the first ``limit`` in
+    # the engine's order (the configuration's) have their own, the rest are summed under OTHER.
+    labelled: dict[str, dict[str, float]] = {}
+    for index, (name, tenant) in enumerate(tenants.items()):
+        if not isinstance(tenant, Mapping):
+            continue
+        values = labelled.setdefault(str(name) if index < limit else OTHER, {})
+        for _, _, key in _TENANT_GAUGES:
+            value = tenant.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values[key] = values.get(key, 0) + value
+    for suffix, text, key in _TENANT_GAUGES:
+        gauge = GaugeMetricFamily(_name(suffix), text, labels=["tenant"])
+        for name, values in labelled.items():
+            if key in values:
+                gauge.add_metric([name], values[key])
+        yield gauge
 
 
 def _lane_families(lanes: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
