@@ -92,6 +92,10 @@ class Operation:
     #: Served over TCP without a client key: only for answers that reveal nothing (health checks). Over the Unix
     #: socket the uid/gid allow-lists apply to every route alike.
     keyless: bool = False
+    #: Reply headers besides the content type: a static file may be cached, a status page sets its policies.
+    headers: tuple[tuple[str, str], ...] = (("cache-control", "no-store"),)
+    #: Named in the 404 that lists what is served (static files are not: the page names them).
+    listed: bool = True
 
 
 class Intake(Protocol):
@@ -282,7 +286,8 @@ class OpenAIApp:
             log.exception("internal error while answering GET %s", scope["path"])
             message = "the engine failed on this request (a bug, logged by the engine); please report it"
             return await _reply(send, 500, retry_headers(None), error_body(message, "server_error", "internal_error"))
-        headers = [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")]
+        headers = [(b"content-type", content_type.encode())]
+        headers += [(name.encode(), value.encode()) for name, value in operation.headers]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -367,7 +372,8 @@ class OpenAIApp:
         expected = ENDPOINTS.get(path)
         if expected is None or scope.get("query_string"):
             self.stats.not_found += 1
-            served = ", ".join([*(f"{m} {p}" for p, m in ENDPOINTS.items()), *(f"GET {p}" for p in self._operations)])
+            listed = [f"GET {p}" for p, operation in self._operations.items() if operation.listed]
+            served = ", ".join([*(f"{m} {p}" for p, m in ENDPOINTS.items()), *listed])
             raise _Refusal(
                 404,
                 f"{method} {shorten(escape_control_characters(path), 200)} is not served by this engine; "
