@@ -26,12 +26,13 @@ from trio_mapper._version import __version__
 from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.budget.local import LocalMeter
 from trio_mapper.engine.budget.shared import SharedBudget, SharedBudgetSettings, key_identity
-from trio_mapper.engine.core.scheduler import MAX_LANES, Scheduler
+from trio_mapper.engine.core.scheduler import MAX_LANES, JobRecord, Scheduler
 from trio_mapper.engine.core.tenants import ClientIdentity, tenants_from_config
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.fronts.http.app import OpenAIApp, Operation
 from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, load_keys
 from trio_mapper.engine.fronts.http.server import HttpServer, Transport
+from trio_mapper.engine.fronts.http.status_page import status_page_routes
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
 from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, open_unix_listener
 from trio_mapper.engine.fronts.unix.peers import is_allowed, peer_credentials, refusal_message, refuse
@@ -39,6 +40,7 @@ from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.metrics import EngineMetrics, Readiness, healthz
 from trio_mapper.engine.process.reload import plan_reload
 from trio_mapper.engine.process.settings import ServerSettings, Settings, SettingsError, parse_loopback_address
+from trio_mapper.engine.process.status_history import StatusHistory
 from trio_mapper.engine.upstream.client import Upstream
 from trio_mapper.engine.upstream.ratelimit_headers import budget_headers
 
@@ -128,6 +130,8 @@ class Engine:
             clients=lambda: self.scheduler.client_statistics() if self.scheduler is not None else {},
             max_lanes=MAX_LANES,
         )
+        #: The last minutes of the lanes and tenants, for the status page (sampled while serving).
+        self.status_history = StatusHistory(statistics=self._statistics_for_metrics)
 
     def request_shutdown(self) -> None:
         self._shutdown_requested.set()
@@ -157,6 +161,10 @@ class Engine:
 
     def _statistics_for_metrics(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         return self.statistics() if self.scheduler is not None else ({}, {})
+
+    def _observe(self, job: JobRecord) -> None:
+        self.metrics.observe(job)
+        self.status_history.observe(job)
 
     def budget_headers(self, model: str) -> dict[str, str]:
         """``x-ratelimit-*`` describing the engine's budget for ``model``'s lane (the whole key's, shared by
@@ -263,7 +271,7 @@ class Engine:
             max_queued=server.max_queued,
             default_max_attempts=server.max_attempts,
             default_deadline=server.default_deadline,
-            observer=self.metrics.observe,
+            observer=self._observe,
             tenants=tenants_from_config(server.tenants),
         )
         models_url = upstream.url_for("models")
@@ -290,6 +298,8 @@ class Engine:
                     "/metrics": Operation(self.metrics.respond),
                     "/healthz": Operation(healthz, keyless=True),
                     "/readyz": Operation(readiness.respond, keyless=True),
+                    "/status.json": Operation(self.status_history.respond),
+                    **status_page_routes(),
                 },
             )
         )
@@ -297,6 +307,7 @@ class Engine:
             if self.shared_budget is not None:
                 await root.start(self.shared_budget.run)
             await root.start(scheduler.run)
+            await root.start(self.status_history.run)
             if watchdog_interval is not None:
                 root.start_soon(self._keep_watchdog, watchdog_interval)
             async with trio.open_nursery() as connections:
