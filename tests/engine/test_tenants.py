@@ -310,12 +310,6 @@ async def test_a_reload_changes_tenants_while_their_requests_wait(short_tmp: Pat
     assert "server.tenants" in next(line for line in engine.log.splitlines() if "reloaded: " in line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Scheduler.update_tenants reconfigures each lane's FairQueue but does not wake its dispatcher, which "
-    "sleeps until the old cap's next slot (Lane.take: move_on_at(ready_at)); lifting a small cap takes effect "
-    "only when that sleep ends (here ~23 s) or a new request arrives",
-)
 async def test_lifting_a_small_cap_frees_the_waiting_requests_at_once(short_tmp: Path) -> None:
     # 60 tokens a minute: the first request goes at once (into debt), the next one would wait ~23 s.
     capped = {"priority": "batch", "tpm_cap": 60, "names": ["slow"]}
@@ -339,12 +333,6 @@ async def test_lifting_a_small_cap_frees_the_waiting_requests_at_once(short_tmp:
     assert len(results) == 5 and not errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a queued Job keeps the Tenant it was submitted under (Job.tenant), and Scheduler._dispatch_one checks "
-    "_daily_budget_spent(job.tenant): after a reload raises a tenant's daily_tokens, its requests queued before the "
-    "reload still fail budget_exhausted against the old budget (and a lowered budget is not applied to them)",
-)
 async def test_a_raised_daily_budget_applies_to_requests_already_queued(short_tmp: Path) -> None:
     # Two requests' worth a day, and a request a second (the cap's burst holds just one): the third would fail at
     # its dispatch, two seconds in, had the budget not been raised meanwhile.
@@ -401,12 +389,6 @@ async def test_hello_names_are_claims_that_only_narrow(short_tmp: Path) -> None:
     assert after["mine"]["tokens_24h"] == before["mine"]["tokens_24h"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings: the config converter structures a TOML string into a list field character by character, "
-    'so names = "alice" matches clients named "a", "l", ... and uids = "1000" becomes [1, 0, 0, 0] (root among '
-    "them); a string where a list is expected should be refused",
-)
 @pytest.mark.parametrize(("key", "value"), [("names", "alice"), ("uids", "1000")])
 def test_a_string_where_a_list_belongs_is_refused(tmp_path: Path, key: str, value: str) -> None:
     from trio_mapper.engine.process.settings import SettingsError, load_settings

@@ -27,7 +27,7 @@ from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.budget.local import LocalMeter
 from trio_mapper.engine.budget.shared import SharedBudget, SharedBudgetSettings, key_identity
 from trio_mapper.engine.core.scheduler import MAX_LANES, JobRecord, Scheduler
-from trio_mapper.engine.core.tenants import ClientIdentity, tenants_from_config
+from trio_mapper.engine.core.tenants import ClientIdentity, Price, Prices, tenants_from_config
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.fronts.http.app import OpenAIApp, Operation
 from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, load_keys
@@ -55,6 +55,10 @@ STATUS_INTERVAL: Final = 2.0
 SETTLE_AT_EXIT_TIMEOUT: Final = 2.0
 #: SIGINT and SIGTERM stop the engine gracefully (a second one ends the grace period); SIGHUP reloads.
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def prices_from_config(server: ServerSettings) -> Prices:
+    return Prices({name: Price(price.input, price.output) for name, price in server.prices.items()})
 
 
 def ledger_limits(server: ServerSettings) -> tuple[Limits, dict[str, Limits]]:
@@ -273,6 +277,7 @@ class Engine:
             default_deadline=server.default_deadline,
             observer=self._observe,
             tenants=tenants_from_config(server.tenants),
+            prices=prices_from_config(server),
         )
         models_url = upstream.url_for("models")
 
@@ -460,7 +465,7 @@ class Engine:
                 self.scheduler.limiter.total_tokens = server.max_concurrent_reqs
                 self.scheduler.default_deadline = server.default_deadline
                 # After the limits: a cap given as a share of a model's limit follows the new limit.
-                self.scheduler.update_tenants(tenants_from_config(server.tenants))
+                self.scheduler.update_tenants(tenants_from_config(server.tenants), prices_from_config(server))
             logging.getLogger("trio_mapper").setLevel(server.log_level)
             self._reload_http(server)
             self.settings = plan.settings

@@ -122,6 +122,7 @@ def submit(scheduler: Scheduler, sink: Sink, message: Submit) -> None:
         method=message.method,
         deadline=message.deadline,
         max_attempts=message.max_attempts,
+        priority=message.priority,
     )
     scheduler.submit(sink, message.id, spec)
 

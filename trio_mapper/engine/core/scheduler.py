@@ -57,7 +57,7 @@ from trio_mapper.engine.core.retry import (
     classify_response,
     exhausted,
 )
-from trio_mapper.engine.core.tenants import CLASSES, DailyUsage, Tenant, Tenants, class_rank
+from trio_mapper.engine.core.tenants import CLASSES, DailyUsage, Prices, Tenant, Tenants, class_rank
 from trio_mapper.engine.estimate.tokens import InvalidBody, TokenEstimate, TokenEstimator, TooManyTokens
 from trio_mapper.engine.upstream.client import (
     ALLOWED_METHODS,
@@ -313,6 +313,7 @@ class Scheduler:
         rng: random.Random | None = None,
         observer: Observer | None = None,
         tenants: Tenants | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self._ledger = ledger
         self._upstream = upstream
@@ -326,6 +327,8 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._observer = observer
         self._tenants = tenants if tenants is not None else Tenants()
+        #: What a model's tokens cost, for each tenant's cost (empty: no cost accounting).
+        self._prices = prices if prices is not None else Prices()
         #: What each tenant spent over the last 24 hours (tokens charged at admission, corrected by usage).
         self._daily: dict[str, DailyUsage] = {}
         self._lanes: dict[str, Lane] = {}
@@ -555,29 +558,38 @@ class Scheduler:
 
     # --- tenants -------------------------------------------------------------------------------------------
 
-    def update_tenants(self, tenants: Tenants) -> None:
-        """New tenants or limits (a reload): queued requests keep their place; caps and weights follow."""
+    def update_tenants(self, tenants: Tenants, prices: Prices | None = None) -> None:
+        """New tenants, prices or limits (a reload): queued requests keep their place; caps and weights follow."""
         self._tenants = tenants
+        if prices is not None:
+            self._prices = prices
         for name, lane in self._lanes.items():
             lane.waiting.reconfigure(tenants, self._lane_limits(name))
+            lane.wakeup.set()  # its dispatcher may sleep until a cap the reload lifted
 
-    def _spend(self, tenant: Tenant, tokens: int) -> None:
-        if tokens:
-            self._daily.setdefault(tenant.name, DailyUsage()).add(tokens, 0.0, trio.current_time())
+    def _spend(self, tenant: Tenant, tokens: int, cost: float = 0.0) -> None:
+        if tokens or cost:
+            self._daily.setdefault(tenant.name, DailyUsage()).add(tokens, cost, trio.current_time())
 
     def _daily_budget_spent(self, tenant: Tenant) -> str | None:
         """Why the tenant may not send more today, or None."""
-        if tenant.daily_tokens is None:
+        if tenant.daily_tokens is None and tenant.daily_cost is None:
             return None
         usage = self._daily.get(tenant.name)
         if usage is None:
             return None
-        tokens, _ = usage.totals(trio.current_time())
-        if tokens < tenant.daily_tokens:
+        tokens, cost = usage.totals(trio.current_time())
+        if tenant.daily_tokens is not None and tokens >= tenant.daily_tokens:
+            spent = f"{tokens:,.0f} tokens in the last 24 hours, its daily budget is {tenant.daily_tokens:,}"
+        elif tenant.daily_cost is not None and cost >= tenant.daily_cost:
+            spent = (
+                f"{cost:,.4f} in the last 24 hours (by the price table), its daily cost budget is {tenant.daily_cost:,}"
+            )
+        else:
             return None
         return (
-            f"tenant {tenant.name!r} spent {tokens:,.0f} tokens in the last 24 hours, its daily budget is "
-            f"{tenant.daily_tokens:,}; it refills as that spending ages out. Ask the operator to raise it"
+            f"tenant {tenant.name!r} spent {spent}; it refills as that spending ages out. "
+            "Ask the operator to raise it"
         )
 
     def tenant_statistics(self) -> dict[str, dict[str, Any]]:
@@ -593,6 +605,7 @@ class Scheduler:
                 "rpm_cap": str(tenant.rpm_cap) if tenant.rpm_cap else None,
                 "tpm_cap": str(tenant.tpm_cap) if tenant.tpm_cap else None,
                 "daily_tokens": tenant.daily_tokens,
+                "daily_cost": tenant.daily_cost,
                 "tokens_24h": round(tokens),
                 "cost_24h": cost,
                 "queued": sum(lane.waiting.statistics().get(tenant.name, 0) for lane in self._lanes.values()),
@@ -808,7 +821,9 @@ class Scheduler:
                     self._internal_error(job, "admitting")
 
     async def _dispatch_one(self, lane: Lane, job: Job) -> None:
-        exhausted = self._daily_budget_spent(job.tenant) if job.attempts == 0 else None
+        # The tenant as configured now: a reload may have raised or lowered its budget since this one queued.
+        tenant = self._tenants.by_name(job.tenant.name) or job.tenant
+        exhausted = self._daily_budget_spent(tenant) if job.attempts == 0 else None
         if exhausted is not None:
             # Spent while this one waited: it fails as a new submit would, before any budget is reserved.
             return self._finish_error(job, ErrorKind.BUDGET_EXHAUSTED, exhausted)
@@ -905,7 +920,7 @@ class Scheduler:
                 body=ReplyBody(b""),
                 elapsed=trio.current_time() - opened.started,
                 streamed=True,
-                streamed_prompt_tokens=relay.prompt_tokens,
+                streamed_usage=relay.usage,
             )
 
     async def _relay(self, job: Job, status: int, headers: Mapping[str, str], chunk: Chunk) -> None:
@@ -941,7 +956,8 @@ class Scheduler:
             if cancelled:
                 self._expire(job)
             return
-        prompt_tokens = reply.prompt_tokens() if reply is not None else None
+        usage = reply.usage() if reply is not None else None
+        prompt_tokens = usage.prompt if usage is not None else None
         lane.budget.reconcile(
             reservation,
             prompt_tokens=prompt_tokens,
@@ -951,6 +967,8 @@ class Scheduler:
             lane.estimated_prompt_tokens += job.estimate.prompt_tokens
             lane.actual_prompt_tokens += prompt_tokens
             self._spend(job.tenant, prompt_tokens - job.estimate.prompt_tokens)
+        if usage is not None:
+            self._spend(job.tenant, 0, self._prices.cost(job.lane.name, usage.prompt, usage.completion))
         if reply is not None:
             # A success is classified by its status alone: its body is not decoded here (see ReplyBody).
             body = None if 200 <= reply.status < 300 or reply.streamed else reply.body.decoded()

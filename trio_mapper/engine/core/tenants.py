@@ -24,6 +24,8 @@ __all__ = [
     "Cap",
     "ClientIdentity",
     "DailyUsage",
+    "Price",
+    "Prices",
     "Priority",
     "Tenant",
     "TenantLimits",
@@ -79,7 +81,7 @@ class ClientIdentity:
 
 @attrs.frozen
 class Cap:
-    """A per-minute cap: absolute, or a share of the lane's limit in force (``share`` in (0, 1])."""
+    """A per-minute cap: absolute, or a share of the lane's configured limit (``share`` in (0, 1])."""
 
     absolute: float | None = None
     share: float | None = None
@@ -179,6 +181,28 @@ class Tenants:
 
     def all(self) -> list[Tenant]:
         return [*self.tenants, self.default]
+
+
+@attrs.frozen
+class Price:
+    """What a million tokens of a model cost, in the operator's currency."""
+
+    input: float
+    output: float
+
+
+@attrs.frozen
+class Prices:
+    """The price table, by lane: a model's family name (``gpt-4o-2024-08-06`` is priced as ``gpt-4o``) or a
+    model with limits of its own. A model not in the table costs nothing."""
+
+    table: Mapping[str, Price] = attrs.field(factory=dict)
+
+    def cost(self, lane: str, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        price = self.table.get(lane)
+        if price is None:
+            return 0.0
+        return ((prompt_tokens or 0) * price.input + (completion_tokens or 0) * price.output) / 1_000_000
 
 
 class _Bucket:

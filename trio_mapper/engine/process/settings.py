@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -103,6 +104,14 @@ class TenantConfig:
     gids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
     keys: list[str] = attrs.field(factory=list)
     names: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class PriceConfig:
+    """One ``[prices.MODEL]`` table: the price of a million tokens, in the operator's currency."""
+
+    input: float = attrs.field(validator=v.ge(0))
+    output: float = attrs.field(validator=v.ge(0))
 
 
 def _valid_tenants(instance: Any, attribute: attrs.Attribute[Any], value: dict[str, TenantConfig]) -> None:
@@ -213,6 +222,8 @@ class ServerSettings:
     models: dict[str, LaneLimits] = attrs.field(factory=dict)
     #: ``[tenants.NAME]`` tables: who gets which priority class, weight and caps (docs/tenants.md).
     tenants: dict[str, TenantConfig] = attrs.field(factory=dict, validator=_valid_tenants)
+    #: ``[prices.MODEL]`` tables: what a million input and output tokens cost, for each tenant's cost.
+    prices: dict[str, PriceConfig] = attrs.field(factory=dict)
     #: Client uids / gids (primary or supplementary) allowed to connect, checked with SO_PEERCRED. Both empty:
     #: anyone who can open the socket file, whose permissions are then the only access control.
     allowed_uids: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(0)))
@@ -296,6 +307,16 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(int, _strict_int)
     converter.register_structure_hook(float, _strict_float)
     converter.register_structure_hook(Path, lambda value, _: Path(os.path.expanduser(str(value))))
+
+    def structure_list(value: Any, type_: Any) -> list[Any]:
+        # cattrs would iterate a string: names = "alice" would match clients named "a", "l"…, and
+        # uids = "1000" would become [1, 0, 0, 0], root included.
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise ValueError(f"expected a list such as [1000, 1001] or [\"a\", \"b\"], got {value!r}")
+        (item_type,) = typing.get_args(type_) or (Any,)
+        return [converter.structure(item, item_type) for item in value]
+
+    converter.register_structure_hook_func(lambda type_: typing.get_origin(type_) is list, structure_list)
     return converter
 
 
@@ -322,9 +343,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError([f"config file {path} is not valid TOML: {exc}"]) from None
     problems = [
         f"config file {path}: unknown table or key {key!r} (expected [server], [openai], [models.NAME], "
-        "[tenants.NAME])"
+        "[tenants.NAME], [prices.MODEL])"
         for key in raw
-        if key not in {"server", "openai", "models", "tenants"}
+        if key not in {"server", "openai", "models", "tenants", "prices"}
     ]
     openai_section = dict(raw.get("openai", {}))
     if "api_key" in openai_section:
@@ -338,8 +359,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     server_section = dict(raw.get("server", {}))
     if "models" in raw:
         server_section["models"] = raw["models"]
-    if "tenants" in raw:
-        server_section["tenants"] = raw["tenants"]
+    for table in ("tenants", "prices"):
+        if table in raw:
+            server_section[table] = raw[table]
     return {"server": server_section, "openai": openai_section}
 
 
@@ -347,7 +369,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings found in the environment: ``TRIO_MAPPER_<FIELD>`` and the SDK's ``OPENAI_*`` names."""
     server: dict[str, Any] = {
         name: environ[SERVER_ENV_PREFIX + name.upper()]
-        for name in _SERVER_FIELDS - {"models", "tenants"}
+        for name in _SERVER_FIELDS - {"models", "tenants", "prices"}
         if SERVER_ENV_PREFIX + name.upper() in environ
     }
     for name in _LIST_FIELDS & server.keys():

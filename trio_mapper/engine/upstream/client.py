@@ -52,13 +52,32 @@ class InvalidEndpoint(ValueError):
     """The endpoint is not a relative API path; the message says what a valid one looks like."""
 
 
-class _Usage(msgspec.Struct):
+class UsageFields(msgspec.Struct):
+    """A reply's ``usage`` object, as decoded: only the fields the engine reads."""
+
     prompt_tokens: int | None = None
-    input_tokens: int | None = None  # the Responses API's name
+    completion_tokens: int | None = None
+    # The Responses API's names.
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@attrs.frozen
+class Usage:
+    """What the upstream says a reply used; None where it does not say."""
+
+    prompt: int | None
+    completion: int | None
+
+    @classmethod
+    def of(cls, usage: UsageFields) -> Usage:
+        prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.input_tokens
+        completion = usage.completion_tokens if usage.completion_tokens is not None else usage.output_tokens
+        return cls(prompt, completion)
 
 
 class _UsageOnly(msgspec.Struct):
-    usage: _Usage | None = None
+    usage: UsageFields | None = None
 
 
 @final
@@ -82,15 +101,17 @@ class ReplyBody:
             self._decoded = decode_body(self.content, self.encoding)
         return self._decoded
 
-    def prompt_tokens(self) -> int | None:
-        """``usage.prompt_tokens`` (or ``input_tokens``) when the body reports it."""
+    def usage(self) -> Usage | None:
+        """``usage`` (prompt and completion tokens, under either API's names) when the body reports it."""
         try:
             usage = msgspec.json.decode(self.content, type=_UsageOnly).usage
         except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
             return None
-        if usage is None:
-            return None
-        return usage.prompt_tokens if usage.prompt_tokens is not None else usage.input_tokens
+        return Usage.of(usage) if usage is not None else None
+
+    def prompt_tokens(self) -> int | None:
+        usage = self.usage()
+        return usage.prompt if usage is not None else None
 
 
 _NOT_DECODED: Final = object()
@@ -104,11 +125,11 @@ class UpstreamReply:
     elapsed: float
     #: The reply was a stream whose events were relayed as they came: the body is empty.
     streamed: bool = False
-    #: A relayed stream's ``usage.prompt_tokens`` (the body cannot be asked for it).
-    streamed_prompt_tokens: int | None = None
+    #: A relayed stream's usage, from its usage event (the body cannot be asked for it).
+    streamed_usage: Usage | None = None
 
-    def prompt_tokens(self) -> int | None:
-        return self.streamed_prompt_tokens if self.streamed else self.body.prompt_tokens()
+    def usage(self) -> Usage | None:
+        return self.streamed_usage if self.streamed else self.body.usage()
 
 
 @attrs.frozen

@@ -17,6 +17,8 @@ from typing import Any, Final, Literal
 import attrs
 import msgspec
 
+from trio_mapper.engine.upstream.client import Usage, UsageFields
+
 __all__ = ["STREAM_END", "Chunk", "StreamKind", "StreamPlan", "StreamRelay", "plan_stream"]
 
 StreamKind = Literal["chat", "completions", "responses"]
@@ -74,16 +76,8 @@ def plan_stream(path: str, body: Mapping[str, Any]) -> tuple[Mapping[str, Any], 
     return {**body, "stream_options": {**options, "include_usage": True}}, StreamPlan(kind, strip_usage=True)
 
 
-class _ChatUsage(msgspec.Struct):
-    prompt_tokens: int | None = None
-
-
-class _ResponsesUsage(msgspec.Struct):
-    input_tokens: int | None = None
-
-
 class _Response(msgspec.Struct):
-    usage: _ResponsesUsage | None = None
+    usage: UsageFields | None = None
 
 
 class _Completed(msgspec.Struct):
@@ -95,8 +89,8 @@ class StreamRelay:
 
     def __init__(self, plan: StreamPlan) -> None:
         self.plan = plan
-        #: ``usage.prompt_tokens`` (``input_tokens``) once the usage event went by.
-        self.prompt_tokens: int | None = None
+        #: The stream's usage, once its usage event went by.
+        self.usage: Usage | None = None
         #: Events received from the upstream, relayed or not.
         self.events = 0
 
@@ -125,7 +119,7 @@ class StreamRelay:
         usage = decoded["usage"]
         if isinstance(usage, dict):
             with contextlib.suppress(msgspec.ValidationError):
-                self.prompt_tokens = msgspec.convert(usage, _ChatUsage).prompt_tokens
+                self.usage = Usage.of(msgspec.convert(usage, UsageFields))
         if not self.plan.strip_usage:
             return Chunk(data, event)
         if isinstance(usage, dict) and decoded.get("choices") == []:
@@ -139,4 +133,4 @@ class StreamRelay:
         except msgspec.DecodeError:
             return
         if completed.response is not None and completed.response.usage is not None:
-            self.prompt_tokens = completed.response.usage.input_tokens
+            self.usage = Usage.of(completed.response.usage)
