@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from trio_mapper.engine.upstream.client import Usage
 from trio_mapper.engine.upstream.streams import Chunk, StreamPlan, StreamRelay, plan_stream
 
 CHAT = {"model": "gpt-4o-mini", "messages": [], "stream": True}
@@ -38,7 +39,7 @@ def test_added_usage_is_read_then_removed() -> None:
     assert content.event is None
     usage = '{"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}'
     assert relay.feed(usage) is None
-    assert relay.prompt_tokens == 12
+    assert relay.usage == Usage(prompt=12, completion=3)
     assert relay.feed("[DONE]") is None
 
 
@@ -46,7 +47,7 @@ def test_usage_the_client_asked_for_passes_untouched() -> None:
     relay = StreamRelay(StreamPlan("chat", strip_usage=False))
     usage = '{"choices": [], "usage": {"prompt_tokens": 7}}'
     assert relay.feed(usage) == Chunk(usage)
-    assert relay.prompt_tokens == 7
+    assert relay.usage == Usage(prompt=7, completion=None)
     # Not even re-encoded when there is nothing to remove.
     odd = '{ "choices" : [ ] }'
     assert relay.feed(odd) == Chunk(odd)
@@ -58,10 +59,10 @@ def test_responses_events_keep_their_names_and_report_usage_at_the_end() -> None
     assert relay.feed(delta, "response.output_text.delta") == Chunk(delta, "response.output_text.delta")
     completed = '{"type": "response.completed", "response": {"usage": {"input_tokens": 9, "output_tokens": 2}}}'
     assert relay.feed(completed, "response.completed") == Chunk(completed, "response.completed")
-    assert relay.prompt_tokens == 9
+    assert relay.usage == Usage(prompt=9, completion=2)
 
 
 def test_events_that_are_not_json_pass_as_they_came() -> None:
     relay = StreamRelay(StreamPlan("chat", strip_usage=True))
     assert relay.feed("not json") == Chunk("not json")
-    assert relay.prompt_tokens is None
+    assert relay.usage is None
