@@ -9,7 +9,7 @@ neither the queue nor the scheduler changes. docs/ledger.md ("Queue, meter, fact
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 
 import attrs
@@ -329,8 +329,10 @@ class RemoteMeter(Protocol):
 
     def check_admissible(self, cost: Cost) -> None: ...
 
-    async def charge(self, cost: Cost) -> Reservation | float:
-        """`Meter.try_charge` as a round trip: the reservation, or when to ask again (trio's clock)."""
+    async def charge(self, costs: Sequence[Cost]) -> tuple[list[Reservation], float]:
+        """`Meter.try_charge` as a round trip, for the costs of the first waiters in queue order: the
+        reservations of those that fit (a prefix, possibly empty), and when to ask again for the next one
+        (trio's clock). Raises `RequestTooLarge` when the first cost can never fit."""
         ...
 
     def on_change(self, listener: Callable[[], None]) -> None: ...

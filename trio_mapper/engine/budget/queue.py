@@ -9,6 +9,7 @@ fairness, cancellation").
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from typing import TYPE_CHECKING, final
 
@@ -138,13 +139,15 @@ class WaitQueue:
 class RemoteWaitQueue:
     """`WaitQueue`'s FIFO for a meter whose charge is a round trip (the shared budget).
 
-    Only the head asks, so an engine sends one admission at a time per lane, however many wait; refused,
-    it sleeps until the ready-at the store answered (jitter included) or until something here may have
-    freed budget, then asks again. No polling beyond that.
+    Only the head asks, for itself and the waiters right behind it (up to `max_batch`), so an engine has one
+    admission call in flight per lane however many wait, and under load one round trip admits several.
+    Refused, the head sleeps until the ready-at the store answered (jitter included) or until something
+    here may have freed budget, then asks again. No polling beyond that.
     """
 
-    def __init__(self, meter: RemoteMeter) -> None:
+    def __init__(self, meter: RemoteMeter, max_batch: int = 16) -> None:
         self._meter = meter
+        self._max_batch = max_batch
         self._waiters: collections.OrderedDict[_Waiter, None] = collections.OrderedDict()
         meter.on_change(self.changed)
 
@@ -158,6 +161,22 @@ class RemoteWaitQueue:
         if self._waiters:
             next(iter(self._waiters)).event.set()
 
+    async def _ask(self, head: _Waiter) -> float:
+        """Charge the head and those behind it; hand out the grants; when to ask again (inf: not the head)."""
+        batch = list(itertools.islice(self._waiters, self._max_batch))
+        # Shielded: cancelled mid-call, granted reservations would be lost (never settled); the meter's own
+        # timeout bounds the wait. A cancel is acted on right after, and a granted waiter that was cancelled
+        # meanwhile gives its reservation straight back (`reserve`'s cleanup).
+        with trio.CancelScope(shield=True):
+            reservations, ready_at = await self._meter.charge([waiter.cost for waiter in batch])
+        for waiter, reservation in zip(batch, reservations, strict=False):
+            waiter.reservation = reservation
+            self._waiters.pop(waiter, None)
+            if waiter is not head:
+                waiter.event.set()
+        self.changed()
+        return ready_at if head.reservation is None else math.inf
+
     async def reserve(self, cost: Cost) -> Reservation:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._meter.check_admissible(cost)
@@ -167,24 +186,22 @@ class RemoteWaitQueue:
             while True:
                 waiter.event = trio.Event()
                 ready_at = math.inf
-                if next(iter(self._waiters)) is waiter:
-                    # Shielded: cancelled mid-call, a granted reservation would be lost (never settled);
-                    # the meter's own timeout bounds the wait. A cancel is acted on right after.
-                    with trio.CancelScope(shield=True):
-                        answer = await self._meter.charge(cost)
-                    if isinstance(answer, Reservation):
-                        del self._waiters[waiter]
-                        self.changed()
-                        return answer  # the caller refunds it if it was cancelled meanwhile
-                    ready_at = answer
+                if waiter.reservation is None and next(iter(self._waiters)) is waiter:
+                    ready_at = await self._ask(waiter)
+                if waiter.reservation is not None:
+                    return waiter.reservation  # the caller refunds it if it was cancelled meanwhile
                 with trio.move_on_at(ready_at):
                     await waiter.event.wait()
-        finally:
+        except BaseException:
             if waiter in self._waiters:
                 was_head = next(iter(self._waiters)) is waiter
                 del self._waiters[waiter]
                 if was_head:
                     self.changed()
+            elif waiter.reservation is not None and self._meter.refund(waiter.reservation):
+                # Granted by the head's call while this one was being cancelled: given straight back.
+                self.changed()
+            raise
 
 
 @final

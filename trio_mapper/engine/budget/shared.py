@@ -55,6 +55,9 @@ IDLE_EXPIRY: Final = 3600
 #: Heartbeats: how often an engine says it is alive, and how long one counts.
 HEARTBEAT_INTERVAL: Final = 5.0
 HEARTBEAT_SPAN: Final = 30.0
+#: How long a queued refund, settlement or pause may wait for its lane's next charge to take it along
+#: before the settler sends it on its own: short enough that a pause reaches the other engines at once.
+SETTLE_DELAY: Final = 0.002
 #: While Redis is unreachable: how often it is tried again, and how long a `wait` admission sleeps.
 RECONNECT_INTERVAL: Final = 1.0
 #: Up to this fraction of a wait (and at most 50 ms) is added at random, so engines told the same ready
@@ -173,9 +176,9 @@ class SharedBudget:
         self._client: coredis.Redis[bytes] | None = None
         self._script: Any = None
         self._heartbeat_script: Any = None
-        self._ops_send, self._ops = trio.open_memory_channel[Callable[[], Any]](math.inf)
-        #: Operations enqueued and not yet applied; `flush` waits for none.
-        self._pending = 0
+        #: Lanes with refunds, settlements or pauses not yet sent, and a wake-up for the settler.
+        self._dirty: dict[SharedMeter, None] = {}
+        self._queued_changed = trio.Event()
         self._flushed = trio.Event()
         self._flushed.set()
         self._ids = itertools.count(1)
@@ -219,12 +222,17 @@ class SharedBudget:
         self.calls += 1
         return list(reply)
 
-    def enqueue(self, operation: Callable[[], Any]) -> None:
-        """A refund, settlement or pause for the settler: sent in order, retried until it is applied."""
-        self._pending += 1
+    def queued(self, meter: SharedMeter) -> None:
+        """A lane queued a refund, settlement or pause: the settler sends it soon, unless the lane's next
+        charge takes it along first."""
+        self._dirty[meter] = None
+        self._queued_changed.set()
         if self._flushed.is_set():
             self._flushed = trio.Event()
-        self._ops_send.send_nowait(operation)
+
+    def sent(self) -> None:
+        if not self.pending:
+            self._flushed.set()
 
     async def flush(self) -> None:
         """Until every settlement made so far reached Redis. At shutdown, bound it (`trio.move_on_after`):
@@ -234,7 +242,7 @@ class SharedBudget:
     @property
     def pending(self) -> int:
         """Refunds, settlements and pauses not yet applied in Redis."""
-        return self._pending
+        return sum(meter.pending for meter in self._meters)
 
     def _went_down(self, exc: BaseException) -> None:
         self.failures += 1
@@ -298,10 +306,14 @@ class SharedBudget:
         self._came_back()
 
     async def _heartbeats(self) -> None:
+        started = trio.current_time()
         while True:
             if self.available:
-                # Cut short when a call finds Redis gone, so its return is noticed within RECONNECT_INTERVAL.
-                with trio.move_on_after(HEARTBEAT_INTERVAL):
+                # Engines started together count each other within a second, not at the next 5 s beat (the
+                # local share divides by that count). Cut short when a call finds Redis gone, so that its
+                # return is noticed within RECONNECT_INTERVAL.
+                young = trio.current_time() - started < 2 * HEARTBEAT_INTERVAL
+                with trio.move_on_after(RECONNECT_INTERVAL if young else HEARTBEAT_INTERVAL):
                     await self._wake_heartbeat.wait()
             if not self.available:
                 await trio.sleep(RECONNECT_INTERVAL)
@@ -309,18 +321,24 @@ class SharedBudget:
             await self._heartbeat_once()
 
     async def _settler(self) -> None:
-        async for operation in self._ops:
-            while True:
-                if not self.available:
-                    await self._back.wait()
-                try:
-                    await operation()
-                    break
-                except BudgetUnavailable:
-                    continue  # waits for Redis, then sends it again: idempotent by reservation id
-            self._pending -= 1
-            if not self._pending:
-                self._flushed.set()
+        """Sends each lane's queued operations, all of them in one call, shortly after they were queued: a
+        lane that charges meanwhile takes them along in its charge (one round trip instead of two)."""
+        while True:
+            await self._queued_changed.wait()
+            self._queued_changed = trio.Event()
+            await trio.sleep(SETTLE_DELAY)
+            while self._dirty:
+                meter = next(iter(self._dirty))
+                del self._dirty[meter]
+                while True:
+                    if not self.available:
+                        await self._back.wait()
+                    try:
+                        await meter.send_queued()
+                        break
+                    except BudgetUnavailable:
+                        continue  # sent again once Redis answers: each operation is idempotent by its id
+            self.sent()
 
     def statistics(self) -> dict[str, Any]:
         if self.available:
@@ -375,9 +393,17 @@ class SharedMeter:
         self._estimated = 0
         self._actual = 0
         self._local: LocalMeter | None = None
+        #: Refunds, settlements and pauses for the script (its `queued` words), in order, not yet sent; and
+        #: those a call is sending now (put back in front if it fails: each is idempotent).
+        self._queued: list[str] = []
+        self._sending: list[str] = []
 
     def __repr__(self) -> str:
         return f"<SharedMeter {self.name!r} in_flight={self._in_flight}>"
+
+    @property
+    def pending(self) -> int:
+        return len(self._queued) + len(self._sending)
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` when budget may have been freed in the background (a settlement was applied)."""
@@ -387,15 +413,43 @@ class SharedMeter:
         for listener in self._listeners:
             listener()
 
-    def _args(self, op: str) -> list[str | int | float]:
-        return [
+    def _queue(self, operation: list[str | int | float]) -> None:
+        # Words of one queued operation for the script; '-' stands for an absent value.
+        self._queued.append(" ".join(str(word) if word != "" else "-" for word in operation))
+        self._budget.queued(self)
+
+    async def _call(self, op: str, *args: str | int | float) -> list[str]:
+        """One script run: this lane's queued operations first, then ``op``; returns the op's answer."""
+        sending, self._queued = self._queued, []
+        self._sending += sending
+        head: list[str | int | float] = [
             op,
             self._configured.rpm,
             self._configured.tpm,
             self._period,
             self._budget.engine_id,
             IDLE_EXPIRY,
+            len(sending),
         ]
+        try:
+            reply = await self._budget.call(self._keys, [*head, *sending, *args])
+        except BudgetUnavailable:
+            self._queued[:0] = sending
+            if sending:
+                self._budget.queued(self)
+            raise
+        finally:
+            for _ in sending:
+                self._sending.pop(0)
+        self._view, answer = _View.parse(reply)
+        if sending:
+            self._budget.sent()
+            self.changed()  # refunds and corrections may have freed budget for our waiters
+        return answer
+
+    async def send_queued(self) -> None:
+        if self._queued:
+            await self._call("apply")
 
     @property
     def _effective(self) -> Limits:
@@ -404,45 +458,57 @@ class SharedMeter:
     def check_admissible(self, cost: Cost) -> None:
         check_cost(self.name, self._effective, cost)
 
-    async def charge(self, cost: Cost) -> Reservation | float:
-        """Charge ``cost`` in one round trip: the `Reservation`, or when to ask again (trio's clock)."""
-        self.check_admissible(cost)
+    async def charge(self, costs: Sequence[Cost]) -> tuple[list[Reservation], float]:
+        """Charge the costs of the first waiters, in order, in one round trip: the reservations of those that
+        fit (a prefix), and when to ask again for the next one (trio's clock; now when all fit).
+
+        Raises:
+            RequestTooLarge: the first cost exceeds the limits in force (they may have dropped since it
+                queued: another engine's headers).
+        """
+        head = costs[0]
+        self.check_admissible(head)
         now = trio.current_time()
         if self._paused_until > now:
-            return self._paused_until  # a 429 this engine saw: the store knows, but no need to ask
+            return [], self._paused_until  # a 429 this engine saw: the store knows, but no need to ask
         if not self._budget.available:
-            return self._fallback(cost, now)
-        reservation_id = self._budget.new_reservation_id()
-        args = [*self._args("charge"), reservation_id, cost.tokens, cost.requests, RESERVATION_TTL]
+            return self._fallback(head, now)
+        ids = [self._budget.new_reservation_id() for _ in costs]
+        charges: list[str | int | float] = [RESERVATION_TTL]
+        for reservation_id, cost in zip(ids, costs, strict=True):
+            charges += [reservation_id, cost.tokens, cost.requests]
         try:
-            reply = await self._budget.call(self._keys, args)
+            answer = await self._call("charge", *charges)
         except BudgetUnavailable:
-            return self._fallback(cost, trio.current_time())
-        self._view, answer = _View.parse(reply)
+            return self._fallback(head, trio.current_time())
         now = trio.current_time()
-        if answer[0] == "too_large":
-            self.check_admissible(cost)  # raises: the limits in force dropped (another engine's headers)
-            return now  # pragma: no cover - the script and the view agree; ask again at once if not
-        if answer[0] == "wait":
-            wait = float(answer[1])
-            return now + wait + self._budget._rng.uniform(0.0, min(MAX_JITTER, wait * WAIT_JITTER))
-        seq, level_t, level_r, adjusted_t, adjusted_r, rested_t, rested_r = answer[1:8]
-        mark = _Mark(
-            reservation_id,
-            int(seq),
-            level=(float(level_r), float(level_t)),
-            adjusted=(float(adjusted_r), float(adjusted_t)),
-            rested=(rested_r == "1", rested_t == "1"),
-        )
-        self._reservations += 1
-        self._in_flight += 1
-        return Reservation(self.name, cost, now, cost.tokens, mark)
+        granted = int(float(answer[0]))
+        if not granted and answer[1] == "too_large":
+            self.check_admissible(head)  # raises: the limits in force dropped (another engine's headers)
+            return [], now  # pragma: no cover - the script and the view agree; ask again at once if not
+        reservations = []
+        for index in range(granted):
+            seq, level_t, level_r, adjusted_t, adjusted_r, rested_t, rested_r = answer[2 + 7 * index : 9 + 7 * index]
+            mark = _Mark(
+                ids[index],
+                int(float(seq)),
+                level=(float(level_r), float(level_t)),
+                adjusted=(float(adjusted_r), float(adjusted_t)),
+                rested=(rested_r == "1", rested_t == "1"),
+            )
+            reservations.append(Reservation(self.name, costs[index], now, costs[index].tokens, mark))
+        self._reservations += granted
+        self._in_flight += granted
+        wait = float(answer[1]) if answer[1] != "too_large" else 0.0
+        if wait > 0:
+            now += wait + self._budget._rng.uniform(0.0, min(MAX_JITTER, wait * WAIT_JITTER))
+        return reservations, now
 
-    def _fallback(self, cost: Cost, now: float) -> Reservation | float:
+    def _fallback(self, cost: Cost, now: float) -> tuple[list[Reservation], float]:
         if self._budget.settings.failure_policy == "wait":
-            return now + RECONNECT_INTERVAL
-        local = self._local_share()
-        return local.try_charge(cost)
+            return [], now + RECONNECT_INTERVAL
+        answer = self._local_share().try_charge(cost)
+        return ([answer], now) if isinstance(answer, Reservation) else ([], answer)
 
     def _local_share(self) -> LocalMeter:
         share = max(1, self._budget.engines)
@@ -472,12 +538,7 @@ class SharedMeter:
         self._refunds += 1
         mark = reservation.mark
         assert isinstance(mark, _Mark)
-
-        async def send() -> None:
-            self._view, _ = _View.parse(await self._budget.call(self._keys, [*self._args("refund"), mark.id]))
-            self.changed()
-
-        self._budget.enqueue(send)
+        self._queue(["refund", mark.id])
         return True
 
     def settle(
@@ -506,8 +567,8 @@ class SharedMeter:
             self._estimated += estimate
             self._actual += prompt_tokens
         answered = snapshot is not None or prompt_tokens is not None
-        args = [
-            *self._args("settle"),
+        operation: list[str | int | float] = [
+            "settle",
             mark.id,
             usage_error,
             _number(snapshot.limit_requests if snapshot else None),
@@ -522,12 +583,7 @@ class SharedMeter:
             int(mark.rested[1]),
             int(answered),
         ]
-
-        async def send() -> None:
-            self._view, _ = _View.parse(await self._budget.call(self._keys, args))
-            self.changed()
-
-        self._budget.enqueue(send)
+        self._queue(operation)
         return True
 
     def pause(self, wait: float | None, scope: str | None) -> None:
@@ -539,12 +595,8 @@ class SharedMeter:
             self._local.pause(wait, scope)
         answered = "" if self._last_settled is None else str(self._last_settled)
         self._last_settled = None
-        args = [*self._args("pause"), wait, scope or "", answered]
-
-        async def send() -> None:
-            self._view, _ = _View.parse(await self._budget.call(self._keys, args))
-
-        self._budget.enqueue(send)
+        # A pause must not wait for this lane's next charge: it is for the other engines too.
+        self._queue(["pause", wait, (scope or "").replace(" ", "_"), answered])
 
     def update_limits(self, limits: Limits) -> None:
         self._configured = limits

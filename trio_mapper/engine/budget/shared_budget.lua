@@ -10,12 +10,12 @@
 -- KEYS[4]  claims of refused heads (hash: engine id -> "since tokens requests ends")
 -- All four share one hash tag, so they live on one Cluster slot.
 --
--- ARGV[1]  the operation: charge | refund | settle | pause | peek
+-- ARGV[1]  the operation: charge | apply (the queued operations only, answering each one's outcome) | peek
 -- ARGV[2]  configured requests per minute      ARGV[3]  configured tokens per minute
 -- ARGV[4]  period: the largest burst, in seconds of refill
 -- ARGV[5]  this engine's id
 -- ARGV[6]  idle expiry of the state, seconds (refreshed by every call)
--- ARGV[7...] the operation's own arguments (below)
+-- ARGV[7]  how many queued operations follow, ARGV[8...] those, then the operation's own arguments (below)
 --
 -- Every reply starts with the lane as this step left it (see `view`), then the operation's answer.
 
@@ -178,51 +178,9 @@ local function reply(...)
     return out
 end
 
-if op == 'peek' then
-    return reply()
-end
-
-if op == 'charge' then
-    -- ARGV[7] reservation id, ARGV[8] tokens, ARGV[9] requests, ARGV[10] seconds before it expires
-    local id, cost_t, cost_r, ttl = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-    if cost_t > effective('t') or cost_r > effective('r') then
-        -- Limits lowered since the engine checked (another engine's headers): never charged, never sent.
-        return reply('too_large')
-    end
-    if paused_until > now then
-        return reply('wait', paused_until - now)
-    end
-    -- Another engine's head, refused before this one, has a claim: leave it room, so that a flood of small
-    -- requests elsewhere cannot starve it.
-    local need_t, need_r = cost_t, cost_r
-    if oldest ~= nil and (mine == nil or oldest.since < mine.since) then
-        need_t, need_r = need_t + oldest.t, need_r + oldest.r
-    end
-    local wait = 0
-    for dim, need in pairs({t = need_t, r = need_r}) do
-        local d = st[dim]
-        -- A cost bigger than the whole burst is charged, into debt, once the bucket is full.
-        local target = math.min(need, capacity(dim))
-        if d.level < target - EPS then
-            wait = math.max(wait, (target - d.level) / (pace(dim) / 60))
-        end
-    end
-    if wait > 0 then
-        local since = mine and mine.since or now
-        redis.call('HSET', claims_key, engine,
-            exact(since) .. ' ' .. exact(cost_t) .. ' ' .. exact(cost_r) .. ' ' .. exact(now + wait + CLAIM_GRACE))
-        return reply('wait', wait)
-    end
-    local rested_t = st.t.level >= RESTED_FRACTION * capacity('t') and 1 or 0
-    local rested_r = st.r.level >= RESTED_FRACTION * capacity('r') and 1 or 0
-    st.t.level = st.t.level - cost_t
-    st.r.level = st.r.level - cost_r
-    seq = seq + 1
-    if mine ~= nil then redis.call('HDEL', claims_key, engine) end
-    redis.call('HSET', reservations_key, id, cost_t .. ' ' .. cost_r .. ' ' .. seq)
-    redis.call('ZADD', expiry_key, now + ttl, id)
-    return reply('granted', seq, st.t.level, st.r.level, st.t.adjusted, st.r.adjusted, rested_t, rested_r)
-end
+-- The operations. Each takes its arguments as a list of strings and changes the state in place; `save`
+-- writes it once at the end of the call. A queued operation travels as one string, its words separated by
+-- spaces, with '-' for an absent value.
 
 -- Settling: the reservation leaves the in-flight set exactly once; a repeat (a retried call whose first
 -- reply was lost, or a reservation that expired) changes nothing.
@@ -233,16 +191,6 @@ local function take(id)
     redis.call('ZREM', expiry_key, id)
     local tokens, requests, at = string.match(held, '(%S+) (%S+) (%S+)')
     return {t = tonumber(tokens), r = tonumber(requests), seq = tonumber(at)}
-end
-
-if op == 'refund' then
-    -- ARGV[7] reservation id. Credited up to the bucket's capacity: a refund never mints budget.
-    local held = take(ARGV[7])
-    if held == nil then return reply('settled') end
-    for _, dim in ipairs({'t', 'r'}) do
-        st[dim].level = math.min(capacity(dim), st[dim].level + held[dim])
-    end
-    return reply('done')
 end
 
 local function grow(dim, amount)
@@ -256,26 +204,36 @@ local function grow(dim, amount)
     d.pace = math.min(limit, p + step * math.max(d.peak, p))
 end
 
-if op == 'settle' then
-    -- ARGV[7] reservation id; ARGV[8] tokens to charge more (negative: to credit) from usage;
-    -- ARGV[9], ARGV[10] limit headers (requests, tokens; '' when absent);
-    -- ARGV[11], ARGV[12] remaining headers (requests, tokens; '' when absent);
-    -- ARGV[13], ARGV[14] the levels right after the charge; ARGV[15], ARGV[16] `adjusted` then;
-    -- ARGV[17], ARGV[18] whether each dimension was rested before the charge; ARGV[19] whether the
-    -- upstream answered (usage or headers), which grows a learned pace
-    local held = take(ARGV[7])
-    if held == nil then return reply('settled') end
-    local usage_error = tonumber(ARGV[8])
+-- refund ID: credited up to the bucket's capacity, so a refund never mints budget.
+local function refund(a)
+    local held = take(a[1])
+    if held == nil then return 'settled' end
+    for _, dim in ipairs({'t', 'r'}) do
+        st[dim].level = math.min(capacity(dim), st[dim].level + held[dim])
+    end
+    return 'done'
+end
+
+-- settle ID USAGE_ERROR LIMIT_R LIMIT_T REMAINING_R REMAINING_T LEVEL_R LEVEL_T ADJUSTED_R ADJUSTED_T
+--        RESTED_R RESTED_T ANSWERED
+-- USAGE_ERROR: tokens to charge more (negative: to credit) from the reply's usage; LIMIT_* and REMAINING_*
+-- the reply's x-ratelimit-* headers; LEVEL_* and ADJUSTED_* the engine's view right after the charge;
+-- RESTED_* whether each dimension was nearly full before it; ANSWERED 1 when the upstream answered (usage
+-- or headers), which grows a learned pace.
+local function settle(a)
+    local held = take(a[1])
+    if held == nil then return 'settled' end
+    local usage_error = tonumber(a[2]) or 0
     if usage_error ~= 0 then
         st.t.level = math.min(capacity('t'), st.t.level - usage_error)
         st.t.adjusted = st.t.adjusted + usage_error
     end
     local own = {r = held.r, t = held.t + usage_error}
-    local limits = {r = tonumber(ARGV[9]), t = tonumber(ARGV[10])}
-    local remaining = {r = tonumber(ARGV[11]), t = tonumber(ARGV[12])}
-    local level_at = {r = tonumber(ARGV[13]), t = tonumber(ARGV[14])}
-    local adjusted_at = {r = tonumber(ARGV[15]), t = tonumber(ARGV[16])}
-    local rested = {r = ARGV[17] == '1', t = ARGV[18] == '1'}
+    local limits = {r = tonumber(a[3]), t = tonumber(a[4])}
+    local remaining = {r = tonumber(a[5]), t = tonumber(a[6])}
+    local level_at = {r = tonumber(a[7]), t = tonumber(a[8])}
+    local adjusted_at = {r = tonumber(a[9]), t = tonumber(a[10])}
+    local rested = {r = a[11] == '1', t = a[12] == '1'}
     for _, dim in ipairs({'r', 't'}) do
         local d = st[dim]
         if limits[dim] ~= nil and limits[dim] > 0 then d.header = limits[dim] end
@@ -292,17 +250,17 @@ if op == 'settle' then
             end
         end
     end
-    if ARGV[19] == '1' then
+    if a[13] == '1' then
         grow('t', own.t)
         grow('r', own.r)
     end
-    return reply('done', held.seq)
+    return 'done'
 end
 
-if op == 'pause' then
-    -- ARGV[7] seconds; ARGV[8] the budget named ('tokens', 'requests' or ''); ARGV[9] the seq of the
-    -- reservation whose reply was the 429 ('' when unknown)
-    local wait, scope, answered = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+-- pause SECONDS SCOPE ANSWERED: SCOPE names the budget ('tokens', 'requests', '-' for both); ANSWERED the
+-- seq of the reservation whose reply was the 429 ('-' when unknown).
+local function pause(a)
+    local wait, scope, answered = tonumber(a[1]), a[2], tonumber(a[3])
     paused_until = math.max(paused_until, now + wait)
     counters.pauses = counters.pauses + 1
     local named = {}
@@ -327,7 +285,92 @@ if op == 'pause' then
             counters.decreases = counters.decreases + 1
         end
     end
-    return reply('done')
+    return 'done'
 end
 
+-- charge TTL ID TOKENS REQUESTS [ID TOKENS REQUESTS ...]: the costs of an engine's waiters in their order,
+-- charged from the first while they fit (a FIFO: one that does not fit stops the rest). Answers how many
+-- were granted, the wait before the next would fit (0 if all were), then per grant: its seq, the levels
+-- and `adjusted` after it, and whether each dimension was rested before it.
+local function charge(a)
+    local ttl = tonumber(a[1])
+    local answer = {0, 0}
+    for i = 2, #a, 3 do
+        local id, cost_t, cost_r = a[i], tonumber(a[i + 1]), tonumber(a[i + 2])
+        if cost_t > effective('t') or cost_r > effective('r') then
+            -- Limits lowered since the engine checked (another engine's headers): never charged.
+            if answer[1] == 0 then answer[2] = 'too_large' end
+            return answer
+        end
+        if paused_until > now then
+            answer[2] = paused_until - now
+            return answer
+        end
+        -- Another engine's head, refused before this one, has a claim: leave it room, so that a flood of
+        -- small requests elsewhere cannot starve it.
+        local need_t, need_r = cost_t, cost_r
+        if oldest ~= nil and (mine == nil or oldest.since < mine.since) then
+            need_t, need_r = need_t + oldest.t, need_r + oldest.r
+        end
+        local wait = 0
+        for dim, need in pairs({t = need_t, r = need_r}) do
+            local d = st[dim]
+            -- A cost bigger than the whole burst is charged, into debt, once the bucket is full.
+            local target = math.min(need, capacity(dim))
+            if d.level < target - EPS then
+                wait = math.max(wait, (target - d.level) / (pace(dim) / 60))
+            end
+        end
+        if wait > 0 then
+            if answer[1] == 0 then
+                local since = mine and mine.since or now
+                redis.call('HSET', claims_key, engine,
+                    exact(since) .. ' ' .. exact(cost_t) .. ' ' .. exact(cost_r) .. ' ' .. exact(now + wait + CLAIM_GRACE))
+            end
+            answer[2] = wait
+            return answer
+        end
+        local rested_t = st.t.level >= RESTED_FRACTION * capacity('t') and 1 or 0
+        local rested_r = st.r.level >= RESTED_FRACTION * capacity('r') and 1 or 0
+        st.t.level = st.t.level - cost_t
+        st.r.level = st.r.level - cost_r
+        seq = seq + 1
+        if mine ~= nil then
+            redis.call('HDEL', claims_key, engine)
+            mine = nil
+        end
+        redis.call('HSET', reservations_key, id, cost_t .. ' ' .. cost_r .. ' ' .. seq)
+        redis.call('ZADD', expiry_key, now + ttl, id)
+        answer[1] = answer[1] + 1
+        for _, value in ipairs({seq, st.t.level, st.r.level, st.t.adjusted, st.r.adjusted, rested_t, rested_r}) do
+            table.insert(answer, value)
+        end
+    end
+    return answer
+end
+
+local QUEUED = {refund = refund, settle = settle, pause = pause}
+
+-- ARGV[7]: how many queued operations follow (refunds, settlements and pauses this engine made since its
+-- last call on the lane), applied first, in order; then the main operation's arguments.
+-- Each answers 'done', or 'settled' when its reservation was settled (or expired) already.
+local queued = tonumber(ARGV[7])
+local outcomes = {}
+for i = 1, queued do
+    local words = {}
+    for word in string.gmatch(ARGV[7 + i], '%S+') do table.insert(words, word) end
+    local name = table.remove(words, 1)
+    local apply = QUEUED[name]
+    if apply == nil then return redis.error_reply('unknown queued operation ' .. tostring(name)) end
+    table.insert(outcomes, apply(words))
+end
+local rest = {}
+for i = 8 + queued, #ARGV do table.insert(rest, ARGV[i]) end
+
+if op == 'charge' then
+    return reply(unpack(charge(rest)))
+end
+if op == 'apply' or op == 'peek' then
+    return reply(unpack(outcomes))
+end
 return redis.error_reply('unknown operation ' .. tostring(op))
