@@ -352,21 +352,31 @@ class Engine:
             root.cancel_scope.cancel()
 
     async def _open_listener(self) -> tuple[trio.SocketListener, OwnedSocketFile | None]:
-        """systemd's socket when it passed one, else our own at --socket (then None: nothing of ours to remove)."""
+        """systemd's socket when it passed one, else our own at --socket (then None: nothing of ours to remove).
+
+        When systemd passed the HTTP front's socket too (the fd named ``http``), it comes in the same hand-over and
+        is put among the HTTP listeners here; `_open_http_listeners` then creates no HTTP socket file.
+        """
         server = self.settings.server
         try:
-            inherited = systemd.take_listening_socket(os.environ)
+            inherited = systemd.take_listening_sockets(os.environ)
         except systemd.SystemdError as exc:
             raise ListenerError(str(exc)) from None
-        if inherited is None:
+        if inherited.engine is None:
             return await open_unix_listener(server.socket, mode=server.socket_mode)
-        self.listening_on = systemd.socket_path(inherited)
+        self.listening_on = systemd.socket_path(inherited.engine)
         log.info(
             "using the socket passed by systemd (%s); --socket/socket = %s is informational only",
             self.listening_on,
             server.socket,
         )
-        return trio.SocketListener(trio.socket.from_stdlib_socket(inherited)), None
+        if inherited.http is not None:
+            http_path = systemd.socket_path(inherited.http)
+            # Never removed by us, like the msgpack socket: systemd owns it and keeps it listening.
+            self._http_listeners.append((trio.SocketListener(trio.socket.from_stdlib_socket(inherited.http)), "unix"))
+            self.http_listening_on.append(f"unix:{http_path}")
+            log.info("using the HTTP socket passed by systemd (%s)", http_path)
+        return trio.SocketListener(trio.socket.from_stdlib_socket(inherited.engine)), None
 
     async def _open_http_listeners(self, *, systemd_socket: bool) -> None:
         """The HTTP front's Unix socket (beside ours, same rules) and loopback port, and its client keys.
@@ -381,9 +391,20 @@ class Engine:
             except KeysError as exc:
                 raise ListenerError(str(exc)) from None
         path = server.http_socket_path
-        if path is not None and server.http_socket is None and systemd_socket:
+        if any(transport == "unix" for _, transport in self._http_listeners):
+            # _open_listener took the HTTP socket systemd passed (fd named "http"): it wins over the settings,
+            # as the msgpack socket does over --socket, and no socket file of ours is created.
+            if not server.http_unix:
+                log.warning("http_unix = false is overridden: systemd passed an HTTP socket, which is served")
+            elif server.http_socket is not None:
+                log.info("http_socket = %s is informational only: systemd passed the HTTP socket", server.http_socket)
+            path = None
+        elif path is not None and server.http_socket is None and systemd_socket:
             # systemd passed the msgpack socket: the default path beside it belongs to systemd's directory.
-            log.info("systemd passed the socket: no HTTP Unix socket unless http_socket is set")
+            log.info(
+                "systemd passed the socket but no %r one: no HTTP Unix socket unless http_socket is set",
+                systemd.HTTP_FD_NAME,
+            )
             path = None
         if path is not None:
             listener, self._http_socket_file = await open_unix_listener(path, mode=server.socket_mode)

@@ -9,6 +9,8 @@ too, and skipped with the reason otherwise.
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 import re
 import shutil
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
+import openai
 import pytest
 import trio
 from conftest import ROOT, TEST_API_KEY, engine_env, running_engine, simulator, stop_process
@@ -37,16 +41,21 @@ from trio_mapper.engine.process.settings import SettingsError, find_api_key, loa
 
 UNITS = ROOT / "systemd"
 
-#: Runs in the child between fork and the engine: puts the passed socket at fd 3 (SD_LISTEN_FDS_START) and
-#: sets LISTEN_PID (and WATCHDOG_PID) to its own pid, which the engine keeps because it is exec'd in place —
-#: what systemd does. TM_MDWE=1 also turns on the kernel's memory-deny-write-execute (PR_SET_MDWE, Linux
-#: >= 6.3), which survives exec: the engine must run under MemoryDenyWriteExecute=yes.
+#: Runs in the child between fork and the engine: puts the passed sockets (comma-separated fds) at fds 3, 4, …
+#: (SD_LISTEN_FDS_START) in order and sets LISTEN_PID (and WATCHDOG_PID) to its own pid, which the engine
+#: keeps because it is exec'd in place — what systemd does. TM_MDWE=1 also turns on the kernel's
+#: memory-deny-write-execute (PR_SET_MDWE, Linux >= 6.3), which survives exec: the engine must run under
+#: MemoryDenyWriteExecute=yes.
 WRAPPER = textwrap.dedent(
     """
-    import ctypes, os, sys
-    fd = int(sys.argv[1])
-    if fd >= 0 and fd != 3:
-        os.dup2(fd, 3)
+    import ctypes, fcntl, os, sys
+    fds = [int(fd) for fd in sys.argv[1].split(",")]
+    # First out of the way (a source fd could be 3 or 4 itself), then into place.
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for index, fd in enumerate(moved):
+        os.dup2(fd, 3 + index)
         os.close(fd)
     os.environ["LISTEN_PID"] = str(os.getpid())
     if "WATCHDOG_USEC" in os.environ:
@@ -145,19 +154,25 @@ async def activated_engine(
     base_url: str,
     *args: str,
     passed: stdlib_socket.socket | None = None,
+    http: stdlib_socket.socket | None = None,
     env: dict[str, str] | None = None,
-    fdname: str = "engine",
+    fdnames: str | None = None,
 ) -> AsyncIterator[ActivatedEngine]:
-    """The engine started as systemd starts it, with ``passed`` (default: a fresh listening socket) at fd 3."""
+    """The engine started as systemd starts it, with ``passed`` (default: a fresh listening socket) at fd 3.
+
+    With ``http``, that socket is passed too, at fd 4, and ``LISTEN_FDNAMES`` defaults to ``engine:http``.
+    """
     socket_path = directory / "engine.sock"
     own = passed is None
     sock = listening_socket(socket_path) if passed is None else passed
+    sockets = [sock] if http is None else [sock, http]
     notify = NotifyReceiver(directory / "notify.sock")
     await notify.bind()
     environment = env if env is not None else engine_env()
-    environment.update(LISTEN_FDS="1", LISTEN_FDNAMES=fdname, NOTIFY_SOCKET=str(notify.path))
+    names = fdnames if fdnames is not None else ("engine" if http is None else "engine:http")
+    environment.update(LISTEN_FDS=str(len(sockets)), LISTEN_FDNAMES=names, NOTIFY_SOCKET=str(notify.path))
     command = [
-        sys.executable, "-c", WRAPPER, str(sock.fileno()),
+        sys.executable, "-c", WRAPPER, ",".join(str(s.fileno()) for s in sockets),
         sys.executable, "-m", "trio_mapper", "launch-engine",
         # What systemd passes wins; --socket names a path that must never be created.
         "--socket", str(directory / "not-used.sock"), "--base-url", base_url, *args,
@@ -165,7 +180,12 @@ async def activated_engine(
     log_path = directory / "engine.log"
     with log_path.open("wb") as log_file:
         process = await trio.lowlevel.open_process(
-            command, env=environment, stdout=log_file, stderr=log_file, cwd=directory, pass_fds=(sock.fileno(),)
+            command,
+            env=environment,
+            stdout=log_file,
+            stderr=log_file,
+            cwd=directory,
+            pass_fds=tuple(s.fileno() for s in sockets),
         )
     engine = ActivatedEngine(process, socket_path, log_path, notify)
     try:
@@ -394,6 +414,77 @@ async def test_a_wrong_inherited_socket_is_refused(
     assert "Traceback" not in engine.log
 
 
+async def test_socket_activation_passes_the_http_socket_too(short_tmp: Path) -> None:
+    """Both sockets from systemd (LISTEN_FDNAMES=engine:http): each is served, neither is ours to create or remove."""
+    http_path = short_tmp / "engine.sock.http"
+    http = listening_socket(http_path)
+    ours = short_tmp / "ours.http"  # an explicit http_socket: informational, as --socket is
+    try:
+        async with (
+            simulator() as url,
+            activated_engine(short_tmp, url, *LIMITS, "--http-socket", str(ours), http=http) as engine,
+        ):
+            await engine.notify.wait_for(is_ready)
+            inodes = {path: os.lstat(path).st_ino for path in (engine.socket, http_path)}
+            # The official SDK over the passed socket: no key, the socket's permissions decide.
+            transport = httpx.AsyncHTTPTransport(uds=str(http_path))
+            async with openai.AsyncOpenAI(
+                api_key="unused",
+                base_url="http://engine/v1",
+                max_retries=0,
+                timeout=30,
+                http_client=httpx.AsyncClient(transport=transport),
+            ) as client:
+                completion = await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}], max_tokens=16
+                )
+                assert completion.choices[0].message.content
+                assert [model async for model in client.models.list()]
+            async with await RawClient.connect(str(engine.socket)) as msgpack:
+                assert (await msgpack.request(chat(1)))["type"] == "result"
+                stats_reply = await msgpack.request({"type": "stats", "id": "s"})
+            assert stats_reply["engine"]["socket"] == str(engine.socket)
+            assert stats_reply["engine"]["http"] == [f"unix:{http_path}"]
+            assert stats_reply["engine"]["http_requests"]["requests"] >= 2
+            engine.process.send_signal(signal.SIGTERM)
+            assert await engine.wait() == 0
+
+        # systemd owns both files: the engine neither removed them nor put new ones in their place.
+        for path, inode in inodes.items():
+            assert stat.S_ISSOCK(os.lstat(path).st_mode), f"{path.name}: the socket systemd created must stay"
+            assert os.lstat(path).st_ino == inode, f"{path.name} was replaced"
+        for path in (ours, short_tmp / "not-used.sock", short_tmp / "not-used.sock.http"):
+            assert not path.exists(), f"{path.name}: no socket file of the engine's own under socket activation"
+        log = engine.log
+        assert "using the socket passed by systemd" in log
+        assert f"using the HTTP socket passed by systemd ({http_path})" in log
+        assert f"http_socket = {ours} is informational only" in log
+        assert "Traceback" not in log
+        assert TEST_API_KEY not in log
+    finally:
+        http.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM), "SOCK_DGRAM"),
+        (lambda: stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM), "not listening"),
+    ],
+    ids=["datagram", "not-listening"],
+)
+async def test_a_wrong_inherited_http_socket_is_refused(
+    short_tmp: Path, make: Callable[[], stdlib_socket.socket], needle: str
+) -> None:
+    with make() as wrong:
+        async with simulator() as url, activated_engine(short_tmp, url, *LIMITS, http=wrong) as engine:
+            assert await engine.wait() == 1
+    assert "the HTTP socket" in engine.log
+    assert needle in engine.log
+    assert "Traceback" not in engine.log
+    assert not (short_tmp / "not-used.sock.http").exists()
+
+
 async def test_listen_fds_for_another_pid_are_ignored(short_tmp: Path) -> None:
     """LISTEN_PID names a parent: the fds are not ours; the engine makes its own socket at --socket."""
     socket_path = short_tmp / "engine.sock"
@@ -442,6 +533,51 @@ async def test_with_systemds_own_socket_activate_tool(short_tmp: Path) -> None:
                 await process.wait()
             notify.close()
     assert "using the socket passed by systemd" in log_path.read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")
+async def test_with_systemds_own_socket_activate_tool_and_the_http_socket(short_tmp: Path) -> None:
+    """Two sockets from systemd's tool, the HTTP one first: the names, not the order, say which is which."""
+    socket_path, http_path = short_tmp / "engine.sock", short_tmp / "engine.sock.http"
+    notify = NotifyReceiver(short_tmp / "notify.sock")
+    await notify.bind()
+    tool = shutil.which("systemd-socket-activate")
+    assert tool is not None
+    env = engine_env(NOTIFY_SOCKET=str(notify.path))
+    async with simulator() as url:
+        command = [
+            tool, "--listen", str(http_path), "--listen", str(socket_path), "--fdname", "http:engine",
+            "-E", "OPENAI_API_KEY", "-E", "NOTIFY_SOCKET", "-E", "PYTHONUNBUFFERED", "-E", "PATH",
+            sys.executable, "-m", "trio_mapper", "launch-engine", *LIMITS, "--base-url", url,
+            "--socket", str(short_tmp / "not-used.sock"),
+        ]  # fmt: skip
+        log_path = short_tmp / "engine.log"
+        with log_path.open("wb") as log_file:
+            process = await trio.lowlevel.open_process(command, env=env, stdout=log_file, stderr=log_file)
+        try:
+            with trio.fail_after(30):
+                while not (socket_path.exists() and http_path.exists()):  # noqa: ASYNC110 - another process's doing
+                    await trio.sleep(0.02)
+            # The first connection, on the HTTP socket, starts the engine; the request waits in the backlog.
+            transport = httpx.AsyncHTTPTransport(uds=str(http_path))
+            async with httpx.AsyncClient(transport=transport, timeout=60) as client:
+                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+                response = await client.post("http://engine/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+            await notify.wait_for(is_ready)
+            async with await RawClient.connect(str(socket_path)) as msgpack:
+                assert (await msgpack.request(chat(1)))["type"] == "result"
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(60):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            notify.close()
+    log = log_path.read_text()
+    assert f"using the socket passed by systemd ({socket_path})" in log
+    assert f"using the HTTP socket passed by systemd ({http_path})" in log
 
 
 # --- peer credentials ---------------------------------------------------------------------------------------
@@ -526,9 +662,135 @@ def test_listen_fds_are_trusted_only_for_our_pid_and_always_unset() -> None:
     environ = {"LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "engine", "OTHER": "x"}
     assert systemd.listen_fds(environ) == {}
     assert environ == {"OTHER": "x"}
-    assert systemd.take_listening_socket({}) is None
+    assert systemd.take_listening_sockets({}) == systemd.ListeningSockets(engine=None, http=None)
     with pytest.raises(systemd.SystemdError, match="not a number"):
         systemd.listen_fds({"LISTEN_FDS": "many", "LISTEN_PID": str(os.getpid())})
+
+
+def passed_socket(kind: str, path: Path) -> int:
+    """A real fd of ``kind`` as a misconfigured (or correct) socket unit would pass it, detached from Python."""
+    if kind == "file":
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    if kind == "tcp":
+        sock = stdlib_socket.socket(stdlib_socket.AF_INET, stdlib_socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+    elif kind == "datagram":
+        sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM)
+        sock.bind(str(path))
+    elif kind == "unlistened":
+        sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        sock.bind(str(path))
+    else:
+        assert kind == "unix"
+        sock = listening_socket(path)
+    return sock.detach()
+
+
+def hand_over(directory: Path, *specs: str) -> tuple[dict[int, str], dict[str, Path]]:
+    """What ``listen_fds`` returns for sockets ``name`` or ``name=kind`` (default: listening Unix stream).
+
+    Also where each name's socket is bound, to tell which fd came back in which role.
+    """
+    fds: dict[int, str] = {}
+    paths: dict[str, Path] = {}
+    for index, spec in enumerate(specs):
+        name, _, kind = spec.partition("=")
+        path = directory / f"{index}-{name}.sock"
+        fds[passed_socket(kind or "unix", path)] = name
+        paths.setdefault(name, path)
+    return fds, paths
+
+
+def is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
+
+
+def bound_to(sock: stdlib_socket.socket | None) -> str | None:
+    return None if sock is None else systemd.socket_path(sock)
+
+
+@pytest.mark.parametrize(
+    "names", [("engine", "http"), ("http", "engine"), ("metrics", "http", "engine")], ids=lambda n: ":".join(n)
+)
+def test_passed_sockets_by_role(short_tmp: Path, names: tuple[str, ...], caplog: pytest.LogCaptureFixture) -> None:
+    fds, paths = hand_over(short_tmp, *names)
+    with caplog.at_level(logging.WARNING, logger="trio_mapper.systemd"):
+        found = systemd.listening_sockets(fds)
+    try:
+        assert bound_to(found.engine) == str(paths["engine"])
+        assert bound_to(found.http) == str(paths["http"])
+        used = {found.engine.fileno(), found.http.fileno()}  # type: ignore[union-attr]
+        assert used == {fd for fd, name in fds.items() if name in ("engine", "http")}, "the fds passed, not copies"
+        unused = [fd for fd, name in fds.items() if name not in ("engine", "http")]
+        assert all(is_closed(fd) for fd in unused)
+        assert [record.getMessage() for record in caplog.records] == [
+            f"closing fd {fd} (named 'metrics') passed by systemd: not used" for fd in unused
+        ]
+    finally:
+        for sock in (found.engine, found.http):
+            if sock is not None:
+                sock.close()
+
+
+@pytest.mark.parametrize(
+    ("names", "http"),
+    [(("unknown",), False), (("trio-mapper.socket",), False), (("unknown", "http"), True)],
+    ids=["unnamed", "named-otherwise", "unnamed-and-http"],
+)
+def test_the_only_socket_not_named_http_is_the_msgpack_one(short_tmp: Path, names: tuple[str, ...], http: bool) -> None:
+    fds, paths = hand_over(short_tmp, *names)
+    found = systemd.listening_sockets(fds)
+    try:
+        assert bound_to(found.engine) == str(paths[names[0]])
+        assert bound_to(found.http) == (str(paths["http"]) if http else None)
+    finally:
+        for sock in (found.engine, found.http):
+            if sock is not None:
+                sock.close()
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (("engine", "http", "http"), r"2 sockets named 'http' .*FileDescriptorName=http on one socket unit only"),
+        (("unknown", "unknown"), r"2 sockets .* not exactly one is named 'engine'; set FileDescriptorName=engine"),
+        (("engine", "engine", "http"), r"not exactly one is named 'engine'"),
+        (("unknown", "other", "http"), r"not exactly one is named 'engine'"),
+        (("http",), r"only the HTTP socket .*not the engine's msgpack socket"),
+        (("engine", "http=datagram"), r"named 'http', the HTTP socket\) passed by systemd is a AF_UNIX SOCK_DGRAM"),
+        (("engine", "http=unlistened"), r"named 'http', the HTTP socket\) passed by systemd is not listening"),
+        (("engine", "http=tcp"), r"HTTP socket\) .* AF_INET SOCK_STREAM socket; .*http = \"127\.0\.0\.1:PORT\""),
+        (("engine", "http=file"), r"named 'http', the HTTP socket\) passed by systemd is not a socket"),
+        (
+            ("engine=datagram", "http"),
+            r"named 'engine', the msgpack socket\) passed by systemd is a AF_UNIX SOCK_DGRAM",
+        ),
+    ],
+    ids=[
+        "two-http",
+        "two-unnamed",
+        "two-engine",
+        "two-unnamed-and-http",
+        "http-only",
+        "http-datagram",
+        "http-not-listening",
+        "http-tcp",
+        "http-not-a-socket",
+        "engine-datagram",
+    ],
+)
+def test_misconfigured_hand_overs_are_refused_and_every_fd_closed(
+    short_tmp: Path, names: tuple[str, ...], message: str
+) -> None:
+    fds, _ = hand_over(short_tmp, *names)
+    with pytest.raises(systemd.SystemdError, match=message):
+        systemd.listening_sockets(fds)
+    assert all(is_closed(fd) for fd in fds), "an engine that refuses to start leaves no passed fd open"
 
 
 def test_credentials(tmp_path: Path) -> None:
@@ -594,7 +856,7 @@ def units_for_verification(directory: Path) -> list[Path]:
     if not binary.exists():
         pytest.skip(f"{binary} is not installed (pip install -e .)")
     copies = []
-    for name in ("trio-mapper.socket", "trio-mapper.service"):
+    for name in ("trio-mapper.socket", "trio-mapper-http.socket", "trio-mapper.service"):
         text = (UNITS / name).read_text().replace("/opt/trio-mapper/bin/trio-mapper", str(binary))
         (directory / name).write_text(text)
         copies.append(directory / name)
@@ -616,7 +878,7 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)")
 def test_systemd_analyze_security_rates_the_service_ok(tmp_path: Path) -> None:
-    service = units_for_verification(tmp_path)[1]
+    service = next(unit for unit in units_for_verification(tmp_path) if unit.suffix == ".service")
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(service)],
         capture_output=True,
@@ -627,6 +889,29 @@ def test_systemd_analyze_security_rates_the_service_ok(tmp_path: Path) -> None:
     found = re.search(r"Overall exposure level for trio-mapper\.service: (\d+\.\d+)", result.stdout)
     assert found is not None, result.stdout + result.stderr
     assert float(found.group(1)) <= 2.0, result.stdout
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_http_socket_unit_matches_the_engine_socket_unit() -> None:
+    """The HTTP socket reaches the same clients as the msgpack one, beside it, under the name the engine looks for."""
+    engine, http = unit_settings("trio-mapper.socket"), unit_settings("trio-mapper-http.socket")
+    service = unit_settings("trio-mapper.service")
+    assert engine["FileDescriptorName"] == [systemd.ENGINE_FD_NAME]
+    assert http["FileDescriptorName"] == [systemd.HTTP_FD_NAME]
+    # Where the engine would put it itself (http_socket's default): the msgpack socket's path + ".http".
+    assert http["ListenStream"] == [engine["ListenStream"][0] + ".http"]
+    for key in ("SocketUser", "SocketGroup", "SocketMode", "DirectoryMode", "Accept", "Backlog", "RemoveOnStop"):
+        assert http[key] == engine[key], key
+    assert http["Service"] == ["trio-mapper.service"]
+    assert service["Sockets"] == ["trio-mapper.socket trio-mapper-http.socket"]
 
 
 def test_example_config_is_valid() -> None:

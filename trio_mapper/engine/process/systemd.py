@@ -16,12 +16,16 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Final
 
+import attrs
+
 log = logging.getLogger("trio_mapper.systemd")
 
 #: The first fd systemd passes (sd_listen_fds(3): SD_LISTEN_FDS_START); 0-2 are stdio.
 SD_LISTEN_FDS_START: Final = 3
 #: The name the engine's socket unit gives its socket (FileDescriptorName=engine in trio-mapper.socket).
 ENGINE_FD_NAME: Final = "engine"
+#: The name the HTTP front's socket unit gives its socket (FileDescriptorName=http in trio-mapper-http.socket).
+HTTP_FD_NAME: Final = "http"
 #: The credential holding the API key (LoadCredential=openai-api-key:/etc/trio-mapper/openai-api-key).
 API_KEY_CREDENTIAL: Final = "openai-api-key"
 #: A credential larger than this is not an API key (keys are ~200 bytes); refuse rather than read a huge file.
@@ -78,48 +82,126 @@ def _describe_fd(fd: int, name: str) -> str:
     return f"fd {fd} (named {name!r})"
 
 
-def take_listening_socket(environ: MutableMapping[str, str]) -> socket.socket | None:
-    """The listening Unix stream socket systemd passed, or None when it passed none.
+@attrs.frozen
+class ListeningSockets:
+    """The listening sockets systemd passed, by role; a role systemd passed no socket for is None.
 
-    With several fds, the one named ``engine`` is used; with one, that one whatever its name. The socket is
-    checked (AF_UNIX, SOCK_STREAM, listening) because a misconfigured unit (ListenDatagram=, a TCP port,
-    Accept=yes) would otherwise fail later in confusing ways. Fds that are not used are closed.
+    ``engine`` is None only when systemd passed nothing at all: a hand-over without the msgpack socket is refused.
+    """
+
+    #: The msgpack socket: the fd named ``engine`` (FileDescriptorName=engine), or the only one not named ``http``.
+    engine: socket.socket | None = None
+    #: The HTTP front's Unix socket: the fd named ``http`` (FileDescriptorName=http), if any.
+    http: socket.socket | None = None
+
+
+def take_listening_sockets(environ: MutableMapping[str, str]) -> ListeningSockets:
+    """The listening Unix stream sockets systemd passed, by role (see `listening_sockets`); none without systemd.
 
     Raises:
-        SystemdError: the passed fds do not include a usable listening Unix stream socket.
+        SystemdError: what systemd passed cannot be used as it is; the message says what to change.
     """
-    fds = listen_fds(environ)
+    return listening_sockets(listen_fds(environ))
+
+
+def listening_sockets(fds: Mapping[int, str]) -> ListeningSockets:
+    """Sort the passed fds (``listen_fds``) into the msgpack socket and the HTTP socket.
+
+    The fd named ``http`` is the HTTP front's socket. The msgpack socket is the fd named ``engine`` or, when
+    none is, the only fd not named ``http``, whatever its name (a unit without FileDescriptorName=). Each
+    is checked (AF_UNIX, SOCK_STREAM, listening) because a misconfigured unit (ListenDatagram=, a TCP port,
+    Accept=yes) would otherwise fail later in confusing ways. Fds that are not used are closed with a warning.
+
+    The fds are this function's from the call on: each one ends up in the result or closed, also when it
+    raises, so an engine that refuses to start leaves nothing open behind.
+
+    Raises:
+        SystemdError: two fds are named ``http``; none or several could be the msgpack socket; a chosen fd
+            is not a listening Unix stream socket.
+    """
     if not fds:
-        return None
-    named = [fd for fd, name in fds.items() if name == ENGINE_FD_NAME]
+        return ListeningSockets()
+    try:
+        chosen = _assign_roles(fds)
+    except SystemdError:
+        for fd in fds:
+            _close_quietly(fd)
+        raise
+    for fd, name in fds.items():
+        if fd not in chosen.values():
+            log.warning("closing %s passed by systemd: not used", _describe_fd(fd, name))
+            _close_quietly(fd)
+    roles = list(chosen.items())
+    checked: dict[str, socket.socket] = {}
+    for index, (role, fd) in enumerate(roles):
+        try:
+            checked[role] = _listening_unix_socket(fd, fds[fd], role)
+        except BaseException:
+            # This fd was closed by the check; close what was checked before it and what was not reached yet.
+            for sock in checked.values():
+                sock.close()
+            for _, later in roles[index + 1 :]:
+                _close_quietly(later)
+            raise
+    return ListeningSockets(engine=checked.get(ENGINE_FD_NAME), http=checked.get(HTTP_FD_NAME))
+
+
+def _assign_roles(fds: Mapping[int, str]) -> dict[str, int]:
+    """Which fd serves which role: ``{"engine": fd}``, plus ``"http": fd`` when one is named so."""
+    listing = ", ".join(_describe_fd(fd, name) for fd, name in fds.items())
+    http = [fd for fd, name in fds.items() if name == HTTP_FD_NAME]
+    if len(http) > 1:
+        raise SystemdError(
+            f"systemd passed {len(http)} sockets named {HTTP_FD_NAME!r} ({listing}); the engine serves one HTTP "
+            f"Unix socket: keep FileDescriptorName={HTTP_FD_NAME} on one socket unit only"
+        )
+    others = {fd: name for fd, name in fds.items() if name != HTTP_FD_NAME}
+    named = [fd for fd, name in others.items() if name == ENGINE_FD_NAME]
     if len(named) == 1:
-        chosen = named[0]
-    elif len(fds) == 1:
-        chosen = next(iter(fds))
+        engine = named[0]
+    elif not named and len(others) == 1:
+        engine = next(iter(others))
+    elif not others:
+        raise SystemdError(
+            f"systemd passed only the HTTP socket ({listing}), not the engine's msgpack socket; list the socket "
+            f"unit with FileDescriptorName={ENGINE_FD_NAME} (trio-mapper.socket) in the service's Sockets= too"
+        )
     else:
-        listing = ", ".join(_describe_fd(fd, name) for fd, name in fds.items())
         raise SystemdError(
             f"systemd passed {len(fds)} sockets ({listing}) and not exactly one is named {ENGINE_FD_NAME!r}; "
-            f"set FileDescriptorName={ENGINE_FD_NAME} in the socket unit"
+            f"set FileDescriptorName={ENGINE_FD_NAME} in the msgpack socket's unit "
+            f"(and FileDescriptorName={HTTP_FD_NAME} in the HTTP socket's)"
         )
-    for fd in fds:
-        if fd != chosen:
-            log.warning("closing %s passed by systemd: not used", _describe_fd(fd, fds[fd]))
-            os.close(fd)
-    what = _describe_fd(chosen, fds[chosen])
+    return {ENGINE_FD_NAME: engine} | ({HTTP_FD_NAME: http[0]} if http else {})
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as exc:
+        log.debug("closing fd %d passed by systemd: %s", fd, exc.strerror)
+
+
+def _listening_unix_socket(fd: int, name: str, role: str) -> socket.socket:
+    """``fd`` as a socket, checked to be a listening AF_UNIX SOCK_STREAM one; closed if it is not."""
+    what = f"fd {fd} (named {name!r}, the {'HTTP' if role == HTTP_FD_NAME else 'msgpack'} socket)"
     try:
         # socket(fileno=...) asks the kernel for family and type rather than trusting the arguments.
-        sock = socket.socket(fileno=chosen)
+        sock = socket.socket(fileno=fd)
     except OSError as exc:
+        _close_quietly(fd)
         raise SystemdError(f"{what} passed by systemd is not a socket: {exc.strerror}") from None
     try:
         family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+            advice = "ListenStream=/path (AF_UNIX SOCK_STREAM)"
+            if role == HTTP_FD_NAME:
+                advice += '; for a loopback TCP port use the engine\'s own http = "127.0.0.1:PORT" instead'
             raise SystemdError(
-                f"{what} passed by systemd is a {socket.AddressFamily(family).name} "
-                f"{socket.SocketKind(kind).name} socket; the engine needs ListenStream=/path (AF_UNIX SOCK_STREAM)"
+                f"{what} passed by systemd is a {_enum_name(socket.AddressFamily, family)} "
+                f"{_enum_name(socket.SocketKind, kind)} socket; the engine needs {advice}"
             )
         if not listening:
             raise SystemdError(
@@ -130,6 +212,13 @@ def take_listening_socket(environ: MutableMapping[str, str]) -> socket.socket | 
         sock.close()
         raise
     return sock
+
+
+def _enum_name(kind: type[socket.AddressFamily] | type[socket.SocketKind], value: int) -> str:
+    try:
+        return kind(value).name
+    except ValueError:
+        return str(value)
 
 
 def socket_path(sock: socket.socket) -> str:
