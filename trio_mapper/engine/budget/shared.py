@@ -55,9 +55,10 @@ IDLE_EXPIRY: Final = 3600
 #: Heartbeats: how often an engine says it is alive, and how long one counts.
 HEARTBEAT_INTERVAL: Final = 5.0
 HEARTBEAT_SPAN: Final = 30.0
-#: How long a queued refund, settlement or pause may wait for its lane's next charge to take it along
-#: before the settler sends it on its own: short enough that a pause reaches the other engines at once.
-SETTLE_DELAY: Final = 0.002
+#: How long a queued refund or settlement may wait for its lane's next charge to take it along before the
+#: settler sends it on its own: longer than an engine's turnaround between a reply and the next admission
+#: (a few ms), so that a steady stream of requests costs one round trip each. A pause goes at once.
+SETTLE_DELAY: Final = 0.01
 #: While Redis is unreachable: how often it is tried again, and how long a `wait` admission sleeps.
 RECONNECT_INTERVAL: Final = 1.0
 #: Up to this fraction of a wait (and at most 50 ms) is added at random, so engines told the same ready
@@ -179,6 +180,7 @@ class SharedBudget:
         #: Lanes with refunds, settlements or pauses not yet sent, and a wake-up for the settler.
         self._dirty: dict[SharedMeter, None] = {}
         self._queued_changed = trio.Event()
+        self._urgent = False
         self._flushed = trio.Event()
         self._flushed.set()
         self._ids = itertools.count(1)
@@ -222,10 +224,11 @@ class SharedBudget:
         self.calls += 1
         return list(reply)
 
-    def queued(self, meter: SharedMeter) -> None:
-        """A lane queued a refund, settlement or pause: the settler sends it soon, unless the lane's next
-        charge takes it along first."""
+    def queued(self, meter: SharedMeter, *, urgent: bool = False) -> None:
+        """A lane queued a refund, settlement or pause: the settler sends it soon (at once if ``urgent``),
+        unless the lane's next charge takes it along first."""
         self._dirty[meter] = None
+        self._urgent = self._urgent or urgent
         self._queued_changed.set()
         if self._flushed.is_set():
             self._flushed = trio.Event()
@@ -326,7 +329,12 @@ class SharedBudget:
         while True:
             await self._queued_changed.wait()
             self._queued_changed = trio.Event()
-            await trio.sleep(SETTLE_DELAY)
+            if not self._urgent:
+                with trio.move_on_after(SETTLE_DELAY):
+                    while not self._urgent:  # a pause queued meanwhile cuts the wait short
+                        await self._queued_changed.wait()
+                        self._queued_changed = trio.Event()
+            self._urgent = False
             while self._dirty:
                 meter = next(iter(self._dirty))
                 del self._dirty[meter]
@@ -413,10 +421,10 @@ class SharedMeter:
         for listener in self._listeners:
             listener()
 
-    def _queue(self, operation: list[str | int | float]) -> None:
+    def _queue(self, operation: list[str | int | float], *, urgent: bool = False) -> None:
         # Words of one queued operation for the script; '-' stands for an absent value.
         self._queued.append(" ".join(str(word) if word != "" else "-" for word in operation))
-        self._budget.queued(self)
+        self._budget.queued(self, urgent=urgent)
 
     async def _call(self, op: str, *args: str | int | float) -> list[str]:
         """One script run: this lane's queued operations first, then ``op``; returns the op's answer."""
@@ -436,7 +444,7 @@ class SharedMeter:
         except BudgetUnavailable:
             self._queued[:0] = sending
             if sending:
-                self._budget.queued(self)
+                self._budget.queued(self, urgent=True)
             raise
         finally:
             for _ in sending:
@@ -596,7 +604,7 @@ class SharedMeter:
         answered = "" if self._last_settled is None else str(self._last_settled)
         self._last_settled = None
         # A pause must not wait for this lane's next charge: it is for the other engines too.
-        self._queue(["pause", wait, (scope or "").replace(" ", "_"), answered])
+        self._queue(["pause", wait, (scope or "").replace(" ", "_"), answered], urgent=True)
 
     def update_limits(self, limits: Limits) -> None:
         self._configured = limits
