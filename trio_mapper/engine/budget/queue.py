@@ -170,6 +170,10 @@ class RemoteWaitQueue:
         with trio.CancelScope(shield=True):
             reservations, ready_at = await self._meter.charge([waiter.cost for waiter in batch])
         for waiter, reservation in zip(batch, reservations, strict=False):
+            if waiter is not head and waiter not in self._waiters:
+                # It left (cancelled, its deadline) while the call was out: its grant goes straight back.
+                self._meter.refund(reservation)
+                continue
             waiter.reservation = reservation
             self._waiters.pop(waiter, None)
             if waiter is not head:
