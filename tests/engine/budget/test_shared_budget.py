@@ -699,4 +699,3 @@ async def test_one_round_trip_admits_several_waiters_and_carries_the_settlements
         assert budget.calls - calls <= 22, budget.calls - calls
         await sent(budget, calls)
         assert await in_flight(redis, engine) == (0, 0)
-
