@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -109,3 +110,29 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def child_pid(*words: str) -> int:
+    """The pid of this process's child whose argv holds every one of ``words`` (to read its CPU time)."""
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == me and all(word.encode() in argv for word in words):
+            return int(entry.name)
+    raise LookupError(f"no child process of {me} with {words} in its argv")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time used so far by a process (Linux ``/proc``); this process when ``pid`` is None."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: field 3 (state) is index 0, so utime (14) and stime (15) are 11 and 12.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
