@@ -482,5 +482,7 @@ def _upstream_headers(headers: Mapping[str, str]) -> Headers:
 
 
 async def _reply(send: Send, status: int, headers: Headers, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
+    # With its length announced the body goes out as is: no chunked framing, no end-marker write.
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [_JSON, length, *headers]})
     await send({"type": "http.response.body", "body": body})
