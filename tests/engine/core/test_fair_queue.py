@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from trio_mapper.engine.core.fair_queue import GUARD_EVERY, FairQueue
-from trio_mapper.engine.core.tenants import Cap, ClientIdentity, Tenant, Tenants, class_rank
+from trio_mapper.engine.core.tenants import Cap, ClientIdentity, DailyUsage, Tenant, Tenants, class_rank
 
 LANE_LIMITS = (1000, 100_000)
 
@@ -156,3 +156,12 @@ def test_tenants_match_proofs_and_only_narrow_by_claimed_names() -> None:
     assert configured.resolve(ClientIdentity(key="ci")) is by_key
     assert configured.resolve(ClientIdentity(uid=1234, name="batch-job")) is claim_only
     assert configured.resolve(ClientIdentity()) is configured.default
+
+
+def test_daily_usage_is_a_rolling_day_of_running_totals() -> None:
+    usage = DailyUsage()
+    for minute in range(2 * 1440):  # two days, one add a minute
+        usage.add(10, 0.5, minute * 60.0)
+    tokens, cost = usage.totals(2 * 1440 * 60.0 - 60.0)
+    assert tokens == 1440 * 10 and cost == 1440 * 0.5
+    assert usage.totals(10 * 86_400.0) == (0.0, 0.0)

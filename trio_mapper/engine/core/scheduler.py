@@ -186,7 +186,7 @@ class Job:
 
     @property
     def log_label(self) -> str:
-        return f"{self.owner_label} id={self.request_id!r}"
+        return f"{self.owner_label} tenant={self.tenant.name} id={self.request_id!r}"
 
 
 @attrs.define(eq=False)
