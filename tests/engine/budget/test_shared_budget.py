@@ -699,3 +699,15 @@ async def test_one_round_trip_admits_several_waiters_and_carries_the_settlements
         assert budget.calls - calls <= 22, budget.calls - calls
         await sent(budget, calls)
         assert await in_flight(redis, engine) == (0, 0)
+
+
+async def test_a_flushed_script_cache_is_loaded_again(redis: RedisServer) -> None:
+    # EVALSHA answers NOSCRIPT after a Redis restart or SCRIPT FLUSH: the script is loaded and run again.
+    async with engines(redis, 1, Limits(rpm=600_000, tpm=60_000_000)) as (engine,):
+        engine.lane.refund(await engine.lane.reserve(Cost(tokens=10)))
+        await redis.command("SCRIPT", "FLUSH")
+        failures = engine.budget.failures
+        with trio.fail_after(5):
+            engine.lane.refund(await engine.lane.reserve(Cost(tokens=10)))
+        assert engine.budget.failures == failures
+        assert engine.budget.statistics()["state"] == "ok"
