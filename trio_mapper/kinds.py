@@ -7,8 +7,14 @@ module depends on nothing, so every layer may import it.
 from __future__ import annotations
 
 import enum
+from typing import Final, Literal
 
-__all__ = ["ErrorKind"]
+__all__ = ["PRIORITY_CLASSES", "ErrorKind", "Priority"]
+
+Priority = Literal["interactive", "default", "batch"]
+#: The priority classes of requests, highest first: what a tenant is configured with (the engine's
+#: ``[tenants.NAME]``) and what a request may ask for (that class or a lower one, never a higher one).
+PRIORITY_CLASSES: Final[tuple[Priority, ...]] = ("interactive", "default", "batch")
 
 
 class ErrorKind(enum.StrEnum):

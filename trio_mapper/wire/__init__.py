@@ -5,7 +5,7 @@ specification is docs/protocol.md. Where the engine's socket is: `trio_mapper.pa
 """
 
 from trio_mapper.bodies import decode_body
-from trio_mapper.kinds import ErrorKind
+from trio_mapper.kinds import PRIORITY_CLASSES, ErrorKind
 from trio_mapper.wire.framing import (
     CLIENT_MESSAGE_TYPES,
     LENGTH_PREFIX,
@@ -21,7 +21,6 @@ from trio_mapper.wire.framing import (
 from trio_mapper.wire.messages import (
     BODY_FORMATS,
     DEFAULT_MAX_FRAME_BYTES,
-    PRIORITY_CLASSES,
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Cancel,

@@ -35,10 +35,6 @@ class Message(msgspec.Struct, tag_field="type"):
 #: default, what every client understands). "json": the upstream's bytes as they came, in a msgpack bin — the
 #: engine then spends no CPU re-encoding a large reply (embeddings), and the client decodes it (`decode_body`).
 BODY_FORMATS: Final = ("msgpack", "json")
-#: The priority classes a `Submit` may ask for, highest first. A client's tenant (the engine's configuration)
-#: sets its class; a request may ask for that class or a lower one, never a higher one (the engine takes the
-#: lower of the two), and any other value is refused ``invalid_request``.
-PRIORITY_CLASSES: Final = ("interactive", "default", "batch")
 
 
 class Hello(Message, tag="hello"):

@@ -14,10 +14,12 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Mapping, Sequence
-from typing import Final, Literal, Protocol
+from typing import Final, Protocol
 
 import attrs
 import trio
+
+from trio_mapper.kinds import PRIORITY_CLASSES, Priority
 
 __all__ = [
     "CLASSES",
@@ -36,9 +38,8 @@ __all__ = [
     "tenants_from_config",
 ]
 
-Priority = Literal["interactive", "default", "batch"]
 #: Priority classes, highest first.
-CLASSES: Final[tuple[Priority, ...]] = ("interactive", "default", "batch")
+CLASSES: Final = PRIORITY_CLASSES
 #: The tenant of clients no configured tenant matches (and of every client when none is configured).
 DEFAULT_TENANT: Final = "default"
 #: Seconds of a cap's pace a capped tenant may spend at once: small, so that its usage over any minute stays

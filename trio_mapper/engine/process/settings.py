@@ -22,6 +22,7 @@ import attrs
 import cattrs
 from attrs import validators as v
 
+from trio_mapper.kinds import Priority
 from trio_mapper.paths import default_socket_path
 
 DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
@@ -73,8 +74,6 @@ BUDGET_SCHEMES: Final = ("redis", "rediss", "unix")
 BUDGET_PASSWORD_ENV_VAR: Final = "TRIO_MAPPER_BUDGET_PASSWORD"
 
 
-#: The priority classes, highest first (`engine.core.tenants.CLASSES`, which this module may not import).
-PRIORITY_CLASSES: Final = ("interactive", "default", "batch")
 _CAP: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*")
 
 
@@ -92,7 +91,7 @@ def _cap(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> N
 class TenantConfig:
     """One ``[tenants.NAME]`` table (docs/tenants.md)."""
 
-    priority: Literal["interactive", "default", "batch"] = "default"
+    priority: Priority = "default"
     weight: float = attrs.field(default=1.0, validator=_positive)
     #: Requests per minute in each model's lane: a number, or a share of the lane's limit like "25%".
     rpm_cap: str | None = attrs.field(default=None, validator=_cap)
