@@ -109,10 +109,6 @@ class ReplyBody:
             return None
         return Usage.of(usage) if usage is not None else None
 
-    def prompt_tokens(self) -> int | None:
-        usage = self.usage()
-        return usage.prompt if usage is not None else None
-
 
 _NOT_DECODED: Final = object()
 

@@ -91,12 +91,9 @@ class StreamRelay:
         self.plan = plan
         #: The stream's usage, once its usage event went by.
         self.usage: Usage | None = None
-        #: Events received from the upstream, relayed or not.
-        self.events = 0
 
     def feed(self, data: str, event: str | None = None) -> Chunk | None:
         """The chunk to relay for one upstream event, or None when the client must not see it."""
-        self.events += 1
         if event == "message":
             event = None  # the SSE default, which parsers report for unnamed events: relayed unnamed, as sent
         if data == STREAM_END:
