@@ -315,7 +315,8 @@ class OpenAIApp:
             match event:
                 case Started(streaming=True):
                     streaming = True
-                    headers = _EVENT_STREAM + _upstream_headers(event.headers) + budget + _engine_headers(event)
+                    engine = _engine_headers(event.queued, event.attempts)
+                    headers = _EVENT_STREAM + _upstream_headers(event.headers) + budget + engine
                     await send({"type": "http.response.start", "status": event.status, "headers": headers})
                 case Chunk() if streaming:
                     relayed += 1
@@ -426,11 +427,7 @@ class OpenAIApp:
 
     async def _render(self, send: Send, event: Finished | Failed, budget: Headers) -> None:
         if isinstance(event, Finished):
-            headers = _upstream_headers(event.headers) + budget
-            headers += [
-                (b"x-trio-mapper-queued-ms", str(round(event.timings.queued * 1000)).encode()),
-                (b"x-trio-mapper-attempts", str(event.attempts).encode()),
-            ]
+            headers = _upstream_headers(event.headers) + budget + _engine_headers(event.timings.queued, event.attempts)
             return await _reply(send, event.status, headers, event.body.content)
         status, headers, body = render_failure(event)
         headers = _upstream_headers(event.headers) + budget + headers
@@ -459,10 +456,11 @@ def _deadline(headers: Mapping[str, str]) -> float | None:
     return max(timeout - READ_TIMEOUT_MARGIN, timeout / 2)
 
 
-def _engine_headers(started: Started) -> Headers:
+def _engine_headers(queued: float, attempts: int) -> Headers:
+    """The engine's own reply headers: its queue time and its upstream attempts."""
     return [
-        (b"x-trio-mapper-queued-ms", str(round(started.queued * 1000)).encode()),
-        (b"x-trio-mapper-attempts", str(started.attempts).encode()),
+        (b"x-trio-mapper-queued-ms", str(round(queued * 1000)).encode()),
+        (b"x-trio-mapper-attempts", str(attempts).encode()),
     ]
 
 
