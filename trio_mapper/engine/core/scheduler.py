@@ -595,6 +595,9 @@ class Scheduler:
     def tenant_statistics(self) -> dict[str, dict[str, Any]]:
         """Each tenant's settings and what it spent in the last 24 hours."""
         now = trio.current_time()
+        queued: collections.Counter[str] = collections.Counter()
+        for lane in self._lanes.values():
+            queued.update(lane.waiting.statistics())
         result: dict[str, dict[str, Any]] = {}
         for tenant in self._tenants.all():
             usage = self._daily.get(tenant.name)
@@ -608,7 +611,7 @@ class Scheduler:
                 "daily_cost": tenant.daily_cost,
                 "tokens_24h": round(tokens),
                 "cost_24h": cost,
-                "queued": sum(lane.waiting.statistics().get(tenant.name, 0) for lane in self._lanes.values()),
+                "queued": queued[tenant.name],
             }
         return result
 
