@@ -130,7 +130,7 @@ async def script(engine: Engine, limits: Limits, op: str, *args: str | int | flo
     else:
         call = [*head, 0, *args]
     reply = await engine.budget.call(engine.budget.keys(MODEL), call)
-    return [item.decode() if isinstance(item, bytes) else str(item) for item in reply][13:]
+    return [item.decode() if isinstance(item, bytes) else str(item) for item in reply][12:]
 
 
 #: The script stores its timestamps with Lua's ``tostring``, 14 significant digits: about 0.1 ms for a Redis

@@ -40,7 +40,7 @@ from trio_mapper.engine.budget.interface import (
     Reservation,
     check_cost,
 )
-from trio_mapper.engine.budget.local import LocalMeter
+from trio_mapper.engine.budget.local import DEFAULT_PAUSE, LocalMeter
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 
 log = logging.getLogger("trio_mapper.shared_budget")
@@ -133,7 +133,7 @@ class _View:
             pauses=int(float(values[10])),
             decreases=int(float(values[11])),
         )
-        return view, values[13:]
+        return view, values[12:]
 
 
 @final
@@ -215,14 +215,18 @@ class SharedBudget:
         """One run of the lane script, bounded by the timeout; `BudgetUnavailable` when Redis is not there."""
         if not self.available or self._script is None:
             raise BudgetUnavailable("Redis is unreachable")
+        reply = await self._run(self._script, keys, [str(arg) for arg in args])
+        self.calls += 1
+        return list(reply)
+
+    async def _run(self, script: Any, keys: list[str], args: list[str]) -> Any:
+        """A script run within the timeout; a failure marks Redis down (the failure policy applies)."""
         try:
             with trio.fail_after(self.settings.timeout):
-                reply: Any = await self._script(keys=keys, args=[str(arg) for arg in args])
+                return await script(keys=keys, args=args)
         except (trio.TooSlowError, OSError, coredis.exceptions.RedisError) as exc:
             self._went_down(exc)
             raise BudgetUnavailable(str(exc) or type(exc).__name__) from exc
-        self.calls += 1
-        return list(reply)
 
     def queued(self, meter: SharedMeter, *, urgent: bool = False) -> None:
         """A lane queued a refund, settlement or pause: the settler sends it soon (at once if ``urgent``),
@@ -300,10 +304,8 @@ class SharedBudget:
     async def _heartbeat_once(self) -> None:
         key = f"{self.settings.namespace}:{{{self.key_id}}}:engines"
         try:
-            with trio.fail_after(self.settings.timeout):
-                count: Any = await self._heartbeat_script(keys=[key], args=[self.engine_id, str(HEARTBEAT_SPAN)])
-        except (trio.TooSlowError, OSError, coredis.exceptions.RedisError) as exc:
-            self._went_down(exc)
+            count = await self._run(self._heartbeat_script, [key], [self.engine_id, str(HEARTBEAT_SPAN)])
+        except BudgetUnavailable:
             return
         self.engines = max(1, int(count))
         self._came_back()
@@ -596,7 +598,7 @@ class SharedMeter:
 
     def pause(self, wait: float | None, scope: str | None) -> None:
         if wait is None or not math.isfinite(wait) or wait < 0:
-            wait = 1.0
+            wait = DEFAULT_PAUSE
         # This engine stops at once; the others learn it from the store at their next admission.
         self._paused_until = max(self._paused_until, trio.current_time() + wait)
         if self._local is not None:

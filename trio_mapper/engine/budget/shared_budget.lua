@@ -56,7 +56,6 @@ end
 
 -- A lane seen for the first time (or after Redis lost its state) starts with one second of refill, as a
 -- fresh local meter does: never full, so a restarted Redis cannot hand every engine a whole burst.
-local fresh = s.ts_t == nil
 local st = {
     r = {level = num('level_r', nil), ts = num('ts_r', now), header = num('header_r', nil), pace = num('pace_r', nil),
          peak = num('peak_r', 0), decreased_at = num('decreased_at_r', 0), lowered_to = num('lowered_to_r', -1),
@@ -165,7 +164,6 @@ local function view()
         tostring(math.max(0, paused_until - now)),
         tostring(redis.call('HLEN', reservations_key)),
         learned_r, learned_t, tostring(counters.pauses), tostring(counters.decreases),
-        fresh and '1' or '0',
     }
 end
 
