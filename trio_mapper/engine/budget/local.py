@@ -107,7 +107,7 @@ class _DimensionMeter(Protocol):
 
 
 @final
-class _BucketMeter:
+class TokenBucket:
     """Continuous token bucket: refills ``limit/60`` per second up to ``capacity``; may go negative (debt)."""
 
     def __init__(self, limit: float, capacity: float, now: float, level: float) -> None:
@@ -193,7 +193,7 @@ class _WindowMeter:
         self.period = period
         self.window = self._index(now)
         self.charged = 0.0
-        self.ramp: _BucketMeter | None = None
+        self.ramp: TokenBucket | None = None
         self.ramp_until = -math.inf
 
     def _index(self, now: float) -> int:
@@ -260,7 +260,7 @@ class _WindowMeter:
     def drain_until(self, resume_at: float, now: float) -> None:
         self._sync(now)
         if self.ramp is None:
-            self.ramp = _BucketMeter(self.limit, self._ramp_capacity(), now, 0.0)
+            self.ramp = TokenBucket(self.limit, self._ramp_capacity(), now, 0.0)
         self.ramp.drain_until(resume_at, now)
         self.ramp_until = max(self.ramp_until, resume_at + self.period)
 
@@ -366,7 +366,7 @@ class LocalMeter:
         for limit in (limits.tpm, limits.rpm):
             initial = limit / 60.0 * INITIAL_BURST_SECONDS
             if mode == "bucket":
-                meters.append(_BucketMeter(limit, self._capacity(limit, initial), now, initial))
+                meters.append(TokenBucket(limit, self._capacity(limit, initial), now, initial))
             else:
                 meters.append(_WindowMeter(limit, self._full(limit), now, origin, period))
         self._tokens = _Dimension("tokens", meters[0], limits.tpm / 60.0 * INITIAL_BURST_SECONDS)

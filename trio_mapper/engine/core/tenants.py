@@ -19,6 +19,7 @@ from typing import Final, Protocol
 import attrs
 import trio
 
+from trio_mapper.engine.budget.local import TokenBucket
 from trio_mapper.kinds import PRIORITY_CLASSES, Priority
 
 __all__ = [
@@ -207,44 +208,12 @@ class Prices:
         return ((prompt_tokens or 0) * price.input + (completion_tokens or 0) * price.output) / 1_000_000
 
 
-class _Bucket:
-    """A continuous token bucket on trio's clock: ``rate`` per second, ``capacity`` at most."""
-
-    __slots__ = ("capacity", "level", "rate", "updated")
-
-    def __init__(self, rate: float, capacity: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.level = capacity
-        self.updated = trio.current_time()
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def configure(self, rate: float, capacity: float) -> None:
-        self._refill(trio.current_time())
-        self.rate, self.capacity = rate, capacity
-        self.level = min(self.level, capacity)
-
-    def ready_at(self, amount: float, now: float) -> float:
-        self._refill(now)
-        needed = min(amount, self.capacity)  # a cost above the burst goes into debt once the bucket is full
-        if self.level >= needed - 1e-9:
-            return now
-        return now + (needed - self.level) / self.rate
-
-    def take(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level -= amount
-
-
 class TenantLimits:
     """One tenant's caps in one lane: when it may send next, and what it spent."""
 
     def __init__(self, tenant: Tenant, lane_limits: tuple[int, int]) -> None:
-        self._requests: _Bucket | None = None
-        self._tokens: _Bucket | None = None
+        self._requests: TokenBucket | None = None
+        self._tokens: TokenBucket | None = None
         self.configure(tenant, lane_limits)
 
     def configure(self, tenant: Tenant, lane_limits: tuple[int, int]) -> None:
@@ -253,19 +222,17 @@ class TenantLimits:
         self._tokens = self._bucket(self._tokens, tenant.tpm_cap, lane_limits[1])
 
     @staticmethod
-    def _bucket(bucket: _Bucket | None, cap: Cap | None, lane_limit: int) -> _Bucket | None:
+    def _bucket(bucket: TokenBucket | None, cap: Cap | None, lane_limit: int) -> TokenBucket | None:
+        # The ledger's own continuous bucket (refill, and a cost above the burst going into debt once full).
         if cap is None:
             return None
-        per_second = cap.per_minute(lane_limit) / 60.0
-        capacity = per_second * CAP_BURST_SECONDS
+        per_minute = cap.per_minute(lane_limit)
+        capacity = per_minute / 60.0 * CAP_BURST_SECONDS
+        now = trio.current_time()
         if bucket is None:
-            return _Bucket(per_second, capacity)
-        bucket.configure(per_second, capacity)
+            return TokenBucket(per_minute, capacity, now, level=capacity)
+        bucket.configure(per_minute, capacity, now)
         return bucket
-
-    @property
-    def capped(self) -> bool:
-        return self._requests is not None or self._tokens is not None
 
     def ready_at(self, tokens: int, now: float) -> float:
         """When a request of ``tokens`` fits under the caps (``now`` if it does)."""
@@ -278,9 +245,9 @@ class TenantLimits:
 
     def take(self, tokens: int, now: float) -> None:
         if self._requests is not None:
-            self._requests.take(1, now)
+            self._requests.charge(1, now)
         if self._tokens is not None:
-            self._tokens.take(tokens, now)
+            self._tokens.charge(tokens, now)
 
 
 class DailyUsage:
