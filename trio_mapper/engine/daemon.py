@@ -11,6 +11,7 @@ during start-up abandons it, and whatever start-up had created is removed on the
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -334,6 +335,9 @@ class Engine:
                     )
                     if self.http_listening_on:
                         log.info("OpenAI HTTP API on %s", ", ".join(self.http_listening_on))
+                    # Everything loaded so far (the tokenizers' tables, modules, settings) lives as long as the
+                    # process: out of the collector's sight, each full collection no longer walks it again.
+                    gc.freeze()
                     task_status.started()
                     if self._notifier.enabled:
                         self._notifier.ready(self._status_line())

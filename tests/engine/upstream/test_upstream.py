@@ -134,3 +134,36 @@ async def test_requests_go_to_the_least_busy_pool() -> None:
         release.set()
     slow_pool = served_by[0]
     assert served_by[1:] == [1 - slow_pool] * 6
+
+
+async def test_cookies_the_upstream_sets_are_not_sent_back() -> None:
+    """The engine speaks for many clients: a cookie set in one reply must not ride along with later requests."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={}, headers={"set-cookie": "__cf_bm=one-clients-cookie; Path=/"})
+
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        max_connections=1,
+        transport=lambda: httpx.MockTransport(handler),
+    )
+    async with upstream:
+        for _ in range(2):
+            await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
+    assert len(seen) == 2
+    assert "cookie" not in seen[1].headers
+
+
+def test_resolving_an_endpoint_is_remembered_but_refusals_are_not() -> None:
+    upstream = Upstream(OpenAISettings(api_key="sk-test", base_url=str(BASE)), max_connections=1)
+    path, url = upstream.resolve("/v1/chat/completions")
+    assert (path, str(url)) == ("chat/completions", "https://api.openai.com/v1/chat/completions")
+    assert upstream.resolve("/v1/chat/completions")[1] is url
+    for _ in range(2):
+        with pytest.raises(InvalidEndpoint):
+            upstream.resolve("https://evil.example/v1/chat/completions")
+    for index in range(1000):  # client-chosen endpoints cannot grow the memo without bound
+        upstream.resolve(f"/v1/x{index}")
+    assert upstream.resolve("/v1/chat/completions")[0] == "chat/completions"

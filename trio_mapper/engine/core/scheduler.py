@@ -66,8 +66,6 @@ from trio_mapper.engine.upstream.client import (
     Upstream,
     UpstreamReply,
     forwarded_headers,
-    join_url,
-    relative_api_path,
 )
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
 from trio_mapper.engine.upstream.streams import StreamPlan, StreamRelay, plan_stream
@@ -465,8 +463,7 @@ class Scheduler:
         if method not in ALLOWED_METHODS:
             raise _Refused(ErrorKind.INVALID_REQUEST, f"method {spec.method!r} is not supported; use POST")
         try:
-            path = relative_api_path(spec.endpoint, self._upstream.base_url)
-            url = join_url(self._upstream.base_url, path)
+            path, url = self._upstream.resolve(spec.endpoint)
         except InvalidEndpoint as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
         body, stream = plan_stream(path, spec.body)

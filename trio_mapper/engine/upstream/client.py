@@ -7,6 +7,7 @@ URL's host: whatever a client sends, the key goes nowhere else.
 
 from __future__ import annotations
 
+import http.cookiejar
 import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
@@ -190,6 +191,22 @@ def useful_headers(headers: httpx.Headers) -> dict[str, str]:
     return {name: headers[name] for name in USEFUL_HEADERS if name in headers}
 
 
+#: Endpoints `Upstream.resolve` remembers (each at most MAX_ENDPOINT_CHARS long).
+RESOLVED_ENDPOINTS: Final = 256
+
+
+class _DiscardedCookies(http.cookiejar.CookieJar):
+    """A jar that keeps nothing. The engine speaks for many clients, so a cookie the upstream sets for one
+    reply (a load balancer's, say) must not ride along with everyone's later requests; and not storing it
+    spares every reply a trip through `http.cookiejar`."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        pass
+
+
 #: Connections per httpx client. httpcore scans its whole pool on every request, so one big pool becomes
 #: the bottleneck: measured against the simulator (docs/performance.md), one pool of 64 connections served
 #: about 200 requests/s where 8 pools of 8 served about 500 (bench/httpx_pools.py).
@@ -257,6 +274,7 @@ class Upstream:
                 limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
                 # Redirects could carry the Authorization header to another host.
                 follow_redirects=False,
+                cookies=_DiscardedCookies(),
                 trust_env=False,
                 transport=transport() if transport is not None else None,
             )
@@ -264,6 +282,7 @@ class Upstream:
         ]
         #: Requests in progress per pool.
         self._in_progress = [0] * pools
+        self._resolved: dict[str, tuple[str, httpx.URL]] = {}
         #: The most recent exchange's verdict (None before the first).
         self.last_contact: Contact | None = None
 
@@ -279,7 +298,26 @@ class Upstream:
                 await client.aclose()
 
     def url_for(self, endpoint: str) -> httpx.URL:
-        return join_url(self.base_url, relative_api_path(endpoint, self.base_url))
+        return self.resolve(endpoint)[1]
+
+    def resolve(self, endpoint: str) -> tuple[str, httpx.URL]:
+        """The endpoint's path relative to the base URL, and the URL it is sent to.
+
+        Remembered per endpoint (a few distinct ones carry nearly all traffic, and building an `httpx.URL`
+        costs more than the rest of a request's checks); only endpoints that passed are remembered, and at
+        most `RESOLVED_ENDPOINTS` of them.
+
+        Raises:
+            InvalidEndpoint: as `relative_api_path` and `join_url`.
+        """
+        resolved = self._resolved.get(endpoint)
+        if resolved is None:
+            path = relative_api_path(endpoint, self.base_url)
+            resolved = (path, join_url(self.base_url, path))
+            if len(self._resolved) >= RESOLVED_ENDPOINTS:
+                self._resolved.clear()
+            self._resolved[endpoint] = resolved
+        return resolved
 
     async def send(
         self, method: str, url: httpx.URL, body: bytes | None, headers: Mapping[str, str] | None = None
