@@ -31,12 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket as socketlib
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -59,6 +61,7 @@ WARM_UP = 30
 #: The streaming simulator's pace: the first content chunk leaves one token's pause after the role chunk.
 STREAM_PER_TOKEN_MS = 2
 STREAM_TOKENS = 16
+BARE_RELAY = Path(__file__).resolve().parent / "bare_relay.py"
 
 Call = Callable[[int], Awaitable[Any]]
 
@@ -228,16 +231,51 @@ async def msgpack_map(client: AsyncClient, count: int, window: int) -> float:
 
 
 class Meter:
-    """CPU seconds per request of the bench client, the engine and the simulator over one measurement."""
+    """CPU seconds per request of the bench client, the process in the middle (the engine or the bare relay;
+    none for direct calls) and the simulator over one measurement."""
 
-    def __init__(self, engine: int, simulator: int) -> None:
-        self.pids: tuple[int | None, ...] = (None, engine, simulator)
+    def __init__(self, simulator: int) -> None:
+        self.simulator = simulator
 
-    async def measure(self, run: Callable[[], Awaitable[float]], count: int) -> tuple[float, list[float]]:
-        before = [cpu_seconds(pid) for pid in self.pids]
+    async def measure(
+        self, run: Callable[[], Awaitable[float]], count: int, middle: int | None
+    ) -> tuple[float, list[float]]:
+        def used() -> list[float]:  # this process's own CPU, then the others' (0 for no process in the middle)
+            return [cpu_seconds(), cpu_seconds(middle) if middle is not None else 0.0, cpu_seconds(self.simulator)]
+
+        before = used()
         rate = await run()
-        after = [cpu_seconds(pid) for pid in self.pids]
-        return rate, [(b - a) / count for a, b in zip(before, after, strict=True)]
+        return rate, [(b - a) / count for a, b in zip(before, used(), strict=True)]
+
+
+@asynccontextmanager
+async def bare_relay_process(upstream: str, connections: int) -> AsyncIterator[str]:
+    """`bench/bare_relay.py` in its own process; yields its Unix socket's path once it accepts."""
+    socket = os.path.join(tempfile.mkdtemp(prefix="tmb-relay-", dir="/tmp"), "relay.sock")
+    script = str(BARE_RELAY)
+    env = {**os.environ, "OPENAI_API_KEY": BENCH_KEY}
+    command = [sys.executable, script, "--socket", socket, "--upstream", upstream,
+               "--connections", str(connections)]  # fmt: skip
+    process = await trio.lowlevel.open_process(command, env=env)
+    try:
+        with trio.fail_after(30):
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError("the bare relay exited")
+                try:
+                    stream = await trio.open_unix_socket(socket)
+                except OSError:
+                    await trio.sleep(0.05)
+                else:
+                    await stream.aclose()
+                    break
+        yield socket
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -258,9 +296,14 @@ async def main(args: argparse.Namespace) -> None:
     tcp_front = f"http://127.0.0.1:{port}/v1"
     has_stream = hasattr(AsyncClient, "stream")
 
-    async with simulator_process(*simulator_flags) as url, engine_process(url, *engine_flags, *tcp_flags) as socket:
+    async with (
+        simulator_process(*simulator_flags) as url,
+        engine_process(url, *engine_flags, *tcp_flags) as socket,
+        bare_relay_process(url, args.concurrency) as relay_socket,
+    ):
         http_socket = str(socket) + ".http"
-        meter = Meter(engine=child_pid(str(socket)), simulator=child_pid("simulate"))
+        engine, relay = child_pid(str(socket)), child_pid(relay_socket)
+        meter = Meter(simulator=child_pid("simulate"))
 
         # -- latency --
         sdk_direct = sdk(url, api_key=BENCH_KEY)
@@ -268,6 +311,8 @@ async def main(args: argparse.Namespace) -> None:
         sdk_tcp = sdk(tcp_front, api_key=CLIENT_KEY)
         raw_direct = raw(url, api_key=BENCH_KEY)
         raw_unix = raw(front, uds=http_socket)
+        sdk_relay = sdk(front, uds=relay_socket)
+        raw_relay = raw(front, uds=relay_socket)
         async with AsyncClient(socket) as msgpack:
             calls = {
                 "(a) SDK -> simulator": sdk_call(sdk_direct),
@@ -276,12 +321,14 @@ async def main(args: argparse.Namespace) -> None:
                 "(d) msgpack AsyncClient": msgpack_call(msgpack),
                 "(e) httpx -> simulator": raw_call(raw_direct),
                 "(f) httpx -> front, unix": raw_call(raw_unix),
+                "(g) SDK -> bare relay": sdk_call(sdk_relay),
+                "(h) httpx -> bare relay": raw_call(raw_relay),
             }
             await interleaved_latencies(calls, WARM_UP)
             latency = await interleaved_latencies(calls, args.sequential)
-        for client in (sdk_direct, sdk_unix, sdk_tcp):
+        for client in (sdk_direct, sdk_unix, sdk_tcp, sdk_relay):
             await client.close()
-        for raw_client in (raw_direct, raw_unix):
+        for raw_client in (raw_direct, raw_unix, raw_relay):
             await raw_client.aclose()
 
         # -- throughput --
@@ -290,52 +337,68 @@ async def main(args: argparse.Namespace) -> None:
         sdks_unix = [sdk(front, uds=http_socket, connections=PER_CLIENT) for _ in range(clients)]
         raws_direct = [raw(url, api_key=BENCH_KEY, connections=PER_CLIENT) for _ in range(clients)]
         raws_unix = [raw(front, uds=http_socket, connections=PER_CLIENT) for _ in range(clients)]
+        sdks_relay = [sdk(front, uds=relay_socket, connections=PER_CLIENT) for _ in range(clients)]
+        raws_relay = [raw(front, uds=relay_socket, connections=PER_CLIENT) for _ in range(clients)]
         async with AsyncClient(socket) as msgpack:
-            contenders: dict[str, Callable[[int], Awaitable[float]]] = {
-                "SDK -> simulator": lambda n: drive([sdk_call(c) for c in sdks_direct], n, args.concurrency),
-                "SDK -> front, unix": lambda n: drive([sdk_call(c) for c in sdks_unix], n, args.concurrency),
-                "httpx -> simulator": lambda n: drive([raw_call(c) for c in raws_direct], n, args.concurrency),
-                "httpx -> front, unix": lambda n: drive([raw_call(c) for c in raws_unix], n, args.concurrency),
-                "msgpack AsyncClient.map": lambda n: msgpack_map(msgpack, n, args.concurrency),
+            # Each contender, and the process between it and the simulator (none for direct calls).
+            def driving(calls: list[Call]) -> Callable[[int], Awaitable[float]]:
+                return lambda n: drive(calls, n, args.concurrency)
+
+            contenders: dict[str, tuple[Callable[[int], Awaitable[float]], int | None]] = {
+                "SDK -> simulator": (driving([sdk_call(c) for c in sdks_direct]), None),
+                "SDK -> front, unix": (driving([sdk_call(c) for c in sdks_unix]), engine),
+                "SDK -> bare relay": (driving([sdk_call(c) for c in sdks_relay]), relay),
+                "httpx -> simulator": (driving([raw_call(c) for c in raws_direct]), None),
+                "httpx -> front, unix": (driving([raw_call(c) for c in raws_unix]), engine),
+                "httpx -> bare relay": (driving([raw_call(c) for c in raws_relay]), relay),
+                "msgpack AsyncClient.map": (lambda n: msgpack_map(msgpack, n, args.concurrency), engine),
             }
-            for run in contenders.values():
+            for run, _ in contenders.values():
                 await run(args.concurrency * 4)  # opens every connection; not counted
             # In rounds, each contender in turn: a burst of other work on the machine hits them all alike.
             per_round = max(1, args.parallel // args.rounds)
             rates: dict[str, list[float]] = {name: [] for name in contenders}
             cpu: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in contenders}
             for _ in range(args.rounds):
-                for name, run in contenders.items():
-                    rate, used = await meter.measure(partial(run, per_round), per_round)
+                for name, (run, middle) in contenders.items():
+                    rate, used = await meter.measure(partial(run, per_round), per_round, middle)
                     rates[name].append(rate)
                     cpu[name] = [total + value / args.rounds for total, value in zip(cpu[name], used, strict=True)]
             throughput = {name: (statistics.median(rates[name]), cpu[name]) for name in contenders}
-        for client in (*sdks_direct, *sdks_unix):
+        for client in (*sdks_direct, *sdks_unix, *sdks_relay):
             await client.close()
-        for raw_client in (*raws_direct, *raws_unix):
+        for raw_client in (*raws_direct, *raws_unix, *raws_relay):
             await raw_client.aclose()
 
         # -- time to first chunk: a simulator that paces its tokens, and an engine in front of it --
-        async with simulator_process(*stream_flags) as paced, engine_process(paced, *engine_flags) as paced_socket:
+        async with (
+            simulator_process(*stream_flags) as paced,
+            engine_process(paced, *engine_flags) as paced_socket,
+            bare_relay_process(paced, args.concurrency) as paced_relay,
+        ):
             stream_direct = sdk(paced, api_key=BENCH_KEY)
             stream_unix = sdk(front, uds=str(paced_socket) + ".http")
+            stream_relay = sdk(front, uds=paced_relay)
             raw_stream_direct = raw(paced, api_key=BENCH_KEY)
             raw_stream_unix = raw(front, uds=str(paced_socket) + ".http")
+            raw_stream_relay = raw(front, uds=paced_relay)
             async with AsyncClient(paced_socket) as msgpack:
                 streams = {
                     "SDK -> simulator": sdk_stream(stream_direct),
                     "SDK -> front, unix": sdk_stream(stream_unix),
+                    "SDK -> bare relay": sdk_stream(stream_relay),
                     "httpx -> simulator": raw_stream(raw_stream_direct),
                     "httpx -> front, unix": raw_stream(raw_stream_unix),
+                    "httpx -> bare relay": raw_stream(raw_stream_relay),
                 }
                 if has_stream:
                     streams["msgpack AsyncClient.stream"] = msgpack_stream(msgpack)
                 await interleaved_streams(streams, WARM_UP // 3)
                 first_chunk = await interleaved_streams(streams, args.streams)
-            await stream_direct.close()
-            await stream_unix.close()
-            await raw_stream_direct.aclose()
-            await raw_stream_unix.aclose()
+            for client in (stream_direct, stream_unix, stream_relay):
+                await client.close()
+            for raw_client in (raw_stream_direct, raw_stream_unix, raw_stream_relay):
+                await raw_client.aclose()
 
     report(args, latency, first_chunk, throughput, has_stream)
 
@@ -363,7 +426,7 @@ def report(
     for name, values in latency.items():
         print(f"{name:>28} {ms(pct(values, 50))} {ms(pct(values, 99))}")
     print(f"{'added':>28} {'p50':>8} {'p99':>8}   (goal for the front vs (a): p50 <= 2, p99 <= 6)")
-    for this, base in ((1, 0), (2, 0), (1, 3), (2, 3), (5, 4), (1, 5)):
+    for this, base in ((1, 0), (2, 0), (1, 3), (2, 3), (5, 4), (1, 5), (6, 0), (1, 6), (5, 7)):
         a, b = latency[names[this]], latency[names[base]]
         label = f"{names[this][:3]} vs {names[base][:3]}"
         print(f"{label:>28} {ms(pct(a, 50) - pct(b, 50))} {ms(pct(a, 99) - pct(b, 99))}")
@@ -380,7 +443,10 @@ def report(
         print(f"{'msgpack AsyncClient.stream':>28}   (not in this trio_mapper: AsyncClient has no stream)")
     print(f"{'added to the first chunk':>28} {'p50':>9} {'p99':>9}")
     pairs = [("SDK -> front, unix", "SDK -> simulator", "SDK: front vs direct"),
-             ("httpx -> front, unix", "httpx -> simulator", "httpx: front vs direct")]  # fmt: skip
+             ("httpx -> front, unix", "httpx -> simulator", "httpx: front vs direct"),
+             ("SDK -> bare relay", "SDK -> simulator", "SDK: bare relay vs direct"),
+             ("SDK -> front, unix", "SDK -> bare relay", "SDK: front vs bare relay"),
+             ("httpx -> front, unix", "httpx -> bare relay", "httpx: front vs bare relay")]  # fmt: skip
     if has_stream:
         pairs.append(("msgpack AsyncClient.stream", "httpx -> simulator", "msgpack vs httpx direct"))
     for contender, baseline, label in pairs:
@@ -393,14 +459,18 @@ def report(
         f"throughput, {args.parallel} chat requests at concurrency {args.concurrency} per contender, in {args.rounds} "
         f"interleaved rounds (requests/s: median round; HTTP clients: {clients} x {PER_CLIENT} connections)"
     )
-    header = f"{'CPU ms/request: client':>22} {'engine':>6} {'simulator':>9}   {'bound':>5} {'of it':>5}"
+    header = f"{'CPU ms/request: client':>22} {'middle':>6} {'simulator':>9}   {'bound':>5} {'of it':>5}"
     print(f"{'':>28} {'req/s':>8}   {header}")
     for name, (rate, cpu) in throughput.items():
         client, engine, simulator = (f"{1000 * value:.2f}" for value in cpu)
         limit = bound(cpu)
         print(f"{name:>28} {rate:>8.0f}   {client:>22} {engine:>6} {simulator:>9}   {limit:>5.0f} {rate / limit:>5.0%}")
-    print(f"{'':>28} (bound: requests/s the CPU allows, min(1 / busiest process, {os.cpu_count()} cores / all three))")
+    print(f"{'':>28} (middle: the engine, or the bare relay; bound: requests/s the CPU allows, "
+          f"min(1 / busiest process, {os.cpu_count()} cores / all three))")  # fmt: skip
     rates = {name: value for name, (value, _) in throughput.items()}
+    print(f"{'front / bare relay, SDK':>28} {rates['SDK -> front, unix'] / rates['SDK -> bare relay']:>8.2f}"
+          "   (goal: >= 0.80, or >= 600 req/s)")  # fmt: skip
+    print(f"{'front / bare relay, httpx':>28} {rates['httpx -> front, unix'] / rates['httpx -> bare relay']:>8.2f}")
     print(f"{'front / direct, SDK':>28} {rates['SDK -> front, unix'] / rates['SDK -> simulator']:>8.2f}")
     print(f"{'front / direct, httpx':>28} {rates['httpx -> front, unix'] / rates['httpx -> simulator']:>8.2f}")
     print(f"{'front SDK / msgpack':>28} {rates['SDK -> front, unix'] / rates['msgpack AsyncClient.map']:>8.2f}")
