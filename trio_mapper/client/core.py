@@ -328,7 +328,7 @@ _KNOWN_ENGINE_TYPES: Final = frozenset(
 )
 
 
-def _message_type(frame: bytes) -> Any:
+def _message_type(frame: bytes | memoryview) -> Any:
     try:
         raw = msgspec.msgpack.decode(frame)
     except (msgspec.DecodeError, ValueError, RecursionError):
@@ -357,7 +357,7 @@ def error_from_message(message: Error | _LenientError) -> TrioMapperError:
 Parsed = Welcome | Result | StreamChunk | Stats | Pong | TrioMapperError
 
 
-def parse_frame(codec: Codec, frame: bytes) -> tuple[RequestId | None, Parsed] | None:
+def parse_frame(codec: Codec, frame: bytes | memoryview) -> tuple[RequestId | None, Parsed] | None:
     """Decode one engine frame into ``(id, message)``; ``id`` is None for connection-level messages.
 
     Returns None for a message type this client does not know (a newer engine's addition: ignored).

@@ -50,7 +50,7 @@ class Codec:
         LENGTH_PREFIX.pack_into(buffer, 0, len(buffer) - LENGTH_PREFIX.size)
         return bytes(buffer)
 
-    def decode(self, payload: bytes) -> Any:
+    def decode(self, payload: bytes | memoryview) -> Any:
         """Decode one frame body.
 
         Raises:
@@ -91,7 +91,7 @@ class FrameBuffer:
     def pending_bytes(self) -> int:
         return len(self._data)
 
-    def next_frame(self) -> bytes | None:
+    def next_frame(self) -> bytes | memoryview | None:
         """The next complete frame body, or None if more bytes are needed. Raises `FrameTooLarge`."""
         if len(self._data) < LENGTH_PREFIX.size:
             return None
@@ -101,6 +101,11 @@ class FrameBuffer:
         end = LENGTH_PREFIX.size + length
         if len(self._data) < end:
             return None
+        if end == len(self._data):
+            # The frame is all that is buffered (always so for a large one, which arrives alone): hand over
+            # the buffer itself. Copying a frame of megabytes holds the event loop for as long as it takes.
+            whole, self._data = self._data, bytearray()
+            return memoryview(whole)[LENGTH_PREFIX.size :]
         # One copy through a memoryview (slicing the bytearray first would copy a large frame twice).
         with memoryview(self._data) as view:
             body = bytes(view[LENGTH_PREFIX.size : end])
@@ -129,7 +134,7 @@ def describe_decode_error(exc: Exception) -> str:
     return text
 
 
-def salvage_request_id(payload: bytes) -> RequestId | None:
+def salvage_request_id(payload: bytes | memoryview) -> RequestId | None:
     """The ``id`` of a frame that failed validation, when it has a usable one, so the error can name it."""
     try:
         raw = msgspec.msgpack.decode(payload)

@@ -403,7 +403,7 @@ class Connection:
     def _protocol_error(self, request_id: Any, message: str) -> None:
         self.deliver(Error(id=request_id, kind=ErrorKind.PROTOCOL_ERROR, message=message))
 
-    async def _handle_frame(self, payload: bytes) -> None:
+    async def _handle_frame(self, payload: bytes | memoryview) -> None:
         try:
             message = self._codec.decode(payload)
         except (msgspec.MsgspecError, ValueError) as exc:
