@@ -170,10 +170,17 @@ class _RequestSink:
             self._taken = trio.Event()
             await self._taken.wait()
 
-    async def next_event(self) -> Outcome | Chunk:
-        event = await self._pending.receive()
+    async def next_events(self) -> list[Outcome | Chunk]:
+        """The next event and every one already queued behind it, so that chunks the upstream sent together
+        go out in one write."""
+        events = [await self._pending.receive()]
+        while True:
+            try:
+                events.append(self._pending.receive_nowait())
+            except trio.WouldBlock:
+                break
         self._taken.set()
-        return event
+        return events
 
 
 class OpenAIApp:
@@ -310,27 +317,31 @@ class OpenAIApp:
         budget = self._budget_list(model if isinstance(model, str) else "")
         streaming = False
         relayed = 0
-        while True:
-            event = await sink.next_event()
-            match event:
-                case Started(streaming=True):
-                    streaming = True
-                    engine = _engine_headers(event.queued, event.attempts)
-                    headers = _EVENT_STREAM + _upstream_headers(event.headers) + budget + engine
-                    await send({"type": "http.response.start", "status": event.status, "headers": headers})
-                case Chunk() if streaming:
-                    relayed += 1
-                    await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
-                case Finished() | Failed():
-                    break
+        final: Finished | Failed | None = None
+        while final is None:
+            events: list[bytes] = []  # chunks that arrived together: one write
+            for event in await sink.next_events():
+                match event:
+                    case Started(streaming=True):
+                        streaming = True
+                        engine = _engine_headers(event.queued, event.attempts)
+                        headers = _EVENT_STREAM + _upstream_headers(event.headers) + budget + engine
+                        await send({"type": "http.response.start", "status": event.status, "headers": headers})
+                    case Chunk() if streaming:
+                        relayed += 1
+                        events.append(_sse(event))
+                    case Finished() | Failed():
+                        final = event
+            if events and final is None:
+                await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
         sink.answered = True
         if not streaming:
-            return await self._render(send, event, budget)
-        if isinstance(event, Failed):
-            tail = stream_error_event(event, responses_api=spec.endpoint == "/v1/responses", sequence_number=relayed)
+            return await self._render(send, final, budget)
+        if isinstance(final, Failed):
+            tail = stream_error_event(final, responses_api=spec.endpoint == "/v1/responses", sequence_number=relayed)
         else:
             tail = b"" if spec.endpoint == "/v1/responses" else _DONE  # the Responses API sends no [DONE]
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        await send({"type": "http.response.body", "body": b"".join(events) + tail, "more_body": False})
 
     def _budget_list(self, model: str) -> Headers:
         budget = self._budget_headers(model) if self._budget_headers is not None else {}
