@@ -167,3 +167,27 @@ def test_resolving_an_endpoint_is_remembered_but_refusals_are_not() -> None:
     for index in range(1000):  # client-chosen endpoints cannot grow the memo without bound
         upstream.resolve(f"/v1/x{index}")
     assert upstream.resolve("/v1/chat/completions")[0] == "chat/completions"
+
+
+async def test_a_large_body_goes_upstream_in_pieces_with_its_length() -> None:
+    """One write of megabytes would hold the event loop while the kernel copies it; pieces let others run."""
+    received: list[tuple[list[int], bytes, httpx.Headers]] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            pieces = [piece async for piece in request.stream]  # type: ignore[union-attr]
+            received.append(([len(piece) for piece in pieces], b"".join(pieces), request.headers))
+            return httpx.Response(200, json={})
+
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test", base_url=str(BASE)), max_connections=1, transport=Recording
+    )
+    body = b'{"input": "' + b"x" * (1 << 20) + b'"}'
+    async with upstream:
+        await upstream.send("POST", upstream.url_for("/v1/embeddings"), body)
+        await upstream.send("POST", upstream.url_for("/v1/embeddings"), b"{}")
+    (sizes, content, headers), (small_sizes, small, _) = received
+    assert content == body and headers["content-length"] == str(len(body))
+    assert "transfer-encoding" not in headers
+    assert len(sizes) > 1 and max(sizes) <= 64 * 1024
+    assert small == b"{}" and small_sizes == [2]

@@ -191,6 +191,11 @@ def useful_headers(headers: httpx.Headers) -> dict[str, str]:
     return {name: headers[name] for name in USEFUL_HEADERS if name in headers}
 
 
+#: Request bodies larger than this go upstream in pieces of this size. Written whole, a body of megabytes
+#: is one `send` that copies all of it into the kernel at once (a loopback socket takes it all), holding the
+#: event loop, and every other client, for a millisecond or more.
+BODY_PIECE_BYTES: Final = 64 * 1024
+
 #: Endpoints `Upstream.resolve` remembers (each at most MAX_ENDPOINT_CHARS long).
 RESOLVED_ENDPOINTS: Final = 256
 
@@ -329,7 +334,8 @@ class Upstream:
         """
         started = trio.current_time()
         with self._least_busy_pool() as client, self._noting_contact():
-            response = await client.request(method, url, content=body, headers=_request_headers(headers, body))
+            content, request_headers = _content(body), _request_headers(headers, body)
+            response = await client.request(method, url, content=content, headers=request_headers)
         return self._whole_reply(response, started)
 
     @asynccontextmanager
@@ -343,7 +349,8 @@ class Upstream:
         """
         started = trio.current_time()
         with self._least_busy_pool() as client:
-            request = client.build_request(method, url, content=body, headers=_request_headers(headers, body))
+            content, request_headers = _content(body), _request_headers(headers, body)
+            request = client.build_request(method, url, content=content, headers=request_headers)
             with self._noting_contact():
                 response = await client.send(request, stream=True)
             try:
@@ -407,4 +414,19 @@ def _request_headers(headers: Mapping[str, str] | None, body: bytes | None) -> d
     request_headers = forwarded_headers(headers or {})
     if body is not None:
         request_headers["Content-Type"] = "application/json"
+        # Stated, so that a body sent in pieces (`_content`) still goes with a length rather than chunked.
+        request_headers["Content-Length"] = str(len(body))
     return request_headers
+
+
+def _content(body: bytes | None) -> bytes | AsyncIterator[bytes] | None:
+    """The request body as httpx should send it: whole, or in pieces when it is large."""
+    if body is None or len(body) <= BODY_PIECE_BYTES:
+        return body
+    return _pieces(body)
+
+
+async def _pieces(body: bytes) -> AsyncIterator[bytes]:
+    with memoryview(body) as view:
+        for start in range(0, len(view), BODY_PIECE_BYTES):
+            yield bytes(view[start : start + BODY_PIECE_BYTES])
