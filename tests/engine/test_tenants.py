@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -387,6 +388,29 @@ async def test_hello_names_are_claims_that_only_narrow(short_tmp: Path) -> None:
         after = await tenants_of(watcher)
     assert after["default"]["tokens_24h"] - before["default"]["tokens_24h"] == REQUEST_TOKENS
     assert after["mine"]["tokens_24h"] == before["mine"]["tokens_24h"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a client process a supplementary group takes root")
+async def test_a_supplementary_group_proves_a_tenant(short_tmp: Path) -> None:
+    group = os.getgid() + 4242  # not this process's primary group; the client below gets it as a supplementary one
+    config = write_config(short_tmp / "engine.toml", {"staff": {"gids": [group]}})
+    async with (
+        simulator() as url,
+        running_engine(short_tmp, url, "--config", str(config), *limits(concurrent=4)) as engine,
+        AsyncClient(engine.socket, client_name="watcher") as watcher,
+    ):
+        before = await tenants_of(watcher)
+        one_request = (
+            "import sys; from trio_mapper import Client\n"
+            "with Client(sys.argv[1]) as client: client.request(sys.argv[2], " + repr(BODY) + ")"
+        )
+        client = await trio.run_process(
+            [sys.executable, "-c", one_request, str(engine.socket), ENDPOINT], extra_groups=[group], check=False
+        )
+        assert client.returncode == 0
+        after = await tenants_of(watcher)
+    assert after["staff"]["tokens_24h"] - before["staff"]["tokens_24h"] == REQUEST_TOKENS
+    assert after["default"]["tokens_24h"] == before["default"]["tokens_24h"]
 
 
 @pytest.mark.parametrize(("key", "value"), [("names", "alice"), ("uids", "1000")])

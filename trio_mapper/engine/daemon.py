@@ -577,7 +577,7 @@ class Engine:
             max_frame_bytes=server.max_frame_bytes,
             peer=peer.label if peer is not None else "",
             identity=f"uid {peer.uid}" if peer is not None else "unknown peer",
-            client=ClientIdentity(uid=peer.uid, gid=peer.gid) if peer is not None else None,
+            client=ClientIdentity(uid=peer.uid, gid=peer.gid, groups=peer.groups) if peer is not None else None,
             backlog=self._backlog,
         )
         self._connections.add(connection)

@@ -158,6 +158,14 @@ def test_tenants_match_proofs_and_only_narrow_by_claimed_names() -> None:
     assert configured.resolve(ClientIdentity()) is configured.default
 
 
+def test_tenant_gids_match_supplementary_groups_too() -> None:
+    staff = Tenant("staff", gids=frozenset({1500}))
+    configured = Tenants((staff,))
+    assert configured.resolve(ClientIdentity(uid=1000, gid=1500)) is staff
+    assert configured.resolve(ClientIdentity(uid=1000, gid=1000, groups=frozenset({1000, 1500}))) is staff
+    assert configured.resolve(ClientIdentity(uid=1000, gid=1000, groups=frozenset({1000, 27}))) is configured.default
+
+
 def test_daily_usage_is_a_rolling_day_of_running_totals() -> None:
     usage = DailyUsage()
     for minute in range(2 * 1440):  # two days, one add a minute

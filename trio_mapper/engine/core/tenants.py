@@ -66,6 +66,9 @@ class ClientIdentity:
 
     uid: int | None = None
     gid: int | None = None
+    #: Every group the client's process is in: its primary gid and, where the kernel tells (Linux's
+    #: ``SO_PEERGROUPS``), its supplementary ones; empty when unknown.
+    groups: frozenset[int] = frozenset()
     #: The name of the client key it authenticated with (HTTP over TCP).
     key: str | None = None
     #: What it calls itself (the msgpack hello's ``client``).
@@ -156,6 +159,7 @@ class Tenant:
         proven = (
             (client.uid is not None and client.uid in self.uids)
             or (client.gid is not None and client.gid in self.gids)
+            or not client.groups.isdisjoint(self.gids)
             or (client.key is not None and client.key in self.keys)
         )
         if principal and not proven:

@@ -360,7 +360,9 @@ class OpenAIApp:
                     "forbidden",
                 )
             who = f"uid {peer.uid}" if peer is not None else "unknown peer"
-            client = ClientIdentity(uid=peer.uid, gid=peer.gid) if peer is not None else ClientIdentity()
+            client = (
+                ClientIdentity(uid=peer.uid, gid=peer.gid, groups=peer.groups) if peer is not None else ClientIdentity()
+            )
             return _Caller(("http", who), who, f"http {peer.label if peer is not None else who}", client)
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         name = self.keys.identify(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
