@@ -55,33 +55,41 @@ async def engine_process(base_url: str, *flags: str) -> AsyncIterator[Path]:
     """``trio-mapper launch-engine`` in its own process; yields its socket path once it accepts."""
     directory = Path(tempfile.mkdtemp(prefix="tmb-", dir="/tmp"))
     socket = directory / "engine.sock"
-    log = (directory / "engine.log").open("wb")
+    command = [sys.executable, "-m", "trio_mapper", "launch-engine", "--socket", str(socket), "--base-url", base_url,
+               "--log-level", "WARNING", *flags]  # fmt: skip
+    with (directory / "engine.log").open("wb") as log:
+        async with serving_process(command, str(socket), log=directory / "engine.log", output=log):
+            yield socket
+
+
+@asynccontextmanager
+async def serving_process(
+    command: list[str], socket: str, *, log: Path | None = None, output: Any = None, stop_timeout: float = 30
+) -> AsyncIterator[None]:
+    """``command`` in its own process (holding `BENCH_KEY`), until it accepts connections on the Unix ``socket``;
+    SIGTERM on the way out. ``log``: a file to quote if it exits early."""
     env = {**os.environ, "OPENAI_API_KEY": BENCH_KEY}
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_mapper", "launch-engine", "--socket", str(socket), "--base-url", base_url,
-         "--log-level", "WARNING", *flags],
-        env=env, stdout=log, stderr=log,
-    )  # fmt: skip
+    process = await trio.lowlevel.open_process(command, env=env, stdout=output, stderr=output)
     try:
         with trio.fail_after(60):
             while True:
                 if process.returncode is not None:
-                    raise RuntimeError(f"engine exited: {(directory / 'engine.log').read_text()}")
+                    said = await trio.Path(log).read_text() if log is not None else "see its output above"
+                    raise RuntimeError(f"{command[1]} exited: {said}")
                 try:
-                    stream = await trio.open_unix_socket(str(socket))
+                    stream = await trio.open_unix_socket(socket)
                 except OSError:
                     await trio.sleep(0.05)
                 else:
                     await stream.aclose()
                     break
-        yield socket
+        yield
     finally:
         process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(30):
+        with trio.move_on_after(stop_timeout):
             await process.wait()
         if process.returncode is None:
             process.kill()
-        log.close()
 
 
 async def simulator_stats(base_url: str, *, reset: bool = False) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket as socketlib
 import statistics
 import sys
@@ -49,7 +48,16 @@ import openai
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_KEY, chat_body, child_pid, cpu_seconds, engine_process, pct, simulator_process
+from common import (
+    BENCH_KEY,
+    chat_body,
+    child_pid,
+    cpu_seconds,
+    engine_process,
+    pct,
+    serving_process,
+    simulator_process,
+)
 
 from trio_mapper import AsyncClient
 
@@ -252,30 +260,10 @@ class Meter:
 async def bare_relay_process(upstream: str, connections: int) -> AsyncIterator[str]:
     """`bench/bare_relay.py` in its own process; yields its Unix socket's path once it accepts."""
     socket = os.path.join(tempfile.mkdtemp(prefix="tmb-relay-", dir="/tmp"), "relay.sock")
-    script = str(BARE_RELAY)
-    env = {**os.environ, "OPENAI_API_KEY": BENCH_KEY}
-    command = [sys.executable, script, "--socket", socket, "--upstream", upstream,
+    command = [sys.executable, str(BARE_RELAY), "--socket", socket, "--upstream", upstream,
                "--connections", str(connections)]  # fmt: skip
-    process = await trio.lowlevel.open_process(command, env=env)
-    try:
-        with trio.fail_after(30):
-            while True:
-                if process.returncode is not None:
-                    raise RuntimeError("the bare relay exited")
-                try:
-                    stream = await trio.open_unix_socket(socket)
-                except OSError:
-                    await trio.sleep(0.05)
-                else:
-                    await stream.aclose()
-                    break
+    async with serving_process(command, socket, stop_timeout=10):
         yield socket
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
 
 
 # -- the run -----------------------------------------------------------------------------------------------
