@@ -112,6 +112,25 @@ def chat_body(index: int, *, words: int, max_tokens: int, model: str = "gpt-4o-m
     }
 
 
+def python_speed() -> float:
+    """Seconds this machine takes for a fixed pure-Python loop (best of 3). Absolute figures (milliseconds,
+    requests/s) from two machines compare only through something like it; ratios measured in one run do not
+    need it."""
+
+    def loop() -> int:
+        total = 0
+        for index in range(10_000_000):
+            total += index
+        return total
+
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        loop()
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:

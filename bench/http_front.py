@@ -55,6 +55,7 @@ from common import (
     cpu_seconds,
     engine_process,
     pct,
+    python_speed,
     serving_process,
     simulator_process,
 )
@@ -409,6 +410,7 @@ def report(
     has_stream: bool,
 ) -> None:
     names = list(latency)
+    print(f"this machine: {python_speed():.2f} s for 10 million turns of a Python loop (bench/common.py)\n")
     print(f"latency, {args.sequential} sequential chat requests per contender, interleaved (ms)")
     print(f"{'':>28} {'p50':>8} {'p99':>8}")
     for name, values in latency.items():
