@@ -10,10 +10,10 @@ during start-up abandons it, and whatever start-up had created is removed on the
 
 from __future__ import annotations
 
-import errno
 import gc
 import logging
 import os
+import resource
 import signal
 import socket as stdlib_socket
 import time
@@ -35,7 +35,7 @@ from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, load_keys
 from trio_mapper.engine.fronts.http.server import HttpServer, Transport
 from trio_mapper.engine.fronts.http.status_page import status_page_routes
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
-from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, open_unix_listener
+from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, accept_forever, open_unix_listener
 from trio_mapper.engine.fronts.unix.peers import is_allowed, peer_credentials, refusal_message, refuse
 from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.metrics import EngineMetrics, Readiness, healthz
@@ -47,9 +47,24 @@ from trio_mapper.engine.upstream.ratelimit_headers import budget_headers
 
 log = logging.getLogger("trio_mapper.engine")
 
-#: accept() errors that mean "out of resources right now", not "the listener is broken" (as in trio).
-_ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_ACCEPT_RETRY_SLEEP: Final = 0.1
+#: The most open files the engine asks for (the kernel's default ceiling, fs.nr_open, is 1,048,576).
+MAX_OPEN_FILES: Final = 1 << 20
+
+
+def _raise_open_file_limit() -> None:
+    """Take all the open files the hard limit allows. Each client connection costs one, and the soft limit is
+    often 1024 (systemd's default for services), which a few hundred keep-alive clients and a slow moment
+    would exhaust; the hard limit is the operator's ceiling (LimitNOFILE) and stays as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d (%s)", soft, wanted, exc)
+        else:
+            log.debug("open-file limit raised from %d to %d", soft, wanted)
+
 #: How often the one-line STATUS= shown by `systemctl status` is refreshed (only sent when it changed).
 STATUS_INTERVAL: Final = 2.0
 #: At exit, how long the last settlements may take to reach the shared budget's Redis.
@@ -225,6 +240,7 @@ class Engine:
 
     async def _start_and_serve(self, task_status: trio.TaskStatus[None]) -> None:
         server = self.settings.server
+        _raise_open_file_limit()
         # Read (and removed from the environment) before anything else, so no child could inherit them.
         self._notifier = systemd.Notifier.from_environment(os.environ)
         watchdog_interval = systemd.watchdog_interval(os.environ)
@@ -544,20 +560,10 @@ class Engine:
         front.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                    log.error(
-                        "accept failed (%s); retrying in %.1fs",
-                        os.strerror(exc.errno or 0),
-                        _ACCEPT_RETRY_SLEEP,
-                    )
-                    await trio.sleep(_ACCEPT_RETRY_SLEEP)
-                    continue
-                raise
+        def serve(stream: trio.SocketStream) -> None:
             nursery.start_soon(self._run_connection, stream)
+
+        await accept_forever(listener, serve, "msgpack socket")
 
     async def _run_connection(self, stream: trio.SocketStream) -> None:
         assert self.scheduler is not None

@@ -62,9 +62,11 @@ from trio_mapper.engine.estimate.tokens import InvalidBody, TokenEstimate, Token
 from trio_mapper.engine.upstream.client import (
     ALLOWED_METHODS,
     InvalidEndpoint,
+    InvalidHeader,
     ReplyBody,
     Upstream,
     UpstreamReply,
+    check_forwarded_headers,
     forwarded_headers,
 )
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
@@ -473,6 +475,10 @@ class Scheduler:
             raise _Refused(ErrorKind.INVALID_REQUEST, "max_attempts must be at least 1")
         if spec.deadline is not None and not (spec.deadline > 0 and math.isfinite(spec.deadline)):
             raise _Refused(ErrorKind.INVALID_REQUEST, "deadline must be a positive number of seconds")
+        try:
+            check_forwarded_headers(spec.headers)
+        except InvalidHeader as exc:
+            raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
         model = spec.body.get("model")
         if isinstance(model, str) and len(model) > MAX_MODEL_NAME_CHARS:
             raise _Refused(

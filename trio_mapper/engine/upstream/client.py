@@ -23,6 +23,7 @@ from httpx_sse import EventSource, ServerSentEvent
 from trio_mapper._version import __version__
 from trio_mapper.bodies import decode_body
 from trio_mapper.engine.process.settings import OpenAISettings
+from trio_mapper.text import escape_control_characters, shorten
 
 #: A path of plain segments: no scheme, host, query, fragment, percent-escapes or backslashes.
 _SAFE_PATH: Final = re.compile(r"[A-Za-z0-9._~:\-]+(?:/[A-Za-z0-9._~:\-]+)*")
@@ -51,6 +52,14 @@ MAX_ENDPOINT_CHARS: Final = 1024
 
 class InvalidEndpoint(ValueError):
     """The endpoint is not a relative API path; the message says what a valid one looks like."""
+
+
+class InvalidHeader(ValueError):
+    """A header the engine would pass upstream has a value HTTP cannot carry as it is."""
+
+
+#: A header value that HTTP/1.1 carries as it is (RFC 9110 field-value: visible ASCII, spaces and tabs).
+_HEADER_VALUE: Final = re.compile(r"[\x20-\x7e\t]*")
 
 
 class UsageFields(msgspec.Struct):
@@ -179,12 +188,25 @@ def join_url(base_url: httpx.URL, relative_path: str) -> httpx.URL:
 
 
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The client headers the upstream may see: the allow-list only, values without line breaks."""
+    """The client headers the upstream may see: the allow-list only, values of visible ASCII (and spaces).
+
+    Anything else is dropped here, as a last guard; `check_forwarded_headers` refuses it up front.
+    """
     return {
         name.lower(): value
         for name, value in headers.items()
-        if name.lower() in FORWARDED_REQUEST_HEADERS and "\r" not in value and "\n" not in value
+        if name.lower() in FORWARDED_REQUEST_HEADERS and _HEADER_VALUE.fullmatch(value)
     }
+
+
+def check_forwarded_headers(headers: Mapping[str, str]) -> None:
+    """Raises `InvalidHeader` for an allow-listed header whose value cannot go upstream as it is."""
+    for name, value in headers.items():
+        if name.lower() in FORWARDED_REQUEST_HEADERS and not _HEADER_VALUE.fullmatch(value):
+            raise InvalidHeader(
+                f"header {name} must be visible ASCII characters and spaces (it is passed to the upstream as it "
+                f"is); got {shorten(escape_control_characters(repr(value)), 80)}"
+            )
 
 
 def useful_headers(headers: httpx.Headers) -> dict[str, str]:

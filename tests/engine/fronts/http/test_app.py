@@ -7,9 +7,10 @@ from collections.abc import Hashable
 from typing import Any
 
 import trio
+import trio.testing
 
 from trio_mapper.engine.core.outcome import Failed, ReplySink, RequestSpec
-from trio_mapper.engine.fronts.http.app import PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.http.app import BODY_TIMEOUT, PEER, TRANSPORT, OpenAIApp
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials
 from trio_mapper.kinds import ErrorKind
 
@@ -113,3 +114,44 @@ async def test_uids_outside_the_allow_list_are_refused_on_the_unix_socket() -> N
 async def test_bodies_over_the_limit_are_413() -> None:
     status, _, body = await call(OpenAIApp(FakeScheduler(), max_body_bytes=10))
     assert (status, body["error"]["code"]) == (413, "request_too_large")
+
+
+async def test_a_body_that_stalls_is_answered_408_after_the_allowance(autojump_clock: trio.testing.MockClock) -> None:
+    scheduler = FakeScheduler()
+    app = OpenAIApp(scheduler, max_body_bytes=10_000)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": [],
+        "state": {TRANSPORT: "unix", PEER: ME},
+    }
+    first = [{"type": "http.request", "body": b'{"model": ', "more_body": True}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if first:
+            return first.pop(0)
+        await trio.sleep_forever()  # the rest of the body never comes
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    started = trio.current_time()
+    await app(scope, receive, send)
+    assert trio.current_time() - started == BODY_TIMEOUT
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+    assert scheduler.specs == []
+
+
+async def test_a_bug_anywhere_in_a_request_is_an_openai_shaped_500() -> None:
+    class Broken(FakeScheduler):
+        def cancel(self, owner: ReplySink, request_id: Hashable) -> bool:
+            raise RuntimeError("a bug while cancelling")
+
+    status, headers, body = await call(OpenAIApp(Broken(answer=False), max_body_bytes=10_000), disconnect=True)
+    assert status == 500 and headers["x-should-retry"] == "false"
+    assert body["error"]["code"] == "internal_error"

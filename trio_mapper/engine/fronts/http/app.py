@@ -70,6 +70,8 @@ PEER: Final = "trio_mapper.peer"
 #: Chunks relayed but not yet written beyond which the core's relay waits: a few smooth out scheduling; more
 #: would only hide a slow client from the upstream (whose stream is then read at the client's pace).
 MAX_BUFFERED_CHUNKS: Final = 16
+#: How long a client has to send a request's whole body (as the msgpack socket allows for a frame).
+BODY_TIMEOUT: Final = 60.0
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -214,13 +216,29 @@ class OpenAIApp:
         self._ids = itertools.count(1)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            return await _refuse_websocket(scope, receive, send)
         if scope["type"] != "http":
-            return  # no lifespan, no websockets
+            return  # no lifespan
         self.active += 1
         if self._idle.is_set():
             self._idle = trio.Event()
+        started = False
+
+        async def send_noting_start(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self._handle(scope, receive, send)
+            await self._handle(scope, receive, send_noting_start)
+        except Exception:
+            # A bug must cost this request an OpenAI-shaped 500 (when its reply has not begun), never the
+            # server's bare one or the connection.
+            log.exception("internal error while answering %s %s", scope["method"], shorten(scope["path"], 200))
+            if not started:
+                message = "the engine failed on this request (a bug, logged by the engine); please report it"
+                await _reply(send, 500, retry_headers(None), error_body(message, "server_error", "internal_error"))
         finally:
             self.active -= 1
             if not self.active:
@@ -406,6 +424,13 @@ class OpenAIApp:
                 raise _Refusal(
                     400, f"the body is not valid JSON: {exc}", "invalid_request_error", "invalid_json"
                 ) from None
+            except RecursionError:
+                raise _Refusal(
+                    400,
+                    "the body nests too deeply to decode; JSON request bodies nest a few levels",
+                    "invalid_request_error",
+                    "invalid_json",
+                ) from None
             if not isinstance(body, dict):
                 raise _Refusal(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
         spec = RequestSpec(
@@ -419,10 +444,22 @@ class OpenAIApp:
         return spec, len(raw)
 
     async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, within `BODY_TIMEOUT` in all (a client trickling a byte a minute must not hold a
+        connection and its buffer for ever)."""
         chunks: list[bytes] = []
         size = 0
+        deadline = trio.current_time() + BODY_TIMEOUT
         while True:
-            message = await receive()
+            message = None
+            with trio.move_on_at(deadline):
+                message = await receive()
+            if message is None:
+                raise _Refusal(
+                    408,
+                    f"the client took longer than {BODY_TIMEOUT:.0f}s to send the request body",
+                    "invalid_request_error",
+                    "request_timeout",
+                )
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             chunk = message.get("body", b"")
@@ -490,6 +527,22 @@ def _upstream_headers(headers: Mapping[str, str]) -> Headers:
         for name in UPSTREAM_REPLY_HEADERS
         if name in headers
     ]
+
+
+async def _refuse_websocket(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """A WebSocket handshake (the Realtime API's) is answered like any path the engine does not serve: a 404 in
+    OpenAI's shape, where the server can send one; a refused handshake (403) where it cannot."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        return await send({"type": "websocket.close", "code": 1008})
+    message = (
+        f"{shorten(escape_control_characters(scope['path']), 200)}: WebSocket (the Realtime API) is not served by "
+        "this engine; it serves the HTTP endpoints listed at any unknown path"
+    )
+    body = error_body(message, "invalid_request_error", "unknown_url")
+    headers = [_JSON, (b"content-length", str(len(body)).encode()), *retry_headers(None)]
+    await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 async def _reply(send: Send, status: int, headers: Headers, body: bytes) -> None:

@@ -8,9 +8,7 @@ speaks HTTP/1.1 and calls the app. The connection's peer credentials travel in t
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 from typing import Any, Final, Literal, cast
 
 import trio
@@ -21,13 +19,11 @@ from hypercorn.typing import ASGIFramework
 from hypercorn.utils import wrap_app
 
 from trio_mapper.engine.fronts.http.app import PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.unix.listener import accept_forever
 from trio_mapper.engine.fronts.unix.peers import peer_credentials
 
 log = logging.getLogger("trio_mapper.http")
 
-#: accept() errors that mean "out of resources right now", not "the listener is broken" (as in trio).
-_ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_ACCEPT_RETRY_SLEEP: Final = 0.1
 #: Longer than httpx's idle expiry (5 s), so clients close idle connections rather than race our close.
 KEEP_ALIVE_TIMEOUT: Final = 75.0
 #: How long shutdown waits for requests already answered by the core to finish writing their replies.
@@ -43,6 +39,19 @@ def _hypercorn_config() -> HypercornConfig:
     config.include_server_header = False
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     return config
+
+
+class _TCPServer(TCPServer):
+    """hypercorn's connection, closed as soon as the client has gone.
+
+    hypercorn 0.18 leaves the keep-alive timer running when the client closes its end, and the connection's
+    task group waits for it: the socket stayed open (CLOSE-WAIT) for the whole keep-alive timeout, so a
+    client opening and closing connections in a loop could use up the engine's file descriptors.
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
 
 
 class HttpServer:
@@ -73,19 +82,13 @@ class HttpServer:
         self._closing.set()
 
     async def accept_loop(self, listener: trio.SocketListener, transport: Transport) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                    log.error(
-                        "http accept failed (%s); retrying in %.1fs", os.strerror(exc.errno or 0), _ACCEPT_RETRY_SLEEP
-                    )
-                    await trio.sleep(_ACCEPT_RETRY_SLEEP)
-                    continue
-                raise
-            assert self._handlers is not None, "HttpServer.run must be started before accepting"
-            self._handlers.start_soon(self._serve_connection, stream, transport)
+        handlers = self._handlers
+        assert handlers is not None, "HttpServer.run must be started before accepting"
+
+        def serve(stream: trio.SocketStream) -> None:
+            handlers.start_soon(self._serve_connection, stream, transport)
+
+        await accept_forever(listener, serve, f"http ({transport})")
 
     async def _serve_connection(self, stream: trio.SocketStream, transport: Transport) -> None:
         state: dict[str, Any] = {TRANSPORT: transport}
@@ -93,7 +96,7 @@ class HttpServer:
             state[PEER] = peer_credentials(stream.socket)
         self.connections += 1
         try:
-            await TCPServer(self._wrapped, self._config, self._context, state, cast(Any, stream)).run()
+            await _TCPServer(self._wrapped, self._config, self._context, state, cast(Any, stream)).run()
         except Exception:
             # One broken connection must never take the engine down.
             log.exception("http connection: unexpected error; connection closed")

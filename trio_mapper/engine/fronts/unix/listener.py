@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
+import math
 import os
 import socket as stdlib_socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import attrs
 import trio
+
+log = logging.getLogger("trio_mapper.engine")
 
 #: The kernel's limit for sun_path, minus the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 107
@@ -186,3 +191,44 @@ async def _bind(path: Path, mode: int, stale_candidate: bool) -> tuple[trio.Sock
             raise ListenerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         raise
     return trio.SocketListener(sock), created
+
+
+#: accept() errors that mean "out of resources right now", not "the listener is broken" (as in trio).
+_ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: How long to wait before accepting again after such an error.
+ACCEPT_RETRY_SLEEP: Final = 0.1
+#: At most one log line per this many seconds about such errors (they repeat at every retry).
+ACCEPT_LOG_INTERVAL: Final = 10.0
+
+
+async def accept_forever(
+    listener: trio.SocketListener, serve: Callable[[trio.SocketStream], object], what: str
+) -> None:
+    """Accept connections for ever, handing each to ``serve`` (which starts the task that serves it).
+
+    Running out of file descriptors or memory is waited out, not fatal: the clients already connected are
+    served, and new ones are accepted once some have gone. It is logged once per `ACCEPT_LOG_INTERVAL`, with
+    how often it happened, rather than at every retry.
+    """
+    failures, reported_at = 0, -math.inf
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            failures += 1
+            now = trio.current_time()
+            if now - reported_at >= ACCEPT_LOG_INTERVAL:
+                log.error(
+                    "%s: cannot accept connections (%s; %d time(s) since the last report); retrying every %.1fs. "
+                    "Raise the engine's open-file limit (LimitNOFILE) if clients need more connections",
+                    what,
+                    os.strerror(exc.errno or 0),
+                    failures,
+                    ACCEPT_RETRY_SLEEP,
+                )
+                failures, reported_at = 0, now
+            await trio.sleep(ACCEPT_RETRY_SLEEP)
+            continue
+        serve(stream)

@@ -1,0 +1,117 @@
+"""The HTTP front against clients that misbehave: the engine as a real subprocess, raw sockets as clients.
+
+Each case was found by a hostile client (a review of the front): the engine must answer in OpenAI's shape,
+admit nothing it cannot send, and hold no resource for a client that has gone.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import simulator
+from test_http_front import CLIENT_KEY, engine_stats, http_engine, http_socket, raw_http
+
+CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def connections_on(port: int) -> int:
+    """Sockets the server holds on ``port`` besides its listener: CLOSE-WAIT ones included, not TIME-WAIT
+    (which hold no descriptor)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if int(local.split(":")[1], 16) == port and state not in {"0A", "06"}:  # LISTEN, TIME-WAIT
+            count += 1
+    return count
+
+
+def post(body: bytes, *headers: bytes) -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n"
+        + b"".join(header + b"\r\n" for header in headers)
+        + b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+def status_and_error(reply: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)["error"]
+
+
+async def test_connections_the_clients_closed_are_released_at_once(short_tmp: Path) -> None:
+    """hypercorn kept a closed connection's socket for its whole keep-alive timeout (75 s): a client opening
+    and closing connections in a loop used up the engine's file descriptors."""
+    async with simulator() as url, http_engine(short_tmp, url) as (_, tcp_url):
+        port = int(tcp_url.split(":")[2].split("/")[0])
+        for index in range(150):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            if index % 3 == 0:  # some close after a whole exchange, kept alive by the server until then
+                request = post(CHAT, b"Authorization: Bearer " + CLIENT_KEY.encode())
+                await stream.send_all(request.replace(b"Connection: close", b"Connection: keep-alive"))
+                assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+            await stream.aclose()
+        with trio.fail_after(10):
+            while True:
+                if connections_on(port) == 0:
+                    break
+                await trio.sleep(0.05)
+
+
+async def test_a_header_the_upstream_cannot_carry_is_refused_before_admission(short_tmp: Path) -> None:
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
+        reply = await raw_http(http_socket(engine), post(CHAT, "OpenAI-Beta: café".encode()))
+        stats = await engine_stats(engine)
+    status, headers, error = status_and_error(reply)
+    assert status == 400 and headers["x-should-retry"] == "false"
+    assert error["code"] == "invalid_request" and "openai-beta" in str(error["message"]).lower()
+    assert stats["engine"]["internal_errors"] == 0
+    assert stats["engine"]["accepted"] == 0  # refused before admission: nothing charged to the budget
+
+
+async def test_a_body_nested_too_deeply_is_a_400(short_tmp: Path) -> None:
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
+        reply = await raw_http(http_socket(engine), post(b"[" * 100_000))
+        assert engine.process.returncode is None
+    status, headers, error = status_and_error(reply)
+    assert status == 400 and headers["x-should-retry"] == "false"
+    assert error["code"] == "invalid_json"
+
+
+async def test_a_websocket_handshake_gets_an_openai_shaped_404(short_tmp: Path) -> None:
+    """What the Realtime API's clients send first."""
+    handshake = (
+        b"GET /v1/realtime?model=gpt-4o-realtime HTTP/1.1\r\nHost: engine\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
+        reply = await raw_http(http_socket(engine), handshake)
+    status, _, error = status_and_error(reply)
+    assert status == 404 and error["code"] == "unknown_url"
+    assert "WebSocket" in str(error["message"])
+
+
+async def test_the_engine_takes_all_the_open_files_its_hard_limit_allows(short_tmp: Path) -> None:
+    """Every connection costs a descriptor, and services often start with a soft limit of 1024: a few hundred
+    idle keep-alive clients would stop the engine from accepting anyone."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    wanted = min(wanted, 1 << 20)
+    if wanted <= 256:
+        pytest.skip("the hard limit leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the engine started below
+    try:
+        async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
+            limits = await trio.Path(f"/proc/{engine.process.pid}/limits").read_text()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert int(line.split()[3]) == wanted, line
