@@ -76,6 +76,10 @@ from trio_mapper.text import shorten
 
 log = logging.getLogger("trio_mapper.scheduler")
 
+#: How an in-flight request cut by the end of the shutdown grace period was left.
+SHUTDOWN_NO_ANSWER: Final = "before the upstream answered"
+SHUTDOWN_CUT_STREAM: Final = "while the upstream's answer was streaming (what arrived was relayed, the rest is lost)"
+
 #: Distinct models (lanes) the engine tracks; beyond this a new model name is refused, so that a client
 #: inventing model names cannot make the engine grow without bound.
 MAX_LANES: Final = 256
@@ -935,6 +939,10 @@ class Scheduler:
             return  # finished meanwhile (cancelled): its scope is cancelled, the next checkpoint ends this attempt
         if not job.committed:
             job.committed = True
+            if job.scope is not None:
+                # The deadline bounds the wait for the answer to begin (what an SDK's read timeout means); a
+                # stream that is flowing runs to its end, watched by the upstream read timeout between chunks.
+                job.scope.deadline = math.inf
             started = Started(
                 status=status, headers=headers, attempts=job.attempts, queued=self._timings(job).queued, streaming=True
             )
@@ -1119,7 +1127,8 @@ class Scheduler:
             self._finish_error(
                 job,
                 ErrorKind.SHUTTING_DOWN,
-                "the engine shut down before the upstream answered; the upstream may have processed it",
+                f"the engine shut down {SHUTDOWN_CUT_STREAM if job.committed else SHUTDOWN_NO_ANSWER}; "
+                "the upstream may have processed it",
             )
         if unfinished:
             log.warning("cancelled %d requests still in flight at the end of the grace period", len(unfinished))

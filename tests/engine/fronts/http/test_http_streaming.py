@@ -33,7 +33,8 @@ def settled(lane: dict[str, Any]) -> bool:
 
 
 def stream_chat_sync(client: openai.OpenAI, **options: Any) -> list[Any]:
-    chunks = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, stream=True, **options)
+    options = {"max_tokens": 30, **options}
+    chunks = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **options)
     with chunks:
         return list(chunks)
 
@@ -150,6 +151,19 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream_stream(short_
         # The engine carries on.
         with unix_sdk(engine, max_retries=0) as sdk:
             assert (await in_thread(stream_chat_sync, sdk))[-1].choices[0].finish_reason
+
+
+async def test_the_sdk_read_timeout_bounds_the_wait_for_a_stream_not_its_length(short_tmp: Path) -> None:
+    """The SDK's timeout is httpx's read timeout: the longest gap between two reads. A stream that outlasts it
+    while its chunks keep coming is fine talking to the upstream directly, so it must be through the engine."""
+    tokens = 40
+    long_replies = {"output_tokens_min": 1000, "output_tokens_max": 1000}  # every reply runs to max_tokens
+    async with simulator(per_token_latency_ms=50.0, **long_replies) as url, http_engine(short_tmp, url) as (engine, _):
+        with unix_sdk(engine, max_retries=0, timeout=1.5) as sdk:  # 40 tokens at 50 ms: about 2 s in all
+            chunks = await in_thread(stream_chat_sync, sdk, max_tokens=tokens)
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len(content.split()) == tokens
 
 
 async def test_a_stream_that_breaks_after_it_started_ends_with_an_error_event(short_tmp: Path) -> None:
