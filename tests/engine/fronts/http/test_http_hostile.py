@@ -120,12 +120,15 @@ async def test_the_engine_takes_all_the_open_files_its_hard_limit_allows(short_t
 
 async def test_http2_in_cleartext_follows_the_same_rules(short_tmp: Path) -> None:
     """hypercorn also speaks HTTP/2 without TLS (prior knowledge): the key is required just the same."""
-    async with simulator() as url, http_engine(short_tmp, url) as (_, tcp_url):
-        async with httpx.AsyncClient(http1=False, http2=True) as http:
-            refused = await http.post(tcp_url + "/chat/completions", content=CHAT)
-            served = await http.post(
-                tcp_url + "/chat/completions", content=CHAT, headers={"authorization": f"Bearer {CLIENT_KEY}"}
-            )
+    async with (
+        simulator() as url,
+        http_engine(short_tmp, url) as (_, tcp_url),
+        httpx.AsyncClient(http1=False, http2=True) as http,
+    ):
+        refused = await http.post(tcp_url + "/chat/completions", content=CHAT)
+        served = await http.post(
+            tcp_url + "/chat/completions", content=CHAT, headers={"authorization": f"Bearer {CLIENT_KEY}"}
+        )
     assert refused.http_version == served.http_version == "HTTP/2"
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     assert served.status_code == 200 and served.json()["choices"]
