@@ -77,6 +77,7 @@ async def main(args: argparse.Namespace) -> None:
     config = Config()
     config.bind = [f"unix:{args.socket}"]
     config.accesslog = None
+    config.errorlog = None  # its "Running on ..." line would land in the middle of the bench's table
     config.include_server_header = False
     config.keep_alive_timeout = 75.0
     relay = BareRelay(args.upstream, os.environ.get("OPENAI_API_KEY", "unused"), args.connections)
