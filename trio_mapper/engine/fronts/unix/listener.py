@@ -1,4 +1,5 @@
-"""The engine's Unix-domain listening socket: created safely, refused when another engine owns it.
+"""The engine's Unix-domain listening socket: created safely, refused when another engine owns it; and the
+accept loop every listener of the engine runs (`accept_forever`), Unix or TCP, msgpack or HTTP.
 
 Trio has no Unix listener of its own, so this builds one the way `trio.open_tcp_listeners` does: create,
 bind, listen, wrap in `trio.SocketListener`, close on error.
