@@ -18,7 +18,7 @@ import trio
 
 from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finished, Outcome, RequestSpec, Started
-from trio_mapper.engine.core.scheduler import Job, JobState, Scheduler
+from trio_mapper.engine.core.scheduler import RELAY_STALL_TIMEOUT, Job, JobState, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.client import Upstream
@@ -784,3 +784,37 @@ async def test_a_bug_while_admitting_gives_the_slot_and_the_budget_back(
     assert isinstance(replies["good"], Result)
     assert limiter.borrowed_tokens == 0 and ledger_stats.in_flight == 0
     assert (ledger_stats.reservations, ledger_stats.refunds) == (2, 1)
+
+
+async def test_a_stream_its_client_does_not_read_is_ended_and_frees_its_slot(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that stops reading must not hold an upstream slot for as long as it keeps its connection."""
+    chunk = b'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if b'"stream":true' in request.content:
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chunk * 50)
+        return ok_response(request)
+
+    class Stalled(Sink):
+        async def relay(self, request_id: Any, chunk: Chunk) -> None:
+            await super().relay(request_id, chunk)
+            await trio.sleep_forever()  # never reads on
+
+    stalled, other = Stalled("stalled"), Sink("other")
+    async with scheduler_with(handler, estimator, concurrency=1) as scheduler:
+        streamed = chat(1)
+        submit(scheduler, stalled, msgspec.structs.replace(streamed, body={**streamed.body, "stream": True}))
+        await stalled.arrived.wait()
+        started = trio.current_time()
+        submit(scheduler, other, chat(2))
+        await other.wait_for(1)
+        waited = trio.current_time() - started
+        await stalled.wait_for(1)
+        engine, _ = scheduler.statistics()
+    assert waited == pytest.approx(RELAY_STALL_TIMEOUT, abs=1)
+    (cut,) = stalled.replies
+    assert isinstance(cut, Error) and cut.kind == "timeout" and "read none of this stream" in cut.message
+    assert isinstance(other.replies[0], Result)
+    assert engine["outstanding"] == 0 and engine["in_flight"] == 0

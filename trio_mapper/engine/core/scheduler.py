@@ -76,6 +76,8 @@ from trio_mapper.text import shorten
 
 log = logging.getLogger("trio_mapper.scheduler")
 
+#: How long a stream's next chunk may wait for its client to read before the stream is ended (`_relay`).
+RELAY_STALL_TIMEOUT: Final = 60.0
 #: How an in-flight request cut by the end of the shutdown grace period was left.
 SHUTDOWN_NO_ANSWER: Final = "before the upstream answered"
 SHUTDOWN_CUT_STREAM: Final = "while the upstream's answer was streaming (what arrived was relayed, the rest is lost)"
@@ -948,11 +950,22 @@ class Scheduler:
             )
             self._report(owner, job.request_id, started)
         try:
-            await owner.relay(job.request_id, chunk)
+            with trio.move_on_after(RELAY_STALL_TIMEOUT) as waiting:
+                await owner.relay(job.request_id, chunk)
         except Exception:
             # The front failed to take a chunk: this request ends (internal_error, which cancels this
             # attempt); the engine and the other requests go on.
             self._internal_error(job, "relaying a chunk of")
+            return
+        if waiting.cancelled_caught:
+            # The client has read nothing for that long: its stream would hold a concurrency slot (and the
+            # upstream's generation) for as long as it keeps the connection open, at everyone else's expense.
+            self._finish_error(
+                job,
+                ErrorKind.TIMEOUT,
+                f"the client read none of this stream for {RELAY_STALL_TIMEOUT:.0f}s, so the engine ended it to "
+                "free its upstream slot; read streams as they come",
+            )
 
     def _settle(
         self,
