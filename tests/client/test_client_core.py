@@ -259,6 +259,15 @@ def test_requests_larger_than_the_engine_accepts_are_refused_locally() -> None:
     assert connection.submit(chat())[0] == 2
 
 
+def test_bodies_msgpack_cannot_carry_are_refused_locally_and_the_connection_goes_on() -> None:
+    connection = opened()
+    for body in ({"n": 2**70}, {"n": -(2**64)}):
+        with pytest.raises(InvalidRequestError, match="cannot be encoded as msgpack"):
+            connection.submit(Request(ENDPOINT, body))
+    assert dict(connection.outstanding) == {}
+    assert connection.submit(chat())[0] == 3
+
+
 def test_cancel_sends_frames_for_submits_only_and_drops_late_replies() -> None:
     connection = opened()
     submit_id, _ = connection.submit(chat())

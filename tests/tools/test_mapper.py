@@ -586,6 +586,13 @@ def test_bad_priority_or_client_name_is_a_usage_error(
 # --- trio_mapper.jsonl ---------------------------------------------------------------------------------------
 
 
+def test_a_line_nested_too_deeply_is_a_bad_line_and_a_byte_order_mark_is_skipped() -> None:
+    deep = parse_line(b"[" * 5000 + b"]" * 5000, 2, CHAT)
+    assert isinstance(deep, BadLine) and "nested too deeply" in deep.message
+    marked = parse_line(b"\xef\xbb\xbf" + json.dumps(chat_body("x")).encode(), 1, CHAT)
+    assert not isinstance(marked, BadLine) and marked is not None and marked.body == chat_body("x")
+
+
 def test_parse_line_formats() -> None:
     batch = parse_line(json.dumps(batch_line("a", chat_body("x"), metadata=None)).encode(), 3, CHAT)
     assert isinstance(batch, InputRequest)

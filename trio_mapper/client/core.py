@@ -47,6 +47,7 @@ from trio_mapper.client.errors import (
     TrioMapperError,
     make_error,
 )
+from trio_mapper.text import shorten
 from trio_mapper.wire import (
     LENGTH_PREFIX,
     PRIORITY_CLASSES,
@@ -542,7 +543,17 @@ class ClientConnection:
             max_attempts=request.max_attempts,
             priority=priority,
         )
-        frame = self._codec.encode(message)
+        try:
+            frame = self._codec.encode(message)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
+            # What msgpack cannot carry (an integer beyond 64 bits, an object, nesting beyond its limit) is
+            # this request's fault, answered like any other invalid request: the others carry on.
+            raise InvalidRequestError(
+                "invalid_request",
+                f"the request cannot be encoded as msgpack ({shorten(str(exc) or type(exc).__name__, 200)}); "
+                "bodies are JSON values: objects, arrays, strings, numbers within 64 bits, booleans and null",
+                request_id=request_id,
+            ) from None
         size, limit = len(frame) - LENGTH_PREFIX.size, self.welcome.max_frame_bytes
         if size > limit:
             raise InvalidRequestError(

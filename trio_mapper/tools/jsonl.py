@@ -72,6 +72,9 @@ def line_id(line_no: int) -> str:
     return f"line-{line_no}"
 
 
+_UTF8_BOM: Final = b"\xef\xbb\xbf"
+
+
 def parse_line(raw: bytes, line_no: int, default_endpoint: str) -> InputRequest | BadLine | None:
     """Turn one input line into a request, a `BadLine`, or None for a blank line.
 
@@ -83,10 +86,14 @@ def parse_line(raw: bytes, line_no: int, default_endpoint: str) -> InputRequest 
     if not raw.strip():
         return None
     own_id = line_id(line_no)
+    if line_no == 1 and raw.startswith(_UTF8_BOM):
+        raw = raw[len(_UTF8_BOM) :]  # what some editors put at the start of a UTF-8 file
     try:
         value = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         return BadLine(line_no, own_id, f"line {line_no}: not valid JSON ({exc})")
+    except RecursionError:
+        return BadLine(line_no, own_id, f"line {line_no}: nested too deeply to decode (bodies nest a few levels)")
     if not isinstance(value, dict):
         return BadLine(line_no, own_id, f"line {line_no}: expected a JSON object, got {_json_type(value)}")
     has_metadata = "metadata" in value
