@@ -16,6 +16,7 @@ from conftest import ROOT, running_engine, simulator
 
 from trio_mapper import AsyncClient
 from trio_mapper.tools.status import render
+from trio_mapper.wire import PROTOCOL_VERSION, Welcome, engine_codec
 
 #: A model name as a hostile client might send it: set the terminal's title, clear the screen, a C1 CSI,
 #: DEL, a forged line, and rich markup that would recolour (or hide) the rest of the table.
@@ -216,3 +217,30 @@ def test_tenant_strings_are_shown_as_text_never_acted_on(
     for prefix in ("p:", "r:", "t:"):
         assert f"{prefix}{SHOWN}" in plain
     assert not any(line.startswith("forged") for line in plain.splitlines())
+
+
+async def test_an_engine_that_takes_the_connection_but_never_answers_is_reported(short_tmp: Path) -> None:
+    """A wedged engine still completes the handshake (or something else on its socket does): status must say
+    so in bounded time rather than hang."""
+    socket = short_tmp / "wedged.sock"
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(str(socket))
+    listener.listen()
+    welcome = engine_codec().encode(
+        Welcome(protocol=PROTOCOL_VERSION, server="wedged", max_frame_bytes=1 << 20, body_format="msgpack", minor=1)
+    )
+
+    async def serve_welcome_only() -> None:
+        connection, _ = await listener.accept()
+        with connection:
+            await connection.recv(65536)  # the hello
+            await connection.send(welcome)
+            await trio.sleep_forever()  # the stats request is never answered
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_welcome_only)
+        status, stdout, stderr = await run_status(socket, "--timeout", "1")
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert status == 3 and stdout == ""
+    assert "did not answer within 1 s" in stderr and "Traceback" not in stderr

@@ -370,13 +370,17 @@ class Client:
         )
         return self._map(iter(requests), state)
 
-    def stats(self) -> dict[str, Any]:
-        """The engine's counters: ``{"engine": {...}, "lanes": {lane: {...}}}``."""
+    def stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """The engine's counters: ``{"engine": {...}, "lanes": {lane: {...}}}``.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed without the answer (None: wait as long as it takes).
+        """
         waiter = _Waiter()
         with self._lock:
             request_id, frame = self._core.stats(waiter)
             self._queue(frame)
-        stats: dict[str, Any] = unwrap(self._wait(request_id, waiter))
+        stats: dict[str, Any] = unwrap(self._wait(request_id, waiter, timeout))
         return stats
 
     def ping(self) -> float:
@@ -481,11 +485,11 @@ class Client:
             with contextlib.suppress(OSError):
                 self._wake_write.send(b"\0")
 
-    def _wait(self, request_id: RequestId, waiter: _Waiter) -> Reply:
-        """The reply for ``request_id``; if this call ends otherwise (ConnectionLost, Ctrl+C), the request is
-        cancelled in the engine."""
+    def _wait(self, request_id: RequestId, waiter: _Waiter, timeout: float | None = None) -> Reply:
+        """The reply for ``request_id``; if this call ends otherwise (ConnectionLost, Ctrl+C, ``timeout``),
+        the request is cancelled in the engine."""
         try:
-            self._progress(lambda: waiter.reply is not None)
+            self._progress(lambda: waiter.reply is not None, timeout)
         finally:
             if waiter.reply is None:
                 self._give_up((request_id,))

@@ -21,9 +21,21 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 
+#: How long `trio-mapper status` waits for the statistics once connected (a busy engine answers in well
+#: under a second).
+STATS_TIMEOUT: Final = 10.0
+
+
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, metavar="PATH", help="engine socket (default: $TRIO_MAPPER_SOCKET, …)")
     parser.add_argument("--json", action="store_true", help="print the raw counters as JSON, for scripts")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=STATS_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for the engine's answer once connected (default {STATS_TIMEOUT:.0f})",
+    )
 
 
 def _text(value: Any) -> str:
@@ -175,9 +187,16 @@ def _tenants_table(tenants: dict[str, Any]) -> Table:
 def run_status(args: argparse.Namespace) -> int:
     try:
         with Client(args.socket, client_name="trio-mapper status") as client:
-            stats = client.stats()
+            stats = client.stats(timeout=args.timeout)
     except EngineUnavailable as exc:
         print(f"trio-mapper status: {exc}", file=sys.stderr)
+        return 3
+    except TimeoutError:
+        print(
+            "trio-mapper status: the engine took the connection but did not answer within "
+            f"{args.timeout:g} s; it may be wedged (see its log, or `systemctl status`)",
+            file=sys.stderr,
+        )
         return 3
     except TrioMapperError as exc:
         print(f"trio-mapper status: the engine answered with an error: {_text(exc)}", file=sys.stderr)
