@@ -26,6 +26,7 @@ from trio_mapper.engine.budget.shared import (
     SharedBudget,
     SharedBudgetSettings,
     SharedMeter,
+    canonical_api,
     key_identity,
 )
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
@@ -155,6 +156,22 @@ def mark_id(reservation: Reservation) -> str:
 
 
 # --- atomicity -------------------------------------------------------------------------------------------------
+
+
+def test_engines_that_spell_one_api_differently_share_its_budget() -> None:
+    same = [
+        "http://127.0.0.1:18001/v1",
+        "http://127.0.0.1:18001/v1/",
+        "HTTP://127.0.0.1:18001/v1",
+        "http://127.0.0.1:18001/v1/../v1",
+        " http://127.0.0.1:18001/v1 ",
+    ]
+    assert len({key_identity(API_KEY, url) for url in same}) == 1
+    assert key_identity(API_KEY, "https://api.openai.com:443/v1/") == key_identity(API_KEY, "https://API.openai.com/v1")
+    others = ["http://127.0.0.1:18002/v1", "http://127.0.0.1:18001/v2", "https://127.0.0.1:18001/v1"]
+    assert len({key_identity(API_KEY, url) for url in [same[0], *others]}) == 4
+    assert key_identity(API_KEY, same[0]) != key_identity(API_KEY + "x", same[0])
+    assert canonical_api("http://[::1]:8000/v1/") == "http://[::1]:8000/v1"
 
 
 async def test_concurrent_engines_never_grant_more_than_the_limit(redis: RedisServer) -> None:

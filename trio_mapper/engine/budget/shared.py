@@ -21,8 +21,10 @@ import itertools
 import logging
 import math
 import os
+import posixpath
 import random
 import socket
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, final
 
@@ -95,9 +97,27 @@ class SharedBudgetSettings:
 
 
 def key_identity(api_key: str, base_url: str) -> str:
-    """What names a key's budget in Redis: a hash of the key and its API, never the key itself."""
-    digest = hashlib.sha256(b"trio-mapper budget\0" + base_url.encode() + b"\0" + api_key.encode())
+    """What names a key's budget in Redis: a hash of the key and its API, never the key itself.
+
+    The base URL is taken as the upstream reads it (`canonical_api`), so engines whose settings spell the same
+    API differently (a trailing slash, upper case) still share one budget.
+    """
+    digest = hashlib.sha256(b"trio-mapper budget\0" + canonical_api(base_url).encode() + b"\0" + api_key.encode())
     return digest.hexdigest()[:24]
+
+
+def canonical_api(base_url: str) -> str:
+    """``base_url`` with its scheme and host in lower case, without the scheme's default port, dot segments
+    or a trailing slash."""
+    parts = urllib.parse.urlsplit(base_url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    if parts.port is not None and (scheme, parts.port) not in {("http", 80), ("https", 443)}:
+        host = f"{host}:{parts.port}"
+    path = posixpath.normpath(parts.path) if parts.path else ""
+    return f"{scheme}://{host}{'' if path in {'.', '/'} else path.rstrip('/')}"
 
 
 @attrs.frozen
