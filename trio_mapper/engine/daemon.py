@@ -366,6 +366,7 @@ class Engine:
                     # What the last replies taught the shared budget reaches Redis if it can, briefly.
                     with trio.move_on_after(SETTLE_AT_EXIT_TIMEOUT):
                         await self.shared_budget.flush()
+                        await self.shared_budget.leave()
                 for connection in list(self._connections):
                     connection.begin_close()
                 http.begin_close()

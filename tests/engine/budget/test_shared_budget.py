@@ -615,6 +615,14 @@ async def wait_for_engines(group: Sequence[Engine], count: int) -> None:
             await trio.sleep(0.02)
 
 
+async def test_an_engine_that_stops_cleanly_stops_counting_at_once(redis: RedisServer) -> None:
+    """Otherwise the others go on dividing by it (local share) until its heartbeat expires, 30 s later."""
+    async with engines(redis, 2, Limits(rpm=1200, tpm=600_000)) as group:
+        await wait_for_engines(group, 2)
+        await group[1].budget.leave()
+        await wait_for_engines(group[:1], 1)
+
+
 @pytest.mark.usefixtures("quick_reconnect")
 async def test_local_share_divides_the_limits_by_the_engines_seen(redis: RedisServer) -> None:
     limits = Limits(rpm=1200, tpm=600_000)  # 20 requests a second; each of 2 engines may take 10 locally
