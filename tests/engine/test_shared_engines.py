@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import trio
-from conftest import running_engine, simulator
+from conftest import engine_command, engine_env, running_engine, simulator
 from raw_client import RawClient
 from redis_fixtures import redis_server
 
@@ -97,3 +97,22 @@ async def test_engines_sharing_a_redis_budget_stay_within_the_key_limits(short_t
         succeeded, upstream, _ = await engines_on_one_key(short_tmp / "local", url)
         assert succeeded == [PER_ENGINE] * ENGINES  # the engines absorb the 429s, but they were sent
         assert upstream["refused"] > 0, upstream
+
+
+async def test_an_engine_whose_redis_password_is_refused_does_not_start(short_tmp: Path) -> None:
+    """A mistyped password is a mistake to fix, not an outage to wait out with every request held."""
+    wrong = short_tmp / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+    async with simulator() as url, redis_server() as redis:
+        await redis.command("CONFIG", "SET", "requirepass", "the-password")
+        budget = ("--budget", redis.url, "--budget-password-file", str(wrong))
+        command = engine_command(short_tmp / "engine.sock", url, *budget)
+        with trio.fail_after(30):
+            done = await trio.run_process(command, env=engine_env(), capture_stderr=True, check=False)
+        await redis.command("AUTH", "the-password")
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert "refused the engine's credentials" in stderr and "--budget-password-file" in stderr
+    assert "not-the-password" not in stderr
+    assert not (short_tmp / "engine.sock").exists()

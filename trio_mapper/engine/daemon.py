@@ -26,7 +26,13 @@ import trio
 from trio_mapper._version import __version__
 from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.budget.local import LocalMeter
-from trio_mapper.engine.budget.shared import SharedBudget, SharedBudgetSettings, key_identity
+from trio_mapper.engine.budget.shared import (
+    BudgetRefused,
+    SharedBudget,
+    SharedBudgetSettings,
+    check_credentials,
+    key_identity,
+)
 from trio_mapper.engine.core.scheduler import MAX_LANES, JobRecord, Scheduler
 from trio_mapper.engine.core.tenants import ClientIdentity, Price, Prices, tenants_from_config
 from trio_mapper.engine.estimate.tokens import TokenEstimator
@@ -251,6 +257,7 @@ class Engine:
             # A stop requested before now (a signal recorded before the Trio run) creates nothing at all.
             if not self._shutdown_requested.is_set():
                 with self._starting:
+                    await self._check_budget_credentials()
                     listener, socket_file = await self._open_listener()
                     await self._open_http_listeners(systemd_socket=socket_file is None)
                     # Building the clients takes a while (an SSL context each) and cannot be interrupted: a
@@ -371,6 +378,18 @@ class Engine:
                     connection.begin_close()
                 http.begin_close()
             root.cancel_scope.cancel()
+
+    async def _check_budget_credentials(self) -> None:
+        """A shared budget whose Redis refuses the password is a mistake to fix, not an outage to wait out.
+
+        Raises:
+            ListenerError: Redis refused the credentials (the engine does not start).
+        """
+        if self.shared_budget is not None:
+            try:
+                await check_credentials(self.shared_budget.settings)
+            except BudgetRefused as exc:
+                raise ListenerError(str(exc)) from None
 
     async def _open_listener(self) -> tuple[trio.SocketListener, OwnedSocketFile | None]:
         """systemd's socket when it passed one, else our own at --socket (then None: nothing of ours to remove).

@@ -297,7 +297,8 @@ class SharedBudget:
                 if policy == "wait"
                 else f"using 1/{self.engines} of the limits locally (failure policy 'local-share')"
             )
-            log.error("shared budget: Redis unreachable (%s); %s", str(exc) or type(exc).__name__, what)
+            how = "refused the engine's credentials" if isinstance(exc, _REFUSALS) else "unreachable"
+            log.error("shared budget: Redis %s (%s); %s", how, str(exc) or type(exc).__name__, what)
             self._wake_heartbeat.set()  # try again in RECONNECT_INTERVAL, not at the next heartbeat
 
     def _came_back(self) -> None:
@@ -408,6 +409,34 @@ class SharedBudget:
             "failures": self.failures,
             "failure_policy": self.settings.failure_policy,
         }
+
+
+class BudgetRefused(Exception):
+    """Redis answered but refused the engine's credentials; the message says what to check."""
+
+
+#: What Redis answers a client whose password (or user) is wrong, missing, or not allowed the commands.
+_REFUSALS: Final = (coredis.exceptions.AuthenticationError, coredis.exceptions.AuthorizationError)
+
+
+async def check_credentials(settings: SharedBudgetSettings) -> None:
+    """Raises `BudgetRefused` when Redis answers but refuses the engine's credentials: a mistyped password
+    would otherwise look like an outage for ever (the failure policy holding every request). Redis not
+    answering at all is not an error here: the failure policy covers it once the engine serves."""
+    refusal: BaseException | None = None
+    try:
+        with trio.move_on_after(4 * settings.timeout):
+            async with _client(settings) as client:
+                await client.ping()
+    except* _REFUSALS as group:
+        refusal = group.exceptions[0]
+    except* (OSError, coredis.exceptions.RedisError):
+        pass  # unreachable or unwell now: the failure policy deals with it while serving
+    if refusal is not None:
+        raise BudgetRefused(
+            f"Redis at {settings.url} refused the engine's credentials ({refusal}); check "
+            "--budget-password-file (or TRIO_MAPPER_BUDGET_PASSWORD) and the user in --budget"
+        )
 
 
 def _client(settings: SharedBudgetSettings) -> coredis.Redis[bytes]:
