@@ -28,6 +28,7 @@ from trio_mapper.tools.jsonl import (
     LineSplitter,
     OutputFileError,
     OutputWriter,
+    OverlongLine,
     count_lines,
     encode_record,
     failure_record,
@@ -628,12 +629,25 @@ def test_parse_line_bad_lines(line: bytes, custom_id: str, needle: str) -> None:
 def test_line_splitter_any_chunking(size: int) -> None:
     data = b'{"a": 1}\n\n{"long": "' + b"x" * 5000 + b'"}\r\n{"b": 2}\n{"no": "newline"}'
     splitter = LineSplitter()
-    lines: list[bytes] = []
+    lines: list[bytes | OverlongLine] = []
     for start in range(0, len(data), size):
         lines.extend(splitter.feed(data[start : start + size]))
     assert splitter.finish() == b'{"no": "newline"}'
     assert splitter.finish() is None
     assert lines == data.splitlines(keepends=True)[:-1]
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 10_000])
+def test_a_line_over_the_limit_is_counted_not_kept(size: int) -> None:
+    data = b'{"a": 1}\n' + b"x" * 5000 + b'\n{"b": 2}\n' + b"y" * 300
+    splitter = LineSplitter(max_line_bytes=1000)
+    lines: list[bytes | OverlongLine] = []
+    for start in range(0, len(data), size):
+        lines.extend(splitter.feed(data[start : start + size]))
+    assert lines == [b'{"a": 1}\n', OverlongLine(5001), b'{"b": 2}\n']
+    assert splitter.finish() == b"y" * 300
+    bad = parse_line(OverlongLine(5001), 2, CHAT)
+    assert isinstance(bad, BadLine) and "5001 bytes long" in bad.message
 
 
 def test_line_splitter_empty_input_and_final_newline() -> None:

@@ -75,7 +75,7 @@ def line_id(line_no: int) -> str:
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
 
 
-def parse_line(raw: bytes, line_no: int, default_endpoint: str) -> InputRequest | BadLine | None:
+def parse_line(raw: bytes | OverlongLine, line_no: int, default_endpoint: str) -> InputRequest | BadLine | None:
     """Turn one input line into a request, a `BadLine`, or None for a blank line.
 
     Args:
@@ -83,9 +83,13 @@ def parse_line(raw: bytes, line_no: int, default_endpoint: str) -> InputRequest 
         line_no: its 1-based number, for ids and messages.
         default_endpoint: the endpoint of plain-body lines (the Batch format names its own ``url``).
     """
+    own_id = line_id(line_no)
+    if isinstance(raw, OverlongLine):
+        return BadLine(
+            line_no, own_id, f"line {line_no}: {raw.size} bytes long, more than a request can be (read no further)"
+        )
     if not raw.strip():
         return None
-    own_id = line_id(line_no)
     if line_no == 1 and raw.startswith(_UTF8_BOM):
         raw = raw[len(_UTF8_BOM) :]  # what some editors put at the start of a UTF-8 file
     try:
@@ -136,39 +140,65 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class OverlongLine:
+    """Stands for a line longer than `LineSplitter` keeps: only its size is known."""
+
+    size: int
+
+
+#: The longest line `LineSplitter` holds (what it stands for a longer one with is an `OverlongLine`): far more
+#: than the engine accepts in a frame by default (4 MiB), so the engine's own limit is what applies, and a
+#: stray line of gigabytes cannot take the memory with it.
+MAX_LINE_BYTES: Final = 64 * 1024 * 1024
+
+
 class LineSplitter:
     """Cuts bytes that arrive in chunks of any size into lines; it does no I/O, its caller reads.
 
     Lines keep their ``b"\\n"``, like iterating over a binary file; a line longer than a chunk is assembled
-    from its parts. `finish` returns a last line that has no newline.
+    from its parts, one longer than ``max_line_bytes`` is dropped as it comes and stood for by an
+    `OverlongLine`. `finish` returns a last line that has no newline.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._max_line_bytes = max_line_bytes
         #: The start of a line whose newline has not arrived yet, in parts (joined once, when it ends).
         self._partial: list[bytes] = []
+        self._partial_size = 0
+        #: The current line is over the limit: its parts are counted, not kept.
+        self._overlong = False
 
-    def feed(self, chunk: bytes) -> list[bytes]:
+    def feed(self, chunk: bytes) -> list[bytes | OverlongLine]:
         """The lines that `chunk` completes, in order (none if it holds no newline)."""
-        lines: list[bytes] = []
+        lines: list[bytes | OverlongLine] = []
         start = 0
         while (end := chunk.find(b"\n", start)) != -1:
-            line = chunk[start : end + 1]
-            if self._partial:
-                self._partial.append(line)
-                line = b"".join(self._partial)
-                self._partial.clear()
-            lines.append(line)
+            self._add(chunk[start : end + 1])
+            lines.append(self._take())
             start = end + 1
         if start < len(chunk):
-            self._partial.append(chunk[start:])
+            self._add(chunk[start:])
         return lines
 
-    def finish(self) -> bytes | None:
+    def finish(self) -> bytes | OverlongLine | None:
         """At the end of the input: its last line if that had no newline, else None."""
-        if not self._partial:
-            return None
-        line = b"".join(self._partial)
+        return self._take() if self._partial_size else None
+
+    def _add(self, part: bytes) -> None:
+        self._partial_size += len(part)
+        if self._partial_size > self._max_line_bytes:
+            self._overlong = True
+            self._partial.clear()
+        elif not self._overlong:
+            self._partial.append(part)
+
+    def _take(self) -> bytes | OverlongLine:
+        line: bytes | OverlongLine = (
+            OverlongLine(self._partial_size) if self._overlong else b"".join(self._partial)
+        )
         self._partial.clear()
+        self._partial_size, self._overlong = 0, False
         return line
 
 
@@ -414,12 +444,14 @@ class OutputWriter:
 
 
 __all__ = [
+    "MAX_LINE_BYTES",
     "BadLine",
     "InputRequest",
     "LineSplitter",
     "OutputFileError",
     "OutputScan",
     "OutputWriter",
+    "OverlongLine",
     "count_lines",
     "encode_record",
     "failure_record",

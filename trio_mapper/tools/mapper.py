@@ -38,6 +38,7 @@ from trio_mapper.tools.jsonl import (
     OutputFileError,
     OutputScan,
     OutputWriter,
+    OverlongLine,
     count_lines,
     failure_record,
     parse_line,
@@ -166,7 +167,7 @@ class InputReader:
         self._splitter = LineSplitter()
         self._eof = False
 
-    async def read_lines(self) -> list[bytes]:
+    async def read_lines(self) -> list[bytes | OverlongLine]:
         """The next lines, with their newlines (at least one), or an empty list at the end of the input."""
         while not self._eof:
             chunk = await self._read()
@@ -330,7 +331,7 @@ class MapJob:
                 if (request := self._request_of(raw, line_no)) is not None:
                     yield request
 
-    def _request_of(self, raw: bytes, line_no: int) -> InputRequest | None:
+    def _request_of(self, raw: bytes | OverlongLine, line_no: int) -> InputRequest | None:
         """The request of one input line, or None when the line was dealt with here."""
         counters = self.counters
         parsed = parse_line(raw, line_no, self._endpoint)
