@@ -66,7 +66,6 @@ from trio_mapper.engine.upstream.client import (
     ReplyBody,
     Upstream,
     UpstreamReply,
-    check_forwarded_headers,
     forwarded_headers,
 )
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
@@ -272,6 +271,8 @@ class _Checked:
     #: The body to send upstream: the client's, or for a stream one that also asks for usage.
     body: Mapping[str, Any]
     stream: StreamPlan | None
+    #: The client's headers that go upstream (`forwarded_headers`).
+    headers: dict[str, str]
 
 
 @attrs.frozen
@@ -425,7 +426,7 @@ class Scheduler:
             received_at=checked.received_at,
             deadline=checked.deadline,
             max_attempts=checked.max_attempts,
-            headers=forwarded_headers(spec.headers),
+            headers=checked.headers,
             stream=checked.stream,
         )
         self._owners.setdefault(job.client_key, {})[job.request_id] = job
@@ -482,7 +483,7 @@ class Scheduler:
         if spec.deadline is not None and not (spec.deadline > 0 and math.isfinite(spec.deadline)):
             raise _Refused(ErrorKind.INVALID_REQUEST, "deadline must be a positive number of seconds")
         try:
-            check_forwarded_headers(spec.headers)
+            headers = forwarded_headers(spec.headers)
         except InvalidHeader as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
         model = spec.body.get("model")
@@ -517,6 +518,7 @@ class Scheduler:
             token_budget=self._ledger.configured_limits(lane_name).tpm,
             body=body,
             stream=stream,
+            headers=headers,
             tenant=tenant,
             rank=rank,
         )

@@ -188,25 +188,23 @@ def join_url(base_url: httpx.URL, relative_path: str) -> httpx.URL:
 
 
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The client headers the upstream may see: the allow-list only, values of visible ASCII (and spaces).
+    """The client headers the upstream may see: the allow-list only, by lower-case name.
 
-    Anything else is dropped here, as a last guard; `check_forwarded_headers` refuses it up front.
+    Raises:
+        InvalidHeader: an allow-listed header's value is not visible ASCII (and spaces), which HTTP cannot
+            carry as it is.
     """
-    return {
-        name.lower(): value
-        for name, value in headers.items()
-        if name.lower() in FORWARDED_REQUEST_HEADERS and _HEADER_VALUE.fullmatch(value)
-    }
-
-
-def check_forwarded_headers(headers: Mapping[str, str]) -> None:
-    """Raises `InvalidHeader` for an allow-listed header whose value cannot go upstream as it is."""
+    forwarded = {}
     for name, value in headers.items():
-        if name.lower() in FORWARDED_REQUEST_HEADERS and not _HEADER_VALUE.fullmatch(value):
+        if name.lower() not in FORWARDED_REQUEST_HEADERS:
+            continue
+        if not _HEADER_VALUE.fullmatch(value):
             raise InvalidHeader(
                 f"header {name} must be visible ASCII characters and spaces (it is passed to the upstream as it "
                 f"is); got {shorten(escape_control_characters(repr(value)), 80)}"
             )
+        forwarded[name.lower()] = value
+    return forwarded
 
 
 def useful_headers(headers: httpx.Headers) -> dict[str, str]:
