@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from trio_mapper.engine.core.outcome import Failed, ReplySink, RequestSpec
-from trio_mapper.engine.fronts.http.app import BODY_TIMEOUT, PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.http.app import BODY_TIMEOUT, PEER, TRANSPORT, OpenAIApp, Operation
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials
 from trio_mapper.kinds import ErrorKind
 
@@ -155,3 +155,31 @@ async def test_a_bug_anywhere_in_a_request_is_an_openai_shaped_500() -> None:
     status, headers, body = await call(OpenAIApp(Broken(answer=False), max_body_bytes=10_000), disconnect=True)
     assert status == 500 and headers["x-should-retry"] == "false"
     assert body["error"]["code"] == "internal_error"
+
+
+async def test_a_bug_in_an_operator_route_is_an_openai_shaped_500() -> None:
+    async def broken() -> Any:
+        raise RuntimeError("a bug in the metrics provider")
+
+    app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000, operations={"/metrics": Operation(broken)})
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/metrics",
+        "query_string": b"",
+        "headers": [],
+        "state": {TRANSPORT: "unix", PEER: ME},
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    assert sent[0]["status"] == 500 and headers["x-should-retry"] == "false"
+    assert json.loads(sent[1]["body"])["error"]["code"] == "internal_error"

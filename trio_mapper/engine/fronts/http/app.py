@@ -307,10 +307,7 @@ class OpenAIApp:
             return await _reply(
                 send, refusal.status, retry_headers(None), error_body(refusal.message, refusal.type, refusal.code)
             )
-        except Exception:
-            log.exception("internal error while answering GET %s", scope["path"])
-            message = "the engine failed on this request (a bug, logged by the engine); please report it"
-            return await _reply(send, 500, retry_headers(None), error_body(message, "server_error", "internal_error"))
+        # A provider's bug is the request fence's (`__call__`): an OpenAI-shaped 500, logged.
         headers = [(b"content-type", content_type.encode())]
         headers += [(name.encode(), value.encode()) for name, value in operation.headers]
         await send({"type": "http.response.start", "status": status, "headers": headers})
