@@ -5,6 +5,9 @@ Each test checks one behaviour and that every accepted request got exactly one f
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,8 +20,9 @@ import pytest
 import trio
 
 from trio_mapper.engine.budget import Ledger, Limits
+from trio_mapper.engine.core.background import WORKER_NICENESS
 from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finished, Outcome, RequestSpec, Started
-from trio_mapper.engine.core.scheduler import RELAY_STALL_TIMEOUT, Job, JobState, Scheduler
+from trio_mapper.engine.core.scheduler import LARGE_BODY_BYTES, RELAY_STALL_TIMEOUT, Job, JobState, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.client import Upstream
@@ -388,6 +392,37 @@ async def test_disconnect_cancels_silently(estimator: TokenEstimator, autojump_c
         assert engine["outstanding"] == 1
         await other.wait_for(1)
     assert isinstance(other.by_id()["x"], Result)
+
+
+async def test_a_large_body_is_counted_below_the_event_loops_priority(estimator: TokenEstimator) -> None:
+    # Counting a large body's tokens is background work: on a busy machine the kernel must give the event
+    # loop (everyone else's replies) the CPU first. Linux sets niceness per thread.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread niceness is Linux's")
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    counted_at: list[int] = []
+
+    class Watching:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(estimator, name)
+
+        def estimate(self, *args: Any, **kwargs: Any) -> Any:
+            counted_at.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return estimator.estimate(*args, **kwargs)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler._estimator = Watching()  # type: ignore[assignment]
+        message = chat(1)
+        spec = RequestSpec(endpoint=message.endpoint, body=message.body)
+        await scheduler.intake(sink, 1, spec, size_bytes=LARGE_BODY_BYTES)
+        await sink.wait_for(1)
+    assert isinstance(sink.by_id()[1], Result)
+    assert counted_at == [min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + WORKER_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_niceness
 
 
 async def test_queue_bound_and_too_large(estimator: TokenEstimator, autojump_clock: trio.testing.MockClock) -> None:

@@ -34,6 +34,7 @@ import msgspec
 import trio
 
 from trio_mapper.engine.budget import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
+from trio_mapper.engine.core.background import run_in_background
 from trio_mapper.engine.core.fair_queue import FairQueue
 from trio_mapper.engine.core.outcome import (
     Chunk,
@@ -87,8 +88,9 @@ MAX_LANES: Final = 256
 #: Longest model name accepted. Real names are a few dozen characters; the name is a lane's key and appears
 #: in every stats reply and log line about the lane.
 MAX_MODEL_NAME_CHARS: Final = 256
-#: Frames above this size have their tokens counted (and body encoded) in a worker thread: counting runs
-#: at about 10 MB/s, so a 64 KiB body costs the event loop a few milliseconds at most.
+#: Frames above this size have their tokens counted (and body encoded) in a worker thread below the event
+#: loop's priority (`run_in_background`): counting runs at about 10 MB/s, so a 64 KiB body costs the event
+#: loop a few milliseconds at most.
 LARGE_BODY_BYTES: Final = 64 * 1024
 #: What a request hears when a bug in the engine ended it.
 _BUG_MESSAGE: Final = "the engine failed on this request (a bug, logged by the engine); please report it"
@@ -382,7 +384,7 @@ class Scheduler:
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
         try:
-            measured = await trio.to_thread.run_sync(self._measure, spec, checked, limiter=self._tokenizer)
+            measured = await run_in_background(self._measure, spec, checked, limiter=self._tokenizer)
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
         self.submit(owner, request_id, spec, measured=measured, received_at=checked.received_at)
