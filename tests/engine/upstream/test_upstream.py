@@ -191,3 +191,38 @@ async def test_a_large_body_goes_upstream_in_pieces_with_its_length() -> None:
     assert "transfer-encoding" not in headers
     assert len(sizes) > 1 and max(sizes) <= 64 * 1024
     assert small == b"{}" and small_sizes == [2]
+
+
+async def test_a_redirect_is_an_answer_never_followed() -> None:
+    """Following it would send the key to whatever host the Location names."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(307, headers={"location": "https://evil.example/v1/chat/completions"})
+
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        max_connections=1,
+        transport=lambda: httpx.MockTransport(handler),
+    )
+    async with upstream:
+        reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
+    assert reply.status == 307
+    assert [request.url.host for request in seen] == ["api.openai.com"]
+
+
+async def test_a_failure_to_connect_carries_its_request_for_the_retry_policy() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        max_connections=1,
+        transport=lambda: httpx.MockTransport(handler),
+    )
+    async with upstream:
+        with pytest.raises(httpx.ConnectError) as excinfo:
+            await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
+    assert excinfo.value.request.url.host == "api.openai.com"
+    assert upstream.last_contact is not None and not upstream.last_contact.reachable
