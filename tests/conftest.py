@@ -85,6 +85,10 @@ async def wait_for_socket(path: Path, process: trio.Process, log_path: Path) -> 
                 return
 
 
+#: Flags after which the engine's HTTP socket is not at its default path (or not there at all).
+_HTTP_SOCKET_FLAGS = frozenset({"no-http-socket", "http-socket"})
+
+
 @asynccontextmanager
 async def running_engine(
     directory: Path, base_url: str, *extra: str, env: dict[str, str] | None = None
@@ -102,6 +106,10 @@ async def running_engine(
     engine = EngineProcess(process, socket, log_path)
     try:
         await wait_for_socket(socket, process, log_path)
+        if not any(flag.lstrip("-").partition("=")[0].replace("_", "-") in _HTTP_SOCKET_FLAGS for flag in extra):
+            # The HTTP socket is made just after the msgpack one, which accepts (into its backlog) as soon as
+            # it listens: a test that goes straight to the HTTP socket must wait for it too.
+            await wait_for_socket(Path(str(socket) + ".http"), process, log_path)
         yield engine
     finally:
         await stop_process(process, failed=sys.exc_info()[0] is not None)
