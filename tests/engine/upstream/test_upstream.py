@@ -1,5 +1,7 @@
 """Endpoint validation and joining: the key must never travel anywhere but the configured base URL."""
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 import trio
@@ -9,6 +11,15 @@ from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.client import InvalidEndpoint, Upstream, join_url, relative_api_path
 
 BASE = httpx.URL("https://api.openai.com/v1")
+
+
+def mock_upstream(handler: Callable[[httpx.Request], httpx.Response], *, max_connections: int = 1) -> Upstream:
+    """An `Upstream` on `BASE` whose every pool answers with ``handler``."""
+    return Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        max_connections=max_connections,
+        transport=lambda: httpx.MockTransport(handler),
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,11 +77,7 @@ async def test_upstream_sends_the_key_only_to_the_base_url() -> None:
         seen.append(request)
         return httpx.Response(200, json={"ok": True}, headers={"x-request-id": "req_1", "set-cookie": "a=b"})
 
-    upstream = Upstream(
-        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
-        max_connections=4,
-        transport=lambda: httpx.MockTransport(handler),
-    )
+    upstream = mock_upstream(handler, max_connections=4)
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.status == 200
@@ -85,11 +92,7 @@ async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(401, json={"error": {"message": "Incorrect API key provided: sk-test-secret-key"}})
 
-    upstream = Upstream(
-        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
-        max_connections=4,
-        transport=lambda: httpx.MockTransport(handler),
-    )
+    upstream = mock_upstream(handler, max_connections=4)
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.body.decoded() == {"error": {"message": "Incorrect API key provided: [REDACTED]"}}
@@ -144,11 +147,7 @@ async def test_cookies_the_upstream_sets_are_not_sent_back() -> None:
         seen.append(request)
         return httpx.Response(200, json={}, headers={"set-cookie": "__cf_bm=one-clients-cookie; Path=/"})
 
-    upstream = Upstream(
-        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
-        max_connections=1,
-        transport=lambda: httpx.MockTransport(handler),
-    )
+    upstream = mock_upstream(handler)
     async with upstream:
         for _ in range(2):
             await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
@@ -201,11 +200,7 @@ async def test_a_redirect_is_an_answer_never_followed() -> None:
         seen.append(request)
         return httpx.Response(307, headers={"location": "https://evil.example/v1/chat/completions"})
 
-    upstream = Upstream(
-        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
-        max_connections=1,
-        transport=lambda: httpx.MockTransport(handler),
-    )
+    upstream = mock_upstream(handler)
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.status == 307
@@ -216,11 +211,7 @@ async def test_a_failure_to_connect_carries_its_request_for_the_retry_policy() -
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused")
 
-    upstream = Upstream(
-        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
-        max_connections=1,
-        transport=lambda: httpx.MockTransport(handler),
-    )
+    upstream = mock_upstream(handler)
     async with upstream:
         with pytest.raises(httpx.ConnectError) as excinfo:
             await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
