@@ -217,3 +217,25 @@ async def test_a_failure_to_connect_carries_its_request_for_the_retry_policy() -
             await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert excinfo.value.request.url.host == "api.openai.com"
     assert upstream.last_contact is not None and not upstream.last_contact.reachable
+
+
+@pytest.mark.parametrize(
+    ("content_type", "content", "expected"),
+    [
+        ("application/json; charset=utf-8", '{"text": "café"}'.encode(), {"text": "café"}),
+        ("text/html; charset=iso-8859-1", "<p>Réessayez</p>".encode("latin-1"), "<p>Réessayez</p>"),
+        ("text/plain", "bad gateway: é".encode(), "bad gateway: é"),
+    ],
+)
+async def test_a_reply_body_is_read_as_json_or_as_text_in_its_charset(
+    content_type: str, content: bytes, expected: object
+) -> None:
+    """A proxy's error page in its own charset reaches the client legible; JSON is UTF-8 whatever it says."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, headers={"content-type": content_type}, content=content)
+
+    upstream = mock_upstream(handler)
+    async with upstream:
+        reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
+    assert reply.body.decoded() == expected
