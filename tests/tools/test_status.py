@@ -32,21 +32,19 @@ def control_characters(text: str) -> list[str]:
     return [char for char in text if unicodedata.category(char) == "Cc" and char != "\n"]
 
 
-def status_env(columns: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TRIO_MAPPER_"))}
-    # Not a TTY, so rich falls back to 80 columns and would squeeze the lane name; give the table room.
-    env["COLUMNS"] = str(columns)
-    return env
+def status_env() -> dict[str, str]:
+    # COLUMNS too: the output is a pipe, as it is for a script, which must see every name whole.
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TRIO_MAPPER_", "COLUMNS"))}
 
 
-async def run_status(socket: Path, *extra: str, columns: int = 200) -> tuple[int, str, str]:
+async def run_status(socket: Path, *extra: str) -> tuple[int, str, str]:
     with trio.fail_after(60):
         done = await trio.run_process(
             [sys.executable, "-m", "trio_mapper", "status", "--socket", str(socket), *extra],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env=status_env(columns),
+            env=status_env(),
             cwd=ROOT,
         )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
@@ -127,7 +125,7 @@ async def test_status_escapes_a_hostile_model_name_from_a_real_engine(short_tmp:
             with trio.move_on_after(30):  # answered or refused upstream, the lane exists either way
                 await client.request_result("/v1/chat/completions", body)
             assert HOSTILE in (await client.stats())["lanes"]
-        status, table, stderr = await run_status(engine.socket, columns=400)
+        status, table, stderr = await run_status(engine.socket)
     assert status == 0, stderr
     assert control_characters(table) == []
     assert SHOWN in table
@@ -244,3 +242,14 @@ async def test_an_engine_that_takes_the_connection_but_never_answers_is_reported
     listener.close()
     assert status == 3 and stdout == ""
     assert "did not answer within 1 s" in stderr and "Traceback" not in stderr
+
+
+def test_piped_output_cuts_no_name(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`trio-mapper status | grep MODEL` finds the model: not a terminal, so no width to fit the table into."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    model = "ft:gpt-4o-mini-2024-07-18:acme-research:nightly-classifier-v12:9ZxYwVuT"
+    lane = {"queued": 12345, "retry_wait": 0, "in_flight": 64, "succeeded": 1_234_567, "failed": 89,
+            "budget": {"tokens_used": 1_999_999, "token_capacity": 2_000_000}}  # fmt: skip
+    render({"engine": {"version": "1", "pid": 1, "socket": "/run/trio-mapper/engine.sock"}, "lanes": {model: lane}})
+    row = next(line for line in SGR.sub("", capsys.readouterr().out).splitlines() if "nightly" in line)
+    assert model in row and "1,234,567" in row

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 #: How long `trio-mapper status` waits for the statistics once connected (a busy engine answers in well
 #: under a second).
 STATS_TIMEOUT: Final = 10.0
+#: Columns assumed when the output is not a terminal: enough that no name or figure is ever cut.
+PIPE_WIDTH: Final = 10_000
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +63,10 @@ def render(stats: dict[str, Any]) -> None:
     from rich.text import Text
 
     engine = stats["engine"]
-    console = Console()
+    # On a terminal rich fits the tables to its width. Into a pipe or a file it would assume 80 columns and
+    # cut model names short ("gpt-4o-mini-2024-…"), which a script grepping for one would not find.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    console = Console(width=PIPE_WIDTH) if wide else Console()
     limits = engine.get("default_limits", {})
     # Text objects, not markup strings: rich reads no markup in them, so "[red]" in a name stays as it is.
     header = Text.assemble(
