@@ -345,6 +345,81 @@ async def test_deadline_while_queued(estimator: TokenEstimator, autojump_clock: 
     assert isinstance(replies[2], Error) and replies[2].kind == "timeout" and replies[2].attempts == 0
 
 
+def patient_chat(*, deadline: float, patience: float) -> RequestSpec:
+    """A chat as the HTTP front submits it for an SDK: a deadline short of the SDK's timeout, its patience."""
+    return RequestSpec(endpoint="/v1/chat/completions", body=chat(0).body, deadline=deadline, patience=patience)
+
+
+async def test_an_attempt_sent_before_the_deadline_runs_on_until_the_client_gives_up(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Cut at the deadline, an answer that would still reach the client in time is lost, and paid again."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(2.5)
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, 1, patient_chat(deadline=2.0, patience=3.0))
+        await sink.wait_for(1)
+    assert isinstance(sink.by_id()[1], Result)
+
+
+async def test_an_attempt_still_running_when_the_client_gives_up_is_cut_then(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(100)
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, 1, patient_chat(deadline=2.0, patience=3.0))
+        await sink.wait_for(1)
+        assert trio.current_time() == pytest.approx(3.0, abs=0.01)
+    reply = sink.by_id()[1]
+    assert isinstance(reply, Error) and reply.kind == "timeout" and reply.attempts == 1
+    assert "ran out while the upstream was still answering" in reply.message
+
+
+async def test_past_the_deadline_no_attempt_starts_however_patient_the_client(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The deadline is when a request not yet sent gets its `timeout`, before its client gives up."""
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, rpm=1) as scheduler:
+        submit(scheduler, sink, chat(1))
+        scheduler.submit(sink, 2, patient_chat(deadline=2.0, patience=30.0))
+        await sink.wait_for(2)
+        assert trio.current_time() == pytest.approx(2.0, abs=0.01)
+    reply = sink.by_id()[2]
+    assert isinstance(reply, Error) and reply.kind == "timeout" and reply.attempts == 0
+    assert "ran out while it waited for model 'gpt-4o-mini''s rpm/tpm budget" in reply.message
+
+
+async def test_a_client_that_waits_longer_than_the_read_timeout_gets_that_long(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A slow reasoning model and an SDK timeout of 30 minutes: the engine's 10 minutes would cut the attempt
+    and retry it from scratch, three times over."""
+    read_timeouts: list[float] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        read_timeouts.append(request.extensions["timeout"]["read"])
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler:
+        scheduler.submit(sink, 1, patient_chat(deadline=1799.0, patience=1800.0))
+        submit(scheduler, sink, chat(2, deadline=3000.0))  # a deadline is no patience: the read timeout holds
+        await sink.wait_for(2)
+    assert read_timeouts == [1800.0, 600.0]
+
+
 async def test_cancel_releases_the_reservation(
     estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -32,8 +32,15 @@ class RequestSpec:
     #: The JSON request body, decoded.
     body: Mapping[str, Any]
     method: str = "POST"
-    #: Seconds from acceptance; None: the engine's default deadline.
+    #: Seconds from acceptance; None: the engine's default deadline. Past it the request is answered
+    #: ``timeout`` if it has not been sent (waiting in a queue, or to retry); one already sent runs on until
+    #: ``patience``.
     deadline: float | None = None
+    #: Seconds from acceptance the client waits for its answer to begin, when that is longer than the
+    #: deadline (an SDK's read timeout, the deadline being set short of it so that a ``timeout`` answer
+    #: arrives first). An attempt in flight at the deadline runs on until then, since its answer may still
+    #: reach the client; cut at the deadline, the upstream's work would be lost and paid for again.
+    patience: float | None = None
     #: Upstream attempts that end in a fault; None: the engine's default.
     max_attempts: int | None = None
     #: Client headers to pass to the upstream. Only names in the upstream's allow-list

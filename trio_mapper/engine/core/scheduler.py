@@ -151,7 +151,13 @@ class Job:
     body: bytes | None
     estimate: TokenEstimate
     received_at: float
+    #: Past it, a job not in flight is answered ``timeout`` and no new attempt starts.
     deadline: float
+    #: When the client stops waiting (≥ deadline): an attempt in flight runs until then.
+    gives_up_at: float
+    #: Seconds the client said it waits for an answer (`RequestSpec.patience`): an attempt's upstream read
+    #: timeout stretches to it. None: the engine's read timeout.
+    patience: float | None
     max_attempts: int
     #: Client headers for the upstream, already filtered to the allow-list.
     headers: dict[str, str] = attrs.field(factory=dict)
@@ -264,6 +270,7 @@ class _Checked:
     #: When the front handed the request over: its deadline and timings count from here.
     received_at: float
     deadline: float
+    gives_up_at: float
     max_attempts: int
     #: The lane's whole per-minute token budget: counting a prompt stops there (read on the event loop, so
     #: the worker thread that measures never touches the ledger).
@@ -427,6 +434,8 @@ class Scheduler:
             estimate=measured.estimate,
             received_at=checked.received_at,
             deadline=checked.deadline,
+            gives_up_at=checked.gives_up_at,
+            patience=spec.patience,
             max_attempts=checked.max_attempts,
             headers=checked.headers,
             stream=checked.stream,
@@ -482,8 +491,9 @@ class Scheduler:
             raise _Refused(ErrorKind.INVALID_REQUEST, f"a streamed request must be a POST, not {method}")
         if spec.max_attempts is not None and spec.max_attempts < 1:
             raise _Refused(ErrorKind.INVALID_REQUEST, "max_attempts must be at least 1")
-        if spec.deadline is not None and not (spec.deadline > 0 and math.isfinite(spec.deadline)):
-            raise _Refused(ErrorKind.INVALID_REQUEST, "deadline must be a positive number of seconds")
+        for name, seconds in (("deadline", spec.deadline), ("patience", spec.patience)):
+            if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+                raise _Refused(ErrorKind.INVALID_REQUEST, f"{name} must be a positive number of seconds")
         try:
             headers = forwarded_headers(spec.headers)
         except InvalidHeader as exc:
@@ -510,12 +520,14 @@ class Scheduler:
         timeout = spec.deadline if spec.deadline is not None else self.default_deadline
         received_at = trio.current_time() if received_at is None else received_at
         lane_name = self._ledger.lane_name(model) if isinstance(model, str) and model else "default"
+        deadline = received_at + timeout if timeout is not None else math.inf
         return _Checked(
             method=method,
             url=url,
             lane_name=lane_name,
             received_at=received_at,
-            deadline=received_at + timeout if timeout is not None else math.inf,
+            deadline=deadline,
+            gives_up_at=max(deadline, received_at + spec.patience) if spec.patience is not None else deadline,
             max_attempts=spec.max_attempts or self._default_max_attempts,
             token_budget=self._ledger.configured_limits(lane_name).tpm,
             body=body,
@@ -862,7 +874,10 @@ class Scheduler:
             if not slot_taken or job.finished:
                 # Cancelled by the client, shutdown or the deadline before anything was sent.
                 if scope.cancelled_caught:
-                    self._expire(job)
+                    if reservation is None:
+                        self._expire(job, f"while it waited for model {lane.name!r}'s rpm/tpm budget")
+                    else:
+                        self._expire(job, "while it waited for a free upstream slot (max_concurrent_reqs)")
                 return
             assert reservation is not None  # the slot is taken only after the reservation
             self._set_state(job, JobState.IN_FLIGHT)
@@ -892,7 +907,8 @@ class Scheduler:
         reply: UpstreamReply | None = None
         failure: Exception | None = None
         try:
-            with trio.CancelScope(deadline=job.deadline) as scope:
+            # Sent, it runs past the deadline until the client gives up: its answer may still reach the client.
+            with trio.CancelScope(deadline=job.gives_up_at) as scope:
                 job.scope = scope
                 job.attempts += 1
                 started = trio.current_time()
@@ -900,7 +916,7 @@ class Scheduler:
                     if job.stream is not None:
                         reply = await self._stream(job, job.stream)
                     else:
-                        reply = await self._upstream.send(job.method, job.url, job.body, job.headers)
+                        reply = await self._upstream.send(job.method, job.url, job.body, job.headers, job.patience)
                 except Exception as exc:
                     failure = exc
                 finally:
@@ -921,7 +937,7 @@ class Scheduler:
         like any other. A reply that does not stream (an error, or an upstream that ignored ``stream``) comes
         back whole, as from `Upstream.send`.
         """
-        async with self._upstream.open_stream(job.method, job.url, job.body, job.headers) as opened:
+        async with self._upstream.open_stream(job.method, job.url, job.body, job.headers, job.patience) as opened:
             if isinstance(opened, UpstreamReply):
                 return opened
             relay = StreamRelay(plan)
@@ -985,7 +1001,7 @@ class Scheduler:
         if reply is None and failure is None:  # cancelled: by the client, shutdown (already answered) or deadline
             lane.budget.reconcile(reservation, prompt_tokens=None, snapshot=None)
             if cancelled:
-                self._expire(job)
+                self._expire(job, "while the upstream was still answering (the client has given up on it)")
             return
         usage = reply.usage() if reply is not None else None
         prompt_tokens = usage.prompt if usage is not None else None
@@ -1065,21 +1081,23 @@ class Scheduler:
             return self._finish_error(
                 job,
                 ErrorKind.TIMEOUT,
-                f"the deadline would pass before the next attempt (last answer: {verdict.reason}); "
-                "submit with a later deadline",
+                f"the request's time ({job.deadline - job.received_at:.3g}s) would run out before the next "
+                f"attempt (last answer: {verdict.reason}); give it more time (a longer timeout or deadline)",
                 reply,
             )
         lane.retries_made += 1
         self._set_state(job, JobState.RETRY_WAIT)
         self._retry_send.send_nowait((due, job))
 
-    def _expire(self, job: Job) -> None:
+    def _expire(self, job: Job, waiting_for: str) -> None:
+        """Answer ``timeout``, saying what the job was waiting for when its time ran out."""
         if not job.finished:
-            detail = f" (last answer: {job.last_failure})" if job.last_failure else ""
+            detail = f", last answer: {job.last_failure}" if job.last_failure else ""
             self._finish_error(
                 job,
                 ErrorKind.TIMEOUT,
-                f"the deadline passed after {job.attempts} attempt(s){detail}; submit with a later deadline",
+                f"the request's time ({job.deadline - job.received_at:.3g}s) ran out {waiting_for}, after "
+                f"{job.attempts} upstream attempt(s){detail}; give it more time (a longer timeout or deadline)",
             )
 
     async def _retry_timer(self) -> None:
@@ -1117,7 +1135,10 @@ class Scheduler:
                 _, _, job = heapq.heappop(self._deadlines)
                 if job.state in {JobState.QUEUED, JobState.RETRY_WAIT}:
                     try:
-                        self._expire(job)
+                        if job.state is JobState.RETRY_WAIT:
+                            self._expire(job, "while it waited to retry")
+                        else:
+                            self._expire(job, f"while it waited in model {job.lane.name!r}'s queue")
                     except Exception:
                         self._internal_error(job, "expiring")
 

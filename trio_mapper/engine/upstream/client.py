@@ -281,6 +281,7 @@ class Upstream:
             headers["OpenAI-Project"] = settings.project
         self._headers: Final = headers
         self._secret = settings.api_key.encode()
+        self._read_timeout: Final = settings.read_timeout
         self._timeouts: Final = httpx.Timeout(
             connect=settings.connect_timeout,
             read=settings.read_timeout,
@@ -336,16 +337,23 @@ class Upstream:
         return resolved
 
     async def send(
-        self, method: str, url: httpx.URL, body: bytes | None, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        url: httpx.URL,
+        body: bytes | None,
+        headers: Mapping[str, str] | None = None,
+        patience: float | None = None,
     ) -> UpstreamReply:
         """One attempt. Raises httpx's transport and timeout errors for the retry policy to classify.
 
         Args:
             headers: client headers to pass on; filtered again here, so only the allow-list ever leaves.
+            patience: seconds the client waits for this answer. The read timeout stretches to it when longer:
+                cut at the read timeout, a slow model's answer would be retried from scratch, and paid again.
         """
         started = trio.current_time()
         with self._least_busy_pool() as pool, self._noting_contact():
-            response = await self._exchange(pool, method, url, body, headers)
+            response = await self._exchange(pool, method, url, body, headers, patience)
             try:
                 await response.aread()
             finally:
@@ -354,7 +362,12 @@ class Upstream:
 
     @asynccontextmanager
     async def open_stream(
-        self, method: str, url: httpx.URL, body: bytes | None, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        url: httpx.URL,
+        body: bytes | None,
+        headers: Mapping[str, str] | None = None,
+        patience: float | None = None,
     ) -> AsyncIterator[UpstreamReply | UpstreamStream]:
         """One attempt whose reply may stream: an `UpstreamStream` for a 2xx event stream, read event by event
         while the context is open; anything else (an error, a 2xx that does not stream) read whole, as `send`
@@ -364,7 +377,7 @@ class Upstream:
         started = trio.current_time()
         with self._least_busy_pool() as pool:
             with self._noting_contact():
-                response = await self._exchange(pool, method, url, body, headers)
+                response = await self._exchange(pool, method, url, body, headers, patience)
             try:
                 content_type = response.headers.get("content-type", "").partition(";")[0].strip()
                 if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
@@ -387,14 +400,18 @@ class Upstream:
         url: httpx.URL,
         body: bytes | None,
         headers: Mapping[str, str] | None,
+        patience: float | None,
     ) -> httpx.Response:
         """Send the request; the reply's head is in, its body still to read (or close)."""
+        timeouts = self._timeouts
+        if patience is not None and patience > self._read_timeout:
+            timeouts = {**timeouts, "read": patience}
         request = httpx.Request(
             method,
             url,
             headers={**self._headers, **_request_headers(headers, body)},
             content=_content(body),
-            extensions={"timeout": self._timeouts},
+            extensions={"timeout": timeouts},
         )
         try:
             response = await pool.handle_async_request(request)

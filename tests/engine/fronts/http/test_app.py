@@ -69,7 +69,7 @@ async def call(
     return sent[0]["status"], reply_headers, json.loads(sent[1]["body"])
 
 
-async def test_the_read_timeout_becomes_the_deadline_and_only_openai_beta_is_offered() -> None:
+async def test_the_read_timeout_sets_the_deadline_and_patience_and_only_openai_beta_is_offered() -> None:
     scheduler = FakeScheduler()
     headers = {
         "x-stainless-read-timeout": "10",
@@ -81,7 +81,7 @@ async def test_the_read_timeout_becomes_the_deadline_and_only_openai_beta_is_off
     status, _, body = await call(OpenAIApp(scheduler, max_body_bytes=10_000), headers)
     assert (status, body["error"]["code"]) == (400, "invalid_request")
     spec = scheduler.specs[0]
-    assert spec.deadline == 9.0
+    assert (spec.deadline, spec.patience) == (9.0, 10.0)
     assert dict(spec.headers) == {"openai-beta": "assistants=v2"}
 
 

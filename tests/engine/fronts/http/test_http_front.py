@@ -228,17 +228,22 @@ async def test_server_errors_timeouts_and_an_unreachable_upstream(short_tmp: Pat
         assert failed.value.response.headers["x-should-retry"] == "false"
     (short_tmp / "slow").mkdir()
     async with (
-        simulator(latency_ms=4000.0) as slow_url,
-        http_engine(short_tmp / "slow", slow_url) as (engine, _),
-        async_unix_sdk(engine, max_retries=0, timeout=3.0) as client,
+        simulator(latency_ms=1500.0) as slow_url,
+        http_engine(short_tmp / "slow", slow_url, "--rpm", "1") as (engine, _),
+        async_unix_sdk(engine, max_retries=0, timeout=2.0) as client,
     ):
+        # x-stainless-read-timeout (2 s) less a margin is the deadline, but an attempt already sent runs on
+        # until the SDK gives up: this answer, 1.5 s away, still reaches it.
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        # One request a minute: this one waits for the budget, and is answered before the SDK gives up.
         started = trio.current_time()
         with pytest.raises(openai.InternalServerError) as timed_out:
             await client.chat.completions.create(model=MODEL, messages=MESSAGES)
-        # x-stainless-read-timeout (3 s) became the deadline, less a margin: the engine answered first.
-        assert trio.current_time() - started < 3.0
+        assert trio.current_time() - started < 2.0
         assert timed_out.value.status_code == 504
         assert timed_out.value.code == "timeout"
+        assert "rpm/tpm budget" in timed_out.value.message
+        assert "the SDK's timeout (2s) less 1s" in timed_out.value.message
         assert timed_out.value.response.headers["retry-after"] == "1"  # it may work later: the SDK may retry
     (short_tmp / "gone").mkdir()
     async with (

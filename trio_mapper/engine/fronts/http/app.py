@@ -351,7 +351,7 @@ class OpenAIApp:
                 await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
         sink.answered = True
         if not streaming:
-            return await self._render(send, final, budget)
+            return await self._render(send, final, budget, spec)
         if isinstance(final, Failed):
             tail = stream_error_event(final, responses_api=spec.endpoint == "/v1/responses", sequence_number=relayed)
         else:
@@ -430,11 +430,14 @@ class OpenAIApp:
                 ) from None
             if not isinstance(body, dict):
                 raise _Refusal(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
+        sdk_timeout = _sdk_timeout(headers)
         spec = RequestSpec(
             endpoint=path,
             body=body,
             method=method,
-            deadline=_deadline(headers),
+            # Answer before the SDK gives up, but let an attempt already sent run until it does.
+            deadline=max(sdk_timeout - READ_TIMEOUT_MARGIN, sdk_timeout / 2) if sdk_timeout is not None else None,
+            patience=sdk_timeout,
             headers={name: headers[name] for name in FORWARDED if name in headers},
             priority=headers.get(PRIORITY_HEADER),
         )
@@ -472,10 +475,18 @@ class OpenAIApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _render(self, send: Send, event: Finished | Failed, budget: Headers) -> None:
+    async def _render(self, send: Send, event: Finished | Failed, budget: Headers, spec: RequestSpec) -> None:
         if isinstance(event, Finished):
             headers = _upstream_headers(event.headers) + budget + _engine_headers(event.timings.queued, event.attempts)
             return await _reply(send, event.status, headers, event.body.content)
+        if event.kind is ErrorKind.TIMEOUT and spec.patience is not None:
+            # The SDK user set a timeout, never a deadline: say where the engine's came from.
+            margin = spec.patience - (spec.deadline or 0)
+            explained = (
+                f"{event.message}. That time is the SDK's timeout ({spec.patience:g}s) less {margin:.3g}s, so that "
+                "this answer reaches the SDK before it gives up"
+            )
+            event = attrs.evolve(event, message=explained)
         status, headers, body = render_failure(event)
         headers = _upstream_headers(event.headers) + budget + headers
         headers.append((b"x-trio-mapper-attempts", str(event.attempts).encode()))
@@ -492,15 +503,13 @@ def _headers(scope: dict[str, Any]) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
 
 
-def _deadline(headers: Mapping[str, str]) -> float | None:
-    """The SDK's read timeout less a margin, so the engine's answer arrives before the client gives up."""
+def _sdk_timeout(headers: Mapping[str, str]) -> float | None:
+    """The SDK's read timeout: how long it waits for the reply to begin."""
     try:
         timeout = float(headers["x-stainless-read-timeout"])
     except (KeyError, ValueError):
         return None
-    if not (timeout > 0 and math.isfinite(timeout)):
-        return None
-    return max(timeout - READ_TIMEOUT_MARGIN, timeout / 2)
+    return timeout if timeout > 0 and math.isfinite(timeout) else None
 
 
 def _engine_headers(queued: float, attempts: int) -> Headers:
