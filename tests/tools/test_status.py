@@ -253,3 +253,12 @@ def test_piped_output_cuts_no_name(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     render({"engine": {"version": "1", "pid": 1, "socket": "/run/trio-mapper/engine.sock"}, "lanes": {model: lane}})
     row = next(line for line in SGR.sub("", capsys.readouterr().out).splitlines() if "nightly" in line)
     assert model in row and "1,234,567" in row
+
+
+def test_the_http_front_line_shows_every_counter(capsys: pytest.CaptureFixture[str]) -> None:
+    http = {"requests": 120, "unauthorized": 3, "not_found": 2, "disconnected": 5, "sdk_retries": 7}
+    render({"engine": {"http": ["unix:/run/e.sock.http"], "http_requests": http}, "lanes": {}})
+    assert (
+        "http on unix:/run/e.sock.http  requests 120  unauthorized 3  not found 2  disconnected 5  SDK retries 7"
+        in SGR.sub("", capsys.readouterr().out)
+    )

@@ -37,7 +37,7 @@ from trio_mapper.engine.core.scheduler import MAX_LANES, JobRecord, Scheduler
 from trio_mapper.engine.core.tenants import ClientIdentity, Price, Prices, tenants_from_config
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.fronts.http.app import OpenAIApp, Operation
-from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, load_keys
+from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, describe_key_changes, load_keys
 from trio_mapper.engine.fronts.http.server import HttpServer, Transport
 from trio_mapper.engine.fronts.http.status_page import status_page_routes
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
@@ -528,9 +528,9 @@ class Engine:
                 # After the limits: a cap given as a share of a model's limit follows the new limit.
                 self.scheduler.update_tenants(tenants_from_config(server.tenants), prices_from_config(server))
             logging.getLogger("trio_mapper").setLevel(server.log_level)
-            self._reload_http(server)
+            applied = [*plan.applied, *self._reload_http(server)]
             self.settings = plan.settings
-            log.info("reloaded: %s", "; ".join(plan.applied) if plan.applied else "no changes")
+            log.info("reloaded: %s", "; ".join(applied) if applied else "no changes")
         except Exception:
             # A bug in reloading must not stop the engine: it keeps serving with what it has.
             log.exception("reload failed; serving continues")
@@ -538,17 +538,28 @@ class Engine:
             if announce:
                 self._notifier.ready(self._status_line())
 
-    def _reload_http(self, server: ServerSettings) -> None:
-        """New client keys and allow-lists for the HTTP front; a bad keys file keeps the current keys."""
+    def _reload_http(self, server: ServerSettings) -> list[str]:
+        """New client keys and allow-lists for the HTTP front; a bad keys file keeps the current keys.
+
+        Returns what changed in the keys file, by client name (never a key), for the reload's log line.
+        """
+        applied = []
         if server.http_keys_file is not None:
             try:
-                self._http_keys = load_keys(server.http_keys_file)
+                keys = load_keys(server.http_keys_file)
             except KeysError as exc:
                 log.error("reload: %s; keeping the current client keys", exc)
+                applied.append("http client keys unchanged (the keys file was refused, see above)")
+            else:
+                changes = describe_key_changes(self._http_keys, keys)
+                if changes:
+                    applied.append(f"http client keys ({changes})")
+                self._http_keys = keys
         if self._http is not None:
             self._http.app.keys = self._http_keys
             self._http.app.allowed_uids = server.allowed_uids
             self._http.app.allowed_gids = server.allowed_gids
+        return applied
 
     def _status_line(self) -> str:
         if self.scheduler is None:

@@ -92,7 +92,8 @@ def render(stats: dict[str, Any]) -> None:
         console.print(
             console.highlighter(
                 f"http on {_text(', '.join(map(str, engine['http'])))}  requests {_number(http.get('requests'))}  "
-                f"unauthorized {_number(http.get('unauthorized'))}  SDK retries {_number(http.get('sdk_retries'))}"
+                f"unauthorized {_number(http.get('unauthorized'))}  not found {_number(http.get('not_found'))}  "
+                f"disconnected {_number(http.get('disconnected'))}  SDK retries {_number(http.get('sdk_retries'))}"
             )
         )
     budget = engine.get("budget")

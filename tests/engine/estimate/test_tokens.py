@@ -507,6 +507,7 @@ def test_chat_output_budget(estimator: TokenEstimator, extra: dict[str, Any], ou
     [
         ({"messages": [{"role": "user", "content": "hi"}]}, r"body\.model is required.*got nothing"),
         ({"model": 4, "messages": []}, r"body\.model is required.*got a number"),
+        ({"model": "", "messages": []}, r"body\.model is required.*got an empty string"),
         ({"model": "gpt-4o"}, r"body\.messages must be a non-empty list of message objects.*got null"),
         ({"model": "gpt-4o", "messages": "hi"}, r"body\.messages must be .*got a string"),
         ({"model": "gpt-4o", "messages": []}, r"got an empty array"),

@@ -486,7 +486,7 @@ def _kind(value: Any) -> str:
 def _require_model(body: Mapping[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        found = "nothing" if model is None else _kind(model)
+        found = "nothing" if model is None else "an empty string" if model == "" else _kind(model)
         raise InvalidBody(f'body.model is required: a model name such as "gpt-4o-mini" (got {found})')
     return model
 

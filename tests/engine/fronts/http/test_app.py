@@ -37,9 +37,13 @@ class FakeScheduler:
 
 
 async def call(
-    app: OpenAIApp, headers: dict[str, str] | None = None, *, disconnect: bool = False, peer: Any = ME
+    app: OpenAIApp,
+    headers: dict[str, str] | None = None,
+    *,
+    disconnect: bool = False,
+    peer: Any = ME,
+    body: bytes = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode(),
 ) -> tuple[int | None, dict[str, str], Any]:
-    body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
     scope = {
         "type": "http",
         "method": "POST",
@@ -183,3 +187,11 @@ async def test_a_bug_in_an_operator_route_is_an_openai_shaped_500() -> None:
     headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
     assert sent[0]["status"] == 500 and headers["x-should-retry"] == "false"
     assert json.loads(sent[1]["body"])["error"]["code"] == "internal_error"
+
+
+async def test_an_empty_body_is_refused_saying_what_to_send() -> None:
+    scheduler = FakeScheduler()
+    status, _, body = await call(OpenAIApp(scheduler, max_body_bytes=10_000), body=b" ")
+    assert (status, body["error"]["code"]) == (400, "invalid_json")
+    assert "the body is empty; send the request's parameters as a JSON object" in body["error"]["message"]
+    assert scheduler.specs == []

@@ -419,6 +419,7 @@ async def test_clients_cannot_choose_the_host_nor_smuggle_headers(short_tmp: Pat
         dotted = await raw_http(sock, b"GET /v1/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         query = await raw_http(sock, b"GET /v1/models?url=http://evil HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert b" 404 " in dotted.split(b"\r\n")[0] and b" 404 " in query.split(b"\r\n")[0]
+        assert b"/v1/models takes no query string" in query
         log = engine.log
     # An absolute-form target is not one of the served paths: refused, nothing sent anywhere.
     assert absolute.startswith(b"HTTP/1.1 404 ") and b"POST /v1/chat/completions" in absolute
@@ -478,6 +479,7 @@ async def test_keys_file_checks_and_sighup_reload(short_tmp: Path) -> None:
             with trio.fail_after(10):
                 while "reloaded" not in engine.log:  # noqa: ASYNC110 - another process's log: only the clock
                     await trio.sleep(0.05)
+            assert "reloaded: http client keys (added bob; removed alice)" in engine.log  # names, never keys
             assert (await client.models.list()).data
         async with openai.AsyncOpenAI(api_key=CLIENT_KEY, base_url=tcp_url, max_retries=0) as alice:
             with pytest.raises(openai.AuthenticationError):

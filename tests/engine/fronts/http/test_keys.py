@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_mapper.engine.fronts.http.keys import KeysError, load_keys
+from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, describe_key_changes, load_keys
 
 ALICE = "tm-alice-0123456789abcdef"
 
@@ -48,3 +48,10 @@ def test_unusable_files_are_refused_without_quoting_a_key(tmp_path: Path, text: 
 def test_a_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(KeysError, match="cannot be read"):
         load_keys(tmp_path / "absent.toml")
+
+
+def test_a_reload_names_the_clients_whose_keys_changed_never_the_keys() -> None:
+    old = ClientKeys({"k-alice-000000000000": "alice", "k-bob-00000000000000": "bob", "k-carol-000000000000": "carol"})
+    new = ClientKeys({"k-alice-000000000000": "alice", "k-bob-11111111111111": "bob", "k-dave-000000000000": "dave"})
+    assert describe_key_changes(old, new) == "added dave; removed carol; new key for bob"
+    assert describe_key_changes(new, new) == ""

@@ -158,7 +158,7 @@ async def test_access_rules_and_health_over_tcp_and_the_unix_socket(short_tmp: P
         assert ready.json()["status"] == "ready" and ready.json()["upstream"]["reachable"] is True
         assert ready.json()["upstream"]["checked_by"] == "probe"  # nothing had been sent yet: it probed
         assert posted.status_code == 405
-        assert query.status_code == 404
+        assert query.status_code == 404 and "/metrics takes no query string" in query.json()["error"]["message"]
         assert unknown.status_code == 404
         assert "GET /metrics, GET /healthz, GET /readyz" in unknown.json()["error"]["message"]
 

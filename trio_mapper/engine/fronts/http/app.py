@@ -399,14 +399,23 @@ class OpenAIApp:
         path: str = scope["path"]
         method: str = scope["method"]
         expected = ENDPOINTS.get(path)
-        if expected is None or scope.get("query_string"):
+        if scope.get("query_string") and (expected is not None or path in self._operations):
+            self.stats.not_found += 1
+            raise _Refusal(
+                404,
+                f"{path} takes no query string (the engine passes no query parameters on); send it without the "
+                "'?' and what follows",
+                "invalid_request_error",
+                "unknown_url",
+            )
+        if expected is None:
             self.stats.not_found += 1
             listed = [f"GET {p}" for p, operation in self._operations.items() if operation.listed]
             served = ", ".join([*(f"{m} {p}" for p, m in ENDPOINTS.items()), *listed])
             raise _Refusal(
                 404,
                 f"{method} {shorten(escape_control_characters(path), 200)} is not served by this engine; "
-                f"it serves {served} (no query strings)",
+                f"it serves {served}",
                 "invalid_request_error",
                 "unknown_url",
             )
@@ -415,6 +424,13 @@ class OpenAIApp:
         raw = await self._read_body(receive)
         body: Any = {}
         if expected == "POST":
+            if not raw.strip():
+                raise _Refusal(
+                    400,
+                    "the body is empty; send the request's parameters as a JSON object (application/json)",
+                    "invalid_request_error",
+                    "invalid_json",
+                )
             try:
                 body = msgspec.json.decode(raw)
             except msgspec.DecodeError as exc:

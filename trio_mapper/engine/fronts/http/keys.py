@@ -39,6 +39,24 @@ class ClientKeys:
         return found
 
 
+def describe_key_changes(old: ClientKeys, new: ClientKeys) -> str:
+    """Which clients a new keys file adds, removes or gives a new key, by name; "" when it changes nothing."""
+    old_keys: dict[str, set[str]] = {}
+    new_keys: dict[str, set[str]] = {}
+    for keys, by_name in ((old, old_keys), (new, new_keys)):
+        for key, name in keys.names_by_key.items():
+            by_name.setdefault(name, set()).add(key)
+    parts = []
+    for verb, names in (
+        ("added", new_keys.keys() - old_keys.keys()),
+        ("removed", old_keys.keys() - new_keys.keys()),
+        ("new key for", {name for name in old_keys.keys() & new_keys.keys() if old_keys[name] != new_keys[name]}),
+    ):
+        if names:
+            parts.append(f"{verb} {', '.join(sorted(names))}")
+    return "; ".join(parts)
+
+
 def load_keys(path: Path) -> ClientKeys:
     """Read and check the keys file.
 
