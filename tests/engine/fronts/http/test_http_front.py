@@ -331,6 +331,28 @@ async def test_msgpack_and_http_clients_share_one_lane(short_tmp: Path) -> None:
         assert stats["engine"]["http_requests"]["sdk_retries"] == 1
 
 
+async def test_the_budget_headers_count_the_request_they_answer(short_tmp: Path) -> None:
+    """As OpenAI's do: at 60 rpm (a bucket of 60 refilling one a second), the replies to the second and third
+    requests say 58 and 57 are left, not the 59 and 58 there were before each was charged."""
+    async with (
+        simulator() as url,
+        http_engine(short_tmp, url, "--rpm", "60") as (engine, _),
+        async_unix_sdk(engine) as client,
+    ):
+        # The first reply shows the engine the upstream's burst: its bucket grows from a second's worth to 60.
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        whole = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+        async with client.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=MESSAGES, stream=True
+        ) as streamed:
+            await streamed.read()
+    assert whole.headers["x-ratelimit-limit-requests"] == "60"
+    assert (whole.headers["x-ratelimit-remaining-requests"], streamed.headers["x-ratelimit-remaining-requests"]) == (
+        "58",
+        "57",
+    )
+
+
 @asynccontextmanager
 async def recording_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     """An upstream that answers every request with one chat completion and records what arrived."""

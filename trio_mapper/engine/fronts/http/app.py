@@ -329,7 +329,8 @@ class OpenAIApp:
     async def _respond(self, send: Send, sink: _RequestSink, spec: RequestSpec) -> None:
         """Write the request's events as its reply: whole when it is, event by event when it streams."""
         model = spec.body.get("model")
-        budget = self._budget_list(model if isinstance(model, str) else "")
+        # Read when the reply's head goes out, not now: by then this request is charged, as OpenAI's are.
+        model_name = model if isinstance(model, str) else ""
         streaming = False
         relayed = 0
         final: Finished | Failed | None = None
@@ -340,6 +341,7 @@ class OpenAIApp:
                     case Started(streaming=True):
                         streaming = True
                         engine = _engine_headers(event.queued, event.attempts)
+                        budget = self._budget_list(model_name)
                         headers = _EVENT_STREAM + _upstream_headers(event.headers) + budget + engine
                         await send({"type": "http.response.start", "status": event.status, "headers": headers})
                     case Chunk() if streaming:
@@ -351,7 +353,7 @@ class OpenAIApp:
                 await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
         sink.answered = True
         if not streaming:
-            return await self._render(send, final, budget, spec)
+            return await self._render(send, final, self._budget_list(model_name), spec)
         if isinstance(final, Failed):
             tail = stream_error_event(final, responses_api=spec.endpoint == "/v1/responses", sequence_number=relayed)
         else:
