@@ -6,6 +6,7 @@ import json
 from collections.abc import Hashable
 from typing import Any
 
+import attrs
 import trio
 import trio.testing
 
@@ -21,10 +22,12 @@ class FakeScheduler:
     def __init__(self, *, fail: bool = False, answer: bool = True) -> None:
         self.fail, self.answer = fail, answer
         self.specs: list[RequestSpec] = []
+        self.owners: list[ReplySink] = []
         self.cancelled: list[Hashable] = []
 
     async def intake(self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, size_bytes: int) -> None:
         self.specs.append(spec)
+        self.owners.append(owner)
         if self.fail:
             raise RuntimeError("a bug")
         if self.answer:
@@ -195,3 +198,15 @@ async def test_an_empty_body_is_refused_saying_what_to_send() -> None:
     assert (status, body["error"]["code"]) == (400, "invalid_json")
     assert "the body is empty; send the request's parameters as a JSON object" in body["error"]["message"]
     assert scheduler.specs == []
+
+
+async def test_processes_of_one_uid_take_turns_as_clients_but_count_as_one_identity() -> None:
+    """Over the Unix socket a process is the client (its SDK's pooled connections come and go), as a connection
+    is on the msgpack socket; statistics name the uid."""
+    scheduler = FakeScheduler()
+    app = OpenAIApp(scheduler, max_body_bytes=10_000)
+    for pid in (101, 102, 101):
+        await call(app, peer=attrs.evolve(ME, pid=pid))
+    first, second, again = scheduler.owners
+    assert first.client_key != second.client_key and first.client_key == again.client_key
+    assert first.identity == second.identity == "uid 1234"

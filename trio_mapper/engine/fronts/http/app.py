@@ -380,7 +380,10 @@ class OpenAIApp:
             client = (
                 ClientIdentity(uid=peer.uid, gid=peer.gid, groups=peer.groups) if peer is not None else ClientIdentity()
             )
-            return _Caller(("http", who), who, f"http {peer.label if peer is not None else who}", client)
+            # Turns go by process, as they go by connection on the msgpack socket: an SDK's pooled connections
+            # come and go, and two scripts of one user are two clients. Statistics name the uid.
+            turns = ("http", peer.uid, peer.pid) if peer is not None else ("http", who)
+            return _Caller(turns, who, f"http {peer.label if peer is not None else who}", client)
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         name = self.keys.identify(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
         if name is None:
