@@ -127,6 +127,8 @@ def exercise_sync(client: openai.OpenAI) -> None:
     )
     models = client.models.list()
     assert any(model.id == MODEL for model in models.data)
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert client.models.retrieve("ft:gpt-4o-mini:acme:nightly:9ZxY").id == "ft:gpt-4o-mini:acme:nightly:9ZxY"
 
 
 async def test_sdk_sync_and_async_over_the_unix_socket(short_tmp: Path) -> None:
@@ -442,6 +444,9 @@ async def test_clients_cannot_choose_the_host_nor_smuggle_headers(short_tmp: Pat
         query = await raw_http(sock, b"GET /v1/models?url=http://evil HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert b" 404 " in dotted.split(b"\r\n")[0] and b" 404 " in query.split(b"\r\n")[0]
         assert b"/v1/models takes no query string" in query
+        for target in (b"/v1/models/..", b"/v1/models/%2E%2E", b"/v1/models/a/../../files"):
+            climbing = await raw_http(sock, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert climbing.split(b"\r\n")[0].split()[1] in (b"400", b"404"), (target, climbing)
         log = engine.log
     # An absolute-form target is not one of the served paths: refused, nothing sent anywhere.
     assert absolute.startswith(b"HTTP/1.1 404 ") and b"POST /v1/chat/completions" in absolute

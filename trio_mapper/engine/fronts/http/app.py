@@ -54,6 +54,8 @@ ENDPOINTS: Final = {
     "/v1/responses": "POST",
     "/v1/models": "GET",
 }
+#: ``GET /v1/models/{model}`` (the SDK's ``models.retrieve``, a common start-up check): one more path segment.
+MODEL_PREFIX: Final = "/v1/models/"
 #: Client headers offered to the core for forwarding (the upstream client filters them again).
 FORWARDED: Final = ("openai-beta",)
 #: Upstream reply headers passed back to clients. The upstream's x-ratelimit-* stay in the engine: replies
@@ -404,6 +406,9 @@ class OpenAIApp:
         path: str = scope["path"]
         method: str = scope["method"]
         expected = ENDPOINTS.get(path)
+        model_name = path.removeprefix(MODEL_PREFIX) if path.startswith(MODEL_PREFIX) else ""
+        if expected is None and model_name and "/" not in model_name:
+            expected = "GET"  # the core checks the name as it checks every endpoint (plain segments only)
         if scope.get("query_string") and (expected is not None or path in self._operations):
             self.stats.not_found += 1
             raise _Refusal(
@@ -416,7 +421,7 @@ class OpenAIApp:
         if expected is None:
             self.stats.not_found += 1
             listed = [f"GET {p}" for p, operation in self._operations.items() if operation.listed]
-            served = ", ".join([*(f"{m} {p}" for p, m in ENDPOINTS.items()), *listed])
+            served = ", ".join([*(f"{m} {p}" for p, m in ENDPOINTS.items()), f"GET {MODEL_PREFIX}{{model}}", *listed])
             raise _Refusal(
                 404,
                 f"{method} {shorten(escape_control_characters(path), 200)} is not served by this engine; "
