@@ -247,6 +247,18 @@ async def test_server_errors_timeouts_and_an_unreachable_upstream(short_tmp: Pat
         assert "rpm/tpm budget" in timed_out.value.message
         assert "the SDK's timeout (2s) less 1s" in timed_out.value.message
         assert timed_out.value.response.headers["retry-after"] == "1"  # it may work later: the SDK may retry
+    (short_tmp / "slower").mkdir()
+    async with (
+        simulator(latency_ms=4000.0) as slower_url,
+        http_engine(short_tmp / "slower", slower_url) as (engine, _),
+        async_unix_sdk(engine, max_retries=0, timeout=1.0) as client,
+    ):
+        # Sent at once, slower than the SDK's timeout: the SDK gives up first, as it would on the upstream.
+        with pytest.raises(openai.APITimeoutError):
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        with trio.fail_after(2):  # withdrawn when the SDK went away, not left running for 3 s more
+            while (await engine_stats(engine))["engine"]["outstanding"]:  # noqa: ASYNC110 - another process
+                await trio.sleep(0.05)
     (short_tmp / "gone").mkdir()
     async with (
         http_engine(short_tmp / "gone", f"http://127.0.0.1:{free_port()}/v1", "--max-attempts", "1") as (engine, _),
