@@ -36,11 +36,24 @@ async def test_a_directory_others_may_write_to_is_refused(short_tmp: Path, mode:
     assert not (directory / "e.sock").exists()
 
 
-async def test_a_directory_of_another_user_is_refused(short_tmp: Path) -> None:
+@pytest.mark.parametrize("mode", [0o755, 0o1777], ids=["closed", "sticky"])
+async def test_a_directory_of_another_user_is_refused(short_tmp: Path, mode: int) -> None:
+    """Sticky or not: its owner may rename our socket away and bind their own in its place."""
     if os.geteuid() != 0:
         pytest.skip("needs root to make a directory owned by another user")
     directory = short_tmp / "theirs"
-    directory.mkdir(mode=0o755)
+    directory.mkdir()
+    os.chmod(directory, mode)
     os.chown(directory, 12345, 12345)
     with pytest.raises(ListenerError, match="belongs to uid 12345"):
         await open_unix_listener(directory / "e.sock", mode=0o660)
+
+
+async def test_a_symlink_planted_as_the_lock_file_is_not_followed(short_tmp: Path) -> None:
+    directory = short_tmp / "d"
+    directory.mkdir(mode=0o700)
+    target = short_tmp / "victim"
+    (directory / ".e.sock.lock").symlink_to(target)
+    with pytest.raises(ListenerError, match="remove it if it is a symlink"):
+        await open_unix_listener(directory / "e.sock", mode=0o660)
+    assert not target.exists()

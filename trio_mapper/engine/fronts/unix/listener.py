@@ -66,7 +66,14 @@ def _lock_path(path: Path) -> int:
     """Hold an exclusive lock beside the socket for the engine's life: two engines started at the same
     moment would otherwise both find the path free and both rename their socket into place."""
     lock_file = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # Not through a symlink someone planted (a sticky /tmp lets others create names beside ours).
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise ListenerError(
+            f"cannot open the lock file {lock_file}: {exc.strerror}; remove it if it is a symlink, or choose "
+            "another --socket"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -111,13 +118,14 @@ def _prepare_parent(path: Path, socket_mode: int) -> None:
         raise ListenerError(f"{parent} is not a directory (or is a symlink); choose another --socket")
     # Whoever can write to the directory can swap the socket for their own and read every client's
     # requests. The sticky bit (/tmp) stops others from renaming or removing what we own; without it the
-    # directory must be closed to writers other than its owner, group members included.
+    # directory must be closed to writers other than its owner, group members included. And the owner may
+    # rename anything in their directory, sticky bit or not: it must be us, or root.
     if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
         who = "world-writable" if info.st_mode & 0o002 else "group-writable"
         raise ListenerError(
             f"{parent} is {who} without the sticky bit; choose a --socket in a directory only you can write"
         )
-    if not info.st_mode & stat.S_ISVTX and info.st_uid not in (os.geteuid(), 0):
+    if info.st_uid not in (os.geteuid(), 0):
         raise ListenerError(
             f"{parent} belongs to uid {info.st_uid}, not to this engine (uid {os.geteuid()}); "
             "another user could replace the socket. Choose another --socket"
