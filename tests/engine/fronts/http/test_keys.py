@@ -33,6 +33,8 @@ def test_a_key_names_its_client(tmp_path: Path) -> None:
     [
         (f'[keys]\nalice = "{ALICE}"\n', 0o644, "readable or writable by everyone"),
         (f'[keys]\nalice = "{ALICE}"\n', 0o602, "readable or writable by everyone"),
+        (f'[keys]\nalice = "{ALICE}"\n', 0o660, "writable by its group"),
+        (f'[keys]\nalice = "{ALICE}"\n', 0o620, "writable by its group"),
         ("alice:key\n", 0o600, "not valid TOML"),
         (f'alice = "{ALICE}"\n', 0o600, "one [keys] table"),
         ('[keys]\nalice = "short"\n', 0o600, "at least 16 characters"),

@@ -61,8 +61,8 @@ def load_keys(path: Path) -> ClientKeys:
     """Read and check the keys file.
 
     Raises:
-        KeysError: missing, unreadable, world-readable, not TOML, no ``[keys]`` table, a key too short or
-            used twice. The message never quotes a key.
+        KeysError: missing, unreadable, world-readable, group-writable, not TOML, no ``[keys]`` table, a key
+            too short or used twice. The message never quotes a key.
     """
     try:
         info = os.stat(path)
@@ -71,6 +71,9 @@ def load_keys(path: Path) -> ClientKeys:
         raise KeysError(f"keys file {path} cannot be read: {exc.strerror or exc}") from None
     if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
         raise KeysError(f"keys file {path} is readable or writable by everyone; chmod o-rwx {path} (e.g. 0600 or 0640)")
+    if info.st_mode & stat.S_IWGRP:
+        # Its group may read it (an admin group, 0640), not write it: a member could add a key of their own.
+        raise KeysError(f"keys file {path} is writable by its group; chmod g-w {path} (e.g. 0600 or 0640)")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
