@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -132,3 +134,28 @@ async def test_http2_in_cleartext_follows_the_same_rules(short_tmp: Path) -> Non
     assert refused.http_version == served.http_version == "HTTP/2"
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     assert served.status_code == 200 and served.json()["choices"]
+
+
+async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from_stopping(short_tmp: Path) -> None:
+    """hypercorn's writes wait for ever, shielded from cancellation: an unread reply of megabytes held its
+    connection and buffers, and SIGTERM (twice) left the engine running until the client went away."""
+    inputs = [f"text number {i}" for i in range(300)]
+    body = json.dumps({"model": "text-embedding-3-small", "input": inputs, "encoding_format": "float"}).encode()
+    request = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    async with simulator() as url, http_engine(short_tmp, url, "--grace-period", "2") as (engine, _):
+        stream = await trio.open_unix_socket(http_socket(engine))
+        async with stream:
+            await stream.send_all(request)  # and never read: the reply (megabytes) fills the socket's buffers
+            with trio.fail_after(30):
+                lanes: dict[str, Any] = {}
+                while lanes.get("text-embedding-3-small", {}).get("succeeded") != 1:
+                    await trio.sleep(0.05)
+                    lanes = (await engine_stats(engine))["lanes"]
+            engine.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):  # the grace period, the flush time (5 s), then the write is cut
+                assert await engine.process.wait() == 0

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework
@@ -28,6 +29,8 @@ log = logging.getLogger("trio_mapper.http")
 KEEP_ALIVE_TIMEOUT: Final = 75.0
 #: How long shutdown waits for requests already answered by the core to finish writing their replies.
 FLUSH_TIMEOUT: Final = 5.0
+#: How long one write may wait for a client that reads nothing (the core gives a stream's reader as long).
+SEND_STALL_TIMEOUT: Final = 60.0
 
 Transport = Literal["unix", "tcp"]
 
@@ -49,9 +52,38 @@ class _TCPServer(TCPServer):
     client opening and closing connections in a loop could use up the engine's file descriptors.
     """
 
+    def __init__(self, *args: Any, sending: set[trio.CancelScope], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sending = sending
+
     async def _read_data(self) -> None:
         await super()._read_data()
         await self.idle_task.stop()
+
+    async def protocol_send(self, event: Event) -> None:
+        """hypercorn's, with the write bounded. It is shielded, so that a reply is never cut half-way by a
+        cancel, but hypercorn's waits for ever: a client that stopped reading (a large reply, never read)
+        held its connection and buffers, and kept the engine from exiting on SIGTERM, until it went away."""
+        if not isinstance(event, RawData):
+            return await super().protocol_send(event)
+        async with self.send_lock:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_STALL_TIMEOUT) as writing:
+                self._sending.add(writing)
+                try:
+                    await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                    return
+                finally:
+                    self._sending.discard(writing)
+            if writing.cancelled_caught:
+                # Part of the write may be out: the connection cannot carry anything more.
+                log.info(
+                    "http: a client read none of its reply for %.0fs, or the engine is stopping; closed",
+                    SEND_STALL_TIMEOUT,
+                )
+                await trio.aclose_forcefully(self.stream)
+                await self.protocol.handle(Closed())
 
 
 class HttpServer:
@@ -65,6 +97,8 @@ class HttpServer:
         self._wrapped = wrap_app(cast(ASGIFramework, app), self._config.wsgi_max_body_size, "asgi")
         self._handlers: trio.Nursery | None = None
         self._closing = trio.Event()
+        #: The writes in progress (`_TCPServer.protocol_send`), cut when shutdown's flush time is up.
+        self._sending: set[trio.CancelScope] = set()
         self.connections = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -76,6 +110,8 @@ class HttpServer:
             await self._context.terminated.set()
             with trio.move_on_after(FLUSH_TIMEOUT):
                 await self.app.wait_idle()
+            for writing in self._sending:
+                writing.cancel()  # shielded from the nursery's cancel, not from their own
             nursery.cancel_scope.cancel()
 
     def begin_close(self) -> None:
@@ -96,7 +132,10 @@ class HttpServer:
             state[PEER] = peer_credentials(stream.socket)
         self.connections += 1
         try:
-            await _TCPServer(self._wrapped, self._config, self._context, state, cast(Any, stream)).run()
+            server = _TCPServer(
+                self._wrapped, self._config, self._context, state, cast(Any, stream), sending=self._sending
+            )
+            await server.run()
         except Exception:
             # One broken connection must never take the engine down.
             log.exception("http connection: unexpected error; connection closed")
