@@ -91,13 +91,17 @@ _HTTP_SOCKET_FLAGS = frozenset({"no-http-socket", "http-socket"})
 
 @asynccontextmanager
 async def running_engine(
-    directory: Path, base_url: str, *extra: str, env: dict[str, str] | None = None
+    directory: Path, base_url: str, *extra: str, env: dict[str, str] | None = None, open_files: int | None = None
 ) -> AsyncIterator[EngineProcess]:
+    """The engine as a subprocess; ``open_files``: its open-file limit, soft and hard (through ``prlimit``)."""
     socket = directory / "engine.sock"
     log_path = directory / "engine.log"
+    command = engine_command(socket, base_url, *extra)
+    if open_files is not None:
+        command = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *command]
     with log_path.open("wb") as log_file:
         process = await trio.lowlevel.open_process(
-            engine_command(socket, base_url, *extra),
+            command,
             env=env or engine_env(),
             stdout=log_file,
             stderr=log_file,

@@ -71,6 +71,14 @@ def _raise_open_file_limit() -> None:
         else:
             log.debug("open-file limit raised from %d to %d", soft, wanted)
 
+
+def _tcp_connection_limit() -> int:
+    """A quarter of the open files: the HTTP TCP port, open to every local user, can never take the descriptors
+    the Unix sockets' clients and the upstream connections need."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, (MAX_OPEN_FILES if soft == resource.RLIM_INFINITY else min(soft, MAX_OPEN_FILES)) // 4)
+
+
 #: How often the one-line STATUS= shown by `systemctl status` is refreshed (only sent when it changed).
 STATUS_INTERVAL: Final = 2.0
 #: At exit, how long the last settlements may take to reach the shared budget's Redis.
@@ -330,7 +338,8 @@ class Engine:
                     "/status.json": Operation(self.status_history.respond),
                     **status_page_routes(),
                 },
-            )
+            ),
+            max_tcp_connections=_tcp_connection_limit(),
         )
         async with trio.open_nursery() as root:
             if self.shared_budget is not None:

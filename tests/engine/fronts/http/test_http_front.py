@@ -44,12 +44,14 @@ def write_keys(directory: Path, mode: int = 0o600, **keys: str) -> Path:
 
 
 @asynccontextmanager
-async def http_engine(directory: Path, base_url: str, *extra: str) -> AsyncIterator[tuple[EngineProcess, str]]:
+async def http_engine(
+    directory: Path, base_url: str, *extra: str, open_files: int | None = None
+) -> AsyncIterator[tuple[EngineProcess, str]]:
     """An engine serving HTTP on its Unix socket and on a loopback port with one client key (alice)."""
     keys = write_keys(directory, alice=CLIENT_KEY)
     port = free_port()
     args = ("--http", f"127.0.0.1:{port}", "--http-keys-file", str(keys), *extra)
-    async with running_engine(directory, base_url, *args) as engine:
+    async with running_engine(directory, base_url, *args, open_files=open_files) as engine:
         yield engine, f"http://127.0.0.1:{port}/v1"
 
 

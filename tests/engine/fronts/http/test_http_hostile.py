@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import trio
 from conftest import simulator
+from raw_client import RawClient, chat
 from test_http_front import CLIENT_KEY, engine_stats, http_engine, http_socket, raw_http
 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -159,3 +161,27 @@ async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from
             engine.process.send_signal(signal.SIGTERM)
             with trio.fail_after(20):  # the grace period, the flush time (5 s), then the write is cut
                 assert await engine.process.wait() == 0
+
+
+async def test_idle_tcp_connections_cannot_take_the_descriptors_the_unix_clients_need(short_tmp: Path) -> None:
+    """Any local user may connect to the port, without a key until a request: thousands of idle connections
+    took every descriptor, and the msgpack and Unix HTTP clients could not connect any more."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit (util-linux) to give the engine a small open-file limit")
+    # 400 open files: the engine allows 100 TCP connections.
+    async with simulator() as url, http_engine(short_tmp, url, open_files=400) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(450)]
+        try:
+            with trio.fail_after(30):
+                async with await RawClient.connect(str(engine.socket)) as raw:
+                    assert (await raw.request(chat(1)))["type"] == "result"
+                async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=http_socket(engine))) as unix:
+                    reply = await unix.post("http://engine/v1/chat/completions", content=CHAT)
+                    assert reply.status_code == 200
+                closed = [await stream.receive_some(1) == b"" for stream in idle[100:]]  # closed unserved, at once
+            assert all(closed)
+            assert "connection(s) closed unserved: 100 TCP connections are open" in engine.log
+        finally:
+            for stream in idle:
+                await stream.aclose()

@@ -9,6 +9,7 @@ speaks HTTP/1.1 and calls the app. The connection's peer credentials travel in t
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Final, Literal, cast
 
 import trio
@@ -31,6 +32,8 @@ KEEP_ALIVE_TIMEOUT: Final = 75.0
 FLUSH_TIMEOUT: Final = 5.0
 #: How long one write may wait for a client that reads nothing (the core gives a stream's reader as long).
 SEND_STALL_TIMEOUT: Final = 60.0
+#: At most one log line per this many seconds about TCP connections closed unserved.
+REFUSAL_LOG_INTERVAL: Final = 10.0
 
 Transport = Literal["unix", "tcp"]
 
@@ -90,8 +93,15 @@ class HttpServer:
     """Runs the HTTP connections of every HTTP listener. Start `run` in the connections nursery, run an
     `accept_loop` per listener in the front nursery, and call `begin_close` once the core has answered all."""
 
-    def __init__(self, app: OpenAIApp) -> None:
+    def __init__(self, app: OpenAIApp, *, max_tcp_connections: int) -> None:
         self.app = app
+        #: Any local user may connect to a TCP port, without a key until the first request: past this many
+        #: TCP connections new ones are closed at once, so that idle ones cannot take every descriptor and
+        #: lock out the Unix sockets' clients too.
+        self.max_tcp_connections = max_tcp_connections
+        self.tcp_connections = 0
+        self._refused_at = -math.inf
+        self._refused = 0
         self._config = _hypercorn_config()
         self._context = WorkerContext(None)
         self._wrapped = wrap_app(cast(ASGIFramework, app), self._config.wsgi_max_body_size, "asgi")
@@ -122,9 +132,26 @@ class HttpServer:
         assert handlers is not None, "HttpServer.run must be started before accepting"
 
         def serve(stream: trio.SocketStream) -> None:
+            if transport == "tcp":
+                if self.tcp_connections >= self.max_tcp_connections:
+                    return self._refuse(stream)
+                self.tcp_connections += 1  # now, not when its task starts: the next accept may come first
             handlers.start_soon(self._serve_connection, stream, transport)
 
         await accept_forever(listener, serve, f"http ({transport})")
+
+    def _refuse(self, stream: trio.SocketStream) -> None:
+        stream.socket.close()  # at once: nothing is owed to a connection that was never served
+        self._refused += 1
+        now = trio.current_time()
+        if now - self._refused_at >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "http (tcp): %d connection(s) closed unserved: %d TCP connections are open, the most the engine "
+                "allows (a quarter of its open-file limit; raise LimitNOFILE if clients need more)",
+                self._refused,
+                self.tcp_connections,
+            )
+            self._refused, self._refused_at = 0, now
 
     async def _serve_connection(self, stream: trio.SocketStream, transport: Transport) -> None:
         state: dict[str, Any] = {TRANSPORT: transport}
@@ -141,3 +168,5 @@ class HttpServer:
             log.exception("http connection: unexpected error; connection closed")
         finally:
             self.connections -= 1
+            if transport == "tcp":
+                self.tcp_connections -= 1
