@@ -210,3 +210,43 @@ async def test_processes_of_one_uid_take_turns_as_clients_but_count_as_one_ident
     first, second, again = scheduler.owners
     assert first.client_key != second.client_key and first.client_key == again.client_key
     assert first.identity == second.identity == "uid 1234"
+
+
+async def test_bodies_being_received_at_once_have_a_total(autojump_clock: trio.testing.MockClock) -> None:
+    """Each connection (each HTTP/2 stream) may hold a body for BODY_TIMEOUT: without a total, a few hundred
+    slow uploads held gigabytes. Past it a body is refused 503, worth retrying; what was held is let go."""
+    app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
+    app.max_receiving_bytes = 100
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": [],
+        "state": {TRANSPORT: "unix", PEER: ME},
+    }
+    replies: list[list[dict[str, Any]]] = [[], []]
+
+    def client(index: int) -> tuple[Any, Any]:
+        pieces = [{"type": "http.request", "body": b" " * 60, "more_body": True}]
+
+        async def receive() -> dict[str, Any]:
+            if pieces:
+                return pieces.pop(0)
+            await trio.sleep(10)  # the rest comes slowly, then the client gives up
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            replies[index].append(message)
+
+        return receive, send
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app, scope, *client(0))
+        await trio.sleep(1)
+        await app(scope, *client(1))  # 60 + 60 bytes at once: over the total
+    assert replies[0] == []  # the first went away before its body was whole: nothing to answer
+    assert replies[1][0]["status"] == 503
+    assert (b"retry-after", b"1") in replies[1][0]["headers"]
+    assert json.loads(replies[1][1]["body"])["error"]["code"] == "overloaded"
+    assert app.receiving_bytes == 0

@@ -74,6 +74,11 @@ PEER: Final = "trio_mapper.peer"
 MAX_BUFFERED_CHUNKS: Final = 16
 #: How long a client has to send a request's whole body (as the msgpack socket allows for a frame).
 BODY_TIMEOUT: Final = 60.0
+#: Request bodies being received at once, in all, in units of the largest body allowed (and at least 64 MiB):
+#: each connection (each HTTP/2 stream) may hold one body for up to BODY_TIMEOUT, and without a total a few
+#: hundred slow uploads held gigabytes.
+RECEIVING_BODIES: Final = 16
+MIN_RECEIVING_BYTES: Final = 64 << 20
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -121,9 +126,20 @@ class HttpStats:
 
 
 class _Refusal(Exception):
-    def __init__(self, status: int, message: str, type_: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        param: str | None = None,
+        *,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        #: None: final (x-should-retry: false); seconds: the same request may succeed after them.
+        self.retry_after = retry_after
 
 
 @attrs.frozen
@@ -211,6 +227,9 @@ class OpenAIApp:
         #: Operational GET routes by path (``/metrics``, ``/healthz``, ``/readyz``), from the daemon.
         self._operations: Mapping[str, Operation] = operations or {}
         self.stats = HttpStats()
+        #: Bytes of request bodies received but not yet whole, across all requests, and the most allowed.
+        self.receiving_bytes = 0
+        self.max_receiving_bytes = max(MIN_RECEIVING_BYTES, RECEIVING_BODIES * max_body_bytes)
         #: Requests between their first byte and their reply's last.
         self.active = 0
         self._idle = trio.Event()
@@ -271,7 +290,7 @@ class OpenAIApp:
             return await _reply(
                 send,
                 refusal.status,
-                retry_headers(None),
+                retry_headers(refusal.retry_after),
                 error_body(refusal.message, refusal.type, refusal.code, refusal.param),
             )
         sink = _RequestSink(caller)
@@ -473,8 +492,14 @@ class OpenAIApp:
         """The whole body, within `BODY_TIMEOUT` in all (a client trickling a byte a minute must not hold a
         connection and its buffer for ever)."""
         chunks: list[bytes] = []
-        size = 0
         deadline = trio.current_time() + BODY_TIMEOUT
+        try:
+            return await self._receive_body(receive, chunks, deadline)
+        finally:
+            self.receiving_bytes -= sum(map(len, chunks))
+
+    async def _receive_body(self, receive: Receive, chunks: list[bytes], deadline: float) -> bytes:
+        size = 0
         while True:
             message = None
             with trio.move_on_at(deadline):
@@ -497,7 +522,17 @@ class OpenAIApp:
                     "invalid_request_error",
                     "request_too_large",
                 )
+            if self.receiving_bytes + len(chunk) > self.max_receiving_bytes:
+                raise _Refusal(
+                    503,
+                    f"the engine is receiving {self.receiving_bytes} bytes of request bodies at once, its most; "
+                    "retry in a moment",
+                    "server_error",
+                    "overloaded",
+                    retry_after=1,
+                )
             chunks.append(chunk)
+            self.receiving_bytes += len(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
