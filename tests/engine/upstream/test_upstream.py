@@ -90,12 +90,17 @@ async def test_upstream_sends_the_key_only_to_the_base_url() -> None:
 
 async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(401, json={"error": {"message": "Incorrect API key provided: sk-test-secret-key"}})
+        return httpx.Response(
+            401,
+            json={"error": {"message": "Incorrect API key provided: sk-test-secret-key"}},
+            headers={"x-request-id": "req_sk-test-secret-key"},
+        )
 
     upstream = mock_upstream(handler, max_connections=4)
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.body.decoded() == {"error": {"message": "Incorrect API key provided: [REDACTED]"}}
+    assert reply.headers["x-request-id"] == "req_[REDACTED]"
 
 
 def test_endpoints_beyond_the_length_limit_are_refused() -> None:

@@ -208,9 +208,12 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return forwarded
 
 
-def useful_headers(headers: httpx.Headers) -> dict[str, str]:
+def useful_headers(headers: httpx.Headers, secret: str) -> dict[str, str]:
+    """The headers worth passing to clients, with the key redacted should the upstream echo it in one."""
     # One pass: `headers[name]` scans every header again, for each of the dozen names.
-    return {name: value for name, value in headers.items() if name in USEFUL_HEADERS}
+    return {
+        name: value.replace(secret, "[REDACTED]") for name, value in headers.items() if name in USEFUL_HEADERS
+    }
 
 
 #: Request bodies larger than this go upstream in pieces of this size. Written whole, a body of megabytes
@@ -386,7 +389,7 @@ class Upstream:
                     return
                 yield UpstreamStream(
                     status=response.status_code,
-                    headers=useful_headers(response.headers),
+                    headers=useful_headers(response.headers, self._secret.decode()),
                     started=started,
                     events=self._redacted(EventSource(response).aiter_sse()),
                 )
@@ -425,8 +428,10 @@ class Upstream:
         secret = self._secret.decode()
         async with aclosing(events):
             async for event in events:
-                if secret in event.data:
-                    event = ServerSentEvent(event.event, event.data.replace(secret, "[REDACTED]"), event.id)
+                if secret in event.data or secret in event.event:
+                    event = ServerSentEvent(
+                        event.event.replace(secret, "[REDACTED]"), event.data.replace(secret, "[REDACTED]"), event.id
+                    )
                 yield event
 
     @contextmanager
@@ -457,7 +462,7 @@ class Upstream:
             content = content.replace(self._secret, b"[REDACTED]")
         return UpstreamReply(
             status=response.status_code,
-            headers=useful_headers(response.headers),
+            headers=useful_headers(response.headers, self._secret.decode()),
             body=ReplyBody(content, _text_encoding(response)),
             elapsed=trio.current_time() - started,
         )

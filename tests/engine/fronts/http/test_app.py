@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Hashable
 from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio.testing
 
@@ -250,3 +252,24 @@ async def test_bodies_being_received_at_once_have_a_total(autojump_clock: trio.t
     assert (b"retry-after", b"1") in replies[1][0]["headers"]
     assert json.loads(replies[1][1]["body"])["error"]["code"] == "overloaded"
     assert app.receiving_bytes == 0
+
+
+async def test_refused_keys_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone may knock on the TCP port: a line per refusal let any local user flood the log."""
+    app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+             "headers": [(b"authorization", b"Bearer wrong-key-0123456789")], "state": {TRANSPORT: "tcp"}}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO, logger="trio_mapper.http"):
+        for _ in range(100):
+            await app(scope, receive, send)
+    assert [message["status"] for message in sent if "status" in message] == [401] * 100
+    assert app.stats.unauthorized == 100
+    assert len([record for record in caplog.records if "without a valid client key" in record.message]) == 1

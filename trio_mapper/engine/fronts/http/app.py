@@ -74,6 +74,8 @@ PEER: Final = "trio_mapper.peer"
 MAX_BUFFERED_CHUNKS: Final = 16
 #: How long a client has to send a request's whole body (as the msgpack socket allows for a frame).
 BODY_TIMEOUT: Final = 60.0
+#: At most one log line per this many seconds about requests refused for their client key.
+REFUSAL_LOG_INTERVAL: Final = 10.0
 #: Request bodies being received at once, in all, in units of the largest body allowed (and at least 64 MiB):
 #: each connection (each HTTP/2 stream) may hold one body for up to BODY_TIMEOUT, and without a total a few
 #: hundred slow uploads held gigabytes.
@@ -227,6 +229,8 @@ class OpenAIApp:
         #: Operational GET routes by path (``/metrics``, ``/healthz``, ``/readyz``), from the daemon.
         self._operations: Mapping[str, Operation] = operations or {}
         self.stats = HttpStats()
+        self._unauthorized_logged_at = -math.inf
+        self._unauthorized_logged = 0
         #: Bytes of request bodies received but not yet whole, across all requests, and the most allowed.
         self.receiving_bytes = 0
         self.max_receiving_bytes = max(MIN_RECEIVING_BYTES, RECEIVING_BODIES * max_body_bytes)
@@ -409,7 +413,15 @@ class OpenAIApp:
         name = self.keys.identify(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
         if name is None:
             self.stats.unauthorized += 1
-            log.info("http: refused a request without a valid client key")
+            # Anyone may knock on the port: one line per interval, not one per request, or the log floods.
+            now = trio.current_time()
+            if now - self._unauthorized_logged_at >= REFUSAL_LOG_INTERVAL:
+                log.info(
+                    "http: refused %d request(s) without a valid client key (%d in all)",
+                    self.stats.unauthorized - self._unauthorized_logged,
+                    self.stats.unauthorized,
+                )
+                self._unauthorized_logged_at, self._unauthorized_logged = now, self.stats.unauthorized
             raise _Refusal(
                 401,
                 "missing or unknown client key: send Authorization: Bearer <key> with a key from the engine's "
