@@ -41,6 +41,21 @@ class FakeScheduler:
         return True
 
 
+def chat_scope(
+    *, transport: str = "unix", peer: Any = ME, headers: dict[str, str] | None = None, get: str | None = None
+) -> dict[str, Any]:
+    """The ASGI scope of a POST /v1/chat/completions (or a GET of ``get``) as the server hands it to the app."""
+    state: dict[str, Any] = {TRANSPORT: transport, PEER: peer} if transport == "unix" else {TRANSPORT: transport}
+    return {
+        "type": "http",
+        "method": "GET" if get else "POST",
+        "path": get or "/v1/chat/completions",
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+        "state": state,
+    }
+
+
 async def call(
     app: OpenAIApp,
     headers: dict[str, str] | None = None,
@@ -49,14 +64,7 @@ async def call(
     peer: Any = ME,
     body: bytes = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode(),
 ) -> tuple[int | None, dict[str, str], Any]:
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "query_string": b"",
-        "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
-        "state": {TRANSPORT: "unix", PEER: peer},
-    }
+    scope = chat_scope(peer=peer, headers=headers)
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 
@@ -128,14 +136,7 @@ async def test_bodies_over_the_limit_are_413() -> None:
 async def test_a_body_that_stalls_is_answered_408_after_the_allowance(autojump_clock: trio.testing.MockClock) -> None:
     scheduler = FakeScheduler()
     app = OpenAIApp(scheduler, max_body_bytes=10_000)
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "query_string": b"",
-        "headers": [],
-        "state": {TRANSPORT: "unix", PEER: ME},
-    }
+    scope = chat_scope()
     first = [{"type": "http.request", "body": b'{"model": ', "more_body": True}]
     sent: list[dict[str, Any]] = []
 
@@ -171,14 +172,7 @@ async def test_a_bug_in_an_operator_route_is_an_openai_shaped_500() -> None:
         raise RuntimeError("a bug in the metrics provider")
 
     app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000, operations={"/metrics": Operation(broken)})
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/metrics",
-        "query_string": b"",
-        "headers": [],
-        "state": {TRANSPORT: "unix", PEER: ME},
-    }
+    scope = chat_scope(get="/metrics")
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -219,14 +213,7 @@ async def test_bodies_being_received_at_once_have_a_total(autojump_clock: trio.t
     slow uploads held gigabytes. Past it a body is refused 503, worth retrying; what was held is let go."""
     app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
     app.max_receiving_bytes = 100
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "query_string": b"",
-        "headers": [],
-        "state": {TRANSPORT: "unix", PEER: ME},
-    }
+    scope = chat_scope()
     replies: list[list[dict[str, Any]]] = [[], []]
 
     def client(index: int) -> tuple[Any, Any]:
@@ -257,8 +244,7 @@ async def test_bodies_being_received_at_once_have_a_total(autojump_clock: trio.t
 async def test_refused_keys_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     """Anyone may knock on the TCP port: a line per refusal let any local user flood the log."""
     app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
-             "headers": [(b"authorization", b"Bearer wrong-key-0123456789")], "state": {TRANSPORT: "tcp"}}  # fmt: skip
+    scope = chat_scope(transport="tcp", headers={"authorization": "Bearer wrong-key-0123456789"})
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
