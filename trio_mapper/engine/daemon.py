@@ -42,7 +42,13 @@ from trio_mapper.engine.fronts.http.server import HttpServer, Transport
 from trio_mapper.engine.fronts.http.status_page import status_page_routes
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
 from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, accept_forever, open_unix_listener
-from trio_mapper.engine.fronts.unix.peers import is_allowed, peer_credentials, refusal_message, refuse
+from trio_mapper.engine.fronts.unix.peers import (
+    PeerCredentials,
+    is_allowed,
+    peer_credentials,
+    refusal_message,
+    refuse,
+)
 from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.metrics import EngineMetrics, Readiness, healthz
 from trio_mapper.engine.process.reload import plan_reload
@@ -146,7 +152,8 @@ class Engine:
         self._starting = trio.CancelScope()
         #: READY=1 was sent: reloads are announced to systemd only from then on.
         self._ready = False
-        self._connections: set[Connection] = set()
+        #: The msgpack connections, with who connected (so a reload that narrows the allow-lists can cut them).
+        self._connections: dict[Connection, PeerCredentials | None] = {}
         self._backlog = ReplyBacklog()
         self._started_at = time.time()
         self.scheduler: Scheduler | None = None
@@ -568,6 +575,11 @@ class Engine:
             self._http.app.keys = self._http_keys
             self._http.app.allowed_uids = server.allowed_uids
             self._http.app.allowed_gids = server.allowed_gids
+        # The msgpack socket checks a client once, when it connects: one no longer allowed is cut now (its
+        # requests are withdrawn), as the HTTP front refuses its next request.
+        for connection, peer in list(self._connections.items()):
+            if not is_allowed(peer, server.allowed_uids, server.allowed_gids):
+                connection.disconnect("its uid/gid is no longer in allowed_uids/allowed_gids")
         return applied
 
     def _status_line(self) -> str:
@@ -626,11 +638,11 @@ class Engine:
             client=ClientIdentity(uid=peer.uid, gid=peer.gid, groups=peer.groups) if peer is not None else None,
             backlog=self._backlog,
         )
-        self._connections.add(connection)
+        self._connections[connection] = peer
         try:
             await connection.serve()
         except Exception:
             # One broken connection must never take the engine down.
             log.exception("%s: unexpected error; connection closed", connection.label)
         finally:
-            self._connections.discard(connection)
+            self._connections.pop(connection, None)

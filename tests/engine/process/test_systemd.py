@@ -612,6 +612,24 @@ async def test_clients_on_the_allow_list_are_served(short_tmp: Path, variable: s
     assert f"(pid {os.getpid()} uid {os.getuid()})" in engine.log
 
 
+async def test_a_reload_that_removes_a_uid_cuts_its_open_connections(short_tmp: Path) -> None:
+    """The msgpack socket checks a client when it connects: without this, a revoked user kept a connection
+    open and went on spending the key (the HTTP front refuses their next request)."""
+    config = short_tmp / "engine.toml"
+    allowing = f"allowed_uids = [{os.getuid()}]"
+    write_config(config, rpm=6000, tpm=600_000, concurrent=4, mini_rpm=6000, mini_tpm=600_000, extra=allowing)
+    async with simulator() as url, running_engine(short_tmp, url, "--config", str(config)) as engine:
+        async with await RawClient.connect(str(engine.socket)) as client:
+            assert (await client.request(chat(1)))["type"] == "result"
+            extra = f"allowed_uids = [{os.getuid() + 4242}]"
+            write_config(config, rpm=6000, tpm=600_000, concurrent=4, mini_rpm=6000, mini_tpm=600_000, extra=extra)
+            engine.process.send_signal(signal.SIGHUP)
+            with trio.fail_after(10), pytest.raises(EOFError):
+                await client.receive()
+        assert await engine.stop() == 0
+    assert "disconnected: its uid/gid is no longer in allowed_uids/allowed_gids" in engine.log
+
+
 def test_allow_list_semantics() -> None:
     peer = PeerCredentials(pid=1, uid=1000, gid=1000, groups=frozenset({1000, 27, 1500}))
     assert is_allowed(peer, [], [])

@@ -205,6 +205,12 @@ class Connection:
             )
             self._scope.cancel()
 
+    def disconnect(self, why: str) -> None:
+        """Close the connection now (its requests are withdrawn), saying why in the log."""
+        if not self._scope.cancel_called:
+            log.warning("%s: disconnected: %s", self.label, why)
+            self._scope.cancel()
+
     def _drop_outbox(self) -> None:
         self._backlog.total -= self._outbox_bytes
         self._outbox.clear()
