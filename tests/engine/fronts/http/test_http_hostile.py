@@ -71,6 +71,24 @@ async def test_connections_the_clients_closed_are_released_at_once(short_tmp: Pa
                 await trio.sleep(0.05)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_connection_closed_in_the_middle_of_its_reply_is_released_at_once(
+    short_tmp: Path, stream: bool
+) -> None:
+    """Closed once the reply's first bytes came: the reply's end restarted hypercorn's keep-alive timer, and
+    the connection stayed for 75 s more."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    async with simulator(per_token_latency_ms=5.0) as url, http_engine(short_tmp, url) as (engine, _):
+        for _ in range(10):
+            client = await trio.open_unix_socket(http_socket(engine))
+            await client.send_all(post(body.encode()).replace(b"Connection: close", b"Connection: keep-alive"))
+            assert (await client.receive_some(100)).startswith(b"HTTP/1.1 200 ")
+            await client.aclose()
+        with trio.fail_after(10):
+            while (await engine_stats(engine))["engine"]["http_connections"]:  # noqa: ASYNC110 - another process
+                await trio.sleep(0.05)
+
+
 async def test_a_header_the_upstream_cannot_carry_is_refused_before_admission(short_tmp: Path) -> None:
     async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
         reply = await raw_http(http_socket(engine), post(CHAT, "OpenAI-Beta: café".encode()))

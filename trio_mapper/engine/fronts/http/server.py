@@ -14,7 +14,7 @@ from typing import Any, Final, Literal, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework
@@ -52,21 +52,28 @@ class _TCPServer(TCPServer):
 
     hypercorn 0.18 leaves the keep-alive timer running when the client closes its end, and the connection's
     task group waits for it: the socket stayed open (CLOSE-WAIT) for the whole keep-alive timeout, so a
-    client opening and closing connections in a loop could use up the engine's file descriptors.
+    client opening and closing connections in a loop could use up the engine's file descriptors. Stopping
+    the timer at the end of input is not enough: a reply that ends afterwards starts it again.
     """
 
     def __init__(self, *args: Any, sending: set[trio.CancelScope], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sending = sending
+        self._client_gone = False
 
     async def _read_data(self) -> None:
         await super()._read_data()
+        self._client_gone = True
         await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
         """hypercorn's, with the write bounded. It is shielded, so that a reply is never cut half-way by a
         cancel, but hypercorn's waits for ever: a client that stopped reading (a large reply, never read)
         held its connection and buffers, and kept the engine from exiting on SIGTERM, until it went away."""
+        if isinstance(event, Updated) and event.idle and self._client_gone:
+            # A reply that ended after the client closed its end: hypercorn would start waiting for the next
+            # request (KEEP_ALIVE_TIMEOUT) on a connection nobody will send one on.
+            return None
         if not isinstance(event, RawData):
             return await super().protocol_send(event)
         async with self.send_lock:
