@@ -380,7 +380,7 @@ async def test_an_attempt_still_running_when_the_client_gives_up_is_cut_then(
         assert trio.current_time() == pytest.approx(3.0, abs=0.01)
     reply = sink.by_id()[1]
     assert isinstance(reply, Error) and reply.kind == "timeout" and reply.attempts == 1
-    assert "ran out while the upstream was still answering" in reply.message
+    assert "the request's time (3s) ran out while the upstream was still answering" in reply.message
 
 
 async def test_past_the_deadline_no_attempt_starts_however_patient_the_client(

@@ -1093,10 +1093,12 @@ class Scheduler:
         """Answer ``timeout``, saying what the job was waiting for when its time ran out."""
         if not job.finished:
             detail = f", last answer: {job.last_failure}" if job.last_failure else ""
+            # In flight, it had until the client gives up; waiting, until the deadline.
+            ran_out = job.gives_up_at if job.state is JobState.IN_FLIGHT else job.deadline
             self._finish_error(
                 job,
                 ErrorKind.TIMEOUT,
-                f"the request's time ({job.deadline - job.received_at:.3g}s) ran out {waiting_for}, after "
+                f"the request's time ({ran_out - job.received_at:.3g}s) ran out {waiting_for}, after "
                 f"{job.attempts} upstream attempt(s){detail}; give it more time (a longer timeout or deadline)",
             )
 
