@@ -925,6 +925,31 @@ async def test_a_stream_its_client_does_not_read_is_ended_and_frees_its_slot(
         engine, _ = scheduler.statistics()
     assert waited == pytest.approx(RELAY_STALL_TIMEOUT, abs=1)
     (cut,) = stalled.replies
-    assert isinstance(cut, Error) and cut.kind == "timeout" and "read none of this stream" in cut.message
+    assert isinstance(cut, Error) and cut.kind == "timeout" and "kept this stream waiting" in cut.message
     assert isinstance(other.replies[0], Result)
     assert engine["outstanding"] == 0 and engine["in_flight"] == 0
+
+
+async def test_a_stream_read_in_trickles_is_ended_once_it_has_waited_long_enough_in_all(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client taking a chunk every 20 s never made one wait 60 s, and held its slot for as long as it liked."""
+    chunk = b'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chunk * 50)
+
+    class Trickling(Sink):
+        async def relay(self, request_id: Any, chunk: Chunk) -> None:
+            await super().relay(request_id, chunk)
+            await trio.sleep(20)
+
+    trickling = Trickling("trickling")
+    async with scheduler_with(handler, estimator) as scheduler:
+        streamed = chat(1)
+        submit(scheduler, trickling, msgspec.structs.replace(streamed, body={**streamed.body, "stream": True}))
+        await trickling.wait_for(1)
+        assert trio.current_time() == pytest.approx(RELAY_STALL_TIMEOUT, abs=1)
+    (cut,) = trickling.replies
+    assert isinstance(cut, Error) and cut.kind == "timeout" and "60s in all" in cut.message
+    assert len(trickling.chunks[1]) == 3  # taken at 0, 20 and 40 s; the wait for the third read ran out at 60 s

@@ -76,7 +76,8 @@ from trio_mapper.text import shorten
 
 log = logging.getLogger("trio_mapper.scheduler")
 
-#: How long a stream's next chunk may wait for its client to read before the stream is ended (`_relay`).
+#: How long a stream's chunks may wait for its client to read, in all, before the stream is ended (`_relay`).
+#: In all, not per chunk: a client that reads a little every 50 s would otherwise hold its slot for ever.
 RELAY_STALL_TIMEOUT: Final = 60.0
 #: How an in-flight request cut by the end of the shutdown grace period was left.
 SHUTDOWN_NO_ANSWER: Final = "before the upstream answered"
@@ -171,6 +172,8 @@ class Job:
     #: cancel, a deadline or shutdown reaches it.
     scope: trio.CancelScope | None = None
     upstream_seconds: float = 0.0
+    #: Seconds its stream's chunks have waited for the client to read them (`RELAY_STALL_TIMEOUT`).
+    relay_waited: float = 0.0
     first_dispatched_at: float | None = None
     last_failure: str = ""
     #: Attempts answered with a retryable 429. They do not count against ``max_attempts``, which bounds
@@ -969,22 +972,24 @@ class Scheduler:
                 status=status, headers=headers, attempts=job.attempts, queued=self._timings(job).queued, streaming=True
             )
             self._report(owner, job.request_id, started)
+        relay_started = trio.current_time()
         try:
-            with trio.move_on_after(RELAY_STALL_TIMEOUT) as waiting:
+            with trio.move_on_after(RELAY_STALL_TIMEOUT - job.relay_waited) as waiting:
                 await owner.relay(job.request_id, chunk)
         except Exception:
             # The front failed to take a chunk: this request ends (internal_error, which cancels this
             # attempt); the engine and the other requests go on.
             self._internal_error(job, "relaying a chunk of")
             return
+        job.relay_waited += trio.current_time() - relay_started
         if waiting.cancelled_caught:
-            # The client has read nothing for that long: its stream would hold a concurrency slot (and the
+            # The client has kept the stream waiting that long: it would hold a concurrency slot (and the
             # upstream's generation) for as long as it keeps the connection open, at everyone else's expense.
             self._finish_error(
                 job,
                 ErrorKind.TIMEOUT,
-                f"the client read none of this stream for {RELAY_STALL_TIMEOUT:.0f}s, so the engine ended it to "
-                "free its upstream slot; read streams as they come",
+                f"the client kept this stream waiting for it to read for {RELAY_STALL_TIMEOUT:.0f}s in all, so the "
+                "engine ended it to free its upstream slot; read streams as they come",
             )
 
     def _settle(
