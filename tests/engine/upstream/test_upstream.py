@@ -70,6 +70,29 @@ def test_anything_but_a_plain_relative_path_is_refused(endpoint: str) -> None:
     assert "relative API path" in str(excinfo.value) or "base URL" in str(excinfo.value)
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "/v1/files/file-abc123/content",
+        "files",
+        "/v1/organization/admin_api_keys",
+        "/v1/fine_tuning/jobs",
+        "batches",
+        "/v1/realtime/sessions",
+        "/v1/vector_stores",
+    ],
+)
+def test_the_apis_management_endpoints_are_refused(endpoint: str) -> None:
+    """With the engine's key they would read the organisation's files, start jobs no budget counts, or mint keys."""
+    with pytest.raises(InvalidEndpoint, match="management endpoints"):
+        relative_api_path(endpoint, BASE)
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/moderations", "/v1/models/gpt-4o", "/v1/audio/speech", "/v1/filesystem"])
+def test_other_endpoints_still_pass(endpoint: str) -> None:
+    assert relative_api_path(endpoint, BASE) == endpoint.removeprefix("/v1/")
+
+
 async def test_upstream_sends_the_key_only_to_the_base_url() -> None:
     seen: list[httpx.Request] = []
 

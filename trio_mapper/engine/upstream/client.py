@@ -47,6 +47,24 @@ USEFUL_HEADERS: Final = frozenset(
 #: Authorization, Host, hop-by-hop headers, cookies — stays out: the engine sends its own key and host.
 FORWARDED_REQUEST_HEADERS: Final = frozenset({"openai-beta"})
 ALLOWED_METHODS: Final = frozenset({"POST", "GET"})
+#: First segments of the API's management endpoints, never passed on. With the engine's key they would let any
+#: client read the organisation's files, start fine-tuning or batch jobs no budget counts, or mint keys
+#: (organization admin keys, Realtime's ephemeral client secrets) that bypass the engine altogether.
+MANAGEMENT_ENDPOINTS: Final = frozenset(
+    {
+        "organization",
+        "files",
+        "uploads",
+        "fine_tuning",
+        "batches",
+        "vector_stores",
+        "assistants",
+        "threads",
+        "realtime",
+        "containers",
+        "evals",
+    }
+)
 #: Longest endpoint accepted. API paths are a few dozen characters; httpx refuses URLs beyond 64 KiB.
 MAX_ENDPOINT_CHARS: Final = 1024
 
@@ -157,7 +175,8 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
     accepted when the base URL ends in ``/v1``.
 
     Raises:
-        InvalidEndpoint: absolute URLs, hosts, schemes, ``..``, queries and other non-path input.
+        InvalidEndpoint: absolute URLs, hosts, schemes, ``..``, queries and other non-path input, and the API's
+            management endpoints (`MANAGEMENT_ENDPOINTS`).
     """
     hint = "use a relative API path such as /v1/chat/completions"
     if not isinstance(endpoint, str) or not endpoint.strip():
@@ -177,6 +196,12 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
         if len(segments) == 1:
             raise InvalidEndpoint(f"endpoint {endpoint!r} names no API resource, only the version; {hint}")
         segments = segments[1:]
+    if segments[0] in MANAGEMENT_ENDPOINTS:
+        raise InvalidEndpoint(
+            f"endpoint {endpoint!r} is one of the API's management endpoints ({segments[0]}/…), which the engine "
+            "does not pass on: with its key they would reach the organisation's files, jobs or keys outside any "
+            "budget. Call them with a key of your own"
+        )
     return "/".join(segments)
 
 
