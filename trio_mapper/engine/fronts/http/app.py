@@ -502,51 +502,49 @@ class OpenAIApp:
 
     async def _read_body(self, receive: Receive) -> bytes:
         """The whole body, within `BODY_TIMEOUT` in all (a client trickling a byte a minute must not hold a
-        connection and its buffer for ever)."""
+        connection and its buffer for ever), and within the total of bodies being received at once."""
         chunks: list[bytes] = []
+        held = 0
         deadline = trio.current_time() + BODY_TIMEOUT
         try:
-            return await self._receive_body(receive, chunks, deadline)
+            while True:
+                message = None
+                with trio.move_on_at(deadline):
+                    message = await receive()
+                if message is None:
+                    raise _Refusal(
+                        408,
+                        f"the client took longer than {BODY_TIMEOUT:.0f}s to send the request body",
+                        "invalid_request_error",
+                        "request_timeout",
+                    )
+                if message["type"] == "http.disconnect":
+                    raise _Disconnected
+                chunk = message.get("body", b"")
+                if held + len(chunk) > self.max_body_bytes:
+                    raise _Refusal(
+                        413,
+                        f"the body is larger than the engine's limit of {self.max_body_bytes} bytes "
+                        "(max_frame_bytes)",
+                        "invalid_request_error",
+                        "request_too_large",
+                    )
+                if self.receiving_bytes + len(chunk) > self.max_receiving_bytes:
+                    raise _Refusal(
+                        503,
+                        f"the engine is receiving {self.receiving_bytes} bytes of request bodies at once, its "
+                        "most; retry in a moment",
+                        "server_error",
+                        "overloaded",
+                        retry_after=1,
+                    )
+                chunks.append(chunk)
+                held += len(chunk)
+                self.receiving_bytes += len(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
         finally:
-            self.receiving_bytes -= sum(map(len, chunks))
-
-    async def _receive_body(self, receive: Receive, chunks: list[bytes], deadline: float) -> bytes:
-        size = 0
-        while True:
-            message = None
-            with trio.move_on_at(deadline):
-                message = await receive()
-            if message is None:
-                raise _Refusal(
-                    408,
-                    f"the client took longer than {BODY_TIMEOUT:.0f}s to send the request body",
-                    "invalid_request_error",
-                    "request_timeout",
-                )
-            if message["type"] == "http.disconnect":
-                raise _Disconnected
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _Refusal(
-                    413,
-                    f"the body is larger than the engine's limit of {self.max_body_bytes} bytes (max_frame_bytes)",
-                    "invalid_request_error",
-                    "request_too_large",
-                )
-            if self.receiving_bytes + len(chunk) > self.max_receiving_bytes:
-                raise _Refusal(
-                    503,
-                    f"the engine is receiving {self.receiving_bytes} bytes of request bodies at once, its most; "
-                    "retry in a moment",
-                    "server_error",
-                    "overloaded",
-                    retry_after=1,
-                )
-            chunks.append(chunk)
-            self.receiving_bytes += len(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+            self.receiving_bytes -= held
 
     async def _render(self, send: Send, event: Finished | Failed, budget: Headers, spec: RequestSpec) -> None:
         if isinstance(event, Finished):
