@@ -40,6 +40,7 @@ from trio_mapper.engine.fronts.http.errors import (
     stream_error_event,
 )
 from trio_mapper.engine.fronts.http.keys import ClientKeys
+from trio_mapper.engine.fronts.throttle import LogThrottle
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
 from trio_mapper.kinds import ErrorKind
 from trio_mapper.text import escape_control_characters, shorten
@@ -74,8 +75,6 @@ PEER: Final = "trio_mapper.peer"
 MAX_BUFFERED_CHUNKS: Final = 16
 #: How long a client has to send a request's whole body (as the msgpack socket allows for a frame).
 BODY_TIMEOUT: Final = 60.0
-#: At most one log line per this many seconds about requests refused for their client key.
-REFUSAL_LOG_INTERVAL: Final = 10.0
 #: Request bodies being received at once, in all, in units of the largest body allowed (and at least 64 MiB):
 #: each connection (each HTTP/2 stream) may hold one body for up to BODY_TIMEOUT, and without a total a few
 #: hundred slow uploads held gigabytes.
@@ -229,8 +228,7 @@ class OpenAIApp:
         #: Operational GET routes by path (``/metrics``, ``/healthz``, ``/readyz``), from the daemon.
         self._operations: Mapping[str, Operation] = operations or {}
         self.stats = HttpStats()
-        self._unauthorized_logged_at = -math.inf
-        self._unauthorized_logged = 0
+        self._unauthorized = LogThrottle()
         #: Bytes of request bodies received but not yet whole, across all requests, and the most allowed.
         self.receiving_bytes = 0
         self.max_receiving_bytes = max(MIN_RECEIVING_BYTES, RECEIVING_BODIES * max_body_bytes)
@@ -414,14 +412,12 @@ class OpenAIApp:
         if name is None:
             self.stats.unauthorized += 1
             # Anyone may knock on the port: one line per interval, not one per request, or the log floods.
-            now = trio.current_time()
-            if now - self._unauthorized_logged_at >= REFUSAL_LOG_INTERVAL:
+            if (count := self._unauthorized.count()) is not None:
                 log.info(
                     "http: refused %d request(s) without a valid client key (%d in all)",
-                    self.stats.unauthorized - self._unauthorized_logged,
+                    count,
                     self.stats.unauthorized,
                 )
-                self._unauthorized_logged_at, self._unauthorized_logged = now, self.stats.unauthorized
             raise _Refusal(
                 401,
                 "missing or unknown client key: send Authorization: Bearer <key> with a key from the engine's "

@@ -9,7 +9,6 @@ speaks HTTP/1.1 and calls the app. The connection's peer credentials travel in t
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Final, Literal, cast
 
 import trio
@@ -21,6 +20,7 @@ from hypercorn.typing import ASGIFramework
 from hypercorn.utils import wrap_app
 
 from trio_mapper.engine.fronts.http.app import PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.throttle import LogThrottle
 from trio_mapper.engine.fronts.unix.listener import accept_forever
 from trio_mapper.engine.fronts.unix.peers import peer_credentials
 
@@ -32,8 +32,6 @@ KEEP_ALIVE_TIMEOUT: Final = 75.0
 FLUSH_TIMEOUT: Final = 5.0
 #: How long one write may wait for a client that reads nothing (the core gives a stream's reader as long).
 SEND_STALL_TIMEOUT: Final = 60.0
-#: At most one log line per this many seconds about TCP connections closed unserved.
-REFUSAL_LOG_INTERVAL: Final = 10.0
 
 Transport = Literal["unix", "tcp"]
 
@@ -107,8 +105,7 @@ class HttpServer:
         #: lock out the Unix sockets' clients too.
         self.max_tcp_connections = max_tcp_connections
         self.tcp_connections = 0
-        self._refused_at = -math.inf
-        self._refused = 0
+        self._refusals = LogThrottle()
         self._config = _hypercorn_config()
         self._context = WorkerContext(None)
         self._wrapped = wrap_app(cast(ASGIFramework, app), self._config.wsgi_max_body_size, "asgi")
@@ -149,16 +146,13 @@ class HttpServer:
 
     def _refuse(self, stream: trio.SocketStream) -> None:
         stream.socket.close()  # at once: nothing is owed to a connection that was never served
-        self._refused += 1
-        now = trio.current_time()
-        if now - self._refused_at >= REFUSAL_LOG_INTERVAL:
+        if (count := self._refusals.count()) is not None:
             log.warning(
                 "http (tcp): %d connection(s) closed unserved: %d TCP connections are open, the most the engine "
                 "allows (a quarter of its open-file limit; raise LimitNOFILE if clients need more)",
-                self._refused,
+                count,
                 self.tcp_connections,
             )
-            self._refused, self._refused_at = 0, now
 
     async def _serve_connection(self, stream: trio.SocketStream, transport: Transport) -> None:
         state: dict[str, Any] = {TRANSPORT: transport}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
-import math
 import os
 import socket as stdlib_socket
 import stat
@@ -20,6 +19,8 @@ from typing import Final
 
 import attrs
 import trio
+
+from trio_mapper.engine.fronts.throttle import LogThrottle
 
 log = logging.getLogger("trio_mapper.engine")
 
@@ -206,8 +207,6 @@ async def _bind(path: Path, mode: int, stale_candidate: bool) -> tuple[trio.Sock
 _ACCEPT_CAPACITY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 #: How long to wait before accepting again after such an error.
 ACCEPT_RETRY_SLEEP: Final = 0.1
-#: At most one log line per this many seconds about such errors (they repeat at every retry).
-ACCEPT_LOG_INTERVAL: Final = 10.0
 
 
 async def accept_forever(
@@ -216,28 +215,25 @@ async def accept_forever(
     """Accept connections for ever, handing each to ``serve`` (which starts the task that serves it).
 
     Running out of file descriptors or memory is waited out, not fatal: the clients already connected are
-    served, and new ones are accepted once some have gone. It is logged once per `ACCEPT_LOG_INTERVAL`, with
+    served, and new ones are accepted once some have gone. It is logged once per `LOG_INTERVAL`, with
     how often it happened, rather than at every retry.
     """
-    failures, reported_at = 0, -math.inf
+    failures = LogThrottle()  # the errors repeat at every retry
     while True:
         try:
             stream = await listener.accept()
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
-            failures += 1
-            now = trio.current_time()
-            if now - reported_at >= ACCEPT_LOG_INTERVAL:
+            if (count := failures.count()) is not None:
                 log.error(
                     "%s: cannot accept connections (%s; %d time(s) since the last report); retrying every %.1fs. "
                     "Raise the engine's open-file limit (LimitNOFILE) if clients need more connections",
                     what,
                     os.strerror(exc.errno or 0),
-                    failures,
+                    count,
                     ACCEPT_RETRY_SLEEP,
                 )
-                failures, reported_at = 0, now
             await trio.sleep(ACCEPT_RETRY_SLEEP)
             continue
         serve(stream)
