@@ -308,6 +308,8 @@ class Upstream:
         if settings.project:
             headers["OpenAI-Project"] = settings.project
         self._headers: Final = headers
+        #: The key, to redact should an upstream echo it: as text (headers, events) and as bytes (bodies).
+        self._secret_text = settings.api_key
         self._secret = settings.api_key.encode()
         self._read_timeout: Final = settings.read_timeout
         self._timeouts: Final = httpx.Timeout(
@@ -414,7 +416,7 @@ class Upstream:
                     return
                 yield UpstreamStream(
                     status=response.status_code,
-                    headers=useful_headers(response.headers, self._secret.decode()),
+                    headers=useful_headers(response.headers, self._secret_text),
                     started=started,
                     events=self._redacted(EventSource(response).aiter_sse()),
                 )
@@ -450,7 +452,7 @@ class Upstream:
         return response
 
     async def _redacted(self, events: AsyncGenerator[ServerSentEvent]) -> AsyncGenerator[ServerSentEvent]:
-        secret = self._secret.decode()
+        secret = self._secret_text
         async with aclosing(events):
             async for event in events:
                 if secret in event.data or secret in event.event:
@@ -487,7 +489,7 @@ class Upstream:
             content = content.replace(self._secret, b"[REDACTED]")
         return UpstreamReply(
             status=response.status_code,
-            headers=useful_headers(response.headers, self._secret.decode()),
+            headers=useful_headers(response.headers, self._secret_text),
             body=ReplyBody(content, _text_encoding(response)),
             elapsed=trio.current_time() - started,
         )
