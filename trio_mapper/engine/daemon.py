@@ -63,26 +63,25 @@ log = logging.getLogger("trio_mapper.engine")
 MAX_OPEN_FILES: Final = 1 << 20
 
 
-def _raise_open_file_limit() -> None:
+def _raise_open_file_limit() -> int:
     """Take all the open files the hard limit allows. Each client connection costs one, and the soft limit is
     often 1024 (systemd's default for services), which a few hundred keep-alive clients and a slow moment
-    would exhaust; the hard limit is the operator's ceiling (LimitNOFILE) and stays as it is."""
+    would exhaust; the hard limit is the operator's ceiling (LimitNOFILE) and stays as it is.
+
+    Returns:
+        The open files the engine may use from now on (at most `MAX_OPEN_FILES`).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-file limit from %d to %d (%s)", soft, wanted, exc)
-        else:
-            log.debug("open-file limit raised from %d to %d", soft, wanted)
-
-
-def _tcp_connection_limit() -> int:
-    """A quarter of the open files: the HTTP TCP port, open to every local user, can never take the descriptors
-    the Unix sockets' clients and the upstream connections need."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, (MAX_OPEN_FILES if soft == resource.RLIM_INFINITY else min(soft, MAX_OPEN_FILES)) // 4)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return wanted
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit from %d to %d (%s)", soft, wanted, exc)
+        return soft
+    log.debug("open-file limit raised from %d to %d", soft, wanted)
+    return wanted
 
 
 #: How often the one-line STATUS= shown by `systemctl status` is refreshed (only sent when it changed).
@@ -152,6 +151,8 @@ class Engine:
         self._starting = trio.CancelScope()
         #: READY=1 was sent: reloads are announced to systemd only from then on.
         self._ready = False
+        #: The open files the engine may use (`_raise_open_file_limit`, at start-up).
+        self._open_files = MAX_OPEN_FILES
         #: The msgpack connections, with who connected (so a reload that narrows the allow-lists can cut them).
         self._connections: dict[Connection, PeerCredentials | None] = {}
         self._backlog = ReplyBacklog()
@@ -261,7 +262,7 @@ class Engine:
 
     async def _start_and_serve(self, task_status: trio.TaskStatus[None]) -> None:
         server = self.settings.server
-        _raise_open_file_limit()
+        self._open_files = _raise_open_file_limit()
         # Read (and removed from the environment) before anything else, so no child could inherit them.
         self._notifier = systemd.Notifier.from_environment(os.environ)
         watchdog_interval = systemd.watchdog_interval(os.environ)
@@ -346,7 +347,9 @@ class Engine:
                     **status_page_routes(),
                 },
             ),
-            max_tcp_connections=_tcp_connection_limit(),
+            # A quarter of the open files: the TCP port, open to every local user, can never take the
+            # descriptors the Unix sockets' clients and the upstream connections need.
+            max_tcp_connections=max(16, self._open_files // 4),
         )
         async with trio.open_nursery() as root:
             if self.shared_budget is not None:
