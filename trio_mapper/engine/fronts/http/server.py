@@ -9,11 +9,13 @@ speaks HTTP/1.1 and calls the app. The connection's peer credentials travel in t
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework
@@ -45,8 +47,38 @@ def _hypercorn_config() -> HypercornConfig:
     return config
 
 
+class _KeepAliveTimer:
+    """hypercorn's keep-alive timer (its `TrioSingleTask`), restarted and stopped without waiting.
+
+    hypercorn's takes a lock (a scheduling point) to stop the timer when a request begins, and to restart it
+    when a reply ends it waits, under that lock, until the new timer task has started: two to three passes
+    of the event loop per request, one of them between a request's arrival and its dispatch. Here neither
+    operation awaits anything, so neither needs the lock: the timer task is started and cancelled, not waited
+    for (a timer cancelled before it runs ends at its first checkpoint).
+    """
+
+    def __init__(self) -> None:
+        self._running: trio.CancelScope | None = None
+
+    async def restart(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
+        await self.stop()
+        self._running = running = trio.CancelScope()
+        task_group.spawn(self._run, running, action)
+
+    async def stop(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+            self._running = None
+
+    @staticmethod
+    async def _run(running: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+        with running:
+            await action()
+
+
 class _TCPServer(TCPServer):
-    """hypercorn's connection, closed as soon as the client has gone.
+    """hypercorn's connection, closed as soon as the client has gone, with fewer writes (`protocol_send`),
+    each bounded in time, and a cheaper keep-alive timer (`_KeepAliveTimer`).
 
     hypercorn 0.18 leaves the keep-alive timer running when the client closes its end, and the connection's
     task group waits for it: the socket stayed open (CLOSE-WAIT) for the whole keep-alive timeout, so a
@@ -56,8 +88,11 @@ class _TCPServer(TCPServer):
 
     def __init__(self, *args: Any, sending: set[trio.CancelScope], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.idle_task = cast(Any, _KeepAliveTimer())
         self._sending = sending
         self._client_gone = False
+        #: A reply's head waiting for the first part of its body (`protocol_send`).
+        self._held_head = b""
 
     async def _read_data(self) -> None:
         await super()._read_data()
@@ -65,20 +100,42 @@ class _TCPServer(TCPServer):
         await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
-        """hypercorn's, with the write bounded. It is shielded, so that a reply is never cut half-way by a
-        cancel, but hypercorn's waits for ever: a client that stopped reading (a large reply, never read)
-        held its connection and buffers, and kept the engine from exiting on SIGTERM, until it went away."""
+        """hypercorn's, with a reply's head written together with what follows it, and every write bounded."""
+        if isinstance(event, RawData):
+            if not self._held_head and _is_final_response_head(event.data):
+                # Held until the next write, which follows at once (a whole reply's body, a stream's first
+                # chunk, or h11's end of an empty body): one write for both is one pass of the event loop
+                # fewer for the reply, and one wake-up fewer for the client, which needs the body anyway.
+                self._held_head = event.data
+                return None
+            data, self._held_head = self._held_head + event.data, b""
+            if data:  # h11 ends a body whose length was announced with an empty write
+                await self._write(data)
+            return None
+        if self._held_head:  # a reply cut short after its head (the app failed, the connection closes)
+            data, self._held_head = self._held_head, b""
+            await self._write(data)
         if isinstance(event, Updated) and event.idle and self._client_gone:
             # A reply that ended after the client closed its end: hypercorn would start waiting for the next
             # request (KEEP_ALIVE_TIMEOUT) on a connection nobody will send one on.
             return None
-        if not isinstance(event, RawData):
-            return await super().protocol_send(event)
-        async with self.send_lock:
+        return await super().protocol_send(event)
+
+    async def _write(self, data: bytes) -> None:
+        """hypercorn's write, bounded. It is shielded, so that a reply is never cut half-way by a cancel, but
+        hypercorn's waits for ever: a client that stopped reading (a large reply, never read) held its
+        connection and buffers, and kept the engine from exiting on SIGTERM, until it went away."""
+        # Taken without a scheduling point when free (it nearly always is: one reply at a time); the write
+        # itself is one.
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_STALL_TIMEOUT) as writing:
                 self._sending.add(writing)
                 try:
-                    await self.stream.send_all(event.data)
+                    await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.protocol.handle(Closed())
                     return
@@ -92,6 +149,15 @@ class _TCPServer(TCPServer):
                 )
                 await trio.aclose_forcefully(self.stream)
                 await self.protocol.handle(Closed())
+        finally:
+            self.send_lock.release()
+
+
+def _is_final_response_head(data: bytes) -> bool:
+    """Whether h11 wrote a response's head, other than an informational one (``100 Continue``: the client
+    waits for it before it sends the body, so it must go out at once). Bodies do not begin so, and if one
+    did, it would only be written one event later."""
+    return data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1"
 
 
 class HttpServer:

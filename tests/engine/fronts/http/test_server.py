@@ -1,0 +1,147 @@
+"""One HTTP connection (hypercorn's, as `fronts/http/server.py` changes it) over a real socket pair, with a tiny
+ASGI app and Trio's virtual clock: its keep-alive timer, and how its replies are written."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.testing
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
+
+from trio_mapper.engine.fronts.http.server import KEEP_ALIVE_TIMEOUT, _hypercorn_config, _TCPServer
+
+REPLY = b'{"ok":true}'
+
+
+class RecordingStream:
+    """The server's end of the pair, noting each write."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self.socket = stream.socket
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        await self._stream.send_all(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class App:
+    """Reads the whole body, waits ``think`` seconds, answers `REPLY`."""
+
+    def __init__(self, think: float = 0.0) -> None:
+        self.think = think
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        await trio.sleep(self.think)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(REPLY)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": REPLY})
+
+
+@asynccontextmanager
+async def connection(app: App) -> AsyncIterator[tuple[trio.SocketStream, RecordingStream, trio.Event]]:
+    """A served connection: the client's end, the server's recorded end, and an event set when the server is
+    done with the connection."""
+    client_socket, server_socket = trio.socket.socketpair()
+    client, server_end = trio.SocketStream(client_socket), RecordingStream(trio.SocketStream(server_socket))
+    config = _hypercorn_config()
+    done = trio.Event()
+
+    async def serve() -> None:
+        server = _TCPServer(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"), config, WorkerContext(None), {}, server_end, sending=set()
+        )
+        await server.run()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        yield client, server_end, done
+        nursery.cancel_scope.cancel()
+
+
+def request(body: bytes = b"{}", *headers: bytes) -> bytes:
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: engine\r\nContent-Length: %d\r\n" % len(body)
+    return head + b"".join(header + b"\r\n" for header in headers) + b"\r\n" + body
+
+
+async def read_reply(client: trio.SocketStream) -> bytes:
+    received = b""
+    while not received.endswith(REPLY):
+        chunk = await client.receive_some()
+        assert chunk, f"closed before the reply was whole: {received!r}"
+        received += chunk
+    return received
+
+
+async def test_a_replys_head_goes_out_in_one_write_with_its_body(autojump_clock: trio.testing.MockClock) -> None:
+    async with connection(App()) as (client, server_end, _):
+        await client.send_all(request())
+        reply = await read_reply(client)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert server_end.writes == [reply]
+
+
+async def test_100_continue_goes_out_at_once_for_the_client_waits_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = App()
+    async with connection(app) as (client, _, _):
+        await client.send_all(request(b"", b"Expect: 100-continue").replace(b"Length: 0", b"Length: 2"))
+        with trio.fail_after(5):
+            interim = await client.receive_some()
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        await client.send_all(b"{}")
+        assert (await read_reply(client)).startswith(b"HTTP/1.1 200 ")
+        assert app.bodies == [b"{}"]
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(App()) as (client, _, done):
+        for _ in range(3):  # the timer restarts after each reply
+            await client.send_all(request())
+            await read_reply(client)
+            idle_since = trio.current_time()
+            with trio.move_on_after(KEEP_ALIVE_TIMEOUT - 1):
+                await done.wait()
+            assert not done.is_set()
+        await done.wait()
+        assert KEEP_ALIVE_TIMEOUT <= trio.current_time() - idle_since < KEEP_ALIVE_TIMEOUT + 1
+        assert await client.receive_some() == b""
+
+
+async def test_a_request_longer_than_the_keep_alive_timeout_is_not_cut(autojump_clock: trio.testing.MockClock) -> None:
+    async with connection(App(think=3 * KEEP_ALIVE_TIMEOUT)) as (client, _, done):
+        await client.send_all(request())
+        assert (await read_reply(client)).startswith(b"HTTP/1.1 200 ")
+        replied = trio.current_time()
+        await done.wait()
+        assert trio.current_time() - replied >= KEEP_ALIVE_TIMEOUT
+
+
+async def test_a_connection_the_client_closed_is_done_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with connection(App()) as (client, _, done):
+        await client.send_all(request())
+        await read_reply(client)
+        closed = trio.current_time()
+        await client.aclose()
+        await done.wait()
+        assert trio.current_time() - closed < 1
