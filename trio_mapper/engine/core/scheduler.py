@@ -871,7 +871,12 @@ class Scheduler:
                     job.scope = None
                     self._finish_error(job, ErrorKind.REQUEST_TOO_LARGE, str(exc))
                     return
-                await self.limiter.acquire_on_behalf_of(job)
+                try:
+                    # A free slot is taken without another scheduling point (the reservation was one): each
+                    # pass of the event loop here is time added to every request.
+                    self.limiter.acquire_on_behalf_of_nowait(job)
+                except trio.WouldBlock:
+                    await self.limiter.acquire_on_behalf_of(job)
                 slot_taken = True
             job.scope = None
             if not slot_taken or job.finished:
