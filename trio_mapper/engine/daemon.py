@@ -40,6 +40,7 @@ from trio_mapper.engine.fronts.http.app import OpenAIApp, Operation
 from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, describe_key_changes, load_keys
 from trio_mapper.engine.fronts.http.server import HttpServer, Transport
 from trio_mapper.engine.fronts.http.status_page import status_page_routes
+from trio_mapper.engine.fronts.receiving import ReceivingBytes, receiving_limit
 from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
 from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, accept_forever, open_unix_listener
 from trio_mapper.engine.fronts.unix.peers import (
@@ -156,6 +157,7 @@ class Engine:
         #: The msgpack connections, with who connected (so a reload that narrows the allow-lists can cut them).
         self._connections: dict[Connection, PeerCredentials | None] = {}
         self._backlog = ReplyBacklog()
+        self._receiving = ReceivingBytes(receiving_limit(self.settings.server.max_frame_bytes))
         self._started_at = time.time()
         self.scheduler: Scheduler | None = None
         #: The HTTP front's listeners (its Unix socket, a loopback port) and the socket file we created.
@@ -188,6 +190,9 @@ class Engine:
             pid=os.getpid(),
             uptime=round(time.time() - self._started_at, 3),
             connections=len(self._connections),
+            # Large msgpack frames being received, and those waiting, unread, for room in that total.
+            receiving_bytes=self._receiving.held,
+            receiving_waiting=self._receiving.waiting,
             socket=self.listening_on,
             http=self.http_listening_on,
             base_url=self.settings.openai.base_url,
@@ -640,6 +645,7 @@ class Engine:
             identity=f"uid {peer.uid}" if peer is not None else "unknown peer",
             client=ClientIdentity(uid=peer.uid, gid=peer.gid, groups=peer.groups) if peer is not None else None,
             backlog=self._backlog,
+            receiving=self._receiving,
         )
         self._connections[connection] = peer
         try:

@@ -91,6 +91,14 @@ class FrameBuffer:
     def pending_bytes(self) -> int:
         return len(self._data)
 
+    @property
+    def declared_length(self) -> int | None:
+        """The length the next frame's prefix declares, once the prefix is in."""
+        if len(self._data) < LENGTH_PREFIX.size:
+            return None
+        (length,) = LENGTH_PREFIX.unpack_from(self._data)
+        return int(length)
+
     def next_frame(self) -> bytes | memoryview | None:
         """The next complete frame body, or None if more bytes are needed. Raises `FrameTooLarge`."""
         if len(self._data) < LENGTH_PREFIX.size:

@@ -14,6 +14,7 @@ import trio.testing
 
 from trio_mapper.engine.core.outcome import Failed, ReplySink, RequestSpec
 from trio_mapper.engine.fronts.http.app import BODY_TIMEOUT, PEER, TRANSPORT, OpenAIApp, Operation
+from trio_mapper.engine.fronts.receiving import ReceivingBytes
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials
 from trio_mapper.kinds import ErrorKind
 
@@ -212,7 +213,7 @@ async def test_bodies_being_received_at_once_have_a_total(autojump_clock: trio.t
     """Each connection (each HTTP/2 stream) may hold a body for BODY_TIMEOUT: without a total, a few hundred
     slow uploads held gigabytes. Past it a body is refused 503, worth retrying; what was held is let go."""
     app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
-    app.max_receiving_bytes = 100
+    app.receiving = ReceivingBytes(100)
     scope = chat_scope()
     replies: list[list[dict[str, Any]]] = [[], []]
 
@@ -238,7 +239,7 @@ async def test_bodies_being_received_at_once_have_a_total(autojump_clock: trio.t
     assert replies[1][0]["status"] == 503
     assert (b"retry-after", b"1") in replies[1][0]["headers"]
     assert json.loads(replies[1][1]["body"])["error"]["code"] == "overloaded"
-    assert app.receiving_bytes == 0
+    assert app.receiving.held == 0
 
 
 async def test_refused_keys_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:

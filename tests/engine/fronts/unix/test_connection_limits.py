@@ -23,11 +23,13 @@ from conftest import running_engine, simulator
 from raw_client import PREFIX, RawClient, chat
 
 from trio_mapper.engine.core.outcome import Finished, RequestSpec, Timings
+from trio_mapper.engine.fronts.receiving import ReceivingBytes
 from trio_mapper.engine.fronts.unix import connection as server
 from trio_mapper.engine.fronts.unix.connection import (
     FRAME_STALL_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     OUTBOX_HIGH_WATER,
+    READ_CHUNK,
     Connection,
     ReplyBacklog,
 )
@@ -85,6 +87,7 @@ def serve_connection(
     pair: Callable[[], tuple[Any, Any]] = trio.testing.memory_stream_pair,
     reply_bytes: int = 0,
     backlog: ReplyBacklog | None = None,
+    receiving: ReceivingBytes | None = None,
 ) -> Served:
     client_stream, engine_stream = pair()
     scheduler = FakeScheduler(reply_bytes)
@@ -100,6 +103,7 @@ def serve_connection(
         stats=stats,
         max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
         backlog=backlog,
+        receiving=receiving,
     )
     closed = trio.Event()
 
@@ -219,6 +223,49 @@ async def test_a_frame_trickled_a_byte_at_a_time_is_closed_after_the_stall_timeo
     assert 0 < len(sent) < len(ping)
 
 
+async def test_large_frames_wait_unread_for_room_in_the_total_across_connections(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Each connection may hold a frame of up to max_frame_bytes while it arrives: without a total, as many
+    connections as the engine accepts held that much each. A large frame is read once its length fits in
+    the total, and the time it waits for room is not counted against the client's time to finish it."""
+    first, second = (frame(chat(index, "x" * 3 * READ_CHUNK)) for index in (1, 2))
+    receiving = ReceivingBytes(len(first) + READ_CHUNK)  # room for one such frame at a time
+    with trio.fail_after(HANDSHAKE_TIMEOUT + 3 * FRAME_STALL_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            holder, waiter = (serve_connection(nursery, receiving=receiving) for _ in range(2))
+            for served in (holder, waiter):
+                await say_hello(served)
+            await holder.client.send_raw(first[:-1])
+            await trio.sleep(1)
+            await waiter.client.send_raw(second[:100])
+            await trio.sleep(1)
+            assert (receiving.held, receiving.waiting) == (len(first) - PREFIX.size, 1)
+            await trio.sleep(FRAME_STALL_TIMEOUT - 10)
+            await holder.client.send_raw(first[-1:])
+            assert (await holder.client.receive())["id"] == 1
+            await trio.sleep(FRAME_STALL_TIMEOUT - 10)  # over a minute since its first bytes; not since it was read
+            await waiter.client.send_raw(second[100:])
+            assert (await waiter.client.receive())["id"] == 2
+            assert waiter.scheduler.submitted == [2]
+            assert (receiving.held, receiving.waiting) == (0, 0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_closed_mid_frame_gives_its_room_back(autojump_clock: trio.abc.Clock) -> None:
+    large = frame(chat(1, "x" * 3 * READ_CHUNK))
+    receiving = ReceivingBytes(10 * len(large))
+    async with trio.open_nursery() as nursery:
+        served = serve_connection(nursery, receiving=receiving)
+        await say_hello(served)
+        await served.client.send_raw(large[: len(large) // 2])
+        await trio.sleep(1)
+        assert receiving.held == len(large) - PREFIX.size
+        await served.client.aclose()
+        await served.closed.wait()
+    assert receiving.held == 0
+
+
 # --- clients that do not read --------------------------------------------------------------------------------
 
 
@@ -326,3 +373,35 @@ async def test_a_real_engine_answers_every_ping_of_a_flood_sent_without_reading(
     pongs = [reply["id"] for reply in replies if reply["type"] == "pong"]
     assert sorted(pongs) == list(range(count))
     assert [(reply["type"], reply["id"]) for reply in replies if reply["type"] != "pong"] == [("result", "last")]
+
+
+async def test_a_real_engine_holds_large_frames_being_received_to_one_total(short_tmp: Path) -> None:
+    """The total is the daemon's, shared by every connection: with the default 4 MiB frames it holds 16 of them
+    (64 MiB) while they arrive, and a 17th waits for one of those to finish or go away."""
+    declared = PREFIX.pack(DEFAULT_MAX_FRAME_BYTES) + b"\x87"  # a frame's first byte (a map), the rest to come
+    limit = 64 << 20
+
+    async def wait_for(monitor: RawClient, held: int, waiting: int) -> None:
+        while True:  # the engine is another process: its stats are polled
+            engine = (await monitor.request({"type": "stats", "id": 0}))["engine"]
+            if (engine["receiving_bytes"], engine["receiving_waiting"]) == (held, waiting):
+                return
+            await trio.sleep(0.05)
+
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        with trio.fail_after(30):
+            async with await RawClient.connect(str(engine.socket)) as monitor:
+                await monitor.request(HELLO)
+                senders = [
+                    await RawClient.connect(str(engine.socket)) for _ in range(limit // DEFAULT_MAX_FRAME_BYTES + 1)
+                ]
+                for sender in senders:
+                    await sender.request(HELLO)
+                    await sender.send_raw(declared)
+                await wait_for(monitor, limit, 1)
+                await senders.pop(0).aclose()
+                await wait_for(monitor, limit, 0)  # the waiting one got the room given back
+                for sender in senders:
+                    await sender.aclose()
+                await wait_for(monitor, 0, 0)
+        assert await engine.stop() == 0

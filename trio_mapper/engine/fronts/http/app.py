@@ -40,6 +40,7 @@ from trio_mapper.engine.fronts.http.errors import (
     stream_error_event,
 )
 from trio_mapper.engine.fronts.http.keys import ClientKeys
+from trio_mapper.engine.fronts.receiving import ReceivingBytes, receiving_limit
 from trio_mapper.engine.fronts.throttle import LogThrottle
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
 from trio_mapper.kinds import ErrorKind
@@ -75,11 +76,6 @@ PEER: Final = "trio_mapper.peer"
 MAX_BUFFERED_CHUNKS: Final = 16
 #: How long a client has to send a request's whole body (as the msgpack socket allows for a frame).
 BODY_TIMEOUT: Final = 60.0
-#: Request bodies being received at once, in all, in units of the largest body allowed (and at least 64 MiB):
-#: each connection (each HTTP/2 stream) may hold one body for up to BODY_TIMEOUT, and without a total a few
-#: hundred slow uploads held gigabytes.
-RECEIVING_BODIES: Final = 16
-MIN_RECEIVING_BYTES: Final = 64 << 20
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -229,9 +225,10 @@ class OpenAIApp:
         self._operations: Mapping[str, Operation] = operations or {}
         self.stats = HttpStats()
         self._unauthorized = LogThrottle()
-        #: Bytes of request bodies received but not yet whole, across all requests, and the most allowed.
-        self.receiving_bytes = 0
-        self.max_receiving_bytes = max(MIN_RECEIVING_BYTES, RECEIVING_BODIES * max_body_bytes)
+        #: Bytes of request bodies received but not yet whole, across all requests: each connection (each
+        #: HTTP/2 stream) may hold one body for up to BODY_TIMEOUT, and without a total a few hundred slow
+        #: uploads held gigabytes.
+        self.receiving = ReceivingBytes(receiving_limit(max_body_bytes))
         #: Requests between their first byte and their reply's last.
         self.active = 0
         self._idle = trio.Event()
@@ -525,10 +522,10 @@ class OpenAIApp:
                         "invalid_request_error",
                         "request_too_large",
                     )
-                if self.receiving_bytes + len(chunk) > self.max_receiving_bytes:
+                if not self.receiving.try_hold(len(chunk)):
                     raise _Refusal(
                         503,
-                        f"the engine is receiving {self.receiving_bytes} bytes of request bodies at once, its "
+                        f"the engine is receiving {self.receiving.held} bytes of request bodies at once, its "
                         "most; retry in a moment",
                         "server_error",
                         "overloaded",
@@ -536,11 +533,10 @@ class OpenAIApp:
                     )
                 chunks.append(chunk)
                 held += len(chunk)
-                self.receiving_bytes += len(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
         finally:
-            self.receiving_bytes -= held
+            self.receiving.release(held)
 
     async def _render(self, send: Send, event: Finished | Failed, budget: Headers, spec: RequestSpec) -> None:
         if isinstance(event, Finished):

@@ -22,6 +22,7 @@ from trio_mapper._version import __version__
 from trio_mapper.bodies import decode_body
 from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Scheduler
+from trio_mapper.engine.fronts.receiving import ReceivingBytes, receiving_limit
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.wire import (
     PROTOCOL_MINOR,
@@ -133,6 +134,7 @@ class Connection:
         identity: str = "unknown peer",
         client: ClientIdentity | None = None,
         backlog: ReplyBacklog | None = None,
+        receiving: ReceivingBytes | None = None,
     ) -> None:
         self.number = next(self._numbers)
         self.peer = peer
@@ -149,6 +151,8 @@ class Connection:
         #: Bytes the writer took from the outbox and is still sending: unsent as well, for `relay`.
         self._sending_bytes = 0
         self._backlog = backlog if backlog is not None else ReplyBacklog()
+        #: Bytes of large frames being received, across all connections (the daemon shares one).
+        self._receiving = receiving if receiving is not None else ReceivingBytes(receiving_limit(max_frame_bytes))
         self._closed = False
         self._outbox_changed = trio.Event()
         self._outbox_drained = trio.Event()
@@ -352,35 +356,60 @@ class Connection:
     async def _read_loop(self) -> None:
         buffer = FrameBuffer(self._max_frame_bytes)
         frame_started: float | None = None
-        while True:
-            try:
-                payload = buffer.next_frame()
-            except FrameTooLarge as exc:
-                self.deliver(
-                    Error(
-                        id=None,
-                        kind=ErrorKind.PROTOCOL_ERROR,
-                        message=f"{exc}; the connection is closed. Send smaller requests, or raise the "
-                        "engine's max_frame_bytes",
+        #: The frame in progress's length, when it is held against the total of frames being received.
+        held = 0
+        try:
+            while True:
+                try:
+                    payload = buffer.next_frame()
+                except FrameTooLarge as exc:
+                    self.deliver(
+                        Error(
+                            id=None,
+                            kind=ErrorKind.PROTOCOL_ERROR,
+                            message=f"{exc}; the connection is closed. Send smaller requests, or raise the "
+                            "engine's max_frame_bytes",
+                        )
                     )
+                    log.info("%s sent a frame of %d bytes (limit %d); closing", self.label, exc.length, exc.limit)
+                    raise _CloseConnection from None
+                if payload is not None:
+                    self._receiving.release(held)
+                    held = 0
+                    await self._handle_frame(payload)
+                    if len(self._outbox) > OUTBOX_HIGH_WATER:
+                        await self._wait_for_outbox_to_drain()
+                    continue
+                if not buffer.pending_bytes:
+                    frame_started = None
+                elif not held and (declared := buffer.declared_length) is not None and declared > READ_CHUNK:
+                    # Smaller frames are bounded by the read size; a larger one is read only once its length
+                    # fits in the total, and the time it waits for that is not the client's to finish it in.
+                    await self._hold_room_for(declared)
+                    held = declared
+                    frame_started = None
+                if buffer.pending_bytes and frame_started is None:
+                    frame_started = trio.current_time()
+                data = await self._receive(frame_started)
+                if not data:
+                    if buffer.pending_bytes:
+                        log.info("%s closed in the middle of a frame", self.label)
+                    return
+                buffer.feed(data)
+        finally:
+            self._receiving.release(held)
+
+    async def _hold_room_for(self, length: int) -> None:
+        if not self._receiving.try_hold(length):
+            if (count := self._receiving.waits.count()) is not None:
+                log.warning(
+                    "msgpack: %d large frame(s) waited, unread, for room: frames being received hold %d of "
+                    "the %d MiB the engine allows at once (16 x max_frame_bytes, at least 64 MiB)",
+                    count,
+                    self._receiving.held >> 20,
+                    self._receiving.limit >> 20,
                 )
-                log.info("%s sent a frame of %d bytes (limit %d); closing", self.label, exc.length, exc.limit)
-                raise _CloseConnection from None
-            if payload is not None:
-                await self._handle_frame(payload)
-                if len(self._outbox) > OUTBOX_HIGH_WATER:
-                    await self._wait_for_outbox_to_drain()
-                continue
-            if not buffer.pending_bytes:
-                frame_started = None
-            elif frame_started is None:
-                frame_started = trio.current_time()
-            data = await self._receive(frame_started)
-            if not data:
-                if buffer.pending_bytes:
-                    log.info("%s closed in the middle of a frame", self.label)
-                return
-            buffer.feed(data)
+            await self._receiving.hold(length)
 
     async def _receive(self, frame_started: float | None) -> bytes | bytearray:
         """The next bytes, within the handshake's or the current frame's total allowance (not per read:
