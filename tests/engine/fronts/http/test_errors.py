@@ -33,6 +33,7 @@ def test_each_engine_kind_has_a_status_a_code_and_retry_advice(
     assert rendered_status == status
     assert error == {"message": "why", "type": SHAPES[kind].type, "param": None, "code": code}
     assert dict(headers).get(b"retry-after") == retry_after
+    assert dict(headers).get(b"retry-after-ms") == (retry_after + b"000" if retry_after else None)
     assert dict(headers)[b"x-should-retry"] == (b"true" if retry_after else b"false")
 
 

@@ -295,6 +295,7 @@ async def test_overloaded_and_shutdown_answer_503(short_tmp: Path) -> None:
         assert isinstance(overloaded, openai.InternalServerError) and overloaded.status_code == 503
         assert overloaded.code == "overloaded"
         assert overloaded.response.headers["retry-after"] == "1"
+        assert overloaded.response.headers["retry-after-ms"] == "1000"  # what the SDK reads first
     (short_tmp / "stop").mkdir()
     async with (
         simulator(latency_ms=1500.0) as url,

@@ -2,7 +2,8 @@
 the matching exception, and the ``x-should-retry`` / ``retry-after`` headers that steer its retries.
 
 The engine has already retried what was worth retrying, so a final failure says ``x-should-retry: false``
-unless waiting can help (the engine is busy or restarting), where it says ``retry-after`` instead.
+unless waiting can help (the engine is busy or restarting), where it says ``retry-after`` (and ``retry-after-ms``)
+instead.
 """
 
 from __future__ import annotations
@@ -60,9 +61,15 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 
 
 def retry_headers(retry_after: int | None) -> Headers:
+    """``x-should-retry``, and when a retry may help, the wait in both forms OpenAI sends: the official SDKs
+    read ``retry-after-ms`` first, other clients (and proxies) ``retry-after``."""
     if retry_after is None:
         return [(b"x-should-retry", b"false")]
-    return [(b"x-should-retry", b"true"), (b"retry-after", str(retry_after).encode())]
+    return [
+        (b"x-should-retry", b"true"),
+        (b"retry-after", str(retry_after).encode()),
+        (b"retry-after-ms", str(retry_after * 1000).encode()),
+    ]
 
 
 def render_failure(event: Failed) -> tuple[int, Headers, bytes]:
