@@ -18,7 +18,9 @@ import signal
 import socket as stdlib_socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
 import attrs
 import trio
@@ -121,6 +123,8 @@ class Engine:
         #: Signals that arrived before `serve` installed its receiver, recorded by whoever started the process
         #: (launch-engine does from its first line); `serve` acts on them, in order, once its receiver is in place.
         self._early_signals = early_signals if early_signals is not None else []
+        #: Set by SIGHUP; `_reload_when_asked` reloads (one at a time, since a reload reads files in a thread).
+        self._reload_asked = trio.Event()
         #: The socket actually served: --socket, or the one systemd passed (then --socket is informational).
         self.listening_on = str(settings.server.socket)
         self._notifier = systemd.Notifier(None)
@@ -253,6 +257,7 @@ class Engine:
             failure: ListenerError | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals)
+                nursery.start_soon(self._reload_when_asked)
                 try:
                     await self._start_and_serve(task_status)
                 except ListenerError as exc:
@@ -512,7 +517,7 @@ class Engine:
         """
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
-            self.reload()
+            self._reload_asked.set()  # several while a reload reads its files make one more reload
             return
         if not self._shutdown_requested.is_set():
             log.info("received %s; shutting down", name)
@@ -521,10 +526,18 @@ class Engine:
             log.info("received %s again; cancelling in-flight requests now", name)
             self.scheduler.end_grace_period()
 
-    def reload(self) -> None:
+    async def _reload_when_asked(self) -> None:
+        while True:
+            await self._reload_asked.wait()
+            self._reload_asked = trio.Event()
+            await self.reload()
+
+    async def reload(self) -> None:
         """Re-read the settings and apply what can change while serving; a bad config changes nothing.
 
-        No request is touched: the ledger keeps its reservations and waiters, the limiter its borrowers.
+        No request is touched: the ledger keeps its reservations and waiters, the limiter its borrowers. The
+        files are read in a thread, within `RELOAD_READ_TIMEOUT`: a config path that is a FIFO, or on a hung
+        network filesystem, stalled every client (and SIGTERM) when they were read on the event loop.
         """
         if self._shutdown_requested.is_set() or self._reload_settings is None:
             log.warning("SIGHUP ignored: %s", "shutting down" if self._reload_settings else "nothing to reload from")
@@ -535,11 +548,23 @@ class Engine:
             self._notifier.reloading()
         try:
             try:
-                new = self._reload_settings()
+                new = await _read_in_thread(self._reload_settings)
+                keys = None
+                if new.server.http_keys_file is not None:
+                    keys = await _read_in_thread(partial(_try_load_keys, new.server.http_keys_file))
             except SettingsError as exc:
                 for problem in exc.problems:
                     log.error("reload: %s", problem)
                 log.error("reload failed; keeping the current settings")
+                return
+            except trio.TooSlowError:
+                log.error(
+                    "reload: gave up reading the config or keys file after %gs (a FIFO, or a hung filesystem?); "
+                    "keeping the current settings",
+                    RELOAD_READ_TIMEOUT,
+                )
+                return
+            if self._shutdown_requested.is_set():
                 return
             plan = plan_reload(self.settings, new)
             for line in plan.refused:
@@ -552,7 +577,7 @@ class Engine:
                 # After the limits: a cap given as a share of a model's limit follows the new limit.
                 self.scheduler.update_tenants(tenants_from_config(server.tenants), prices_from_config(server))
             logging.getLogger("trio_mapper").setLevel(server.log_level)
-            applied = [*plan.applied, *self._reload_http(server)]
+            applied = [*plan.applied, *self._reload_http(server, keys)]
             self.settings = plan.settings
             log.info("reloaded: %s", "; ".join(applied) if applied else "no changes")
         except Exception:
@@ -562,17 +587,16 @@ class Engine:
             if announce:
                 self._notifier.ready(self._status_line())
 
-    def _reload_http(self, server: ServerSettings) -> list[str]:
-        """New client keys and allow-lists for the HTTP front; a bad keys file keeps the current keys.
+    def _reload_http(self, server: ServerSettings, keys: ClientKeys | KeysError | None) -> list[str]:
+        """New client keys (read already, or why not) and allow-lists for the HTTP front; a bad keys file keeps
+        the current keys.
 
         Returns what changed in the keys file, by client name (never a key), for the reload's log line.
         """
         applied = []
-        if server.http_keys_file is not None:
-            try:
-                keys = load_keys(server.http_keys_file)
-            except KeysError as exc:
-                log.error("reload: %s; keeping the current client keys", exc)
+        if keys is not None:
+            if isinstance(keys, KeysError):
+                log.error("reload: %s; keeping the current client keys", keys)
                 applied.append("http client keys unchanged (the keys file was refused, see above)")
             else:
                 changes = describe_key_changes(self._http_keys, keys)
@@ -655,3 +679,22 @@ class Engine:
             log.exception("%s: unexpected error; connection closed", connection.label)
         finally:
             self._connections.pop(connection, None)
+
+
+T = TypeVar("T")
+#: How long a reload waits for its config and keys files to be read.
+RELOAD_READ_TIMEOUT: Final = 10.0
+
+
+async def _read_in_thread(read: Callable[[], T]) -> T:
+    """``read()`` in a worker thread, within `RELOAD_READ_TIMEOUT` (trio.TooSlowError). A read that is stuck
+    is abandoned in its thread: a blocking open() cannot be interrupted."""
+    with trio.fail_after(RELOAD_READ_TIMEOUT):
+        return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+
+
+def _try_load_keys(path: Path) -> ClientKeys | KeysError:
+    try:
+        return load_keys(path)
+    except KeysError as exc:
+        return exc

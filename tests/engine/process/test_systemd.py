@@ -630,6 +630,34 @@ async def test_a_reload_that_removes_a_uid_cuts_its_open_connections(short_tmp: 
     assert "disconnected: its uid/gid is no longer in allowed_uids/allowed_gids" in engine.log
 
 
+
+async def test_a_reload_stuck_reading_its_files_does_not_stall_the_engine(short_tmp: Path) -> None:
+    """SIGHUP read the config and keys files on the event loop: a config path that became a FIFO (or a hung
+    network filesystem) stopped every client and SIGTERM itself. Now the files are read in a thread, a read
+    that takes too long is given up and logged, and the engine serves on."""
+    config = short_tmp / "engine.toml"
+    write_config(config, rpm=6000, tpm=600_000, concurrent=4, mini_rpm=6000, mini_tpm=600_000)
+    async with simulator() as url, running_engine(short_tmp, url, "--config", str(config)) as engine:
+        config.unlink()
+        os.mkfifo(config)  # opening it for reading waits for a writer that never comes
+        engine.process.send_signal(signal.SIGHUP)
+        await trio.sleep(0.5)
+        async with await RawClient.connect(str(engine.socket)) as client:
+            with trio.fail_after(10):
+                assert (await client.request(chat(1)))["type"] == "result"
+        with trio.fail_after(20):
+            while "reload: gave up reading" not in engine.log:  # noqa: ASYNC110 - the engine's log, another process
+                await trio.sleep(0.1)
+        config.unlink()
+        write_config(config, rpm=6000, tpm=600_000, concurrent=4, mini_rpm=7000, mini_tpm=600_000)
+        engine.process.send_signal(signal.SIGHUP)  # a readable file again: this one is applied
+        with trio.fail_after(20):
+            while "reloaded: server.models" not in engine.log:  # noqa: ASYNC110 - as above
+                await trio.sleep(0.1)
+        with trio.fail_after(20):
+            assert await engine.stop() == 0
+
+
 def test_allow_list_semantics() -> None:
     peer = PeerCredentials(pid=1, uid=1000, gid=1000, groups=frozenset({1000, 27, 1500}))
     assert is_allowed(peer, [], [])
