@@ -22,6 +22,7 @@ from httpx_sse import EventSource, ServerSentEvent
 from trio_mapper._version import __version__
 from trio_mapper.bodies import decode_body
 from trio_mapper.engine.process.settings import OpenAISettings
+from trio_mapper.engine.upstream.connections import upstream_transport
 from trio_mapper.text import escape_control_characters, shorten
 
 #: A path of plain segments: no scheme, host, query, fragment, percent-escapes or backslashes.
@@ -284,7 +285,7 @@ class Upstream:
     others sit idle. Use as an async context manager; `send` may be called from many tasks at once.
 
     Args:
-        transport: builds each pool's transport; None is httpx's own (a connection pool each). Tests pass
+        transport: builds each pool's transport; None is `upstream_transport` (a connection pool each). Tests pass
             an `httpx.MockTransport` factory here.
     """
 
@@ -324,7 +325,7 @@ class Upstream:
         per_pool = max(1, math.ceil(max_connections / pools))
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
         self._pools: list[httpx.AsyncBaseTransport] = [
-            transport() if transport is not None else httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+            transport() if transport is not None else upstream_transport(limits)
             for _ in range(pools)
         ]
         #: Requests in progress per pool.
