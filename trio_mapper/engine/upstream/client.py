@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
+from functools import partial
 from typing import Any, Final, final
 
 import attrs
@@ -324,10 +325,10 @@ class Upstream:
         pools = max(1, math.ceil(busy_connections / CONNECTIONS_PER_POOL))
         per_pool = max(1, math.ceil(max_connections / pools))
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        self._pools: list[httpx.AsyncBaseTransport] = [
-            transport() if transport is not None else upstream_transport(limits)
-            for _ in range(pools)
-        ]
+        if transport is None:
+            ssl_context = httpx.create_ssl_context(trust_env=False)
+            transport = partial(upstream_transport, limits, ssl_context)
+        self._pools: list[httpx.AsyncBaseTransport] = [transport() for _ in range(pools)]
         #: Requests in progress per pool.
         self._in_progress = [0] * pools
         self._resolved: dict[str, tuple[str, httpx.URL]] = {}

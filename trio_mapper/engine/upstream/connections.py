@@ -21,13 +21,15 @@ def upstream_transport(limits: httpx.Limits, ssl_context: ssl.SSLContext | None 
     on connections that write each request in one send.
 
     Args:
-        ssl_context: None verifies servers against certifi's bundle, as httpx does (the environment's
-            ``SSL_CERT_FILE`` is not read, as with ``trust_env=False``).
+        ssl_context: shared by the pools (loading certificates takes tens of milliseconds). None verifies
+            servers against certifi's bundle, as httpx does (the environment's ``SSL_CERT_FILE`` is not read,
+            as with ``trust_env=False``).
     """
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    ssl_context = ssl_context or httpx.create_ssl_context(trust_env=False)
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits, trust_env=False)
     # httpx takes no network backend; its transport is this pool with httpx's own defaults, rebuilt with one.
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
+        ssl_context=ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
