@@ -17,7 +17,7 @@ import trio
 from . import errors
 from .buckets import RateLimits, Rejection
 from .config import SimulatorConfig
-from .endpoints import Kind, Plan, Reply, RequestError, plan_request, render, render_stream
+from .endpoints import Kind, Plan, Reply, RequestError, plan_request, render, render_stream, structured_reply
 from .faults import Dice, Fault
 from .stats import Stats
 from .tokens import TokenCounter
@@ -238,6 +238,8 @@ class SimulatorApp:
         fault = self.dice.fault()
         slow = self.dice.slow()
         replies = [Reply(*self.dice.reply(plan.max_tokens)) for _ in range(plan.replies)]
+        if plan.schema is not None:
+            replies = [structured_reply(plan, reply, self.counter) for reply in replies]
         ident = self.dice.hex_id()
         if fault is not Fault.NONE and fault is not Fault.RESET:
             await _pause(self.dice.latency(0, slow))

@@ -19,6 +19,7 @@ from .content import (
     embedding_vector,
     reply_tokens,
 )
+from .structured import SchemaError, instance, requested_schema
 from .tokens import InputError, TokenCounter
 
 Kind = Literal["chat", "completions", "embeddings", "responses"]
@@ -62,6 +63,8 @@ class Plan:
     body: dict[str, Any]
     # Embeddings: tokens per input, in order.
     input_counts: tuple[int, ...] = ()
+    # Structured outputs: the JSON schema every reply follows (`structured.requested_schema`).
+    schema: dict[str, Any] | None = None
 
 
 @final
@@ -72,9 +75,15 @@ class Reply:
     start: int
     tokens: int
     truncated: bool
+    #: A structured reply's JSON text, token by token; None for a reply of words.
+    json_pieces: tuple[str, ...] | None = None
+
+    def pieces(self) -> Iterator[str]:
+        """The reply's text, one token at a time."""
+        return iter(self.json_pieces) if self.json_pieces is not None else reply_tokens(self.start, self.tokens)
 
     def text(self) -> str:
-        return "".join(reply_tokens(self.start, self.tokens))
+        return "".join(self.pieces())
 
 
 def _missing(name: str) -> RequestError:
@@ -168,7 +177,8 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
                     f"Invalid 'dimensions': {model} returns at most {native}.", "dimensions", "invalid_value"
                 )
             return Plan(kind, model, sum(counts), sum(counts), 0, None, False, False, body, tuple(counts))
-    except InputError as error:
+        schema = requested_schema(kind, body)
+    except (InputError, SchemaError) as error:
         raise RequestError(str(error), error.param, "invalid_value") from None
     if n > MAX_CHOICES:
         raise RequestError(f"Invalid 'n': must be at most {MAX_CHOICES}.", "n", "invalid_value")
@@ -177,7 +187,17 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
     cost = prompt + (cap if cap is not None else default_max_tokens) * replies
     # Responses streams always end with the usage; `stream_options.include_usage` is a chat/completions knob.
     include_usage = stream and kind != "responses" and _include_usage(body)
-    return Plan(kind, model, prompt, cost, replies, cap, stream, include_usage, body)
+    return Plan(kind, model, prompt, cost, replies, cap, stream, include_usage, body, schema=schema)
+
+
+def structured_reply(plan: Plan, drawn: Reply, counter: TokenCounter) -> Reply:
+    """``drawn`` (the dice's reply) made an instance of the plan's schema, cut at ``max_tokens`` like any reply."""
+    assert plan.schema is not None
+    pieces = counter.pieces(_encoder.encode(instance(plan.schema, drawn.start)).decode())
+    truncated = plan.max_tokens is not None and len(pieces) > plan.max_tokens
+    if truncated:
+        pieces = pieces[: plan.max_tokens]
+    return Reply(drawn.start, len(pieces), truncated, tuple(pieces))
 
 
 def _chat_usage(prompt: int, completion: int) -> dict[str, Any]:
@@ -284,7 +304,7 @@ def _response_object(plan: Plan, reply: Reply, ident: str, created: int) -> dict
         "service_tier": "default",
         "store": True,
         "temperature": 1.0,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": _text_format(plan.body)},
         "tool_choice": "auto",
         "tools": [],
         "top_p": 1.0,
@@ -299,6 +319,12 @@ def _response_object(plan: Plan, reply: Reply, ident: str, created: int) -> dict
         "user": None,
         "metadata": {},
     }
+
+
+def _text_format(body: dict[str, Any]) -> Any:
+    text = body.get("text")
+    requested = text.get("format") if isinstance(text, dict) else None
+    return requested if isinstance(requested, dict) else {"type": "text"}
 
 
 def _embedding_keys(plan: Plan) -> list[bytes]:
@@ -373,7 +399,7 @@ def render_stream(plan: Plan, replies: Sequence[Reply], ident: str, created: int
     for index, reply in enumerate(replies):
         if chat:
             yield _sse(chunk(index, None, None)), 0
-        for piece in reply_tokens(reply.start, reply.tokens):
+        for piece in reply.pieces():
             yield _sse(chunk(index, piece, None)), 1
         yield _sse(chunk(index, None, _finish(reply))), 0
     if plan.include_usage:
@@ -412,7 +438,7 @@ def _response_stream(plan: Plan, reply: Reply, ident: str, created: int) -> Iter
     yield event("response.in_progress", response=opening), 0
     yield event("response.output_item.added", output_index=0, item=opened), 0
     yield event("response.content_part.added", **where, part=_output_text("")), 0
-    for piece in reply_tokens(reply.start, reply.tokens):
+    for piece in reply.pieces():
         yield event("response.output_text.delta", **where, delta=piece, logprobs=[]), 1
     yield event("response.output_text.done", **where, text=text, logprobs=[]), 0
     yield event("response.content_part.done", **where, part=_output_text(text)), 0

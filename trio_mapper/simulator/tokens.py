@@ -43,6 +43,19 @@ class TokenCounter:
         # encode_ordinary: a prompt that contains "<|endoftext|>" is text to bill, not an error.
         return len(self._encoding.encode_ordinary(text))
 
+    def pieces(self, text: str) -> list[str]:
+        """``text`` cut into its tokens' texts, in order; a character split between tokens goes with the last."""
+        pieces: list[str] = []
+        pending = b""
+        for token in self._encoding.encode_ordinary(text):
+            pending += self._encoding.decode_single_token_bytes(token)
+            try:
+                pieces.append(pending.decode())
+            except UnicodeDecodeError:
+                continue
+            pending = b""
+        return pieces
+
     def _content(self, content: Any) -> int:
         if isinstance(content, str):
             return self.text(content)

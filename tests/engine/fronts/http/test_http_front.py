@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
 from conftest import TEST_API_KEY, EngineProcess, engine_command, engine_env, running_engine, simulator
@@ -100,6 +101,12 @@ async def engine_stats(engine: EngineProcess) -> dict[str, Any]:
         return await client.request({"type": "stats", "id": "s"})
 
 
+class Answer(pydantic.BaseModel):
+    city: str
+    population: int
+    landmarks: list[str]
+
+
 def exercise_sync(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=20)
     completion = raw.parse()
@@ -127,6 +134,13 @@ def exercise_sync(client: openai.OpenAI) -> None:
     assert client.embeddings.create(model="text-embedding-3-small", input="a").data[0].embedding == pytest.approx(
         vector
     )
+    # Structured outputs: `response_format`/`text.format` travel to the upstream intact, and the SDK's
+    # helpers parse what comes back (streamed too).
+    parsed = client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Answer)
+    assert isinstance(parsed.choices[0].message.parsed, Answer)
+    with client.chat.completions.stream(model=MODEL, messages=MESSAGES, response_format=Answer) as stream:
+        assert isinstance(stream.get_final_completion().choices[0].message.parsed, Answer)
+    assert isinstance(client.responses.parse(model=MODEL, input="hi", text_format=Answer).output_parsed, Answer)
     models = client.models.list()
     assert any(model.id == MODEL for model in models.data)
     assert client.models.retrieve(MODEL).id == MODEL
@@ -144,6 +158,8 @@ async def test_sdk_sync_and_async_over_the_unix_socket(short_tmp: Path) -> None:
             assert len(embeddings.data[0].embedding) > 10
             response = await aclient.responses.create(model=MODEL, input="hi")
             assert response.output_text
+            parsed = await aclient.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Answer)
+            assert isinstance(parsed.choices[0].message.parsed, Answer)
             assert [m async for m in aclient.models.list()]
         assert os.stat(http_socket(engine)).st_mode & 0o777 == 0o660
         assert await engine.stop() == 0
