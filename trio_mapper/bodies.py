@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 
+from trio_mapper import collector
+
 __all__ = ["decode_body"]
 
 
@@ -18,6 +20,7 @@ def decode_body(content: bytes, encoding: str | None = None) -> Any:
     if not content:
         return None
     try:
-        return msgspec.json.decode(content)
+        with collector.paused_for(len(content)):
+            return msgspec.json.decode(content)
     except (msgspec.DecodeError, RecursionError):
         return content.decode(encoding or "utf-8", errors="replace")

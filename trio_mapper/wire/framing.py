@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import msgspec
 
+from trio_mapper import collector
 from trio_mapper.wire.messages import (
     Cancel,
     ClientMessage,
@@ -59,7 +60,8 @@ class Codec:
                 low-level problems.
         """
         try:
-            return self._decoder.decode(payload)
+            with collector.paused_for(len(payload)):
+                return self._decoder.decode(payload)
         except RecursionError:
             raise ValueError(TOO_DEEP) from None
 
@@ -142,14 +144,20 @@ def describe_decode_error(exc: Exception) -> str:
     return text
 
 
+class _IdOnly(msgspec.Struct):
+    id: Any = None
+
+
+#: Reads a frame's ``id`` and skims the rest without building it: a hostile frame is not decoded twice.
+_ID_ONLY: Final = msgspec.msgpack.Decoder(_IdOnly)
+
+
 def salvage_request_id(payload: bytes | memoryview) -> RequestId | None:
     """The ``id`` of a frame that failed validation, when it has a usable one, so the error can name it."""
     try:
-        raw = msgspec.msgpack.decode(payload)
+        candidate = _ID_ONLY.decode(payload).id
     except (msgspec.MsgspecError, ValueError, RecursionError):  # ValueError: invalid UTF-8 in a string…
         return None
-    if isinstance(raw, dict):
-        candidate = raw.get("id")
-        if isinstance(candidate, int | str) and not isinstance(candidate, bool):
-            return candidate
+    if isinstance(candidate, int | str) and not isinstance(candidate, bool):
+        return candidate
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Hashable
@@ -260,3 +261,24 @@ async def test_refused_keys_are_logged_once_per_interval(caplog: pytest.LogCaptu
     assert [message["status"] for message in sent if "status" in message] == [401] * 100
     assert app.stats.unauthorized == 100
     assert len([record for record in caplog.records if "without a valid client key" in record.message]) == 1
+
+
+async def test_a_large_body_is_decoded_with_the_collector_paused() -> None:
+    """A body of many tiny containers ran the cyclic collector hundreds of times on the event loop."""
+    body = b'{"model":"gpt-4o-mini","messages":[' + b",".join([b"{}"] * 200_000) + b"]}"
+    scheduler = FakeScheduler()
+    collections: list[int] = []
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(note)
+    try:
+        status, _, _ = await call(OpenAIApp(scheduler, max_body_bytes=10 << 20), body=body)
+    finally:
+        gc.callbacks.remove(note)
+    assert status == 400 and len(scheduler.specs[0].body["messages"]) == 200_000
+    assert len(collections) <= 2, "the pass owed once the collector is back on, and perhaps one for the test"
+    assert gc.isenabled()

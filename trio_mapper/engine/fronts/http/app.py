@@ -22,6 +22,7 @@ import attrs
 import msgspec
 import trio
 
+from trio_mapper import collector
 from trio_mapper.engine.core.outcome import (
     Chunk,
     ClientIdentity,
@@ -466,7 +467,8 @@ class OpenAIApp:
                     "invalid_json",
                 )
             try:
-                body = msgspec.json.decode(raw)
+                with collector.paused_for(len(raw)):
+                    body = msgspec.json.decode(raw)
             except msgspec.DecodeError as exc:
                 raise _Refusal(
                     400, f"the body is not valid JSON: {exc}", "invalid_request_error", "invalid_json"
