@@ -2,7 +2,7 @@
 
 httpcore writes a request as separate events: its head, then its body, each a `send_all` and a checkpoint.
 On a busy event loop the body leaves a scheduling pass after the head, and the upstream reads twice before it
-can start; measured through the HTTP front, that cost a stream's first chunk 0.5 to 0.9 ms (docs/performance.md).
+can start; measured through the HTTP front, that cost a stream's first chunk 0.2 to 0.9 ms (docs/performance.md).
 Here the first write of each exchange (the head) is held, without a checkpoint, until the next one (the body,
 or the empty end of a request without one), and both leave in one send: one TCP segment, one TLS record.
 """
