@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import httpx
@@ -14,8 +14,13 @@ import trio
 from trio_mapper.simulator import SimulatorApp, SimulatorConfig, open_simulator
 from trio_mapper.simulator.tokens import TokenCounter
 
+if TYPE_CHECKING:
+    import openai
+
 API_KEY = "sk-test-0123456789"
 MODEL = "gpt-4o-mini"
+
+T = TypeVar("T")
 
 # Built once: loading the encoding is the slow part of building an app.
 _counter: TokenCounter | None = None
@@ -118,3 +123,15 @@ def parse_typed_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
         assert name.startswith("event: ") and data.startswith("data: "), block
         events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
     return events
+
+
+async def with_sdk(config: SimulatorConfig, work: Callable[[openai.OpenAI], T]) -> T:
+    """Runs ``work`` in a thread with the official SDK's sync client pointed at a simulator, no retries."""
+    import openai  # only the SDK tests need it
+
+    async with open_simulator(config) as url:
+        client = openai.OpenAI(api_key=API_KEY, base_url=url, max_retries=0, timeout=10.0)
+        try:
+            return await trio.to_thread.run_sync(work, client)
+        finally:
+            await trio.to_thread.run_sync(client.close)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import openai
 import pytest
@@ -19,22 +18,12 @@ from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-from simulator_fixtures import API_KEY, MODEL, fast_config
+from simulator_fixtures import API_KEY, MODEL, fast_config, with_sdk
 
 from trio_mapper.simulator import SimulatorConfig, open_simulator
 
-T = TypeVar("T")
 MESSAGES: list[Any] = [{"role": "user", "content": "Hello"}]
 STREAM_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
-
-
-async def _with_sdk(config: SimulatorConfig, work: Callable[[openai.OpenAI], T]) -> T:
-    async with open_simulator(config) as url:
-        client = openai.OpenAI(api_key=API_KEY, base_url=url, max_retries=0, timeout=10.0)
-        try:
-            return await trio.to_thread.run_sync(work, client)
-        finally:
-            await trio.to_thread.run_sync(client.close)
 
 
 async def test_every_endpoint_parses_into_sdk_types() -> None:
@@ -55,7 +44,7 @@ async def test_every_endpoint_parses_into_sdk_types() -> None:
         out["model"] = client.models.retrieve("gpt-4o")
         return out
 
-    out = await _with_sdk(fast_config(), work)
+    out = await with_sdk(fast_config(), work)
 
     chat, chat_raw = out["chat"]
     ChatCompletion.model_validate(chat_raw)
@@ -95,7 +84,7 @@ async def test_chat_streaming_with_include_usage() -> None:
         )
         return list(stream)
 
-    chunks = await _with_sdk(fast_config(per_token_latency_ms=1.0), work)
+    chunks = await with_sdk(fast_config(per_token_latency_ms=1.0), work)
     for chunk in chunks:
         ChatCompletionChunk.model_validate(chunk.model_dump())
     usage = chunks[-1].usage
@@ -130,7 +119,7 @@ async def test_responses_streaming_sync_sdk() -> None:
             final = stream.get_final_response()
         return events, events[-1].response, final
 
-    events, created_final, streamed_final = await _with_sdk(fast_config(per_token_latency_ms=1.0), work)
+    events, created_final, streamed_final = await with_sdk(fast_config(per_token_latency_ms=1.0), work)
     _check_response_stream(events, created_final)
     assert streamed_final.status == "completed"
     assert streamed_final.output_text
@@ -167,7 +156,7 @@ async def test_sdk_sees_429s_as_rate_limit_errors(config: SimulatorConfig, code:
                 return error
         raise AssertionError("no 429 within 3 requests")
 
-    error = await _with_sdk(config, work)
+    error = await with_sdk(config, work)
     assert error.status_code == 429
     assert error.code == code
     assert error.type == type_
@@ -191,7 +180,7 @@ async def test_sdk_sees_reset_as_connection_error() -> None:
             return error
         return None
 
-    error = await _with_sdk(fast_config(reset_rate=1.0), work)
+    error = await with_sdk(fast_config(reset_rate=1.0), work)
     assert isinstance(error, openai.APIConnectionError)
 
 
@@ -205,5 +194,5 @@ async def test_sdk_sees_server_faults_as_status_errors() -> None:
                 seen.append(type(error))
         return seen
 
-    seen = await _with_sdk(fast_config(fail_rate=1.0), work)
+    seen = await with_sdk(fast_config(fail_rate=1.0), work)
     assert seen == [openai.InternalServerError] * 3

