@@ -238,7 +238,7 @@ class SimulatorApp:
         fault = self.dice.fault()
         slow = self.dice.slow()
         replies = [Reply(*self.dice.reply(plan.max_tokens)) for _ in range(plan.replies)]
-        if plan.schema is not None:
+        if plan.reply_schema is not None:
             replies = [structured_reply(plan, reply, self.counter) for reply in replies]
         ident = self.dice.hex_id()
         if fault is not Fault.NONE and fault is not Fault.RESET:

@@ -21,6 +21,7 @@ from .content import (
 )
 from .structured import SchemaError, instance, requested_schema
 from .tokens import InputError, TokenCounter
+from .tools import ToolCall, requested_tool_call
 
 Kind = Literal["chat", "completions", "embeddings", "responses"]
 
@@ -65,6 +66,14 @@ class Plan:
     input_counts: tuple[int, ...] = ()
     # Structured outputs: the JSON schema every reply follows (`structured.requested_schema`).
     schema: dict[str, Any] | None = None
+    # The function every reply calls instead of answering in words (`tools.requested_tool_call`).
+    tool_call: ToolCall | None = None
+
+    @property
+    def reply_schema(self) -> dict[str, Any] | None:
+        """The schema of the JSON each reply is (a tool call's arguments, else the response format's); None
+        for replies in words. A model offered tools calls them before it answers in the format."""
+        return self.tool_call.parameters if self.tool_call is not None else self.schema
 
 
 @final
@@ -77,6 +86,8 @@ class Reply:
     truncated: bool
     #: A structured reply's JSON text, token by token; None for a reply of words.
     json_pieces: tuple[str, ...] | None = None
+    #: The function the reply calls, ``json_pieces`` being its arguments; None for an answer.
+    tool: str | None = None
 
     def pieces(self) -> Iterator[str]:
         """The reply's text, one token at a time."""
@@ -178,6 +189,9 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
                 )
             return Plan(kind, model, sum(counts), sum(counts), 0, None, False, False, body, tuple(counts))
         schema = requested_schema(kind, body)
+        tool_call = requested_tool_call(kind, body)
+        if body.get("tools"):
+            prompt += counter.json(body["tools"])  # tool definitions are rendered into the prompt
     except (InputError, SchemaError) as error:
         raise RequestError(str(error), error.param, "invalid_value") from None
     if n > MAX_CHOICES:
@@ -187,17 +201,22 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
     cost = prompt + (cap if cap is not None else default_max_tokens) * replies
     # Responses streams always end with the usage; `stream_options.include_usage` is a chat/completions knob.
     include_usage = stream and kind != "responses" and _include_usage(body)
-    return Plan(kind, model, prompt, cost, replies, cap, stream, include_usage, body, schema=schema)
+    return Plan(
+        kind, model, prompt, cost, replies, cap, stream, include_usage, body, schema=schema, tool_call=tool_call
+    )
 
 
 def structured_reply(plan: Plan, drawn: Reply, counter: TokenCounter) -> Reply:
-    """``drawn`` (the dice's reply) made an instance of the plan's schema, cut at ``max_tokens`` like any reply."""
-    assert plan.schema is not None
-    pieces = counter.pieces(_encoder.encode(instance(plan.schema, drawn.start)).decode())
+    """``drawn`` (the dice's reply) made an instance of the plan's `Plan.reply_schema` (a tool call's
+    arguments or the response format), cut at ``max_tokens`` like any reply."""
+    schema = plan.reply_schema
+    assert schema is not None
+    pieces = counter.pieces(_encoder.encode(instance(schema, drawn.start)).decode())
     truncated = plan.max_tokens is not None and len(pieces) > plan.max_tokens
     if truncated:
         pieces = pieces[: plan.max_tokens]
-    return Reply(drawn.start, len(pieces), truncated, tuple(pieces))
+    tool = plan.tool_call.name if plan.tool_call is not None else None
+    return Reply(drawn.start, len(pieces), truncated, tuple(pieces), tool)
 
 
 def _chat_usage(prompt: int, completion: int) -> dict[str, Any]:
@@ -216,7 +235,21 @@ def _chat_usage(prompt: int, completion: int) -> dict[str, Any]:
 
 
 def _finish(reply: Reply) -> str:
-    return "length" if reply.truncated else "stop"
+    return "length" if reply.truncated else "tool_calls" if reply.tool is not None else "stop"
+
+
+def _call_id(ident: str, index: int) -> str:
+    return f"call_{ident}_{index}"
+
+
+def _chat_message(reply: Reply, ident: str, index: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None, "annotations": []}
+    if reply.tool is None:
+        message["content"] = reply.text()
+    else:
+        function = {"name": reply.tool, "arguments": reply.text()}
+        message["tool_calls"] = [{"id": _call_id(ident, index), "type": "function", "function": function}]
+    return message
 
 
 def render(plan: Plan, replies: Sequence[Reply], ident: str, created: int) -> bytes:
@@ -232,12 +265,7 @@ def render(plan: Plan, replies: Sequence[Reply], ident: str, created: int) -> by
             "choices": [
                 {
                     "index": index,
-                    "message": {
-                        "role": "assistant",
-                        "content": reply.text(),
-                        "refusal": None,
-                        "annotations": [],
-                    },
+                    "message": _chat_message(reply, ident, index),
                     "logprobs": None,
                     "finish_reason": _finish(reply),
                 }
@@ -281,6 +309,19 @@ def _response_message(reply: Reply, ident: str) -> dict[str, Any]:
     }
 
 
+def _response_output(reply: Reply, ident: str) -> dict[str, Any]:
+    if reply.tool is None:
+        return _response_message(reply, ident)
+    return {
+        "id": f"fc_{ident}",
+        "type": "function_call",
+        "status": _response_status(reply),
+        "call_id": _call_id(ident, 0),
+        "name": reply.tool,
+        "arguments": reply.text(),
+    }
+
+
 def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -297,7 +338,7 @@ def _response_object(plan: Plan, reply: Reply, ident: str, created: int) -> dict
         "instructions": plan.body.get("instructions"),
         "max_output_tokens": plan.max_tokens,
         "model": plan.model,
-        "output": [_response_message(reply, ident)],
+        "output": [_response_output(reply, ident)],
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "reasoning": {"effort": None, "summary": None},
@@ -305,8 +346,8 @@ def _response_object(plan: Plan, reply: Reply, ident: str, created: int) -> dict
         "store": True,
         "temperature": 1.0,
         "text": {"format": _text_format(plan.body)},
-        "tool_choice": "auto",
-        "tools": [],
+        "tool_choice": plan.body.get("tool_choice", "auto"),
+        "tools": plan.body.get("tools") or [],
         "top_p": 1.0,
         "truncation": "disabled",
         "usage": {
@@ -385,27 +426,43 @@ def render_stream(plan: Plan, replies: Sequence[Reply], ident: str, created: int
     if plan.include_usage:
         base["usage"] = None
 
-    def chunk(index: int, piece: str | None, finish: str | None) -> dict[str, Any]:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         if chat:
-            if piece is None and finish is None:
-                delta: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None}
-            else:
-                delta = {} if piece is None else {"content": piece}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"text": piece or "", "index": index, "logprobs": None, "finish_reason": finish}
+            choice = {"text": delta.get("content", ""), "index": index, "logprobs": None, "finish_reason": finish}
         return {**base, "choices": [choice]}
 
     for index, reply in enumerate(replies):
         if chat:
-            yield _sse(chunk(index, None, None)), 0
+            yield _sse(chunk(index, _opening_delta(reply, ident, index))), 0
         for piece in reply.pieces():
-            yield _sse(chunk(index, piece, None)), 1
-        yield _sse(chunk(index, None, _finish(reply))), 0
+            yield _sse(chunk(index, _piece_delta(reply, piece))), 1
+        yield _sse(chunk(index, {}, _finish(reply))), 0
     if plan.include_usage:
         completion = sum(reply.tokens for reply in replies)
         yield _sse({**base, "choices": [], "usage": _chat_usage(plan.prompt_tokens, completion)}), 0
     yield SSE_DONE, 0
+
+
+def _opening_delta(reply: Reply, ident: str, index: int) -> dict[str, Any]:
+    """A chat stream's first chunk: the role, and for a tool call the call's id and function name (its
+    arguments follow piece by piece, as on the API)."""
+    if reply.tool is None:
+        return {"role": "assistant", "content": "", "refusal": None}
+    call = {
+        "index": 0,
+        "id": _call_id(ident, index),
+        "type": "function",
+        "function": {"name": reply.tool, "arguments": ""},
+    }
+    return {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+
+
+def _piece_delta(reply: Reply, piece: str) -> dict[str, Any]:
+    if reply.tool is None:
+        return {"content": piece}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
 
 
 def _typed_sse(event: dict[str, Any]) -> bytes:
@@ -421,11 +478,8 @@ def _response_stream(plan: Plan, reply: Reply, ident: str, created: int) -> Iter
     final = _response_object(plan, reply, ident, created)
     # The opening snapshot has no output and no usage yet; everything else already has its final value.
     opening = {**final, "status": "in_progress", "incomplete_details": None, "output": [], "usage": None}
-    message = _response_message(reply, ident)
-    opened = {**message, "status": "in_progress", "content": []}
-    item_id = message["id"]
+    item = _response_output(reply, ident)
     text = reply.text()
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     sequence = 0
 
     def event(kind: str, **fields: Any) -> bytes:
@@ -436,12 +490,28 @@ def _response_stream(plan: Plan, reply: Reply, ident: str, created: int) -> Iter
 
     yield event("response.created", response=opening), 0
     yield event("response.in_progress", response=opening), 0
-    yield event("response.output_item.added", output_index=0, item=opened), 0
-    yield event("response.content_part.added", **where, part=_output_text("")), 0
-    for piece in reply.pieces():
-        yield event("response.output_text.delta", **where, delta=piece, logprobs=[]), 1
-    yield event("response.output_text.done", **where, text=text, logprobs=[]), 0
-    yield event("response.content_part.done", **where, part=_output_text(text)), 0
-    yield event("response.output_item.done", output_index=0, item=message), 0
+    if reply.tool is not None:
+        where = {"item_id": item["id"], "output_index": 0}
+        yield (
+            event(
+                "response.output_item.added", output_index=0, item={**item, "status": "in_progress", "arguments": ""}
+            ),
+            0,
+        )
+        for piece in reply.pieces():
+            yield event("response.function_call_arguments.delta", **where, delta=piece), 1
+        yield event("response.function_call_arguments.done", **where, name=reply.tool, arguments=text), 0
+    else:
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        yield (
+            event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
+            0,
+        )
+        yield event("response.content_part.added", **where, part=_output_text("")), 0
+        for piece in reply.pieces():
+            yield event("response.output_text.delta", **where, delta=piece, logprobs=[]), 1
+        yield event("response.output_text.done", **where, text=text, logprobs=[]), 0
+        yield event("response.content_part.done", **where, part=_output_text(text)), 0
+    yield event("response.output_item.done", output_index=0, item=item), 0
     last = "response.incomplete" if reply.truncated else "response.completed"
     yield event(last, response=final), 0

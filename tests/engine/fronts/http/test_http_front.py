@@ -141,6 +141,17 @@ def exercise_sync(client: openai.OpenAI) -> None:
     with client.chat.completions.stream(model=MODEL, messages=MESSAGES, response_format=Answer) as stream:
         assert isinstance(stream.get_final_completion().choices[0].message.parsed, Answer)
     assert isinstance(client.responses.parse(model=MODEL, input="hi", text_format=Answer).output_parsed, Answer)
+    # An agent's loop: the model calls a tool (streamed, its arguments in pieces), the tool's result goes back,
+    # the model answers. Tools and calls travel both ways intact.
+    tools = [openai.pydantic_function_tool(Answer)]
+    with client.chat.completions.stream(model=MODEL, messages=MESSAGES, tools=tools) as stream:
+        called = stream.get_final_completion().choices[0].message
+    assert called.tool_calls is not None
+    assert isinstance(called.tool_calls[0].function.parsed_arguments, Answer)
+    result = {"role": "tool", "tool_call_id": called.tool_calls[0].id, "content": "done"}
+    messages = [*MESSAGES, called.model_dump(exclude_none=True), result]
+    answered = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=20)
+    assert answered.choices[0].message.content and answered.choices[0].message.tool_calls is None
     models = client.models.list()
     assert any(model.id == MODEL for model in models.data)
     assert client.models.retrieve(MODEL).id == MODEL
