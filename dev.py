@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         print("  demo   run the end-to-end demo on the embedded simulator (trio-mapper demo)")
         print("  test   run the test suite (extra arguments go to pytest)")
-        print("  lint   ruff (with the ASYNC rules), mypy and the import rules (lint-imports)")
+        print("  lint   ruff (lint with the ASYNC rules, format check), mypy and the import rules (lint-imports)")
         print("  run    run any command inside the environment, e.g. `dev.py run trio-mapper --help`")
         return 0
     ensure_environment()
@@ -60,6 +60,9 @@ def main(argv: list[str]) -> int:
         return run(str(_python()), "-m", "pytest", *rest)
     if command == "lint":
         status = run(str(_python()), "-m", "ruff", "check", "trio_mapper", "tests", "bench", "dev.py")
+        status = status or run(
+            str(_python()), "-m", "ruff", "format", "--check", "trio_mapper", "tests", "bench", "dev.py"
+        )
         status = status or run(str(_python()), "-m", "mypy")
         # The layers' import rules (pyproject.toml, [tool.importlinter]); docs/architecture.md explains them.
         return status or run(str(BIN / "lint-imports"), "--no-cache")

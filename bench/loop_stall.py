@@ -90,9 +90,10 @@ async def main(args: argparse.Namespace, config: Path) -> None:
     engine_flags = ["--rpm", "100000000", "--tpm", "10000000000", "--max_concurrent_reqs", "64",
                     "--max-frame-bytes", str(frame)]  # fmt: skip
     rows: list[tuple[str, list[float], list[float], int]]
-    async with simulator_process(*simulator_flags) as url, engine_process(
-        url, *engine_flags, "--config", str(config)
-    ) as socket:
+    async with (
+        simulator_process(*simulator_flags) as url,
+        engine_process(url, *engine_flags, "--config", str(config)) as socket,
+    ):
         await probe(socket, 20, "chat")  # warm up
         phases = (
             ("alone", None),

@@ -145,8 +145,14 @@ def fresh_interpreter(code: str) -> Any:
 
 @pytest.mark.parametrize(
     "module",
-    ["trio_mapper.client", "trio_mapper.client.sync", "trio_mapper.client.core", "trio_mapper.client.errors",
-     "trio_mapper.client.aio", "trio_mapper.wire"],
+    [
+        "trio_mapper.client",
+        "trio_mapper.client.sync",
+        "trio_mapper.client.core",
+        "trio_mapper.client.errors",
+        "trio_mapper.client.aio",
+        "trio_mapper.wire",
+    ],
 )
 def test_client_modules_import_light(module: str) -> None:
     loaded = set(

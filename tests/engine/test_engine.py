@@ -322,9 +322,10 @@ async def test_a_client_may_take_upstream_bodies_as_json_bytes(short_tmp: Path) 
 
 
 async def test_default_deadline_answers_a_request_that_names_none(short_tmp: Path) -> None:
-    async with simulator(latency_ms=600_000.0) as url, running_engine(
-        short_tmp, url, "--default-deadline", "1"
-    ) as engine:
+    async with (
+        simulator(latency_ms=600_000.0) as url,
+        running_engine(short_tmp, url, "--default-deadline", "1") as engine,
+    ):
         client = await RawClient.connect(str(engine.socket))
         with trio.fail_after(30):
             reply = await client.request(chat(1))

@@ -194,9 +194,7 @@ class LineSplitter:
             self._partial.append(part)
 
     def _take(self) -> bytes | OverlongLine:
-        line: bytes | OverlongLine = (
-            OverlongLine(self._partial_size) if self._overlong else b"".join(self._partial)
-        )
+        line: bytes | OverlongLine = OverlongLine(self._partial_size) if self._overlong else b"".join(self._partial)
         self._partial.clear()
         self._partial_size, self._overlong = 0, False
         return line

@@ -303,9 +303,7 @@ class MapJob:
         does (a producer on stdin may pause for as long as it likes). Requests reach the engine in input
         order. Cancelling (a signal) withdraws the requests in flight from the engine.
         """
-        requests = (
-            Request(line.endpoint, line.body, method=line.method, tag=line) async for line in self._requests()
-        )
+        requests = (Request(line.endpoint, line.body, method=line.method, tag=line) async for line in self._requests())
         try:
             async with client.map(
                 requests, window=self._window, deadline=self._deadline, max_attempts=self._max_attempts

@@ -387,6 +387,7 @@ async def test_past_the_deadline_no_attempt_starts_however_patient_the_client(
     estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The deadline is when a request not yet sent gets its `timeout`, before its client gives up."""
+
     async def handler(request: httpx.Request) -> httpx.Response:
         return ok_response(request)
 

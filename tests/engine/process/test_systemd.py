@@ -630,7 +630,6 @@ async def test_a_reload_that_removes_a_uid_cuts_its_open_connections(short_tmp: 
     assert "disconnected: its uid/gid is no longer in allowed_uids/allowed_gids" in engine.log
 
 
-
 async def test_a_reload_stuck_reading_its_files_does_not_stall_the_engine(short_tmp: Path) -> None:
     """SIGHUP read the config and keys files on the event loop: a config path that became a FIFO (or a hung
     network filesystem) stopped every client and SIGTERM itself. Now the files are read in a thread, a read

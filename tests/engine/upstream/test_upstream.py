@@ -206,9 +206,7 @@ async def test_a_large_body_goes_upstream_in_pieces_with_its_length() -> None:
             received.append(([len(piece) for piece in pieces], b"".join(pieces), request.headers))
             return httpx.Response(200, json={})
 
-    upstream = Upstream(
-        OpenAISettings(api_key="sk-test", base_url=str(BASE)), max_connections=1, transport=Recording
-    )
+    upstream = Upstream(OpenAISettings(api_key="sk-test", base_url=str(BASE)), max_connections=1, transport=Recording)
     body = b'{"input": "' + b"x" * (1 << 20) + b'"}'
     async with upstream:
         await upstream.send("POST", upstream.url_for("/v1/embeddings"), body)

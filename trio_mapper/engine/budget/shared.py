@@ -345,9 +345,7 @@ class SharedBudget:
         if self._left:
             return
         try:
-            count = await self._run(
-                self._heartbeat_script, [self._engines_key], [self.engine_id, str(HEARTBEAT_SPAN)]
-            )
+            count = await self._run(self._heartbeat_script, [self._engines_key], [self.engine_id, str(HEARTBEAT_SPAN)])
         except BudgetUnavailable:
             return
         self.engines = max(1, int(count))

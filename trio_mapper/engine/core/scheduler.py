@@ -616,8 +616,7 @@ class Scheduler:
         else:
             return None
         return (
-            f"tenant {tenant.name!r} spent {spent}; it refills as that spending ages out. "
-            "Ask the operator to raise it"
+            f"tenant {tenant.name!r} spent {spent}; it refills as that spending ages out. Ask the operator to raise it"
         )
 
     def tenant_statistics(self) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ MAX_MESSAGE_CHARS: Final = 4000
 #: Longest traceback; the cut is in the middle, as its first and last lines say the most.
 MAX_EXCEPTION_CHARS: Final = 20_000
 
+
 def _message_of(record: logging.LogRecord) -> str | None:
     """The formatted message, or None when the call's arguments do not fit its format: a filter must not
     raise into the code that logs; the handler reports that record as a logging error."""

@@ -87,8 +87,11 @@ _ENGINE_GAUGES: Final = (
     ("max_queued_requests", "The max_queued setting: beyond it requests are answered overloaded.", "max_queued"),
     ("msgpack_connections", "Open connections on the msgpack socket.", "connections"),
     ("http_connections", "Open connections on the HTTP front's sockets.", "http_connections"),
-    ("msgpack_receiving_bytes", "Declared bytes of large msgpack frames being received (16 x max_frame_bytes at most).",
-     "receiving_bytes"),
+    (
+        "msgpack_receiving_bytes",
+        "Declared bytes of large msgpack frames being received (16 x max_frame_bytes at most).",
+        "receiving_bytes",
+    ),
     ("msgpack_frames_waiting", "Large msgpack frames waiting, unread, for room in that total.", "receiving_waiting"),
 )
 _ENGINE_COUNTERS: Final = (

@@ -16,8 +16,19 @@ from trio_mapper.engine.process.settings import LaneLimits, OpenAISettings, Serv
 
 #: `ServerSettings` fields a reload applies; every other difference is refused with a warning.
 RELOADABLE: Final = frozenset(
-    {"rpm", "tpm", "models", "max_concurrent_reqs", "log_level", "allowed_uids", "allowed_gids", "default_deadline",
-     "http_keys_file", "tenants", "prices"}
+    {
+        "rpm",
+        "tpm",
+        "models",
+        "max_concurrent_reqs",
+        "log_level",
+        "allowed_uids",
+        "allowed_gids",
+        "default_deadline",
+        "http_keys_file",
+        "tenants",
+        "prices",
+    }
 )
 
 

@@ -311,7 +311,7 @@ def _make_converter() -> cattrs.Converter:
         # cattrs would iterate a string: names = "alice" would match clients named "a", "l"…, and
         # uids = "1000" would become [1, 0, 0, 0], root included.
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
-            raise ValueError(f"expected a list such as [1000, 1001] or [\"a\", \"b\"], got {value!r}")
+            raise ValueError(f'expected a list such as [1000, 1001] or ["a", "b"], got {value!r}')
         (item_type,) = typing.get_args(type_) or (Any,)
         return [converter.structure(item, item_type) for item in value]
 
@@ -489,9 +489,7 @@ def load_settings(
         raise SettingsError(_readable(exc)) from None
     problems = list(_validation_problems(settings, ""))
     if settings.server.http and settings.server.http_keys_file is None:
-        problems.append(
-            "server.http: the HTTP front over TCP needs client keys; set http_keys_file (see docs/http.md)"
-        )
+        problems.append("server.http: the HTTP front over TCP needs client keys; set http_keys_file (see docs/http.md)")
     if settings.server.budget != "local" and settings.server.ledger_mode != "bucket":
         problems.append(
             "server.budget: the shared budget meters continuously; use ledger_mode 'bucket' (the default) with it"

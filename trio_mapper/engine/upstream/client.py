@@ -238,9 +238,7 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def useful_headers(headers: httpx.Headers, secret: str) -> dict[str, str]:
     """The headers worth passing to clients, with the key redacted should the upstream echo it in one."""
     # One pass: `headers[name]` scans every header again, for each of the dozen names.
-    return {
-        name: value.replace(secret, "[REDACTED]") for name, value in headers.items() if name in USEFUL_HEADERS
-    }
+    return {name: value.replace(secret, "[REDACTED]") for name, value in headers.items() if name in USEFUL_HEADERS}
 
 
 #: Request bodies larger than this go upstream in pieces of this size. Written whole, a body of megabytes

@@ -519,8 +519,7 @@ class OpenAIApp:
                 if held + len(chunk) > self.max_body_bytes:
                     raise _Refusal(
                         413,
-                        f"the body is larger than the engine's limit of {self.max_body_bytes} bytes "
-                        "(max_frame_bytes)",
+                        f"the body is larger than the engine's limit of {self.max_body_bytes} bytes (max_frame_bytes)",
                         "invalid_request_error",
                         "request_too_large",
                     )
