@@ -193,6 +193,7 @@ class _Connection:
                     body=body.get("error_body"),
                     headers=body.get("headers", {}),
                     attempts=body.get("attempts", 1),
+                    param=body.get("param"),
                 ),
             )
             return

@@ -253,6 +253,7 @@ def test_engine_errors_raise_typed_exceptions(engine: FakeEngine, kind: ErrorKin
         "error_body": {"error": {"message": "bad"}},
         "headers": {"x-request-id": "abc"},
         "attempts": 2,
+        "param": "messages[0].content",
     }
     with Client(engine.path) as client, pytest.raises(TrioMapperError) as caught:
         client.request(ENDPOINT, body)
@@ -261,6 +262,7 @@ def test_engine_errors_raise_typed_exceptions(engine: FakeEngine, kind: ErrorKin
     assert error.kind == kind.value and error.message == "nope"
     assert error.status == 400 and error.body == {"error": {"message": "bad"}}
     assert error.headers == {"x-request-id": "abc"} and error.attempts == 2 and error.request_id == 1
+    assert error.param == "messages[0].content"
     assert "nope" in str(error) and "400" in str(error)
 
 

@@ -97,6 +97,7 @@ async def test_bad_input_gets_clear_errors_and_the_connection_lives_on(short_tmp
             )
             assert bad_body["kind"] == "invalid_request"
             assert "messages" in bad_body["message"]
+            assert bad_body["param"] == "messages"
             # Still serving on the same connection.
             assert (await client.request(chat("ok")))["type"] == "result"
             assert (await client.request({"type": "ping", "id": "p"}))["type"] == "pong"

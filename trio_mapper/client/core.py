@@ -321,6 +321,7 @@ class _LenientError(msgspec.Struct, tag_field="type", tag="error", forbid_unknow
     body: Any = None
     headers: dict[str, str] = {}
     attempts: int = 0
+    param: str | None = None
 
 
 #: Message types this client knows; protocol.md allows new ones within a version, so others are skipped.
@@ -351,6 +352,7 @@ def error_from_message(message: Error | _LenientError) -> TrioMapperError:
         headers=message.headers,
         attempts=message.attempts,
         request_id=message.id,
+        param=message.param,
     )
 
 

@@ -34,6 +34,8 @@ class TrioMapperError(Exception):
         headers: useful upstream headers (``x-request-id``, ``x-ratelimit-*``…).
         attempts: how many upstream attempts the engine made.
         request_id: the protocol id of the request this error settles, or None.
+        param: the request body's field at fault (``messages[0].content``) when the engine refused the
+            request itself, else None.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class TrioMapperError(Exception):
         headers: dict[str, str] | None = None,
         attempts: int = 0,
         request_id: RequestId | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(kind, message)
         self.kind = str(kind)
@@ -55,6 +58,7 @@ class TrioMapperError(Exception):
         self.headers = dict(headers) if headers else {}
         self.attempts = attempts
         self.request_id = request_id
+        self.param = param
 
     def __str__(self) -> str:
         status = f" (HTTP {self.status})" if self.status is not None else ""
@@ -179,6 +183,7 @@ def make_error(
     headers: dict[str, str] | None = None,
     attempts: int = 0,
     request_id: RequestId | None = None,
+    param: str | None = None,
 ) -> TrioMapperError:
     """Build the exception for an engine ``Error`` reply (any kind, known or not)."""
     return error_class_for(kind)(
@@ -189,6 +194,7 @@ def make_error(
         headers=headers,
         attempts=attempts,
         request_id=request_id,
+        param=param,
     )
 
 

@@ -146,6 +146,9 @@ class Error(Message, tag="error"):
     body: Any = None
     headers: dict[str, str] = {}
     attempts: int = 0
+    #: The request body's field at fault when the engine refused the request itself (``messages[0].content``,
+    #: named as OpenAI's error bodies do), else nil.
+    param: str | None = None
 
 
 class Stats(Message, tag="stats_reply"):

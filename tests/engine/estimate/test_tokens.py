@@ -543,6 +543,27 @@ def test_chat_invalid_bodies(estimator: TokenEstimator, body: dict[str, Any], ma
         estimator.estimate("/v1/chat/completions", body)
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+            "messages[0].content[0].text",
+        ),
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "100"}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": "gpt-4o", "messages": []}, "messages"),
+        ([], None),
+    ],
+)
+def test_invalid_bodies_name_the_parameter_as_openai_does(
+    estimator: TokenEstimator, body: Any, param: str | None
+) -> None:
+    with pytest.raises(InvalidBody) as raised:
+        estimator.estimate("/v1/chat/completions", body)
+    assert raised.value.param == param
+
+
 def test_body_must_be_an_object(estimator: TokenEstimator) -> None:
     with pytest.raises(InvalidBody, match="must be a JSON object, not an array"):
         estimator.estimate("chat/completions", [])  # type: ignore[arg-type]

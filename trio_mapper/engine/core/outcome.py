@@ -102,6 +102,9 @@ class Failed:
     headers: Mapping[str, str] = attrs.field(factory=dict)
     body: ReplyBody | None = None
     attempts: int = 0
+    #: The request body's field at fault, named as OpenAI's error bodies do (``messages[0].content``), when
+    #: the engine refused the request itself; None otherwise.
+    param: str | None = None
 
 
 Outcome = Started | Finished | Failed

@@ -298,12 +298,14 @@ class Measured:
 class _Refused(Exception):
     """A submit answered at once with an error, not accepted."""
 
-    def __init__(self, kind: ErrorKind, message: str, *, anonymous: bool = False) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, anonymous: bool = False, param: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         #: Answer with a null id (the id is not this submit's to use).
         self.anonymous = anonymous
+        #: The body field at fault (`Failed.param`).
+        self.param = param
 
 
 def _lingering(heap: list[tuple[float, int, Job]], live: int) -> bool:
@@ -458,7 +460,7 @@ class Scheduler:
 
     def _refuse(self, owner: ReplySink, request_id: Hashable, refusal: _Refused) -> None:
         self.rejected += 1
-        failed = Failed(kind=refusal.kind, message=refusal.message)
+        failed = Failed(kind=refusal.kind, message=refusal.message, param=refusal.param)
         self._report(owner, None if refusal.anonymous else request_id, failed)
 
     def _check(
@@ -506,6 +508,7 @@ class Scheduler:
             raise _Refused(
                 ErrorKind.INVALID_REQUEST,
                 f"body.model is {len(model)} characters long; model names have at most {MAX_MODEL_NAME_CHARS}",
+                param="model",
             )
         tenant = self._tenants.resolve(owner.client)
         rank = class_rank(tenant.priority)
@@ -547,7 +550,7 @@ class Scheduler:
             estimate = self._estimator.estimate(spec.endpoint, spec.body, limit=checked.token_budget)
             body = msgspec.json.encode(checked.body) if checked.method == "POST" else None
         except InvalidBody as exc:
-            raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
+            raise _Refused(ErrorKind.INVALID_REQUEST, str(exc), param=exc.param) from None
         except TooManyTokens as exc:
             raise _Refused(
                 ErrorKind.REQUEST_TOO_LARGE,

@@ -149,7 +149,16 @@ class TokenEstimate:
 
 
 class InvalidBody(ValueError):
-    """The request body cannot be what the endpoint expects; the message says what to fix."""
+    """The request body cannot be what the endpoint expects; the message says what to fix.
+
+    Args:
+        where: the offending field as the message names it (``body.messages[2].content``); its ``param``
+            is the same path without ``body.``, as OpenAI's error bodies name it. None: the body as a whole.
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(message)
+        self.param = where.removeprefix("body.") if where is not None else None
 
 
 class TooManyTokens(Exception):
@@ -433,7 +442,7 @@ class TokenEstimator:
             return TokenEstimate(prompt, _output_budget(body, default=DEFAULT_OUTPUT_TOKENS))
         if kind == "embeddings":
             if "input" not in body:
-                raise InvalidBody("body.input is required: a string, a list of strings, or token arrays")
+                raise InvalidBody("body.input is required: a string, a list of strings, or token arrays", "body.input")
             return TokenEstimate(_prompt_input(encoding, body["input"], "body.input")[0], 0)
         # Legacy completions generate n (or best_of) choices for every prompt of a batch.
         prompt, prompts = _prompt_input(encoding, body.get("prompt", ""), "body.prompt")
@@ -487,7 +496,7 @@ def _require_model(body: Mapping[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         found = "nothing" if model is None else "an empty string" if model == "" else _kind(model)
-        raise InvalidBody(f'body.model is required: a model name such as "gpt-4o-mini" (got {found})')
+        raise InvalidBody(f'body.model is required: a model name such as "gpt-4o-mini" (got {found})', "body.model")
     return model
 
 
@@ -503,7 +512,7 @@ def _output_budget(body: Mapping[str, Any], *, default: int, choices_keys: tuple
         if value is None:
             continue
         if not _is_int(value) or value < 0:
-            raise InvalidBody(f"body.{key} must be a non-negative integer, got {value!r}")
+            raise InvalidBody(f"body.{key} must be a non-negative integer, got {value!r}", key)
         limit = value
         break
     choices = 1
@@ -512,7 +521,7 @@ def _output_budget(body: Mapping[str, Any], *, default: int, choices_keys: tuple
         if value is None:
             continue
         if not _is_int(value) or value < 1:
-            raise InvalidBody(f"body.{key} must be a positive integer, got {value!r}")
+            raise InvalidBody(f"body.{key} must be a positive integer, got {value!r}", key)
         choices = max(choices, value)
     return limit * choices
 
@@ -552,13 +561,13 @@ def _count_strings(encoding: _Encoder, value: Any) -> int:
 
 def _part_tokens(encoding: _Encoder, part: Any, where: str) -> int:
     if not isinstance(part, Mapping):
-        raise InvalidBody(f"{where} must be a content part object such as {{'type': 'text', 'text': '…'}}")
+        raise InvalidBody(f"{where} must be a content part object such as {{'type': 'text', 'text': '…'}}", where)
     for key in ("text", "refusal"):
         text = part.get(key)
         if isinstance(text, str):
             return _count(encoding, text)
         if text is not None:
-            raise InvalidBody(f"{where}.{key} must be a string, got {_kind(text)}")
+            raise InvalidBody(f"{where}.{key} must be a string, got {_kind(text)}", f"{where}.{key}")
     # Images, audio, files: a fixed charge (see NON_TEXT_PART_TOKENS) instead of counting base64 or URLs.
     image = part.get("image_url")
     detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
@@ -572,12 +581,12 @@ def _content_tokens(encoding: _Encoder, content: Any, where: str) -> int:
         return 0
     if isinstance(content, list):
         return sum(_part_tokens(encoding, part, f"{where}[{i}]") for i, part in enumerate(content))
-    raise InvalidBody(f"{where} must be a string, a list of content parts, or null; got {_kind(content)}")
+    raise InvalidBody(f"{where} must be a string, a list of content parts, or null; got {_kind(content)}", where)
 
 
 def _message_tokens(encoding: _Encoder, message: Any, where: str) -> int:
     if not isinstance(message, Mapping):
-        raise InvalidBody(f"{where} must be a message object with 'role' and 'content', got {_kind(message)}")
+        raise InvalidBody(f"{where} must be a message object with 'role' and 'content', got {_kind(message)}", where)
     total = TOKENS_PER_MESSAGE
     for key, value in message.items():
         if key == "content":
@@ -602,7 +611,8 @@ def _chat_prompt(encoding: _Encoder, body: Mapping[str, Any]) -> int:
         found = "an empty array" if isinstance(messages, list) else _kind(messages)
         raise InvalidBody(
             "body.messages must be a non-empty list of message objects like "
-            f"{{'role': 'user', 'content': '…'}}; got {found}"
+            f"{{'role': 'user', 'content': '…'}}; got {found}",
+            "body.messages",
         )
     total = REPLY_PRIMING_TOKENS
     for i, message in enumerate(messages):
@@ -618,7 +628,7 @@ def _responses_prompt(encoding: _Encoder, body: Mapping[str, Any]) -> int:
     if isinstance(instructions, str):
         total += TOKENS_PER_MESSAGE + _count(encoding, "developer") + _count(encoding, instructions)
     elif instructions is not None:
-        raise InvalidBody(f"body.instructions must be a string, got {_kind(instructions)}")
+        raise InvalidBody(f"body.instructions must be a string, got {_kind(instructions)}", "body.instructions")
     items = body.get("input")
     if isinstance(items, str):
         total += TOKENS_PER_MESSAGE + _count(encoding, "user") + _count(encoding, items)
@@ -626,14 +636,14 @@ def _responses_prompt(encoding: _Encoder, body: Mapping[str, Any]) -> int:
         for i, item in enumerate(items):
             where = f"body.input[{i}]"
             if not isinstance(item, Mapping):
-                raise InvalidBody(f"{where} must be an input item object (a message, a tool call…)")
+                raise InvalidBody(f"{where} must be an input item object (a message, a tool call…)", where)
             if "content" in item:
                 total += _message_tokens(encoding, item, where)
             else:
                 # function_call, function_call_output, reasoning… items: their text is what the model reads.
                 total += _count_strings(encoding, item)
     elif items is not None:
-        raise InvalidBody(f"body.input must be a string or a list of input items, got {_kind(items)}")
+        raise InvalidBody(f"body.input must be a string or a list of input items, got {_kind(items)}", "body.input")
     # Tool definitions and the structured-output schema (``text.format``) are rendered into the prompt.
     return total + REPLY_PRIMING_TOKENS + _tools_tokens(encoding, body, ("tools", "text"))
 
@@ -653,5 +663,6 @@ def _prompt_input(encoding: _Encoder, value: Any, where: str) -> tuple[int, int]
             return sum(len(tokens) for tokens in value), len(value)
     shape = f"{_kind(value)} with mixed or unsupported items" if isinstance(value, list) else _kind(value)
     raise InvalidBody(
-        f"{where} must be a string, a list of strings, a list of token integers, or a list of token lists; got {shape}"
+        f"{where} must be a string, a list of strings, a list of token integers, or a list of token lists; got {shape}",
+        where,
     )

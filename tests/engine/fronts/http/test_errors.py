@@ -37,6 +37,11 @@ def test_each_engine_kind_has_a_status_a_code_and_retry_advice(
     assert dict(headers)[b"x-should-retry"] == (b"true" if retry_after else b"false")
 
 
+def test_a_refusal_names_the_parameter_at_fault() -> None:
+    failed = Failed(kind=ErrorKind.INVALID_REQUEST, message="body.n must be a positive integer", param="n")
+    assert json.loads(render_failure(failed)[2])["error"]["param"] == "n"
+
+
 def test_every_kind_is_rendered() -> None:
     assert set(SHAPES) == set(ErrorKind)
 

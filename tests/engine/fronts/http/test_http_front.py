@@ -221,6 +221,7 @@ async def test_each_error_kind_raises_the_matching_sdk_exception(short_tmp: Path
             found = await in_thread(errors)
         assert isinstance(found["invalid_request"], openai.BadRequestError)
         assert found["invalid_request"].code == "invalid_request"
+        assert found["invalid_request"].param == "messages"
         assert isinstance(found["too_large"], openai.BadRequestError)
         assert found["too_large"].code == "request_too_large"
         assert isinstance(found["not_found"], openai.NotFoundError)

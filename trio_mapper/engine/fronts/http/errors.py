@@ -96,7 +96,7 @@ def render_failure(event: Failed) -> tuple[int, Headers, bytes]:
     return (
         shape.status,
         retry_headers(shape.retry_after),
-        error_body(event.message, shape.type, CODES.get(event.kind, event.kind.value)),
+        error_body(event.message, shape.type, CODES.get(event.kind, event.kind.value), event.param),
     )
 
 

@@ -308,6 +308,7 @@ class Connection:
                         body=self._render_body(event.body) if event.body is not None else None,
                         headers=dict(event.headers),
                         attempts=event.attempts,
+                        param=event.param,
                     )
                 )
 
