@@ -323,6 +323,7 @@ class Engine:
             estimator=self._estimator,
             max_concurrent_reqs=server.max_concurrent_reqs,
             max_queued=server.max_queued,
+            max_queued_bytes=server.max_queued_bytes,
             default_max_attempts=server.max_attempts,
             default_deadline=server.default_deadline,
             observer=self._observe,

@@ -165,6 +165,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"requests held at once before new ones get 'overloaded' (default {_default('max_queued')})",
     )
     serving.add_argument(
+        *_both_spellings("max-queued-bytes"),
+        dest="max_queued_bytes",
+        type=positive_int,
+        metavar="BYTES",
+        help="bytes of request bodies held at once before new requests get 'overloaded' "
+        f"(default {_default('max_queued_bytes')}, 1 GiB)",
+    )
+    serving.add_argument(
         *_both_spellings("max-attempts"),
         dest="max_attempts",
         type=positive_int,

@@ -146,6 +146,7 @@ async def scheduler_with(
     concurrency: int = 8,
     max_queued: int = 1000,
     max_attempts: int = 4,
+    max_queued_bytes: int | None = None,
 ) -> AsyncIterator[Scheduler]:
     upstream = Upstream(
         OpenAISettings(api_key="sk-test-0123456789", base_url="http://upstream.test/v1"),
@@ -159,6 +160,7 @@ async def scheduler_with(
         max_concurrent_reqs=concurrency,
         max_queued=max_queued,
         default_max_attempts=max_attempts,
+        max_queued_bytes=max_queued_bytes,
     )
     async with upstream, trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
@@ -524,6 +526,49 @@ async def test_queue_bound_and_too_large(estimator: TokenEstimator, autojump_clo
             isinstance(duplicate, Error) and duplicate.kind == "invalid_request" and "reused id 1" in duplicate.message
         )
         assert 1 not in replies
+
+
+async def test_queued_bodies_are_bounded_in_bytes_and_the_room_comes_back(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(10)
+        return ok_response(request)
+
+    def sized(request_id: int, size: int) -> Submit:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x" * size}]}
+        return Submit(id=request_id, endpoint="/v1/chat/completions", body=body)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, concurrency=1, max_queued_bytes=250_000) as scheduler:
+        submit(scheduler, sink, sized(1, 100_000))  # in flight: its body is held until its answer
+        submit(scheduler, sink, sized(2, 100_000))
+        submit(scheduler, sink, sized(3, 100_000))  # 300 kB in all: over the bound, answered at once
+        submit(scheduler, sink, sized(4, 10_000))  # a small one still fits
+        refused = sink.by_id()[3]
+        assert isinstance(refused, Error) and refused.kind == "overloaded"
+        assert "max_queued_bytes" in refused.message
+        assert scheduler.statistics()[0]["queued_bytes"] > 210_000
+        await sink.wait_for(2)  # the first answer (after the refusal) gives its room back
+        assert isinstance(sink.by_id()[1], Result)
+        submit(scheduler, sink, sized(5, 100_000))
+        await sink.wait_for(5)
+    assert all(isinstance(sink.by_id()[n], Result) for n in (1, 2, 4, 5))
+    assert scheduler.statistics()[0]["queued_bytes"] == 0
+
+
+async def test_a_body_larger_than_max_queued_bytes_alone_is_served(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, max_queued_bytes=1000) as scheduler:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+        submit(scheduler, sink, Submit(id=1, endpoint="/v1/chat/completions", body=body))
+        await sink.wait_for(1)
+    assert isinstance(sink.by_id()[1], Result)
 
 
 async def test_a_lowered_limit_fails_queued_requests_instead_of_the_engine(

@@ -49,7 +49,14 @@ def lane_stats(**overrides: Any) -> dict[str, Any]:
 @attrs.define
 class FakeEngine:
     engine: dict[str, Any] = attrs.field(
-        factory=lambda: {"version": "9.9", "outstanding": 6, "accepted": 12, "http_requests": {"requests": 7}}
+        factory=lambda: {
+            "version": "9.9",
+            "outstanding": 6,
+            "accepted": 12,
+            "http_requests": {"requests": 7},
+            "queued_bytes": 4096,
+            "max_queued_bytes": None,  # a scheduler built without the limit
+        }
     )
     lanes: dict[str, dict[str, Any]] = attrs.field(factory=lambda: {"gpt-4o": lane_stats()})
     clients: dict[str, dict[str, int]] = attrs.field(factory=dict)
@@ -96,6 +103,8 @@ def test_statistics_are_read_at_scrape_time() -> None:
     assert get(samples, "trio_mapper_build_info", version="9.9") == 1
     assert get(samples, "trio_mapper_outstanding_requests") == 6
     assert get(samples, "trio_mapper_accepted_requests_total") == 12
+    assert get(samples, "trio_mapper_queued_request_bytes") == 4096
+    assert get(samples, "trio_mapper_max_queued_request_bytes") is None  # no limit: no sample, not a crash
     assert get(samples, "trio_mapper_http_requests_total") == 7
     assert get(samples, "trio_mapper_lane_queued_requests", lane="gpt-4o") == 2
     assert get(samples, "trio_mapper_lane_upstream_429s_total", lane="gpt-4o") == 4

@@ -331,6 +331,7 @@ class Scheduler:
         max_queued: int,
         default_max_attempts: int,
         default_deadline: float | None = None,
+        max_queued_bytes: int | None = None,
         rng: random.Random | None = None,
         observer: Observer | None = None,
         tenants: Tenants | None = None,
@@ -342,6 +343,10 @@ class Scheduler:
         self.limiter = trio.CapacityLimiter(max_concurrent_reqs)
         self._tokenizer = trio.CapacityLimiter(TOKENIZER_THREADS)
         self._max_queued = max_queued
+        #: Bytes of request bodies the outstanding jobs may hold in all (None: no limit): max_queued alone
+        #: bounds their number, not their size, and a body may be megabytes.
+        self._max_queued_bytes = max_queued_bytes
+        self._held_bytes = 0
         self._default_max_attempts = default_max_attempts
         #: Seconds a request that names no deadline may take (None: no limit); a reload may change it.
         self.default_deadline = default_deadline
@@ -420,6 +425,7 @@ class Scheduler:
             checked = self._check(owner, request_id, spec, received_at=received_at)
             if measured is None:
                 measured = self._measure(spec, checked)
+            self._check_room_for(measured.body)
             lane = self._lane_for(checked.lane_name, measured.estimate)
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
@@ -447,6 +453,7 @@ class Scheduler:
         )
         self._owners.setdefault(job.client_key, {})[job.request_id] = job
         self._outstanding += 1
+        self._held_bytes += len(job.body) if job.body is not None else 0
         if self._all_done.is_set():
             self._all_done = trio.Event()
         self.accepted += 1
@@ -569,6 +576,19 @@ class Scheduler:
                 "arrays, strings, numbers, booleans and nil",
             ) from None
         return Measured(estimate, body)
+
+    def _check_room_for(self, body: bytes | None) -> None:
+        """Refuses a body that would take the bodies held past max_queued_bytes; a lone one always fits (its
+        size is bounded by the front's max_frame_bytes), so no valid request is refused for ever."""
+        size = len(body) if body is not None else 0
+        limit = self._max_queued_bytes
+        if limit is not None and self._held_bytes and self._held_bytes + size > limit:
+            raise _Refused(
+                ErrorKind.OVERLOADED,
+                f"the engine already holds {self._held_bytes / 2**20:.1f} MiB of request bodies, and this one "
+                f"({size / 2**20:.1f} MiB) would take it past max_queued_bytes ({limit / 2**20:.0f} MiB); "
+                "wait for replies before submitting more, or raise max_queued_bytes",
+            )
 
     def _lane_for(self, name: str, estimate: TokenEstimate) -> Lane:
         """The request's lane, created only now that the request is known to be valid and admissible."""
@@ -704,6 +724,7 @@ class Scheduler:
             del self._owners[job.client_key]
         self._outstanding -= 1
         job.lane.remove(job)
+        self._held_bytes -= len(job.body) if job.body is not None else 0
         job.body = None
         if _lingering(self._deadlines, self._outstanding):
             _compact(self._deadlines)
@@ -1215,6 +1236,8 @@ class Scheduler:
             "max_concurrent_reqs": limiter.total_tokens,
             "waiting_for_slot": limiter.tasks_waiting,
             "max_queued": self._max_queued,
+            "queued_bytes": self._held_bytes,
+            "max_queued_bytes": self._max_queued_bytes,
             "accepted": self.accepted,
             "rejected": self.rejected,
             "internal_errors": self.internal_errors,

@@ -85,6 +85,12 @@ _ENGINE_GAUGES: Final = (
     ("in_flight_requests", "Requests holding one of the max_concurrent_reqs slots (sent upstream).", "in_flight"),
     ("max_concurrent_requests", "The max_concurrent_reqs setting.", "max_concurrent_reqs"),
     ("max_queued_requests", "The max_queued setting: beyond it requests are answered overloaded.", "max_queued"),
+    ("queued_request_bytes", "Bytes of request bodies the outstanding requests hold.", "queued_bytes"),
+    (
+        "max_queued_request_bytes",
+        "The max_queued_bytes setting: beyond it requests are answered overloaded.",
+        "max_queued_bytes",
+    ),
     ("msgpack_connections", "Open connections on the msgpack socket.", "connections"),
     ("http_connections", "Open connections on the HTTP front's sockets.", "http_connections"),
     (
@@ -315,7 +321,7 @@ def _engine_families(engine: Mapping[str, Any]) -> Iterator[Metric]:
     yield info
     for suffix, text, key in _ENGINE_GAUGES:
         gauge = GaugeMetricFamily(_name(suffix), text)
-        if key in engine:
+        if engine.get(key) is not None:  # None: a setting with no limit
             gauge.add_metric([], engine[key])
         yield gauge
     for suffix, text, key in _ENGINE_COUNTERS:

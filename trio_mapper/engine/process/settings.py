@@ -206,6 +206,9 @@ class ServerSettings:
     socket_mode: int = attrs.field(default=0o660, validator=_not_world_writable)
     #: Requests waiting for budget (retries included) beyond which new ones get ``overloaded`` at once.
     max_queued: int = attrs.field(default=200_000, validator=_positive)
+    #: Bytes of request bodies those requests may hold in all, beyond which new ones get ``overloaded``: a
+    #: bound on the memory they take whatever their size (a lone request always fits).
+    max_queued_bytes: int = attrs.field(default=1024**3, validator=_positive)
     max_frame_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=v.ge(1024))
     #: Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.
     grace_period: float = attrs.field(default=30.0, validator=v.ge(0))

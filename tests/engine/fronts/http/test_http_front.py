@@ -300,6 +300,33 @@ async def test_server_errors_timeouts_and_an_unreachable_upstream(short_tmp: Pat
         assert unreachable.value.code == "upstream_unreachable"
 
 
+async def test_bodies_past_max_queued_bytes_answer_503_and_say_which_limit(short_tmp: Path) -> None:
+    big: list[Any] = [{"role": "user", "content": "word " * 20_000}]  # 100 kB of JSON
+    async with (
+        simulator(latency_ms=1500.0) as url,
+        http_engine(short_tmp, url, "--max-queued-bytes", "150000") as (engine, _),
+        async_unix_sdk(engine, max_retries=0) as client,
+    ):
+        outcomes: dict[str, Any] = {}
+
+        async def call(name: str) -> None:
+            try:
+                outcomes[name] = await client.chat.completions.create(model=MODEL, messages=big, max_tokens=5)
+            except openai.APIStatusError as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "first")
+            await trio.sleep(0.5)
+            nursery.start_soon(call, "second")
+        assert outcomes["first"].choices
+        overloaded = outcomes["second"]
+        assert isinstance(overloaded, openai.InternalServerError) and overloaded.code == "overloaded"
+        assert "max_queued_bytes" in overloaded.message
+        stats = (await engine_stats(engine))["engine"]
+        assert stats["max_queued_bytes"] == 150_000 and stats["queued_bytes"] == 0
+
+
 async def test_overloaded_and_shutdown_answer_503(short_tmp: Path) -> None:
     async with (
         simulator(latency_ms=1500.0) as url,
