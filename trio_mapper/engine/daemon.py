@@ -575,6 +575,8 @@ class Engine:
             if self.scheduler is not None:
                 self.scheduler.limiter.total_tokens = server.max_concurrent_reqs
                 self.scheduler.default_deadline = server.default_deadline
+                # Lowered below what is held, it refuses new requests until answers bring it under.
+                self.scheduler.max_queued_bytes = server.max_queued_bytes
                 # After the limits: a cap given as a share of a model's limit follows the new limit.
                 self.scheduler.update_tenants(tenants_from_config(server.tenants), prices_from_config(server))
             logging.getLogger("trio_mapper").setLevel(server.log_level)

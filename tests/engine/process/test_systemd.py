@@ -312,7 +312,8 @@ async def test_sighup_reloads_limits_under_load_without_losing_a_request(short_t
                 concurrent=8,
                 mini_rpm=50_000,
                 mini_tpm=5_000_000,
-                extra="max_queued = 1000",  # the queue's channel is sized at start: needs a restart
+                # The queue's channel is sized at start: max_queued needs a restart; max_queued_bytes does not.
+                extra="max_queued = 1000\nmax_queued_bytes = 50000000",
             )
             signalled_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             engine.process.send_signal(signal.SIGHUP)
@@ -330,6 +331,7 @@ async def test_sighup_reloads_limits_under_load_without_losing_a_request(short_t
         assert after["engine"]["max_concurrent_reqs"] == 8
         assert after["lanes"]["gpt-4o-mini"]["budget"]["configured"] == {"rpm": 50_000, "tpm": 5_000_000}
         assert after["engine"]["max_queued"] == 200_000, "a max_queued change needs a restart"
+        assert after["engine"]["max_queued_bytes"] == 50_000_000
         log = engine.log
         reloaded = next(line for line in log.splitlines() if "reloaded: " in line)
         assert "server.rpm: 100000 -> 60000" in reloaded and "server.max_concurrent_reqs: 16 -> 8" in reloaded

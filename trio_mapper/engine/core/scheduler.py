@@ -344,8 +344,8 @@ class Scheduler:
         self._tokenizer = trio.CapacityLimiter(TOKENIZER_THREADS)
         self._max_queued = max_queued
         #: Bytes of request bodies the outstanding jobs may hold in all (None: no limit): max_queued alone
-        #: bounds their number, not their size, and a body may be megabytes.
-        self._max_queued_bytes = max_queued_bytes
+        #: bounds their number, not their size, and a body may be megabytes. A reload may change it.
+        self.max_queued_bytes = max_queued_bytes
         self._held_bytes = 0
         self._default_max_attempts = default_max_attempts
         #: Seconds a request that names no deadline may take (None: no limit); a reload may change it.
@@ -581,7 +581,7 @@ class Scheduler:
         """Refuses a body that would take the bodies held past max_queued_bytes; a lone one always fits (its
         size is bounded by the front's max_frame_bytes), so no valid request is refused for ever."""
         size = len(body) if body is not None else 0
-        limit = self._max_queued_bytes
+        limit = self.max_queued_bytes
         if limit is not None and self._held_bytes and self._held_bytes + size > limit:
             raise _Refused(
                 ErrorKind.OVERLOADED,
@@ -1237,7 +1237,7 @@ class Scheduler:
             "waiting_for_slot": limiter.tasks_waiting,
             "max_queued": self._max_queued,
             "queued_bytes": self._held_bytes,
-            "max_queued_bytes": self._max_queued_bytes,
+            "max_queued_bytes": self.max_queued_bytes,
             "accepted": self.accepted,
             "rejected": self.rejected,
             "internal_errors": self.internal_errors,

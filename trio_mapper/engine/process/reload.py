@@ -25,6 +25,7 @@ RELOADABLE: Final = frozenset(
         "allowed_uids",
         "allowed_gids",
         "default_deadline",
+        "max_queued_bytes",
         "http_keys_file",
         "tenants",
         "prices",
