@@ -488,25 +488,19 @@ def _response_stream(plan: Plan, reply: Reply, ident: str, created: int) -> Iter
         sequence += 1
         return _typed_sse(payload)
 
+    # The item opens empty: a call without its arguments, a message without its content.
+    emptied: dict[str, Any] = {"content": []} if reply.tool is None else {"arguments": ""}
+    opened = {**item, "status": "in_progress", **emptied}
     yield event("response.created", response=opening), 0
     yield event("response.in_progress", response=opening), 0
+    yield event("response.output_item.added", output_index=0, item=opened), 0
     if reply.tool is not None:
         where = {"item_id": item["id"], "output_index": 0}
-        yield (
-            event(
-                "response.output_item.added", output_index=0, item={**item, "status": "in_progress", "arguments": ""}
-            ),
-            0,
-        )
         for piece in reply.pieces():
             yield event("response.function_call_arguments.delta", **where, delta=piece), 1
         yield event("response.function_call_arguments.done", **where, name=reply.tool, arguments=text), 0
     else:
         where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
-        yield (
-            event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
-            0,
-        )
         yield event("response.content_part.added", **where, part=_output_text("")), 0
         for piece in reply.pieces():
             yield event("response.output_text.delta", **where, delta=piece, logprobs=[]), 1
