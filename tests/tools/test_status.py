@@ -62,6 +62,7 @@ async def test_status_shows_the_engine_and_its_lanes(short_tmp: Path) -> None:
         assert "gpt-4o-mini" in table
         assert "429s" in table
         assert f"http on unix:{engine.socket}.http" in table.replace("\n", "")
+        assert "bodies 0.0 of 1,024.0 MiB" in table.replace("\n", "")
 
         status, raw, stderr = await run_status(engine.socket, "--json")
         assert status == 0, stderr

@@ -52,6 +52,10 @@ def _number(value: Any, digits: int = 0) -> str:
     return "-"
 
 
+def _mebibytes(value: Any) -> str:
+    return _number(value / 2**20, 1) if isinstance(value, int | float) else "-"
+
+
 def _used_of(used: Any, capacity: Any) -> str:
     if not isinstance(used, int | float) or not isinstance(capacity, int | float) or capacity <= 0:
         return "-"
@@ -80,7 +84,8 @@ def render(stats: dict[str, Any]) -> None:
     console.print(
         console.highlighter(
             f"connections {_text(engine.get('connections', 0))}  outstanding {_text(engine.get('outstanding', 0))} "
-            f"(max {_number(engine.get('max_queued'))})  in flight {_text(engine.get('in_flight', 0))}"
+            f"(max {_number(engine.get('max_queued'))}, bodies {_mebibytes(engine.get('queued_bytes'))} of "
+            f"{_mebibytes(engine.get('max_queued_bytes'))} MiB)  in flight {_text(engine.get('in_flight', 0))}"
             f"/{_text(engine.get('max_concurrent_reqs', '?'))}  accepted {_number(engine.get('accepted'))}  "
             f"refused {_number(engine.get('rejected'))}  default limits {_number(limits.get('rpm'))} rpm, "
             f"{_number(limits.get('tpm'))} tpm, period {_text(engine.get('period_length', '?'))}s "
