@@ -3,8 +3,10 @@ mock clock). Ordering itself is tested on the fair queue alone (test_fair_queue.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -13,12 +15,13 @@ import trio.testing
 from test_scheduler import Sink, chat, ok_response, submit
 
 from trio_mapper.engine.budget import Ledger, Limits
+from trio_mapper.engine.core.fair_queue import GUARD_EVERY
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.core.tenants import Price, Prices, Tenant, Tenants
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.client import Upstream
-from trio_mapper.wire import Error, Result
+from trio_mapper.wire import Error, Result, Submit
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +34,16 @@ PRICES = Prices({"gpt-4o-mini": Price(input=100_000, output=200_000)})
 
 
 @asynccontextmanager
-async def scheduler_for(tenants: Tenants, estimator: TokenEstimator) -> AsyncIterator[Scheduler]:
+async def scheduler_for(
+    tenants: Tenants, estimator: TokenEstimator, *, tpm: int = 10_000_000, handler: Any = ok_response
+) -> AsyncIterator[Scheduler]:
     upstream = Upstream(
         OpenAISettings(api_key="sk-test-0123456789", base_url="http://upstream.test/v1"),
         max_connections=8,
-        transport=lambda: httpx.MockTransport(ok_response),
+        transport=lambda: httpx.MockTransport(handler),
     )
     scheduler = Scheduler(
-        ledger=Ledger(Limits(rpm=10_000, tpm=10_000_000), 60.0),
+        ledger=Ledger(Limits(rpm=10_000, tpm=tpm), 60.0),
         upstream=upstream,
         estimator=estimator,
         max_concurrent_reqs=4,
@@ -107,3 +112,131 @@ async def test_priority_must_be_a_class_and_a_client_may_only_step_down(
     assert isinstance(replies[1], Error) and replies[1].kind == "invalid_request"
     assert "interactive, default, batch" in replies[1].message
     assert isinstance(replies[2], Result) and isinstance(replies[3], Result)
+
+
+# --- a higher class overtakes a request waiting for the budget ----------------------------------------------
+
+UI = Tenant("ui", priority="interactive", names=frozenset({"ui"}))
+NIGHTLY = Tenant("nightly", priority="batch", names=frozenset({"nightly"}))
+
+
+def labelled(label: str, max_tokens: int) -> Submit:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": label}], "max_tokens": max_tokens}
+    return Submit(id=label, endpoint="/v1/chat/completions", body=body)
+
+
+@asynccontextmanager
+async def spent_key(estimator: TokenEstimator, sent: list[str]) -> AsyncIterator[tuple[Scheduler, Sink]]:
+    """6,000 TPM: the lane's bucket holds a second of it, 100 tokens, all taken by a batch request that stays in
+    flight for 100 s. A request costing more than the bucket waits for it to be full, then goes into debt
+    (docs/ledger.md): whatever waits behind it then waits for the debt. ``sent`` gets each label as it goes."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        label = json.loads(request.content)["messages"][0]["content"]
+        sent.append(label)
+        if label == "hog":
+            await trio.sleep(100)
+        return ok_response(request)
+
+    async with scheduler_for(Tenants((UI, NIGHTLY)), estimator, tpm=6_000, handler=handler) as scheduler:
+        nightly = Sink("nightly")
+        submit(scheduler, nightly, labelled("hog", 90))
+        await trio.sleep(0.1)
+        yield scheduler, nightly
+
+
+async def test_an_interactive_request_overtakes_a_batch_request_waiting_for_the_budget(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    sent: list[str] = []
+    async with spent_key(estimator, sent) as (scheduler, nightly):
+        submit(scheduler, nightly, labelled("big batch", 3_000))  # waits for a full bucket, then 29 s of debt
+        await trio.sleep(0.4)
+        ui = Sink("ui")
+        submit(scheduler, ui, labelled("interactive", 10))
+        await ui.wait_for(1)
+        # Served once its own tokens are there, not after the batch request's wait and debt (~30 s).
+        assert trio.current_time() < 1
+        assert sent == ["hog", "interactive"]
+        await nightly.wait_for(1)
+    assert sent == ["hog", "interactive", "big batch"]
+    assert isinstance(ui.by_id()["interactive"], Result) and isinstance(nightly.by_id()["big batch"], Result)
+
+
+async def test_a_request_is_overtaken_once_at_most(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    sent: list[str] = []
+    async with spent_key(estimator, sent) as (scheduler, nightly):
+        submit(scheduler, nightly, labelled("big batch", 3_000))
+        await trio.sleep(0.4)
+        ui = Sink("ui")
+        submit(scheduler, ui, labelled("first", 10))
+        await ui.wait_for(1)
+        await trio.sleep(0.2)  # the batch request waits for a full bucket again
+        submit(scheduler, ui, labelled("second", 10))
+        await nightly.wait_for(1)
+        await ui.wait_for(2)
+    assert sent == ["hog", "first", "big batch", "second"]
+
+
+async def test_an_overtaken_request_goes_after_at_most_the_guards_count_of_higher_requests(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    sent: list[str] = []
+    async with spent_key(estimator, sent) as (scheduler, nightly):
+        submit(scheduler, nightly, labelled("big batch", 2_000))
+        await trio.sleep(0.4)
+        ui = Sink("ui")
+        for n in range(GUARD_EVERY + 5):
+            submit(scheduler, ui, labelled(f"ui {n}", 10))
+        await ui.wait_for(GUARD_EVERY + 5)
+        await nightly.wait_for(1)
+    assert sent.index("big batch") == 1 + GUARD_EVERY  # after the hog and GUARD_EVERY interactive ones
+
+
+async def test_an_overtaken_request_can_still_expire(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    sent: list[str] = []
+    async with spent_key(estimator, sent) as (scheduler, nightly):
+        expiring = Submit(
+            id="expiring", endpoint="/v1/chat/completions", body=labelled("expiring", 3_000).body, deadline=1.0
+        )
+        submit(scheduler, nightly, expiring)
+        await trio.sleep(0.4)
+        ui = Sink("ui")
+        submit(scheduler, ui, labelled("interactive", 10))
+        await ui.wait_for(1)
+        await nightly.wait_for(1)
+        expired = nightly.by_id()["expiring"]
+        assert isinstance(expired, Error) and expired.kind == "timeout"
+        # The lane goes on: the next batch request is served once the budget allows.
+        submit(scheduler, nightly, labelled("after", 10))
+        await nightly.wait_for(2)
+    assert sent == ["hog", "interactive", "after"]
+
+
+async def test_an_overtaken_request_cancelled_while_it_waits_its_turn_leaves_the_lane_working(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    sent: list[str] = []
+    async with spent_key(estimator, sent) as (scheduler, nightly):
+        submit(scheduler, nightly, labelled("big batch", 3_000))
+        await trio.sleep(0.4)
+        ui = Sink("ui")
+        submit(scheduler, ui, labelled("interactive", 80))  # waits ~0.6 s for its own tokens
+        await trio.sleep(0.1)
+        assert scheduler.cancel(nightly, "big batch")  # held, behind the interactive request
+        await nightly.wait_for(1)
+        cancelled = nightly.by_id()["big batch"]
+        assert isinstance(cancelled, Error) and cancelled.kind == "cancelled"
+        await ui.wait_for(1)
+        submit(scheduler, nightly, labelled("after", 10))
+        await nightly.wait_for(2)
+        await trio.sleep(5)
+        engine, lanes = scheduler.statistics()
+        # Nothing of the cancelled request is left: only the hog is outstanding, in flight.
+        assert engine["outstanding"] == 1 and lanes["gpt-4o-mini"]["in_flight"] == 1
+        assert lanes["gpt-4o-mini"]["queued"] == 0
+    assert sent == ["hog", "interactive", "after"]

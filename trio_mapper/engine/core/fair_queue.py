@@ -153,10 +153,17 @@ class FairQueue(Generic[J]):
         if queue is not None and queue.remove(job):
             self._classes[job.rank].size -= 1
 
-    def pop(self, now: float) -> J | float:
-        """The next request to dispatch, or when a capped tenant may go next (inf: nothing waits)."""
+    def pop(self, now: float, *, above: int | None = None) -> J | float:
+        """The next request to dispatch, or when a capped tenant may go next (inf: nothing waits).
+
+        Args:
+            above: only a request of a class higher than this rank (one that overtakes a request of that
+                class, see `Lane.hold`).
+        """
         ready_at = math.inf
-        waiting = [index for index, klass in enumerate(self._classes) if klass.size]
+        waiting = [
+            index for index, klass in enumerate(self._classes) if klass.size and (above is None or index < above)
+        ]
         # The guard first: a class passed over too often goes now, if any of its tenants may.
         order = sorted(waiting, key=lambda index: (self._classes[index].passed_over < GUARD_EVERY, index))
         for index in order:

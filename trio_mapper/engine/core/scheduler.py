@@ -24,8 +24,8 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Callable, Hashable, Mapping
-from contextlib import aclosing
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from typing import Any, Final
 
 import attrs
@@ -35,7 +35,7 @@ import trio
 
 from trio_mapper.engine.budget import Cost, LaneBudget, Ledger, RequestTooLarge, Reservation
 from trio_mapper.engine.core.background import run_in_background
-from trio_mapper.engine.core.fair_queue import FairQueue
+from trio_mapper.engine.core.fair_queue import GUARD_EVERY, FairQueue
 from trio_mapper.engine.core.outcome import (
     Chunk,
     Failed,
@@ -179,6 +179,9 @@ class Job:
     #: Attempts answered with a retryable 429. They do not count against ``max_attempts``, which bounds
     #: faults (5xx, resets, timeouts): a 429 is the upstream saying "later", and only the deadline ends it.
     rate_limited_attempts: int = 0
+    #: A request of a higher class overtook it while it waited for the budget (`Lane.hold`); it is not
+    #: overtaken again.
+    overtaken: bool = False
 
     @property
     def fault_attempts(self) -> int:
@@ -222,6 +225,14 @@ class Lane:
     #: The dispatcher task's scope, so an idle lane can be dropped.
     dispatcher: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     counts: dict[JobState, int] = attrs.field(factory=lambda: dict.fromkeys(JobState, 0))
+    #: The job the dispatcher waits for the budget for, and the scope of that wait: a push of a higher class
+    #: cancels it (`push`), so that an interactive request does not wait for a batch request's tokens.
+    reserving: Job | None = None
+    reserve_wait: trio.CancelScope | None = None
+    #: A job that was overtaken: it goes next, once no request of a higher class may go (`pop_next`).
+    held: Job | None = None
+    #: Requests of higher classes dispatched ahead of the held job; at GUARD_EVERY it goes regardless.
+    held_passed_over: int = 0
     upstream_429s: int = 0
     retries_made: int = 0
     succeeded: int = 0
@@ -236,6 +247,28 @@ class Lane:
     def push(self, job: Job) -> None:
         self.waiting.push(job)
         self.wakeup.set()
+        reserving = self.reserving
+        # One held job at most: a second would have nowhere to wait.
+        if reserving is not None and job.rank < reserving.rank and not reserving.overtaken and self.held is None:
+            assert self.reserve_wait is not None
+            self.reserve_wait.cancel()
+
+    @contextmanager
+    def reserving_for(self, job: Job) -> Iterator[trio.CancelScope]:
+        """The scope of the dispatcher's wait for ``job``'s budget, which a higher class cancels (`push`)."""
+        self.reserving, self.reserve_wait = job, trio.CancelScope()
+        try:
+            with self.reserve_wait:
+                yield self.reserve_wait
+        finally:
+            self.reserving = self.reserve_wait = None
+
+    def hold(self, job: Job) -> None:
+        """``job`` was overtaken while it waited for the budget: it goes next, after the requests of higher
+        classes that may go now, and at most `GUARD_EVERY` of them (the queue's guard against starvation)."""
+        job.overtaken = True
+        self.held, self.held_passed_over = job, 0
+        self.wakeup.set()
 
     def push_front(self, job: Job) -> None:
         self.retries[job] = None
@@ -245,12 +278,23 @@ class Lane:
         """Forget a job that finished while queued (a no-op for jobs not in a queue)."""
         self.retries.pop(job, None)
         self.waiting.remove(job)
+        if self.held is job:
+            self.held = None
 
     def pop_next(self, now: float) -> Job | float:
         """The next job: due retries first (their tenant's turn and cap were spent on the first attempt), then
         the fair queue's pick; else when a capped tenant may go (inf: nothing waits)."""
         if self.retries:
             return self.retries.popitem(last=False)[0]
+        held = self.held
+        if held is not None:
+            if self.held_passed_over < GUARD_EVERY:
+                overtaking = self.waiting.pop(now, above=held.rank)
+                if isinstance(overtaking, Job):
+                    self.held_passed_over += 1
+                    return overtaking
+            self.held = None
+            return held
         return self.waiting.pop(now)
 
     async def take(self) -> Job:
@@ -888,7 +932,14 @@ class Scheduler:
             with trio.CancelScope(deadline=job.deadline) as scope:
                 job.scope = scope
                 try:
-                    reservation = await lane.budget.reserve(job.cost)
+                    with lane.reserving_for(job) as reserve_wait:
+                        reservation = await lane.budget.reserve(job.cost)
+                    if reserve_wait.cancelled_caught:
+                        # A request of a higher class came: it goes first, then this one.
+                        job.scope = None
+                        self._set_state(job, JobState.QUEUED)
+                        lane.hold(job)
+                        return
                 except RequestTooLarge as exc:
                     # The limits were lowered (reload, or the upstream's headers) after it was accepted.
                     job.scope = None
