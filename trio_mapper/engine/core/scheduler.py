@@ -179,9 +179,9 @@ class Job:
     #: Attempts answered with a retryable 429. They do not count against ``max_attempts``, which bounds
     #: faults (5xx, resets, timeouts): a 429 is the upstream saying "later", and only the deadline ends it.
     rate_limited_attempts: int = 0
-    #: A request of a higher class overtook it while it waited for the budget (`Lane.hold`); it is not
-    #: overtaken again.
-    overtaken: bool = False
+    #: Requests of higher classes that went ahead of it while it waited for the budget (`Lane.hold`); at
+    #: GUARD_EVERY it is not overtaken any more, as the fair queue's guard promises a lower class.
+    overtaken_by: int = 0
 
     @property
     def fault_attempts(self) -> int:
@@ -231,8 +231,6 @@ class Lane:
     reserve_wait: trio.CancelScope | None = None
     #: A job that was overtaken: it goes next, once no request of a higher class may go (`pop_next`).
     held: Job | None = None
-    #: Requests of higher classes dispatched ahead of the held job; at GUARD_EVERY it goes regardless.
-    held_passed_over: int = 0
     upstream_429s: int = 0
     retries_made: int = 0
     succeeded: int = 0
@@ -249,7 +247,12 @@ class Lane:
         self.wakeup.set()
         reserving = self.reserving
         # One held job at most: a second would have nowhere to wait.
-        if reserving is not None and job.rank < reserving.rank and not reserving.overtaken and self.held is None:
+        if (
+            reserving is not None
+            and job.rank < reserving.rank
+            and reserving.overtaken_by < GUARD_EVERY
+            and self.held is None
+        ):
             assert self.reserve_wait is not None
             self.reserve_wait.cancel()
 
@@ -265,9 +268,9 @@ class Lane:
 
     def hold(self, job: Job) -> None:
         """``job`` was overtaken while it waited for the budget: it goes next, after the requests of higher
-        classes that may go now, and at most `GUARD_EVERY` of them (the queue's guard against starvation)."""
-        job.overtaken = True
-        self.held, self.held_passed_over = job, 0
+        classes that may go now, and after at most `GUARD_EVERY` of them in all (the queue's guard against
+        starvation), however many times it is overtaken."""
+        self.held = job
         self.wakeup.set()
 
     def push_front(self, job: Job) -> None:
@@ -288,10 +291,10 @@ class Lane:
             return self.retries.popitem(last=False)[0]
         held = self.held
         if held is not None:
-            if self.held_passed_over < GUARD_EVERY:
+            if held.overtaken_by < GUARD_EVERY:
                 overtaking = self.waiting.pop(now, above=held.rank)
                 if isinstance(overtaking, Job):
-                    self.held_passed_over += 1
+                    held.overtaken_by += 1
                     return overtaking
             self.held = None
             return held
