@@ -393,7 +393,7 @@ class Scheduler:
         #: Bytes of request bodies the outstanding jobs may hold in all (None: no limit): max_queued alone
         #: bounds their number, not their size, and a body may be megabytes. A reload may change it.
         self.max_queued_bytes = max_queued_bytes
-        self._held_bytes = 0
+        self._queued_bytes = 0
         self._default_max_attempts = default_max_attempts
         #: Seconds a request that names no deadline may take (None: no limit); a reload may change it.
         self.default_deadline = default_deadline
@@ -500,7 +500,7 @@ class Scheduler:
         )
         self._owners.setdefault(job.client_key, {})[job.request_id] = job
         self._outstanding += 1
-        self._held_bytes += len(job.body) if job.body is not None else 0
+        self._queued_bytes += len(job.body) if job.body is not None else 0
         if self._all_done.is_set():
             self._all_done = trio.Event()
         self.accepted += 1
@@ -629,10 +629,10 @@ class Scheduler:
         size is bounded by the front's max_frame_bytes), so no valid request is refused for ever."""
         size = len(body) if body is not None else 0
         limit = self.max_queued_bytes
-        if limit is not None and self._held_bytes and self._held_bytes + size > limit:
+        if limit is not None and self._queued_bytes and self._queued_bytes + size > limit:
             raise _Refused(
                 ErrorKind.OVERLOADED,
-                f"the engine already holds {self._held_bytes / 2**20:.1f} MiB of request bodies, and this one "
+                f"the engine already holds {self._queued_bytes / 2**20:.1f} MiB of request bodies, and this one "
                 f"({size / 2**20:.1f} MiB) would take it past max_queued_bytes ({limit / 2**20:.0f} MiB); "
                 "wait for replies before submitting more, or raise max_queued_bytes",
             )
@@ -771,7 +771,7 @@ class Scheduler:
             del self._owners[job.client_key]
         self._outstanding -= 1
         job.lane.remove(job)
-        self._held_bytes -= len(job.body) if job.body is not None else 0
+        self._queued_bytes -= len(job.body) if job.body is not None else 0
         job.body = None
         if _lingering(self._deadlines, self._outstanding):
             _compact(self._deadlines)
@@ -1290,7 +1290,7 @@ class Scheduler:
             "max_concurrent_reqs": limiter.total_tokens,
             "waiting_for_slot": limiter.tasks_waiting,
             "max_queued": self._max_queued,
-            "queued_bytes": self._held_bytes,
+            "queued_bytes": self._queued_bytes,
             "max_queued_bytes": self.max_queued_bytes,
             "accepted": self.accepted,
             "rejected": self.rejected,
