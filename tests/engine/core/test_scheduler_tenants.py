@@ -163,32 +163,22 @@ async def test_an_interactive_request_overtakes_a_batch_request_waiting_for_the_
     assert isinstance(ui.by_id()["interactive"], Result) and isinstance(nightly.by_id()["big batch"], Result)
 
 
-async def test_a_request_overtaken_again_and_again_goes_after_the_guards_count(
-    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize("one_at_a_time", [True, False], ids=["again-and-again", "all-at-once"])
+async def test_an_overtaken_request_goes_after_at_most_the_guards_count_of_higher_requests(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock, one_at_a_time: bool
 ) -> None:
+    """However the interactive requests come (one at a time, each while the batch request waits again, or
+    all at once), the batch request goes after GUARD_EVERY of them, as the fair queue's guard promises."""
     sent: list[str] = []
     async with spent_key(estimator, sent) as (scheduler, nightly):
         submit(scheduler, nightly, labelled("big batch", 3_000))
         await trio.sleep(0.4)
         ui = Sink("ui")
-        for n in range(GUARD_EVERY + 5):  # one at a time, each while the batch request waits again
-            submit(scheduler, ui, labelled(f"ui {n}", 10))
-            await ui.wait_for(n + 1)
-            await trio.sleep(0.05)
-        await nightly.wait_for(1)
-    assert sent.index("big batch") == 1 + GUARD_EVERY  # after the hog and GUARD_EVERY interactive ones
-
-
-async def test_an_overtaken_request_goes_after_at_most_the_guards_count_of_higher_requests(
-    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
-) -> None:
-    sent: list[str] = []
-    async with spent_key(estimator, sent) as (scheduler, nightly):
-        submit(scheduler, nightly, labelled("big batch", 2_000))
-        await trio.sleep(0.4)
-        ui = Sink("ui")
         for n in range(GUARD_EVERY + 5):
             submit(scheduler, ui, labelled(f"ui {n}", 10))
+            if one_at_a_time:
+                await ui.wait_for(n + 1)
+                await trio.sleep(0.05)
         await ui.wait_for(GUARD_EVERY + 5)
         await nightly.wait_for(1)
     assert sent.index("big batch") == 1 + GUARD_EVERY  # after the hog and GUARD_EVERY interactive ones

@@ -10,7 +10,7 @@ import shutil
 import signal
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -300,6 +300,29 @@ async def test_server_errors_timeouts_and_an_unreachable_upstream(short_tmp: Pat
         assert unreachable.value.code == "upstream_unreachable"
 
 
+def recorder(client: openai.AsyncOpenAI, messages: Any, outcomes: dict[str, Any]) -> Callable[[str], Awaitable[None]]:
+    """A chat that records its reply, or its status error, in ``outcomes`` under the name it is given."""
+
+    async def call(name: str) -> None:
+        try:
+            outcomes[name] = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)
+        except openai.APIStatusError as exc:
+            outcomes[name] = exc
+
+    return call
+
+
+async def first_and_second(client: openai.AsyncOpenAI, messages: Any) -> tuple[Any, Any]:
+    """Two chats, the second sent while the first is still being answered: each one's reply or error."""
+    outcomes: dict[str, Any] = {}
+    call = recorder(client, messages, outcomes)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "first")
+        await trio.sleep(0.5)
+        nursery.start_soon(call, "second")
+    return outcomes["first"], outcomes["second"]
+
+
 async def test_bodies_past_max_queued_bytes_answer_503_and_say_which_limit(short_tmp: Path) -> None:
     big: list[Any] = [{"role": "user", "content": "word " * 20_000}]  # 100 kB of JSON
     async with (
@@ -307,20 +330,8 @@ async def test_bodies_past_max_queued_bytes_answer_503_and_say_which_limit(short
         http_engine(short_tmp, url, "--max-queued-bytes", "150000") as (engine, _),
         async_unix_sdk(engine, max_retries=0) as client,
     ):
-        outcomes: dict[str, Any] = {}
-
-        async def call(name: str) -> None:
-            try:
-                outcomes[name] = await client.chat.completions.create(model=MODEL, messages=big, max_tokens=5)
-            except openai.APIStatusError as exc:
-                outcomes[name] = exc
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(call, "first")
-            await trio.sleep(0.5)
-            nursery.start_soon(call, "second")
-        assert outcomes["first"].choices
-        overloaded = outcomes["second"]
+        first, overloaded = await first_and_second(client, big)
+        assert first.choices
         assert isinstance(overloaded, openai.InternalServerError) and overloaded.code == "overloaded"
         assert "max_queued_bytes" in overloaded.message
         stats = (await engine_stats(engine))["engine"]
@@ -333,20 +344,8 @@ async def test_overloaded_and_shutdown_answer_503(short_tmp: Path) -> None:
         http_engine(short_tmp, url, "--max-queued", "1") as (engine, _),
         async_unix_sdk(engine, max_retries=0) as client,
     ):
-        outcomes: dict[str, Any] = {}
-
-        async def call(name: str) -> None:
-            try:
-                outcomes[name] = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
-            except openai.APIStatusError as exc:
-                outcomes[name] = exc
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(call, "first")
-            await trio.sleep(0.5)
-            nursery.start_soon(call, "second")
-        assert outcomes["first"].choices
-        overloaded = outcomes["second"]
+        first, overloaded = await first_and_second(client, MESSAGES)
+        assert first.choices
         assert isinstance(overloaded, openai.InternalServerError) and overloaded.status_code == 503
         assert overloaded.code == "overloaded"
         assert overloaded.response.headers["retry-after"] == "1"
@@ -358,7 +357,8 @@ async def test_overloaded_and_shutdown_answer_503(short_tmp: Path) -> None:
         http_engine(short_tmp / "stop", url, "--max_concurrent_reqs", "1") as (engine, _),
         async_unix_sdk(engine, max_retries=0) as client,
     ):
-        outcomes = {}
+        outcomes: dict[str, Any] = {}
+        call = recorder(client, MESSAGES, outcomes)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call, "in_flight")
             await trio.sleep(0.3)
