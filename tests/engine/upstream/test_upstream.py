@@ -13,10 +13,12 @@ from trio_mapper.engine.upstream.client import InvalidEndpoint, Upstream, join_u
 BASE = httpx.URL("https://api.openai.com/v1")
 
 
-def mock_upstream(handler: Callable[[httpx.Request], httpx.Response], *, max_connections: int = 1) -> Upstream:
+def mock_upstream(
+    handler: Callable[[httpx.Request], httpx.Response], *, max_connections: int = 1, key: str = "sk-test-secret-key"
+) -> Upstream:
     """An `Upstream` on `BASE` whose every pool answers with ``handler``."""
     return Upstream(
-        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE)),
+        OpenAISettings(api_key=key, base_url=str(BASE)),
         max_connections=max_connections,
         transport=lambda: httpx.MockTransport(handler),
     )
@@ -124,6 +126,27 @@ async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.body.decoded() == {"error": {"message": "Incorrect API key provided: [REDACTED]"}}
     assert reply.headers["x-request-id"] == "req_[REDACTED]"
+
+
+@pytest.mark.parametrize("key", ["x", "EMPTY", "anything", "sk-local-12345"])
+async def test_a_placeholder_key_never_corrupts_an_answer(key: str) -> None:
+    """Keys like vLLM's "EMPTY" occur in ordinary text; rewriting them broke replies (base64, JSON, words)."""
+    answer = {"choices": [{"index": 0, "text": "say EMPTY or anything, x"}], "data": "AAAxAAEMPTYsk-local-12345"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/fail"):
+            return httpx.Response(401, json={"error": {"message": f"Incorrect API key provided: {key}"}})
+        return httpx.Response(200, json=answer)
+
+    async with mock_upstream(handler, key=key) as upstream:
+        reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
+        refused = await upstream.send("POST", upstream.url_for("/v1/fail"), b"{}")
+    assert reply.body.decoded() == answer
+    message = refused.body.decoded()["error"]["message"]
+    # An echo in an error is still redacted, but for keys too short to be anything but a placeholder.
+    assert message == (
+        "Incorrect API key provided: [REDACTED]" if len(key) >= 8 else f"Incorrect API key provided: {key}"
+    )
 
 
 def test_endpoints_beyond_the_length_limit_are_refused() -> None:

@@ -235,11 +235,19 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return forwarded
 
 
-def useful_headers(headers: httpx.Headers, secret: str) -> dict[str, str]:
+def useful_headers(headers: httpx.Headers, secret: str | None) -> dict[str, str]:
     """The headers worth passing to clients, with the key redacted should the upstream echo it in one."""
     # One pass: `headers[name]` scans every header again, for each of the dozen names.
-    return {name: value.replace(secret, "[REDACTED]") for name, value in headers.items() if name in USEFUL_HEADERS}
+    useful = {name: value for name, value in headers.items() if name in USEFUL_HEADERS}
+    if secret is not None:
+        useful = {name: value.replace(secret, "[REDACTED]") for name, value in useful.items()}
+    return useful
 
+
+#: Keys shorter than this are not redacted from what the upstream sends (placeholders, see `Upstream`).
+MIN_REDACTED_KEY_CHARS: Final = 8
+#: Nor from successful answers below this length: a real credential is longer (OpenAI's are 50 and more).
+MIN_REDACTED_IN_ANSWERS_CHARS: Final = 16
 
 #: Request bodies larger than this go upstream in pieces of this size. Written whole, a body of megabytes
 #: is one `send` that copies all of it into the kernel at once (a loopback socket takes it all), holding the
@@ -309,8 +317,14 @@ class Upstream:
             headers["OpenAI-Project"] = settings.project
         self._headers: Final = headers
         #: The key, to redact should an upstream echo it: as text (headers, events) and as bytes (bodies).
-        self._secret_text = settings.api_key
-        self._secret = settings.api_key.encode()
+        #: Keys this short are placeholders for servers without auth (vLLM's "EMPTY", "ollama", "x"), and
+        #: such text occurs in ordinary answers: rewriting it corrupted replies (base64 embeddings, JSON keys,
+        #: words). Short keys are redacted from error answers and headers only, where echoes happen (as in
+        #: the logs, `RedactSecrets`); a key too short even for that is not redacted at all.
+        key = settings.api_key
+        self._secret_text = key if len(key) >= MIN_REDACTED_KEY_CHARS else None
+        self._secret = key.encode() if len(key) >= MIN_REDACTED_KEY_CHARS else None
+        self._redact_answers = len(key) >= MIN_REDACTED_IN_ANSWERS_CHARS
         self._read_timeout: Final = settings.read_timeout
         self._timeouts: Final = httpx.Timeout(
             connect=settings.connect_timeout,
@@ -414,11 +428,12 @@ class Upstream:
                     await response.aread()
                     yield self._whole_reply(response, started)
                     return
+                events = EventSource(response).aiter_sse()
                 yield UpstreamStream(
                     status=response.status_code,
                     headers=useful_headers(response.headers, self._secret_text),
                     started=started,
-                    events=self._redacted(EventSource(response).aiter_sse()),
+                    events=self._redacted(events) if self._redact_answers else events,
                 )
             finally:
                 await response.aclose()
@@ -453,6 +468,7 @@ class Upstream:
 
     async def _redacted(self, events: AsyncGenerator[ServerSentEvent]) -> AsyncGenerator[ServerSentEvent]:
         secret = self._secret_text
+        assert secret is not None  # `_redact_answers` implies it
         async with aclosing(events):
             async for event in events:
                 if secret in event.data or secret in event.event:
@@ -484,9 +500,10 @@ class Upstream:
 
     def _whole_reply(self, response: httpx.Response, started: float) -> UpstreamReply:
         content = response.content
-        if self._secret in content:
+        secret = self._secret
+        if secret is not None and (response.status_code >= 400 or self._redact_answers) and secret in content:
             # Some OpenAI-compatible servers echo the key in a 401 body; it must not reach clients.
-            content = content.replace(self._secret, b"[REDACTED]")
+            content = content.replace(secret, b"[REDACTED]")
         return UpstreamReply(
             status=response.status_code,
             headers=useful_headers(response.headers, self._secret_text),
