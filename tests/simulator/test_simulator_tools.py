@@ -102,6 +102,47 @@ async def test_tool_choice_is_followed(tool_choice: Any, called: str | None) -> 
 
 
 @pytest.mark.parametrize(
+    ("tool_choice", "called"),
+    [
+        (None, "Add"),
+        (
+            {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "Weather"}}]},
+            },
+            "Weather",
+        ),
+    ],
+)
+async def test_other_tool_choices_the_api_accepts_are_served(tool_choice: Any, called: str) -> None:
+    def work(client: openai.OpenAI) -> Any:
+        return client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=tool_choice)
+
+    message = (await with_sdk(fast_config(), work)).choices[0].message
+    assert message.tool_calls[0].function.name == called
+
+
+async def test_a_function_without_an_object_schema_is_called_with_an_object() -> None:
+    tools: Any = [{"type": "function", "function": {"name": "ping", "parameters": {}}}]
+
+    def work(client: openai.OpenAI) -> Any:
+        return client.chat.completions.create(model=MODEL, messages=QUESTION, tools=tools)
+
+    call = (await with_sdk(fast_config(), work)).choices[0].message.tool_calls[0]
+    assert json.loads(call.function.arguments) == {}
+
+
+async def test_a_built_in_tool_choice_in_responses_is_answered_not_refused() -> None:
+    def work(client: openai.OpenAI) -> Any:
+        return client.responses.create(
+            model=MODEL, input="hi", tools=RESPONSES_TOOLS, tool_choice={"type": "file_search"}, max_output_tokens=50
+        )
+
+    response = await with_sdk(fast_config(), work)
+    assert response.output[0].type == "function_call"
+
+
+@pytest.mark.parametrize(
     ("tools", "tool_choice", "param"),
     [
         (TOOLS, {"type": "function", "function": {"name": "Divide"}}, "tool_choice"),

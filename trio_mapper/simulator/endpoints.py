@@ -346,7 +346,7 @@ def _response_object(plan: Plan, reply: Reply, ident: str, created: int) -> dict
         "store": True,
         "temperature": 1.0,
         "text": {"format": _text_format(plan.body)},
-        "tool_choice": plan.body.get("tool_choice", "auto"),
+        "tool_choice": plan.body.get("tool_choice") or "auto",
         "tools": plan.body.get("tools") or [],
         "top_p": 1.0,
         "truncation": "disabled",

@@ -37,7 +37,18 @@ def requested_tool_call(kind: str, body: dict[str, Any]) -> ToolCall | None:
     if kind not in ("chat", "responses") or body.get("tools") is None:
         return None
     functions = _functions(kind, body["tools"])
-    choice = body.get("tool_choice", "auto")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        # {"type": "allowed_tools", "mode": "auto" | "required", "tools": [...]} (chat nests it under
+        # "allowed_tools"): the model may call only those, as the mode says.
+        allowed = choice.get("allowed_tools", choice) if kind == "chat" else choice
+        names = {_tool_name(tool) for tool in allowed.get("tools") or []} if isinstance(allowed, dict) else set()
+        functions = [function for function in functions if function.name in names]
+        choice = allowed.get("mode", "auto") if isinstance(allowed, dict) else "auto"
+    elif isinstance(choice, dict) and choice.get("type") != "function":
+        choice = "auto"  # a built-in tool (file search, web search, MCP…): not simulated, so words or a function
+    if choice is None:
+        choice = "auto"
     if choice == "none" or not functions:
         return None
     if isinstance(choice, dict):
@@ -69,8 +80,19 @@ def _functions(kind: str, tools: Any) -> list[ToolCall]:
             raise SchemaError(f"Missing required parameter: '{where}.name'.", f"{where}.name")
         assert isinstance(spec, dict)
         parameters = spec.get("parameters")
-        functions.append(ToolCall(name, parameters if isinstance(parameters, dict) else NO_PARAMETERS))
+        # Arguments are always a JSON object: a schema without an object root ({}) gets none of its own.
+        if not (isinstance(parameters, dict) and (parameters.get("type") == "object" or "properties" in parameters)):
+            parameters = NO_PARAMETERS
+        functions.append(ToolCall(name, parameters))
     return functions
+
+
+def _tool_name(tool: Any) -> Any:
+    """The function name in an ``allowed_tools`` entry: chat nests it under "function", Responses does not."""
+    if not isinstance(tool, dict):
+        return None
+    function = tool.get("function")
+    return function.get("name") if isinstance(function, dict) else tool.get("name")
 
 
 def _answers_a_tool(kind: str, body: dict[str, Any]) -> bool:

@@ -632,8 +632,8 @@ class Scheduler:
         if limit is not None and self._queued_bytes and self._queued_bytes + size > limit:
             raise _Refused(
                 ErrorKind.OVERLOADED,
-                f"the engine already holds {self._queued_bytes / 2**20:.1f} MiB of request bodies, and this one "
-                f"({size / 2**20:.1f} MiB) would take it past max_queued_bytes ({limit / 2**20:.0f} MiB); "
+                f"the engine already holds {self._queued_bytes:,} bytes of request bodies, and this one "
+                f"({size:,} bytes) would take it past max_queued_bytes ({limit:,}); "
                 "wait for replies before submitting more, or raise max_queued_bytes",
             )
 
