@@ -493,6 +493,12 @@ def load_settings(
     problems = list(_validation_problems(settings, ""))
     if settings.server.http and settings.server.http_keys_file is None:
         problems.append("server.http: the HTTP front over TCP needs client keys; set http_keys_file (see docs/http.md)")
+    if settings.server.http and _is_own_front(settings.openai.base_url, settings.server.http):
+        problems.append(
+            f"openai.base_url: {settings.openai.base_url} is this engine's own HTTP front (server.http "
+            f"{settings.server.http}): every request would call the engine again. Point it at the real API; "
+            "OPENAI_BASE_URL is read by the engine too, so give it to your tools, not to the engine's environment"
+        )
     if settings.server.budget != "local" and settings.server.ledger_mode != "bucket":
         problems.append(
             "server.budget: the shared budget meters continuously; use ledger_mode 'bucket' (the default) with it"
@@ -500,6 +506,22 @@ def load_settings(
     if problems:
         raise SettingsError(problems)
     return settings
+
+
+def _is_own_front(base_url: str, http: str) -> bool:
+    """Whether the upstream URL is the engine's own loopback HTTP front (any loopback name, same port)."""
+    try:
+        url = urlsplit(base_url)
+        _, port = parse_loopback_address(http)
+        upstream_port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return False
+    hostname = url.hostname or ""
+    try:
+        loopback = hostname == "localhost" or ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        loopback = False
+    return loopback and upstream_port == port
 
 
 def budget_password(server: ServerSettings, environ: Mapping[str, str]) -> str | None:

@@ -565,6 +565,12 @@ async def test_keys_file_checks_and_sighup_reload(short_tmp: Path) -> None:
     assert outside.returncode == 2 and "loopback" in outside.stderr
     no_keys = await run([*command[:-4], "--http", f"127.0.0.1:{port}"])
     assert no_keys.returncode == 2 and "http_keys_file" in no_keys.stderr
+    # An engine whose upstream is its own front would call itself for every request (a tool's
+    # OPENAI_BASE_URL left in the engine's environment): refused at start, saying so.
+    write_keys(short_tmp, alice=CLIENT_KEY)
+    for own in (f"http://127.0.0.1:{port}/v1", f"http://localhost:{port}/v1"):
+        loop = await run([*command[:6], "--base-url", own, *command[8:]])
+        assert loop.returncode == 2 and "this engine's own HTTP front" in loop.stderr, loop.stderr
 
     async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
         bob = "tm-client-key-bob-0123456789abcdef"
