@@ -564,6 +564,13 @@ def test_invalid_bodies_name_the_parameter_as_openai_does(
     assert raised.value.param == param
 
 
+def test_background_responses_are_refused_naming_the_parameter(estimator: TokenEstimator) -> None:
+    with pytest.raises(InvalidBody, match="GET /v1/responses") as raised:
+        estimator.estimate("/v1/responses", {"model": "gpt-4o", "input": "hi", "background": True})
+    assert raised.value.param == "background"
+    assert estimator.estimate("/v1/responses", {"model": "gpt-4o", "input": "hi", "background": False}).total > 0
+
+
 def test_body_must_be_an_object(estimator: TokenEstimator) -> None:
     with pytest.raises(InvalidBody, match="must be a JSON object, not an array"):
         estimator.estimate("chat/completions", [])  # type: ignore[arg-type]

@@ -622,6 +622,14 @@ def _chat_prompt(encoding: _Encoder, body: Mapping[str, Any]) -> int:
 
 
 def _responses_prompt(encoding: _Encoder, body: Mapping[str, Any]) -> int:
+    if body.get("background") is True:
+        # Its answer would be fetched later with GET /v1/responses/{id}, outside any budget: not proxied.
+        raise InvalidBody(
+            "body.background: background responses are not served (their result is fetched with "
+            "GET /v1/responses/{id}, which the engine does not proxy); send the request without it, streamed "
+            "for a long generation",
+            "body.background",
+        )
     # The upstream turns `instructions` into a developer message and a string `input` into a user message.
     total = 0
     instructions = body.get("instructions")
