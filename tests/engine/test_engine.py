@@ -92,6 +92,16 @@ async def test_bad_input_gets_clear_errors_and_the_connection_lives_on(short_tmp
                 )
                 assert reply["kind"] == "invalid_request", reply
                 assert needle in reply["message"]
+            # A GET elsewhere than models would list what the whole project stored: others' conversations.
+            for n, endpoint in enumerate(("/v1/chat/completions", "/v1/responses/resp_1/input_items")):
+                reply = await client.request(
+                    {"type": "submit", "id": f"g{n}", "endpoint": endpoint, "body": {}, "method": "GET"}
+                )
+                assert reply["kind"] == "invalid_request" and "Only GET /v1/models" in reply["message"], reply
+            conversations = await client.request(
+                {"type": "submit", "id": "c", "endpoint": "/v1/conversations", "body": {"model": "gpt-4o-mini"}}
+            )
+            assert conversations["kind"] == "invalid_request" and "management" in conversations["message"]
             bad_body = await client.request(
                 {"type": "submit", "id": "b", "endpoint": "/v1/chat/completions", "body": {"model": "gpt-4o-mini"}}
             )

@@ -62,6 +62,7 @@ from trio_mapper.engine.core.tenants import CLASSES, DailyUsage, Prices, Tenant,
 from trio_mapper.engine.estimate.tokens import InvalidBody, TokenEstimate, TokenEstimator, TooManyTokens
 from trio_mapper.engine.upstream.client import (
     ALLOWED_METHODS,
+    GET_ENDPOINTS,
     InvalidEndpoint,
     InvalidHeader,
     ReplyBody,
@@ -545,6 +546,12 @@ class Scheduler:
             path, url = self._upstream.resolve(spec.endpoint)
         except InvalidEndpoint as exc:
             raise _Refused(ErrorKind.INVALID_REQUEST, str(exc)) from None
+        if method == "GET" and path.split("/", 1)[0] not in GET_ENDPOINTS:
+            raise _Refused(
+                ErrorKind.INVALID_REQUEST,
+                f"GET {spec.endpoint} is not passed on: a GET there would read what the key's whole project "
+                "stored (other clients' completions and responses). Only GET /v1/models… is served",
+            )
         body, stream = plan_stream(path, spec.body)
         if stream is not None and method != "POST":
             raise _Refused(ErrorKind.INVALID_REQUEST, f"a streamed request must be a POST, not {method}")

@@ -65,8 +65,12 @@ MANAGEMENT_ENDPOINTS: Final = frozenset(
         "realtime",
         "containers",
         "evals",
+        "conversations",
     }
 )
+#: First segments a GET may name. Elsewhere a GET reads what the key's whole project stored (`store: true`
+#: chat completions, responses and their input items): other clients' prompts and answers.
+GET_ENDPOINTS: Final = frozenset({"models"})
 #: Longest endpoint accepted. API paths are a few dozen characters; httpx refuses URLs beyond 64 KiB.
 MAX_ENDPOINT_CHARS: Final = 1024
 
