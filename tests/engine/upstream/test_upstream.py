@@ -128,6 +128,28 @@ async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
     assert reply.headers["x-request-id"] == "req_[REDACTED]"
 
 
+@pytest.mark.parametrize(
+    ("status", "content", "content_type"),
+    [
+        (401, b'{"error": {"message": "Incorrect API key provided: \\u0073k-test-secret-key"}}', "application/json"),
+        (400, b'{"error": {"message": "bad key sk-test-secre\\u0074-key"}}', "application/json"),
+        (502, "upstream said key=sk-test-secret-key".encode("utf-16"), "text/html; charset=utf-16"),
+    ],
+    ids=["json-escaped-401", "json-escaped-400", "utf-16"],
+)
+async def test_a_key_echoed_in_another_encoding_is_redacted(status: int, content: bytes, content_type: str) -> None:
+    """Found by a hostile review: an echo that is not the key's exact bytes reached clients once decoded."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=content, headers={"content-type": content_type})
+
+    async with mock_upstream(handler) as upstream:
+        reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
+    assert reply.status == status
+    text = str(reply.body.decoded())
+    assert "sk-test-secret-key" not in text and "[REDACTED]" in text
+
+
 @pytest.mark.parametrize("key", ["x", "EMPTY", "anything", "sk-local-12345"])
 async def test_a_placeholder_key_never_corrupts_an_answer(key: str) -> None:
     """Keys like vLLM's "EMPTY" occur in ordinary text; rewriting them broke replies (base64, JSON, words)."""

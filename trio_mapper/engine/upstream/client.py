@@ -504,16 +504,35 @@ class Upstream:
 
     def _whole_reply(self, response: httpx.Response, started: float) -> UpstreamReply:
         content = response.content
+        encoding = _text_encoding(response)
         secret = self._secret
         if secret is not None and (response.status_code >= 400 or self._redact_answers) and secret in content:
             # Some OpenAI-compatible servers echo the key in a 401 body; it must not reach clients.
             content = content.replace(secret, b"[REDACTED]")
+        elif secret is not None and response.status_code >= 400:
+            # Echoed otherwise than byte for byte (JSON escapes such as \u0073k-…, another charset), the key
+            # would reach the client once its body is decoded: look in the decoded text, and send that.
+            redacted = _redacted_text(content, encoding, secret.decode())
+            if redacted is not None:
+                content, encoding = redacted, None
         return UpstreamReply(
             status=response.status_code,
             headers=useful_headers(response.headers, self._secret_text),
-            body=ReplyBody(content, _text_encoding(response)),
+            body=ReplyBody(content, encoding),
             elapsed=trio.current_time() - started,
         )
+
+
+def _redacted_text(content: bytes, encoding: str | None, secret: str) -> bytes | None:
+    """An error body whose decoded text holds the key, with it redacted, as UTF-8 (JSON re-encoded); None
+    when the decoded text does not hold it."""
+    try:
+        decoded = msgspec.json.decode(content)
+    except (msgspec.DecodeError, RecursionError):
+        text = content.decode(encoding or "utf-8", errors="replace")
+        return text.replace(secret, "[REDACTED]").encode() if secret in text else None
+    reencoded = msgspec.json.encode(decoded)  # UTF-8, escaping only what JSON must
+    return reencoded.replace(secret.encode(), b"[REDACTED]") if secret.encode() in reencoded else None
 
 
 def _text_encoding(response: httpx.Response) -> str | None:
