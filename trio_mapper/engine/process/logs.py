@@ -25,6 +25,9 @@ MAX_ARG_CHARS: Final = 1000
 #: Longest message, after formatting: the backstop for text that is not an argument (an f-string, a format
 #: string with many arguments).
 MAX_MESSAGE_CHARS: Final = 4000
+#: Secrets shorter than this are not redacted, here or from what the upstream sends: such a key is a placeholder
+#: for a server without auth ("x", "EMPTY"), and its text occurs everywhere.
+MIN_REDACTED_KEY_CHARS: Final = 8
 #: Longest traceback; the cut is in the middle, as its first and last lines say the most.
 MAX_EXCEPTION_CHARS: Final = 20_000
 
@@ -47,7 +50,7 @@ class RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secrets = [secret for secret in secrets if len(secret) >= 8]
+        self._secrets = [secret for secret in secrets if len(secret) >= MIN_REDACTED_KEY_CHARS]
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:

@@ -22,6 +22,7 @@ from httpx_sse import EventSource, ServerSentEvent
 
 from trio_mapper._version import __version__
 from trio_mapper.bodies import decode_body
+from trio_mapper.engine.process.logs import MIN_REDACTED_KEY_CHARS
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.connections import upstream_transport
 from trio_mapper.text import escape_control_characters, shorten
@@ -248,9 +249,8 @@ def useful_headers(headers: httpx.Headers, secret: str | None) -> dict[str, str]
     return useful
 
 
-#: Keys shorter than this are not redacted from what the upstream sends (placeholders, see `Upstream`).
-MIN_REDACTED_KEY_CHARS: Final = 8
-#: Nor from successful answers below this length: a real credential is longer (OpenAI's are 50 and more).
+#: Keys are not redacted from successful answers below this length, nor from any answer below
+#: `MIN_REDACTED_KEY_CHARS`: a real credential is longer (OpenAI's are 50 and more).
 MIN_REDACTED_IN_ANSWERS_CHARS: Final = 16
 
 #: Request bodies larger than this go upstream in pieces of this size. Written whole, a body of megabytes
@@ -327,7 +327,7 @@ class Upstream:
         #: the logs, `RedactSecrets`); a key too short even for that is not redacted at all.
         key = settings.api_key
         self._secret_text = key if len(key) >= MIN_REDACTED_KEY_CHARS else None
-        self._secret = key.encode() if len(key) >= MIN_REDACTED_KEY_CHARS else None
+        self._secret = self._secret_text.encode() if self._secret_text is not None else None
         self._redact_answers = len(key) >= MIN_REDACTED_IN_ANSWERS_CHARS
         self._read_timeout: Final = settings.read_timeout
         self._timeouts: Final = httpx.Timeout(
