@@ -181,15 +181,35 @@ async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from
                 assert await engine.process.wait() == 0
 
 
-async def test_idle_tcp_connections_cannot_take_the_descriptors_the_unix_clients_need(short_tmp: Path) -> None:
-    """Any local user may connect to the port, without a key until a request: thousands of idle connections
-    took every descriptor, and the msgpack and Unix HTTP clients could not connect any more."""
+async def closed_by_engine(stream: trio.SocketStream) -> bool:
+    """Whether the engine closed the connection (a reset if it closed it with the client's bytes unread)."""
+    try:
+        return await stream.receive_some(1) == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+async def test_keyless_tcp_connections_cannot_lock_out_key_holders_or_the_unix_clients(short_tmp: Path) -> None:
+    """Any local user may connect to the port, without a key until a request. Thousands of idle connections
+    took every descriptor, and the msgpack and Unix HTTP clients could not connect any more; then, with the
+    port capped, they took every TCP slot (kept by sending a header line now and then), and key holders were
+    refused. Now keyless connections give way, oldest first, to newcomers; a keyed one never does."""
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux) to give the engine a small open-file limit")
+    keyed_request = post(CHAT, b"Authorization: Bearer " + CLIENT_KEY.encode()).replace(
+        b"Connection: close", b"Connection: keep-alive"
+    )
     # 400 open files: the engine allows 100 TCP connections.
     async with simulator() as url, http_engine(short_tmp, url, open_files=400) as (engine, tcp_url):
         port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
-        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(450)]
+        keyed = await trio.open_tcp_stream("127.0.0.1", port)
+        await keyed.send_all(keyed_request)
+        assert (await keyed.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+        flood = []
+        for _ in range(450):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: engine\r\n")  # never ended
+            flood.append(stream)
         try:
             with trio.fail_after(30):
                 async with await RawClient.connect(str(engine.socket)) as raw:
@@ -197,9 +217,15 @@ async def test_idle_tcp_connections_cannot_take_the_descriptors_the_unix_clients
                 async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=http_socket(engine))) as unix:
                     reply = await unix.post("http://engine/v1/chat/completions", content=CHAT)
                     assert reply.status_code == 200
-                closed = [await stream.receive_some(1) == b"" for stream in idle[100:]]  # closed unserved, at once
+                async with httpx.AsyncClient(headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as tcp:
+                    reply = await tcp.post(f"{tcp_url}/chat/completions", content=CHAT)
+                    assert reply.status_code == 200  # a newcomer with a key is served on a full port
+                await keyed.send_all(keyed_request)  # the keyed connection from before the flood is still there
+                assert (await keyed.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+                closed = [await closed_by_engine(stream) for stream in flood[:350]]  # gave way, oldest first
             assert all(closed)
-            assert "connection(s) closed unserved: 100 TCP connections are open" in engine.log
+            assert "connection(s) that had sent no request with a client key closed to make room" in engine.log
         finally:
-            for stream in idle:
+            await keyed.aclose()
+            for stream in flood:
                 await stream.aclose()

@@ -71,6 +71,8 @@ READ_TIMEOUT_MARGIN: Final = 1.0
 #: Scope state keys the server sets per connection.
 TRANSPORT: Final = "trio_mapper.transport"
 PEER: Final = "trio_mapper.peer"
+#: Called when a request on a TCP connection carried a valid client key (`TcpGate.prove`).
+KEY_ACCEPTED: Final = "trio_mapper.key_accepted"
 
 #: Chunks relayed but not yet written beyond which the core's relay waits: a few smooth out scheduling; more
 #: would only hide a slow client from the upstream (whose stream is then read at the client's pace).
@@ -423,6 +425,8 @@ class OpenAIApp:
                 "invalid_request_error",
                 "invalid_api_key",
             )
+        if (key_accepted := state.get(KEY_ACCEPTED)) is not None:
+            key_accepted()
         return _Caller(("http key", name), f"key {name}", f"http key {name!r}", ClientIdentity(key=name))
 
     async def _request(

@@ -8,6 +8,7 @@ speaks HTTP/1.1 and calls the app. The connection's peer credentials travel in t
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, cast
@@ -21,8 +22,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework
 from hypercorn.utils import wrap_app
 
-from trio_mapper.engine.fronts.http.app import PEER, TRANSPORT, OpenAIApp
-from trio_mapper.engine.fronts.throttle import LogThrottle
+from trio_mapper.engine.fronts.http.app import KEY_ACCEPTED, PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.http.tcp_gate import TcpGate, TcpSlot
 from trio_mapper.engine.fronts.unix.listener import accept_forever
 from trio_mapper.engine.fronts.unix.peers import peer_credentials
 
@@ -166,12 +167,10 @@ class HttpServer:
 
     def __init__(self, app: OpenAIApp, *, max_tcp_connections: int) -> None:
         self.app = app
-        #: Any local user may connect to a TCP port, without a key until the first request: past this many
-        #: TCP connections new ones are closed at once, so that idle ones cannot take every descriptor and
-        #: lock out the Unix sockets' clients too.
-        self.max_tcp_connections = max_tcp_connections
-        self.tcp_connections = 0
-        self._refusals = LogThrottle()
+        #: Any local user may connect to a TCP port, without a key until the first request: the port holds at
+        #: most this many connections, so that it cannot take every descriptor and lock out the Unix sockets'
+        #: clients too, and those that show no key give way to those that do (`TcpGate`).
+        self.tcp_gate = TcpGate(max_tcp_connections)
         self._config = _hypercorn_config()
         self._context = WorkerContext(None)
         self._wrapped = wrap_app(cast(ASGIFramework, app), self._config.wsgi_max_body_size, "asgi")
@@ -184,6 +183,7 @@ class HttpServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._handlers = nursery
+            nursery.start_soon(self.tcp_gate.close_expired)
             task_status.started()
             await self._closing.wait()
             # Replies still being written get FLUSH_TIMEOUT; idle keep-alive connections are closed at once.
@@ -202,28 +202,21 @@ class HttpServer:
         assert handlers is not None, "HttpServer.run must be started before accepting"
 
         def serve(stream: trio.SocketStream) -> None:
-            if transport == "tcp":
-                if self.tcp_connections >= self.max_tcp_connections:
-                    return self._refuse(stream)
-                self.tcp_connections += 1  # now, not when its task starts: the next accept may come first
-            handlers.start_soon(self._serve_connection, stream, transport)
+            # Admitted now, not when its task starts: the next accept may come first.
+            slot = self.tcp_gate.admit(stream) if transport == "tcp" else None
+            if transport == "tcp" and slot is None:
+                stream.socket.close()  # at once: nothing is owed to a connection that was never served
+                return
+            handlers.start_soon(self._serve_connection, stream, transport, slot)
 
         await accept_forever(listener, serve, f"http ({transport})")
 
-    def _refuse(self, stream: trio.SocketStream) -> None:
-        stream.socket.close()  # at once: nothing is owed to a connection that was never served
-        if (count := self._refusals.count()) is not None:
-            log.warning(
-                "http (tcp): %d connection(s) closed unserved: %d TCP connections are open, the most the engine "
-                "allows (a quarter of its open-file limit; raise LimitNOFILE if clients need more)",
-                count,
-                self.tcp_connections,
-            )
-
-    async def _serve_connection(self, stream: trio.SocketStream, transport: Transport) -> None:
+    async def _serve_connection(self, stream: trio.SocketStream, transport: Transport, slot: TcpSlot | None) -> None:
         state: dict[str, Any] = {TRANSPORT: transport}
         if transport == "unix":
             state[PEER] = peer_credentials(stream.socket)
+        if slot is not None:
+            state[KEY_ACCEPTED] = functools.partial(self.tcp_gate.prove, slot)
         self.connections += 1
         try:
             server = _TCPServer(
@@ -235,5 +228,5 @@ class HttpServer:
             log.exception("http connection: unexpected error; connection closed")
         finally:
             self.connections -= 1
-            if transport == "tcp":
-                self.tcp_connections -= 1
+            if slot is not None:
+                self.tcp_gate.release(slot)
