@@ -210,36 +210,62 @@ async def test_processes_of_one_uid_take_turns_as_clients_but_count_as_one_ident
     assert first.identity == second.identity == "uid 1234"
 
 
+def slow_uploader(replies: list[dict[str, Any]], first_part: int) -> tuple[Any, Any]:
+    """An ASGI client that sends ``first_part`` bytes of its body, then nothing for 10 s, then goes away."""
+    pieces = [{"type": "http.request", "body": b" " * first_part, "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            return pieces.pop(0)
+        await trio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        replies.append(message)
+
+    return receive, send
+
+
+def assert_overloaded(reply: list[dict[str, Any]]) -> None:
+    assert reply[0]["status"] == 503
+    assert (b"retry-after", b"1") in reply[0]["headers"]
+    assert json.loads(reply[1]["body"])["error"]["code"] == "overloaded"
+
+
 async def test_bodies_being_received_at_once_have_a_total(autojump_clock: trio.testing.MockClock) -> None:
     """Each connection (each HTTP/2 stream) may hold a body for BODY_TIMEOUT: without a total, a few hundred
     slow uploads held gigabytes. Past it a body is refused 503, worth retrying; what was held is let go."""
     app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
-    app.receiving = ReceivingBytes(100)
+    app.receiving = ReceivingBytes(400)
+    for other_client, size in enumerate((100, 100, 100, 30)):  # 330 of the 400 held by others
+        assert app.receiving.try_hold(size, other_client)
     scope = chat_scope()
     replies: list[list[dict[str, Any]]] = [[], []]
-
-    def client(index: int) -> tuple[Any, Any]:
-        pieces = [{"type": "http.request", "body": b" " * 60, "more_body": True}]
-
-        async def receive() -> dict[str, Any]:
-            if pieces:
-                return pieces.pop(0)
-            await trio.sleep(10)  # the rest comes slowly, then the client gives up
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            replies[index].append(message)
-
-        return receive, send
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(app, scope, *client(0))
+        nursery.start_soon(app, scope, *slow_uploader(replies[0], 40))
         await trio.sleep(1)
-        await app(scope, *client(1))  # 60 + 60 bytes at once: over the total
+        await app(scope, *slow_uploader(replies[1], 40))  # 330 + 40 + 40: over the total, not the client's share
     assert replies[0] == []  # the first went away before its body was whole: nothing to answer
-    assert replies[1][0]["status"] == 503
-    assert (b"retry-after", b"1") in replies[1][0]["headers"]
-    assert json.loads(replies[1][1]["body"])["error"]["code"] == "overloaded"
+    assert_overloaded(replies[1])
+    assert app.receiving.held == 330
+
+
+async def test_one_client_holds_at_most_a_quarter_of_the_total(autojump_clock: trio.testing.MockClock) -> None:
+    """One client's slow uploads (or a reviewer's) could hold the whole total, and every other client's
+    bodies were refused 503 for as long as they were held."""
+    app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
+    app.receiving = ReceivingBytes(400)
+    replies: list[list[dict[str, Any]]] = [[], [], []]
+    other = attrs.evolve(ME, uid=5678, pid=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app, chat_scope(), *slow_uploader(replies[0], 60))
+        await trio.sleep(1)
+        await app(chat_scope(), *slow_uploader(replies[1], 60))  # 120 bytes of one uid: over its 100
+        nursery.start_soon(app, chat_scope(peer=other), *slow_uploader(replies[2], 60))
+        await trio.sleep(1)
+        assert app.receiving.held == 120  # the other uid's body is being received
+    assert_overloaded(replies[1])
+    assert replies[0] == replies[2] == []
     assert app.receiving.held == 0
 
 

@@ -22,8 +22,8 @@ import trio.testing
 from conftest import running_engine, simulator
 from raw_client import PREFIX, RawClient, chat
 
-from trio_mapper.engine.core.outcome import Finished, RequestSpec, Timings
-from trio_mapper.engine.fronts.receiving import ReceivingBytes
+from trio_mapper.engine.core.outcome import ClientIdentity, Finished, RequestSpec, Timings
+from trio_mapper.engine.fronts.receiving import ReceivingBytes, receiving_limit
 from trio_mapper.engine.fronts.unix import connection as server
 from trio_mapper.engine.fronts.unix.connection import (
     FRAME_STALL_TIMEOUT,
@@ -88,6 +88,7 @@ def serve_connection(
     reply_bytes: int = 0,
     backlog: ReplyBacklog | None = None,
     receiving: ReceivingBytes | None = None,
+    client: ClientIdentity | None = None,
 ) -> Served:
     client_stream, engine_stream = pair()
     scheduler = FakeScheduler(reply_bytes)
@@ -104,6 +105,7 @@ def serve_connection(
         max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
         backlog=backlog,
         receiving=receiving,
+        client=client,
     )
     closed = trio.Event()
 
@@ -230,17 +232,22 @@ async def test_large_frames_wait_unread_for_room_in_the_total_across_connections
     connections as the engine accepts held that much each. A large frame is read once its length fits in
     the total, and the time it waits for room is not counted against the client's time to finish it."""
     first, second = (frame(chat(index, "x" * 3 * READ_CHUNK)) for index in (1, 2))
-    receiving = ReceivingBytes(len(first) + READ_CHUNK)  # room for one such frame at a time
+    room = len(first) + READ_CHUNK
+    receiving = ReceivingBytes(4 * room)
+    for other_client in range(3):  # three quarters held by others: room for one such frame at a time
+        assert receiving.try_hold(room, other_client)
     with trio.fail_after(HANDSHAKE_TIMEOUT + 3 * FRAME_STALL_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            holder, waiter = (serve_connection(nursery, receiving=receiving) for _ in range(2))
+            holder, waiter = (
+                serve_connection(nursery, receiving=receiving, client=ClientIdentity(uid=uid)) for uid in (1000, 2000)
+            )
             for served in (holder, waiter):
                 await say_hello(served)
             await holder.client.send_raw(first[:-1])
             await trio.sleep(1)
             await waiter.client.send_raw(second[:100])
             await trio.sleep(1)
-            assert (receiving.held, receiving.waiting) == (len(first) - PREFIX.size, 1)
+            assert (receiving.held, receiving.waiting) == (3 * room + len(first) - PREFIX.size, 1)
             await trio.sleep(FRAME_STALL_TIMEOUT - 10)
             await holder.client.send_raw(first[-1:])
             assert (await holder.client.receive())["id"] == 1
@@ -248,7 +255,7 @@ async def test_large_frames_wait_unread_for_room_in_the_total_across_connections
             await waiter.client.send_raw(second[100:])
             assert (await waiter.client.receive())["id"] == 2
             assert waiter.scheduler.submitted == [2]
-            assert (receiving.held, receiving.waiting) == (0, 0)
+            assert (receiving.held, receiving.waiting) == (3 * room, 0)
             nursery.cancel_scope.cancel()
 
 
@@ -357,6 +364,29 @@ async def test_the_engine_wide_backlog_disconnects_the_client_holding_the_most()
             nursery.cancel_scope.cancel()
 
 
+async def test_a_uid_announcing_large_frames_and_stalling_cannot_hold_up_another_uids(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A reviewer's attack: 32 connections announcing 4 MiB frames and sending nothing more held the whole
+    total of frames being received (64 MiB), renewably, and another user's large request waited ~117 s. One
+    uid now holds at most a quarter of it; its own frames wait for its share, not the others'."""
+    receiving = ReceivingBytes(receiving_limit(DEFAULT_MAX_FRAME_BYTES))
+    declared = PREFIX.pack(DEFAULT_MAX_FRAME_BYTES) + b"\x87"  # a frame's first byte (a map), the rest never sent
+    async with trio.open_nursery() as nursery:
+        stalling = [serve_connection(nursery, receiving=receiving, client=ClientIdentity(uid=1000)) for _ in range(32)]
+        for served in stalling:
+            await say_hello(served)
+            await served.client.send_raw(declared)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (receiving.held, receiving.waiting) == (16 << 20, 28)
+        other = serve_connection(nursery, receiving=receiving, client=ClientIdentity(uid=2000))
+        await say_hello(other)
+        with trio.fail_after(1):  # the stalling frames have 60 s each: the other uid does not wait for them
+            reply = await other.client.request(chat("large", "x" * (1 << 20)))
+        assert reply["type"] == "result"
+        nursery.cancel_scope.cancel()
+
+
 # --- a real engine -------------------------------------------------------------------------------------------
 
 
@@ -375,11 +405,12 @@ async def test_a_real_engine_answers_every_ping_of_a_flood_sent_without_reading(
     assert [(reply["type"], reply["id"]) for reply in replies if reply["type"] != "pong"] == [("result", "last")]
 
 
-async def test_a_real_engine_holds_large_frames_being_received_to_one_total(short_tmp: Path) -> None:
+async def test_a_real_engine_holds_large_frames_being_received_to_one_share_per_uid(short_tmp: Path) -> None:
     """The total is the daemon's, shared by every connection: with the default 4 MiB frames it holds 16 of them
-    (64 MiB) while they arrive, and a 17th waits for one of those to finish or go away."""
+    (64 MiB) while they arrive, a quarter of that for one uid (this test's): a 5th frame waits for one of its
+    uid's 4 to finish or go away."""
     declared = PREFIX.pack(DEFAULT_MAX_FRAME_BYTES) + b"\x87"  # a frame's first byte (a map), the rest to come
-    limit = 64 << 20
+    share = (64 << 20) // 4
 
     async def wait_for(monitor: RawClient, held: int, waiting: int) -> None:
         while True:  # the engine is another process: its stats are polled
@@ -393,14 +424,14 @@ async def test_a_real_engine_holds_large_frames_being_received_to_one_total(shor
             async with await RawClient.connect(str(engine.socket)) as monitor:
                 await monitor.request(HELLO)
                 senders = [
-                    await RawClient.connect(str(engine.socket)) for _ in range(limit // DEFAULT_MAX_FRAME_BYTES + 1)
+                    await RawClient.connect(str(engine.socket)) for _ in range(share // DEFAULT_MAX_FRAME_BYTES + 1)
                 ]
                 for sender in senders:
                     await sender.request(HELLO)
                     await sender.send_raw(declared)
-                await wait_for(monitor, limit, 1)
+                await wait_for(monitor, share, 1)
                 await senders.pop(0).aclose()
-                await wait_for(monitor, limit, 0)  # the waiting one got the room given back
+                await wait_for(monitor, share, 0)  # the waiting one got the room given back
                 for sender in senders:
                     await sender.aclose()
                 await wait_for(monitor, 0, 0)

@@ -284,7 +284,7 @@ class OpenAIApp:
             pass
         try:
             caller = self._identify(scope, headers)
-            spec, size = await self._request(scope, headers, receive)
+            spec, size = await self._request(scope, headers, receive, caller.identity)
         except _Disconnected:
             self.stats.disconnected += 1
             return
@@ -430,7 +430,7 @@ class OpenAIApp:
         return _Caller(("http key", name), f"key {name}", f"http key {name!r}", ClientIdentity(key=name))
 
     async def _request(
-        self, scope: dict[str, Any], headers: Mapping[str, str], receive: Receive
+        self, scope: dict[str, Any], headers: Mapping[str, str], receive: Receive, client: str
     ) -> tuple[RequestSpec, int]:
         path: str = scope["path"]
         method: str = scope["method"]
@@ -460,7 +460,7 @@ class OpenAIApp:
             )
         if method != expected:
             raise _Refusal(405, f"{path} takes {expected}, not {method}", "invalid_request_error", "method_not_allowed")
-        raw = await self._read_body(receive)
+        raw = await self._read_body(receive, client)
         body: Any = {}
         if expected == "POST":
             if not raw.strip():
@@ -499,7 +499,7 @@ class OpenAIApp:
         )
         return spec, len(raw)
 
-    async def _read_body(self, receive: Receive) -> bytes:
+    async def _read_body(self, receive: Receive, client: str) -> bytes:
         """The whole body, within `BODY_TIMEOUT` in all (a client trickling a byte a minute must not hold a
         connection and its buffer for ever), and within the total of bodies being received at once."""
         chunks: list[bytes] = []
@@ -527,11 +527,12 @@ class OpenAIApp:
                         "invalid_request_error",
                         "request_too_large",
                     )
-                if not self.receiving.try_hold(len(chunk)):
+                if not self.receiving.try_hold(len(chunk), client):
                     raise _Refusal(
                         503,
                         f"the engine is receiving {self.receiving.held} bytes of request bodies at once, its "
-                        "most; retry in a moment",
+                        f"most for all clients ({self.receiving.limit}), or {self.receiving.client_limit} for "
+                        "one client; retry in a moment",
                         "server_error",
                         "overloaded",
                         retry_after=1,
@@ -541,7 +542,7 @@ class OpenAIApp:
                 if not message.get("more_body", False):
                     return b"".join(chunks)
         finally:
-            self.receiving.release(held)
+            self.receiving.release(held, client)
 
     async def _render(self, send: Send, event: Finished | Failed, budget: Headers, spec: RequestSpec) -> None:
         if isinstance(event, Finished):

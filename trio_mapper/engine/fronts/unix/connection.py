@@ -375,7 +375,7 @@ class Connection:
                     log.info("%s sent a frame of %d bytes (limit %d); closing", self.label, exc.length, exc.limit)
                     raise _CloseConnection from None
                 if payload is not None:
-                    self._receiving.release(held)
+                    self._receiving.release(held, self._client.uid)
                     held = 0
                     await self._handle_frame(payload)
                     if len(self._outbox) > OUTBOX_HIGH_WATER:
@@ -398,19 +398,20 @@ class Connection:
                     return
                 buffer.feed(data)
         finally:
-            self._receiving.release(held)
+            self._receiving.release(held, self._client.uid)
 
     async def _hold_room_for(self, length: int) -> None:
-        if not self._receiving.try_hold(length):
+        if not self._receiving.try_hold(length, self._client.uid):
             if (count := self._receiving.waits.count()) is not None:
                 log.warning(
                     "msgpack: %d large frame(s) waited, unread, for room: frames being received hold %d of "
-                    "the %d MiB the engine allows at once (16 x max_frame_bytes, at least 64 MiB)",
+                    "the %d MiB the engine allows at once (16 x max_frame_bytes, at least 64 MiB), or their uid "
+                    "its quarter of it",
                     count,
                     self._receiving.held >> 20,
                     self._receiving.limit >> 20,
                 )
-            await self._receiving.hold(length)
+            await self._receiving.hold(length, self._client.uid)
 
     async def _receive(self, frame_started: float | None) -> bytes | bytearray:
         """The next bytes, within the handshake's or the current frame's total allowance (not per read:
