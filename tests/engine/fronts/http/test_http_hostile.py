@@ -156,6 +156,55 @@ async def test_http2_in_cleartext_follows_the_same_rules(short_tmp: Path) -> Non
     assert served.status_code == 200 and served.json()["choices"]
 
 
+async def h2_exchange(stream: trio.SocketStream, connection: Any, stream_id: int) -> tuple[int, bytes]:
+    """Read HTTP/2 frames until ``stream_id``'s reply is whole: its status and body."""
+    import h2.events
+
+    status, body = 0, b""
+    while True:
+        data = await stream.receive_some(65536)
+        assert data, "the engine closed the connection"
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
+                body += event.data
+                connection.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                await stream.send_all(connection.data_to_send())
+                return status, body
+        await stream.send_all(connection.data_to_send())
+
+
+async def test_http2_a_body_arriving_after_its_reply_does_not_end_the_connection(short_tmp: Path) -> None:
+    """The engine answers a keyless request (401) before reading its body. hypercorn 0.18 then failed on the
+    body's DATA frame (KeyError) and closed the connection, cutting every other request on it."""
+    import h2.config
+    import h2.connection
+
+    def head(key: str | None) -> list[tuple[str, str]]:
+        headers = [(":method", "POST"), (":scheme", "http"), (":authority", "engine")]
+        headers += [(":path", "/v1/chat/completions"), ("content-type", "application/json")]
+        return headers + ([("authorization", f"Bearer {key}")] if key else [])
+
+    async with simulator() as url, http_engine(short_tmp, url) as (_, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                connection.send_headers(1, head(None))  # the body follows later
+                await stream.send_all(connection.data_to_send())
+                status, _ = await h2_exchange(stream, connection, 1)
+                assert status == 401
+                connection.send_data(1, CHAT, end_stream=True)  # the body, after its reply
+                connection.send_headers(3, head(CLIENT_KEY))
+                connection.send_data(3, CHAT, end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                status, body = await h2_exchange(stream, connection, 3)
+        assert status == 200 and json.loads(body)["choices"]
+
+
 async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from_stopping(short_tmp: Path) -> None:
     """hypercorn's writes wait for ever, shielded from cancellation: an unread reply of megabytes held its
     connection and buffers, and SIGTERM (twice) left the engine running until the client went away."""

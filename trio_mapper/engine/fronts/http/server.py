@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Final, Literal, cast
 
+import h2.events
+import hypercorn.protocol
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -159,6 +162,33 @@ def _is_final_response_head(data: bytes) -> bool:
     waits for it before it sends the body, so it must go out at once). Bodies do not begin so, and if one
     did, it would only be written one event later."""
     return data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1"
+
+
+class _H2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 connection, which survives a request's body arriving after its reply.
+
+    The engine answers some requests before reading their bodies (a 401, a 404). hypercorn 0.18 forgets a
+    stream once its reply is out, then looks it up for the body's next DATA frame: the KeyError ended the
+    connection, and with it every other request on it (pgjones/hypercorn#329, fix proposed in #334). Such
+    frames are now only acknowledged, for the connection's flow control, as hypercorn already does for the
+    end of such a body.
+    """
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        await super()._handle_events(cast(list[h2.events.Event], self._for_open_streams(events)))
+
+    def _for_open_streams(self, events: Iterable[h2.events.Event]) -> Iterator[h2.events.Event]:
+        # A generator, so that each event is checked when hypercorn comes to it: an earlier event of the
+        # same batch may be the one that ends a stream.
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                continue
+            yield event
+
+
+# `ProtocolWrapper` looks the class up by this name each time a connection turns out to speak HTTP/2.
+hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]
 
 
 class HttpServer:
