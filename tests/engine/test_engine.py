@@ -295,6 +295,18 @@ def test_start_up_errors_are_one_line_each_and_exit_2(short_tmp: Path) -> None:
     assert "OPENAI_API_KEY" not in from_dotenv.stderr  # found in .env
     assert "world-writable" in from_dotenv.stderr
 
+    # A queue too small for the largest request would take one only when nothing else is queued.
+    queue = subprocess.run(
+        [*command, "--rpm", "1", "--tpm", "1", "--max_concurrent_reqs", "1", "--max-queued-bytes", "1000000"],
+        env=engine_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert queue.returncode == 2
+    assert "server.max_queued_bytes: must be at least max_frame_bytes (4194304), got 1000000" in queue.stderr
+
 
 def test_help_lists_the_seed_options() -> None:
     result = subprocess.run(

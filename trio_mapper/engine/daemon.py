@@ -460,6 +460,7 @@ class Engine:
                 self._http_keys = load_keys(server.http_keys_file)
             except KeysError as exc:
                 raise ListenerError(str(exc)) from None
+            _warn_if_no_keys(self._http_keys, server.http_keys_file)
         path = server.http_socket_path
         if any(transport == "unix" for _, transport in self._http_listeners):
             # _open_listener took the HTTP socket systemd passed (fd named "http"): it wins over the settings,
@@ -605,6 +606,8 @@ class Engine:
                 changes = describe_key_changes(self._http_keys, keys)
                 if changes:
                     applied.append(f"http client keys ({changes})")
+                    if server.http_keys_file is not None:
+                        _warn_if_no_keys(keys, server.http_keys_file)
                 self._http_keys = keys
         if self._http is not None:
             self._http.app.keys = self._http_keys
@@ -694,6 +697,16 @@ async def _read_in_thread(read: Callable[[], T]) -> T:
     is abandoned in its thread: a blocking open() cannot be interrupted."""
     with trio.fail_after(RELOAD_READ_TIMEOUT):
         return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+
+
+def _warn_if_no_keys(keys: ClientKeys, path: Path) -> None:
+    """An empty keys file is allowed (it closes the TCP port to everyone, for a while), but rarely meant."""
+    if not keys.names_by_key:
+        log.warning(
+            "keys file %s holds no keys: every request to the TCP port is refused 401 until keys are added "
+            "(then SIGHUP)",
+            path,
+        )
 
 
 def _try_load_keys(path: Path) -> ClientKeys | KeysError:

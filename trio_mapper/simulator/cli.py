@@ -35,15 +35,21 @@ _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--default-max-tokens", "default_max_tokens", int, "output tokens charged when a request sets no cap"),
     ("--output-tokens-min", "output_tokens_min", int, "shortest natural reply, in tokens"),
     ("--output-tokens-max", "output_tokens_max", int, "longest natural reply, in tokens"),
-    ("--api-key", "api_key", str, "accept only this bearer key (default: any non-empty key)"),
+    ("--api-key", "api_key", str, "accept only this bearer key"),
 )
+
+
+def _shown_default(name: str) -> object:
+    if name == "api_key" and _DEFAULTS[name] is None:
+        return "any non-empty key"
+    return _DEFAULTS[name]
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``simulate`` flags to ``parser``."""
     for flag, name, kind, text in _OPTIONS:
         parser.add_argument(
-            flag, dest=f"sim_{name}", type=kind, default=None, help=f"{text} (default: {_DEFAULTS[name]})"
+            flag, dest=f"sim_{name}", type=kind, default=None, help=f"{text} (default: {_shown_default(name)})"
         )
     parser.add_argument(
         "--insufficient-quota",

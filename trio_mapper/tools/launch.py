@@ -108,7 +108,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         dest="http_keys_file",
         type=Path,
         metavar="FILE.toml",
-        help='client keys for --http: [keys] name = "key" (not world-readable; re-read on SIGHUP)',
+        help='client keys for --http: [keys] name = "key" (no access for others, no write for the group: 0600 or '
+        "0640; re-read on SIGHUP)",
     )
     shared = parser.add_argument_group("shared budget (several engines on one key; docs/ledger.md)")
     shared.add_argument(
@@ -170,7 +171,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="BYTES",
         help="bytes of request bodies held at once before new requests get 'overloaded' "
-        f"(default {_default('max_queued_bytes')}, 1 GiB)",
+        f"(default {_default('max_queued_bytes')}, 1 GiB; at least --max-frame-bytes)",
     )
     serving.add_argument(
         *_both_spellings("max-attempts"),

@@ -25,7 +25,7 @@ from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finis
 from trio_mapper.engine.core.scheduler import LARGE_BODY_BYTES, RELAY_STALL_TIMEOUT, Job, JobState, Scheduler
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
-from trio_mapper.engine.upstream.client import Upstream
+from trio_mapper.engine.upstream.client import MAX_STRETCHED_READ_TIMEOUT, Upstream
 from trio_mapper.wire import Error, Result, Submit, Timings
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
@@ -419,8 +419,10 @@ async def test_a_client_that_waits_longer_than_the_read_timeout_gets_that_long(
     async with scheduler_with(handler, estimator) as scheduler:
         scheduler.submit(sink, 1, patient_chat(deadline=1799.0, patience=1800.0))
         submit(scheduler, sink, chat(2, deadline=3000.0))  # a deadline is no patience: the read timeout holds
-        await sink.wait_for(2)
-    assert read_timeouts == [1800.0, 600.0]
+        # A client saying it waits for ever: a stalled upstream would hold a concurrency slot that long.
+        scheduler.submit(sink, 3, patient_chat(deadline=1e300, patience=1e300))
+        await sink.wait_for(3)
+    assert read_timeouts == [1800.0, 600.0, MAX_STRETCHED_READ_TIMEOUT]
 
 
 async def test_cancel_releases_the_reservation(

@@ -68,6 +68,14 @@ def _not_world_writable(instance: Any, attribute: attrs.Attribute[Any], value: i
         raise ValueError(f"must not be world-writable (anyone could spend the key), got {value:#o}")
 
 
+def _room_for_the_largest_request(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < instance.max_frame_bytes:
+        raise ValueError(
+            f"must be at least max_frame_bytes ({instance.max_frame_bytes}), got {value}: a request of the largest "
+            "size allowed could be accepted only when nothing else is queued"
+        )
+
+
 #: URL schemes of the shared budget's Redis (``rediss``: TLS; ``unix``: a local socket).
 BUDGET_SCHEMES: Final = ("redis", "rediss", "unix")
 #: Where the Redis password may come from besides ``budget_password_file``; never the command line.
@@ -208,7 +216,7 @@ class ServerSettings:
     max_queued: int = attrs.field(default=200_000, validator=_positive)
     #: Bytes of request bodies those requests may hold in all, beyond which new ones get ``overloaded``: a
     #: bound on the memory they take whatever their size (a lone request always fits).
-    max_queued_bytes: int = attrs.field(default=1024**3, validator=_positive)
+    max_queued_bytes: int = attrs.field(default=1024**3, validator=[_positive, _room_for_the_largest_request])
     max_frame_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=v.ge(1024))
     #: Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.
     grace_period: float = attrs.field(default=30.0, validator=v.ge(0))

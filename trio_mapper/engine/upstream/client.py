@@ -260,6 +260,9 @@ BODY_PIECE_BYTES: Final = 64 * 1024
 
 #: Endpoints `Upstream.resolve` remembers (each at most MAX_ENDPOINT_CHARS long).
 RESOLVED_ENDPOINTS: Final = 256
+#: The longest a client's patience stretches the read timeout to (the SDK's is 600 s by default): a client
+#: saying 1e300 must not let a stalled upstream hold a concurrency slot for ever.
+MAX_STRETCHED_READ_TIMEOUT: Final = 3600.0
 
 
 #: Connections per pool. httpcore scans its whole pool on every request, so one big pool becomes
@@ -396,8 +399,9 @@ class Upstream:
 
         Args:
             headers: client headers to pass on; filtered again here, so only the allow-list ever leaves.
-            patience: seconds the client waits for this answer. The read timeout stretches to it when longer:
-                cut at the read timeout, a slow model's answer would be retried from scratch, and paid again.
+            patience: seconds the client waits for this answer. The read timeout stretches to it when longer
+                (to `MAX_STRETCHED_READ_TIMEOUT` at most): cut at the read timeout, a slow model's answer would
+                be retried from scratch, and paid again.
         """
         started = trio.current_time()
         with self._least_busy_pool() as pool, self._noting_contact():
@@ -454,7 +458,7 @@ class Upstream:
         """Send the request; the reply's head is in, its body still to read (or close)."""
         timeouts = self._timeouts
         if patience is not None and patience > self._read_timeout:
-            timeouts = {**timeouts, "read": patience}
+            timeouts = {**timeouts, "read": max(self._read_timeout, min(patience, MAX_STRETCHED_READ_TIMEOUT))}
         request = httpx.Request(
             method,
             url,

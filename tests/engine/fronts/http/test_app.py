@@ -308,3 +308,32 @@ async def test_a_large_body_is_decoded_with_the_collector_paused() -> None:
     assert status == 400 and len(scheduler.specs[0].body["messages"]) == 200_000
     assert len(collections) <= 2, "the pass owed once the collector is back on, and perhaps one for the test"
     assert gc.isenabled()
+
+
+async def test_a_base_url_without_v1_gets_a_404_that_says_so() -> None:
+    """The commonest slip with an OpenAI-compatible server: base_url="http://127.0.0.1:8765"."""
+    app = OpenAIApp(FakeScheduler(), max_body_bytes=10_000)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({**chat_scope(), "path": "/chat/completions"}, receive, send)
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 404 and error["code"] == "unknown_url"
+    assert "did you mean /v1/chat/completions? A base URL for this engine ends in /v1" in error["message"]
+
+
+async def test_a_compressed_body_is_a_415_that_says_to_send_it_plain() -> None:
+    """A gzip body read as JSON gave "not valid JSON", which sent its sender looking in the wrong place."""
+    scheduler = FakeScheduler()
+    app = OpenAIApp(scheduler, max_body_bytes=10_000)
+    status, _, body = await call(app, {"content-encoding": "gzip"}, body=b"\x1f\x8b\x08\x00")
+    assert status == 415
+    assert body["error"]["code"] == "unsupported_content_encoding"
+    assert "send the body uncompressed" in body["error"]["message"]
+    await call(app, {"content-encoding": "identity"})
+    assert len(scheduler.specs) == 1  # the uncompressed body reached the core

@@ -327,7 +327,7 @@ async def test_bodies_past_max_queued_bytes_answer_503_and_say_which_limit(short
     big: list[Any] = [{"role": "user", "content": "word " * 20_000}]  # 100 kB of JSON
     async with (
         simulator(latency_ms=1500.0) as url,
-        http_engine(short_tmp, url, "--max-queued-bytes", "150000") as (engine, _),
+        http_engine(short_tmp, url, "--max-queued-bytes", "150000", "--max-frame-bytes", "150000") as (engine, _),
         async_unix_sdk(engine, max_retries=0) as client,
     ):
         first, overloaded = await first_and_second(client, big)
@@ -587,3 +587,11 @@ async def test_keys_file_checks_and_sighup_reload(short_tmp: Path) -> None:
         async with openai.AsyncOpenAI(api_key=CLIENT_KEY, base_url=tcp_url, max_retries=0) as alice:
             with pytest.raises(openai.AuthenticationError):
                 await alice.models.list()
+        # An empty [keys] table closes the port to everyone: allowed (a way to lock it for a while), but
+        # rarely meant, so said loudly.
+        write_keys(short_tmp)
+        engine.process.send_signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while "holds no keys" not in engine.log:  # noqa: ASYNC110 - another process's log: only the clock
+                await trio.sleep(0.05)
+        assert "every request to the TCP port is refused 401 until keys are added" in engine.log

@@ -451,15 +451,30 @@ class OpenAIApp:
             self.stats.not_found += 1
             listed = [f"GET {p}" for p, operation in self._operations.items() if operation.listed]
             served = ", ".join([*(f"{m} {p}" for p, m in ENDPOINTS.items()), f"GET {MODEL_PREFIX}{{model}}", *listed])
+            versioned = "/v1" + path
+            hint = (
+                f" (did you mean {versioned}? A base URL for this engine ends in /v1)"
+                if versioned in ENDPOINTS or versioned.startswith(MODEL_PREFIX)
+                else ""
+            )
             raise _Refusal(
                 404,
-                f"{method} {shorten(escape_control_characters(path), 200)} is not served by this engine; "
+                f"{method} {shorten(escape_control_characters(path), 200)} is not served by this engine{hint}; "
                 f"it serves {served}",
                 "invalid_request_error",
                 "unknown_url",
             )
         if method != expected:
             raise _Refusal(405, f"{path} takes {expected}, not {method}", "invalid_request_error", "method_not_allowed")
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding not in {"", "identity"}:
+            raise _Refusal(
+                415,
+                f"the engine does not decode Content-Encoding: {shorten(escape_control_characters(encoding), 40)}; "
+                "send the body uncompressed",
+                "invalid_request_error",
+                "unsupported_content_encoding",
+            )
         raw = await self._read_body(receive, client)
         body: Any = {}
         if expected == "POST":
