@@ -173,3 +173,18 @@ def test_daily_usage_is_a_rolling_day_of_running_totals() -> None:
     tokens, cost = usage.totals(2 * 1440 * 60.0 - 60.0)
     assert tokens == 1440 * 10 and cost == 1440 * 0.5
     assert usage.totals(10 * 86_400.0) == (0.0, 0.0)
+
+
+async def test_dispatches_that_overtake_a_held_request_count_for_the_classes_below() -> None:
+    """`pop(above=…)` serves only classes above a held request; the lower classes' guard must still count
+    those dispatches, or a batch request waited up to twice GUARD_EVERY dispatches behind interactive ones."""
+    queue: FairQueue[Request] = FairQueue(tenants(INTERACTIVE, BATCH), LANE_LIMITS)
+    batch = request(BATCH)
+    queue.push(batch)
+    interactive = [request(INTERACTIVE) for _ in range(2 * GUARD_EVERY)]
+    for job in interactive:
+        queue.push(job)
+    default_rank = class_rank("default")  # a default-class request is held beside the queue, being overtaken
+    overtaking = [queue.pop(0.0, above=default_rank) for _ in range(GUARD_EVERY)]
+    assert overtaking == interactive[:GUARD_EVERY]
+    assert queue.pop(0.0) is batch, "the batch's turn comes after GUARD_EVERY dispatches, overtaking ones included"

@@ -189,9 +189,11 @@ class FairQueue(Generic[J]):
             best.finish = best_start + job.tokens / best.tenant.weight
             klass.size -= 1
             klass.passed_over = 0
-            for lower in waiting:
-                if lower > index:
-                    self._classes[lower].passed_over += 1
+            # Every lower class with requests was passed over, those below ``above`` included: a dispatch
+            # that overtakes a held request is one more their guard must count.
+            for lower in self._classes[index + 1 :]:
+                if lower.size:
+                    lower.passed_over += 1
             del self._where[job]
             return job
         return ready_at
