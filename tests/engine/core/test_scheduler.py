@@ -559,6 +559,34 @@ async def test_queued_bodies_are_bounded_in_bytes_and_the_room_comes_back(
     assert scheduler.statistics()[0]["queued_bytes"] == 0
 
 
+async def test_intake_refuses_a_large_body_for_want_of_room_before_measuring_it(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Measuring a large body takes a worker thread's core; when the queue's bodies leave no room for it,
+    that work was done for a request refused anyway."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(10)
+        return ok_response(request)
+
+    def chat_of(size: int) -> RequestSpec:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x" * size}]}
+        return RequestSpec(endpoint="/v1/chat/completions", body=body)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator, concurrency=1, max_queued_bytes=300_000) as scheduler:
+        await scheduler.intake(sink, 1, chat_of(200_000), size_bytes=200_000)
+        measured = []
+        measure = scheduler._measure
+        scheduler._measure = lambda *args: measured.append(args) or measure(*args)  # type: ignore[method-assign]
+        await scheduler.intake(sink, 2, chat_of(200_000), size_bytes=200_000)
+        refused = sink.by_id()[2]
+        assert isinstance(refused, Error) and refused.kind == "overloaded"
+        assert measured == []
+        await sink.wait_for(2)
+    assert isinstance(sink.by_id()[1], Result)
+
+
 async def test_a_body_larger_than_max_queued_bytes_alone_is_served(
     estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -446,6 +446,9 @@ class Scheduler:
             return self.submit(owner, request_id, spec)
         try:
             checked = self._check(owner, request_id, spec)
+            # Before the thread's work, not only after: when the queue is full of bodies, measuring one more
+            # would spend a core on a request refused anyway (the size received is the body's, near enough).
+            self._check_room_for(size_bytes)
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
         try:
@@ -473,7 +476,7 @@ class Scheduler:
             checked = self._check(owner, request_id, spec, received_at=received_at)
             if measured is None:
                 measured = self._measure(spec, checked)
-            self._check_room_for(measured.body)
+            self._check_room_for(len(measured.body) if measured.body is not None else 0)
             lane = self._lane_for(checked.lane_name, measured.estimate)
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
@@ -631,10 +634,10 @@ class Scheduler:
             ) from None
         return Measured(estimate, body)
 
-    def _check_room_for(self, body: bytes | None) -> None:
-        """Refuses a body that would take the bodies held past max_queued_bytes; a lone one always fits (its
-        size is bounded by the front's max_frame_bytes), so no valid request is refused for ever."""
-        size = len(body) if body is not None else 0
+    def _check_room_for(self, size: int) -> None:
+        """Refuses a body of ``size`` bytes that would take the bodies held past max_queued_bytes; a lone one
+        always fits (its size is bounded by the front's max_frame_bytes), so no valid request is refused for
+        ever."""
         limit = self.max_queued_bytes
         if limit is not None and self._queued_bytes and self._queued_bytes + size > limit:
             raise _Refused(
