@@ -213,6 +213,13 @@ class Engine:
     def _statistics_for_metrics(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         return self.statistics() if self.scheduler is not None else ({}, {})
 
+    def _budget_problem(self) -> str | None:
+        """Why the budget admits nothing now (for /readyz), or None."""
+        budget = self.shared_budget
+        if budget is None or budget.available or budget.settings.failure_policy != "wait":
+            return None
+        return "the shared budget's Redis is unreachable: requests are held until it answers (failure policy 'wait')"
+
     def _observe(self, job: JobRecord) -> None:
         self.metrics.observe(job)
         self.status_history.observe(job)
@@ -341,6 +348,7 @@ class Engine:
             shutting_down=self._shutdown_requested.is_set,
             last_contact=lambda: upstream.last_contact,
             probe=probe,
+            budget_problem=self._budget_problem,
         )
         http = self._http = HttpServer(
             OpenAIApp(

@@ -11,7 +11,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_mapper.engine.core.scheduler import JobRecord
-from trio_mapper.engine.process.metrics import OTHER, EngineMetrics, Readiness, healthz
+from trio_mapper.engine.process.metrics import KEY_REFUSED, OTHER, EngineMetrics, Readiness, healthz
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -178,6 +178,7 @@ class Contact:
     at: float
     reachable: bool
     detail: str = ""
+    status: int | None = None
 
 
 @attrs.define
@@ -187,6 +188,7 @@ class FakeUpstream:
     probes: int = 0
     contact: Contact | None = None
     shutting_down: bool = False
+    budget_problem: str | None = None
 
     async def probe(self) -> int:
         self.probes += 1
@@ -196,7 +198,12 @@ class FakeUpstream:
         return self.answer
 
     def readiness(self) -> Readiness:
-        return Readiness(shutting_down=lambda: self.shutting_down, last_contact=lambda: self.contact, probe=self.probe)
+        return Readiness(
+            shutting_down=lambda: self.shutting_down,
+            last_contact=lambda: self.contact,
+            probe=self.probe,
+            budget_problem=lambda: self.budget_problem,
+        )
 
 
 async def test_health_is_always_ok() -> None:
@@ -253,6 +260,26 @@ async def test_a_slow_probe_or_a_shutdown_is_not_ready(autojump_clock: trio.abc.
     upstream.shutting_down = True
     assert await readiness.check() == (False, {"status": "not_ready", "shutting_down": True, "upstream": None})
     assert upstream.probes == 1
+
+
+async def test_an_upstream_refusing_the_key_or_a_budget_holding_everything_is_not_ready(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    upstream = FakeUpstream(answer=401)
+    readiness = upstream.readiness()
+    ready, body = await readiness.check()
+    assert not ready and body["upstream"]["reachable"] and body["upstream"]["detail"] == KEY_REFUSED
+    # Traffic newer than the probe: the key works again (a reload), then fails again.
+    await trio.sleep(1)
+    upstream.contact = Contact(trio.current_time(), reachable=True, status=200)
+    assert (await readiness.check())[0]
+    upstream.contact = Contact(trio.current_time(), reachable=True, status=401)
+    assert not (await readiness.check())[0]
+    upstream.contact = Contact(trio.current_time(), reachable=True, status=400)  # one client's bad request
+    assert (await readiness.check())[0]
+    upstream.budget_problem = "the shared budget's Redis is unreachable"
+    ready, body = await readiness.check()
+    assert not ready and body["status"] == "not_ready" and body["budget"] == upstream.budget_problem
 
 
 def test_a_shared_budget_shows_whether_redis_answers() -> None:

@@ -438,6 +438,14 @@ class Contact(Protocol):
     def reachable(self) -> bool: ...
     @property
     def detail(self) -> str: ...
+    @property
+    def status(self) -> int | None: ...
+
+
+#: What /readyz says when the upstream answers 401: every request would fail the same way.
+KEY_REFUSED: Final = (
+    "the upstream refused the engine's key (HTTP 401): check the key, and organization/project under [openai]"
+)
 
 
 @attrs.frozen
@@ -447,6 +455,8 @@ class _Verdict:
     detail: str
     #: ``traffic`` (the engine's own requests) or ``probe``.
     source: str
+    #: The HTTP status it answered with, when it did.
+    status: int | None = None
 
 
 async def healthz() -> Reply:
@@ -455,8 +465,9 @@ async def healthz() -> Reply:
 
 
 class Readiness:
-    """``GET /readyz``: whether the engine should be sent work — it is not shutting down, and its upstream is
-    reachable.
+    """``GET /readyz``: whether the engine should be sent work — it is not shutting down, its upstream is
+    reachable and takes its key, and its budget is there (a shared budget whose Redis is down holds every
+    request under the ``wait`` policy).
 
     Reachability is judged from the engine's most recent upstream exchange (any HTTP answer, whatever its
     status, means reachable; a failure to connect or a timeout means not): a reachable verdict holds for
@@ -469,6 +480,7 @@ class Readiness:
         shutting_down: the engine stopped accepting work.
         last_contact: the upstream client's most recent exchange (None before the first).
         probe: one cheap upstream request; returns the HTTP status, raises when there was none.
+        budget_problem: why the budget cannot admit requests now, or None when it can.
     """
 
     def __init__(
@@ -477,9 +489,11 @@ class Readiness:
         shutting_down: Callable[[], bool],
         last_contact: Callable[[], Contact | None],
         probe: Callable[[], Awaitable[int]],
+        budget_problem: Callable[[], str | None] = lambda: None,
         probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self._shutting_down = shutting_down
+        self._budget_problem = budget_problem
         self._last_contact = last_contact
         self._probe = probe
         self._probe_timeout = probe_timeout
@@ -500,10 +514,17 @@ class Readiness:
             "checked_by": verdict.source,
             "seconds_ago": round(max(0.0, trio.current_time() - verdict.at), 3),
         }
-        if verdict.detail:
+        key_refused = verdict.reachable and verdict.status == 401
+        if key_refused:
+            upstream["detail"] = KEY_REFUSED
+        elif verdict.detail:
             upstream["detail"] = verdict.detail
-        status = "ready" if verdict.reachable else "not_ready"
-        return verdict.reachable, {"status": status, "shutting_down": False, "upstream": upstream}
+        body: dict[str, Any] = {"shutting_down": False, "upstream": upstream}
+        ready = verdict.reachable and not key_refused
+        if (budget_problem := self._budget_problem()) is not None:
+            body["budget"] = budget_problem
+            ready = False
+        return ready, {"status": "ready" if ready else "not_ready", **body}
 
     async def _upstream(self) -> _Verdict:
         verdict = self._fresh()
@@ -523,7 +544,11 @@ class Readiness:
     def _fresh(self) -> _Verdict | None:
         """The newest verdict, traffic's or a probe's, if it is recent enough to trust."""
         contact = self._last_contact()
-        candidates = [_Verdict(contact.at, contact.reachable, contact.detail, "traffic")] if contact is not None else []
+        candidates = (
+            [_Verdict(contact.at, contact.reachable, contact.detail, "traffic", contact.status)]
+            if contact is not None
+            else []
+        )
         if self._probed is not None:
             candidates.append(self._probed)
         if not candidates:
@@ -539,5 +564,5 @@ class Readiness:
             except Exception as exc:
                 # Only the class: the message of a connection error names the upstream's host.
                 return _Verdict(trio.current_time(), False, type(exc).__name__, "probe")
-            return _Verdict(trio.current_time(), True, f"HTTP {status}", "probe")
+            return _Verdict(trio.current_time(), True, f"HTTP {status}", "probe", status)
         return _Verdict(trio.current_time(), False, f"no answer within {self._probe_timeout:g}s", "probe")

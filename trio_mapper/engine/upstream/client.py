@@ -284,6 +284,15 @@ class Contact:
     reachable: bool
     #: When it was not: the error's class name (never its message, which names the host).
     detail: str = ""
+    #: When it was: the status it answered with (401: it refused the engine's credentials).
+    status: int | None = None
+
+
+@attrs.define
+class _Answer:
+    """The status of an exchange in progress, once its head is in (`Upstream._noting_contact`)."""
+
+    status: int | None = None
 
 
 class Upstream:
@@ -404,8 +413,9 @@ class Upstream:
                 be retried from scratch, and paid again.
         """
         started = trio.current_time()
-        with self._least_busy_pool() as pool, self._noting_contact():
+        with self._least_busy_pool() as pool, self._noting_contact() as answer:
             response = await self._exchange(pool, method, url, body, headers, patience)
+            answer.status = response.status_code
             try:
                 await response.aread()
             finally:
@@ -428,8 +438,9 @@ class Upstream:
         """
         started = trio.current_time()
         with self._least_busy_pool() as pool:
-            with self._noting_contact():
+            with self._noting_contact() as answer:
                 response = await self._exchange(pool, method, url, body, headers, patience)
+                answer.status = response.status_code
             try:
                 content_type = response.headers.get("content-type", "").partition(";")[0].strip()
                 if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
@@ -486,15 +497,17 @@ class Upstream:
                 yield event
 
     @contextmanager
-    def _noting_contact(self) -> Iterator[None]:
-        """Record whether the upstream answered. Only a failure to connect or a timeout says it is unreachable:
-        a reset or a malformed reply came from a server that is there, and the retry policy deals with it."""
+    def _noting_contact(self) -> Iterator[_Answer]:
+        """Record whether the upstream answered, and with which status (the caller notes it in the `_Answer`).
+        Only a failure to connect or a timeout says it is unreachable: a reset or a malformed reply came from
+        a server that is there, and the retry policy deals with it."""
+        answer = _Answer()
         try:
-            yield
+            yield answer
         except (httpx.ConnectError, httpx.TimeoutException) as exc:
             self.last_contact = Contact(trio.current_time(), reachable=False, detail=type(exc).__name__)
             raise
-        self.last_contact = Contact(trio.current_time(), reachable=True)
+        self.last_contact = Contact(trio.current_time(), reachable=True, status=answer.status)
 
     @contextmanager
     def _least_busy_pool(self) -> Iterator[httpx.AsyncBaseTransport]:

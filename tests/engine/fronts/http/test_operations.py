@@ -197,6 +197,36 @@ async def test_readyz_is_503_when_the_upstream_is_unreachable(short_tmp: Path) -
     assert "127.0.0.1" not in ready.text
 
 
+async def test_readyz_is_503_when_the_upstream_refuses_the_key(short_tmp: Path) -> None:
+    """Reachable is not ready: with a wrong key (or an organization the key is not in) every request fails
+    upstream_authentication, and a load balancer must hear so."""
+    async with (
+        simulator(api_key="sk-the-only-key-the-simulator-takes-0123") as url,
+        http_engine(short_tmp, url) as (engine, _),
+        unix_http(engine) as http,
+    ):
+        ready = await http.get("/readyz")
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["status"] == "not_ready" and body["upstream"]["reachable"] is True
+    assert "refused the engine's key (HTTP 401)" in body["upstream"]["detail"]
+
+
+async def test_readyz_is_503_while_a_shared_budgets_redis_is_down(short_tmp: Path) -> None:
+    """Under the 'wait' failure policy nothing is sent until Redis answers: the engine is not ready."""
+    redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    async with (
+        simulator() as url,
+        http_engine(short_tmp, url, "--budget", redis) as (engine, _),
+        unix_http(engine) as http,
+    ):
+        with trio.fail_after(20):
+            while (ready := await http.get("/readyz")).status_code == 200:  # noqa: ASYNC110 - another process
+                await trio.sleep(0.1)
+    assert ready.status_code == 503
+    assert "Redis is unreachable" in ready.json()["budget"]
+
+
 async def test_readyz_is_503_while_the_engine_stops(short_tmp: Path) -> None:
     async with (
         simulator(latency_ms=1500.0) as url,
