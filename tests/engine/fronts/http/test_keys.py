@@ -52,6 +52,21 @@ def test_a_missing_file_says_so(tmp_path: Path) -> None:
         load_keys(tmp_path / "absent.toml")
 
 
+def test_a_file_the_engines_user_cannot_read_says_how_to_share_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd the engine runs as a dynamic user, and the keys file must not be readable by others."""
+    path = write(tmp_path, f'[keys]\nalice = "{ALICE}"\n', 0o600)
+
+    def refused(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", refused)  # this test may run as root, which reads anything
+    with pytest.raises(KeysError, match="readable by a group the engine has, chmod 0640") as error:
+        load_keys(path)
+    assert "SupplementaryGroups=" in str(error.value)
+
+
 def test_a_reload_names_the_clients_whose_keys_changed_never_the_keys() -> None:
     old = ClientKeys({"k-alice-000000000000": "alice", "k-bob-00000000000000": "bob", "k-carol-000000000000": "carol"})
     new = ClientKeys({"k-alice-000000000000": "alice", "k-bob-11111111111111": "bob", "k-dave-000000000000": "dave"})

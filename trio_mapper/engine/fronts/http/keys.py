@@ -67,6 +67,12 @@ def load_keys(path: Path) -> ClientKeys:
     try:
         info = os.stat(path)
         text = path.read_text()
+    except PermissionError as exc:
+        raise KeysError(
+            f"keys file {path} cannot be read: {exc.strerror or exc}. The engine reads it as its own user (under "
+            "systemd a dynamic one): make it readable by a group the engine has, chmod 0640, e.g. "
+            "SupplementaryGroups= in the unit (docs/systemd.md)"
+        ) from None
     except OSError as exc:
         raise KeysError(f"keys file {path} cannot be read: {exc.strerror or exc}") from None
     if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
