@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 from collections.abc import Hashable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -337,3 +338,24 @@ async def test_a_compressed_body_is_a_415_that_says_to_send_it_plain() -> None:
     assert "send the body uncompressed" in body["error"]["message"]
     await call(app, {"content-encoding": "identity"})
     assert len(scheduler.specs) == 1  # the uncompressed body reached the core
+
+
+async def test_a_bodys_bytes_stay_held_until_the_core_has_the_request() -> None:
+    """Decoded and waiting for the token-counting thread, a body takes many times its size: a reviewer's
+    25 bodies accepted at once peaked at 1.27 GiB, because their room was let go as soon as they arrived."""
+    entered, leave = trio.Event(), trio.Event()
+
+    class SlowIntake(FakeScheduler):
+        async def intake(self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, size_bytes: int) -> None:
+            entered.set()
+            await leave.wait()
+            await super().intake(owner, request_id, spec, size_bytes=size_bytes)
+
+    app = OpenAIApp(SlowIntake(), max_body_bytes=10_000)
+    body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(call, app, body=body))
+        await entered.wait()
+        assert app.receiving.held == len(body)
+        leave.set()
+    assert app.receiving.held == 0

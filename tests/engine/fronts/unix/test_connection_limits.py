@@ -89,9 +89,10 @@ def serve_connection(
     backlog: ReplyBacklog | None = None,
     receiving: ReceivingBytes | None = None,
     client: ClientIdentity | None = None,
+    scheduler: FakeScheduler | None = None,
 ) -> Served:
     client_stream, engine_stream = pair()
-    scheduler = FakeScheduler(reply_bytes)
+    scheduler = scheduler if scheduler is not None else FakeScheduler(reply_bytes)
     stats_requests: list[int] = []
 
     def stats() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -257,6 +258,31 @@ async def test_large_frames_wait_unread_for_room_in_the_total_across_connections
             assert waiter.scheduler.submitted == [2]
             assert (receiving.held, receiving.waiting) == (3 * room, 0)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_large_frame_stays_held_until_the_core_has_its_request(autojump_clock: trio.abc.Clock) -> None:
+    """Decoded and waiting for the token-counting thread, a body takes many times its size: a reviewer's 60
+    frames of 3.6 MiB took the engine to 4 GiB, because their room was let go as soon as they arrived."""
+    entered, leave = trio.Event(), trio.Event()
+
+    class SlowIntake(FakeScheduler):
+        async def intake(self, owner: Connection, request_id: Any, spec: RequestSpec, **kwargs: Any) -> None:
+            entered.set()
+            await leave.wait()
+            await super().intake(owner, request_id, spec, **kwargs)
+
+    large = frame(chat(1, "x" * 3 * READ_CHUNK))
+    receiving = ReceivingBytes(10 * len(large))
+    async with trio.open_nursery() as nursery:
+        served = serve_connection(nursery, receiving=receiving, scheduler=SlowIntake())
+        await say_hello(served)
+        await served.client.send_raw(large)
+        await entered.wait()
+        assert receiving.held == len(large) - PREFIX.size
+        leave.set()
+        assert (await served.client.receive())["id"] == 1
+        assert receiving.held == 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_connection_closed_mid_frame_gives_its_room_back(autojump_clock: trio.abc.Clock) -> None:

@@ -309,6 +309,10 @@ class OpenAIApp:
                     message="the engine failed to accept this request (a bug, logged by the engine); please report it",
                 ),
             )
+        finally:
+            # Held until the core has the request: decoded and waiting for the token-counting thread, a body
+            # takes many times its size (a reviewer's 25 bodies at once peaked at 1.27 GiB).
+            self.receiving.release(size, caller.identity)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._cancel_on_disconnect, receive, sink, request_id, nursery.cancel_scope)
             await self._respond(send, sink, spec)
@@ -476,31 +480,11 @@ class OpenAIApp:
                 "unsupported_content_encoding",
             )
         raw = await self._read_body(receive, client)
-        body: Any = {}
-        if expected == "POST":
-            if not raw.strip():
-                raise _Refusal(
-                    400,
-                    "the body is empty; send the request's parameters as a JSON object (application/json)",
-                    "invalid_request_error",
-                    "invalid_json",
-                )
-            try:
-                with collector.paused_for(len(raw)):
-                    body = msgspec.json.decode(raw)
-            except msgspec.DecodeError as exc:
-                raise _Refusal(
-                    400, f"the body is not valid JSON: {exc}", "invalid_request_error", "invalid_json"
-                ) from None
-            except RecursionError:
-                raise _Refusal(
-                    400,
-                    "the body nests too deeply to decode; JSON request bodies nest a few levels",
-                    "invalid_request_error",
-                    "invalid_json",
-                ) from None
-            if not isinstance(body, dict):
-                raise _Refusal(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
+        try:
+            body = _decoded_body(raw) if expected == "POST" else {}
+        except BaseException:
+            self.receiving.release(len(raw), client)
+            raise
         sdk_timeout = _sdk_timeout(headers)
         spec = RequestSpec(
             endpoint=path,
@@ -516,7 +500,8 @@ class OpenAIApp:
 
     async def _read_body(self, receive: Receive, client: str) -> bytes:
         """The whole body, within `BODY_TIMEOUT` in all (a client trickling a byte a minute must not hold a
-        connection and its buffer for ever), and within the total of bodies being received at once."""
+        connection and its buffer for ever), and within the total of bodies being received at once: its
+        bytes stay held against that total until the caller releases them."""
         chunks: list[bytes] = []
         held = 0
         deadline = trio.current_time() + BODY_TIMEOUT
@@ -555,9 +540,10 @@ class OpenAIApp:
                 chunks.append(chunk)
                 held += len(chunk)
                 if not message.get("more_body", False):
-                    return b"".join(chunks)
-        finally:
+                    return b"".join(chunks)  # still held: the caller lets go once the core has the request
+        except BaseException:
             self.receiving.release(held, client)
+            raise
 
     async def _render(self, send: Send, event: Finished | Failed, budget: Headers, spec: RequestSpec) -> None:
         if isinstance(event, Finished):
@@ -585,6 +571,32 @@ class _Disconnected(Exception):
 def _headers(scope: dict[str, Any]) -> dict[str, str]:
     """Request headers by lower-case name (the last of repeated ones)."""
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def _decoded_body(raw: bytes) -> dict[str, Any]:
+    """A POST's JSON body; refuses what is not a JSON object."""
+    if not raw.strip():
+        raise _Refusal(
+            400,
+            "the body is empty; send the request's parameters as a JSON object (application/json)",
+            "invalid_request_error",
+            "invalid_json",
+        )
+    try:
+        with collector.paused_for(len(raw)):
+            body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _Refusal(400, f"the body is not valid JSON: {exc}", "invalid_request_error", "invalid_json") from None
+    except RecursionError:
+        raise _Refusal(
+            400,
+            "the body nests too deeply to decode; JSON request bodies nest a few levels",
+            "invalid_request_error",
+            "invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise _Refusal(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
+    return body
 
 
 def _sdk_timeout(headers: Mapping[str, str]) -> float | None:
