@@ -1,8 +1,8 @@
 """The limits that protect the engine from its clients, one connection at a time (`trio_mapper.server`).
 
 A connection must say hello within HANDSHAKE_TIMEOUT and finish each frame within FRAME_STALL_TIMEOUT; a
-client that does not read its replies stops being read at OUTBOX_HIGH_WATER unsent replies, and is
-disconnected once they exceed OUTBOX_MAX_BYTES. No setting exposes these, so most tests drive one
+client that does not read its replies stops being read at OUTBOX_HIGH_WATER unsent replies or OUTBOX_MAX_BYTES,
+and past the bytes is disconnected once it reads nothing for OUTBOX_STALL_TIMEOUT. No setting exposes these, so most tests drive one
 `Connection` in-process over in-memory streams with a fake scheduler: the timeouts under autojump_clock, the
 backpressure over lockstep streams (whose writes wait for the reader, like a full socket buffer) until every
 task is blocked. The last test floods a real engine over its socket.
@@ -29,6 +29,7 @@ from trio_mapper.engine.fronts.unix.connection import (
     FRAME_STALL_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     OUTBOX_HIGH_WATER,
+    OUTBOX_STALL_TIMEOUT,
     READ_CHUNK,
     Connection,
     ReplyBacklog,
@@ -332,13 +333,13 @@ async def test_a_client_that_does_not_read_stops_being_read_until_it_reads() -> 
             await served.client.aclose()
 
 
-async def test_a_client_whose_unread_replies_pass_the_byte_cap_is_disconnected(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_a_client_past_the_byte_cap_is_not_read_and_is_disconnected_if_it_reads_nothing(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
 ) -> None:
     reply_bytes = 64 * 1024
     cap = 16 * reply_bytes
     monkeypatch.setattr(server, "OUTBOX_MAX_BYTES", cap)
-    with trio.fail_after(60):  # hang guard
+    with trio.fail_after(3 * OUTBOX_STALL_TIMEOUT):  # hang guard, in the test's virtual time
         async with trio.open_nursery() as nursery:
             served = serve_connection(nursery, pair=trio.testing.lockstep_stream_pair, reply_bytes=reply_bytes)
             await say_hello(served)
@@ -349,16 +350,48 @@ async def test_a_client_whose_unread_replies_pass_the_byte_cap_is_disconnected(
             await trio.testing.wait_all_tasks_blocked()
             assert not served.closed.is_set()
             assert served.scheduler.forgotten == []
-            # Past it, the connection is closed, its requests withdrawn, and what it sends next is not read.
+            # Past it, the engine reads no more of its frames; reading nothing for OUTBOX_STALL_TIMEOUT, the
+            # client is disconnected, its requests withdrawn.
+            started = trio.current_time()
             with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
                 for n in range(below, 4 * below):
                     await served.client.send(chat(n))
             await served.closed.wait()
+            assert trio.current_time() - started >= OUTBOX_STALL_TIMEOUT
             assert served.scheduler.forgotten == [served.connection]
             assert below < len(served.scheduler.submitted) <= cap // reply_bytes + 2
             with pytest.raises(EOFError):
                 while True:
                     await served.client.receive()
+
+
+async def test_a_client_reading_large_replies_slowly_is_not_disconnected(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """A reviewer's finding: `trio-mapper map` of embedding batches (130 MB replies, each decoded for a
+    second before the next is read) passed the 256 MiB of unsent replies while reading, was disconnected as
+    a client that does not read, and lost every request in flight; run again, it failed the same way."""
+    reply_bytes = 64 * 1024
+    monkeypatch.setattr(server, "OUTBOX_MAX_BYTES", 4 * reply_bytes)
+    monkeypatch.setattr(server, "WRITE_PIECE_BYTES", reply_bytes)
+    count = 12
+    with trio.fail_after(count * OUTBOX_STALL_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            served = serve_connection(nursery, pair=trio.testing.lockstep_stream_pair, reply_bytes=reply_bytes)
+            await say_hello(served)
+
+            async def send_all_requests() -> None:
+                for n in range(count):
+                    await served.client.send(chat(n))
+
+            nursery.start_soon(send_all_requests)
+            replies = []
+            for _ in range(count):
+                await trio.sleep(OUTBOX_STALL_TIMEOUT / 2)  # the time to decode a large reply
+                replies.append(await served.client.receive())
+            assert sorted(reply["id"] for reply in replies) == list(range(count))
+            assert not served.closed.is_set() and served.scheduler.forgotten == []
+            nursery.cancel_scope.cancel()
 
 
 async def test_the_engine_wide_backlog_disconnects_the_client_holding_the_most() -> None:

@@ -61,10 +61,16 @@ FRAME_STALL_TIMEOUT: Final = 60.0
 #: Replies waiting to be written beyond which the reader stops reading: a client that floods pings
 #: without reading replies gets backpressure instead of growing the engine's memory.
 OUTBOX_HIGH_WATER: Final = 10_000
-#: Bytes of replies waiting to be written beyond which the client is taken to have stopped reading and is
-#: disconnected (its requests cancelled). Replies of requests already accepted keep arriving whether or
-#: not the client reads, so message counts alone do not bound them; large embedding batches stay far below.
+#: Bytes of replies waiting to be written beyond which the engine stops reading the client's frames, and
+#: disconnects it (its requests cancelled) if it then reads none of its replies for `OUTBOX_STALL_TIMEOUT`.
+#: Replies of requests already accepted keep arriving whether or not the client reads, so message counts
+#: alone do not bound them. Not a disconnection on its own: a client reading large replies slowly (a map of
+#: embedding batches of 130 MB each, decoded one by one) passes it while reading.
 OUTBOX_MAX_BYTES: Final = 256 * 1024 * 1024
+#: How long a client past `OUTBOX_MAX_BYTES` may read nothing before it is disconnected.
+OUTBOX_STALL_TIMEOUT: Final = 60.0
+#: Writes go out in pieces of at most this size, so that a client reading a large reply is seen progressing.
+WRITE_PIECE_BYTES: Final = 1024 * 1024
 #: Bytes of unsent replies across all connections beyond which the connection with the most unsent replies
 #: is disconnected: the per-connection cap alone would let many slow readers hold cap x connections.
 BACKLOG_MAX_BYTES: Final = 1024 * 1024 * 1024
@@ -150,6 +156,8 @@ class Connection:
         self._outbox_bytes = 0
         #: Bytes the writer took from the outbox and is still sending: unsent as well, for `relay`.
         self._sending_bytes = 0
+        #: The write in progress, whose deadline is set once the client is past `OUTBOX_MAX_BYTES`.
+        self._writing: trio.CancelScope | None = None
         self._backlog = backlog if backlog is not None else ReplyBacklog()
         #: Bytes of large frames being received, across all connections (the daemon shares one).
         self._receiving = receiving if receiving is not None else ReceivingBytes(receiving_limit(max_frame_bytes))
@@ -194,9 +202,12 @@ class Connection:
         self._outbox_bytes += len(frame)
         self._backlog.total += len(frame)
         self._outbox_changed.set()
-        if self._outbox_bytes > OUTBOX_MAX_BYTES:
-            self.stop_for_unread_replies(f"the limit per connection is {OUTBOX_MAX_BYTES // 2**20} MiB")
+        if self._writing is not None and self._over_outbox_limit():
+            self._writing.deadline = min(self._writing.deadline, trio.current_time() + OUTBOX_STALL_TIMEOUT)
         self._backlog.grew()
+
+    def _over_outbox_limit(self) -> bool:
+        return self._outbox_bytes + self._sending_bytes > OUTBOX_MAX_BYTES
 
     def stop_for_unread_replies(self, why: str) -> None:
         """Disconnect a client that does not read its replies (its requests are withdrawn)."""
@@ -270,12 +281,33 @@ class Connection:
             self._outbox_bytes -= len(data)
             self._backlog.total -= len(data)
             self._sending_bytes = len(data)
-            await self._stream.send_all(data)
+            if not await self._send_in_pieces(data):
+                return self.stop_for_unread_replies(
+                    f"over the {OUTBOX_MAX_BYTES // 2**20} MiB allowed per connection, and none of it read for "
+                    f"{OUTBOX_STALL_TIMEOUT:.0f}s"
+                )
             self._sending_bytes = 0
             # Set, then renewed: everyone waiting now wakes (the reader, any number of streams' relays) and
             # checks again; a waiter that replaced the event itself could orphan another waiting on the old one.
             drained, self._outbox_drained = self._outbox_drained, trio.Event()
             drained.set()
+
+    async def _send_in_pieces(self, data: bytes) -> bool:
+        """Write ``data``; False if the client, past `OUTBOX_MAX_BYTES`, read none of it for the stall timeout
+        (the connection cannot carry anything more then: part of a piece may be out)."""
+        view = memoryview(data) if len(data) > WRITE_PIECE_BYTES else None
+        for start in range(0, len(data), WRITE_PIECE_BYTES):
+            piece = data if view is None else view[start : start + WRITE_PIECE_BYTES]
+            with trio.CancelScope() as writing:
+                self._writing = writing
+                if self._over_outbox_limit():
+                    writing.deadline = trio.current_time() + OUTBOX_STALL_TIMEOUT
+                await self._stream.send_all(piece)
+            self._writing = None
+            if writing.cancelled_caught:
+                return False
+            self._sending_bytes -= len(piece)
+        return True
 
     def report(self, request_id: Hashable | None, event: Outcome) -> None:
         """A request's event from the core, rendered as this protocol's reply (`ReplySink`)."""
@@ -380,7 +412,7 @@ class Connection:
                     await self._handle_frame(payload)
                     self._receiving.release(held, self._client.uid)
                     held = 0
-                    if len(self._outbox) > OUTBOX_HIGH_WATER:
+                    if len(self._outbox) > OUTBOX_HIGH_WATER or self._over_outbox_limit():
                         await self._wait_for_outbox_to_drain()
                     continue
                 if not buffer.pending_bytes:
@@ -436,7 +468,10 @@ class Connection:
         raise _CloseConnection
 
     async def _wait_for_outbox_to_drain(self) -> None:
-        while len(self._outbox) > OUTBOX_HIGH_WATER // 2 and not self._closed:
+        while not self._closed and (
+            len(self._outbox) > OUTBOX_HIGH_WATER // 2
+            or self._outbox_bytes + self._sending_bytes > OUTBOX_MAX_BYTES // 2
+        ):
             await self._outbox_drained.wait()
 
     def _protocol_error(self, request_id: Any, message: str) -> None:
