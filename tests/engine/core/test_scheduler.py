@@ -5,6 +5,7 @@ Each test checks one behaviour and that every accepted request got exactly one f
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -22,7 +23,15 @@ import trio
 from trio_mapper.engine.budget import Ledger, Limits
 from trio_mapper.engine.core.background import WORKER_NICENESS
 from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finished, Outcome, RequestSpec, Started
-from trio_mapper.engine.core.scheduler import LARGE_BODY_BYTES, RELAY_STALL_TIMEOUT, Job, JobState, Scheduler
+from trio_mapper.engine.core.scheduler import (
+    JOBS_PER_CHECKPOINT,
+    LARGE_BODY_BYTES,
+    RELAY_STALL_TIMEOUT,
+    TIMEOUT_LINES_PER_PASS,
+    Job,
+    JobState,
+    Scheduler,
+)
 from trio_mapper.engine.estimate.tokens import TokenEstimator
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.client import MAX_STRETCHED_READ_TIMEOUT, Upstream
@@ -467,7 +476,7 @@ async def test_disconnect_cancels_silently(estimator: TokenEstimator, autojump_c
             submit(scheduler, gone, chat(i))
         submit(scheduler, other, chat("x"))
         await trio.sleep(1)
-        assert scheduler.forget_owner(gone) == 5
+        assert await scheduler.forget_owner(gone) == 5
         engine, _ = scheduler.statistics()
         assert engine["outstanding"] == 1
         await other.wait_for(1)
@@ -821,7 +830,7 @@ async def test_a_finished_job_does_not_keep_its_connection_alive(
         await keeper.wait_for(1)
         gone = Sink("gone")
         submit(scheduler, gone, chat(1, deadline=600.0))  # waits for budget, in the deadline heap
-        scheduler.forget_owner(gone)
+        await scheduler.forget_owner(gone)
         assert gone.replies == []  # nothing is delivered to a client that went away
         reference = weakref.ref(gone)
         del gone
@@ -1029,3 +1038,46 @@ async def test_a_stream_read_in_trickles_is_ended_once_it_has_waited_long_enough
     (cut,) = trickling.replies
     assert isinstance(cut, Error) and cut.kind == "timeout" and "60s in all" in cut.message
     assert len(trickling.chunks[1]) == 3  # taken at 0, 20 and 40 s; the wait for the third read ran out at 60 s
+
+
+async def test_many_requests_expiring_at_once_neither_hold_the_loop_nor_flood_the_log(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reviewer's finding: 150,000 queued requests reaching a shared deadline held the event loop 5 s and
+    wrote 150,000 warning lines."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    count = 20 * JOBS_PER_CHECKPOINT
+    first_failure = trio.Event()
+
+    class Watched(Sink):
+        def report(self, request_id: Any, event: Outcome) -> None:
+            super().report(request_id, event)
+            if isinstance(event, Failed):
+                first_failure.set()
+
+    sink = Watched("batch")
+    seen_at_first_wake: list[int] = []
+    async with scheduler_with(handler, estimator, rpm=1, max_queued=count) as scheduler:
+        for index in range(count):
+            submit(scheduler, sink, chat(index, deadline=60.0))  # one sent, the rest wait for the budget
+
+        async def watch() -> None:
+            await first_failure.wait()
+            seen_at_first_wake.append(len(sink.replies))
+
+        with caplog.at_level(logging.WARNING, logger="trio_mapper.scheduler"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                await sink.wait_for(count)
+    timeouts = [reply for reply in sink.replies if isinstance(reply, Error) and reply.kind == "timeout"]
+    assert len(timeouts) == count - 1
+    lines = [record.getMessage() for record in caplog.records if "failed: timeout" in record.getMessage()]
+    # Trio runs the tasks ready together in either order: with a checkpoint every JOBS_PER_CHECKPOINT, the
+    # chance that the watcher waits for all of them is 2 ** -(checkpoints - 1).
+    assert seen_at_first_wake[0] < count - 1, "other tasks run while the requests expire"
+    assert any(" more requests failed: timeout" in line for line in lines)
+    # The first few, one line for the rest, and at each checkpoint the one the lane's dispatcher takes.
+    assert len(lines) <= TIMEOUT_LINES_PER_PASS + 1 + count // JOBS_PER_CHECKPOINT + 2

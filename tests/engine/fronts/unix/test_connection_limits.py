@@ -1,8 +1,9 @@
 """The limits that protect the engine from its clients, one connection at a time (`trio_mapper.server`).
 
 A connection must say hello within HANDSHAKE_TIMEOUT and finish each frame within FRAME_STALL_TIMEOUT; a
-client that does not read its replies stops being read at OUTBOX_HIGH_WATER unsent replies or OUTBOX_MAX_BYTES,
-and past the bytes is disconnected once it reads nothing for OUTBOX_STALL_TIMEOUT. No setting exposes these, so most tests drive one
+client that does not read its replies stops being read at OUTBOX_HIGH_WATER unsent replies or
+OUTBOX_MAX_BYTES, and past the bytes is disconnected once it reads nothing for OUTBOX_STALL_TIMEOUT. No
+setting exposes these, so most tests drive one
 `Connection` in-process over in-memory streams with a fake scheduler: the timeouts under autojump_clock, the
 backpressure over lockstep streams (whose writes wait for the reader, like a full socket buffer) until every
 task is blocked. The last test floods a real engine over its socket.
@@ -66,7 +67,7 @@ class FakeScheduler:
     def is_outstanding(self, owner: Connection, request_id: Any) -> bool:
         return False
 
-    def forget_owner(self, owner: Connection) -> int:
+    async def forget_owner(self, owner: Connection) -> int:
         self.forgotten.append(owner)
         return 0
 

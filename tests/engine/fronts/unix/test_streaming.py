@@ -57,7 +57,7 @@ class RecordingScheduler:
     def is_outstanding(self, owner: Connection, request_id: Any) -> bool:
         return request_id in self.outstanding
 
-    def forget_owner(self, owner: Connection) -> int:
+    async def forget_owner(self, owner: Connection) -> int:
         self.forgotten.append(owner)
         return 0
 

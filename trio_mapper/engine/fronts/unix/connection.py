@@ -258,9 +258,10 @@ class Connection:
             self._drop_outbox()
             self._outbox_drained.set()  # a stream waiting for room: there is none to wait for any more
             self._backlog.discard(self)
-            self._scheduler.forget_owner(self)
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self._stream.aclose()
+            with trio.CancelScope(shield=True):
+                await self._scheduler.forget_owner(self)
+                with trio.move_on_after(1):
+                    await self._stream.aclose()
             log.debug("%s closed", self.label)
 
     # --- writing -------------------------------------------------------------------------------------------
