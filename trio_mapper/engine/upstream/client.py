@@ -27,6 +27,8 @@ from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.connections import upstream_transport
 from trio_mapper.text import escape_control_characters, shorten
 
+#: An API version segment (``v1``).
+_VERSION: Final = re.compile(r"v[0-9]+")
 #: A path of plain segments: no scheme, host, query, fragment, percent-escapes or backslashes.
 _SAFE_PATH: Final = re.compile(r"[A-Za-z0-9._~:\-]+(?:/[A-Za-z0-9._~:\-]+)*")
 #: Headers worth returning to clients. Everything else (cookies, CDN noise) stays in the engine.
@@ -50,27 +52,25 @@ USEFUL_HEADERS: Final = frozenset(
 #: Authorization, Host, hop-by-hop headers, cookies — stays out: the engine sends its own key and host.
 FORWARDED_REQUEST_HEADERS: Final = frozenset({"openai-beta"})
 ALLOWED_METHODS: Final = frozenset({"POST", "GET"})
-#: First segments of the API's management endpoints, never passed on. With the engine's key they would let any
-#: client read the organisation's files, start fine-tuning or batch jobs no budget counts, or mint keys
-#: (organization admin keys, Realtime's ephemeral client secrets) that bypass the engine altogether.
-MANAGEMENT_ENDPOINTS: Final = frozenset(
+#: What a client may POST, as paths after the version: the API's inference endpoints, whose cost is the
+#: key's requests and tokens. Nothing else is passed on. It was a list of what to refuse, and reviewers kept
+#: finding what it missed: with the engine's key, the rest reads the organisation's files, starts jobs no
+#: budget counts, mints credentials that bypass the engine (admin keys, Realtime's and ChatKit's client
+#: secrets), or changes and deletes other clients' stored completions and responses (``…/{id}``).
+POST_ENDPOINTS: Final = frozenset(
     {
-        "organization",
-        "files",
-        "uploads",
-        "fine_tuning",
-        "batches",
-        "vector_stores",
-        "assistants",
-        "threads",
-        "realtime",
-        "containers",
-        "evals",
-        "conversations",
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "responses",
+        "moderations",
+        "images/generations",
+        "audio/speech",
     }
 )
-#: First segments a GET may name. Elsewhere a GET reads what the key's whole project stored (`store: true`
-#: chat completions, responses and their input items): other clients' prompts and answers.
+#: What a client may GET: the model list and one model (``models/{id}``). Elsewhere a GET reads what the key's
+#: whole project stored (`store: true` chat completions, responses and their input items): other clients'
+#: prompts and answers.
 GET_ENDPOINTS: Final = frozenset({"models"})
 #: Longest endpoint accepted. API paths are a few dozen characters; httpx refuses URLs beyond 64 KiB.
 MAX_ENDPOINT_CHARS: Final = 1024
@@ -182,8 +182,8 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
     accepted when the base URL ends in ``/v1``.
 
     Raises:
-        InvalidEndpoint: absolute URLs, hosts, schemes, ``..``, queries and other non-path input, and the API's
-            management endpoints (`MANAGEMENT_ENDPOINTS`).
+        InvalidEndpoint: absolute URLs, hosts, schemes, ``..``, queries and other non-path input, and any path
+            that is neither in `POST_ENDPOINTS` nor a model (`GET_ENDPOINTS`; the caller checks the method).
     """
     hint = "use a relative API path such as /v1/chat/completions"
     if not isinstance(endpoint, str) or not endpoint.strip():
@@ -203,13 +203,19 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
         if len(segments) == 1:
             raise InvalidEndpoint(f"endpoint {endpoint!r} names no API resource, only the version; {hint}")
         segments = segments[1:]
-    if segments[0] in MANAGEMENT_ENDPOINTS:
+    relative = "/".join(segments)
+    # Checked without a version segment left in it: a base URL with no version (a server's root) takes
+    # /v1/chat/completions whole.
+    api = segments[1:] if len(segments) > 1 and _VERSION.fullmatch(segments[0]) else segments
+    is_model = api[0] in GET_ENDPOINTS and len(api) <= 2
+    if "/".join(api) not in POST_ENDPOINTS and not is_model:
+        served = ", ".join(f"/v1/{name}" for name in sorted(POST_ENDPOINTS))
         raise InvalidEndpoint(
-            f"endpoint {endpoint!r} is one of the API's management endpoints ({segments[0]}/…), which the engine "
-            "does not pass on: with its key they would reach the organisation's files, jobs or keys outside any "
-            "budget. Call them with a key of your own"
+            f"endpoint {endpoint!r} is not passed on: the engine serves {served} and GET /v1/models[/{{model}}]. "
+            "With its key, other endpoints would reach the organisation's files, jobs, keys or other clients' "
+            "stored data outside any budget; call them with a key of your own"
         )
-    return "/".join(segments)
+    return relative
 
 
 def join_url(base_url: httpx.URL, relative_path: str) -> httpx.URL:
