@@ -12,7 +12,7 @@ import trio.testing
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-from trio_mapper.engine.fronts.http.server import KEEP_ALIVE_TIMEOUT, _hypercorn_config, _TCPServer
+from trio_mapper.engine.fronts.http.server import KEEP_ALIVE_TIMEOUT, UnsentReplies, _hypercorn_config, _TCPServer
 
 REPLY = b'{"ok":true}'
 
@@ -65,7 +65,12 @@ async def connection(app: App) -> AsyncIterator[tuple[trio.SocketStream, Recordi
 
     async def serve() -> None:
         server = _TCPServer(
-            wrap_app(app, config.wsgi_max_body_size, "asgi"), config, WorkerContext(None), {}, server_end, sending=set()
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),
+            config,
+            WorkerContext(None),
+            {},
+            server_end,
+            sending=UnsentReplies(1 << 30),
         )
         await server.run()
         done.set()
@@ -145,3 +150,16 @@ async def test_a_connection_the_client_closed_is_done_at_once(autojump_clock: tr
         await client.aclose()
         await done.wait()
         assert trio.current_time() - closed < 1
+
+
+async def test_the_replies_being_written_are_bounded_by_cutting_the_largest() -> None:
+    """A reviewer's 60 connections that never read 20 MB replies held 2.7 GiB for the 60 s each write may wait."""
+    unsent = UnsentReplies(max_bytes=100)
+    small, large, third = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    unsent.add(small, 30)
+    unsent.add(large, 60)
+    assert not (small.cancel_called or large.cancel_called)
+    unsent.add(third, 20)  # 110 in all: the largest write goes
+    assert large.cancel_called and not small.cancel_called and not third.cancel_called
+    unsent.remove(large)
+    assert unsent.total == 50

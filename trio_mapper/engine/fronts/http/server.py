@@ -38,6 +38,10 @@ KEEP_ALIVE_TIMEOUT: Final = 75.0
 FLUSH_TIMEOUT: Final = 5.0
 #: How long one write may wait for a client that reads nothing (the core gives a stream's reader as long).
 SEND_STALL_TIMEOUT: Final = 60.0
+#: Reply bytes being written on all connections together beyond which the largest write is cut (its
+#: connection closed), as the msgpack front bounds its unsent replies: within SEND_STALL_TIMEOUT, clients
+#: that read nothing could otherwise hold a reply each (an embeddings batch is 100 MB of JSON).
+MAX_UNSENT_REPLY_BYTES: Final = 1024 * 1024 * 1024
 
 Transport = Literal["unix", "tcp"]
 
@@ -90,7 +94,7 @@ class _TCPServer(TCPServer):
     the timer at the end of input is not enough: a reply that ends afterwards starts it again.
     """
 
-    def __init__(self, *args: Any, sending: set[trio.CancelScope], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sending: UnsentReplies, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idle_task = cast(Any, _KeepAliveTimer())
         self._sending = sending
@@ -137,24 +141,56 @@ class _TCPServer(TCPServer):
             await self.send_lock.acquire()
         try:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_STALL_TIMEOUT) as writing:
-                self._sending.add(writing)
+                self._sending.add(writing, len(data))
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.protocol.handle(Closed())
                     return
                 finally:
-                    self._sending.discard(writing)
+                    self._sending.remove(writing)
             if writing.cancelled_caught:
                 # Part of the write may be out: the connection cannot carry anything more.
                 log.info(
-                    "http: a client read none of its reply for %.0fs, or the engine is stopping; closed",
+                    "http: a client read none of its reply for %.0fs, its reply was cut to bound the replies being "
+                    "written, or the engine is stopping; closed",
                     SEND_STALL_TIMEOUT,
                 )
                 await trio.aclose_forcefully(self.stream)
                 await self.protocol.handle(Closed())
         finally:
             self.send_lock.release()
+
+
+class UnsentReplies:
+    """The reply bytes being written on every connection, bounded engine-wide by cutting the largest write."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._writes: dict[trio.CancelScope, int] = {}
+
+    def add(self, write: trio.CancelScope, size: int) -> None:
+        self._writes[write] = size
+        self.total += size
+        if self.total > self.max_bytes:
+            largest = max(self._writes, key=self._writes.__getitem__)
+            if not largest.cancel_called:
+                log.warning(
+                    "http: %d MiB of replies are being written, over %d MiB: the largest (%d MiB) is cut and its "
+                    "connection closed",
+                    self.total >> 20,
+                    self.max_bytes >> 20,
+                    self._writes[largest] >> 20,
+                )
+                largest.cancel()
+
+    def remove(self, write: trio.CancelScope) -> None:
+        self.total -= self._writes.pop(write, 0)
+
+    def cut_all(self) -> None:
+        for write in self._writes:
+            write.cancel()
 
 
 def _is_final_response_head(data: bytes) -> bool:
@@ -207,7 +243,7 @@ class HttpServer:
         self._handlers: trio.Nursery | None = None
         self._closing = trio.Event()
         #: The writes in progress (`_TCPServer.protocol_send`), cut when shutdown's flush time is up.
-        self._sending: set[trio.CancelScope] = set()
+        self._sending = UnsentReplies(MAX_UNSENT_REPLY_BYTES)
         self.connections = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -220,8 +256,7 @@ class HttpServer:
             await self._context.terminated.set()
             with trio.move_on_after(FLUSH_TIMEOUT):
                 await self.app.wait_idle()
-            for writing in self._sending:
-                writing.cancel()  # shielded from the nursery's cancel, not from their own
+            self._sending.cut_all()  # shielded from the nursery's cancel, not from their own
             nursery.cancel_scope.cancel()
 
     def begin_close(self) -> None:
