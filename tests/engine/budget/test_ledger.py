@@ -911,3 +911,25 @@ async def test_simulation_period_mode_bursts_into_the_small_upstream_bucket(
     print(period)
     print(bucket)
     assert period.rejections > 2 * max(1, bucket.rejections)
+
+
+async def test_a_limit_from_the_headers_stops_refusing_requests_once_it_is_old(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reviewer's finding: one reply reporting a limit of 50 tokens (a dated snapshot, which shares its
+    family's lane) made every later request `request_too_large` without an upstream call, so no reply ever
+    corrected it: the lane refused everything until a restart, SIGHUP included."""
+    lane = _lane(rpm=600, tpm=60_000, period=60.0)
+    r = await lane.reserve(Cost(10))
+    lane.reconcile(r, prompt_tokens=None, snapshot=RateLimitSnapshot(limit_tokens=50))
+    with pytest.raises(RequestTooLarge):
+        lane.check_admissible(Cost(100))  # the upstream said so just now
+    await trio.sleep(local_module.OBSERVED_LIMIT_TTL + 1)
+    lane.check_admissible(Cost(100))  # old news: the configured limit decides, and the reply will tell
+    assert lane.statistics().effective.tpm == 60_000
+    # A reload with new limits also sets aside what the headers said.
+    r = await lane.reserve(Cost(10))
+    lane.reconcile(r, prompt_tokens=None, snapshot=RateLimitSnapshot(limit_tokens=50))
+    lane.update_limits(Limits(rpm=600, tpm=30_000))
+    assert lane.statistics().effective.tpm == 30_000
+    lane.check_admissible(Cost(100))

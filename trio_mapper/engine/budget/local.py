@@ -23,6 +23,7 @@ from trio_mapper.engine.budget.interface import (
     LaneStatistics,
     Limits,
     Mode,
+    RequestTooLarge,
     Reservation,
     check_cost,
 )
@@ -53,6 +54,10 @@ CORRECTION_MAX: Final = 2.0
 #: A reply to a request admitted while our bucket was at least this full describes a rested upstream:
 #: its remaining budget plus that request's cost is (a lower bound of) the upstream's burst size.
 RESTED_FRACTION: Final = 0.9
+#: Seconds a limit read from the upstream's headers decides on its own that a request is too large. Only
+#: replies renew it, and a lane that refuses everything as too large sends none: one header lower than the
+#: configured limit (a dated snapshot sharing its family's lane) refused the lane's requests until a restart.
+OBSERVED_LIMIT_TTL: Final = 60.0
 
 # Learning the rate from 429s when the upstream sends no limit header: additive increase, multiplicative
 # decrease (AIMD) of the pace of each dimension. docs/ledger.md ("Learning the rate from 429s") has the
@@ -287,6 +292,7 @@ class _Dimension:
         "meter",
         "name",
         "observed",
+        "observed_at",
         "paced",
         "peak",
         "warned",
@@ -306,6 +312,7 @@ class _Dimension:
         # Bucket mode: the largest burst a rested upstream has shown (see RESTED_FRACTION).
         self.learned = learned
         self.observed: int | None = None  # the latest limit header
+        self.observed_at = -math.inf  # when a reply last said so
         self.warned: int | None = None
         # Learned from 429s while no limit header is seen (AIMD): the pace per minute, None until the first
         # 429 that names this dimension; the pace just before the latest decrease; and how many requests
@@ -448,13 +455,33 @@ class LocalMeter:
         return self._configured.tpm if dim is self._tokens else self._configured.rpm
 
     def update_limits(self, limits: Limits) -> None:
+        if limits != self._configured:
+            # The operator's new limits hold until a reply's headers say otherwise.
+            for dim in (self._tokens, self._requests):
+                dim.observed = None
         self._configured = limits
         self._apply_limits(trio.current_time())
 
     # -- admission ---------------------------------------------------------------------------------------
 
     def check_admissible(self, cost: Cost) -> None:
-        check_cost(self.name, self._effective, cost)
+        try:
+            check_cost(self.name, self._effective, cost)
+        except RequestTooLarge:
+            # Too large for a limit the upstream reported: final while the report is recent; past that, the
+            # request goes by the configured limit, and its reply says what the limit is now.
+            now = trio.current_time()
+            stale = [
+                dim
+                for dim in (self._tokens, self._requests)
+                if dim.observed is not None and now - dim.observed_at > OBSERVED_LIMIT_TTL
+            ]
+            if not stale:
+                raise
+            for dim in stale:
+                dim.observed = None
+            self._apply_limits(now)
+            check_cost(self.name, self._effective, cost)
 
     def _charge_for(self, cost: Cost) -> tuple[int, int | None]:
         """Tokens to charge, and the prompt part of them, with the lane's estimate correction applied."""
@@ -575,6 +602,8 @@ class LocalMeter:
             (self._requests, _header_value(snapshot.limit_requests)),
         ):
             # 0 is no usable limit either (it would forbid everything); treat it as absent.
+            if limit:
+                dim.observed_at = now
             if limit and limit != dim.observed:
                 dim.observed = limit
                 limits_changed = True
