@@ -338,6 +338,14 @@ _LIST_FIELDS: Final = frozenset({"allowed_uids", "allowed_gids"})
 _OPENAI_FIELDS: Final = frozenset(field.name for field in attrs.fields(OpenAISettings))
 
 
+def _read_mode_as_octal(server: dict[str, Any]) -> None:
+    """A permission mode written as a string is octal, as for chmod and --socket-mode: "0660" means 0o660 (in
+    TOML, 0o660 is the number; "0660" as decimal would be 0o1224)."""
+    mode = server.get("socket_mode")
+    if isinstance(mode, str) and mode.strip().isdigit() and set(mode.strip()) <= set("01234567"):
+        server["socket_mode"] = int(mode.strip(), 8)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """The TOML file's ``[server]``, ``[openai]``, ``[models.NAME]`` and ``[tenants.NAME]`` tables, as a settings dict.
 
@@ -367,6 +375,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if problems:
         raise SettingsError(problems)
     server_section = dict(raw.get("server", {}))
+    _read_mode_as_octal(server_section)
     if "models" in raw:
         server_section["models"] = raw["models"]
     for table in ("tenants", "prices"):
@@ -384,10 +393,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     }
     for name in _LIST_FIELDS & server.keys():
         server[name] = server[name].replace(",", " ").split()
-    mode = server.get("socket_mode")
-    if isinstance(mode, str) and mode.strip().isdigit():
-        # A permission mode is written in octal, as for chmod and --socket-mode: "0660" means 0o660.
-        server["socket_mode"] = int(mode.strip(), 8) if set(mode.strip()) <= set("01234567") else mode
+    _read_mode_as_octal(server)
     openai = {name: environ[var] for name, var in OPENAI_ENV_VARS.items() if environ.get(var)}
     if environ.get("OPENAI_ORGANIZATION") and "organization" not in openai:
         openai["organization"] = environ["OPENAI_ORGANIZATION"]
