@@ -88,7 +88,13 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
         "-o", "--output", required=True, type=Path, metavar="OUTPUT.jsonl",
         help="Batch API output lines; an existing file is resumed (answered ids are skipped, failed ones retried)",
     )  # fmt: skip
-    parser.add_argument("--socket", type=Path, metavar="PATH", help="engine socket (default: $TRIO_MAPPER_SOCKET, …)")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="engine socket (default: $TRIO_MAPPER_SOCKET, else $XDG_RUNTIME_DIR/trio-mapper/engine.sock, else "
+        "/tmp/trio-mapper-UID/engine.sock)",
+    )
     parser.add_argument(
         "--endpoint", default=DEFAULT_ENDPOINT, metavar="PATH",
         help=f"endpoint of plain-body lines (Batch API lines name their own url); default {DEFAULT_ENDPOINT}",

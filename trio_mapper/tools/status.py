@@ -30,7 +30,13 @@ PIPE_WIDTH: Final = 10_000
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", type=Path, metavar="PATH", help="engine socket (default: $TRIO_MAPPER_SOCKET, …)")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="engine socket (default: $TRIO_MAPPER_SOCKET, else $XDG_RUNTIME_DIR/trio-mapper/engine.sock, else "
+        "/tmp/trio-mapper-UID/engine.sock)",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw counters as JSON, for scripts")
     parser.add_argument(
         "--timeout",

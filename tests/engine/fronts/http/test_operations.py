@@ -146,6 +146,7 @@ async def test_access_rules_and_health_over_tcp_and_the_unix_socket(short_tmp: P
             wrong_key = await tcp.get("/metrics", headers={"authorization": "Bearer tm-wrong-key-0123456789abcdef"})
             with_key = await tcp.get("/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"})
             alive = await tcp.get("/healthz")
+            probed_with_query = await tcp.get("/healthz?probe=1")
             ready = await tcp.get("/readyz")
             posted = await tcp.post("/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"})
             query = await tcp.get("/metrics?name[]=x", headers={"authorization": f"Bearer {CLIENT_KEY}"})
@@ -154,6 +155,8 @@ async def test_access_rules_and_health_over_tcp_and_the_unix_socket(short_tmp: P
         assert wrong_key.status_code == 401
         assert with_key.status_code == 200 and "trio_mapper_http_unauthorized_total 2.0" in with_key.text
         assert alive.status_code == 200 and alive.json() == {"status": "ok"}
+        assert probed_with_query.status_code == 404  # no key needed to hear why, as the docs say
+        assert "takes no query string" in probed_with_query.json()["error"]["message"]
         assert ready.status_code == 200, ready.text
         assert ready.json()["status"] == "ready" and ready.json()["upstream"]["reachable"] is True
         assert ready.json()["upstream"]["checked_by"] == "probe"  # nothing had been sent yet: it probed
@@ -177,7 +180,7 @@ async def test_access_rules_and_health_over_tcp_and_the_unix_socket(short_tmp: P
         assert value(samples, "trio_mapper_http_unauthorized_total") == 2
         # Operators' requests are not API requests: only the 404s and the wrong query string counted.
         stats = (await engine_stats(engine))["engine"]["http_requests"]
-        assert stats["requests"] == 2 and stats["not_found"] == 2
+        assert stats["requests"] == 3 and stats["not_found"] == 3
         assert TEST_API_KEY not in scrape.text and TEST_API_KEY not in engine.log
 
 

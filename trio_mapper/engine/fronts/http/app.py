@@ -276,6 +276,10 @@ class OpenAIApp:
         if operation is not None and not scope.get("query_string"):
             return await self._operate(scope, operation, send)
         self.stats.requests += 1
+        if operation is not None:
+            # Before any key check: a probe's /healthz?x=1 is a 404 saying why, over TCP as over the socket.
+            self.stats.not_found += 1
+            return await _reply(send, 404, retry_headers(None), error_body(*_no_query_string(scope["path"])))
         headers = _headers(scope)
         try:
             if int(headers.get("x-stainless-retry-count", "0")) > 0:
@@ -442,15 +446,9 @@ class OpenAIApp:
         model_name = path.removeprefix(MODEL_PREFIX) if path.startswith(MODEL_PREFIX) else ""
         if expected is None and model_name and "/" not in model_name:
             expected = "GET"  # the core checks the name as it checks every endpoint (plain segments only)
-        if scope.get("query_string") and (expected is not None or path in self._operations):
+        if scope.get("query_string") and expected is not None:
             self.stats.not_found += 1
-            raise _Refusal(
-                404,
-                f"{path} takes no query string (the engine passes no query parameters on); send it without the "
-                "'?' and what follows",
-                "invalid_request_error",
-                "unknown_url",
-            )
+            raise _Refusal(404, *_no_query_string(path))
         if expected is None:
             self.stats.not_found += 1
             listed = [f"GET {p}" for p, operation in self._operations.items() if operation.listed]
@@ -571,6 +569,16 @@ class _Disconnected(Exception):
 def _headers(scope: dict[str, Any]) -> dict[str, str]:
     """Request headers by lower-case name (the last of repeated ones)."""
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def _no_query_string(path: str) -> tuple[str, str, str]:
+    """The message, type and code of the 404 for a query string on a path that takes none."""
+    return (
+        f"{path} takes no query string (the engine passes no query parameters on); send it without the '?' and "
+        "what follows",
+        "invalid_request_error",
+        "unknown_url",
+    )
 
 
 def _decoded_body(raw: bytes) -> dict[str, Any]:
