@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +58,23 @@ async def test_a_symlink_planted_as_the_lock_file_is_not_followed(short_tmp: Pat
     with pytest.raises(ListenerError, match="remove it if it is a symlink"):
         await open_unix_listener(directory / "e.sock", mode=0o660)
     assert not target.exists()
+
+
+async def test_a_directory_the_engine_may_not_search_is_a_clear_error(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's finding: /run/trio-mapper left 0750 root:root by an engine run as root once made the
+    service's engine (another user) die with a traceback. Root may search anything, so the denial is staged."""
+    directory = short_tmp / "d"
+    directory.mkdir(mode=0o750)
+    socket_path = directory / "e.sock"
+    real_lstat = os.lstat
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(path) == os.fspath(socket_path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", denied)
+    with pytest.raises(ListenerError, match=r"permission denied in the socket's directory .*d \(owner uid"):
+        await open_unix_listener(socket_path, mode=0o660)

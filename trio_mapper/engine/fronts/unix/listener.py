@@ -63,6 +63,20 @@ class OwnedSocketFile:
             self.lock_fd = None
 
 
+def _not_permitted_in(directory: Path) -> str:
+    """What to say when the engine's user may not create or look up files in the socket's directory."""
+    try:
+        info = os.stat(directory)
+        owner = f" (owner uid {info.st_uid}, group {info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o})"
+    except OSError:
+        owner = ""
+    return (
+        f"permission denied in the socket's directory {directory}{owner}; the engine runs as uid {os.geteuid()}. "
+        "Give that directory to the engine's user (a directory left by an engine run as root, say), or choose "
+        "another --socket"
+    )
+
+
 def _lock_path(path: Path) -> int:
     """Hold an exclusive lock beside the socket for the engine's life: two engines started at the same
     moment would otherwise both find the path free and both rename their socket into place."""
@@ -70,6 +84,8 @@ def _lock_path(path: Path) -> int:
     try:
         # Not through a symlink someone planted (a sticky /tmp lets others create names beside ours).
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except PermissionError:
+        raise ListenerError(_not_permitted_in(path.parent)) from None
     except OSError as exc:
         raise ListenerError(
             f"cannot open the lock file {lock_file}: {exc.strerror}; remove it if it is a symlink, or choose "
@@ -146,6 +162,8 @@ def _check_path(path: Path, mode: int) -> tuple[Path, bool]:
         existing = os.lstat(path)
     except FileNotFoundError:
         return path, False
+    except PermissionError:
+        raise ListenerError(_not_permitted_in(path.parent)) from None
     if not stat.S_ISSOCK(existing.st_mode):
         raise ListenerError(f"{path} exists and is not a socket; remove it or choose another --socket")
     return path, True
