@@ -425,3 +425,17 @@ def test_a_string_where_a_list_belongs_is_refused(tmp_path: Path, key: str, valu
             environ={"OPENAI_API_KEY": "sk-test"},
             dotenv_dir=None,
         )
+
+
+async def test_a_tenant_naming_a_key_the_keys_file_lacks_is_warned_about(short_tmp: Path) -> None:
+    """An operator's finding: keys = ["promm"] where the keys file says "prom" started silently, and that
+    client was served as the default tenant, without the caps or budget meant for it."""
+    config = write_config(short_tmp / "engine.toml", {"monitoring": {"keys": ["promm"]}})
+    keys = short_tmp / "keys.toml"
+    keys.write_text('[keys]\nprom = "tm-prometheus-key-0123456789"\n')
+    keys.chmod(0o600)
+    async with (
+        simulator() as url,
+        running_engine(short_tmp, url, "--config", str(config), "--http-keys-file", str(keys), *limits(4)) as engine,
+    ):
+        assert "tenants.monitoring names client key(s) promm that the keys file does not hold" in engine.log

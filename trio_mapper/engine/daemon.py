@@ -469,6 +469,7 @@ class Engine:
             except KeysError as exc:
                 raise ListenerError(str(exc)) from None
             _warn_if_no_keys(self._http_keys, server.http_keys_file)
+        _warn_about_tenant_keys_not_in(self._http_keys, server)
         path = server.http_socket_path
         if any(transport == "unix" for _, transport in self._http_listeners):
             # _open_listener took the HTTP socket systemd passed (fd named "http"): it wins over the settings,
@@ -617,6 +618,7 @@ class Engine:
                     if server.http_keys_file is not None:
                         _warn_if_no_keys(keys, server.http_keys_file)
                 self._http_keys = keys
+        _warn_about_tenant_keys_not_in(self._http_keys, server)
         if self._http is not None:
             self._http.app.keys = self._http_keys
             self._http.app.allowed_uids = server.allowed_uids
@@ -705,6 +707,20 @@ async def _read_in_thread(read: Callable[[], T]) -> T:
     is abandoned in its thread: a blocking open() cannot be interrupted."""
     with trio.fail_after(RELOAD_READ_TIMEOUT):
         return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+
+
+def _warn_about_tenant_keys_not_in(keys: ClientKeys, server: ServerSettings) -> None:
+    """A tenant that names a client key the keys file does not hold (a typo, a key removed) would silently
+    lose those clients to the default tenant, without the caps or budget meant for them."""
+    known = set(keys.names_by_key.values())
+    for name, tenant in server.tenants.items():
+        if unknown := sorted(set(tenant.keys) - known):
+            log.warning(
+                "tenants.%s names client key(s) %s that the keys file does not hold; their clients would be "
+                "served as the default tenant",
+                name,
+                ", ".join(unknown),
+            )
 
 
 def _warn_if_no_keys(keys: ClientKeys, path: Path) -> None:
