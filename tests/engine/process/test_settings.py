@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_mapper.engine.process.settings import load_settings
+from trio_mapper.engine.process.settings import SettingsError, load_settings
 
 
 @pytest.mark.parametrize("written", ['"0660"', "0o660", '"660"'])
@@ -21,3 +21,13 @@ def test_a_socket_mode_in_the_config_file_is_octal_however_written(tmp_path: Pat
         dotenv_dir=None,
     )
     assert settings.server.socket_mode == 0o660
+
+
+def test_a_config_file_everyone_may_write_is_refused(tmp_path: Path) -> None:
+    """A reviewer's finding: the keys file and the socket's directory were checked, not the config file,
+    whose writer decides at the next reload who may connect and, at the next restart, where the key goes."""
+    config = tmp_path / "engine.toml"
+    config.write_text("[server]\nrpm = 100\n")
+    config.chmod(0o666)
+    with pytest.raises(SettingsError, match="is writable by everyone; chmod o-w"):
+        load_settings(cli={}, config_file=config, environ={"OPENAI_API_KEY": "sk-test"}, dotenv_dir=None)

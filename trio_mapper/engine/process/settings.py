@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 import typing
 from collections.abc import Iterator, Mapping
@@ -353,12 +354,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """
     try:
         raw = tomllib.loads(path.read_text())
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise SettingsError([f"config file {path} does not exist"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError([f"config file {path} cannot be read: {exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError([f"config file {path} is not valid TOML: {exc}"]) from None
+    if mode & stat.S_IWOTH:
+        # Whoever may write it decides, at the next reload, who may connect, which tenant gets what and
+        # where the key is sent.
+        raise SettingsError([f"config file {path} is writable by everyone; chmod o-w {path}"])
     problems = [
         f"config file {path}: unknown table or key {key!r} (expected [server], [openai], [models.NAME], "
         "[tenants.NAME], [prices.MODEL])"
