@@ -22,6 +22,7 @@ from trio_mapper.client.errors import (
     ConnectionLost,
     InvalidRequestError,
     ProtocolError,
+    RequestCancelledError,
     TrioMapperError,
     UpstreamError,
 )
@@ -312,13 +313,19 @@ def test_break_close_and_with_cancel_a_blocking_stream(fake: FakeEngine) -> None
         stream = client.stream(CHAT, HELD)
         assert [next(stream), next(stream)] == [StreamChunk({"n": 0}), StreamChunk({"n": 1})]
         stream.close()
-        assert list(stream) == []  # closed: the chunk still buffered is not wanted
+        # Closed before its end: reading on says so, rather than ending as if the answer were whole.
+        with pytest.raises(RequestCancelledError, match="closed before its end"):
+            list(stream)
         with client.stream(CHAT, HELD) as stream:
             next(stream)
         fake.wait_for(lambda: fake.cancels == [1, 2, 3])
         assert [s.body["stream"] for s in fake.submits] == [True] * 3
         assert next(client.stream(CHAT, HELD)) == StreamChunk({"n": 0})  # the stream is dropped at once
         fake.wait_for(lambda: len(fake.cancels) == 4)
+        stream = client.stream(CHAT, {"chunks": 1})
+        assert list(stream)
+        stream.close()  # after its end: nothing was cut
+        assert list(stream) == []
 
 
 def test_a_stream_dropped_while_its_client_is_busy_is_cancelled_by_the_next_io(fake: FakeEngine) -> None:
@@ -358,6 +365,10 @@ async def test_break_aclose_and_cancel_an_async_stream_trio(fake: FakeEngine) ->
             async for _ in stream:
                 pass
         await until(lambda: fake.cancels == [1, 2, 3])
+        # A reviewer's finding: reading on after a cancelled wait ended the iteration quietly, passing a cut
+        # answer off as a whole one.
+        with pytest.raises(RequestCancelledError, match="closed before its end"):
+            await stream.__anext__()
         with pytest.raises(UpstreamError):
             async for _ in client.stream(CHAT, {"chunks": 1, "error": "upstream_error"}):
                 pass

@@ -56,7 +56,7 @@ from trio_mapper.client.core import (
     logger,
     unwrap,
 )
-from trio_mapper.client.errors import ConnectionLost
+from trio_mapper.client.errors import ConnectionLost, stream_closed_early
 from trio_mapper.client.sync import (
     _RECV_BYTES,
     DEFAULT_CONNECT_TIMEOUT,
@@ -155,6 +155,8 @@ class AsyncStream:
         self._client = client
         self._waiter = waiter
         self._over = False
+        #: Closed before the end came: iterating further raises instead of ending as if whole.
+        self._closed_early = False
 
     def __aiter__(self) -> AsyncStream:
         return self
@@ -163,6 +165,8 @@ class AsyncStream:
         state = self._waiter.state
         while True:
             if self._over:  # ended, or closed: what is still buffered is not wanted
+                if self._closed_early:
+                    raise stream_closed_early(self.request_id)
                 raise StopAsyncIteration
             chunk = state.next_chunk()
             if chunk is not None:
@@ -185,7 +189,7 @@ class AsyncStream:
         call twice."""
         if self._over:
             return
-        self._over = True
+        self._over = self._closed_early = True
         self._client._withdraw((self.request_id,))
 
     async def aclose(self) -> None:

@@ -151,6 +151,17 @@ class ConnectionLost(TrioMapperError):
         self.socket_path = None if socket_path is None else os.fspath(socket_path)
 
 
+def stream_closed_early(request_id: RequestId) -> RequestCancelledError:
+    """What iterating a stream that was closed before its end raises: ending quietly would pass a cut answer
+    off as a whole one (a task that waited for a chunk with a timeout, then read on)."""
+    return RequestCancelledError(
+        ErrorKind.CANCELLED.value,
+        "this stream was closed before its end (close(), leaving its with block, or a cancelled wait for its "
+        "next chunk): its request was cancelled in the engine, and the rest of the answer is lost",
+        request_id=request_id,
+    )
+
+
 #: The exception class for each engine `ErrorKind`.
 ERROR_CLASSES: Final[dict[str, type[TrioMapperError]]] = {
     ErrorKind.INVALID_REQUEST: InvalidRequestError,

@@ -61,6 +61,7 @@ from trio_mapper.client.core import (
 from trio_mapper.client.errors import (
     EngineUnavailable,
     TrioMapperError,
+    stream_closed_early,
 )
 from trio_mapper.paths import SOCKET_ENV_VAR, default_socket_path, resolve_socket_path
 from trio_mapper.wire import RequestId, Result, Welcome
@@ -143,6 +144,8 @@ class Stream:
         self._client = client
         self._waiter = waiter
         self._over = False
+        #: Closed before the end came: iterating further raises instead of ending as if whole.
+        self._closed_early = False
 
     def __iter__(self) -> Stream:
         return self
@@ -151,6 +154,8 @@ class Stream:
         client, state = self._client, self._waiter.state
         while True:
             if self._over:  # ended, or closed: what is still buffered is not wanted
+                if self._closed_early:
+                    raise stream_closed_early(self.request_id)
                 raise StopIteration
             with client._lock:
                 chunk = state.next_chunk()
@@ -171,7 +176,7 @@ class Stream:
         """Stop: the request is cancelled in the engine unless it already ended. Safe to call twice."""
         if self._over:
             return
-        self._over = True
+        self._over = self._closed_early = True
         self._client._give_up((self.request_id,))
 
     def __enter__(self) -> Stream:
