@@ -551,9 +551,10 @@ async def test_queued_bodies_are_bounded_in_bytes_and_the_room_comes_back(
         return Submit(id=request_id, endpoint="/v1/chat/completions", body=body)
 
     sink = Sink("a")
+    other = Sink("b")
     async with scheduler_with(handler, estimator, concurrency=1, max_queued_bytes=250_000) as scheduler:
         submit(scheduler, sink, sized(1, 100_000))  # in flight: its body is held until its answer
-        submit(scheduler, sink, sized(2, 100_000))
+        submit(scheduler, other, sized(2, 100_000))
         submit(scheduler, sink, sized(3, 100_000))  # 300 kB in all: over the bound, answered at once
         submit(scheduler, sink, sized(4, 10_000))  # a small one still fits
         refused = sink.by_id()[3]
@@ -563,9 +564,41 @@ async def test_queued_bodies_are_bounded_in_bytes_and_the_room_comes_back(
         await sink.wait_for(2)  # the first answer (after the refusal) gives its room back
         assert isinstance(sink.by_id()[1], Result)
         submit(scheduler, sink, sized(5, 100_000))
-        await sink.wait_for(5)
-    assert all(isinstance(sink.by_id()[n], Result) for n in (1, 2, 4, 5))
+        await sink.wait_for(4)
+        await other.wait_for(1)
+    assert all(isinstance(sink.by_id()[n], Result) for n in (1, 4, 5))
+    assert isinstance(other.by_id()[2], Result)
     assert scheduler.statistics()[0]["queued_bytes"] == 0
+
+
+async def test_one_client_holds_at_most_half_the_queue_in_requests_and_in_bytes(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A reviewer's finding: a batch tenant capped at 1 rpm filled max_queued with 200,000 tiny requests in
+    20 s, and from then on every interactive client's request was refused overloaded."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return ok_response(request)
+
+    filler, interactive = Sink("filler"), Sink("interactive")
+    async with scheduler_with(handler, estimator, rpm=1, max_queued=10) as scheduler:
+        for index in range(8):
+            submit(scheduler, filler, chat(index))
+        refused = [reply for reply in filler.replies if isinstance(reply, Error)]
+        assert len(refused) == 3 and all(reply.kind == "overloaded" for reply in refused)
+        assert "half of max_queued" in refused[0].message
+        submit(scheduler, interactive, chat("mine"))
+        assert interactive.replies == []  # accepted: it waits for the budget like the others
+        assert scheduler.statistics()[0]["outstanding"] == 6
+
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 100_000}]}
+    async with scheduler_with(handler, estimator, rpm=1, max_queued_bytes=300_000) as scheduler:
+        submit(scheduler, filler, Submit(id="a", endpoint="/v1/chat/completions", body=big))
+        submit(scheduler, filler, Submit(id="b", endpoint="/v1/chat/completions", body=big))  # over 150 kB
+        refused_bytes = filler.by_id()["b"]
+        assert isinstance(refused_bytes, Error) and "half of max_queued_bytes" in refused_bytes.message
+        submit(scheduler, interactive, Submit(id="c", endpoint="/v1/chat/completions", body=big))
+        assert "c" not in interactive.by_id()
 
 
 async def test_intake_refuses_a_large_body_for_want_of_room_before_measuring_it(
@@ -1060,7 +1093,7 @@ async def test_many_requests_expiring_at_once_neither_hold_the_loop_nor_flood_th
 
     sink = Watched("batch")
     seen_at_first_wake: list[int] = []
-    async with scheduler_with(handler, estimator, rpm=1, max_queued=count) as scheduler:
+    async with scheduler_with(handler, estimator, rpm=1, max_queued=2 * count) as scheduler:  # one client: half
         for index in range(count):
             submit(scheduler, sink, chat(index, deadline=60.0))  # one sent, the rest wait for the budget
 

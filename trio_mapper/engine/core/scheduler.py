@@ -97,6 +97,10 @@ LARGE_BODY_BYTES: Final = 64 * 1024
 #: Jobs ended between two checkpoints when many end at once (a deadline shared by a whole batch, a client
 #: with a hundred thousand queued requests going away): about 30 µs each, so the loop is never held long.
 JOBS_PER_CHECKPOINT: Final = 500
+#: One client (a uid, a client key) may hold at most this fraction of max_queued and of max_queued_bytes: the
+#: queue's bounds are for everyone, and one client filling them (200,000 tiny requests of a capped batch
+#: tenant, say) refused every other client's, whatever their class.
+CLIENT_SHARE_OF_QUEUE: Final = 0.5
 #: Timeouts logged one line each in one pass of the deadline keeper; one more line sums up the rest.
 TIMEOUT_LINES_PER_PASS: Final = 10
 #: What a request hears when a bug in the engine ended it.
@@ -400,6 +404,8 @@ class Scheduler:
         #: bounds their number, not their size, and a body may be megabytes. A reload may change it.
         self.max_queued_bytes = max_queued_bytes
         self._queued_bytes = 0
+        #: The same, by client identity (only those holding some).
+        self._queued_bytes_of: dict[str, int] = {}
         self._default_max_attempts = default_max_attempts
         #: Seconds a request that names no deadline may take (None: no limit); a reload may change it.
         self.default_deadline = default_deadline
@@ -453,7 +459,7 @@ class Scheduler:
             checked = self._check(owner, request_id, spec)
             # Before the thread's work, not only after: when the queue is full of bodies, measuring one more
             # would spend a core on a request refused anyway (the size received is the body's, near enough).
-            self._check_room_for(size_bytes)
+            self._check_room_for(size_bytes, owner.identity)
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
         try:
@@ -481,7 +487,7 @@ class Scheduler:
             checked = self._check(owner, request_id, spec, received_at=received_at)
             if measured is None:
                 measured = self._measure(spec, checked)
-            self._check_room_for(len(measured.body) if measured.body is not None else 0)
+            self._check_room_for(len(measured.body) if measured.body is not None else 0, owner.identity)
             lane = self._lane_for(checked.lane_name, measured.estimate)
         except _Refused as refusal:
             return self._refuse(owner, request_id, refusal)
@@ -509,7 +515,9 @@ class Scheduler:
         )
         self._owners.setdefault(job.client_key, {})[job.request_id] = job
         self._outstanding += 1
-        self._queued_bytes += len(job.body) if job.body is not None else 0
+        if job.body:
+            self._queued_bytes += len(job.body)
+            self._queued_bytes_of[job.identity] = self._queued_bytes_of.get(job.identity, 0) + len(job.body)
         if self._all_done.is_set():
             self._all_done = trio.Event()
         self.accepted += 1
@@ -546,6 +554,13 @@ class Scheduler:
                 ErrorKind.OVERLOADED,
                 f"the engine already holds {self._outstanding} requests (max_queued); "
                 "wait for replies before submitting more, or raise max_queued",
+            )
+        held = self._identities.get(owner.identity)
+        if held is not None and held.total() >= self._max_queued * CLIENT_SHARE_OF_QUEUE:
+            raise _Refused(
+                ErrorKind.OVERLOADED,
+                f"this client ({owner.identity}) already holds {held.total()} requests, half of max_queued: one "
+                "client may not fill the queue for everyone; wait for replies before submitting more",
             )
         method = spec.method.upper()
         if method not in ALLOWED_METHODS:
@@ -639,17 +654,27 @@ class Scheduler:
             ) from None
         return Measured(estimate, body)
 
-    def _check_room_for(self, size: int) -> None:
-        """Refuses a body of ``size`` bytes that would take the bodies held past max_queued_bytes; a lone one
-        always fits (its size is bounded by the front's max_frame_bytes), so no valid request is refused for
-        ever."""
+    def _check_room_for(self, size: int, identity: str) -> None:
+        """Refuses a body of ``size`` bytes that would take the bodies held past max_queued_bytes, or the
+        client's past half of it; a lone one always fits (its size is bounded by the front's
+        max_frame_bytes), so no valid request is refused for ever."""
         limit = self.max_queued_bytes
-        if limit is not None and self._queued_bytes and self._queued_bytes + size > limit:
+        if limit is None:
+            return
+        if self._queued_bytes and self._queued_bytes + size > limit:
             raise _Refused(
                 ErrorKind.OVERLOADED,
                 f"the engine already holds {self._queued_bytes:,} bytes of request bodies, and this one "
                 f"({size:,} bytes) would take it past max_queued_bytes ({limit:,}); "
                 "wait for replies before submitting more, or raise max_queued_bytes",
+            )
+        held = self._queued_bytes_of.get(identity, 0)
+        if held and held + size > limit * CLIENT_SHARE_OF_QUEUE:
+            raise _Refused(
+                ErrorKind.OVERLOADED,
+                f"this client ({identity}) already holds {held:,} bytes of request bodies, and this one "
+                f"({size:,} bytes) would take it past half of max_queued_bytes: one client may not fill the "
+                "queue for everyone; wait for replies before submitting more",
             )
 
     def _lane_for(self, name: str, estimate: TokenEstimate) -> Lane:
@@ -788,7 +813,12 @@ class Scheduler:
             del self._owners[job.client_key]
         self._outstanding -= 1
         job.lane.remove(job)
-        self._queued_bytes -= len(job.body) if job.body is not None else 0
+        if job.body:
+            self._queued_bytes -= len(job.body)
+            if left := self._queued_bytes_of[job.identity] - len(job.body):
+                self._queued_bytes_of[job.identity] = left
+            else:
+                del self._queued_bytes_of[job.identity]
         job.body = None
         if _lingering(self._deadlines, self._outstanding):
             _compact(self._deadlines)
