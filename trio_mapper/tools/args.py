@@ -1,10 +1,18 @@
-"""Argument types shared by the command-line tools: one definition, one error message for each."""
+"""Arguments shared by the command-line tools: one definition, one error message for each."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-__all__ = ["client_name", "non_negative_float", "octal_mode", "positive_float", "positive_int"]
+__all__ = [
+    "add_socket_argument",
+    "client_name",
+    "non_negative_float",
+    "octal_mode",
+    "positive_float",
+    "positive_int",
+]
 
 
 def positive_int(text: str) -> int:
@@ -47,3 +55,14 @@ def client_name(text: str) -> str:
     if any(not character.isprintable() for character in text):
         raise argparse.ArgumentTypeError(f"must be printable text (no control characters), got {text!r}")
     return text
+
+
+def add_socket_argument(parser: argparse.ArgumentParser) -> None:
+    """``--socket``, the engine's socket, for a client tool."""
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="engine socket (default: $TRIO_MAPPER_SOCKET, else $XDG_RUNTIME_DIR/trio-mapper/engine.sock, else "
+        "/tmp/trio-mapper-UID/engine.sock)",
+    )

@@ -79,7 +79,7 @@ STDIN_FILENO: Final = 0
 
 
 def add_map_arguments(parser: argparse.ArgumentParser) -> None:
-    from trio_mapper.tools.args import client_name, positive_float, positive_int
+    from trio_mapper.tools.args import add_socket_argument, client_name, positive_float, positive_int
 
     parser.add_argument(
         "input", metavar="INPUT.jsonl", help="requests, one JSON object a line (Batch API or plain bodies); - for stdin"
@@ -88,13 +88,7 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
         "-o", "--output", required=True, type=Path, metavar="OUTPUT.jsonl",
         help="Batch API output lines; an existing file is resumed (answered ids are skipped, failed ones retried)",
     )  # fmt: skip
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        metavar="PATH",
-        help="engine socket (default: $TRIO_MAPPER_SOCKET, else $XDG_RUNTIME_DIR/trio-mapper/engine.sock, else "
-        "/tmp/trio-mapper-UID/engine.sock)",
-    )
+    add_socket_argument(parser)
     parser.add_argument(
         "--endpoint", default=DEFAULT_ENDPOINT, metavar="PATH",
         help=f"endpoint of plain-body lines (Batch API lines name their own url); default {DEFAULT_ENDPOINT}",

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from trio_mapper.client.errors import EngineUnavailable, TrioMapperError
@@ -30,13 +29,9 @@ PIPE_WIDTH: Final = 10_000
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        metavar="PATH",
-        help="engine socket (default: $TRIO_MAPPER_SOCKET, else $XDG_RUNTIME_DIR/trio-mapper/engine.sock, else "
-        "/tmp/trio-mapper-UID/engine.sock)",
-    )
+    from trio_mapper.tools.args import add_socket_argument
+
+    add_socket_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the raw counters as JSON, for scripts")
     parser.add_argument(
         "--timeout",
