@@ -406,6 +406,17 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     return {"server": server, "openai": openai}
 
 
+def _read_dotenv(dotenv_dir: Path | None) -> dict[str, Any]:
+    """``.env`` in ``dotenv_dir`` read as the environment is, below it: the key found there must not go to a
+    base URL other than the one written beside it (a third-party key sent to api.openai.com)."""
+    if dotenv_dir is None or not (dotenv_dir / ".env").is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    values = {name: value for name, value in dotenv_values(dotenv_dir / ".env").items() if value is not None}
+    return read_environment(values)
+
+
 def find_api_key(environ: Mapping[str, str], dotenv_dir: Path | None) -> str | None:
     """The key from the environment, else the systemd credential, else ``.env`` in ``dotenv_dir``.
 
@@ -498,7 +509,7 @@ def load_settings(
         "server": {k: val for k, val in cli.items() if k in _SERVER_FIELDS and val is not None},
         "openai": {k: val for k, val in cli.items() if k in _OPENAI_FIELDS and val is not None},
     }
-    merged = _merge(file_layer, read_environment(environ), cli_layer)
+    merged = _merge(file_layer, _read_dotenv(dotenv_dir), read_environment(environ), cli_layer)
     api_key = find_api_key(environ, dotenv_dir)
     if api_key is not None:
         merged["openai"]["api_key"] = api_key
