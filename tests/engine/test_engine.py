@@ -261,7 +261,13 @@ def test_start_up_errors_are_one_line_each_and_exit_2(short_tmp: Path) -> None:
     env = engine_env()
     del env["OPENAI_API_KEY"]
     command = [sys.executable, "-m", "trio_mapper", "launch-engine", "--socket", str(short_tmp / "s")]
-    missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False, cwd=short_tmp)
+
+    def launch(*options: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, *options], env=env, capture_output=True, text=True, timeout=60, check=False, cwd=cwd
+        )
+
+    missing = launch(env=env, cwd=short_tmp)
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr
     assert "OPENAI_API_KEY" in missing.stderr
@@ -269,42 +275,21 @@ def test_start_up_errors_are_one_line_each_and_exit_2(short_tmp: Path) -> None:
 
     config = short_tmp / "engine.toml"
     config.write_text('[server]\nrpm = "many"\ntmp = 5\nsocket_mode = 0o666\n')
-    bad = subprocess.run(
-        [*command, "--config", str(config), "--tpm", "10", "--max_concurrent_reqs", "1"],
-        env=engine_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    bad = launch("--config", str(config), "--tpm", "10", "--max_concurrent_reqs", "1", env=engine_env())
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert "server.rpm: expected an integer, got 'many'" in bad.stderr
     assert "unknown key(s): tmp" in bad.stderr
 
     (short_tmp / ".env").write_text(f"OPENAI_API_KEY={TEST_API_KEY}\n")
-    from_dotenv = subprocess.run(
-        [*command, "--rpm", "1", "--tpm", "1", "--max_concurrent_reqs", "1", "--socket-mode", "0666"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=short_tmp,
-    )
+    limits = ("--rpm", "1", "--tpm", "1", "--max_concurrent_reqs", "1")
+    from_dotenv = launch(*limits, "--socket-mode", "0666", env=env, cwd=short_tmp)
     assert from_dotenv.returncode == 2
     assert "OPENAI_API_KEY" not in from_dotenv.stderr  # found in .env
     assert "world-writable" in from_dotenv.stderr
 
     # A queue too small for the largest request would take one only when nothing else is queued.
-    queue = subprocess.run(
-        [*command, "--rpm", "1", "--tpm", "1", "--max_concurrent_reqs", "1", "--max-queued-bytes", "1000000"],
-        env=engine_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    queue = launch(*limits, "--max-queued-bytes", "1000000", env=engine_env())
     assert queue.returncode == 2
     assert "server.max_queued_bytes: must be at least max_frame_bytes (4194304), got 1000000" in queue.stderr
 
