@@ -206,8 +206,13 @@ class Connection:
             self._writing.deadline = min(self._writing.deadline, trio.current_time() + OUTBOX_STALL_TIMEOUT)
         self._backlog.grew()
 
+    @property
+    def _pending_bytes(self) -> int:
+        """Reply bytes not yet on the socket: queued, and taken by the writer but not written."""
+        return self._outbox_bytes + self._sending_bytes
+
     def _over_outbox_limit(self) -> bool:
-        return self._outbox_bytes + self._sending_bytes > OUTBOX_MAX_BYTES
+        return self._pending_bytes > OUTBOX_MAX_BYTES
 
     def stop_for_unread_replies(self, why: str) -> None:
         """Disconnect a client that does not read its replies (its requests are withdrawn)."""
@@ -362,7 +367,7 @@ class Connection:
         raw = chunk.data.encode()
         data = raw if self._json_bodies else decode_body(raw)
         self._enqueue(self._codec.encode(WireChunk(id=cast(RequestId, request_id), data=data, event=chunk.event)))
-        while self._outbox_bytes + self._sending_bytes > STREAM_HIGH_WATER_BYTES and not self._closed:
+        while self._pending_bytes > STREAM_HIGH_WATER_BYTES and not self._closed:
             await self._outbox_drained.wait()
 
     def _render_body(self, body: ReplyBody) -> Any:
@@ -470,8 +475,7 @@ class Connection:
 
     async def _wait_for_outbox_to_drain(self) -> None:
         while not self._closed and (
-            len(self._outbox) > OUTBOX_HIGH_WATER // 2
-            or self._outbox_bytes + self._sending_bytes > OUTBOX_MAX_BYTES // 2
+            len(self._outbox) > OUTBOX_HIGH_WATER // 2 or self._pending_bytes > OUTBOX_MAX_BYTES // 2
         ):
             await self._outbox_drained.wait()
 
