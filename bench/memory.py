@@ -79,8 +79,13 @@ async def fill(socket: Path, count: int) -> trio.SocketStream:
     return stream
 
 
+def room_for(count: int) -> str:
+    """A --max-queued under which one client may queue ``count`` requests: a client may hold only half."""
+    return str(2 * count + 10)
+
+
 async def queued(url: str, count: int) -> list[str]:
-    flags = ["--rpm", "1", "--tpm", "100000000", "--max_concurrent_reqs", "64", "--max-queued", str(count + 10)]
+    flags = ["--rpm", "1", "--tpm", "100000000", "--max_concurrent_reqs", "64", "--max-queued", room_for(count)]
     async with engine_process(url, *flags) as socket, AsyncClient(socket) as client:
         pid = (await client.stats())["engine"]["pid"]
         idle = rss_mib(pid)
@@ -127,7 +132,7 @@ async def churn(url: str, pairs: int) -> list[str]:
 
 async def disconnects(url: str, count: int, background: int) -> list[str]:
     flags = ["--rpm", "1", "--tpm", "100000000", "--max_concurrent_reqs", "64", "--max-queued",
-             str(background + count + 10)]  # fmt: skip
+             room_for(background + count)]  # fmt: skip
     rows = []
     async with engine_process(url, *flags) as socket, AsyncClient(socket) as client:
         await client.request("/v1/chat/completions", chat_body(0, words=5, max_tokens=5))  # spend the minute
