@@ -12,7 +12,14 @@ import trio.testing
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-from trio_mapper.engine.fronts.http.server import KEEP_ALIVE_TIMEOUT, UnsentReplies, _hypercorn_config, _TCPServer
+from trio_mapper.engine.fronts.http.server import (
+    KEEP_ALIVE_TIMEOUT,
+    SEND_STALL_TIMEOUT,
+    UnsentReplies,
+    _hypercorn_config,
+    _replies_being_written,
+    _TCPServer,
+)
 
 REPLY = b'{"ok":true}'
 
@@ -55,22 +62,26 @@ class App:
 
 
 @asynccontextmanager
-async def connection(app: App) -> AsyncIterator[tuple[trio.SocketStream, RecordingStream, trio.Event]]:
+async def connection(
+    app: Any, sending: UnsentReplies | None = None
+) -> AsyncIterator[tuple[trio.SocketStream, RecordingStream, trio.Event]]:
     """A served connection: the client's end, the server's recorded end, and an event set when the server is
     done with the connection."""
     client_socket, server_socket = trio.socket.socketpair()
     client, server_end = trio.SocketStream(client_socket), RecordingStream(trio.SocketStream(server_socket))
     config = _hypercorn_config()
     done = trio.Event()
+    sending = sending or UnsentReplies(1 << 30)
 
     async def serve() -> None:
+        _replies_being_written.set(sending)  # as `HttpServer` does for each connection
         server = _TCPServer(
             wrap_app(app, config.wsgi_max_body_size, "asgi"),
             config,
             WorkerContext(None),
             {},
             server_end,
-            sending=UnsentReplies(1 << 30),
+            sending=sending,
         )
         await server.run()
         done.set()
@@ -163,3 +174,77 @@ async def test_the_replies_being_written_are_bounded_by_cutting_the_largest() ->
     assert large.cancel_called and not small.cancel_called and not third.cancel_called
     unsent.remove(large)
     assert unsent.total == 50
+
+
+class LargeReplyApp:
+    """Answers every request with ``size`` bytes in one send; notes when each send returned."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(self.size).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"x" * self.size})
+        self.sent += 1
+
+
+async def h2_requests_with_a_closed_window(client: trio.SocketStream, streams: int) -> Any:
+    """Open an HTTP/2 connection whose streams' windows are zero (the client reads nothing), send ``streams``
+    requests on it, and return the client's h2 connection."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    h2_client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    h2_client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    )
+    h2_client.initiate_connection()
+    head = [(":method", "GET"), (":scheme", "http"), (":authority", "engine"), (":path", "/v1/models")]
+    for stream_id in range(1, 2 * streams, 2):
+        h2_client.send_headers(stream_id, head, end_stream=True)
+    await client.send_all(h2_client.data_to_send())
+    return h2_client
+
+
+async def streams_reset(client: trio.SocketStream, h2_client: Any, count: int) -> set[int]:
+    import h2.events
+
+    reset: set[int] = set()
+    while len(reset) < count:
+        with trio.fail_after(2 * SEND_STALL_TIMEOUT):
+            data = await client.receive_some()
+        assert data, "the server closed the connection"
+        reset |= {e.stream_id for e in h2_client.receive_data(data) if isinstance(e, h2.events.StreamReset)}
+        await client.send_all(h2_client.data_to_send())
+    return reset
+
+
+async def test_an_http2_reply_the_client_lets_nothing_of_is_reset_after_the_stall_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """hypercorn held an HTTP/2 reply in its stream buffer for as long as the client kept its window shut
+    (a reviewer's zero-window client held 880 MiB); now as long as an HTTP/1.1 write may wait, then reset."""
+    app, sending = LargeReplyApp(1 << 20), UnsentReplies(1 << 30)
+    async with connection(app, sending) as (client, _, _):
+        h2_client = await h2_requests_with_a_closed_window(client, streams=1)
+        started = trio.current_time()
+        assert await streams_reset(client, h2_client, 1) == {1}
+        assert SEND_STALL_TIMEOUT <= trio.current_time() - started < SEND_STALL_TIMEOUT + 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert app.sent == 1  # the app's send returned: it is not left waiting
+        assert sending.total == 0
+
+
+async def test_http2_replies_waiting_for_the_window_count_against_the_replies_being_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app, sending = LargeReplyApp(600_000), UnsentReplies(1_000_000)
+    async with connection(app, sending) as (client, _, _):
+        h2_client = await h2_requests_with_a_closed_window(client, streams=2)
+        started = trio.current_time()
+        assert len(await streams_reset(client, h2_client, 1)) == 1  # 1.2 MB held: one is cut at once
+        assert trio.current_time() - started < 1
+        assert sending.total <= 600_000

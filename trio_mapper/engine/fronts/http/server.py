@@ -8,16 +8,22 @@ speaks HTTP/1.1 and calls the app. The connection's peer credentials travel in t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Final, Literal, cast
 
+import h2.errors
 import h2.events
+import h2.exceptions
 import hypercorn.protocol
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
+from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
@@ -163,7 +169,8 @@ class _TCPServer(TCPServer):
 
 
 class UnsentReplies:
-    """The reply bytes being written on every connection, bounded engine-wide by cutting the largest write."""
+    """The reply bytes being written on every connection (and HTTP/2 replies waiting for the client's window),
+    bounded engine-wide by cutting the largest write."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -200,15 +207,62 @@ def _is_final_response_head(data: bytes) -> bool:
     return data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1"
 
 
+#: The engine-wide `UnsentReplies` of the connection being served, for its HTTP/2 streams (hypercorn builds
+#: `_H2Protocol` itself, from its own arguments, when a connection turns out to speak HTTP/2).
+_replies_being_written: contextvars.ContextVar[UnsentReplies] = contextvars.ContextVar("replies_being_written")
+
+#: The events of a reply that wait for the client's flow-control window (hypercorn's stream buffer).
+_FLOW_CONTROLLED: Final = (Body, Data, EndBody, EndData, Trailers)
+
+
 class _H2Protocol(H2Protocol):
-    """hypercorn's HTTP/2 connection, which survives a request's body arriving after its reply.
+    """hypercorn's HTTP/2 connection, which survives a request's body arriving after its reply, and bounds
+    what its replies hold while they wait for the client's flow-control window.
 
     The engine answers some requests before reading their bodies (a 401, a 404). hypercorn 0.18 forgets a
     stream once its reply is out, then looks it up for the body's next DATA frame: the KeyError ended the
     connection, and with it every other request on it (pgjones/hypercorn#329, fix proposed in #334). Such
     frames are now only acknowledged, for the connection's flow control, as hypercorn already does for the
     end of such a body.
+
+    hypercorn keeps a reply's body in the stream's buffer until the client's window lets it out, and waits
+    for that without limit: a client that never opens its window (a zero initial window) held whole replies,
+    outside the bounds HTTP/1.1 writes have (`_TCPServer._write`). Each wait is now bounded as those writes
+    are, in time (SEND_STALL_TIMEOUT) and in bytes (`UnsentReplies`, engine-wide); a reply past either is
+    reset, as if the client had reset it: its buffer is freed and the app sees the client gone.
     """
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if not isinstance(event, _FLOW_CONTROLLED):
+            return await super().stream_send(event)
+        buffer = self.stream_buffers.get(event.stream_id)
+        held = (len(buffer.buffer) if buffer is not None else 0) + len(getattr(event, "data", b""))
+        sending = _replies_being_written.get()
+        with trio.CancelScope(deadline=trio.current_time() + SEND_STALL_TIMEOUT) as waiting:
+            sending.add(waiting, held)
+            try:
+                await super().stream_send(event)
+            finally:
+                sending.remove(waiting)
+        if waiting.cancelled_caught:
+            log.info(
+                "http/2: a client let none of its reply through for %.0fs, its reply was cut to bound the replies "
+                "being written, or the engine is stopping; stream reset",
+                SEND_STALL_TIMEOUT,
+            )
+            await self._reset_stream(event.stream_id)
+        return None
+
+    async def _reset_stream(self, stream_id: int) -> None:
+        """What hypercorn does when the client resets a stream, after telling the client so."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # the stream (or connection) closed meanwhile
+            self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        buffer = self.stream_buffers.get(stream_id)
+        if buffer is not None:
+            await buffer.close()
+        await self._close_stream(stream_id)
+        await self._window_updated(stream_id)  # hypercorn's sender then forgets the stream's buffer
+        await self._flush()
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         await super()._handle_events(cast(list[h2.events.Event], self._for_open_streams(events)))
@@ -283,6 +337,7 @@ class HttpServer:
         if slot is not None:
             state[KEY_ACCEPTED] = functools.partial(self.tcp_gate.prove, slot)
         self.connections += 1
+        _replies_being_written.set(self._sending)
         try:
             server = _TCPServer(
                 self._wrapped, self._config, self._context, state, cast(Any, stream), sending=self._sending
