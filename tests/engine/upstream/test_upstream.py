@@ -1,5 +1,6 @@
 """Endpoint validation and joining: the key must never travel anywhere but the configured base URL."""
 
+import json
 from collections.abc import Callable
 
 import httpx
@@ -8,7 +9,14 @@ import trio
 import trio.testing
 
 from trio_mapper.engine.process.settings import OpenAISettings
-from trio_mapper.engine.upstream.client import InvalidEndpoint, Upstream, join_url, relative_api_path
+from trio_mapper.engine.upstream.client import (
+    InvalidEndpoint,
+    ReplyBody,
+    Upstream,
+    UpstreamStream,
+    join_url,
+    relative_api_path,
+)
 
 BASE = httpx.URL("https://api.openai.com/v1")
 
@@ -155,8 +163,9 @@ async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
         (401, b'{"error": {"message": "Incorrect API key provided: \\u0073k-test-secret-key"}}', "application/json"),
         (400, b'{"error": {"message": "bad key sk-test-secre\\u0074-key"}}', "application/json"),
         (502, "upstream said key=sk-test-secret-key".encode("utf-16"), "text/html; charset=utf-16"),
+        (200, b'{"choices": [{"text": "\\u0073k-test-secret-key"}]}', "application/json"),
     ],
-    ids=["json-escaped-401", "json-escaped-400", "utf-16"],
+    ids=["json-escaped-401", "json-escaped-400", "utf-16", "json-escaped-200"],
 )
 async def test_a_key_echoed_in_another_encoding_is_redacted(status: int, content: bytes, content_type: str) -> None:
     """Found by a hostile review: an echo that is not the key's exact bytes reached clients once decoded."""
@@ -169,6 +178,30 @@ async def test_a_key_echoed_in_another_encoding_is_redacted(status: int, content
     assert reply.status == status
     text = str(reply.body.decoded())
     assert "sk-test-secret-key" not in text and "[REDACTED]" in text
+
+
+async def test_a_key_echoed_json_escaped_in_a_stream_is_redacted() -> None:
+    events = [
+        b'data: {"choices": [{"delta": {"content": "caf\\u00e9"}}]}',
+        b'data: {"choices": [{"delta": {"content": "\\u0073k-test-secret-key"}}]}',
+        b"data: [DONE]",
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = b"".join(event + b"\n\n" for event in events)
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async with (
+        mock_upstream(handler) as upstream,
+        upstream.open_stream("POST", upstream.url_for("/v1/chat/completions"), b"{}") as reply,
+    ):
+        assert isinstance(reply, UpstreamStream)
+        received = [json.loads(event.data) if event.data != "[DONE]" else None async for event in reply.events]
+    assert received == [
+        {"choices": [{"delta": {"content": "caf\u00e9"}}]},
+        {"choices": [{"delta": {"content": "[REDACTED]"}}]},
+        None,
+    ]
 
 
 @pytest.mark.parametrize("key", ["x", "EMPTY", "anything", "sk-local-12345"])
@@ -331,3 +364,23 @@ async def test_a_reply_body_is_read_as_json_or_as_text_in_its_charset(
     async with upstream:
         reply = await upstream.send("POST", upstream.url_for("/v1/chat/completions"), b"{}")
     assert reply.body.decoded() == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "usage"),
+    [
+        (b'{"data": [1, 2], "usage": {"prompt_tokens": 5, "total_tokens": 5}}', (5, None)),
+        (b'{"output": [], "usage": {"input_tokens": 7, "output_tokens": 3}, "user": null, "metadata": {}}', (7, 3)),
+        # A nested "usage" after the top-level one: the tail is not the top level's, the whole body is read.
+        (b'{"usage": {"prompt_tokens": 5, "completion_tokens": 2}, "data": [{"usage": {"prompt_tokens": 9}}]}', (5, 2)),
+        (b'{"choices": [{"message": {"usage": {"prompt_tokens": 99}}}]}', None),
+        (b'{"usage" : {"prompt_tokens": 4}}', (4, None)),
+        (b'{"a\\"usage": {"prompt_tokens": 9}}', None),  # a key ending in an escaped quote and usage
+        (b'{"choices": [{"text": "say \\"usage\\": {}"}], "usage": {"prompt_tokens": 3}}', (3, None)),
+        (b"not json", None),
+    ],
+)
+def test_usage_is_read_from_the_top_level_object_only(body: bytes, usage: tuple[int, int | None] | None) -> None:
+    """Read from the end when it is there (a 124 MB embeddings reply held the loop 0.18 s to find it)."""
+    found = ReplyBody(body).usage()
+    assert (None if found is None else (found.prompt, found.completion)) == usage

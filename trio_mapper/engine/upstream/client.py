@@ -139,11 +139,31 @@ class ReplyBody:
 
     def usage(self) -> Usage | None:
         """``usage`` (prompt and completion tokens, under either API's names) when the body reports it."""
-        try:
-            usage = msgspec.json.decode(self.content, type=_UsageOnly).usage
-        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-            return None
-        return Usage.of(usage) if usage is not None else None
+        found = _usage_from_the_tail(self.content)
+        if found is None:
+            try:
+                found = msgspec.json.decode(self.content, type=_UsageOnly)
+            except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+                return None
+        return Usage.of(found.usage) if found.usage is not None else None
+
+
+def _usage_from_the_tail(content: bytes) -> _UsageOnly | None:
+    """The body's ``usage``, read from where its key last appears to the end; None when that is not the
+    top-level object's last key(s).
+
+    OpenAI's replies put ``usage`` at the end, after the data: skipping everything before it, even without
+    building anything, held the event loop 0.18 s for a 124 MB embeddings batch. ``{`` and the text from the
+    key on is valid JSON only if the key is the top-level one (a nested key leaves closing brackets over),
+    and ``"usage":`` cannot occur inside a string (its quote would be escaped), unless the quote before it is.
+    """
+    start = content.rfind(b'"usage":')
+    if start <= 0 or content[start - 1 : start] == b"\\":
+        return None
+    try:
+        return msgspec.json.decode(b"{" + content[start:], type=_UsageOnly)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 _NOT_DECODED: Final = object()
@@ -500,6 +520,10 @@ class Upstream:
                     event = ServerSentEvent(
                         event.event.replace(secret, "[REDACTED]"), event.data.replace(secret, "[REDACTED]"), event.id
                     )
+                elif _JSON_ESCAPE in event.data:
+                    redacted = _redacted_text(event.data.encode(), None, secret)
+                    if redacted is not None:
+                        event = ServerSentEvent(event.event, redacted.decode(), event.id)
                 yield event
 
     @contextmanager
@@ -532,9 +556,12 @@ class Upstream:
         if secret is not None and (response.status_code >= 400 or self._redact_answers) and secret in content:
             # Some OpenAI-compatible servers echo the key in a 401 body; it must not reach clients.
             content = content.replace(secret, b"[REDACTED]")
-        elif secret is not None and response.status_code >= 400:
+        elif secret is not None and (
+            response.status_code >= 400 or (self._redact_answers and _has_json_escapes(content))
+        ):
             # Echoed otherwise than byte for byte (JSON escapes such as \u0073k-…, another charset), the key
-            # would reach the client once its body is decoded: look in the decoded text, and send that.
+            # would reach the client once its body is decoded: look in the decoded text, and send that. In a
+            # success, only JSON's \u escapes can disguise it, and only they cost decoding the body.
             redacted = _redacted_text(content, encoding, secret.decode())
             if redacted is not None:
                 content, encoding = redacted, None
@@ -546,9 +573,19 @@ class Upstream:
         )
 
 
+#: How JSON can spell a key's characters other than as themselves (``\u0073k-…``).
+_JSON_ESCAPE: Final = "\\u"
+
+
+def _has_json_escapes(content: bytes) -> bool:
+    # A backslash first: one byte is looked for at memory speed (7 ms in a 124 MB embeddings reply, which has
+    # none), two bytes 20 times slower.
+    return b"\\" in content and _JSON_ESCAPE.encode() in content
+
+
 def _redacted_text(content: bytes, encoding: str | None, secret: str) -> bytes | None:
-    """An error body whose decoded text holds the key, with it redacted, as UTF-8 (JSON re-encoded); None
-    when the decoded text does not hold it."""
+    """A body whose decoded text holds the key, with it redacted, as UTF-8 (JSON re-encoded); None when the
+    decoded text does not hold it."""
     try:
         decoded = msgspec.json.decode(content)
     except (msgspec.DecodeError, RecursionError):
