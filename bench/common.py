@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import trio
 
 BENCH_KEY = "sk-bench-not-a-real-key-000000000000"
@@ -101,6 +103,16 @@ async def simulator_stats(base_url: str, *, reset: bool = False) -> dict[str, An
         response.raise_for_status()
         stats: dict[str, Any] = response.json()
         return stats
+
+
+#: The engine socket's frame prefix: the msgpack body's length, big-endian.
+FRAME_PREFIX = struct.Struct(">I")
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    """One raw frame of the engine socket's protocol, for benches that measure the engine, not a client."""
+    body = msgspec.msgpack.encode(message)
+    return FRAME_PREFIX.pack(len(body)) + body
 
 
 def chat_body(index: int, *, words: int, max_tokens: int, model: str = "gpt-4o-mini") -> dict[str, Any]:

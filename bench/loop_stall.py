@@ -1,17 +1,19 @@
-"""Does a large request body stall everyone else? Small-request latency on other connections, with and
-without 4 MiB bodies flowing through the engine, in one run.
+"""Does a large request body, or a large reply, stall everyone else? Small-request latency on other
+connections, with and without 4 MiB bodies or 30 MB replies flowing through the engine, in one run.
 
 Two probes run on their own connections, one request at a time: ``ping`` (answered by the engine's event loop
 alone, so it measures the loop's stalls directly) and a small chat request (the whole path through the
-simulator). They run three times: alone, while another client sends 4 MiB chat bodies back to back that the
-engine admits and sends upstream, and while it sends 4 MiB bodies that exceed the lane's per-minute token
-limit (refused by the engine, never sent). The ratios to "alone" are what matters; the machine is noisy.
+simulator). They run four times: alone, while another client sends 4 MiB chat bodies back to back that the
+engine admits and sends upstream, while it sends 4 MiB bodies that exceed the lane's per-minute token limit
+(refused by the engine, never sent), and while it asks for embeddings of 512 inputs at 3072 dimensions back
+to back (replies of about 31 MB of JSON, relayed to it as they came). The ratios to "alone" are what
+matters; the machine is noisy.
 
-The simulator counts the prompt tokens of what it admits in its own process, which stalls *its* loop for
-the big bodies: the chat probe's figures in the "admitted" phase include that, the ping probe's do not.
+The simulator counts the prompt tokens of what it admits, and builds the embeddings, in its own process,
+which stalls *its* loop: the chat probe's figures in those phases include that, the ping probe's do not.
 
-    python bench/loop_stall.py                 # about a minute and a half
-    python bench/loop_stall.py --probes 400 --rounds 5 --body-mib 4
+    python bench/loop_stall.py                 # about two minutes
+    python bench/loop_stall.py --probes 400 --rounds 5 --body-mib 4 --reply-inputs 2048
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import chat_body, engine_process, pct, simulator_process
+from common import FRAME_PREFIX, chat_body, engine_process, frame, pct, simulator_process
 
 from trio_mapper import AsyncClient
 
 ENDPOINT = "/v1/chat/completions"
+EMBEDDINGS = "/v1/embeddings"
 
 
 def big_body(mib: float, model: str) -> dict[str, Any]:
@@ -53,7 +56,15 @@ async def probe(socket: Path, count: int, kind: str) -> list[float]:
     return latencies
 
 
+def large_reply_request(inputs: int) -> dict[str, Any]:
+    """An embeddings request whose reply is large: ``inputs`` vectors of 3072 floats, about 60 kB each."""
+    texts = [f"text number {i}" for i in range(inputs)]
+    return {"model": "text-embedding-3-large", "input": texts, "encoding_format": "float"}
+
+
 async def flood(socket: Path, body: dict[str, Any], stop: trio.Event, sent: list[int]) -> None:
+    if "input" in body:
+        return await flood_reading_raw(socket, body, stop, sent)
     async with AsyncClient(socket) as client:
         while not stop.is_set():
             try:
@@ -61,6 +72,37 @@ async def flood(socket: Path, body: dict[str, Any], stop: trio.Event, sent: list
             except Exception as exc:  # a refusal is what the "refused" phase expects
                 if "request_too_large" not in repr(exc) and "RequestTooLarge" not in type(exc).__name__:
                     raise
+            sent[0] += 1
+
+
+async def flood_reading_raw(socket: Path, body: dict[str, Any], stop: trio.Event, sent: list[int]) -> None:
+    """Large replies, one at a time, read as bytes and dropped: a client helper would decode each (tenths of a
+    second for 31 MB of JSON) in this process, which runs the probes too, and measure its own stalls."""
+    async with await trio.open_unix_socket(str(socket)) as stream:
+        await stream.send_all(frame({"type": "hello", "protocol": 1, "body_format": "json"}))
+        pending = bytearray()
+        frames = 0  # the welcome, then one reply per request
+
+        async def received(at_most: int) -> bytes:
+            data = await stream.receive_some(at_most)
+            if not data:
+                raise RuntimeError("the engine closed the connection")
+            return data
+
+        async def next_frame() -> None:
+            while len(pending) < FRAME_PREFIX.size:
+                pending.extend(await received(1 << 20))
+            (length,) = FRAME_PREFIX.unpack_from(pending)
+            left = FRAME_PREFIX.size + length - len(pending)
+            del pending[: FRAME_PREFIX.size + length]
+            while left > 0:  # read and drop, never past the frame's end
+                left -= len(await received(min(left, 1 << 20)))
+
+        await next_frame()
+        while not stop.is_set():
+            await stream.send_all(frame({"type": "submit", "id": frames, "endpoint": EMBEDDINGS, "body": body}))
+            await next_frame()
+            frames += 1
             sent[0] += 1
 
 
@@ -99,6 +141,7 @@ async def main(args: argparse.Namespace, config: Path) -> None:
             ("alone", None),
             ("4 MiB admitted", big_body(args.body_mib, "gpt-4o-mini")),
             ("4 MiB refused", big_body(args.body_mib, "refused-model")),
+            ("large replies", large_reply_request(args.reply_inputs)),
         )
         rows = [(name, [], [], 0) for name, _ in phases]
         # The phases take turns, round after round, so a slow moment of the machine does not land on one
@@ -129,6 +172,7 @@ if __name__ == "__main__":
     parser.add_argument("--probes", type=int, default=300, help="per kind, phase and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--body-mib", type=float, default=3.5)
+    parser.add_argument("--reply-inputs", type=int, default=512, help="embeddings per large reply (2048 at most)")
     with tempfile.TemporaryDirectory() as directory:
         config = Path(directory) / "limits.toml"
         # The "refused" model's per-minute token limit is far below one big body, far above a small one.

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import struct
 import sys
 import time
 from pathlib import Path
@@ -22,11 +21,9 @@ import msgspec
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import chat_body, engine_process, simulator_process
+from common import chat_body, engine_process, frame, simulator_process
 
 from trio_mapper import AsyncClient
-
-PREFIX = struct.Struct(">I")
 
 
 def rss_mib(pid: int) -> float:
@@ -34,11 +31,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def frame(message: dict[str, Any]) -> bytes:
-    body = msgspec.msgpack.encode(message)
-    return PREFIX.pack(len(body)) + body
 
 
 def submit(request_id: int, **extra: Any) -> bytes:
