@@ -43,3 +43,34 @@ def test_the_base_url_in_a_dotenv_file_goes_with_the_key_found_there(tmp_path: P
     environ = {"OPENAI_BASE_URL": "http://127.0.0.1:9000/v1"}  # the environment still wins
     settings = load_settings(cli=limits, config_file=None, environ=environ, dotenv_dir=tmp_path)
     assert settings.openai.base_url == "http://127.0.0.1:9000/v1"
+
+
+def test_problems_name_the_key_as_the_config_file_writes_it(tmp_path: Path) -> None:
+    """An operator's finding: a mistake under [models."gpt-4o"] was reported at server.models.gpt-4o, a path the
+    file does not have (the tables are kept under server in the settings), and a model name with dots came out
+    as more keys than it is."""
+    config = tmp_path / "engine.toml"
+    limits = {"rpm": 100, "tpm": 10_000, "max_concurrent_reqs": 1}
+    config.write_text(
+        '[server]\nrpm = "lots"\n\n'
+        '[models."gpt-3.5-turbo"]\nrpm = 100\ntpm = "many"\nrmp = 5\n\n'
+        '[tenants.batch]\nweight = "heavy"\nnames = ["nightly"]\n'
+    )
+    with pytest.raises(SettingsError) as caught:
+        load_settings(cli={"tpm": 10, "max_concurrent_reqs": 1}, config_file=config, environ={}, dotenv_dir=None)
+    assert set(caught.value.problems) >= {
+        "server.rpm: expected an integer, got 'lots'",
+        "models.\"gpt-3.5-turbo\".tpm: expected an integer, got 'many'",
+        'models."gpt-3.5-turbo": unknown key(s): rmp',
+        "tenants.batch.weight: expected a number, got 'heavy'",
+        "openai.api_key: required but not set (export OPENAI_API_KEY=…, put it in ./.env or, under systemd, in "
+        "the credential openai-api-key; it is never taken from the command line)",
+    }
+    # Values that have the right type but break a rule are checked afterwards, and named the same way.
+    config.write_text('[models.small]\nrpm = 0\ntpm = 10\n\n[prices."gpt-4o-mini"]\ninput = -1\noutput = 0.6\n')
+    with pytest.raises(SettingsError) as caught:
+        load_settings(cli=limits, config_file=config, environ={"OPENAI_API_KEY": "sk-test"}, dotenv_dir=None)
+    problems = caught.value.problems
+    assert "models.small.rpm: must be a finite number > 0, got 0" in problems
+    assert any(problem.startswith("prices.gpt-4o-mini.input: ") for problem in problems), problems  # a bare key
+    assert not any("server.models" in problem or "server.prices" in problem for problem in problems), problems

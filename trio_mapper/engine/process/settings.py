@@ -8,6 +8,7 @@ one line per problem with its path, e.g. ``server.rpm: must be > 0, got -5``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -451,9 +452,33 @@ def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+#: A setting's place in `Settings`: attribute names, dict keys, list indices (``("server", "models", "gpt-4o")``).
+Place = tuple[str | int, ...]
+#: The config file's top-level tables that `read_config_file` moves under ``server``.
+_SERVER_TABLES: Final = frozenset({"models", "tenants", "prices"})
+#: A TOML bare key; any other key is written quoted.
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def config_path(*place: str | int) -> str:
+    """Where a setting is written in the config file, given its place in `Settings`, as TOML spells a dotted
+    key: ``server.rpm``, ``models."gpt-4o".rpm`` (the ``[models.NAME]`` tables are under ``server`` in
+    `Settings`, at the top of the file), ``tenants.ui.uids[1]``. Messages name it so that the operator can
+    search the file for what they wrote."""
+    if len(place) > 1 and place[0] == "server" and place[1] in _SERVER_TABLES:
+        place = place[1:]
+    path = ""
+    for step in place:
+        if isinstance(step, int):
+            path += f"[{step}]"
+        else:
+            # A JSON string is a valid TOML basic string (same escapes), which quoted keys are.
+            key = step if _BARE_KEY.fullmatch(step) else json.dumps(step, ensure_ascii=False)
+            path += f".{key}" if path else key
+    return path
+
+
 def _describe(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, KeyError):
-        return "required field missing"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown key(s): {', '.join(sorted(exc.extra_fields))}"
     if getattr(type_, "__origin__", None) is Literal:
@@ -466,29 +491,42 @@ def _describe(exc: BaseException, type_: Any) -> str:
 
 def _readable(exc: Exception) -> list[str]:
     if isinstance(exc, cattrs.BaseValidationError):
-        lines = cattrs.transform_error(exc, path="$", format_exception=_describe)
-        return [_humanize_path(line) for line in lines]
+        return list(_structure_problems(exc, ()))
     return [str(exc)]
 
 
-def _humanize_path(line: str) -> str:
-    # transform_error says "invalid value for type, expected int @ $.server.rpm"; lead with the path,
-    # written as a user writes it in the TOML file.
-    message, sep, path = line.rpartition(" @ ")
-    if not sep:
-        return line
-    path = path.removeprefix("$.").replace("['", ".").replace("']", "")
-    if message.startswith("required field missing"):
-        return f"{path}: required but not set" + _how_to_set(path)
-    return f"{path}: {message}"
+def _structure_problems(exc: BaseException, path: Place, type_: Any = None) -> Iterator[str]:
+    """One line per problem in cattrs' tree of errors, led by where the key is in the config file.
+
+    cattrs' own `transform_error` names ``$.server.models['gpt-4o'].rpm``: a place in `Settings`, which is not
+    where the operator wrote ``[models."gpt-4o"]``; the tree's notes give the steps, `config_path` the place.
+    """
+    placed: list[tuple[BaseException, str | int, Any]]
+    if isinstance(exc, cattrs.ClassValidationError):
+        attributes, unplaced = exc.group_exceptions()
+        placed = [(inner, attribute.name, attribute.type) for inner, attribute in attributes]
+    elif isinstance(exc, cattrs.IterableValidationError):
+        items, unplaced = exc.group_exceptions()
+        placed = [(inner, item.index, item.type) for inner, item in items]
+    else:
+        where = config_path(*path) or "settings"
+        if isinstance(exc, KeyError):
+            yield f"{where}: required but not set" + _how_to_set(path)
+        else:
+            yield f"{where}: {_describe(exc, type_)}"
+        return
+    for inner, step, inner_type in placed:
+        yield from _structure_problems(inner, (*path, step), inner_type)
+    for inner in unplaced:
+        yield from _structure_problems(inner, path)
 
 
-def _how_to_set(path: str) -> str:
-    section, _, name = path.partition(".")
-    if section == "server" and name in _SERVER_FIELDS:
+def _how_to_set(path: Place) -> str:
+    if len(path) == 2 and path[0] == "server" and path[1] in _SERVER_FIELDS:
+        name = str(path[1])
         env_var = SERVER_ENV_PREFIX + name.upper()
         return f" (use --{name}, {name} = … under [server] in the config file, or {env_var})"
-    if section == "openai" and name == "api_key":
+    if path == ("openai", "api_key"):
         return (
             f" (export {API_KEY_ENV_VAR}=…, put it in ./.env or, under systemd, in the credential "
             "openai-api-key; it is never taken from the command line)"
@@ -521,7 +559,7 @@ def load_settings(
             settings = _converter.structure(merged, Settings)
     except Exception as exc:
         raise SettingsError(_readable(exc)) from None
-    problems = list(_validation_problems(settings, ""))
+    problems = list(_validation_problems(settings, ()))
     if settings.server.http and settings.server.http_keys_file is None:
         problems.append("server.http: the HTTP front over TCP needs client keys; set http_keys_file (see docs/http.md)")
     if settings.server.http and _is_own_front(settings.openai.base_url, settings.server.http):
@@ -565,18 +603,18 @@ def budget_password(server: ServerSettings, environ: Mapping[str, str]) -> str |
     return environ.get(BUDGET_PASSWORD_ENV_VAR) or None
 
 
-def _validation_problems(instance: Any, path: str) -> Iterator[str]:
+def _validation_problems(instance: Any, path: Place) -> Iterator[str]:
     for field in attrs.fields(type(instance)):
         value = getattr(instance, field.name)
-        where = f"{path}{field.name}"
+        where = (*path, field.name)
         if field.validator is not None:
             try:
                 field.validator(instance, field, value)
             except (ValueError, TypeError) as exc:
-                yield f"{where}: {exc}"
+                yield f"{config_path(*where)}: {exc}"
         if attrs.has(type(value)):
-            yield from _validation_problems(value, where + ".")
+            yield from _validation_problems(value, where)
         elif isinstance(value, dict):
             for key, item in value.items():
                 if attrs.has(type(item)):
-                    yield from _validation_problems(item, f"{where}.{key}.")
+                    yield from _validation_problems(item, (*where, key))
