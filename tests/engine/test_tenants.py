@@ -308,7 +308,8 @@ async def test_a_reload_changes_tenants_while_their_requests_wait(short_tmp: Pat
     assert len(results) == 20, "nothing lost"
     assert drained_in < 5.0, f"the cap is gone: the rest goes at the key's pace ({drained_in:.1f}s)"
     assert after["slow"]["tpm_cap"] is None and after["slow"]["weight"] == 2
-    assert "server.tenants" in next(line for line in engine.log.splitlines() if "reloaded: " in line)
+    reload_line = next(line for line in engine.log.splitlines() if "reloaded: " in line)
+    assert "tenants.slow: weight 1 -> 2, tpm_cap 1200 -> unset" in reload_line
 
 
 async def test_lifting_a_small_cap_frees_the_waiting_requests_at_once(short_tmp: Path) -> None:

@@ -653,7 +653,7 @@ async def test_a_reload_stuck_reading_its_files_does_not_stall_the_engine(short_
         write_config(config, rpm=6000, tpm=600_000, concurrent=4, mini_rpm=7000, mini_tpm=600_000)
         engine.process.send_signal(signal.SIGHUP)  # a readable file again: this one is applied
         with trio.fail_after(20):
-            while "reloaded: server.models" not in engine.log:  # noqa: ASYNC110 - as above
+            while "reloaded: models.gpt-4o-mini: rpm 6000 -> 7000" not in engine.log:  # noqa: ASYNC110 - as above
                 await trio.sleep(0.1)
         with trio.fail_after(20):
             assert await engine.stop() == 0
