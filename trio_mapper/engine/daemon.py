@@ -55,7 +55,13 @@ from trio_mapper.engine.fronts.unix.peers import (
 from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.metrics import EngineMetrics, Readiness, healthz
 from trio_mapper.engine.process.reload import plan_reload
-from trio_mapper.engine.process.settings import ServerSettings, Settings, SettingsError, parse_loopback_address
+from trio_mapper.engine.process.settings import (
+    LoadedSettings,
+    ServerSettings,
+    Settings,
+    SettingsError,
+    parse_loopback_address,
+)
 from trio_mapper.engine.process.status_history import StatusHistory
 from trio_mapper.engine.upstream.client import Upstream
 from trio_mapper.engine.upstream.ratelimit_headers import budget_headers
@@ -113,7 +119,7 @@ class Engine:
         settings: Settings,
         estimator: TokenEstimator,
         *,
-        reload_settings: Callable[[], Settings] | None = None,
+        reload_settings: Callable[[], LoadedSettings] | None = None,
         early_signals: list[int] | None = None,
         budget_password: str | None = None,
     ) -> None:
@@ -559,10 +565,10 @@ class Engine:
             self._notifier.reloading()
         try:
             try:
-                new = await _read_in_thread(self._reload_settings)
+                loaded = await _read_in_thread(self._reload_settings)
                 keys = None
-                if new.server.http_keys_file is not None:
-                    keys = await _read_in_thread(partial(_try_load_keys, new.server.http_keys_file))
+                if loaded.settings.server.http_keys_file is not None:
+                    keys = await _read_in_thread(partial(_try_load_keys, loaded.settings.server.http_keys_file))
             except SettingsError as exc:
                 for problem in exc.problems:
                     log.error("reload: %s", problem)
@@ -577,7 +583,12 @@ class Engine:
                 return
             if self._shutdown_requested.is_set():
                 return
-            plan = plan_reload(self.settings, new)
+            for line in loaded.unknown_variables:
+                log.warning("reload: %s", line)
+            for override in loaded.overridden:
+                # The operator edited the file to change this, and nothing changes.
+                log.warning("reload: %s", override)
+            plan = plan_reload(self.settings, loaded.settings)
             for line in plan.refused:
                 log.warning("reload: %s needs a restart; keeping the running value", line)
             server = plan.settings.server

@@ -7,6 +7,7 @@ through `trio_mapper.client` only.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from trio_mapper.engine.process.settings import DEFAULT_BASE_URL, ServerSettings, SettingsError
+from trio_mapper.engine.process.settings import DEFAULT_BASE_URL, LoadedSettings, ServerSettings, SettingsError
 from trio_mapper.paths import default_socket_path
 from trio_mapper.tools.args import non_negative_float, octal_mode, positive_float, positive_int
 
@@ -251,28 +252,37 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     from trio_mapper.engine.estimate.tokens import TokenEstimator
     from trio_mapper.engine.fronts.unix.listener import ListenerError
     from trio_mapper.engine.process.logs import configure_logging
-    from trio_mapper.engine.process.settings import budget_password, load_settings
+    from trio_mapper.engine.process.settings import budget_password, read_settings
+
+    # SIGHUP reloads from the same layers: the config file and environment as they are now, the original argv.
+    dotenv_dir = Path.cwd()
+
+    def load() -> LoadedSettings:
+        return read_settings(cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=dotenv_dir)
 
     try:
-        settings = load_settings(cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=Path.cwd())
-        password = budget_password(settings.server, os.environ)
+        loaded = load()
+        password = budget_password(loaded.settings.server, os.environ)
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"trio-mapper launch-engine: {problem}", file=sys.stderr)
         return 2
+    settings = loaded.settings
     server = settings.server
     secrets = [settings.openai.api_key] + ([password] if password else [])
     configure_logging(server.log_level, server.log_format, secrets=secrets)
+    log = logging.getLogger("trio_mapper.engine")
+    for line in loaded.unknown_variables:
+        log.warning("%s", line)
+    for override in loaded.overridden:
+        # Information only at start: the command line is this run's choice. A reload warns (Engine.reload).
+        log.info("%s", override)
     # Encodings load before the event loop starts: the first request must not wait for them.
     estimator = TokenEstimator.load()
-    # SIGHUP reloads from the same layers: the config file and environment as they are now, the original argv.
-    dotenv_dir = Path.cwd()
     engine = Engine(
         settings,
         estimator,
-        reload_settings=lambda: load_settings(
-            cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=dotenv_dir
-        ),
+        reload_settings=load,
         early_signals=early_signals,
         budget_password=password,
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_mapper.engine.process.settings import SettingsError, load_settings
+from trio_mapper.engine.process.settings import SettingsError, load_settings, read_settings
 
 
 @pytest.mark.parametrize("written", ['"0660"', "0o660", '"660"'])
@@ -74,3 +74,66 @@ def test_problems_name_the_key_as_the_config_file_writes_it(tmp_path: Path) -> N
     assert "models.small.rpm: must be a finite number > 0, got 0" in problems
     assert any(problem.startswith("prices.gpt-4o-mini.input: ") for problem in problems), problems  # a bare key
     assert not any("server.models" in problem or "server.prices" in problem for problem in problems), problems
+
+
+def test_a_variable_no_setting_reads_is_named_with_the_closest_that_does(tmp_path: Path) -> None:
+    """An operator's finding: TRIO_MAPPER_RMP=6000 (a typo) was ignored without a word, and the engine ran at
+    the rate the operator thought they had changed."""
+    (tmp_path / ".env").write_text("TRIO_MAPPER_BUDGET_PASWORD=hunter2-is-a-secret\n")
+    environ = {
+        "OPENAI_API_KEY": "sk-test",
+        "TRIO_MAPPER_RMP": "6000",
+        "TRIO_MAPPER_MODELS": "gpt-4o",
+        "TRIO_MAPPER_TPM": "10000",
+        "TRIO_MAPPER_MAX_CONCURRENT_REQS": "1",
+        # Ours, without being settings the engine reads here (or settings that are): the clients' socket, the
+        # Redis password, the test suite's switches that CI exports.
+        "TRIO_MAPPER_SOCKET": str(tmp_path / "engine.sock"),
+        "TRIO_MAPPER_BUDGET_PASSWORD": "another-secret",
+        "TRIO_MAPPER_REQUIRE_REDIS": "1",
+        "TRIO_MAPPER_REQUIRE_BROWSER": "1",
+    }
+    with pytest.raises(SettingsError) as caught:
+        read_settings(cli={}, config_file=None, environ=environ, dotenv_dir=tmp_path)
+    typo = (
+        "TRIO_MAPPER_RMP in the environment is not a setting of the engine and is ignored; did you mean "
+        "TRIO_MAPPER_RPM?"
+    )
+    # The missing setting, then why it is missing.
+    assert caught.value.problems[0].startswith("server.rpm: required but not set")
+    assert typo in caught.value.problems
+
+    loaded = read_settings(cli={"rpm": 100}, config_file=None, environ=environ, dotenv_dir=tmp_path)
+    assert loaded.unknown_variables == (
+        "TRIO_MAPPER_MODELS in the environment is ignored: [models.NAME] tables are read from the config file only",
+        typo,
+        f"TRIO_MAPPER_BUDGET_PASWORD in {tmp_path / '.env'} is not a setting of the engine and is ignored; did you "
+        "mean TRIO_MAPPER_BUDGET_PASSWORD?",
+    )
+    assert "secret" not in str(loaded.unknown_variables), "names only: a value may be a password"
+
+
+def test_config_file_values_a_later_layer_overrides_are_named(tmp_path: Path) -> None:
+    """The command line wins over the file (so does the environment): a change made in the file to a value
+    set there has no effect, which the engine now says rather than reporting 'no changes'."""
+    config = tmp_path / "engine.toml"
+    config.write_text(
+        '[server]\nrpm = 6000\ntpm = 100\nmax_concurrent_reqs = 4\nlog_level = "info"\n\n'
+        '[openai]\nbase_url = "http://127.0.0.1:8000/v1"\n'
+    )
+    (tmp_path / ".env").write_text("TRIO_MAPPER_TPM=200\n")
+    environ = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9000/v1",
+        "TRIO_MAPPER_MAX_CONCURRENT_REQS": "4",  # the file's value: nothing is overridden
+    }
+    loaded = read_settings(
+        cli={"rpm": 5000, "log_level": "INFO"}, config_file=config, environ=environ, dotenv_dir=tmp_path
+    )
+    assert [str(override) for override in loaded.overridden] == [
+        "server.rpm in the config file has no effect: the command line sets it to 5000",
+        f"server.tpm in the config file has no effect: TRIO_MAPPER_TPM in {tmp_path / '.env'} sets it to 200",
+        "openai.base_url in the config file has no effect: OPENAI_BASE_URL in the environment sets it to "
+        "'http://127.0.0.1:9000/v1'",
+    ]
+    assert (loaded.settings.server.rpm, loaded.settings.server.tpm) == (5000, 200)

@@ -7,6 +7,7 @@ one line per problem with its path, e.g. ``server.rpm: must be > 0, got -5``.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import math
@@ -15,7 +16,7 @@ import re
 import stat
 import tomllib
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -338,14 +339,21 @@ _SERVER_FIELDS: Final = frozenset(field.name for field in attrs.fields(ServerSet
 #: Fields given in the environment as comma-separated lists (TRIO_MAPPER_ALLOWED_UIDS="1000,1001").
 _LIST_FIELDS: Final = frozenset({"allowed_uids", "allowed_gids"})
 _OPENAI_FIELDS: Final = frozenset(field.name for field in attrs.fields(OpenAISettings))
+#: Each section's field types, resolved, to read one layer's value alone (`_same_value`).
+_FIELD_TYPES: Final = {"server": typing.get_type_hints(ServerSettings), "openai": typing.get_type_hints(OpenAISettings)}
 
 
-def _read_mode_as_octal(server: dict[str, Any]) -> None:
-    """A permission mode written as a string is octal, as for chmod and --socket-mode: "0660" means 0o660 (in
-    TOML, 0o660 is the number; "0660" as decimal would be 0o1224)."""
+def _normalize(server: dict[str, Any]) -> None:
+    """Values of one layer as the settings read them, so that layers can be compared (`Override`).
+
+    A permission mode written as a string is octal, as for chmod and --socket-mode: "0660" means 0o660 (in
+    TOML, 0o660 is the number; "0660" as decimal would be 0o1224). A log level may be written in any case.
+    """
     mode = server.get("socket_mode")
     if isinstance(mode, str) and mode.strip().isdigit() and set(mode.strip()) <= set("01234567"):
         server["socket_mode"] = int(mode.strip(), 8)
+    if isinstance(server.get("log_level"), str):
+        server["log_level"] = server["log_level"].upper()
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -382,7 +390,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if problems:
         raise SettingsError(problems)
     server_section = dict(raw.get("server", {}))
-    _read_mode_as_octal(server_section)
+    _normalize(server_section)
     if "models" in raw:
         server_section["models"] = raw["models"]
     for table in ("tenants", "prices"):
@@ -400,22 +408,21 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     }
     for name in _LIST_FIELDS & server.keys():
         server[name] = server[name].replace(",", " ").split()
-    _read_mode_as_octal(server)
+    _normalize(server)
     openai = {name: environ[var] for name, var in OPENAI_ENV_VARS.items() if environ.get(var)}
     if environ.get("OPENAI_ORGANIZATION") and "organization" not in openai:
         openai["organization"] = environ["OPENAI_ORGANIZATION"]
     return {"server": server, "openai": openai}
 
 
-def _read_dotenv(dotenv_dir: Path | None) -> dict[str, Any]:
-    """``.env`` in ``dotenv_dir`` read as the environment is, below it: the key found there must not go to a
-    base URL other than the one written beside it (a third-party key sent to api.openai.com)."""
+def _dotenv_variables(dotenv_dir: Path | None) -> dict[str, str]:
+    """The variables of ``.env`` in ``dotenv_dir``, read as a layer below the environment: the key found there
+    must not go to a base URL other than the one written beside it (a third-party key sent to api.openai.com)."""
     if dotenv_dir is None or not (dotenv_dir / ".env").is_file():
         return {}
     from dotenv import dotenv_values
 
-    values = {name: value for name, value in dotenv_values(dotenv_dir / ".env").items() if value is not None}
-    return read_environment(values)
+    return {name: value for name, value in dotenv_values(dotenv_dir / ".env").items() if value is not None}
 
 
 def find_api_key(environ: Mapping[str, str], dotenv_dir: Path | None) -> str | None:
@@ -534,6 +541,32 @@ def _how_to_set(path: Place) -> str:
     return ""
 
 
+@attrs.frozen
+class Override:
+    """A value of the config file that a later layer replaces: changing it in the file changes nothing."""
+
+    #: Where it is in the file: ``server.rpm``.
+    path: str
+    #: The layer whose value is in force: ``the command line``, ``TRIO_MAPPER_RPM in the environment``.
+    by: str
+    #: The value in force.
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.path} in the config file has no effect: {self.by} sets it to {self.value}"
+
+
+@attrs.frozen
+class LoadedSettings:
+    """The settings, and what the way their layers combine would otherwise hide from the operator."""
+
+    settings: Settings
+    #: Config-file values that a later layer (``.env``, the environment, the command line) replaces.
+    overridden: tuple[Override, ...] = ()
+    #: One line per ``TRIO_MAPPER_*`` variable that no setting reads, with the closest one that does.
+    unknown_variables: tuple[str, ...] = ()
+
+
 def load_settings(
     *,
     cli: Mapping[str, Any],
@@ -542,17 +575,121 @@ def load_settings(
     dotenv_dir: Path | None,
 ) -> Settings:
     """Build the engine's settings from every layer; raises `SettingsError` listing every problem."""
+    return read_settings(cli=cli, config_file=config_file, environ=environ, dotenv_dir=dotenv_dir).settings
+
+
+def read_settings(
+    *,
+    cli: Mapping[str, Any],
+    config_file: Path | None,
+    environ: Mapping[str, str],
+    dotenv_dir: Path | None,
+) -> LoadedSettings:
+    """`load_settings`, with the config-file values a later layer overrides and the variables nothing reads.
+
+    Raises:
+        SettingsError: one readable line per problem.
+    """
     file_layer = read_config_file(config_file) if config_file is not None else {}
     cli_layer = {
         "server": {k: val for k, val in cli.items() if k in _SERVER_FIELDS and val is not None},
         "openai": {k: val for k, val in cli.items() if k in _OPENAI_FIELDS and val is not None},
     }
-    merged = _merge(file_layer, _read_dotenv(dotenv_dir), read_environment(environ), cli_layer)
+    _normalize(cli_layer["server"])
+    dotenv = _dotenv_variables(dotenv_dir)
+    dotenv_file = dotenv_dir / ".env" if dotenv_dir is not None else None
+    # The layers above the file, the last applied first, each with how to say that its value won.
+    later: list[tuple[dict[str, Any], Callable[[str, str], str]]] = [
+        (cli_layer, lambda section, name: "the command line"),
+        (read_environment(environ), lambda section, name: f"{_variable(section, name, environ)} in the environment"),
+        (read_environment(dotenv), lambda section, name: f"{_variable(section, name, dotenv)} in {dotenv_file}"),
+    ]
+    merged = _merge(file_layer, *(layer for layer, _ in reversed(later)))
     api_key = find_api_key(environ, dotenv_dir)
     if api_key is not None:
         merged["openai"]["api_key"] = api_key
-    if isinstance(merged["server"].get("log_level"), str):
-        merged["server"]["log_level"] = merged["server"]["log_level"].upper()
+    unknown = [*_unknown_variables(environ, "in the environment"), *_unknown_variables(dotenv, f"in {dotenv_file}")]
+    try:
+        settings = _structure(merged)
+    except SettingsError as exc:
+        # A misspelt variable is often why a setting is missing: its line is the one that says how to fix it.
+        raise SettingsError([*exc.problems, *unknown]) from None
+    return LoadedSettings(settings, tuple(_overrides(settings, file_layer, later)), tuple(unknown))
+
+
+def _overrides(
+    settings: Settings, file_layer: Mapping[str, Any], later: list[tuple[dict[str, Any], Callable[[str, str], str]]]
+) -> Iterator[Override]:
+    """The file's values that a later layer replaced with a different one."""
+    for section in ("server", "openai"):
+        for name, written in file_layer.get(section, {}).items():
+            winner = next(((layer, by) for layer, by in later if name in layer.get(section, {})), None)
+            if winner is None or _same_value(section, name, written, winner[0][section][name]):
+                continue
+            value = getattr(getattr(settings, section), name)
+            shown = repr(value) if isinstance(value, str) else str(value)
+            yield Override(config_path(section, name), winner[1](section, name), shown)
+
+
+def _variable(section: str, name: str, variables: Mapping[str, str]) -> str:
+    """The environment variable `read_environment` took a setting from."""
+    if section == "server":
+        return SERVER_ENV_PREFIX + name.upper()
+    variable = OPENAI_ENV_VARS[name]
+    return variable if variables.get(variable) else "OPENAI_ORGANIZATION"
+
+
+def _same_value(section: str, name: str, first: Any, second: Any) -> bool:
+    """Whether two layers' values of a setting are the same once read: 5000 and "5000" are."""
+    if first == second:
+        return True
+    type_ = _FIELD_TYPES[section].get(name, Any)
+    try:
+        return bool(_converter.structure(first, type_) == _converter.structure(second, type_))
+    except Exception:
+        return False
+
+
+#: ``TRIO_MAPPER_*`` variables that are not settings and yet are meant: the shared budget's Redis password
+#: (`budget_password`), and the switches the project's CI exports for its test suite (.ci/run), which an engine
+#: started from such a shell sees too. (``TRIO_MAPPER_SOCKET``, which the clients read, is the ``socket`` setting.)
+_OTHER_VARIABLES: Final = frozenset(
+    {BUDGET_PASSWORD_ENV_VAR, "TRIO_MAPPER_REQUIRE_REDIS", "TRIO_MAPPER_REQUIRE_BROWSER"}
+)
+
+
+def _unknown_variables(variables: Mapping[str, str], where: str) -> Iterator[str]:
+    """A line for each ``TRIO_MAPPER_*`` variable that nothing reads. A typo (TRIO_MAPPER_RMP) was ignored
+    without a word, and the engine ran without the setting its operator thought they gave. Names only: the
+    value may be a secret."""
+    suffixes = {
+        variable.removeprefix(SERVER_ENV_PREFIX): variable
+        for variable in {SERVER_ENV_PREFIX + name.upper() for name in _SERVER_FIELDS - _SERVER_TABLES}
+        | _OTHER_VARIABLES
+    }
+    for variable in sorted(variables):
+        suffix = variable.removeprefix(SERVER_ENV_PREFIX)
+        if not variable.startswith(SERVER_ENV_PREFIX) or suffix in suffixes:
+            continue
+        if suffix.lower() in _SERVER_TABLES:
+            yield f"{variable} {where} is ignored: [{suffix.lower()}.NAME] tables are read from the config file only"
+            continue
+        # Against the part after the prefix: every name shares the prefix, which would make any name look close.
+        guesses = difflib.get_close_matches(suffix, suffixes, n=1)
+        hint = (
+            f"did you mean {suffixes[guesses[0]]}?"
+            if guesses
+            else f"the engine reads {SERVER_ENV_PREFIX}<OPTION> for each option, e.g. {SERVER_ENV_PREFIX}RPM for --rpm"
+        )
+        yield f"{variable} {where} is not a setting of the engine and is ignored; {hint}"
+
+
+def _structure(merged: dict[str, Any]) -> Settings:
+    """The merged layers as `Settings`.
+
+    Raises:
+        SettingsError: every problem found, one line each.
+    """
     try:
         # Validators run afterwards, field by field, so that every bad value is reported, not the first.
         with attrs.validators.disabled():
