@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -263,3 +264,19 @@ def test_the_http_front_line_shows_every_counter(capsys: pytest.CaptureFixture[s
         "http on unix:/run/e.sock.http  requests 120  unauthorized 3  not found 2  disconnected 5  SDK retries 7"
         in SGR.sub("", capsys.readouterr().out)
     )
+
+
+def test_the_last_reload_is_shown_when_it_left_something_undone(capsys: pytest.CaptureFixture[str]) -> None:
+    at = time.mktime((2026, 1, 2, 10, 42, 3, 0, 0, -1))
+    failure = {"at": at, "reason": f"server.rpm: expected an integer, got {HOSTILE!r}"}
+    reloads = {"applied": 0, "failed": 1, "succeeded_at": at - 60, "failure": failure, "not_applied": []}
+    render({"engine": {"reloads": reloads}, "lanes": {}})
+    plain = SGR.sub("", capsys.readouterr().out)
+    assert "last reload failed at 10:42:03: server.rpm: expected an integer" in plain
+    assert control_characters(plain) == [], "a value from the config file is shown as text"
+    reloads |= {"failure": None, "succeeded_at": at, "not_applied": ["server.rpm (the command line sets it)"]}
+    render({"engine": {"reloads": reloads}, "lanes": {}})
+    assert "not applied since the reload at 10:42:03: server.rpm (the command line sets it)" in capsys.readouterr().out
+    reloads |= {"not_applied": []}
+    render({"engine": {"reloads": reloads}, "lanes": {}})
+    assert "reload" not in capsys.readouterr().out

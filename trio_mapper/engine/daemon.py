@@ -54,7 +54,7 @@ from trio_mapper.engine.fronts.unix.peers import (
 )
 from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.metrics import EngineMetrics, Readiness, healthz
-from trio_mapper.engine.process.reload import plan_reload
+from trio_mapper.engine.process.reload import Reloads, plan_reload
 from trio_mapper.engine.process.settings import (
     LoadedSettings,
     ServerSettings,
@@ -169,6 +169,8 @@ class Engine:
         self._backlog = ReplyBacklog()
         self._receiving = ReceivingBytes(receiving_limit(self.settings.server.max_frame_bytes))
         self._started_at = time.time()
+        #: How the reloads went, for STATUS=, the stats and the metrics.
+        self.reloads = Reloads(succeeded_at=self._started_at)
         self.scheduler: Scheduler | None = None
         #: The HTTP front's listeners (its Unix socket, a loopback port) and the socket file we created.
         self._http_listeners: list[tuple[trio.SocketListener, Transport]] = []
@@ -210,6 +212,7 @@ class Engine:
             period_length=server.period_length,
             ledger_mode=server.ledger_mode,
             budget=self.shared_budget.statistics() if self.shared_budget is not None else {"backend": "local"},
+            reloads=self.reloads.statistics(),
         )
         if self._http is not None:
             engine["http_requests"] = attrs.asdict(self._http.app.stats)
@@ -554,7 +557,8 @@ class Engine:
 
         No request is touched: the ledger keeps its reservations and waiters, the limiter its borrowers. The
         files are read in a thread, within `RELOAD_READ_TIMEOUT`: a config path that is a FIFO, or on a hung
-        network filesystem, stalled every client (and SIGTERM) when they were read on the event loop.
+        network filesystem, stalled every client (and SIGTERM) when they were read on the event loop. How it went
+        is kept in `reloads`, which STATUS=, the stats and the metrics show until the next reload.
         """
         if self._shutdown_requested.is_set() or self._reload_settings is None:
             log.warning("SIGHUP ignored: %s", "shutting down" if self._reload_settings else "nothing to reload from")
@@ -573,12 +577,24 @@ class Engine:
                 for problem in exc.problems:
                     log.error("reload: %s", problem)
                 log.error("reload failed; keeping the current settings")
+                more = len(exc.problems) - 1
+                self.reloads.failed_with(
+                    time.time(),
+                    exc.problems[0]
+                    + (f" (and {more} more, see the log)" if more else "")
+                    + "; running with the previous settings",
+                )
                 return
             except trio.TooSlowError:
                 log.error(
                     "reload: gave up reading the config or keys file after %gs (a FIFO, or a hung filesystem?); "
                     "keeping the current settings",
                     RELOAD_READ_TIMEOUT,
+                )
+                self.reloads.failed_with(
+                    time.time(),
+                    f"gave up reading the config or keys file after {RELOAD_READ_TIMEOUT:g}s; "
+                    "running with the previous settings",
                 )
                 return
             if self._shutdown_requested.is_set():
@@ -604,9 +620,20 @@ class Engine:
             applied = [*plan.applied, *self._reload_http(server, keys)]
             self.settings = plan.settings
             log.info("reloaded: %s", "; ".join(applied) if applied else "no changes")
+            not_applied = [
+                *(f"{path} (needs a restart)" for path in plan.needs_restart),
+                *(f"{override.path} ({override.by} sets it)" for override in loaded.overridden),
+            ]
+            if isinstance(keys, KeysError):
+                self.reloads.failed_with(
+                    time.time(), f"{keys}; running with the previous client keys", not_applied=not_applied
+                )
+            else:
+                self.reloads.succeeded(time.time(), not_applied)
         except Exception:
             # A bug in reloading must not stop the engine: it keeps serving with what it has.
             log.exception("reload failed; serving continues")
+            self.reloads.failed_with(time.time(), "an internal error (the log has its traceback); serving continues")
         finally:
             if announce:
                 self._notifier.ready(self._status_line())
@@ -646,10 +673,13 @@ class Engine:
             return "starting"
         engine, lanes = self.scheduler.statistics()
         state = "stopping" if self._shutdown_requested.is_set() else "serving"
-        return (
+        line = (
             f"{state}: {len(self._connections)} connections, {engine['outstanding']} outstanding, "
             f"{engine['in_flight']} in flight, 429s: {sum(lane['upstream_429s'] for lane in lanes.values())}"
         )
+        # What an operator who just ran `systemctl reload` needs to see without reading the journal.
+        reloads = self.reloads.status()
+        return f"{line}; {reloads}" if reloads else line
 
     async def _report_status(self) -> None:
         sent = ""

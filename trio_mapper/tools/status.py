@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 from trio_mapper.client.errors import EngineUnavailable, TrioMapperError
@@ -19,6 +20,7 @@ from trio_mapper.text import escape_control_characters
 
 if TYPE_CHECKING:
     from rich.table import Table
+    from rich.text import Text
 
 
 #: How long `trio-mapper status` waits for the statistics once connected (a busy engine answers in well
@@ -112,6 +114,9 @@ def render(stats: dict[str, Any]) -> None:
             f"{_text(budget.get('failure_policy', '?'))}",
         )
         console.print(line)
+    reload_line = _reload_line(engine.get("reloads"))
+    if reload_line is not None:
+        console.print(reload_line)
     lanes: dict[str, dict[str, Any]] = stats.get("lanes", {})
     if lanes:
         console.print(_lanes_table(lanes))
@@ -121,6 +126,33 @@ def render(stats: dict[str, Any]) -> None:
     if isinstance(tenants, dict) and _configured(tenants):
         console.print()
         console.print(_tenants_table(tenants))
+
+
+def _time_of_day(value: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(value)) if isinstance(value, int | float) else "?"
+
+
+def _reload_line(reloads: Any) -> Text | None:
+    """What the last reload left undone, if anything: a failure (the settings in force were kept), else the
+    settings the files give that the engine does not run (a restart needed, a value overridden)."""
+    from rich.text import Text
+
+    if not isinstance(reloads, dict):
+        return None
+    failure = reloads.get("failure")
+    if isinstance(failure, dict):
+        return Text.assemble(
+            ("last reload failed", "bold red"),
+            f" at {_time_of_day(failure.get('at'))}: {_text(failure.get('reason', '?'))}",
+        )
+    not_applied = reloads.get("not_applied")
+    if isinstance(not_applied, list) and not_applied:
+        return Text.assemble(
+            ("not applied", "yellow"),
+            f" since the reload at {_time_of_day(reloads.get('succeeded_at'))}: "
+            f"{_text(', '.join(map(str, not_applied)))}",
+        )
+    return None
 
 
 def _lanes_table(lanes: dict[str, dict[str, Any]]) -> Table:

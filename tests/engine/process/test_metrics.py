@@ -297,6 +297,27 @@ def test_a_shared_budget_shows_whether_redis_answers() -> None:
     assert get(samples, "trio_mapper_budget_redis_failures_total") == 2
 
 
+def test_reloads_show_how_the_last_one_went() -> None:
+    fake = FakeEngine()
+    metrics = fake.metrics()
+    assert get(scrape(metrics), "trio_mapper_config_last_reload_successful") is None  # not serving yet
+    fake.engine["reloads"] = {"applied": 0, "failed": 0, "succeeded_at": 1000.0, "failure": None, "not_applied": []}
+    samples = scrape(metrics)
+    assert get(samples, "trio_mapper_config_last_reload_successful") == 1  # the start's settings
+    assert get(samples, "trio_mapper_config_last_reload_success_timestamp_seconds") == 1000
+    assert get(samples, "trio_mapper_config_reloads_total", result="failed") == 0
+    fake.engine["reloads"] |= {"failed": 1, "failure": {"at": 1060.0, "reason": "server.rpm: expected an integer"}}
+    samples = scrape(metrics)
+    assert get(samples, "trio_mapper_config_reloads_total", result="failed") == 1
+    assert get(samples, "trio_mapper_config_last_reload_successful") == 0
+    fake.engine["reloads"] |= {"applied": 1, "succeeded_at": 1120.0, "failure": None, "not_applied": ["a", "b"]}
+    samples = scrape(metrics)
+    assert get(samples, "trio_mapper_config_reloads_total", result="applied") == 1
+    assert get(samples, "trio_mapper_config_last_reload_successful") == 1
+    assert get(samples, "trio_mapper_config_last_reload_success_timestamp_seconds") == 1120
+    assert get(samples, "trio_mapper_config_settings_not_applied") == 2
+
+
 def tenant_stats(**overrides: Any) -> dict[str, Any]:
     tenant = {"priority": "default", "weight": 1.0, "rpm_cap": None, "tpm_cap": None, "daily_tokens": None,
               "daily_cost": None, "tokens_24h": 0, "cost_24h": 0.0, "queued": 0}  # fmt: skip

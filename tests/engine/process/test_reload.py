@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from trio_mapper.engine.process.reload import plan_reload
+from trio_mapper.engine.process.reload import Reloads, plan_reload
 from trio_mapper.engine.process.settings import Settings, load_settings
 
 LIMITS = {"rpm": 100, "tpm": 10_000, "max_concurrent_reqs": 1}
@@ -44,3 +45,32 @@ def test_the_reload_line_tells_each_changed_table_field_by_field(tmp_path: Path)
     ]
     assert plan.refused == []
     assert plan.settings.server.tenants == after.server.tenants
+
+
+def test_the_status_keeps_a_failure_until_a_reload_succeeds() -> None:
+    reloads = Reloads(succeeded_at=0.0)
+    assert reloads.status() == ""
+    at = time.mktime((2026, 1, 2, 10, 42, 3, 0, 0, -1))
+    reloads.failed_with(at, "server.rpm: expected an integer, got 'lots'; running with the previous settings")
+    assert reloads.status() == (
+        "reload failed at 10:42:03: server.rpm: expected an integer, got 'lots'; running with the previous settings"
+    )
+    reloads.succeeded(at + 60, [f"server.setting_{n} (needs a restart)" for n in range(5)])
+    assert reloads.status() == (
+        "reloaded at 10:43:03; not applied: server.setting_0 (needs a restart), server.setting_1 (needs a restart), "
+        "server.setting_2 (needs a restart) and 2 more (see the log)"
+    )
+    # The keys file refused: a failure, though the settings' changes were applied (and some were not).
+    reloads.failed_with(
+        at + 120, "keys file k.toml is not valid TOML", not_applied=["server.rpm (the command line sets it)"]
+    )
+    assert reloads.status().startswith("reload failed at 10:44:03: keys file")
+    reloads.succeeded(at + 180, [])
+    assert reloads.status() == ""
+    assert reloads.statistics() == {
+        "applied": 2,
+        "failed": 2,
+        "succeeded_at": at + 180,
+        "failure": None,
+        "not_applied": [],
+    }

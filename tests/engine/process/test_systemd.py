@@ -32,12 +32,14 @@ import openai
 import pytest
 import trio
 from conftest import ROOT, TEST_API_KEY, engine_env, running_engine, simulator, stop_process
+from prometheus_client.parser import text_string_to_metric_families
 from raw_client import RawClient, chat
 
 from trio_mapper.engine.fronts.unix.peers import PeerCredentials, is_allowed
 from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.reload import plan_reload
 from trio_mapper.engine.process.settings import SettingsError, find_api_key, load_settings
+from trio_mapper.tools.status import render
 
 UNITS = ROOT / "systemd"
 
@@ -353,6 +355,87 @@ async def test_sighup_reloads_limits_under_load_without_losing_a_request(short_t
         assert "reload failed; keeping the current settings" in log
         assert "Traceback" not in log
         assert TEST_API_KEY not in log
+
+
+async def metrics_of(http_socket: Path) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    transport = httpx.AsyncHTTPTransport(uds=str(http_socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
+        text = (await client.get("/metrics")).text
+    assert TEST_API_KEY not in text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def reload_and_wait(engine: ActivatedEngine) -> dict[str, str]:
+    """SIGHUP, then the READY=1 that ends the reload (its STATUS= says how it went)."""
+    engine.process.send_signal(signal.SIGHUP)
+    await engine.notify.wait_for(lambda m: m.get("RELOADING") == "1")
+    return await engine.notify.wait_for(is_ready)
+
+
+async def test_a_failed_or_partly_ineffective_reload_shows_in_status_metrics_and_stats(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's finding: a reload that failed (a bad file: the settings in force are kept) or whose change
+    the command line overrides was told only in the journal, and `systemctl status` said all was well."""
+    config = short_tmp / "engine.toml"
+    write_config(config, rpm=100_000, tpm=10_000_000, concurrent=4, mini_rpm=6000, mini_tpm=600_000)
+    http_socket = short_tmp / "engine.http"
+    env = engine_env(TRIO_MAPPER_RMP="6000")  # a typo: never read
+    args = ("--config", str(config), "--rpm", "100000", "--http-socket", str(http_socket))
+    async with simulator() as url, activated_engine(short_tmp, url, *args, env=env) as engine:
+        ready = await engine.notify.wait_for(is_ready)
+        assert ready["STATUS"] == "serving: 0 connections, 0 outstanding, 0 in flight, 429s: 0"
+        typo = "TRIO_MAPPER_RMP in the environment is not a setting of the engine and is ignored; did you mean "
+        assert f"{typo}TRIO_MAPPER_RPM?" in engine.log
+        samples = await metrics_of(http_socket)
+        assert samples[("trio_mapper_config_last_reload_successful", frozenset())] == 1
+        assert samples[("trio_mapper_config_reloads_total", frozenset({("result", "failed")}))] == 0
+
+        # A bad tpm (a bad rpm would be hidden by --rpm), an unknown key, and the typo's line: three problems.
+        config.write_text('[server]\ntpm = "lots"\nmax_concurrent_reqs = 1\nbogus = 1\n')
+        failed = await reload_and_wait(engine)
+        status = failed["STATUS"]
+        assert status.startswith("serving: 0 connections, 0 outstanding, 0 in flight, 429s: 0; reload failed at ")
+        assert status.endswith(
+            ": server.tpm: expected an integer, got 'lots' (and 2 more, see the log); "
+            "running with the previous settings"
+        )
+        samples = await metrics_of(http_socket)
+        assert samples[("trio_mapper_config_reloads_total", frozenset({("result", "failed")}))] == 1
+        assert samples[("trio_mapper_config_last_reload_successful", frozenset())] == 0
+        reloads = (await stats(engine.socket))["engine"]["reloads"]
+        assert reloads["failed"] == 1 and reloads["applied"] == 0
+        assert reloads["failure"]["reason"].startswith("server.tpm: expected an integer")
+
+        # A good file again, whose rpm the command line overrides and whose max_queued needs a restart.
+        write_config(config, rpm=60_000, tpm=10_000_000, concurrent=4, mini_rpm=6000, mini_tpm=600_000,
+                     extra="max_queued = 1000")  # fmt: skip
+        before = time.time()
+        applied = await reload_and_wait(engine)
+        assert applied["STATUS"].endswith(
+            "; not applied: server.max_queued (needs a restart), server.rpm (the command line sets it)"
+        )
+        assert "; reloaded at " in applied["STATUS"] and "failed" not in applied["STATUS"]
+        samples = await metrics_of(http_socket)
+        assert samples[("trio_mapper_config_reloads_total", frozenset({("result", "applied")}))] == 1
+        assert samples[("trio_mapper_config_last_reload_successful", frozenset())] == 1
+        assert samples[("trio_mapper_config_last_reload_success_timestamp_seconds", frozenset())] >= before - 1
+        assert samples[("trio_mapper_config_settings_not_applied", frozenset())] == 2
+        engine_stats = await stats(engine.socket)
+        assert engine_stats["engine"]["default_limits"]["rpm"] == 100_000, "the command line still wins"
+        monkeypatch.delenv("COLUMNS", raising=False)  # a pipe: no line is wrapped
+        render(engine_stats)  # trio-mapper status, from the same stats
+        shown = capsys.readouterr().out.replace("\n", "")
+        assert "not applied since the reload at" in shown and "server.rpm (the command line sets it)" in shown
+    log = engine.log
+    assert "reload: server.rpm in the config file has no effect: the command line sets it to 100000" in log
+    assert log.count(typo) == 3, "at start and at each reload"
+    assert TEST_API_KEY not in log
+    assert all(TEST_API_KEY not in str(message) for message in engine.notify.messages)
 
 
 async def test_the_key_from_a_systemd_credential(short_tmp: Path) -> None:

@@ -335,6 +335,7 @@ def _engine_families(engine: Mapping[str, Any]) -> Iterator[Metric]:
         if key in http:
             counter.add_metric([], http[key])
         yield counter
+    yield from _reload_families(engine.get("reloads"))
     budget = engine.get("budget") or {}
     if budget.get("backend") == "redis":
         # A shared budget whose Redis does not answer is the one state operators must be paged for.
@@ -355,6 +356,39 @@ def _engine_families(engine: Mapping[str, Any]) -> Iterator[Metric]:
             counter = CounterMetricFamily(_name(suffix.removesuffix("_total")), text)
             counter.add_metric([], budget.get(key, 0))
             yield counter
+
+
+def _reload_families(reloads: Mapping[str, Any] | None) -> Iterator[Metric]:
+    # Named as Prometheus and Alertmanager name their own (prometheus_config_last_reload_successful...), so
+    # that the alert rules operators already have for those read the same way here.
+    if not reloads:
+        return
+    counter = CounterMetricFamily(
+        _name("config_reloads"),
+        "Reloads (SIGHUP), by result: failed kept the settings (or client keys) in force.",
+        labels=["result"],
+    )
+    for result in ("applied", "failed"):
+        counter.add_metric([result], reloads.get(result, 0))
+    yield counter
+    successful = GaugeMetricFamily(
+        _name("config_last_reload_successful"), "1 unless the last reload failed (1 before the first)."
+    )
+    successful.add_metric([], 0 if reloads.get("failure") else 1)
+    yield successful
+    succeeded = GaugeMetricFamily(
+        _name("config_last_reload_success_timestamp_seconds"),
+        "When the settings in force were read: the start, or the last reload that succeeded (Unix time).",
+    )
+    succeeded.add_metric([], reloads.get("succeeded_at", 0))
+    yield succeeded
+    not_applied = GaugeMetricFamily(
+        _name("config_settings_not_applied"),
+        "Settings the files give that the engine does not run, after the last reload: changes that need a "
+        "restart, values the command line or the environment overrides.",
+    )
+    not_applied.add_metric([], len(reloads.get("not_applied") or ()))
+    yield not_applied
 
 
 def _tenant_families(tenants: Mapping[str, Mapping[str, Any]], limit: int) -> Iterator[Metric]:
