@@ -10,6 +10,7 @@ during start-up abandons it, and whatever start-up had created is removed on the
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -496,7 +497,9 @@ class Engine:
             )
             path = None
         if path is not None:
-            listener, self._http_socket_file = await open_unix_listener(path, mode=server.socket_mode)
+            listener, self._http_socket_file = await open_unix_listener(
+                path, mode=server.socket_mode, option="--http-socket"
+            )
             self._http_listeners.append((listener, "unix"))
             self.http_listening_on.append(f"unix:{self._http_socket_file.path}")
         if server.http:
@@ -504,7 +507,7 @@ class Engine:
             try:
                 tcp_listeners = await trio.open_tcp_listeners(port, host=host)
             except OSError as exc:
-                raise ListenerError(f"cannot listen on {server.http}: {exc.strerror or exc}") from None
+                raise ListenerError(_cannot_listen(server.http, port, exc)) from None
             for tcp in tcp_listeners:
                 self._http_listeners.append((tcp, "tcp"))
                 address = tcp.socket.getsockname()
@@ -748,6 +751,23 @@ async def _read_in_thread(read: Callable[[], T]) -> T:
     is abandoned in its thread: a blocking open() cannot be interrupted."""
     with trio.fail_after(RELOAD_READ_TIMEOUT):
         return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+
+
+def _cannot_listen(address: str, port: int, exc: OSError) -> str:
+    """Why the HTTP front's port cannot be opened, and what to do: "Address already in use" alone said neither."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {address}: the port is in use, probably by another engine (if so, "
+            f'`curl -s http://{address}/healthz` answers {{"status": "ok"}} and `trio-mapper status` shows the '
+            f"engine of the default socket; `ss -ltnp 'sport = :{port}'` names whatever holds the port). Stop it, "
+            'or choose another port: --http HOST:PORT, or http = "HOST:PORT" under [server] in the config file'
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"cannot listen on {address}: a port below 1024 needs a privilege the engine does not have; choose a "
+            'port above 1024 (--http HOST:PORT, or http = "HOST:PORT" under [server] in the config file)'
+        )
+    return f"cannot listen on {address}: {exc.strerror or exc}"
 
 
 def _warn_about_tenant_keys_not_in(keys: ClientKeys, server: ServerSettings) -> None:

@@ -552,6 +552,38 @@ async def test_curl_over_the_unix_socket(short_tmp: Path) -> None:
         assert "x-trio-mapper-attempts: 1" in head.lower()
 
 
+async def test_a_port_or_an_http_socket_in_use_is_a_clear_start_up_error(short_tmp: Path) -> None:
+    """An operator's finding: --http on a port something else holds failed with a bare "Address already in
+    use", saying neither what might hold it nor what to change; and the HTTP socket's errors named --socket."""
+    keys = write_keys(short_tmp, alice=CLIENT_KEY)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        taken = await run(
+            engine_command(
+                short_tmp / "e.sock", "http://127.0.0.1:1/v1", "--http", address, "--http-keys-file", str(keys)
+            )
+        )
+    # Exit 1, as for a socket another engine listens on (2 is for settings): systemd restarts it, which helps
+    # when the holder is an engine on its way out.
+    assert taken.returncode == 1, taken.stderr
+    assert f"cannot listen on {address}: the port is in use, probably by another engine" in taken.stderr
+    assert f"curl -s http://{address}/healthz" in taken.stderr
+    assert 'choose another port: --http HOST:PORT, or http = "HOST:PORT" under [server]' in taken.stderr
+    assert "Traceback" not in taken.stderr
+    assert not (short_tmp / "e.sock").exists() and not (short_tmp / "e.sock.http").exists(), "nothing left behind"
+
+    async with simulator() as url, running_engine(short_tmp, url) as engine:
+        second = await run(engine_command(short_tmp / "other.sock", url, "--http-socket", http_socket(engine)))
+        assert second.returncode == 1, second.stderr
+        assert (
+            f"another engine is starting or running on {http_socket(engine)}; stop it first or choose another "
+            "--http-socket" in second.stderr
+        )
+        assert not (short_tmp / "other.sock").exists()
+
+
 async def test_keys_file_checks_and_sighup_reload(short_tmp: Path) -> None:
     keys = write_keys(short_tmp, 0o644, alice=CLIENT_KEY)
     port = free_port()

@@ -63,7 +63,7 @@ class OwnedSocketFile:
             self.lock_fd = None
 
 
-def _not_permitted_in(directory: Path) -> str:
+def _not_permitted_in(directory: Path, option: str) -> str:
     """What to say when the engine's user may not create or look up files in the socket's directory."""
     try:
         info = os.stat(directory)
@@ -73,11 +73,11 @@ def _not_permitted_in(directory: Path) -> str:
     return (
         f"permission denied in the socket's directory {directory}{owner}; the engine runs as uid {os.geteuid()}. "
         "Give that directory to the engine's user (a directory left by an engine run as root, say), or choose "
-        "another --socket"
+        f"another {option}"
     )
 
 
-def _lock_path(path: Path) -> int:
+def _lock_path(path: Path, option: str) -> int:
     """Hold an exclusive lock beside the socket for the engine's life: two engines started at the same
     moment would otherwise both find the path free and both rename their socket into place."""
     lock_file = path.with_name(f".{path.name}.lock")
@@ -85,18 +85,18 @@ def _lock_path(path: Path) -> int:
         # Not through a symlink someone planted (a sticky /tmp lets others create names beside ours).
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except PermissionError:
-        raise ListenerError(_not_permitted_in(path.parent)) from None
+        raise ListenerError(_not_permitted_in(path.parent, option)) from None
     except OSError as exc:
         raise ListenerError(
             f"cannot open the lock file {lock_file}: {exc.strerror}; remove it if it is a symlink, or choose "
-            "another --socket"
+            f"another {option}"
         ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise ListenerError(
-            f"another engine is starting or running on {path}; stop it first or choose another --socket"
+            f"another engine is starting or running on {path}; stop it first or choose another {option}"
         ) from None
     return fd
 
@@ -119,7 +119,7 @@ async def _someone_listens(path: Path) -> bool:
     return True
 
 
-def _prepare_parent(path: Path, socket_mode: int) -> None:
+def _prepare_parent(path: Path, socket_mode: int, option: str) -> None:
     parent = path.parent
     if not parent.exists():
         # Clients need to traverse the directory only if the socket grants them access through its group.
@@ -128,11 +128,11 @@ def _prepare_parent(path: Path, socket_mode: int) -> None:
             parent.mkdir(mode=directory_mode, parents=True, exist_ok=True)
         except OSError as exc:
             raise ListenerError(
-                f"cannot create the socket's directory {parent}: {exc.strerror}; create it or choose --socket"
+                f"cannot create the socket's directory {parent}: {exc.strerror}; create it or choose another {option}"
             ) from None
     info = os.lstat(parent)
     if not stat.S_ISDIR(info.st_mode):
-        raise ListenerError(f"{parent} is not a directory (or is a symlink); choose another --socket")
+        raise ListenerError(f"{parent} is not a directory (or is a symlink); choose another {option}")
     # Whoever can write to the directory can swap the socket for their own and read every client's
     # requests. The sticky bit (/tmp) stops others from renaming or removing what we own; without it the
     # directory must be closed to writers other than its owner, group members included. And the owner may
@@ -140,61 +140,68 @@ def _prepare_parent(path: Path, socket_mode: int) -> None:
     if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
         who = "world-writable" if info.st_mode & 0o002 else "group-writable"
         raise ListenerError(
-            f"{parent} is {who} without the sticky bit; choose a --socket in a directory only you can write"
+            f"{parent} is {who} without the sticky bit; choose a {option} in a directory only you can write"
         )
     if info.st_uid not in (os.geteuid(), 0):
         raise ListenerError(
             f"{parent} belongs to uid {info.st_uid}, not to this engine (uid {os.geteuid()}); "
-            "another user could replace the socket. Choose another --socket"
+            f"another user could replace the socket. Choose another {option}"
         )
 
 
-def _check_path(path: Path, mode: int) -> tuple[Path, bool]:
+def _check_path(path: Path, mode: int, option: str) -> tuple[Path, bool]:
     """The absolute path, and whether a socket already exists there (alive or stale)."""
     path = Path(os.path.abspath(path))
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise ListenerError(
             f"socket path {path} is longer than the {MAX_SOCKET_PATH_BYTES} bytes Unix allows; "
-            "choose a shorter --socket"
+            f"choose a shorter {option}"
         )
-    _prepare_parent(path, mode)
+    _prepare_parent(path, mode, option)
     try:
         existing = os.lstat(path)
     except FileNotFoundError:
         return path, False
     except PermissionError:
-        raise ListenerError(_not_permitted_in(path.parent)) from None
+        raise ListenerError(_not_permitted_in(path.parent, option)) from None
     if not stat.S_ISSOCK(existing.st_mode):
-        raise ListenerError(f"{path} exists and is not a socket; remove it or choose another --socket")
+        raise ListenerError(f"{path} exists and is not a socket; remove it or choose another {option}")
     return path, True
 
 
-async def open_unix_listener(path: Path, *, mode: int) -> tuple[trio.SocketListener, OwnedSocketFile]:
+async def open_unix_listener(
+    path: Path, *, mode: int, option: str = "--socket"
+) -> tuple[trio.SocketListener, OwnedSocketFile]:
     """Listen on ``path`` with permission ``mode``, replacing a stale socket left by a crash.
 
     The socket is bound under a temporary name, given its mode, then renamed into place, so there is no
     moment where the final path exists with the process umask's permissions.
 
+    Args:
+        option: the command-line option that chose ``path``, which the errors tell the operator to change.
+
     Raises:
         ListenerError: the path is too long, is not a socket, or another process is listening on it.
     """
-    path, stale_candidate = _check_path(path, mode)
-    lock_fd = _lock_path(path)
+    path, stale_candidate = _check_path(path, mode, option)
+    lock_fd = _lock_path(path, option)
     try:
-        listener, created = await _bind(path, mode, stale_candidate)
+        listener, created = await _bind(path, mode, stale_candidate, option)
     except BaseException:
         os.close(lock_fd)
         raise
     return listener, OwnedSocketFile(path, created.st_dev, created.st_ino, lock_fd)
 
 
-async def _bind(path: Path, mode: int, stale_candidate: bool) -> tuple[trio.SocketListener, os.stat_result]:
+async def _bind(
+    path: Path, mode: int, stale_candidate: bool, option: str
+) -> tuple[trio.SocketListener, os.stat_result]:
     try:
         someone_listens = stale_candidate and await _someone_listens(path)
     except OSError as exc:
         raise ListenerError(f"cannot tell whether an engine listens on {path}: {exc}") from None
     if someone_listens:
-        raise ListenerError(f"another engine is already listening on {path}; stop it first or choose another --socket")
+        raise ListenerError(f"another engine is already listening on {path}; stop it first or choose another {option}")
 
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.unlink(missing_ok=True)
