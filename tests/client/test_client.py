@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from client_fixtures import (
     socket_path_in,
 )
 
+from trio_mapper import paths
 from trio_mapper.client import (
     AsyncClient,
     Client,
@@ -320,6 +322,119 @@ def test_no_engine_raises_engine_unavailable_with_advice(socket_dir: str, monkey
     assert "trio-mapper launch-engine" in message
     assert SOCKET_ENV_VAR in message
     assert caught.value.socket_path == missing
+
+
+def _no_socket_settings(monkeypatch: pytest.MonkeyPatch, socket_dir: str) -> tuple[str, str]:
+    """The default paths moved into ``socket_dir``: (this user's engine's socket, the system service's)."""
+    monkeypatch.delenv(SOCKET_ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", os.path.join(socket_dir, "run-user"))
+    system = os.path.join(socket_dir, "system.sock")
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET_PATH", Path(system))
+    return os.path.join(socket_dir, "run-user", "trio-mapper", "engine.sock"), system
+
+
+def test_the_default_socket_falls_back_to_the_system_services(
+    socket_dir: str, monkeypatch: pytest.MonkeyPatch, pings: list[RequestId]
+) -> None:
+    """An operator's finding: on a machine with only the systemd service, clients given no socket looked for
+    the per-user one alone, and every user had to set TRIO_MAPPER_SOCKET."""
+    own, system = _no_socket_settings(monkeypatch, socket_dir)
+    service = FakeEngine(system).start()
+    try:
+        with Client() as client:
+            assert str(client.socket_path) == system
+            assert_round_trip(client.ping(), pings, 1)
+        os.makedirs(os.path.dirname(own))
+        mine = FakeEngine(own).start()  # an engine of the user's own, once there, comes first
+        try:
+            with Client() as client:
+                assert str(client.socket_path) == own
+                assert 0 < client.ping() < PING_GUARD
+            assert len(mine.connections) == 1 and len(service.connections) == 1
+        finally:
+            mine.stop()
+    finally:
+        service.stop()
+
+
+async def test_the_async_client_falls_back_to_the_system_services_socket_trio(
+    socket_dir: str, monkeypatch: pytest.MonkeyPatch, pings: list[RequestId]
+) -> None:
+    _, system = _no_socket_settings(monkeypatch, socket_dir)
+    service = FakeEngine(system).start()
+    try:
+        async with AsyncClient() as client:
+            assert str(client.socket_path) == system
+            assert_round_trip(await client.ping(), pings, 1)
+    finally:
+        service.stop()
+
+
+def test_no_socket_at_any_default_path_names_them_all(socket_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    own, system = _no_socket_settings(monkeypatch, socket_dir)
+    with pytest.raises(EngineUnavailable) as caught:
+        Client()
+    message = str(caught.value)
+    assert f"no socket at {own}" in message and f"nor at {system} (the system service's" in message
+    assert "trio-mapper launch-engine" in message and "systemctl enable --now trio-mapper.socket" in message
+    assert SOCKET_ENV_VAR in message
+    assert caught.value.socket_path == own
+
+
+#: The uid and gid the permission tests connect as: a user that owns nothing here.
+NOBODY = 65534
+#: Connects with the default settings but for the socket and prints what it raised.
+CONNECT_AS_ANOTHER_USER = (
+    "import sys\n"
+    "from trio_mapper import Client, EngineUnavailable\n"
+    "try:\n"
+    "    Client(sys.argv[1])\n"
+    "except EngineUnavailable as exc:\n"
+    "    print(exc)\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another user takes root")
+@pytest.mark.parametrize("directory_mode", [0o755, 0o700])
+def test_a_socket_this_user_may_not_open_says_who_may_and_how(socket_dir: str, directory_mode: int) -> None:
+    """An operator's finding: a user outside the service's group was told to start an engine of their own,
+    as if none ran. The socket is there: the message must say that its permissions keep this user out, and
+    how to be let in."""
+    directory = os.path.join(socket_dir, "engine")
+    os.mkdir(directory)
+    path = os.path.join(directory, "engine.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        os.chmod(path, 0o660)  # root:root 0660: the group and owner only, like the service's socket
+        os.chmod(directory, directory_mode)
+        os.chmod(socket_dir, 0o755)
+        done = subprocess.run(
+            [sys.executable, "-c", CONNECT_AS_ANOTHER_USER, path],
+            capture_output=True,
+            text=True,
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            cwd="/",
+            timeout=60,
+        )
+    finally:
+        listener.close()
+    if "ModuleNotFoundError" in done.stderr or "PermissionError" in done.stderr:
+        pytest.skip(f"the checkout is not readable by uid {NOBODY}: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    message = done.stdout
+    assert f"cannot reach the trio-mapper engine at {path}" in message and "permission denied" in message
+    if directory_mode == 0o755:
+        assert "the socket exists, but this user" in message and "may not connect to it" in message
+        assert "root:root, mode 0660" in message
+    else:
+        assert f"the socket's directory {directory} is closed to this user" in message
+    for setting in ("SocketGroup=", "usermod -aG trio-mapper", "socket_mode", "allowed_uids"):
+        assert setting in message, (setting, message)
+    assert "Start one with" not in message  # an engine runs: starting another is not the answer
 
 
 def test_stale_socket_raises_engine_unavailable(socket_dir: str) -> None:

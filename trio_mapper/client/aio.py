@@ -60,10 +60,9 @@ from trio_mapper.client.errors import ConnectionLost, stream_closed_early
 from trio_mapper.client.sync import (
     _RECV_BYTES,
     DEFAULT_CONNECT_TIMEOUT,
+    SocketChoice,
     engine_unavailable,
-    socket_source,
 )
-from trio_mapper.paths import resolve_socket_path
 from trio_mapper.wire import RequestId, Result, Welcome
 
 #: The writer joins queued frames into one write up to about this many bytes (fewer system calls).
@@ -242,8 +241,9 @@ class AsyncClient:
     Use as ``async with AsyncClient() as client:``; leaving the block closes the connection.
 
     Args:
-        socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
-            `trio_mapper.paths.default_socket_path()`.
+        socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else the first of
+            `trio_mapper.paths.default_socket_paths()` that exists: this user's engine's, then the system
+            service's.
         client_name: how the engine names this client in its logs and stats; an engine with tenants also
             matches it against each tenant's ``names`` (default: ``"<program>[<pid>]"``).
         priority: the priority class of this client's requests when a call names none: ``"interactive"``,
@@ -264,8 +264,8 @@ class AsyncClient:
         priority: str | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        self.socket_path: Path = resolve_socket_path(socket_path)
-        self._socket_source = socket_source(socket_path)
+        self._socket = SocketChoice.resolve(socket_path)
+        self.socket_path: Path = self._socket.path
         self.client_name = client_name if client_name is not None else default_client_name()
         self.connect_timeout = connect_timeout
         self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=priority)
@@ -481,7 +481,7 @@ class AsyncClient:
                 try:
                     stream: anyio.abc.ByteStream = await anyio.connect_unix(path)
                 except OSError as exc:
-                    raise engine_unavailable(path, exc, self._socket_source) from exc
+                    raise engine_unavailable(self._socket, exc) from exc
                 try:
                     await self._handshake(stream)
                 except BaseException:
@@ -490,7 +490,7 @@ class AsyncClient:
                 return stream
         except TimeoutError as exc:
             reason = f"no answer to the handshake within {self.connect_timeout} s"
-            raise engine_unavailable(path, reason, self._socket_source) from exc
+            raise engine_unavailable(self._socket, reason) from exc
 
     async def _handshake(self, stream: anyio.abc.ByteStream) -> None:
         core = self._core

@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import grp
 import math
 import os
+import pwd
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,7 +67,7 @@ from trio_mapper.client.errors import (
     TrioMapperError,
     stream_closed_early,
 )
-from trio_mapper.paths import SOCKET_ENV_VAR, default_socket_path, resolve_socket_path
+from trio_mapper.paths import SOCKET_ENV_VAR, default_socket_path, default_socket_paths, resolve_socket_path
 from trio_mapper.wire import RequestId, Result, Welcome
 
 #: Seconds allowed to connect and complete the handshake.
@@ -78,23 +82,50 @@ _WRITABLE: Final = select.POLLOUT | select.POLLERR | select.POLLHUP
 # --- connecting ------------------------------------------------------------------------------------------
 
 
-def socket_source(explicit: str | os.PathLike[str] | None) -> str:
-    """Where `resolve_socket_path` took the path from, for error messages."""
-    if explicit:
-        return "given explicitly"
-    if os.environ.get(SOCKET_ENV_VAR):
-        return f"from ${SOCKET_ENV_VAR}"
-    return "the default path"
+@dataclass(frozen=True, slots=True)
+class SocketChoice:
+    """The socket a client uses and where that came from, so that a failure names what was tried."""
+
+    path: Path
+    #: Where the path came from, for messages: "given explicitly", "from $TRIO_MAPPER_SOCKET", "the default path".
+    source: str
+    #: Chosen among `trio_mapper.paths.default_socket_paths`: a missing socket names them all.
+    is_default: bool
+
+    @classmethod
+    def resolve(cls, explicit: str | os.PathLike[str] | None) -> SocketChoice:
+        """`resolve_socket_path`'s answer, and where it came from."""
+        path = resolve_socket_path(explicit)
+        if explicit:
+            return cls(path, "given explicitly", is_default=False)
+        if os.environ.get(SOCKET_ENV_VAR):
+            return cls(path, f"from ${SOCKET_ENV_VAR}", is_default=False)
+        return cls(path, "the default path", is_default=True)
 
 
-def engine_unavailable(path: Path, exc: BaseException | str, source: str) -> EngineUnavailable:
-    """The `EngineUnavailable` for a failed connect, saying which path was tried and how to start one."""
+def engine_unavailable(choice: SocketChoice, exc: BaseException | str) -> EngineUnavailable:
+    """The `EngineUnavailable` for a failed connect: which path was tried, why it failed, and what to do."""
+    path = choice.path
+    pointer = f"or point ${SOCKET_ENV_VAR} (or socket_path=) at the socket of a running engine"
+    if isinstance(exc, FileNotFoundError) and choice.is_default:
+        own, *system = default_socket_paths()
+        where = f"no socket at {own} (an engine of this user's)"
+        if system:
+            where += f" nor at {system[0]} (the system service's, systemd/trio-mapper.socket)"
+        return EngineUnavailable(
+            f"cannot reach a trio-mapper engine: {where}. Start one with `trio-mapper launch-engine` (it needs "
+            "OPENAI_API_KEY and its rate limits: see `trio-mapper launch-engine --help`), or the system service "
+            f"(`sudo systemctl enable --now trio-mapper.socket`, docs/systemd.md), {pointer}.",
+            socket_path=path,
+        )
+    cannot = f"cannot reach the trio-mapper engine at {path} ({choice.source})"
+    if isinstance(exc, PermissionError):
+        # Starting an engine would not help here: one is there, and this user is not let in.
+        return EngineUnavailable(f"{cannot}: {_access_denied(path)}", socket_path=path)
     if isinstance(exc, FileNotFoundError):
         reason = "no such socket file"
     elif isinstance(exc, ConnectionRefusedError):
         reason = "connection refused: the socket file exists but no engine is listening (stale socket?)"
-    elif isinstance(exc, PermissionError):
-        reason = "permission denied: the socket belongs to another user or its directory is private"
     elif isinstance(exc, BaseException):
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     else:
@@ -103,12 +134,49 @@ def engine_unavailable(path: Path, exc: BaseException | str, source: str) -> Eng
     if path != default_socket_path():
         launch += f" --socket {path}"
     return EngineUnavailable(
-        f"cannot reach the trio-mapper engine at {path} ({source}): {reason}. "
-        f"Start one with `{launch}` (it needs OPENAI_API_KEY and its rate limits: see "
-        f"`trio-mapper launch-engine --help`), or point ${SOCKET_ENV_VAR} (or socket_path=) at the socket "
-        "of a running engine.",
+        f"{cannot}: {reason}. Start one with `{launch}` (it needs OPENAI_API_KEY and its rate limits: see "
+        f"`trio-mapper launch-engine --help`), {pointer}.",
         socket_path=path,
     )
+
+
+def _access_denied(path: Path) -> str:
+    """Why this user may not connect to the socket at ``path`` (as far as its metadata tells), and what to do."""
+    me = _user_name(os.getuid())
+    try:
+        info = os.stat(path)
+    except OSError:
+        problem = f"permission denied: the socket's directory {path.parent} is closed to this user ({me})"
+        group = None
+    else:
+        group = _group_name(info.st_gid)
+        problem = (
+            f"permission denied: the socket exists, but this user ({me}) may not connect to it (it is "
+            f"{_user_name(info.st_uid)}:{group}, mode {stat.S_IMODE(info.st_mode):04o})"
+        )
+    member = f"the socket's group ({group})" if group is not None else "the socket's group"
+    return (
+        f"{problem}. Whoever may open the socket may spend the engine's key, so its permissions decide who may: "
+        f"ask the engine's operator to add {me} to {member}. Under systemd that is SocketGroup= of "
+        f"trio-mapper.socket, trio-mapper by default: `sudo usermod -aG trio-mapper {me}`, effective from the next "
+        "login. An engine that creates its own socket lets its group in with socket_mode (--socket-mode, 0660 by "
+        "default), in a directory the group may enter. An engine whose config sets allowed_uids/allowed_gids must "
+        "also list this user or one of its groups."
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 # --- the blocking client ----------------------------------------------------------------------------------
@@ -217,8 +285,9 @@ class Client:
     away. Use as a context manager or call `close()` (idempotent).
 
     Args:
-        socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else
-            `trio_mapper.paths.default_socket_path()`.
+        socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else the first of
+            `trio_mapper.paths.default_socket_paths()` that exists: this user's engine's, then the system
+            service's.
         client_name: how the engine names this client in its logs and stats; an engine with tenants also
             matches it against each tenant's ``names`` (default: ``"<program>[<pid>]"``).
         priority: the priority class of this client's requests when a call names none: ``"interactive"``,
@@ -239,8 +308,8 @@ class Client:
         priority: str | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        self.socket_path: Path = resolve_socket_path(socket_path)
-        self._socket_source = socket_source(socket_path)
+        self._socket = SocketChoice.resolve(socket_path)
+        self.socket_path: Path = self._socket.path
         self.client_name = client_name if client_name is not None else default_client_name()
         self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=priority)
         # Guards the core, the outbox and the flags below; never held while a thread blocks in I/O.
@@ -440,10 +509,8 @@ class Client:
         except OSError as exc:
             sock.close()
             if isinstance(exc, TimeoutError):
-                raise engine_unavailable(
-                    self.socket_path, f"no answer within {timeout} s", self._socket_source
-                ) from exc
-            raise engine_unavailable(self.socket_path, exc, self._socket_source) from exc
+                raise engine_unavailable(self._socket, f"no answer within {timeout} s") from exc
+            raise engine_unavailable(self._socket, exc) from exc
         return sock
 
     def _handshake(self, timeout: float | None) -> Welcome:
@@ -453,7 +520,7 @@ class Client:
             self._progress(lambda: self._core.state is not State.HANDSHAKING, timeout)
         except TimeoutError as exc:
             reason = "the engine did not answer the handshake in time"
-            raise engine_unavailable(self.socket_path, reason, self._socket_source) from exc
+            raise engine_unavailable(self._socket, reason) from exc
         if self._core.welcome is None:
             assert self._core.error is not None
             raise self._core.error
@@ -680,4 +747,4 @@ class Client:
         self._progress(lambda: self._sent >= sent_at)
 
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "Client", "Stream", "engine_unavailable", "socket_source"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "Client", "SocketChoice", "Stream", "engine_unavailable"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trio_mapper.paths import SYSTEM_SOCKET_PATH
+
 __all__ = [
     "add_socket_argument",
     "client_name",
@@ -63,6 +65,7 @@ def add_socket_argument(parser: argparse.ArgumentParser) -> None:
         "--socket",
         type=Path,
         metavar="PATH",
-        help="engine socket (default: $TRIO_MAPPER_SOCKET, else $XDG_RUNTIME_DIR/trio-mapper/engine.sock, else "
-        "/tmp/trio-mapper-UID/engine.sock)",
+        help="engine socket (default: $TRIO_MAPPER_SOCKET; else your own engine's, "
+        "$XDG_RUNTIME_DIR/trio-mapper/engine.sock or without XDG_RUNTIME_DIR /tmp/trio-mapper-UID/engine.sock, "
+        f"if it exists; else the system service's, {SYSTEM_SOCKET_PATH})",
     )
