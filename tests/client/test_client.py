@@ -48,6 +48,8 @@ from trio_mapper.client.errors import (
     TrioMapperError,
     UpstreamError,
     error_class_for,
+    make_error,
+    may_succeed_later,
 )
 from trio_mapper.paths import SOCKET_ENV_VAR
 from trio_mapper.wire import PROTOCOL_VERSION, ErrorKind, Ping, RequestId
@@ -228,6 +230,38 @@ def test_errors_pickle() -> None:
     )
     lost = pickle.loads(pickle.dumps(ConnectionLost("gone", socket_path="/x.sock")))
     assert type(lost) is ConnectionLost and lost.socket_path == "/x.sock"
+
+
+#: Every engine kind, and whether the same request sent again unchanged may succeed (`upstream_error`: by status).
+MAY_SUCCEED_LATER = {
+    ErrorKind.INVALID_REQUEST: False,
+    ErrorKind.UPSTREAM_ERROR: None,
+    ErrorKind.RATE_LIMITED: True,
+    ErrorKind.REQUEST_TOO_LARGE: False,
+    ErrorKind.OVERLOADED: True,
+    ErrorKind.TIMEOUT: True,
+    ErrorKind.CANCELLED: True,
+    ErrorKind.SHUTTING_DOWN: True,
+    ErrorKind.PROTOCOL_ERROR: False,
+    ErrorKind.UPSTREAM_UNREACHABLE: True,
+    ErrorKind.INTERNAL_ERROR: False,
+    ErrorKind.FORBIDDEN: False,
+    ErrorKind.BUDGET_EXHAUSTED: True,
+}
+
+
+def test_which_errors_may_succeed_later() -> None:
+    assert set(MAY_SUCCEED_LATER) == set(ErrorKind), "classify the new kind"
+    for kind, expected in MAY_SUCCEED_LATER.items():
+        if expected is not None:
+            assert may_succeed_later(make_error(kind, "x")) is expected, kind
+    # An upstream_error is the request's fault but for the faults of the moment the engine retried.
+    for status, expected in [(400, False), (401, False), (404, False), (422, False), (408, True), (409, True)]:
+        assert may_succeed_later(make_error("upstream_error", "x", status=status)) is expected, status
+    for status in (500, 502, 503, None):
+        assert may_succeed_later(make_error("upstream_error", "x", status=status)), status
+    assert may_succeed_later(ConnectionLost("gone")) and may_succeed_later(EngineUnavailable("none"))
+    assert not may_succeed_later(make_error("from_the_future", "x"))  # unknown: nothing to promise
 
 
 # --- blocking client --------------------------------------------------------------------------------------

@@ -229,6 +229,58 @@ async def test_bad_lines_are_reported_written_as_failures_and_do_not_stop_the_ru
     assert "2 succeeded" in stderr and "6 failed (4 bad lines, 1 duplicate id)" in stderr
 
 
+async def test_failures_worth_running_again_are_told_apart_from_those_that_fail_again(short_tmp: Path) -> None:
+    """An operator's finding: a run whose lines failed with a 400 or "request too large" ended with "run the
+    same command again to retry them", which can only fail them again. Each failure now says which it is and
+    what to do, and so does the summary."""
+    source = write_jsonl(
+        short_tmp / "in.jsonl",
+        [
+            batch_line("ok", chat_body("fine")),  # line 1
+            batch_line("slow", chat_body("slow", max_tokens=200)),  # line 2: 10 s upstream, past --deadline
+            batch_line("bad-400", chat_body("too many choices", n=500)),  # line 3: the simulator says 400
+            batch_line("huge", chat_body("huge", max_tokens=20_000_000)),  # line 4: over the whole TPM
+            "this is not json",  # line 5
+        ],
+    )
+    output = short_tmp / "out.jsonl"
+    async with (
+        simulator(per_token_latency_ms=50.0, output_tokens_min=200, output_tokens_max=200) as url,
+        running_engine(short_tmp, url) as engine,
+    ):
+        status, stderr = await run_map(engine.socket, source, output, "--deadline", "2", "--no-progress")
+    assert status == 1, stderr
+    by_id = {record["custom_id"]: record for record in read_output(output)}
+    assert {cid: (r["error"] or {}).get("code") for cid, r in by_id.items()} == {
+        "ok": None,
+        "slow": "timeout",
+        "bad-400": "upstream_error",
+        "huge": "request_too_large",
+        "line-5": "invalid_request",
+    }
+    lines = stderr.splitlines()
+
+    def reported(prefix: str) -> str:
+        [line] = [line for line in lines if line.startswith(f"trio-mapper map: {prefix}")]
+        return line
+
+    assert "(may succeed if run again: its deadline passed: run the same command again" in reported("line 2 (slow)")
+    assert "(fails again as it is: the upstream refused the request itself: fix this line" in reported(
+        "line 3 (bad-400)"
+    )
+    assert "(fails again as it is: it needs more tokens than the model's whole per-minute budget" in reported(
+        "line 4 (huge)"
+    )
+    assert "(fails again as it is: fix this line)" in reported("line 5")
+    rerun = reported("1 failed line may succeed")
+    assert "(timeout 1): run the same command again to retry it" in rerun
+    fix = reported("3 failed lines will fail again as they are")
+    for cause in ("upstream_error 1", "request_too_large 1", "bad line 1"):
+        assert cause in fix, fix
+    assert "fix them in the input first" in fix
+    assert "failed lines have an error" not in stderr  # the old advice, which suggested retrying them all
+
+
 async def test_interrupted_twice_then_resumed_answers_every_id_exactly_once(short_tmp: Path) -> None:
     ids = {f"job-{i}" for i in range(300)}
     source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
@@ -272,6 +324,8 @@ async def test_failed_requests_are_retried_by_the_next_run(short_tmp: Path) -> N
     async with simulator(insufficient_quota=True) as url, running_engine(short_tmp / "a", url) as engine:
         status, stderr = await run_map(engine.socket, source, output, "--no-progress")
     assert status == 1, stderr
+    # A quota refusal passes once the account is in order: worth running again, later.
+    assert "10 failed lines may succeed if run again (rate_limited 10): run the same command again later" in stderr
     first = read_output(output)
     assert_each_id_once(first, ids)
     for record in first:

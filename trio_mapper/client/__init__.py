@@ -28,6 +28,7 @@ from trio_mapper.client.errors import (
     UpstreamError,
     UpstreamUnreachableError,
     error_class_for,
+    may_succeed_later,
 )
 from trio_mapper.client.sync import Client, Stream
 
@@ -73,4 +74,5 @@ __all__ = [
     "UpstreamError",
     "UpstreamUnreachableError",
     "error_class_for",
+    "may_succeed_later",
 ]

@@ -180,6 +180,44 @@ ERROR_CLASSES: Final[dict[str, type[TrioMapperError]]] = {
 }
 
 
+#: Kinds of failure that may pass: the same request, sent again later unchanged, may succeed, because what
+#: stood in its way was the moment (the upstream's limits or health, the engine's queue or restart, a
+#: deadline, a daily budget), not the request. The other kinds fail again until the request, the engine's
+#: configuration or the account changes. ``upstream_error`` depends on its status: see `may_succeed_later`.
+TRANSIENT_KINDS: Final[frozenset[str]] = frozenset(
+    {
+        ErrorKind.RATE_LIMITED,
+        ErrorKind.OVERLOADED,
+        ErrorKind.TIMEOUT,
+        ErrorKind.CANCELLED,
+        ErrorKind.SHUTTING_DOWN,
+        ErrorKind.UPSTREAM_UNREACHABLE,
+        ErrorKind.BUDGET_EXHAUSTED,
+        ENGINE_UNAVAILABLE_KIND,
+        CONNECTION_LOST_KIND,
+    }
+)
+#: Upstream statuses of a fault of the moment (besides 5xx), as the engine's retries treat them: an
+#: ``upstream_error`` with one of them means the engine's attempts ran out, not that the request is wrong.
+_TRANSIENT_STATUSES: Final = frozenset({408, 409})
+
+
+def may_succeed_later(error: TrioMapperError) -> bool:
+    """Whether sending the same request again, unchanged, may succeed (later: the engine has retried it already).
+
+    True for the `TRANSIENT_KINDS` (a rate limit or quota, a full queue, a deadline, an engine stopping, an
+    unreachable upstream, a spent daily budget, a lost connection) and for an ``upstream_error`` whose status
+    is 408, 409 or 5xx (or unknown). False for what fails again as it is: the request itself
+    (``invalid_request``, ``request_too_large``, an upstream 4xx such as a 400), this client's permission
+    (``forbidden``), a disagreement or a bug (``protocol_error``, ``internal_error``), and a kind this version
+    does not know.
+    """
+    if error.kind == ErrorKind.UPSTREAM_ERROR:
+        status = error.status
+        return status is None or status in _TRANSIENT_STATUSES or status >= 500
+    return error.kind in TRANSIENT_KINDS
+
+
 def error_class_for(kind: str) -> type[TrioMapperError]:
     """The class for an error kind; `TrioMapperError` itself for kinds this version does not know."""
     return ERROR_CLASSES.get(str(kind), TrioMapperError)
@@ -211,6 +249,7 @@ def make_error(
 
 __all__ = [
     "ERROR_CLASSES",
+    "TRANSIENT_KINDS",
     "ConnectionLost",
     "EngineUnavailable",
     "ForbiddenError",
@@ -228,4 +267,5 @@ __all__ = [
     "UpstreamUnreachableError",
     "error_class_for",
     "make_error",
+    "may_succeed_later",
 ]

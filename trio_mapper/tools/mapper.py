@@ -29,7 +29,7 @@ import trio
 
 from trio_mapper.client import DEFAULT_WINDOW, PRIORITY_CLASSES, Request
 from trio_mapper.client.aio import AsyncClient
-from trio_mapper.client.errors import ConnectionLost, EngineUnavailable, TrioMapperError
+from trio_mapper.client.errors import ConnectionLost, EngineUnavailable, TrioMapperError, may_succeed_later
 from trio_mapper.text import escape_control_characters
 from trio_mapper.tools.jsonl import (
     BadLine,
@@ -76,6 +76,30 @@ CHECKPOINT_EVERY: Final = 1000
 #: bounded amount of input in memory.
 READ_CHUNK_BYTES: Final = 64 * 1024
 STDIN_FILENO: Final = 0
+#: What to do about a failed line a re-run may mend (`may_succeed_later`), by error kind. A run retries every
+#: failed line of the output it resumes, so "run the same command again" is all these need, sometimes later.
+RERUN_ADVICE: Final[dict[str, str]] = {
+    "rate_limited": "the key's rate limit or quota stopped it: run the same command again later (if it says "
+    "quota or spend limit, once the account's billing allows)",
+    "overloaded": "the engine's queue was full: run the same command again, with a smaller --window",
+    "timeout": "its deadline passed: run the same command again (with a longer --deadline if you set one)",
+    "shutting_down": "the engine was stopping: run the same command again once it is back",
+    "upstream_unreachable": "the upstream could not be reached: check the engine's network, then run the same "
+    "command again",
+    "budget_exhausted": "the tenant's daily budget is spent: run the same command again once it refills, or ask "
+    "the engine's operator to raise it",
+    "upstream_error": "the upstream kept failing: run the same command again",
+}
+#: What to do about a failed line that fails again as it is, by error kind: something must change first.
+FIX_ADVICE: Final[dict[str, str]] = {
+    "invalid_request": "the request is unusable as written: fix this line",
+    "request_too_large": "it needs more tokens than the model's whole per-minute budget: shorten its input or "
+    "max_tokens",
+    "upstream_error": "the upstream refused the request itself: fix this line (the upstream's error is in the output)",
+    "forbidden": "this user may not use the engine: ask its operator",
+    "protocol_error": "the engine and this trio-mapper do not understand each other: upgrade so both match",
+    "internal_error": "a bug in the engine: report it, with the engine's log",
+}
 
 
 def add_map_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +155,10 @@ class MapCounters:
     tokens: int = 0
     upstream_429s: int = 0
     reported: int = 0
+    #: This run's failed requests by error kind: those a re-run may mend (`may_succeed_later`), and those that
+    #: fail again as they are. Bad lines and duplicate ids are counted apart (above); they fail again too.
+    to_rerun: collections.Counter[str] = field(default_factory=collections.Counter)
+    to_fix: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def answered(self) -> int:
@@ -351,7 +379,7 @@ class MapJob:
         if isinstance(parsed, BadLine):
             counters.failed += 1
             counters.bad_lines += 1
-            self._report(parsed.message)
+            self._report(f"{parsed.message} (fails again as it is: fix this line)")
             self._writer.write(
                 failure_record(
                     custom_id,
@@ -379,7 +407,15 @@ class MapJob:
             )
         else:
             self.counters.failed += 1
-            self._report(f"line {line.line_no} ({line.custom_id}): {error}")
+            if may_succeed_later(error):
+                self.counters.to_rerun[error.kind] += 1
+                advice = RERUN_ADVICE.get(error.kind, "run the same command again")
+                verdict = "may succeed if run again"
+            else:
+                self.counters.to_fix[error.kind] += 1
+                advice = FIX_ADVICE.get(error.kind, "see its error; running it again unchanged will not help")
+                verdict = "fails again as it is"
+            self._report(f"line {line.line_no} ({line.custom_id}): {error} ({verdict}: {advice})")
             record = failure_record(
                 line.custom_id,
                 code=error.kind,
@@ -524,15 +560,46 @@ def _summary(job: MapJob, scan: OutputScan, output: Path, elapsed: float) -> str
         retried = f"{scan.dropped_failures:,} failed lines of a previous run retried"
         torn = f", a torn last line ({scan.torn_bytes} bytes) cut off" if scan.torn_bytes else ""
         lines.append(f"trio-mapper map: {retried}{torn}")
+    stopped = job.interrupted_by is not None or job.engine_problem is not None
     if job.interrupted_by is not None:
         name = signal.Signals(job.interrupted_by).name
         lines.append(f"trio-mapper map: interrupted by {name}; run the same command again to resume")
     elif job.engine_problem is not None:
         lines.append(f"trio-mapper map: {job.engine_problem}")
         lines.append("trio-mapper map: stopped early; run the same command again to resume")
-    elif c.failed:
-        lines.append("trio-mapper map: failed lines have an error; run the same command again to retry them")
+    rerun = sum(c.to_rerun.values())
+    if rerun and not stopped:  # else resuming, just advised, retries them too
+        them = "it" if rerun == 1 else "them"
+        lines.append(
+            f"trio-mapper map: {_lines(rerun)} may succeed if run again ({_kinds(c.to_rerun)}): run the same "
+            f"command again{_later(c.to_rerun)} to retry {them}"
+        )
+    to_fix = sum(c.to_fix.values()) + c.bad_lines + c.duplicates
+    if to_fix:
+        causes = _kinds(c.to_fix)
+        for count, what in ((c.bad_lines, "bad line"), (c.duplicates, "duplicate id")):
+            if count:
+                causes += f"{', ' if causes else ''}{what} {count:,}"
+        one = to_fix == 1
+        lines.append(
+            f"trio-mapper map: {_lines(to_fix)} will fail again as {'it is' if one else 'they are'} ({causes}): "
+            f"fix {'it' if one else 'them'} in the input first (the errors, on stderr and in the output, say what "
+            "is wrong); a run retries every failed line, so unchanged they only fail again"
+        )
     return "\n".join(lines)
+
+
+def _lines(count: int) -> str:
+    return f"{count:,} failed line{'' if count == 1 else 's'}"
+
+
+def _kinds(counts: collections.Counter[str]) -> str:
+    return ", ".join(f"{kind} {count:,}" for kind, count in counts.most_common())
+
+
+def _later(kinds: collections.Counter[str]) -> str:
+    """``" later"`` when what stopped them needs time to pass (a rate limit or quota, a daily budget)."""
+    return " later" if kinds.keys() & {"rate_limited", "budget_exhausted"} else ""
 
 
 def _progress_mode(args: argparse.Namespace) -> ProgressMode:
