@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -532,12 +533,52 @@ def test_oversized_request_is_refused_locally(socket_dir: str, pings: list[Reque
         fake.stop()
 
 
-def test_engine_dropping_the_connection_raises_connection_lost(engine: FakeEngine) -> None:
+def test_engine_dropping_the_connection_fails_its_requests_and_the_next_call_reconnects(engine: FakeEngine) -> None:
     with Client(engine.path) as client:
-        with pytest.raises(ConnectionLost, match="closed the connection"):
+        with pytest.raises(ConnectionLost, match="closed the connection") as caught:
             client.request(ENDPOINT, {"die": True})
-        with pytest.raises(ConnectionLost):
+        assert caught.value.may_have_reached_upstream is True and caught.value.request_id == 1
+        assert "It was not sent again" in str(caught.value) and "connects again on its next call" in str(caught.value)
+        assert client.request(ENDPOINT, {"after": 1}) == {"echo": {"after": 1}, "id": 1}  # ids start again
+        engine.drop_connections()  # while no call waits: the next one notices, and connects again
+        assert client.request(ENDPOINT, {"after": 2})["echo"]["after"] == 2
+        assert len(list(client.map([{"after": 3}], endpoint=ENDPOINT))) == 1
+    assert len(engine.connections) == 3
+    # The lost request was not sent again: exactly-once answers matter more than convenience.
+    assert [submit.body for submit in engine.submits] == [{"die": True}, {"after": 1}, {"after": 2}, {"after": 3}]
+
+
+def test_threads_share_one_reconnection(engine: FakeEngine) -> None:
+    outcomes: dict[int, Any] = {}
+
+    def work(client: Client, n: int) -> None:
+        outcomes[n] = client.request(ENDPOINT, {"n": n})
+
+    with Client(engine.path) as client:
+        engine.drop_connections()
+        threads = [threading.Thread(target=work, args=(client, n)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=5)
+    assert {n: body["echo"]["n"] for n, body in outcomes.items()} == {n: n for n in range(8)}
+    assert len(engine.connections) == 2
+
+
+def test_a_failed_reconnection_raises_to_its_call_and_the_next_call_tries_again(socket_dir: str) -> None:
+    fake = make_engine(socket_dir)
+    with Client(fake.path) as client:
+        fake.stop()
+        with pytest.raises(EngineUnavailable, match="refused"):  # the socket file stays, nobody listens
+            client.ping()
+        with pytest.raises(EngineUnavailable, match="refused"):
             client.request(ENDPOINT, {})
+        os.unlink(fake.path)
+        fake = make_engine(socket_dir)
+        try:
+            assert client.request(ENDPOINT, {"back": True})["echo"] == {"back": True}
+        finally:
+            fake.stop()
 
 
 def test_sync_connection_level_error_is_reported(engine: FakeEngine) -> None:
@@ -802,11 +843,32 @@ async def test_engine_vanishing_fails_every_waiter_trio(engine: FakeEngine) -> N
                 await until(lambda: len(engine.submits) == 5)
                 engine.drop_connections()
         assert len(errors) == 5
-        with pytest.raises(ConnectionLost, match="closed the connection"):
-            await client.request(ENDPOINT, {})
-        with pytest.raises(ConnectionLost):
-            async for _ in client.map([{"a": 1}], endpoint=ENDPOINT):
-                pass
+        assert all("closed the connection" in str(e) and e.may_have_reached_upstream for e in errors)
+        # The next calls connect again; the five lost requests are not sent again.
+        assert await client.request(ENDPOINT, {"after": 1}) == {"echo": {"after": 1}, "id": 1}
+        assert [r.body["echo"]["a"] async for r in client.map([{"a": 1}], endpoint=ENDPOINT)] == [1]
+    assert len(engine.connections) == 2
+    assert len(engine.submits) == 5 + 2
+
+
+async def test_concurrent_calls_share_one_reconnection_and_a_map_made_meanwhile_waits_for_it_trio(
+    engine: FakeEngine,
+) -> None:
+    async with AsyncClient(engine.path) as client:
+        engine.drop_connections()
+        await until(lambda: client._core.closed)
+        results = client.map([{"m": 1}, {"m": 2}], endpoint=ENDPOINT)  # not a coroutine: connects when iterated
+        outcomes: dict[int, Any] = {}
+
+        async def one(n: int) -> None:
+            outcomes[n] = await client.request(ENDPOINT, {"n": n})
+
+        async with trio.open_nursery() as nursery:
+            for n in range(10):
+                nursery.start_soon(one, n)
+        assert {n: body["echo"]["n"] for n, body in outcomes.items()} == {n: n for n in range(10)}
+        assert sorted([r.body["echo"]["m"] async for r in results]) == [1, 2]
+    assert len(engine.connections) == 2
 
 
 async def test_async_map_connection_lost_trio(engine: FakeEngine) -> None:
@@ -1070,15 +1132,17 @@ def test_native_asyncio_cancellation_never_tears_a_frame(engine: FakeEngine, pin
 
 
 def test_engine_vanishing_on_asyncio(engine: FakeEngine) -> None:
-    async def main() -> list[BaseException | Any]:
+    async def main() -> tuple[list[BaseException | Any], Any]:
         async with AsyncClient(engine.path) as client:
             waiters = [asyncio.ensure_future(client.request(ENDPOINT, {"hold": True})) for _ in range(3)]
             await until(lambda: len(engine.submits) == 3)
             engine.drop_connections()
-            return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+            lost = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+            return lost, await asyncio.wait_for(client.request(ENDPOINT, {"after": 1}), 5)
 
-    outcomes = asyncio.run(main())
+    outcomes, after = asyncio.run(main())
     assert len(outcomes) == 3 and all(isinstance(o, ConnectionLost) for o in outcomes)
+    assert after == {"echo": {"after": 1}, "id": 1} and len(engine.connections) == 2
 
 
 def test_async_no_engine_on_asyncio(socket_dir: str) -> None:
@@ -1123,6 +1187,79 @@ async def test_both_clients_against_the_real_engine(short_tmp: Any) -> None:
                 assert sync_client.stats()["engine"]
 
         await trio.to_thread.run_sync(blocking)
+
+
+#: Chats against `_restart_simulator`: one output token answers at once, 200 take 10 s (the engine dies first).
+FAST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "quick"}], "max_tokens": 1}
+SLOW = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 200}
+
+
+async def test_both_clients_reconnect_after_the_engine_restarts_and_resend_nothing(short_tmp: Any) -> None:
+    """An operator's finding: after `systemctl restart trio-mapper`, a long-running program's clients raised
+    ConnectionLost on every call for ever. Now: the requests in flight when the engine went away fail,
+    saying they may have run, and are never sent again; while no engine listens, each call raises
+    EngineUnavailable at once; once one listens on the same socket again, the next call is served by it."""
+    from conftest import running_engine, simulator
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(
+            simulator(per_token_latency_ms=50.0, output_tokens_min=200, output_tokens_max=200)
+        )
+        first = await stack.enter_async_context(running_engine(short_tmp, url))
+        path = str(first.socket)
+        client = await stack.enter_async_context(AsyncClient(path))
+        blocking = await trio.to_thread.run_sync(Client, path)
+        stack.callback(blocking.close)
+        assert (await client.request(ENDPOINT, FAST))["object"] == "chat.completion"
+        assert (await trio.to_thread.run_sync(blocking.request, ENDPOINT, FAST))["object"] == "chat.completion"
+
+        # A crash (or a stop whose grace period ran out) with a request of each client at the upstream.
+        lost: list[BaseException] = []
+
+        async def in_flight(call: Any) -> None:
+            with pytest.raises(ConnectionLost) as caught:
+                await call()
+            lost.append(caught.value)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_flight, lambda: client.request(ENDPOINT, SLOW))
+                nursery.start_soon(in_flight, lambda: trio.to_thread.run_sync(blocking.request, ENDPOINT, SLOW))
+                while True:
+                    if (await client.stats())["engine"]["outstanding"] == 2:
+                        break
+                    await trio.sleep(0.02)  # the engine's counters: its stats are the only way to watch them
+                first.process.kill()
+                await first.process.wait()  # its listening socket closed too, not only our connections
+        assert len(lost) == 2
+        for error in lost:
+            assert error.may_have_reached_upstream is True, error
+            assert "was outstanding" in error.message and "may have sent it upstream" in error.message
+            assert "It was not sent again" in error.message and "connects again on its next call" in error.message
+
+        # No engine behind the socket: each call tries once and says so, no hidden retry loop.
+        with trio.fail_after(5):
+            with pytest.raises(EngineUnavailable, match="connection refused"):
+                await client.request(ENDPOINT, FAST)
+            with pytest.raises(EngineUnavailable, match="connection refused"):
+                await trio.to_thread.run_sync(blocking.ping)
+
+        second = await stack.enter_async_context(running_engine(short_tmp, url))
+        assert second.socket == first.socket
+        assert (await client.request(ENDPOINT, FAST))["object"] == "chat.completion"
+        assert (await trio.to_thread.run_sync(blocking.request, ENDPOINT, FAST))["object"] == "chat.completion"
+        stats = await client.stats()
+        blocking_stats = await trio.to_thread.run_sync(blocking.stats)
+        assert stats["engine"]["pid"] == blocking_stats["engine"]["pid"] == second.process.pid
+        assert stats["engine"]["accepted"] == 2  # the two new requests; the lost ones were not sent again
+
+        # A graceful restart while the clients are idle, as `systemctl restart` does: nothing to see but
+        # the next call being served by the next engine.
+        assert await second.stop() == 0
+        third = await stack.enter_async_context(running_engine(short_tmp, url))
+        assert (await client.request(ENDPOINT, FAST))["object"] == "chat.completion"
+        assert (await trio.to_thread.run_sync(blocking.request, ENDPOINT, FAST))["object"] == "chat.completion"
+        assert (await client.stats())["engine"]["pid"] == third.process.pid
 
 
 #: More requests in one window than the engine queues replies for before it stops reading a connection

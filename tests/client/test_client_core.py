@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import msgspec
@@ -300,7 +301,10 @@ def test_the_engines_last_word_is_quoted_when_it_closes() -> None:
     answered, closed = connection.events()
     assert isinstance(answered, Answered) and answered.context == "a"
     assert isinstance(closed, ConnectionClosed) and closed.orphans == ("b",)
-    message = f"the engine at {PATH} closed the connection; the engine's last word: [shutting_down] engine stopping"
+    message = (
+        f"the engine at {PATH} went away (it closed the connection); the engine's last word: [shutting_down] "
+        "engine stopping"
+    )
     assert str(closed.error) == f"[connection_lost] {message}"
     assert closed.error.__cause__ is notice.error
     with pytest.raises(ConnectionLost, match="last word") as caught:
@@ -321,6 +325,35 @@ def test_the_driver_failing_the_transport() -> None:
     lost = connection.connection_lost()
     assert lost.message == "sending to the engine failed" and lost.__cause__ is cause
     assert str(lost.socket_path) == PATH
+
+
+def test_a_request_lost_with_the_connection_says_whether_it_may_have_run() -> None:
+    """What the drivers raise for each request still outstanding when the connection ends: never re-sent,
+    so the caller must learn whether the engine may have run it."""
+    connection = opened()
+    written, _ = connection.submit(chat(), "written")
+    unwritten, _ = connection.submit(chat(), "unwritten")
+    cause = ConnectionResetError(104, "Connection reset by peer")
+    connection.fail("reading from the engine failed", cause)
+    [closed] = list(connection.events())
+    assert isinstance(closed, ConnectionClosed) and closed.orphans == ("written", "unwritten")
+    maybe = connection.request_lost(written, sent=True)
+    assert maybe.request_id == written and maybe.may_have_reached_upstream is True
+    assert maybe.message.startswith("reading from the engine failed; request 1 was outstanding")
+    assert "may have sent it upstream" in maybe.message and "It was not sent again" in maybe.message
+    assert maybe.message.endswith("The client connects again on its next call")
+    assert maybe.__cause__ is cause
+    never = connection.request_lost(unwritten, sent=False)
+    assert never.may_have_reached_upstream is False and "never reached the engine" in never.message
+    assert connection.connection_lost().may_have_reached_upstream is None
+    assert pickle.loads(pickle.dumps(maybe)).may_have_reached_upstream is True
+
+    closed_by_us = opened()
+    request_id, _ = closed_by_us.submit(chat())
+    closed_by_us.close()
+    lost = closed_by_us.request_lost(request_id, sent=True)
+    assert lost.message.startswith("the client was closed; request 1 was outstanding")
+    assert "connects again" not in lost.message  # nothing reconnects a closed client
 
 
 def test_closing_the_client() -> None:

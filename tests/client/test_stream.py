@@ -347,8 +347,13 @@ def test_a_stream_ending_in_an_error_or_a_lost_connection(fake: FakeEngine) -> N
         stream = client.stream(CHAT, HELD)
         assert next(stream) == StreamChunk({"n": 0})
         fake.drop_connections()
-        with pytest.raises(ConnectionLost):
+        with pytest.raises(ConnectionLost, match="may have sent it upstream") as lost:
             list(stream)
+        assert lost.value.may_have_reached_upstream is True and lost.value.request_id == 2
+        with pytest.raises(RequestCancelledError, match="closed before its end"):  # never passed off as whole
+            next(stream)
+        assert len(list(client.stream(CHAT, {"chunks": 1}))) == 2  # the next call connected again
+    assert len(fake.connections) == 2
 
 
 async def test_break_aclose_and_cancel_an_async_stream_trio(fake: FakeEngine) -> None:
@@ -375,9 +380,32 @@ async def test_break_aclose_and_cancel_an_async_stream_trio(fake: FakeEngine) ->
         stream = client.stream(CHAT, HELD)
         assert await stream.__anext__() == StreamChunk({"n": 0})
         fake.drop_connections()
-        with pytest.raises(ConnectionLost):
+        with pytest.raises(ConnectionLost, match="may have sent it upstream") as lost:
             async for _ in stream:
                 pass
+        assert lost.value.may_have_reached_upstream is True
+        with pytest.raises(RequestCancelledError, match="closed before its end"):
+            await stream.__anext__()
+
+
+async def test_an_async_stream_made_while_the_connection_is_down_connects_when_iterated_trio(
+    fake: FakeEngine,
+) -> None:
+    async with AsyncClient(fake.path) as client:
+        fake.drop_connections()
+        await until(lambda: client._core.closed)
+        stream = client.stream(CHAT, {"chunks": 2})  # not a coroutine: it cannot connect here
+        assert stream.request_id is None and len(fake.submits) == 0
+        chunks = [chunk async for chunk in stream]
+        assert chunks[:2] == [StreamChunk({"n": 0}), StreamChunk({"n": 1})] and stream.result is not None
+        assert stream.request_id == 1 and len(fake.connections) == 2
+        fake.drop_connections()
+        await until(lambda: client._core.closed)
+        unsent = client.stream(CHAT, {"chunks": 2})
+        await unsent.aclose()  # closed before it was sent: nothing to cancel, nothing sent
+        with pytest.raises(RequestCancelledError, match="closed before its end"):
+            await unsent.__anext__()
+    assert len(fake.submits) == 1 and len(fake.connections) == 2
 
 
 def test_break_cancels_an_async_stream_on_asyncio(fake: FakeEngine) -> None:

@@ -18,6 +18,10 @@ of task around one connection:
 Cancelling a waiting `AsyncClient.request` (a timeout, a cancelled scope) withdraws it in the engine with a
 ``Cancel`` frame; so does leaving an `AsyncClient.stream` early.
 
+Those tasks, the core and the socket are one `_Link`. When the connection is lost (an engine restart), the
+link's waiters raise `ConnectionLost` and its tasks end; the next call opens a new link, and nothing
+outstanding on the old one is sent again.
+
 Imports msgspec, anyio, the standard library and the light `trio_mapper` modules only (never trio or
 httpx directly: anyio loads the running event loop's backend itself).
 """
@@ -52,6 +56,7 @@ from trio_mapper.client.core import (
     StatsReceived,
     StreamChunk,
     StreamState,
+    check_priority,
     default_client_name,
     logger,
     unwrap,
@@ -98,6 +103,34 @@ class _Outgoing:
         self.data = data
         self.request_id = request_id
         self.withdrawn = False
+
+
+class _Link:
+    """One connection to the engine and what belongs to it alone: its protocol core, its byte stream, the
+    writer's queue, and the scope of its reader and writer tasks.
+
+    An `AsyncClient` has one at a time. Once it is lost, the client's next call opens another; a request
+    waits on the link it went out on, so it can never take another connection's reply (ids start again at
+    1 on each).
+    """
+
+    __slots__ = ("core", "never_sent", "outbox_receive", "outbox_send", "scope", "stream", "unsent")
+
+    def __init__(self, core: ClientConnection, stream: anyio.abc.ByteStream) -> None:
+        self.core = core
+        self.stream = stream
+        # Frames for the writer task. Unbounded on purpose: producers include cleanup code that must not
+        # block (a cancelled request, a dropped map iterator), and it holds at most one Submit per waiting
+        # request plus one Cancel per abandoned one; callers bound those (a map's window, your tasks).
+        self.outbox_send: MemoryObjectSendStream[_Outgoing]
+        self.outbox_receive: MemoryObjectReceiveStream[_Outgoing]
+        self.outbox_send, self.outbox_receive = anyio.create_memory_object_stream[_Outgoing](math.inf)
+        #: Queued frames of requests the writer has not taken yet, by id: those can be withdrawn.
+        self.unsent: dict[RequestId, _Outgoing] = {}
+        #: The requests still unsent when the connection ended: they never reached the engine.
+        self.never_sent: frozenset[RequestId] = frozenset()
+        #: The reader's and the writer's.
+        self.scope = anyio.CancelScope()
 
 
 class _Flag:
@@ -147,21 +180,32 @@ class AsyncStream:
     waiting for the next chunk does it too.
     """
 
-    def __init__(self, client: AsyncClient, request_id: RequestId, waiter: _StreamWaiter) -> None:
-        self.request_id = request_id
+    def __init__(self, client: AsyncClient, request: Request, waiter: _StreamWaiter) -> None:
+        #: The request's id on its connection; None until it is sent.
+        self.request_id: RequestId | None = None
         #: The final `Result` once the stream ended successfully; None before.
         self.result: Result | None = None
         self._client = client
+        self._request = request
         self._waiter = waiter
+        self._link: _Link | None = None
         self._over = False
         #: Closed before the end came: iterating further raises instead of ending as if whole.
         self._closed_early = False
+
+    def _submit(self, link: _Link) -> None:
+        self.request_id, frame = link.core.submit(self._request, self._waiter, stream=True)
+        self._link = link
+        self._client._enqueue(link, frame, self.request_id)
 
     def __aiter__(self) -> AsyncStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
         state = self._waiter.state
+        if self._link is None and not self._over:
+            # `stream()` found the connection lost and cannot await a new one: the first chunk's wait does.
+            self._submit(await self._client._usable_link())
         while True:
             if self._over:  # ended, or closed: what is still buffered is not wanted
                 if self._closed_early:
@@ -174,9 +218,10 @@ class AsyncStream:
                 self._over = True
                 self.result = state.finish()  # raises the error the stream ended with
                 raise StopAsyncIteration
-            if self._client._core.closed:
-                self._over = True
-                raise self._client._core.connection_lost()
+            assert self._link is not None and self.request_id is not None
+            if self._link.core.closed:  # the connection ended before the stream did
+                self.close()
+                raise self._client._lost(self._link, self.request_id)
             try:
                 await self._waiter.news.wait()
             except BaseException:  # cancelled while waiting: nobody will read the rest
@@ -189,7 +234,8 @@ class AsyncStream:
         if self._over:
             return
         self._over = self._closed_early = True
-        self._client._withdraw((self.request_id,))
+        if self._link is not None and self.request_id is not None:
+            self._client._withdraw(self._link, (self.request_id,))
 
     async def aclose(self) -> None:
         self.close()
@@ -240,6 +286,11 @@ class AsyncClient:
 
     Use as ``async with AsyncClient() as client:``; leaving the block closes the connection.
 
+    When the connection is lost (the engine restarted, say), the calls waiting on it raise `ConnectionLost`,
+    which says whether each request may have reached the upstream; none is sent again. The next call
+    connects again, to the same socket: if that fails, it raises what connecting raised (`EngineUnavailable`,
+    or the engine's refusal), and the call after it tries again.
+
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else the first of
             `trio_mapper.paths.default_socket_paths()` that exists: this user's engine's, then the system
@@ -250,7 +301,8 @@ class AsyncClient:
             ``"default"`` or ``"batch"``. None (the default) leaves it to the engine: the class of the
             client's tenant. That class is a ceiling: asking for a lower class (a batch job asking for
             ``"batch"``) takes effect, asking for a higher one gets the tenant's class.
-        connect_timeout: seconds allowed to connect and complete the handshake (None: no limit).
+        connect_timeout: seconds allowed to connect and complete the handshake, each time it connects
+            (None: no limit).
 
     Raises:
         ValueError: ``priority`` is not one of the three classes.
@@ -264,21 +316,16 @@ class AsyncClient:
         priority: str | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
+        self._priority = check_priority(priority)
         self._socket = SocketChoice.resolve(socket_path)
         self.socket_path: Path = self._socket.path
         self.client_name = client_name if client_name is not None else default_client_name()
         self.connect_timeout = connect_timeout
-        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=priority)
-        self._stream: anyio.abc.ByteStream | None = None
+        #: The current connection; None before ``async with``.
+        self._link: _Link | None = None
+        #: Held while a lost connection is replaced, so that concurrent calls open one, not one each.
+        self._reconnecting: anyio.Lock | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._background_scope: anyio.CancelScope | None = None
-        # Frames for the writer task. Unbounded on purpose: producers include cleanup code that must not
-        # block (a cancelled request, a dropped map iterator), and it holds at most one Submit per waiting
-        # request plus one Cancel per abandoned one; callers bound those (a map's window, your tasks).
-        self._outbox_send: MemoryObjectSendStream[_Outgoing] | None = None
-        self._outbox_receive: MemoryObjectReceiveStream[_Outgoing] | None = None
-        #: Queued frames of requests the writer has not taken yet, by id: those can be withdrawn.
-        self._unsent: dict[RequestId, _Outgoing] = {}
         #: The maps in progress, stopped when the client closes.
         self._maps: set[_MapRun] = set()
         self._entered = False
@@ -290,12 +337,11 @@ class AsyncClient:
         if self._entered:
             raise RuntimeError("an AsyncClient can only be entered once")
         self._entered = True
-        self._stream = await self._open()
-        self._outbox_send, self._outbox_receive = anyio.create_memory_object_stream[_Outgoing](math.inf)
-        self._background_scope = anyio.CancelScope()
+        self._link = link = await self._open()
+        self._reconnecting = anyio.Lock()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._background)
+        self._task_group.start_soon(self._background, link)
         return self
 
     async def __aexit__(
@@ -325,14 +371,15 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        self._core.close()
-        self._process_events()
+        link = self._link
+        if link is None:
+            return
+        link.core.close()
+        self._process_events(link)
         for run in list(self._maps):
             run.finish()
-        if self._background_scope is not None:
-            self._background_scope.cancel()
-        if self._stream is not None:
-            await anyio.aclose_forcefully(self._stream)
+        link.scope.cancel()
+        await anyio.aclose_forcefully(link.stream)
 
     @property
     def closed(self) -> bool:
@@ -341,15 +388,24 @@ class AsyncClient:
     @property
     def priority(self) -> str | None:
         """The priority class asked for by calls that name none (None: the class of the client's tenant)."""
-        return self._core.priority
+        return self._priority
 
     @property
     def welcome(self) -> Welcome | None:
-        """The engine's `Welcome`, once connected."""
-        return self._core.welcome
+        """The `Welcome` of the engine this client is (or was last) connected to; None before ``async with``."""
+        return None if self._link is None else self._link.core.welcome
+
+    @property
+    def _core(self) -> ClientConnection:
+        """The current connection's protocol core."""
+        assert self._link is not None, "not connected: use `async with AsyncClient() as client:`"
+        return self._link.core
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._core.outstanding)} in flight"
+        if self._closed or self._link is None:
+            state = "closed" if self._closed else "not connected"
+        else:
+            state = f"{len(self._link.core.outstanding)} in flight"
         return f"<AsyncClient {str(self.socket_path)!r} {state}>"
 
     # -- public API --------------------------------------------------------------------------------------
@@ -372,7 +428,8 @@ class AsyncClient:
 
         Raises the `TrioMapperError` subclass for the engine's error kind, or `ConnectionLost`; `ValueError`
         for a ``priority`` that is not a class (nothing is sent). If the call is cancelled while waiting, the
-        request is cancelled in the engine too.
+        request is cancelled in the engine too. After a lost connection, what connecting again raises
+        (`EngineUnavailable`…).
         """
         result = await self.request_result(
             endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts, priority=priority
@@ -390,15 +447,16 @@ class AsyncClient:
         priority: str | None = None,
     ) -> Result:
         """Like `request`, but returns the whole protocol `Result` (status, headers, attempts, timings)."""
-        self._check_usable()
         waiter = _Waiter()
-        # Queued before the first checkpoint: requests go out in the order their callers ran.
         request = Request(
             endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts, priority=priority
         )
-        request_id, frame = self._core.submit(request, waiter)
-        self._enqueue(frame, request_id)
-        result: Result = unwrap(await self._wait(request_id, waiter))
+        # Queued before the first checkpoint (there is one only to connect again): requests go out in the
+        # order their callers ran.
+        link = await self._usable_link()
+        request_id, frame = link.core.submit(request, waiter)
+        self._enqueue(link, frame, request_id)
+        result: Result = unwrap(await self._wait(link, request_id, waiter, submitted=True))
         return result
 
     def stream(
@@ -412,19 +470,21 @@ class AsyncClient:
     ) -> AsyncStream:
         """Send one request as a stream: ``async for`` what this returns for its chunks as they come.
 
-        Not a coroutine: the request is sent when this is called. ``body`` is what `request` takes;
+        Not a coroutine: the request is sent when this is called (after a lost connection, by the first wait
+        for a chunk, which connects again first). ``body`` is what `request` takes;
         ``"stream": true`` is set here. Each item is a `StreamChunk` (see `trio_mapper.client.sync.Client.stream`
         for what it holds); ``priority`` is as for `request`. Raises, from this call: `ValueError` for a
         ``priority`` that is not a class, `ProtocolError` when the engine is too old to stream,
-        `InvalidRequestError` for a frame larger than the engine accepts, `ConnectionLost`; from the iteration:
-        the `TrioMapperError` subclass ``request`` would raise for the engine's error kind, or `ConnectionLost`.
+        `InvalidRequestError` for a frame larger than the engine accepts (those three from the first wait for a
+        chunk when it is the one that sends the request); from the iteration: the `TrioMapperError` subclass
+        ``request`` would raise for the engine's error kind, or `ConnectionLost`.
         """
-        self._check_usable()
-        waiter = _StreamWaiter()
+        link = self._current()
         request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts, priority=priority)
-        request_id, frame = self._core.submit(request, waiter, stream=True)
-        self._enqueue(frame, request_id)
-        return AsyncStream(self, request_id, waiter)
+        stream = AsyncStream(self, request, _StreamWaiter())
+        if not link.core.closed:
+            stream._submit(link)
+        return stream
 
     def map(
         self,
@@ -446,54 +506,57 @@ class AsyncClient:
         Per-request failures are yielded (``MapResult.error``), a lost connection raises `ConnectionLost`.
         Leaving the loop, cancelling the enclosing scope or closing the iterator cancels the requests still
         outstanding in the engine; use ``async with client.map(...) as results:`` to make that happen at a
-        precise point.
+        precise point. A map made after a lost connection connects again when it is first iterated.
         """
-        self._check_usable()
+        self._current()
         if window < 1:
             raise ValueError(f"window must be at least 1, not {window}")
+        check_priority(priority)
         return AsyncMapIterator(self, requests, endpoint, window, deadline, max_attempts, priority)
 
     async def stats(self) -> dict[str, Any]:
         """The engine's counters: ``{"engine": {...}, "lanes": {lane: {...}}}``."""
-        self._check_usable()
         waiter = _Waiter()
-        request_id, frame = self._core.stats(waiter)
-        self._enqueue(frame, request_id)
-        stats: dict[str, Any] = unwrap(await self._wait(request_id, waiter))
+        link = await self._usable_link()
+        request_id, frame = link.core.stats(waiter)
+        self._enqueue(link, frame, request_id)
+        stats: dict[str, Any] = unwrap(await self._wait(link, request_id, waiter))
         return stats
 
     async def ping(self) -> float:
         """Round-trip to the engine; returns the seconds it took."""
-        self._check_usable()
         waiter = _Waiter()
+        link = await self._usable_link()
         started = time.perf_counter()
-        request_id, frame = self._core.ping(waiter)
-        self._enqueue(frame, request_id)
-        unwrap(await self._wait(request_id, waiter))
+        request_id, frame = link.core.ping(waiter)
+        self._enqueue(link, frame, request_id)
+        unwrap(await self._wait(link, request_id, waiter))
         return time.perf_counter() - started
 
     # -- connection --------------------------------------------------------------------------------------
 
-    async def _open(self) -> anyio.abc.ByteStream:
-        path = self.socket_path
+    async def _open(self) -> _Link:
+        """Connect and handshake."""
+        choice = self._socket
+        core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=self._priority)
         try:
             with anyio.fail_after(self.connect_timeout):
                 try:
-                    stream: anyio.abc.ByteStream = await anyio.connect_unix(path)
+                    stream: anyio.abc.ByteStream = await anyio.connect_unix(choice.path)
                 except OSError as exc:
-                    raise engine_unavailable(self._socket, exc) from exc
+                    raise engine_unavailable(choice, exc) from exc
                 try:
-                    await self._handshake(stream)
+                    await self._handshake(core, stream)
                 except BaseException:
                     await anyio.aclose_forcefully(stream)
                     raise
-                return stream
         except TimeoutError as exc:
             reason = f"no answer to the handshake within {self.connect_timeout} s"
-            raise engine_unavailable(self._socket, reason) from exc
+            raise engine_unavailable(choice, reason) from exc
+        return _Link(core, stream)
 
-    async def _handshake(self, stream: anyio.abc.ByteStream) -> None:
-        core = self._core
+    @staticmethod
+    async def _handshake(core: ClientConnection, stream: anyio.abc.ByteStream) -> None:
         try:
             await stream.send(core.send_hello())
             while core.state is State.HANDSHAKING:
@@ -510,131 +573,167 @@ class AsyncClient:
             assert core.error is not None
             raise core.error
 
-    def _check_usable(self) -> None:
-        if not self._entered:
+    def _current(self) -> _Link:
+        """The current link, lost or not; raises when the client is not in use."""
+        if not self._entered or self._link is None:
             raise RuntimeError("AsyncClient is not connected: use `async with AsyncClient() as client:`")
-        if self._core.closed:
-            raise self._core.connection_lost()
+        if self._closed:
+            raise self._link.core.connection_lost()  # "the client was closed"
+        return self._link
 
-    def _fail(self, reason: str, cause: BaseException | None) -> None:
+    async def _usable_link(self) -> _Link:
+        """The open link for a new request; after a lost connection, a new one.
+
+        No checkpoint while the connection is open, so that requests go out in the order their callers
+        ran. One attempt to connect again, whose failure this call raises (the next call tries again); no
+        request is moved from the lost link to the new.
+        """
+        link = self._current()
+        if not link.core.closed:
+            return link
+        assert self._reconnecting is not None and self._task_group is not None
+        async with self._reconnecting:
+            link = self._current()
+            if link.core.closed:  # no other call connected again meanwhile
+                fresh = await self._open()
+                if self._closed:
+                    await anyio.aclose_forcefully(fresh.stream)
+                    raise link.core.connection_lost()  # "the client was closed"
+                self._link = link = fresh
+                self._task_group.start_soon(self._background, fresh)
+        return link
+
+    def _fail(self, link: _Link, reason: str, cause: BaseException | None) -> None:
         """The transport broke: close the core and wake every waiter (they raise `ConnectionLost`)."""
-        self._core.fail(reason, cause)
-        self._process_events()
+        link.core.fail(reason, cause)
+        self._process_events(link)
 
-    def _process_events(self) -> None:
+    def _process_events(self, link: _Link) -> None:
         """Hand each of the core's events to whoever waits for it. Never blocks."""
-        for event in self._core.events():
+        for event in link.core.events():
             if isinstance(event, Answered | ChunkReceived | StatsReceived | PongReceived):
                 event.context.deliver(event)
             elif isinstance(event, ConnectionClosed):
+                link.never_sent = frozenset(link.unsent)
                 for context in event.orphans:
                     context.fail()
                 for run in list(self._maps):
-                    run.fail()
-                self._unsent.clear()
-                if self._outbox_send is not None:
-                    self._outbox_send.close()
-                if self._background_scope is not None:
-                    self._background_scope.cancel()
+                    if run.link is link:
+                        run.fail()
+                link.unsent.clear()
+                link.outbox_send.close()
+                link.scope.cancel()
+
+    def _lost(self, link: _Link, request_id: RequestId) -> ConnectionLost:
+        """The error for a request of a link that ended before its reply."""
+        return link.core.request_lost(request_id, sent=request_id not in link.never_sent)
 
     # -- background tasks --------------------------------------------------------------------------------
 
-    async def _background(self) -> None:
-        assert self._background_scope is not None
-        with self._background_scope:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._write_frames)
-                await self._read_replies()
-                task_group.cancel_scope.cancel()
+    async def _background(self, link: _Link) -> None:
+        try:
+            with link.scope:
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(self._write_frames, link)
+                    await self._read_replies(link)
+                    task_group.cancel_scope.cancel()
+        finally:
+            # A lost link's socket is closed here (the current one's by aclose too: closing twice is harmless).
+            await anyio.aclose_forcefully(link.stream)
 
-    async def _read_replies(self) -> None:
+    async def _read_replies(self, link: _Link) -> None:
         """Feed the core what the engine sends until the connection ends. Never raises (but `Cancelled`):
         an exception here would cancel the code inside ``async with AsyncClient()``."""
-        assert self._stream is not None
+        core = link.core
         try:
             while True:
-                self._process_events()
-                if self._core.closed:
+                self._process_events(link)
+                if core.closed:
                     return
                 try:
-                    data = await self._stream.receive(_RECV_BYTES)
+                    data = await link.stream.receive(_RECV_BYTES)
                 except anyio.EndOfStream:
                     data = b""
-                self._core.receive_data(data)
+                core.receive_data(data)
         except _STREAM_ERRORS as exc:
-            self._fail(f"reading from the engine failed: {exc!r}", exc)
+            self._fail(link, f"reading from the engine failed: {exc!r}", exc)
         except Exception as exc:
             logger.exception("trio-mapper client reader failed")
-            self._fail(f"the client's reader failed: {exc!r}", exc)
+            self._fail(link, f"the client's reader failed: {exc!r}", exc)
 
-    async def _write_frames(self) -> None:
+    async def _write_frames(self, link: _Link) -> None:
         """The only writer: callers queue whole frames, so cancelling a caller never tears one."""
-        assert self._outbox_receive is not None and self._stream is not None
-        async with self._outbox_receive:
-            async for first in self._outbox_receive:
+        outbox = link.outbox_receive
+        async with outbox:
+            async for first in outbox:
                 batch = [first]
                 size = len(first.data)
                 while size < _WRITE_BATCH_BYTES:  # what else is queued goes out in the same write
                     try:
-                        batch.append(self._outbox_receive.receive_nowait())
+                        batch.append(outbox.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                     size += len(batch[-1].data)
                 live = [item for item in batch if not item.withdrawn]
                 for item in live:
                     if item.request_id is not None:
-                        self._unsent.pop(item.request_id, None)  # taken: too late to withdraw
+                        link.unsent.pop(item.request_id, None)  # taken: too late to withdraw
                 if not live:
                     continue
                 try:
-                    await self._stream.send(b"".join(item.data for item in live))
+                    await link.stream.send(b"".join(item.data for item in live))
                 except _STREAM_ERRORS as exc:
-                    self._fail(f"sending to the engine failed: {exc!r}", exc)
+                    self._fail(link, f"sending to the engine failed: {exc!r}", exc)
                     return
 
     # -- sending -----------------------------------------------------------------------------------------
 
-    def _enqueue(self, data: bytes, request_id: RequestId | None = None) -> None:
+    def _enqueue(self, link: _Link, data: bytes, request_id: RequestId | None = None) -> None:
         """Queue whole frames for the writer task (a request's own frame with its id); never blocks."""
-        if self._core.closed or self._outbox_send is None:
-            raise self._core.connection_lost()
+        if link.core.closed:
+            raise link.core.connection_lost()
         outgoing = _Outgoing(data, request_id)
         try:
-            self._outbox_send.send_nowait(outgoing)
+            link.outbox_send.send_nowait(outgoing)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise self._core.connection_lost() from None
+            raise link.core.connection_lost() from None
         if request_id is not None:
-            self._unsent[request_id] = outgoing
+            link.unsent[request_id] = outgoing
 
-    def _withdraw(self, request_ids: Iterable[RequestId]) -> None:
+    def _withdraw(self, link: _Link, request_ids: Iterable[RequestId]) -> None:
         """Give up on requests without blocking: unsent, they are dropped; sent, they are cancelled."""
         written = []
         for request_id in request_ids:
-            outgoing = self._unsent.pop(request_id, None)
+            outgoing = link.unsent.pop(request_id, None)
             if outgoing is None:
                 written.append(request_id)
             else:
                 outgoing.withdrawn = True
-                self._core.forget((request_id,))
-        frames = self._core.cancel(written)  # only for those not answered yet
+                link.core.forget((request_id,))
+        frames = link.core.cancel(written)  # only for those not answered yet
         if frames:
             with contextlib.suppress(ConnectionLost):
-                self._enqueue(frames)
+                self._enqueue(link, frames)
 
-    async def _wait(self, request_id: RequestId, waiter: _Waiter) -> Reply:
+    async def _wait(self, link: _Link, request_id: RequestId, waiter: _Waiter, *, submitted: bool = False) -> Reply:
+        """The reply for ``request_id``; ``submitted`` for a request (not a stats or a ping), whose loss says
+        whether it may have reached the upstream."""
         try:
             await waiter.event.wait()
         except BaseException:
-            self._withdraw((request_id,))
+            self._withdraw(link, (request_id,))
             raise
         if waiter.reply is None:
-            raise self._core.connection_lost()
+            raise self._lost(link, request_id) if submitted else link.core.connection_lost()
         return waiter.reply
 
 
 class _MapRun:
     """One `AsyncClient.map` in progress: its `MapWindow`, the feeder task that pulls its input, and the
     flags between them and the reader task (all in one event loop: no locks).
+
+    The window is made on the first ``next_result``, on the connection of that moment: ``map()`` is not a
+    coroutine, so it cannot connect again after a lost connection, and the first wait for a result can.
 
     The `AsyncMapIterator` the caller holds wraps it; nothing here refers to that iterator, so dropping it
     (``break`` out of ``async for``) lets its ``__del__`` stop the run.
@@ -651,15 +750,16 @@ class _MapRun:
         priority: str | None = None,
     ) -> None:
         self.client = client
-        self.window = MapWindow(
-            client._core,
-            endpoint=endpoint,
-            window=window,
-            deadline=deadline,
-            max_attempts=max_attempts,
-            priority=priority,
-            context=self,
-        )
+        self._options: dict[str, Any] = {
+            "endpoint": endpoint,
+            "window": window,
+            "deadline": deadline,
+            "max_attempts": max_attempts,
+            "priority": priority,
+        }
+        #: Set by the first ``next_result``: the connection the requests go out on, and the window on it.
+        self.link: _Link | None = None
+        self.window: MapWindow | None = None
         self.sync_items: Iterator[Any] | None = None
         self.async_items: AsyncIterator[Any] | None = None
         if isinstance(requests, AsyncIterable):
@@ -682,11 +782,15 @@ class _MapRun:
     async def next_result(self) -> MapResult:
         client = self.client
         if not self.started:
-            if client._core.closed or client._task_group is None:
-                raise client._core.connection_lost()
+            link = await client._usable_link()
+            if self.finished:  # closed while connecting
+                raise StopAsyncIteration
+            assert client._task_group is not None
+            self.link, self.window = link, MapWindow(link.core, **self._options, context=self)
             self.started = True
             client._maps.add(self)
             client._task_group.start_soon(self._feed)
+        assert self.link is not None and self.window is not None
         while True:
             if self.error is not None:
                 raise self.error
@@ -696,8 +800,8 @@ class _MapRun:
                 return result
             if self.window.done:
                 raise StopAsyncIteration
-            if client._core.closed:
-                raise client._core.connection_lost()
+            if self.link.core.closed:
+                raise self.link.core.connection_lost()
             await self.results.wait()
 
     def finish(self) -> None:
@@ -709,7 +813,8 @@ class _MapRun:
         self.client._maps.discard(self)
         self.feeder_scope.cancel()
         self.room.set()
-        self.client._withdraw(self.window.close())
+        if self.link is not None and self.window is not None:
+            self.client._withdraw(self.link, self.window.close())
 
     async def aclose(self) -> None:
         self.finish()
@@ -722,6 +827,7 @@ class _MapRun:
     # -- the reader task (contexts of the window's requests) ---------------------------------------------
 
     def deliver(self, event: Answered) -> None:
+        assert self.window is not None  # its requests went out through it
         self.window.deliver(event)
         self.results.set()
 
@@ -733,10 +839,12 @@ class _MapRun:
     async def _feed(self) -> None:
         """Pull the input while the window has room, and submit it. Never raises (but `Cancelled`): it runs in
         the client's task group."""
+        assert self.link is not None and self.window is not None
+        link, window = self.link, self.window
         try:
             with self.feeder_scope:
                 while not self.finished:
-                    if not self.window.wants_input:
+                    if not window.wants_input:
                         await self.room.wait()
                         continue
                     try:
@@ -746,13 +854,13 @@ class _MapRun:
                             assert self.sync_items is not None
                             item = next(self.sync_items)
                     except (StopIteration, StopAsyncIteration):
-                        self.window.end_of_input()
+                        window.end_of_input()
                         return
                     if self.finished:
                         return
-                    request_id, frame = self.window.add(item)
+                    request_id, frame = window.add(item)
                     if frame:
-                        self.client._enqueue(frame, request_id)
+                        self.client._enqueue(link, frame, request_id)
                     self.results.set()  # a request refused locally is a result already
         except Exception as exc:
             self.error = exc

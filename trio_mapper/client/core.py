@@ -466,6 +466,8 @@ class ClientConnection:
         self._loss_reason = ""
         self._loss_cause: BaseException | None = None
         self._last_connection_error: TrioMapperError | None = None
+        #: Closed by `close` rather than lost: nothing reconnects, and the errors must not say it will.
+        self._closed_by_client = False
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.state.value} {len(self._outstanding)} outstanding>"
@@ -624,7 +626,7 @@ class ClientConnection:
                 if not self._eof:
                     return None
                 if self.state is State.OPEN:
-                    self._close(f"the engine at {self.socket_path} closed the connection", None)
+                    self._close(f"the engine at {self.socket_path} went away (it closed the connection)", None)
                 else:
                     self._close(self._handshake_lost(), None)
                 continue
@@ -650,12 +652,43 @@ class ClientConnection:
 
     def close(self) -> None:
         """The client closes the connection: waiters get ``ConnectionLost("the client was closed")``."""
+        if not self.closed:
+            self._closed_by_client = True
         self.fail("the client was closed")
 
     def connection_lost(self) -> ConnectionLost:
         """A fresh `ConnectionLost` saying why the connection ended (one instance raised in many threads or
         tasks would tangle its traceback); its ``__cause__`` is the underlying error."""
         error = ConnectionLost(self._loss_reason or "connection lost", socket_path=self.socket_path)
+        error.__cause__ = self._loss_cause
+        return error
+
+    def request_lost(self, request_id: RequestId, *, sent: bool) -> ConnectionLost:
+        """The error for a request that was still outstanding when the connection ended, saying whether it
+        may have reached the upstream; its ``__cause__`` is the underlying error.
+
+        The drivers never send such a request again by themselves, on the next connection or otherwise: the
+        engine may have run it, and only the caller knows whether running it twice is acceptable (answers
+        are exactly-once per connection, not across two). ``sent`` is whether the request's frame had been
+        written whole to the socket, which only the driver knows: a frame never written whole never reached
+        the engine, which acts on whole frames only.
+        """
+        if sent:
+            fate = (
+                f"request {request_id!r} was outstanding: the engine may have sent it upstream (and spent its "
+                "tokens) before the connection ended, and its answer is lost. It was not sent again: resubmit it "
+                "if running it twice is acceptable"
+            )
+        else:
+            fate = f"request {request_id!r} had not been sent yet, so it never reached the engine: resubmit it"
+        # Both drivers open a new connection on the next call after a lost one (never after close()).
+        reconnect = "" if self._closed_by_client else ". The client connects again on its next call"
+        error = ConnectionLost(
+            f"{self._loss_reason or 'connection lost'}; {fate}{reconnect}",
+            socket_path=self.socket_path,
+            request_id=request_id,
+            may_have_reached_upstream=sent,
+        )
         error.__cause__ = self._loss_cause
         return error
 

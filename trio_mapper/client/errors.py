@@ -144,14 +144,30 @@ class EngineUnavailable(TrioMapperError):
 
 
 class ConnectionLost(TrioMapperError):
-    """The connection to the engine closed or broke while requests were outstanding (or it was closed)."""
+    """The connection to the engine closed or broke while requests were outstanding (or it was closed).
 
-    def __init__(self, message: str, *, socket_path: str | os.PathLike[str] | None = None) -> None:
-        super().__init__(CONNECTION_LOST_KIND, message)
+    The clients connect again on their next call; what was outstanding is never sent again by them.
+
+    Attributes:
+        may_have_reached_upstream: for the error of one request (``request_id`` set): True when its frame
+            had been written, so the engine may have run it (and its answer is lost); False when it was
+            never sent, so resubmitting it cannot run it twice. None for the connection as a whole.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        socket_path: str | os.PathLike[str] | None = None,
+        request_id: RequestId | None = None,
+        may_have_reached_upstream: bool | None = None,
+    ) -> None:
+        super().__init__(CONNECTION_LOST_KIND, message, request_id=request_id)
         self.socket_path = None if socket_path is None else os.fspath(socket_path)
+        self.may_have_reached_upstream = may_have_reached_upstream
 
 
-def stream_closed_early(request_id: RequestId) -> RequestCancelledError:
+def stream_closed_early(request_id: RequestId | None) -> RequestCancelledError:
     """What iterating a stream that was closed before its end raises: ending quietly would pass a cut answer
     off as a whole one (a task that waited for a chunk with a timeout, then read on)."""
     return RequestCancelledError(

@@ -18,6 +18,10 @@ writes also reads whenever it waits to write, a full reply queue can never stop 
 stops reading a connection whose replies nobody reads: docs/protocol.md, Session item 8), and no lock is
 held while anyone blocks.
 
+The socket, the core and the outbox are one `_Session`. When the connection is lost (an engine restart),
+the session's waiters raise `ConnectionLost`; the next call opens a new session, and nothing outstanding on
+the old one is sent again.
+
 This module is deliberately light: msgspec, the standard library and the light `trio_mapper` modules.
 Importing it never imports trio, httpx or anyio.
 
@@ -59,10 +63,12 @@ from trio_mapper.client.core import (
     StatsReceived,
     StreamChunk,
     StreamState,
+    check_priority,
     default_client_name,
     unwrap,
 )
 from trio_mapper.client.errors import (
+    ConnectionLost,
     EngineUnavailable,
     TrioMapperError,
     stream_closed_early,
@@ -182,6 +188,37 @@ def _group_name(gid: int) -> str:
 # --- the blocking client ----------------------------------------------------------------------------------
 
 
+class _Session:
+    """One connection to the engine: its socket, its protocol core, and the bytes on their way out.
+
+    A `Client` has one at a time. Once it is lost, the client's next call opens another; a request is
+    waited for on the session it went out on, so it can never take another connection's reply (ids start
+    again at 1 on each). Everything here is guarded by the client's lock.
+    """
+
+    __slots__ = ("core", "deferred_cancels", "outbox", "poller", "queued", "released", "sent", "sock")
+
+    def __init__(self, core: ClientConnection, sock: socket.socket, wake_read: socket.socket) -> None:
+        self.core = core
+        self.sock = sock
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.poller.register(wake_read, select.POLLIN)
+        self.outbox = bytearray()  # whole frames, in order; written from the front
+        self.queued = 0  # bytes ever put in the outbox…
+        self.sent = 0  # …and written to the socket: a caller waits for its frame with these
+        #: Requests to cancel that a finaliser could not take the lock for (`Client._give_up_soon`). A deque:
+        #: its append and popleft are atomic, so a finaliser adds to it without the lock and nothing is lost.
+        #: Per session: an id names a request of its own connection only.
+        self.deferred_cancels: collections.deque[RequestId] = collections.deque()
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.sock.close()
+
+
 class _StreamWaiter:
     """Where one `Client.stream`'s chunks and end land (written by the pump, under the lock). Never refers
     to its `Stream`, so that dropping the `Stream` finalises it even though the core still holds this."""
@@ -205,12 +242,16 @@ class Stream:
     upstream's stream at once.
     """
 
-    def __init__(self, client: Client, request_id: RequestId, waiter: _StreamWaiter) -> None:
+    def __init__(
+        self, client: Client, session: _Session, request_id: RequestId, waiter: _StreamWaiter, sent_at: int
+    ) -> None:
         self.request_id = request_id
         #: The final `Result` once the stream ended successfully; None before.
         self.result: Result | None = None
         self._client = client
+        self._session = session
         self._waiter = waiter
+        self._sent_at = sent_at
         self._over = False
         #: Closed before the end came: iterating further raises instead of ending as if whole.
         self._closed_early = False
@@ -219,7 +260,7 @@ class Stream:
         return self
 
     def __next__(self) -> StreamChunk:
-        client, state = self._client, self._waiter.state
+        client, session, state = self._client, self._session, self._waiter.state
         while True:
             if self._over:  # ended, or closed: what is still buffered is not wanted
                 if self._closed_early:
@@ -228,15 +269,19 @@ class Stream:
             with client._lock:
                 chunk = state.next_chunk()
                 done = state.done
+                lost = session.core.closed and not state.has_news
             if chunk is not None:
                 return chunk
             if done:
                 self._over = True
                 self.result = state.finish()  # raises the error the stream ended with
                 raise StopIteration
+            if lost:  # the connection ended before the stream did
+                self.close()
+                raise client._lost(session, self.request_id, self._sent_at)
             try:
-                client._progress(lambda: state.has_news)
-            except BaseException:  # ConnectionLost, Ctrl+C: nothing more will come for this stream
+                client._progress(session, lambda: state.has_news or session.core.closed)
+            except BaseException:  # Ctrl+C: nothing more will be read for this stream
                 self.close()
                 raise
 
@@ -245,7 +290,7 @@ class Stream:
         if self._over:
             return
         self._over = self._closed_early = True
-        self._client._give_up((self.request_id,))
+        self._client._give_up(self._session, (self.request_id,))
 
     def __enter__(self) -> Stream:
         return self
@@ -259,7 +304,7 @@ class Stream:
         if not getattr(self, "_over", True):
             self._over = True
             with contextlib.suppress(Exception):
-                self._client._give_up_soon(self.request_id)
+                self._client._give_up_soon(self._session, self.request_id)
 
     def __repr__(self) -> str:
         return f"<Stream id={self.request_id!r} {'over' if self._over else 'open'}>"
@@ -284,6 +329,11 @@ class Client:
     Connects and handshakes in the constructor, so an absent engine raises `EngineUnavailable` right
     away. Use as a context manager or call `close()` (idempotent).
 
+    When the connection is lost (the engine restarted, say), the calls waiting on it raise `ConnectionLost`,
+    which says whether each request may have reached the upstream; none is sent again. The next call
+    connects again, to the same socket: if that fails, it raises what connecting raised (`EngineUnavailable`,
+    or the engine's refusal), and the call after it tries again.
+
     Args:
         socket_path: the engine's socket; else ``$TRIO_MAPPER_SOCKET``; else the first of
             `trio_mapper.paths.default_socket_paths()` that exists: this user's engine's, then the system
@@ -294,7 +344,7 @@ class Client:
             ``"default"`` or ``"batch"``. None (the default) leaves it to the engine: the class of the
             client's tenant. That class is a ceiling: asking for a lower class (a batch job asking for
             ``"batch"``) takes effect, asking for a higher one gets the tenant's class.
-        connect_timeout: seconds allowed to connect and complete the handshake.
+        connect_timeout: seconds allowed to connect and complete the handshake (each time it connects).
 
     Raises:
         ValueError: ``priority`` is not one of the three classes (before connecting).
@@ -308,35 +358,28 @@ class Client:
         priority: str | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
+        self._priority = check_priority(priority)
         self._socket = SocketChoice.resolve(socket_path)
         self.socket_path: Path = self._socket.path
         self.client_name = client_name if client_name is not None else default_client_name()
-        self._core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=priority)
-        # Guards the core, the outbox and the flags below; never held while a thread blocks in I/O.
+        self.connect_timeout = connect_timeout
+        # Guards the sessions, the flags below and the waiters; never held while a thread blocks in I/O.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._pumping = False  # a thread is the pump (see the module docstring)
-        self._outbox = bytearray()  # whole frames, in order; the pump writes from the front
-        self._queued = 0  # bytes ever put in the outbox…
-        self._sent = 0  # …and written to the socket: a caller waits for its frame with these
+        self._pumping: _Session | None = None  # the session a thread is the pump of (see the module docstring)
         self._poked = False  # a wake-up byte is on its way to the pump
+        self._reconnecting = False  # a thread is opening the next session, without the lock
         self._closed = False
-        self._released = False
-        #: Requests to cancel that a finaliser could not take the lock for (`_give_up_soon`). A deque: its
-        #: append and popleft are atomic, so a finaliser adds to it without the lock and nothing is lost.
-        self._deferred_cancels: collections.deque[RequestId] = collections.deque()
-        self._sock = self._connect(connect_timeout)
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_released = False
         try:
-            self._sock.setblocking(False)
-            self._wake_read, self._wake_write = socket.socketpair()
             self._wake_read.setblocking(False)
             self._wake_write.setblocking(False)
-            self._poller = select.poll()
-            self._poller.register(self._sock, select.POLLIN)
-            self._poller.register(self._wake_read, select.POLLIN)
-            self.welcome: Welcome = self._handshake(connect_timeout)
+            core, sock = self._open_connection()
+            self._session = _Session(core, sock, self._wake_read)
         except BaseException:
-            self._release()
+            self._wake_read.close()
+            self._wake_write.close()
             raise
 
     # -- public API --------------------------------------------------------------------------------------
@@ -358,7 +401,8 @@ class Client:
         lower class takes effect, a higher one gets the tenant's.
 
         Raises the `TrioMapperError` subclass for the engine's error kind, or `ConnectionLost`; `ValueError`
-        for a ``priority`` that is not a class (nothing is sent).
+        for a ``priority`` that is not a class (nothing is sent). After a lost connection, what connecting
+        again raises (`EngineUnavailable`…).
         """
         return self.request_result(
             endpoint, body, method=method, deadline=deadline, max_attempts=max_attempts, priority=priority
@@ -380,9 +424,10 @@ class Client:
         )
         waiter = _Waiter()
         with self._lock:
-            request_id, frame = self._core.submit(request, waiter)
-            self._queue(frame)
-        result: Result = unwrap(self._wait(request_id, waiter))
+            session = self._usable_session()
+            request_id, frame = session.core.submit(request, waiter)
+            sent_at = self._queue(session, frame)
+        result: Result = unwrap(self._wait(session, request_id, waiter, sent_at))
         return result
 
     def stream(
@@ -404,15 +449,17 @@ class Client:
 
         Raises, from this call: `ValueError` for a ``priority`` that is not a class, `ProtocolError` when the
         engine is too old to stream (upgrade it), `InvalidRequestError` for a frame larger than the engine
-        accepts, `ConnectionLost`. From the iteration: the `TrioMapperError` subclass ``request`` would raise
-        for the engine's error kind (a failure before or during the stream), or `ConnectionLost`.
+        accepts, what connecting again raises after a lost connection. From the iteration: the
+        `TrioMapperError` subclass ``request`` would raise for the engine's error kind (a failure before or
+        during the stream), or `ConnectionLost`.
         """
         request = Request(endpoint, body, deadline=deadline, max_attempts=max_attempts, priority=priority)
         waiter = _StreamWaiter()
         with self._lock:
-            request_id, frame = self._core.submit(request, waiter, stream=True)
-            self._queue(frame)
-        return Stream(self, request_id, waiter)
+            session = self._usable_session()
+            request_id, frame = session.core.submit(request, waiter, stream=True)
+            sent_at = self._queue(session, frame)
+        return Stream(self, session, request_id, waiter, sent_at)
 
     def map(
         self,
@@ -430,19 +477,22 @@ class Client:
         ``deadline``, ``max_attempts`` and ``priority`` apply to the items that do not set their own (a
         `Request`'s fields); ``priority`` as for `request` (a batch job may ask for ``"batch"``; `ValueError`,
         raised here, for a value that is not a class). The iterable is consumed lazily. Per-request failures
-        are yielded (``MapResult.error``), not raised; a lost connection raises `ConnectionLost`. Closing the
-        generator (leaving a ``for`` loop in CPython, or ``contextlib.closing``) cancels the requests still
-        outstanding in the engine.
+        are yielded (``MapResult.error``), not raised; a lost connection raises `ConnectionLost` (the map's
+        requests in flight are not sent again; another ``map`` connects again). Closing the generator
+        (leaving a ``for`` loop in CPython, or ``contextlib.closing``) cancels the requests still outstanding
+        in the engine.
         """
-        state = MapWindow(
-            self._core,
-            endpoint=endpoint,
-            window=window,
-            deadline=deadline,
-            max_attempts=max_attempts,
-            priority=priority,
-        )
-        return self._map(iter(requests), state)
+        with self._lock:
+            session = self._usable_session()
+            state = MapWindow(
+                session.core,
+                endpoint=endpoint,
+                window=window,
+                deadline=deadline,
+                max_attempts=max_attempts,
+                priority=priority,
+            )
+        return self._map(session, iter(requests), state)
 
     def stats(self, timeout: float | None = None) -> dict[str, Any]:
         """The engine's counters: ``{"engine": {...}, "lanes": {lane: {...}}}``.
@@ -452,19 +502,21 @@ class Client:
         """
         waiter = _Waiter()
         with self._lock:
-            request_id, frame = self._core.stats(waiter)
-            self._queue(frame)
-        stats: dict[str, Any] = unwrap(self._wait(request_id, waiter, timeout))
+            session = self._usable_session()
+            request_id, frame = session.core.stats(waiter)
+            self._queue(session, frame)
+        stats: dict[str, Any] = unwrap(self._wait(session, request_id, waiter, None, timeout))
         return stats
 
     def ping(self) -> float:
         """Round-trip to the engine; returns the seconds it took."""
         waiter = _Waiter()
-        started = time.perf_counter()
         with self._lock:
-            request_id, frame = self._core.ping(waiter)
-            self._queue(frame)
-        unwrap(self._wait(request_id, waiter))
+            session = self._usable_session()
+            started = time.perf_counter()
+            request_id, frame = session.core.ping(waiter)
+            self._queue(session, frame)
+        unwrap(self._wait(session, request_id, waiter, None))
         return time.perf_counter() - started
 
     def close(self) -> None:
@@ -473,21 +525,33 @@ class Client:
             if self._closed:
                 return
             self._closed = True
-            self._core.close()
-            self._dispatch()
-            if self._pumping:
+            session = self._session
+            session.core.close()
+            self._dispatch(session)
+            if self._pumping is not None:
                 self._poke()  # the pump lets go of the sockets when it sees the connection closed
-            else:
-                self._release()
+            self._release_wake()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     @property
+    def welcome(self) -> Welcome:
+        """The `Welcome` of the engine this client is (or was last) connected to."""
+        welcome = self._session.core.welcome
+        assert welcome is not None  # a session is kept only once its handshake succeeded
+        return welcome
+
+    @property
     def priority(self) -> str | None:
         """The priority class asked for by calls that name none (None: the class of the client's tenant)."""
-        return self._core.priority
+        return self._priority
+
+    @property
+    def _core(self) -> ClientConnection:
+        """The current connection's protocol core."""
+        return self._session.core
 
     def __enter__(self) -> Client:
         return self
@@ -496,10 +560,53 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._core.outstanding)} in flight"
+        state = "closed" if self._closed else f"{len(self._session.core.outstanding)} in flight"
         return f"<Client {str(self.socket_path)!r} {state}>"
 
     # -- connection --------------------------------------------------------------------------------------
+
+    def _open_connection(self) -> tuple[ClientConnection, socket.socket]:
+        """Connect and handshake; returns the open core and its (non-blocking) socket. Blocking, and never
+        under the lock: nothing else knows this socket yet."""
+        timeout = self.connect_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=self._priority)
+        sock = self._connect(timeout)
+        try:
+            try:
+                sock.sendall(core.send_hello())
+            except TimeoutError:
+                raise
+            except OSError:
+                pass  # the engine may have said why it closed (a refusal): read it below
+            while core.state is State.HANDSHAKING:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                try:
+                    data = sock.recv(_RECV_BYTES)
+                except TimeoutError:
+                    raise
+                except OSError as exc:
+                    core.fail(f"the handshake failed: {exc!r}", exc)
+                    break
+                core.receive_data(data)
+                for _ in core.events():  # Welcomed, or ConnectionClosed: nothing is outstanding yet
+                    pass
+            if core.welcome is None:
+                assert core.error is not None
+                raise core.error
+            sock.setblocking(False)
+        except TimeoutError as exc:
+            sock.close()
+            reason = "the engine did not answer the handshake in time"
+            raise engine_unavailable(self._socket, reason) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return core, sock
 
     def _connect(self, timeout: float | None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -513,207 +620,247 @@ class Client:
             raise engine_unavailable(self._socket, exc) from exc
         return sock
 
-    def _handshake(self, timeout: float | None) -> Welcome:
-        with self._lock:
-            self._queue(self._core.send_hello())
-        try:
-            self._progress(lambda: self._core.state is not State.HANDSHAKING, timeout)
-        except TimeoutError as exc:
-            reason = "the engine did not answer the handshake in time"
-            raise engine_unavailable(self._socket, reason) from exc
-        if self._core.welcome is None:
-            assert self._core.error is not None
-            raise self._core.error
-        return self._core.welcome
+    def _usable_session(self) -> _Session:
+        """The open session for a new request (lock held); after a lost connection, a new one.
 
-    def _release(self) -> None:
-        """Close the sockets, once no thread uses them."""
-        if self._released:
-            return
-        self._released = True
-        for sock in (self._sock, getattr(self, "_wake_read", None), getattr(self, "_wake_write", None)):
-            if sock is not None:
+        The lock is released while connecting, so that the other threads carry on. A failed attempt raises
+        to this call (the next call tries again), and no request is moved from the lost session to the new.
+        """
+        while True:
+            if self._closed:
+                raise self._session.core.connection_lost()  # "the client was closed"
+            if not self._session.core.closed and self._pumping is None:
+                # Nobody reads while no call waits: an engine that went away meanwhile (a restart) is noticed
+                # here, so that this call connects again instead of sending into a dead connection.
+                self._read(self._session)
+            if not self._session.core.closed:
+                return self._session
+            if self._reconnecting:
+                self._changed.wait()
+                continue
+            self._reconnecting = True
+            self._lock.release()
+            try:
+                core, sock = self._open_connection()
+            finally:
+                self._lock.acquire()
+                self._reconnecting = False
+                self._changed.notify_all()
+            if self._closed:  # closed meanwhile: the loop raises
                 sock.close()
+                continue
+            self._session = _Session(core, sock, self._wake_read)
+
+    def _retire(self, session: _Session) -> None:
+        """Close a lost session's socket once no thread pumps it (lock held)."""
+        if session.core.closed and self._pumping is not session:
+            session.release()
+
+    def _release_wake(self) -> None:
+        """Close the wake-up sockets once the client is closed and no thread pumps (lock held)."""
+        if self._closed and self._pumping is None and not self._wake_released:
+            self._wake_released = True
+            self._wake_read.close()
+            self._wake_write.close()
 
     # -- waiting: the pump -------------------------------------------------------------------------------
 
-    def _queue(self, frames: bytes) -> int:
+    def _queue(self, session: _Session, frames: bytes) -> int:
         """Append whole frames to the outbox and write what the socket takes now, without blocking (lock
-        held); returns the `_sent` count at which they are out. What is left goes out with the pump."""
-        if self._deferred_cancels:
-            frames = self._take_deferred_cancels() + frames
-        if frames and not self._core.closed:
-            self._outbox += frames
-            self._queued += len(frames)
-            self._write()
-            if self._outbox:
+        held); returns the `_Session.sent` count at which they are out. What is left goes out with the pump."""
+        if session.deferred_cancels:
+            frames = self._take_deferred_cancels(session) + frames
+        if frames and not session.core.closed:
+            session.outbox += frames
+            session.queued += len(frames)
+            self._write(session)
+            if session.outbox:
                 self._poke()
-        return self._queued
+        return session.queued
 
     def _poke(self) -> None:
         """Wake the pump from poll() (lock held): there is something new to write, or to notice."""
-        if self._pumping and not self._poked:
+        if self._pumping is not None and not self._poked:
             self._poked = True
             with contextlib.suppress(OSError):
                 self._wake_write.send(b"\0")
 
-    def _wait(self, request_id: RequestId, waiter: _Waiter, timeout: float | None = None) -> Reply:
+    def _wait(
+        self,
+        session: _Session,
+        request_id: RequestId,
+        waiter: _Waiter,
+        sent_at: int | None,
+        timeout: float | None = None,
+    ) -> Reply:
         """The reply for ``request_id``; if this call ends otherwise (ConnectionLost, Ctrl+C, ``timeout``),
-        the request is cancelled in the engine."""
+        the request is cancelled in the engine. ``sent_at``: where the request's submit frame ends in the
+        session's output (None for stats and pings), to say whether a lost request may have been run."""
         try:
-            self._progress(lambda: waiter.reply is not None, timeout)
+            self._progress(session, lambda: waiter.reply is not None or session.core.closed, timeout)
         finally:
             if waiter.reply is None:
-                self._give_up((request_id,))
-        assert waiter.reply is not None
+                self._give_up(session, (request_id,))
+        if waiter.reply is None:
+            raise self._lost(session, request_id, sent_at)
         return waiter.reply
 
-    def _give_up_soon(self, request_id: RequestId) -> None:
+    def _lost(self, session: _Session, request_id: RequestId, sent_at: int | None) -> ConnectionLost:
+        """The error for a request of a session that ended before its reply."""
+        with self._lock:
+            if sent_at is None:
+                return session.core.connection_lost()
+            return session.core.request_lost(request_id, sent=session.sent >= sent_at)
+
+    def _give_up_soon(self, session: _Session, request_id: RequestId) -> None:
         """`_give_up` for finalisers: never blocks. Without the lock at once, the cancel waits for whichever
         thread next writes or pumps."""
         if self._lock.acquire(blocking=False):
             try:
-                self._queue(self._core.cancel((request_id,)))
+                self._queue(session, session.core.cancel((request_id,)))
             finally:
                 self._lock.release()
         else:
-            self._deferred_cancels.append(request_id)
+            session.deferred_cancels.append(request_id)
 
-    def _take_deferred_cancels(self) -> bytes:
+    def _take_deferred_cancels(self, session: _Session) -> bytes:
         """The cancel frames `_give_up_soon` left for later (lock held)."""
         request_ids = []
-        while self._deferred_cancels:
-            request_ids.append(self._deferred_cancels.popleft())
-        return self._core.cancel(request_ids)
+        while session.deferred_cancels:
+            request_ids.append(session.deferred_cancels.popleft())
+        return session.core.cancel(request_ids)
 
-    def _give_up(self, request_ids: Iterable[RequestId]) -> None:
+    def _give_up(self, session: _Session, request_ids: Iterable[RequestId]) -> None:
         """Forget these requests; those not answered yet are cancelled in the engine (best effort)."""
         with self._lock:
-            frames = self._core.cancel(request_ids)
-            sent_at = self._queue(frames)
+            frames = session.core.cancel(request_ids)
+            sent_at = self._queue(session, frames)
         if frames:
             with contextlib.suppress(TrioMapperError, OSError):
-                self._progress(lambda: self._sent >= sent_at)
+                self._progress(session, lambda: session.sent >= sent_at)
 
-    def _progress(self, done: Callable[[], bool], timeout: float | None = None) -> None:
-        """Return once ``done()`` holds (checked under the lock). Meanwhile this thread is the pump, or waits
-        while another thread is.
+    def _progress(self, session: _Session, done: Callable[[], bool], timeout: float | None = None) -> None:
+        """Return once ``done()`` holds (checked under the lock). Meanwhile this thread is the pump of
+        ``session``, or waits while another thread is a pump.
 
         Raises:
-            ConnectionLost: the connection closed first.
+            ConnectionLost: the session's connection closed first.
             TimeoutError: ``timeout`` seconds passed first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while not done():
-                if self._core.closed:
-                    raise self._core.connection_lost()
+                if session.core.closed:
+                    raise session.core.connection_lost()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError
-                if self._pumping:
+                if self._pumping is not None:
                     self._changed.wait(remaining)
                     continue
-                self._pumping = True
+                self._pumping = session
                 try:
-                    while not done() and not self._core.closed:
+                    while not done() and not session.core.closed:
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
                             raise TimeoutError
-                        self._pump_once(remaining)
+                        self._pump_once(session, remaining)
                 finally:
-                    self._pumping = False
-                    if self._closed:
-                        self._release()
+                    self._pumping = None
+                    self._retire(session)
+                    self._release_wake()
                     self._changed.notify_all()
 
-    def _pump_once(self, timeout: float | None) -> None:
+    def _pump_once(self, session: _Session, timeout: float | None) -> None:
         """Wait until the socket can be read or written (or a poke), then read and write what it can
         (lock held, released while polling)."""
         self._poked = False
         with contextlib.suppress(OSError):
             while self._wake_read.recv(64):
                 pass
-        if self._deferred_cancels:
-            self._queue(b"")
-        self._poller.modify(self._sock, select.POLLIN | (select.POLLOUT if self._outbox else 0))
+        if session.deferred_cancels:
+            self._queue(session, b"")
+        session.poller.modify(session.sock, select.POLLIN | (select.POLLOUT if session.outbox else 0))
         self._lock.release()
         try:
-            ready = self._poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+            ready = session.poller.poll(None if timeout is None else math.ceil(timeout * 1000))
         finally:
             self._lock.acquire()
-        flags = next((events for fd, events in ready if fd == self._sock.fileno()), 0)
+        flags = next((events for fd, events in ready if fd == session.sock.fileno()), 0)
         if flags & _READABLE:
-            self._read()
-        if flags & _WRITABLE and self._outbox and not self._core.closed:
-            self._write()
+            self._read(session)
+        if flags & _WRITABLE and session.outbox and not session.core.closed:
+            self._write(session)
         self._changed.notify_all()
 
-    def _read(self) -> None:
+    def _read(self, session: _Session) -> None:
+        core = session.core
         try:
             try:
-                data = self._sock.recv(_RECV_BYTES)
+                data = session.sock.recv(_RECV_BYTES)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._core.fail(f"reading from the engine failed: {exc}", exc)
+                core.fail(f"reading from the engine failed: {exc}", exc)
             else:
-                self._core.receive_data(data)
-            self._dispatch()
+                core.receive_data(data)
+            self._dispatch(session)
         except BaseException as exc:
             # Interrupted (Ctrl+C…) between taking bytes from the socket and handing their replies out:
             # some may be lost, so no reply can be trusted to come any more.
-            self._core.fail("interrupted while reading from the engine; the connection was closed", exc)
-            self._dispatch()
+            core.fail("interrupted while reading from the engine; the connection was closed", exc)
+            self._dispatch(session)
             raise
 
-    def _write(self) -> None:
+    def _write(self, session: _Session) -> None:
         """Write what the socket takes now (lock held; the writes of all threads are serialised by it)."""
+        core = session.core
         try:
             try:
-                sent = self._sock.send(self._outbox)  # as much as the socket takes
+                sent = session.sock.send(session.outbox)  # as much as the socket takes
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._read_last_words()
-                self._core.fail(f"sending to the engine failed: {exc}", exc)
-                self._dispatch()
+                self._read_last_words(session)
+                core.fail(f"sending to the engine failed: {exc}", exc)
+                self._dispatch(session)
                 return
-            del self._outbox[:sent]
-            self._sent += sent
+            del session.outbox[:sent]
+            session.sent += sent
         except BaseException as exc:
             # Interrupted (Ctrl+C…) partway: whether the bytes went out is unknown, so the engine can no
             # longer parse this stream, and this connection is finished.
-            self._core.fail("interrupted while sending a frame; the connection was closed", exc)
-            self._dispatch()
+            core.fail("interrupted while sending a frame; the connection was closed", exc)
+            self._dispatch(session)
             raise
 
-    def _read_last_words(self) -> None:
+    def _read_last_words(self, session: _Session) -> None:
         """After a failed write, read what the engine sent before it went away (its reason for closing)."""
-        while not self._core.closed:
+        while not session.core.closed:
             try:
-                data = self._sock.recv(_RECV_BYTES)
+                data = session.sock.recv(_RECV_BYTES)
             except OSError:
                 return
-            self._core.receive_data(data)
-            self._dispatch()
+            session.core.receive_data(data)
+            self._dispatch(session)
             if not data:
                 return
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, session: _Session) -> None:
         """Hand each event to whoever waits for it (lock held)."""
-        for event in self._core.events():
+        for event in session.core.events():
             if isinstance(event, Answered | ChunkReceived | StatsReceived | PongReceived):
                 event.context.deliver(event)
             elif isinstance(event, ConnectionClosed):  # waiters see the core closed: they raise ConnectionLost
-                self._outbox.clear()
+                session.outbox.clear()
                 with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
+                    session.sock.shutdown(socket.SHUT_RDWR)
+                self._retire(session)
         self._changed.notify_all()
 
     # -- map ---------------------------------------------------------------------------------------------
 
-    def _map(self, items: Iterator[Any], window: MapWindow) -> Generator[MapResult, None, None]:
+    def _map(self, session: _Session, items: Iterator[Any], window: MapWindow) -> Generator[MapResult, None, None]:
         try:
             while True:
                 with self._lock:
@@ -721,19 +868,19 @@ class Client:
                     result = None if wants_input else window.next_result()
                     finished = window.done
                 if wants_input:  # fill the window first, as the engine works on all of it meanwhile
-                    self._pull(items, window)
+                    self._pull(session, items, window)
                 elif result is not None:
                     yield result
                 elif finished:
                     return
                 else:
-                    self._progress(lambda: window.has_results)
+                    self._progress(session, lambda: window.has_results)
         finally:
             with self._lock:
                 in_flight = window.close()
-            self._give_up(in_flight)
+            self._give_up(session, in_flight)
 
-    def _pull(self, items: Iterator[Any], window: MapWindow) -> None:
+    def _pull(self, session: _Session, items: Iterator[Any], window: MapWindow) -> None:
         """Submit the next input item, and wait until it is written (reading replies meanwhile)."""
         try:
             item = next(items)
@@ -743,8 +890,8 @@ class Client:
             return
         with self._lock:
             _, frame = window.add(item)
-            sent_at = self._queue(frame)
-        self._progress(lambda: self._sent >= sent_at)
+            sent_at = self._queue(session, frame)
+        self._progress(session, lambda: session.sent >= sent_at)
 
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "Client", "SocketChoice", "Stream", "engine_unavailable"]
