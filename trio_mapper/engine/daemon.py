@@ -580,12 +580,13 @@ class Engine:
                 for problem in exc.problems:
                     log.error("reload: %s", problem)
                 log.error("reload failed; keeping the current settings")
-                more = len(exc.problems) - 1
+                # Counted, not quoted: a problem may quote a value of the file (a malformed URL with its
+                # password), and STATUS= is shown to every local user by `systemctl status`.
+                count = len(exc.problems)
                 self.reloads.failed_with(
                     time.time(),
-                    exc.problems[0]
-                    + (f" (and {more} more, see the log)" if more else "")
-                    + "; running with the previous settings",
+                    f"{count} problem{'s' if count != 1 else ''} in the settings (the log names each); "
+                    "running with the previous settings",
                 )
                 return
             except trio.TooSlowError:
