@@ -14,6 +14,7 @@ from hypercorn.utils import wrap_app
 
 from trio_mapper.engine.fronts.http.server import (
     KEEP_ALIVE_TIMEOUT,
+    MAX_JOINED_BODY_BYTES,
     SEND_STALL_TIMEOUT,
     UnsentReplies,
     _hypercorn_config,
@@ -248,3 +249,15 @@ async def test_http2_replies_waiting_for_the_window_count_against_the_replies_be
         assert len(await streams_reset(client, h2_client, 1)) == 1  # 1.2 MB held: one is cut at once
         assert trio.current_time() - started < 1
         assert sending.total <= 600_000
+
+
+async def test_a_large_replys_body_is_written_apart_from_its_head(autojump_clock: trio.testing.MockClock) -> None:
+    """Joined to its head, a 100 MB body was copied whole on the event loop."""
+    size = 4 * MAX_JOINED_BODY_BYTES
+    async with connection(LargeReplyApp(size)) as (client, server_end, _):
+        await client.send_all(request())
+        received = b""
+        while not received.endswith(b"x" * size):
+            received += await client.receive_some()
+        head, body = server_end.writes
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n") and body == b"x" * size

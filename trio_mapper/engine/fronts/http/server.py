@@ -42,6 +42,9 @@ log = logging.getLogger("trio_mapper.http")
 KEEP_ALIVE_TIMEOUT: Final = 75.0
 #: How long shutdown waits for requests already answered by the core to finish writing their replies.
 FLUSH_TIMEOUT: Final = 5.0
+#: A reply's head goes out in one write with its body up to this size (`_TCPServer.protocol_send`), apart
+#: beyond it.
+MAX_JOINED_BODY_BYTES: Final = 256 * 1024
 #: How long one write may wait for a client that reads nothing (the core gives a stream's reader as long).
 SEND_STALL_TIMEOUT: Final = 60.0
 #: Reply bytes being written on all connections together beyond which the largest write is cut (its
@@ -122,9 +125,14 @@ class _TCPServer(TCPServer):
                 # fewer for the reply, and one wake-up fewer for the client, which needs the body anyway.
                 self._held_head = event.data
                 return None
-            data, self._held_head = self._held_head + event.data, b""
-            if data:  # h11 ends a body whose length was announced with an empty write
-                await self._write(data)
+            head, self._held_head = self._held_head, b""
+            if len(event.data) > MAX_JOINED_BODY_BYTES:
+                # Joined, a reply of 100 MB would be copied whole, holding the loop longer than a write costs.
+                if head:
+                    await self._write(head)
+                await self._write(event.data)
+            elif head or event.data:  # h11 ends a body whose length was announced with an empty write
+                await self._write(head + event.data)
             return None
         if self._held_head:  # a reply cut short after its head (the app failed, the connection closes)
             data, self._held_head = self._held_head, b""
