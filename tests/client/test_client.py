@@ -418,6 +418,41 @@ def test_no_socket_at_any_default_path_names_them_all(socket_dir: str, monkeypat
 
 #: The uid and gid the permission tests connect as: a user that owns nothing here.
 NOBODY = 65534
+
+
+@pytest.mark.parametrize("made_by", ["anyone may write", "another user"])
+def test_a_default_socket_in_a_directory_another_user_could_have_made_is_refused(
+    socket_dir: str, monkeypatch: pytest.MonkeyPatch, made_by: str
+) -> None:
+    """Without $XDG_RUNTIME_DIR the default socket is under /tmp, where another user may create
+    trio-mapper-<uid> first and listen there in the engine's place, reading every request."""
+    own, _ = _no_socket_settings(monkeypatch, socket_dir)
+    os.makedirs(os.path.dirname(own))
+    impostor = FakeEngine(own).start()
+    try:
+        if made_by == "anyone may write":
+            os.chmod(os.path.dirname(own), 0o777)
+        elif os.geteuid() == 0:
+            os.chown(os.path.dirname(own), NOBODY, NOBODY)
+        else:
+            pytest.skip("giving a directory to another user takes root")
+        with pytest.raises(EngineUnavailable, match="refusing the default socket") as caught:
+            Client()
+        assert "another user could be listening there" in str(caught.value) and SOCKET_ENV_VAR in str(caught.value)
+
+        async def connect_async() -> None:
+            async with AsyncClient():
+                pass
+
+        with pytest.raises(EngineUnavailable, match="refusing the default socket"):
+            trio.run(connect_async)
+        assert not impostor.connections
+        with Client(own) as client:  # named, the path is the user's choice
+            assert client.ping() > 0
+    finally:
+        impostor.stop()
+
+
 #: Connects with the default settings but for the socket and prints what it raised.
 CONNECT_AS_ANOTHER_USER = (
     "import sys\n"

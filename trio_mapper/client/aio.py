@@ -538,6 +538,7 @@ class AsyncClient:
     async def _open(self) -> _Link:
         """Connect and handshake."""
         choice = self._socket
+        choice.refuse_if_impersonable()
         core = ClientConnection(socket_path=self.socket_path, client_name=self.client_name, priority=self._priority)
         try:
             with anyio.fail_after(self.connect_timeout):

@@ -108,6 +108,34 @@ class SocketChoice:
             return cls(path, f"from ${SOCKET_ENV_VAR}", is_default=False)
         return cls(path, "the default path", is_default=True)
 
+    def refuse_if_impersonable(self) -> None:
+        """Raise `EngineUnavailable` if this is a default path whose directory another user could have made.
+
+        Without ``$XDG_RUNTIME_DIR`` the default is under /tmp, where anyone may create
+        ``trio-mapper-<uid>`` first and listen there: a fake engine would read every request sent to it. The
+        engine refuses such a directory for its socket; a client must refuse it too. A path the user named is
+        their choice, and is not checked.
+        """
+        if not self.is_default:
+            return
+        directory = self.path.parent
+        try:
+            info = os.lstat(directory)
+        except OSError:
+            return  # nothing there: connecting says so
+        me = os.getuid()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid in (me, 0) and not info.st_mode & 0o022:
+            return
+        kind = "directory" if stat.S_ISDIR(info.st_mode) else "symbolic link or file"
+        raise EngineUnavailable(
+            f"refusing the default socket {self.path}: its {kind} {directory} is {_user_name(info.st_uid)}'s, mode "
+            f"{stat.S_IMODE(info.st_mode):04o}, where only this user ({_user_name(me)}) or root may own it and no "
+            "one else may write to it: another user could be listening there in the engine's place, to read "
+            f"every request. Remove it if it is not meant to be there, or point ${SOCKET_ENV_VAR} (or "
+            "socket_path=) at your engine's socket.",
+            socket_path=self.path,
+        )
+
 
 def engine_unavailable(choice: SocketChoice, exc: BaseException | str) -> EngineUnavailable:
     """The `EngineUnavailable` for a failed connect: which path was tried, why it failed, and what to do."""
@@ -609,6 +637,7 @@ class Client:
         return core, sock
 
     def _connect(self, timeout: float | None) -> socket.socket:
+        self._socket.refuse_if_impersonable()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
