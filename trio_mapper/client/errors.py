@@ -266,6 +266,7 @@ def make_error(
 __all__ = [
     "ERROR_CLASSES",
     "TRANSIENT_KINDS",
+    "BudgetExhaustedError",
     "ConnectionLost",
     "EngineUnavailable",
     "ForbiddenError",
