@@ -279,7 +279,7 @@ def test_start_up_errors_are_one_line_each_and_exit_2(short_tmp: Path) -> None:
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert "server.rpm: expected an integer, got 'many'" in bad.stderr
-    assert "unknown key(s): tmp" in bad.stderr
+    assert "unknown key(s): tmp (did you mean tpm?)" in bad.stderr
 
     (short_tmp / ".env").write_text(f"OPENAI_API_KEY={TEST_API_KEY}\n")
     limits = ("--rpm", "1", "--tpm", "1", "--max_concurrent_reqs", "1")

@@ -61,7 +61,7 @@ def test_problems_name_the_key_as_the_config_file_writes_it(tmp_path: Path) -> N
     assert set(caught.value.problems) >= {
         "server.rpm: expected an integer, got 'lots'",
         "models.\"gpt-3.5-turbo\".tpm: expected an integer, got 'many'",
-        'models."gpt-3.5-turbo": unknown key(s): rmp',
+        'models."gpt-3.5-turbo": unknown key(s): rmp (did you mean rpm?)',
         "tenants.batch.weight: expected a number, got 'heavy'",
         "openai.api_key: required but not set (export OPENAI_API_KEY=…, put it in ./.env or, under systemd, in "
         "the credential openai-api-key; it is never taken from the command line)",

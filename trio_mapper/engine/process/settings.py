@@ -487,13 +487,26 @@ def config_path(*place: str | int) -> str:
 
 def _describe(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown key(s): {', '.join(sorted(exc.extra_fields))}"
+        return f"unknown key(s): {', '.join(_with_closest(sorted(exc.extra_fields), _field_names(exc.cl)))}"
     if getattr(type_, "__origin__", None) is Literal:
         choices = ", ".join(repr(choice) for choice in type_.__args__)
         return f"must be one of {choices}"
     if isinstance(exc, ValueError | TypeError) and str(exc):
         return str(exc)
     return cattrs.v.format_exception(exc, type_)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [field.name for field in attrs.fields(cls)] if attrs.has(cls) else []
+
+
+def _with_closest(unknown: list[str], known: list[str]) -> list[str]:
+    """Each unknown key, with the known one it was probably meant to be: ``rmp (did you mean rpm?)``."""
+    named = []
+    for key in unknown:
+        closest = difflib.get_close_matches(key, known, n=1)
+        named.append(f"{key} (did you mean {closest[0]}?)" if closest else key)
+    return named
 
 
 def _readable(exc: Exception) -> list[str]:
