@@ -92,3 +92,32 @@ async def test_the_head_asks_for_the_waiters_behind_it_and_a_waiter_gone_meanwhi
     assert set(got) == {"a", "b"}
     # The grant made for c, who had left, went straight back.
     assert len(meter.refunded) == 1 and meter.refunded[0] is not got["b"]
+
+
+class RefusingMeter(ScriptedMeter):
+    """Answers at once; refuses every cost until ``opens_at``, saying so as its ready-at."""
+
+    def __init__(self, opens_at: float) -> None:
+        super().__init__()
+        self.opens_at = opens_at
+
+    async def charge(self, costs: Sequence[Cost]) -> tuple[list[Reservation], float]:
+        self.calls.append(len(costs))
+        assert len(self.calls) < 100, "asked again and again"
+        await trio.lowlevel.checkpoint()
+        now = trio.current_time()
+        if now < self.opens_at:
+            return [], self.opens_at
+        return [Reservation(self.name, cost, now, cost.tokens) for cost in costs], now
+
+
+async def test_a_refused_head_sleeps_until_its_ready_time_instead_of_asking_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reviewer's finding: the refused head woke itself and asked again at once, a thousand scripts a second
+    per waiting lane on every engine, until Redis slowed past the budget's timeout."""
+    meter = RefusingMeter(opens_at=trio.current_time() + 0.9)
+    queue = RemoteWaitQueue(meter)  # type: ignore[arg-type]
+    reservation = await queue.reserve(Cost(tokens=90))
+    assert reservation.cost.tokens == 90
+    assert meter.calls == [1, 1]  # refused once (ready in 0.9 s), then granted

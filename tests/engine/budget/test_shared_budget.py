@@ -223,6 +223,34 @@ async def test_concurrent_engines_never_grant_more_than_the_limit(redis: RedisSe
         assert all(e.lane.statistics().in_flight == 0 for e in group)
 
 
+async def test_requests_waiting_for_the_budget_ask_redis_when_it_may_have_room_not_in_a_loop(
+    redis: RedisServer,
+) -> None:
+    """A reviewer's finding: a refused head woke itself and asked again at once, so an engine whose lane was
+    saturated ran a thousand scripts a second (5,010 for 5 answers), enough to slow Redis past the budget's
+    timeout. Now it sleeps until the ready-at Redis answered, or until something frees budget."""
+    limits = Limits(rpm=60, tpm=1_000_000)  # a request a second, after the burst of one
+    async with engines(redis, 1, limits) as (engine,):
+        calls = engine.budget.calls
+        granted = 0
+
+        async def reserver() -> None:
+            nonlocal granted
+            while True:
+                reservation = await engine.lane.reserve(Cost(tokens=1))
+                granted += 1
+                engine.lane.reconcile(reservation, prompt_tokens=None, snapshot=None)
+
+        with trio.move_on_after(3.0):
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(reserver)
+        made = engine.budget.calls - calls
+    assert 2 <= granted <= 5
+    # A grant, its settlement, a refusal, a heartbeat: a few calls a second, not a thousand.
+    assert made <= 30, made  # 6 here; 2,901 before
+
+
 # --- idempotent true-ups -------------------------------------------------------------------------------------
 
 

@@ -178,8 +178,12 @@ class RemoteWaitQueue:
             self._waiters.pop(waiter, None)
             if waiter is not head:
                 waiter.event.set()
-        self.changed()
-        return ready_at if head.reservation is None else math.inf
+        if head.reservation is None:
+            # Refused: the head sleeps until ``ready_at`` or until something frees budget (`changed`). Woken
+            # here, it asked again at once, without end: a thousand scripts a second per waiting lane.
+            return ready_at
+        self.changed()  # the next waiter is the head now, and asks
+        return math.inf
 
     async def reserve(self, cost: Cost) -> Reservation:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -523,7 +523,10 @@ class SharedMeter:
         self._view, answer = _View.parse(reply)
         if sending:
             self._budget.sent()
-            self.changed()  # refunds and corrections may have freed budget for our waiters
+            if op != "charge":
+                # Refunds and corrections may have freed budget for our waiters. A charge's own answer has
+                # counted them already: waking its head again would only ask the same question at once.
+                self.changed()
         return answer
 
     async def send_queued(self) -> None:
