@@ -137,3 +137,37 @@ def test_config_file_values_a_later_layer_overrides_are_named(tmp_path: Path) ->
         "'http://127.0.0.1:9000/v1'",
     ]
     assert (loaded.settings.server.rpm, loaded.settings.server.tpm) == (5000, 200)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2-SECRET@localhost:6379/0",
+        "unix:///run/redis/redis.sock?password=hunter2-SECRET",
+        "redis://localhost:6379/0?db=1&Password=hunter2-SECRET",
+        "redis//:hunter2-SECRET@localhost",  # malformed: refused without being quoted
+    ],
+)
+def test_a_budget_url_holding_a_password_is_refused_without_repeating_it(url: str) -> None:
+    """A reviewer's finding: coredis takes ?password= too, which the check missed; the engine then logged the
+    URL, password and all, when Redis refused it."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            cli={"rpm": 100, "tpm": 10_000, "max_concurrent_reqs": 1, "budget": url},
+            config_file=None,
+            environ={"OPENAI_API_KEY": "sk-test"},
+            dotenv_dir=None,
+        )
+    assert "hunter2" not in str(caught.value.problems)
+    assert any(problem.startswith("server.budget: ") for problem in caught.value.problems), caught.value.problems
+
+
+def test_a_budget_url_may_name_a_database_and_tls_files() -> None:
+    url = "rediss://redis.internal:6380/0?ssl_ca_certs=/etc/ssl/redis-ca.pem&ssl_keyfile=/etc/trio-mapper/client.key"
+    settings = load_settings(
+        cli={"rpm": 100, "tpm": 10_000, "max_concurrent_reqs": 1, "budget": url},
+        config_file=None,
+        environ={"OPENAI_API_KEY": "sk-test"},
+        dotenv_dir=None,
+    )
+    assert settings.server.budget == url

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 import cattrs
@@ -140,14 +140,23 @@ def _budget_location(instance: Any, attribute: attrs.Attribute[Any], value: str)
         return
     parts = urlsplit(value)
     if parts.scheme not in BUDGET_SCHEMES:
+        # The value is not quoted: a malformed URL may still hold a password, and this message is logged.
         raise ValueError(
-            f"must be 'local' or a Redis URL (redis://host:6379/0, rediss://…, unix:///path/redis.sock), got {value!r}"
+            "must be 'local' or a Redis URL (redis://host:6379/0, rediss://…, unix:///path/redis.sock), got "
+            + (f"a URL of scheme {parts.scheme!r}" if parts.scheme else "something else")
         )
-    if parts.password is not None:
+    credentials = [name for name, _ in parse_qsl(parts.query) if _names_a_credential(name)]
+    if parts.password is not None or credentials:
+        # coredis takes ?password= as well as user:password@: either would reach logs, `ps` and reload lines.
         raise ValueError(
-            "must not contain a password (command lines and config files are readable); put it in "
-            f"budget_password_file or {BUDGET_PASSWORD_ENV_VAR}"
+            "must not contain a password (command lines and config files are readable, and the URL is logged); "
+            f"put it in budget_password_file or {BUDGET_PASSWORD_ENV_VAR}"
         )
+
+
+def _names_a_credential(parameter: str) -> bool:
+    name = parameter.lower()
+    return any(word in name for word in ("pass", "secret", "token", "auth", "credential"))
 
 
 def _loopback_address(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
