@@ -413,6 +413,29 @@ async def test_a_pause_through_one_engine_holds_the_others(redis: RedisServer) -
         assert b.lane.statistics().pauses == 1
 
 
+async def test_redis_clock_going_back_does_not_stall_the_lane(redis: RedisServer) -> None:
+    """A reviewer's finding: after a failover to a Redis whose clock was 30 s behind, the stored times lay in
+    the future, and the lane refilled nothing (0 grants in 5 s) until the clock caught up. A clock cannot be
+    turned back here: the stored times are moved 30 s ahead instead, which is what the script then sees."""
+    limits = Limits(rpm=600, tpm=60_000)
+    async with engines(redis, 1, limits) as (engine,):
+        calls = engine.budget.calls
+        engine.lane.pause(1.0, None)  # a pause too, which must end by the new clock
+        await sent(engine.budget, calls)
+        state = await lane_state(redis, engine)
+        shifted = [(name, str(float(state[name]) + 30.0)) for name in ("now", "ts_r", "ts_t", "paused_until")]
+        await redis.command("HSET", engine.budget.keys(MODEL)[0], *[word for pair in shifted for word in pair])
+        started = trio.current_time()
+        with trio.fail_after(5):
+            await engine.lane.reserve(Cost(tokens=10))
+        # The time between the last call and the jump cannot be told from the jump, and is not counted: the
+        # pause lasts that much longer (here its own second), not the 30 s.
+        assert trio.current_time() - started < 3
+        pause = await script(engine, limits, "pause", 1e9, "-", "-")
+        assert pause[0] == "done"
+        assert float((await lane_state(redis, engine))["paused_until"]) <= await redis_time(redis) + 120.5
+
+
 async def test_a_lower_limit_header_seen_by_one_engine_is_in_force_on_every_engine(redis: RedisServer) -> None:
     limits = Limits(rpm=600, tpm=6000)
     async with engines(redis, 2, limits) as (a, b):

@@ -38,6 +38,8 @@ local AIMD_FLOOR = 0.01
 -- A refused head's claim on the budget outlives its ready time by this much, then lapses: an engine that
 -- died (or whose waiter gave up) does not hold the lane for longer than that.
 local CLAIM_GRACE = 2.0
+-- The longest pause honoured, as the engines' retry policy honours (retry.py, MAX_HONOURED_WAIT).
+local MAX_PAUSE = 120.0
 local EPS = 1e-6
 
 local time = redis.call('TIME')
@@ -54,6 +56,13 @@ local function num(name, default)
     return tonumber(value)
 end
 
+-- Redis's clock going back (a failover to a host whose clock is behind) would leave the bucket's times in
+-- the future: the lane would refill nothing, and stay paused, for as long as the clock went back. Its times
+-- go back with the clock. (A clock going forward cannot be told from idle time: a refill up to capacity.)
+local last_now = num('now', nil)
+local went_back = 0
+if last_now ~= nil and now < last_now then went_back = last_now - now end
+
 -- A lane seen for the first time (or after Redis lost its state) starts with one second of refill, as a
 -- fresh local meter does: never full, so a restarted Redis cannot hand every engine a whole burst.
 local st = {
@@ -64,7 +73,8 @@ local st = {
          peak = num('peak_t', 0), decreased_at = num('decreased_at_t', 0), lowered_to = num('lowered_to_t', -1),
          learned = num('learned_t', configured.t / 60 * INITIAL_BURST_SECONDS), adjusted = num('adjusted_t', 0)},
 }
-local paused_until = num('paused_until', 0)
+local paused_until = num('paused_until', 0) - went_back
+st.r.ts, st.t.ts = st.r.ts - went_back, st.t.ts - went_back
 local seq = num('seq', 0)
 local counters = {pauses = num('pauses', 0), decreases = num('decreases', 0)}
 
@@ -135,7 +145,7 @@ local function save()
         'level_t', exact(st.t.level), 'ts_t', exact(st.t.ts), 'learned_t', exact(st.t.learned),
         'adjusted_t', exact(st.t.adjusted), 'peak_t', exact(st.t.peak),
         'decreased_at_t', exact(st.t.decreased_at), 'lowered_to_t', exact(st.t.lowered_to),
-        'paused_until', exact(paused_until), 'seq', exact(seq),
+        'paused_until', exact(paused_until), 'seq', exact(seq), 'now', exact(now),
         'pauses', exact(counters.pauses), 'decreases', exact(counters.decreases))
     for _, dim in ipairs({'r', 't'}) do
         for _, field in ipairs({'header', 'pace'}) do
@@ -258,7 +268,7 @@ end
 -- pause SECONDS SCOPE ANSWERED: SCOPE names the budget ('tokens', 'requests', '-' for both); ANSWERED the
 -- seq of the reservation whose reply was the 429 ('-' when unknown).
 local function pause(a)
-    local wait, scope, answered = tonumber(a[1]), a[2], tonumber(a[3])
+    local wait, scope, answered = math.min(tonumber(a[1]), MAX_PAUSE), a[2], tonumber(a[3])
     paused_until = math.max(paused_until, now + wait)
     counters.pauses = counters.pauses + 1
     local named = {}
