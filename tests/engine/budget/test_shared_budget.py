@@ -8,6 +8,7 @@ is read with the fixture's own raw RESP client, not with the client under test.
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -411,6 +412,20 @@ async def test_a_pause_through_one_engine_holds_the_others(redis: RedisServer) -
         waited = trio.current_time() - paused_at
         assert waited >= pause - 0.01
         assert b.lane.statistics().pauses == 1
+
+
+async def test_lanes_the_ledger_drops_do_not_stay_with_the_shared_budget() -> None:
+    """A reviewer's finding: each new model name's meter stayed in the budget's list after its lane was
+    dropped (50,000 names: 68.8 MB, and 9.1 ms to read the pending count after every settling call)."""
+    budget = SharedBudget(SharedBudgetSettings(url="redis://localhost:1/0"), key_id=KEY_ID)
+    ledger = Ledger(Limits(rpm=600, tpm=60_000), PERIOD, meter_factory=budget)
+    for index in range(2000):
+        model = f"made-up-model-{index}"
+        ledger.lane(model)
+        assert ledger.forget(model)
+    gc.collect()
+    assert len(budget._meters) == 0
+    assert budget.pending == 0
 
 
 async def test_redis_clock_going_back_does_not_stall_the_lane(redis: RedisServer) -> None:

@@ -26,6 +26,7 @@ import posixpath
 import random
 import socket
 import urllib.parse
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, final
 
@@ -217,13 +218,16 @@ class SharedBudget:
         self.engines = 1
         self.calls = 0
         self.failures = 0
-        self._meters: list[SharedMeter] = []
+        #: The lanes' meters, held weakly: a lane the ledger drops (`Ledger.forget`, as clients name ever new
+        #: models) must not stay here, read by `pending` after every settling call, for the engine's life.
+        #: A meter with settlements still to send is held by `_dirty` until they are sent.
+        self._meters: weakref.WeakSet[SharedMeter] = weakref.WeakSet()
 
     def __call__(self, lane: str, limits: Limits, *, period: float, mode: Mode, origin: float) -> SharedMeter:
         if mode != "bucket":
             raise ValueError("the shared budget meters continuously (ledger_mode bucket); 'period' is local only")
         meter = SharedMeter(self, lane, limits, period=period, origin=origin)
-        self._meters.append(meter)
+        self._meters.add(meter)
         return meter
 
     def keys(self, lane: str) -> list[str]:
