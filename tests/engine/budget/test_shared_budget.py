@@ -724,6 +724,19 @@ async def test_local_share_divides_the_limits_by_the_engines_seen(redis: RedisSe
             assert share <= len(times) <= share + share * elapsed + 1, (index, len(times), elapsed)
 
 
+async def test_local_share_holds_requests_until_a_heartbeat_has_counted_the_engines(redis: RedisServer) -> None:
+    """A reviewer's finding: engines started while Redis was down each counted themselves alone and took the
+    whole limits (three engines: 2.96x the key's limits). Without a count there is no share to take."""
+    await redis.stop()
+    async with engines(redis, 2, Limits(rpm=1200, tpm=600_000), policy="local-share", redis_timeout=0.3) as group:
+        for engine in group:
+            with trio.move_on_after(0.5) as waiting:
+                await engine.lane.reserve(Cost(tokens=1))
+            assert waiting.cancelled_caught, "granted locally with no idea how many engines share the key"
+            state = engine.budget.statistics()["state"]
+            assert state == "unreachable: holding requests until the engines on the key are counted"
+
+
 @pytest.mark.usefixtures("quick_reconnect")
 async def test_local_share_shows_in_the_lane_statistics(redis: RedisServer) -> None:
     limits = Limits(rpm=1200, tpm=600_000)

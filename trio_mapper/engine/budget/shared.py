@@ -216,6 +216,9 @@ class SharedBudget:
         self._wake_heartbeat = trio.Event()
         #: Engines sharing the key, as the last heartbeat counted them (this one included).
         self.engines = 1
+        #: A heartbeat has counted them. Until then `engines` is a guess, and ``local-share`` holds requests
+        #: as ``wait`` does: engines started while Redis was down each took the whole limits (2.96x together).
+        self.counted = False
         self.calls = 0
         self.failures = 0
         #: The lanes' meters, held weakly: a lane the ledger drops (`Ledger.forget`, as clients name ever new
@@ -296,11 +299,12 @@ class SharedBudget:
             self._down_since = trio.current_time()
             self._back = trio.Event()
             policy = self.settings.failure_policy
-            what = (
-                "holding requests until it answers (failure policy 'wait')"
-                if policy == "wait"
-                else f"using 1/{self.engines} of the limits locally (failure policy 'local-share')"
-            )
+            if policy == "wait":
+                what = "holding requests until it answers (failure policy 'wait')"
+            elif not self.counted:
+                what = "holding requests until it answers (the engines on the key were never counted: no share)"
+            else:
+                what = f"using 1/{self.engines} of the limits locally (failure policy 'local-share')"
             how = "refused the engine's credentials" if isinstance(exc, _REFUSALS) else "unreachable"
             log.error("shared budget: Redis %s (%s); %s", how, str(exc) or type(exc).__name__, what)
             self._wake_heartbeat.set()  # try again in RECONNECT_INTERVAL, not at the next heartbeat
@@ -353,6 +357,7 @@ class SharedBudget:
         except BudgetUnavailable:
             return
         self.engines = max(1, int(count))
+        self.counted = True
         self._came_back()
 
     async def _heartbeats(self) -> None:
@@ -400,6 +405,8 @@ class SharedBudget:
             state = "ok"
         elif self.settings.failure_policy == "wait":
             state = "unreachable: holding requests"
+        elif not self.counted:
+            state = "unreachable: holding requests until the engines on the key are counted"
         else:
             state = f"unreachable: local share 1/{self.engines}"
         return {
@@ -591,7 +598,7 @@ class SharedMeter:
         return reservations, now
 
     def _fallback(self, cost: Cost, now: float) -> tuple[list[Reservation], float]:
-        if self._budget.settings.failure_policy == "wait":
+        if self._budget.settings.failure_policy == "wait" or not self._budget.counted:
             return [], now + RECONNECT_INTERVAL
         answer = self._local_share().try_charge(cost)
         return ([answer], now) if isinstance(answer, Reservation) else ([], answer)
