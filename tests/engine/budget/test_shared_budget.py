@@ -69,19 +69,21 @@ class Engine:
 async def engines(
     redis: RedisServer,
     count: int,
-    limits: Limits,
+    limits: Limits | Sequence[Limits],
     *,
     policy: FailurePolicy = "wait",
     redis_timeout: float = 0.5,
 ) -> AsyncIterator[list[Engine]]:
-    """``count`` engines on one key, each with its budget's tasks running and a lane for `MODEL`."""
+    """``count`` engines on one key, each with its budget's tasks running and a lane for `MODEL`; ``limits``
+    are every engine's, or each engine's in turn."""
     settings = SharedBudgetSettings(url=redis.url, failure_policy=policy, timeout=redis_timeout)
+    told = [limits] * count if isinstance(limits, Limits) else list(limits)
     async with trio.open_nursery() as nursery:
         made = []
         for index in range(count):
             budget = SharedBudget(settings, key_id=KEY_ID, rng=random.Random(index))
             await nursery.start(budget.run)
-            ledger = Ledger(limits, PERIOD, meter_factory=budget)
+            ledger = Ledger(told[index], PERIOD, meter_factory=budget)
             made.append(Engine(budget, ledger, ledger.lane(MODEL)))
         try:
             yield made
@@ -253,6 +255,35 @@ async def test_requests_waiting_for_the_budget_ask_redis_when_it_may_have_room_n
 
 
 # --- idempotent true-ups -------------------------------------------------------------------------------------
+
+
+async def test_engines_told_different_limits_keep_to_the_lowest(redis: RedisServer) -> None:
+    """A reviewer's finding: each call refilled the lane at its own engine's limits, so an engine told 6000
+    rpm beside one told 600 took 6.16x what 600 allows. The lowest limit an engine on the key was told holds
+    for all of them."""
+    low, high = Limits(rpm=600, tpm=600_000), Limits(rpm=6000, tpm=6_000_000)
+    granted = 0
+    async with engines(redis, 2, [low, high]) as group:
+        for engine in group:  # each engine's limits are known to the lane once it called
+            engine.lane.refund(await engine.lane.reserve(Cost(tokens=1)))
+        start_redis = await redis_time(redis)
+
+        async def reserver(engine: Engine) -> None:
+            nonlocal granted
+            while True:
+                reservation = await engine.lane.reserve(Cost(tokens=1))
+                granted += 1
+                engine.lane.reconcile(reservation, prompt_tokens=None, snapshot=None)
+
+        with trio.move_on_after(2.0):
+            async with trio.open_nursery() as nursery:
+                for engine in group:
+                    for _ in range(8):
+                        nursery.start_soon(reserver, engine)
+        elapsed = await redis_time(redis) - start_redis
+        assert group[1].lane.statistics().effective.rpm == low.rpm  # what the high engine shows, too
+    allowed = low.rpm / 60 * (1.0 + elapsed)  # a cold lane's second of burst, then the refill
+    assert granted <= allowed + 2, (granted, allowed)
 
 
 async def test_a_flood_on_one_engine_cannot_starve_a_big_request_on_another(redis: RedisServer) -> None:

@@ -40,6 +40,9 @@ local AIMD_FLOOR = 0.01
 local CLAIM_GRACE = 2.0
 -- The longest pause honoured, as the engines' retry policy honours (retry.py, MAX_HONOURED_WAIT).
 local MAX_PAUSE = 120.0
+-- How long an engine's configured limits count after its last call (its heartbeats come every 5 s; a lane it
+-- stopped using, or an engine gone, stops lowering the others' limits after this).
+local CONFIG_SPAN = 60.0
 local EPS = 1e-6
 
 local time = redis.call('TIME')
@@ -55,6 +58,25 @@ local function num(name, default)
     if value == nil or value == '' then return default end
     return tonumber(value)
 end
+
+-- Engines on one key may be told different limits (a config not yet rolled out everywhere, a reload on one
+-- engine): the lowest that any engine told in the last CONFIG_SPAN seconds is in force for all, or the one
+-- told more would spend the difference (a review: 6.16x the smaller limit). Each engine's own is kept in
+-- the state as `cfg:<engine id>`, and lapses once that engine has not called for CONFIG_SPAN seconds.
+local told = configured.r .. ' ' .. configured.t .. ' '
+for i = 1, #raw, 2 do
+    local field = raw[i]
+    if string.sub(field, 1, 4) == 'cfg:' and field ~= 'cfg:' .. engine then
+        local r, t, at = string.match(raw[i + 1], '(%S+) (%S+) (%S+)')
+        if tonumber(at) + CONFIG_SPAN < now then
+            redis.call('HDEL', state_key, field)
+        else
+            configured.r = math.min(configured.r, tonumber(r))
+            configured.t = math.min(configured.t, tonumber(t))
+        end
+    end
+end
+redis.call('HSET', state_key, 'cfg:' .. engine, told .. string.format('%.17g', now))
 
 -- Redis's clock going back (a failover to a host whose clock is behind) would leave the bucket's times in
 -- the future: the lane would refill nothing, and stay paused, for as long as the clock went back. Its times
