@@ -74,7 +74,7 @@ async def test_a_spent_daily_cost_budget_fails_new_requests_with_its_own_kind(
         for request_id in range(3):  # 2.0 each: 6.0 spent, over the budget of 5.0
             assert isinstance(await answered(sink, scheduler, request_id), Result)
         stats = scheduler.tenant_statistics()
-        assert stats["frugal"]["cost_24h"] == 6.0 and stats["default"]["cost_24h"] == 0.0
+        assert stats["frugal"]["cost_24h"] == pytest.approx(6.0) and stats["default"]["cost_24h"] == 0.0
         refused = await answered(sink, scheduler, 3)
         assert isinstance(refused, Error) and refused.kind == "budget_exhausted"
         assert "daily cost budget" in refused.message
@@ -83,6 +83,29 @@ async def test_a_spent_daily_cost_budget_fails_new_requests_with_its_own_kind(
         # A day later the spending has aged out.
         await trio.sleep(86_400)
         assert isinstance(await answered(sink, scheduler, 4), Result)
+
+
+async def test_a_request_answered_without_usage_is_charged_its_estimated_cost(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A reviewer's finding: cost was charged from usage alone, so streams the client left (and failures)
+    cost nothing, and a tenant limited by daily_cost alone could spend without limit so. The estimate is
+    charged when the request is first sent, and replaced by the usage when it comes."""
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": "no", "type": "invalid_request_error"}})
+
+    frugal = Tenant("frugal", daily_cost=5.0, names=frozenset({"frugal"}))
+    async with scheduler_for(Tenants((frugal,)), estimator, handler=refused) as scheduler:
+        sink = Sink("frugal")
+        failed = await answered(sink, scheduler, 0)
+        assert isinstance(failed, Error)
+        # The estimate: its prompt at 0.1 a token, and its output budget (max_tokens 10) at 0.2.
+        assert scheduler.tenant_statistics()["frugal"]["cost_24h"] >= 10 * 0.2
+    async with scheduler_for(Tenants((frugal,)), estimator) as scheduler:
+        sink = Sink("frugal")
+        assert isinstance(await answered(sink, scheduler, 0), Result)
+        assert scheduler.tenant_statistics()["frugal"]["cost_24h"] == pytest.approx(2.0)  # the usage's, in the end
 
 
 async def test_a_spent_daily_token_budget_fails_new_requests(

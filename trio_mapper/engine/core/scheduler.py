@@ -185,6 +185,9 @@ class Job:
     #: Seconds its stream's chunks have waited for the client to read them (`RELAY_STALL_TIMEOUT`).
     relay_waited: float = 0.0
     first_dispatched_at: float | None = None
+    #: The cost its tenant was charged at its first dispatch, from the estimate, that the reply's usage has
+    #: not replaced yet (`Scheduler._settle`): an attempt that ends without usage keeps it charged.
+    estimated_cost: float = 0.0
     last_failure: str = ""
     #: Attempts answered with a retryable 429. They do not count against ``max_attempts``, which bounds
     #: faults (5xx, resets, timeouts): a 429 is the upstream saying "later", and only the deadline ends it.
@@ -1018,7 +1021,12 @@ class Scheduler:
             self._set_state(job, JobState.IN_FLIGHT)
             if job.first_dispatched_at is None:
                 job.first_dispatched_at = trio.current_time()
-                self._spend(job.tenant, job.cost.tokens)
+                # Charged now, like its tokens, not only once usage comes: a stream the client leaves, or an
+                # attempt that fails, reports none, and daily_cost was spent without limit so.
+                job.estimated_cost = self._prices.cost(
+                    job.lane.name, job.estimate.prompt_tokens, job.estimate.output_tokens
+                )
+                self._spend(job.tenant, job.cost.tokens, job.estimated_cost)
             assert self._nursery is not None
             self._nursery.start_soon(self._attempt, job, reservation)
             handed_over = True
@@ -1152,7 +1160,9 @@ class Scheduler:
             lane.actual_prompt_tokens += prompt_tokens
             self._spend(job.tenant, prompt_tokens - job.estimate.prompt_tokens)
         if usage is not None:
-            self._spend(job.tenant, 0, self._prices.cost(job.lane.name, usage.prompt, usage.completion))
+            cost = self._prices.cost(job.lane.name, usage.prompt, usage.completion)
+            self._spend(job.tenant, 0, cost - job.estimated_cost)
+            job.estimated_cost = 0.0  # replaced: another attempt's usage is charged in full
         if reply is not None:
             # A success is classified by its status alone: its body is not decoded here (see ReplyBody).
             body = None if 200 <= reply.status < 300 or reply.streamed else reply.body.decoded()
