@@ -482,6 +482,24 @@ async def test_redis_clock_going_back_does_not_stall_the_lane(redis: RedisServer
         assert float((await lane_state(redis, engine))["paused_until"]) <= await redis_time(redis) + 120.5
 
 
+async def test_a_pause_learned_from_redis_outlives_redis_forgetting_it(redis: RedisServer) -> None:
+    """A reviewer's finding: after FLUSHALL (or a Redis restarted without its data) an engine held by another
+    engine's pause was granted at once, 19 s before the pause's end, into the upstream's 429s."""
+    limits = Limits(rpm=600, tpm=60_000)
+    pause = 1.0
+    async with engines(redis, 2, limits) as (a, b):
+        calls = a.budget.calls
+        a.lane.pause(pause, None)
+        await sent(a.budget, calls)
+        paused_at = trio.current_time()
+        granted, ready_at = await b.meter.charge([Cost(tokens=10)])  # refused: b learns of the pause
+        assert not granted and ready_at >= paused_at + pause - 0.1
+        await redis.command("FLUSHALL")
+        with trio.fail_after(pause + 2.0):
+            await b.lane.reserve(Cost(tokens=10))
+        assert trio.current_time() - paused_at >= pause - 0.05
+
+
 async def test_a_lower_limit_header_seen_by_one_engine_is_in_force_on_every_engine(redis: RedisServer) -> None:
     limits = Limits(rpm=600, tpm=6000)
     async with engines(redis, 2, limits) as (a, b):

@@ -532,6 +532,10 @@ class SharedMeter:
             for _ in sending:
                 self._sending.pop(0)
         self._view, answer = _View.parse(reply)
+        if self._view.pause_remaining > 0:
+            # Kept here too: a Redis restarted without its data (or flushed) forgets the pause, and this
+            # engine would be granted at once, into the upstream's 429s (a review: 19 s early).
+            self._paused_until = max(self._paused_until, trio.current_time() + self._view.pause_remaining)
         if sending:
             self._budget.sent()
             if op != "charge":
@@ -563,7 +567,7 @@ class SharedMeter:
         self.check_admissible(head)
         now = trio.current_time()
         if self._paused_until > now:
-            return [], self._paused_until  # a 429 this engine saw: the store knows, but no need to ask
+            return [], self._paused_until  # a pause this engine knows of (its 429, or the store said): no need to ask
         if not self._budget.available:
             return self._fallback(head, now)
         ids = [self._budget.new_reservation_id() for _ in costs]
