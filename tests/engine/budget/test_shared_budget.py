@@ -154,6 +154,26 @@ def refilled(
     return pytest.approx(expected, abs=2 * TS_RESOLUTION * per_second + 1e-6)
 
 
+async def grants_within(seconds: float, group: Sequence[Engine], tasks_per_engine: int) -> int:
+    """How many reservations ``tasks_per_engine`` tasks on each engine of ``group`` are granted in ``seconds``,
+    each task asking again as soon as it was granted (and settling at once)."""
+    granted = 0
+
+    async def reserver(engine: Engine) -> None:
+        nonlocal granted
+        while True:
+            reservation = await engine.lane.reserve(Cost(tokens=1))
+            granted += 1
+            engine.lane.reconcile(reservation, prompt_tokens=None, snapshot=None)
+
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            for engine in group:
+                for _ in range(tasks_per_engine):
+                    nursery.start_soon(reserver, engine)
+    return granted
+
+
 def mark_id(reservation: Reservation) -> str:
     return reservation.mark.id  # type: ignore[attr-defined]
 
@@ -235,26 +255,11 @@ async def test_requests_waiting_for_the_budget_ask_redis_when_it_may_have_room_n
     limits = Limits(rpm=60, tpm=1_000_000)  # a request a second, after the burst of one
     async with engines(redis, 1, limits) as (engine,):
         calls = engine.budget.calls
-        granted = 0
-
-        async def reserver() -> None:
-            nonlocal granted
-            while True:
-                reservation = await engine.lane.reserve(Cost(tokens=1))
-                granted += 1
-                engine.lane.reconcile(reservation, prompt_tokens=None, snapshot=None)
-
-        with trio.move_on_after(3.0):
-            async with trio.open_nursery() as nursery:
-                for _ in range(20):
-                    nursery.start_soon(reserver)
+        granted = await grants_within(3.0, [engine], tasks_per_engine=20)
         made = engine.budget.calls - calls
     assert 2 <= granted <= 5
     # A grant, its settlement, a refusal, a heartbeat: a few calls a second, not a thousand.
     assert made <= 30, made  # 6 here; 2,901 before
-
-
-# --- idempotent true-ups -------------------------------------------------------------------------------------
 
 
 async def test_engines_told_different_limits_keep_to_the_lowest(redis: RedisServer) -> None:
@@ -262,28 +267,18 @@ async def test_engines_told_different_limits_keep_to_the_lowest(redis: RedisServ
     rpm beside one told 600 took 6.16x what 600 allows. The lowest limit an engine on the key was told holds
     for all of them."""
     low, high = Limits(rpm=600, tpm=600_000), Limits(rpm=6000, tpm=6_000_000)
-    granted = 0
     async with engines(redis, 2, [low, high]) as group:
         for engine in group:  # each engine's limits are known to the lane once it called
             engine.lane.refund(await engine.lane.reserve(Cost(tokens=1)))
         start_redis = await redis_time(redis)
-
-        async def reserver(engine: Engine) -> None:
-            nonlocal granted
-            while True:
-                reservation = await engine.lane.reserve(Cost(tokens=1))
-                granted += 1
-                engine.lane.reconcile(reservation, prompt_tokens=None, snapshot=None)
-
-        with trio.move_on_after(2.0):
-            async with trio.open_nursery() as nursery:
-                for engine in group:
-                    for _ in range(8):
-                        nursery.start_soon(reserver, engine)
+        granted = await grants_within(2.0, group, tasks_per_engine=8)
         elapsed = await redis_time(redis) - start_redis
         assert group[1].lane.statistics().effective.rpm == low.rpm  # what the high engine shows, too
     allowed = low.rpm / 60 * (1.0 + elapsed)  # a cold lane's second of burst, then the refill
     assert granted <= allowed + 2, (granted, allowed)
+
+
+# --- idempotent true-ups -------------------------------------------------------------------------------------
 
 
 async def test_a_flood_on_one_engine_cannot_starve_a_big_request_on_another(redis: RedisServer) -> None:
