@@ -118,7 +118,7 @@ def test_config_file_values_a_later_layer_overrides_are_named(tmp_path: Path) ->
     set there has no effect, which the engine now says rather than reporting 'no changes'."""
     config = tmp_path / "engine.toml"
     config.write_text(
-        '[server]\nrpm = 6000\ntpm = 100\nmax_concurrent_reqs = 4\nlog_level = "info"\n\n'
+        '[server]\nrpm = 6000\ntpm = 100\nmax_concurrent_reqs = 4\nlog_level = "info"\nsocket_mode = "0600"\n\n'
         '[openai]\nbase_url = "http://127.0.0.1:8000/v1"\n'
     )
     (tmp_path / ".env").write_text("TRIO_MAPPER_TPM=200\n")
@@ -128,11 +128,15 @@ def test_config_file_values_a_later_layer_overrides_are_named(tmp_path: Path) ->
         "TRIO_MAPPER_MAX_CONCURRENT_REQS": "4",  # the file's value: nothing is overridden
     }
     loaded = read_settings(
-        cli={"rpm": 5000, "log_level": "INFO"}, config_file=config, environ=environ, dotenv_dir=tmp_path
+        cli={"rpm": 5000, "log_level": "INFO", "socket_mode": 0o660},
+        config_file=config,
+        environ=environ,
+        dotenv_dir=tmp_path,
     )
     assert [str(override) for override in loaded.overridden] == [
         "server.rpm in the config file has no effect: the command line sets it to 5000",
         f"server.tpm in the config file has no effect: TRIO_MAPPER_TPM in {tmp_path / '.env'} sets it to 200",
+        "server.socket_mode in the config file has no effect: the command line sets it to 0660",
         "openai.base_url in the config file has no effect: OPENAI_BASE_URL in the environment sets it to "
         "'http://127.0.0.1:9000/v1'",
     ]

@@ -649,8 +649,14 @@ def _overrides(
             if winner is None or _same_value(section, name, written, winner[0][section][name]):
                 continue
             value = getattr(getattr(settings, section), name)
-            shown = repr(value) if isinstance(value, str) else str(value)
-            yield Override(config_path(section, name), winner[1](section, name), shown)
+            yield Override(config_path(section, name), winner[1](section, name), _shown(name, value))
+
+
+def _shown(name: str, value: Any) -> str:
+    """A setting's value as an operator writes it: strings quoted, a permission mode in octal (0660, not 432)."""
+    if name == "socket_mode":
+        return f"{value:04o}"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _variable(section: str, name: str, variables: Mapping[str, str]) -> str:
