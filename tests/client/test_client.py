@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -583,6 +583,15 @@ def test_engine_dropping_the_connection_fails_its_requests_and_the_next_call_rec
     assert [submit.body for submit in engine.submits] == [{"die": True}, {"after": 1}, {"after": 2}, {"after": 3}]
 
 
+def in_threads(count: int, work: Callable[[Client, int], None], client: Client) -> None:
+    """Run ``work(client, n)`` for n in range(count), each in its own thread, and wait for them all."""
+    threads = [threading.Thread(target=work, args=(client, n)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+
+
 def test_threads_share_one_reconnection(engine: FakeEngine) -> None:
     outcomes: dict[int, Any] = {}
 
@@ -591,11 +600,7 @@ def test_threads_share_one_reconnection(engine: FakeEngine) -> None:
 
     with Client(engine.path) as client:
         engine.drop_connections()
-        threads = [threading.Thread(target=work, args=(client, n)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=5)
+        in_threads(8, work, client)
     assert {n: body["echo"]["n"] for n, body in outcomes.items()} == {n: n for n in range(8)}
     assert len(engine.connections) == 2
 
@@ -649,11 +654,7 @@ def test_threads_share_one_connection(engine: FakeEngine) -> None:
         outcomes[n] = client.request(ENDPOINT, {"n": n, "delay": 0.002 * (8 - n)})
 
     with Client(engine.path) as client:
-        threads = [threading.Thread(target=work, args=(client, n)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=5)
+        in_threads(8, work, client)
     assert {n: body["echo"]["n"] for n, body in outcomes.items()} == {n: n for n in range(8)}
     assert len(engine.connections) == 1
 
