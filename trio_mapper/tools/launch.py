@@ -179,8 +179,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         dest="max_attempts",
         type=positive_int,
         metavar="N",
-        help=f"upstream attempts per request, first try included; 429s do not count "
-        f"(default {_default('max_attempts')})",
+        help=f"upstream attempts per request, first try included; 429s do not count; also the most a client "
+        f"may ask for (default {_default('max_attempts')})",
     )
     serving.add_argument(
         *_both_spellings("default-deadline"),

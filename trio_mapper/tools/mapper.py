@@ -127,7 +127,7 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--max-attempts", type=positive_int, metavar="N",
-        help="upstream attempts per request, first try included (default: the engine's)",
+        help="upstream attempts per request, first try included (default, and at most: the engine's)",
     )  # fmt: skip
     parser.add_argument(
         "--priority", choices=PRIORITY_CLASSES,

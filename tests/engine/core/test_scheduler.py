@@ -297,10 +297,17 @@ async def test_attempts_are_bounded(estimator: TokenEstimator, autojump_clock: t
     async with scheduler_with(handler, estimator) as scheduler:
         submit(scheduler, sink, chat(1, max_attempts=2))
         submit(scheduler, sink, chat(2))
-        await sink.wait_for(2)
+        # Above the engine's: refused at once (a reviewer's finding: fault retries are not charged to a
+        # tenant's caps, and a client could ask for any number of them).
+        submit(scheduler, sink, chat(3, max_attempts=1000))
+        await sink.wait_for(3)
     replies = sink.by_id()
     assert replies[1].attempts == 2 and replies[2].attempts == 4  # per request, else the engine default
-    assert all(isinstance(reply, Error) and reply.kind == "upstream_error" for reply in replies.values())
+    assert isinstance(replies[1], Error) and replies[1].kind == "upstream_error"
+    assert isinstance(replies[2], Error) and replies[2].kind == "upstream_error"
+    refused = replies[3]
+    assert isinstance(refused, Error) and refused.kind == "invalid_request"
+    assert "above the engine's max_attempts (4)" in refused.message
     assert calls == 6
 
 

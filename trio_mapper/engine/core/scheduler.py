@@ -583,6 +583,15 @@ class Scheduler:
             raise _Refused(ErrorKind.INVALID_REQUEST, f"a streamed request must be a POST, not {method}")
         if spec.max_attempts is not None and spec.max_attempts < 1:
             raise _Refused(ErrorKind.INVALID_REQUEST, "max_attempts must be at least 1")
+        if spec.max_attempts is not None and spec.max_attempts > self._default_max_attempts:
+            # The engine's setting is a ceiling as well as the default: fault retries are not charged to a
+            # tenant's caps, so a client asking for a thousand would spend the key at will on a failing upstream.
+            raise _Refused(
+                ErrorKind.INVALID_REQUEST,
+                f"max_attempts {spec.max_attempts} is above the engine's max_attempts ({self._default_max_attempts}); "
+                "ask for at most that many, or ask the operator to raise it",
+                param="max_attempts",
+            )
         for name, seconds in (("deadline", spec.deadline), ("patience", spec.patience)):
             if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
                 raise _Refused(ErrorKind.INVALID_REQUEST, f"{name} must be a positive number of seconds")
