@@ -53,6 +53,12 @@ local s = {}
 for i = 1, #raw, 2 do
     s[raw[i]] = raw[i + 1]
 end
+
+-- Lua's tostring keeps 14 digits: 0.1 ms at today's Unix times. %.17g round-trips a double exactly.
+local function exact(x)
+    return string.format('%.17g', x)
+end
+
 local function num(name, default)
     local value = s[name]
     if value == nil or value == '' then return default end
@@ -62,8 +68,9 @@ end
 -- Engines on one key may be told different limits (a config not yet rolled out everywhere, a reload on one
 -- engine): the lowest that any engine told in the last CONFIG_SPAN seconds is in force for all, or the one
 -- told more would spend the difference (a review: 6.16x the smaller limit). Each engine's own is kept in
--- the state as `cfg:<engine id>`, and lapses once that engine has not called for CONFIG_SPAN seconds.
-local told = configured.r .. ' ' .. configured.t .. ' '
+-- the state as `cfg:<engine id>` (written by `save`), and lapses once that engine has not called for
+-- CONFIG_SPAN seconds.
+local told = configured.r .. ' ' .. configured.t
 for i = 1, #raw, 2 do
     local field = raw[i]
     if string.sub(field, 1, 4) == 'cfg:' and field ~= 'cfg:' .. engine then
@@ -76,7 +83,6 @@ for i = 1, #raw, 2 do
         end
     end
 end
-redis.call('HSET', state_key, 'cfg:' .. engine, told .. string.format('%.17g', now))
 
 -- Redis's clock going back (a failover to a host whose clock is behind) would leave the bucket's times in
 -- the future: the lane would refill nothing, and stay paused, for as long as the clock went back. Its times
@@ -154,11 +160,6 @@ for i = 1, #claims, 2 do
     end
 end
 
--- Lua's tostring keeps 14 digits: 0.1 ms at today's Unix times. %.17g round-trips a double exactly.
-local function exact(x)
-    return string.format('%.17g', x)
-end
-
 local function save()
     redis.call('HSET', state_key,
         'level_r', exact(st.r.level), 'ts_r', exact(st.r.ts), 'learned_r', exact(st.r.learned),
@@ -168,6 +169,7 @@ local function save()
         'adjusted_t', exact(st.t.adjusted), 'peak_t', exact(st.t.peak),
         'decreased_at_t', exact(st.t.decreased_at), 'lowered_to_t', exact(st.t.lowered_to),
         'paused_until', exact(paused_until), 'seq', exact(seq), 'now', exact(now),
+        'cfg:' .. engine, told .. ' ' .. exact(now),
         'pauses', exact(counters.pauses), 'decreases', exact(counters.decreases))
     for _, dim in ipairs({'r', 't'}) do
         for _, field in ipairs({'header', 'pace'}) do
