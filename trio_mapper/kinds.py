@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Final, Literal
 
-__all__ = ["PRIORITY_CLASSES", "ErrorKind", "Priority"]
+__all__ = ["PRIORITY_CLASSES", "ErrorKind", "Priority", "is_transient_status"]
 
 Priority = Literal["interactive", "default", "batch"]
 #: The priority classes of requests, highest first: what a tenant is configured with (the engine's
@@ -47,3 +47,9 @@ class ErrorKind(enum.StrEnum):
     #: The client's tenant spent its daily token or cost budget (the engine's configuration); it refills as
     #: the last 24 hours' spending ages out. Retrying sooner cannot help.
     BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def is_transient_status(status: int) -> bool:
+    """Whether an upstream's HTTP status is a fault of the moment (408, 409 or 5xx): what the engine retries
+    with backoff, and what a client may send again later once the engine's retries ran out."""
+    return status in (408, 409) or status >= 500

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Final
 
+from trio_mapper.kinds import is_transient_status
 from trio_mapper.wire import ErrorKind, RequestId
 
 #: Client-side kinds: never sent by the engine, so they cannot collide with an `ErrorKind`.
@@ -213,9 +214,6 @@ TRANSIENT_KINDS: Final[frozenset[str]] = frozenset(
         CONNECTION_LOST_KIND,
     }
 )
-#: Upstream statuses of a fault of the moment (besides 5xx), as the engine's retries treat them: an
-#: ``upstream_error`` with one of them means the engine's attempts ran out, not that the request is wrong.
-_TRANSIENT_STATUSES: Final = frozenset({408, 409})
 
 
 def may_succeed_later(error: TrioMapperError) -> bool:
@@ -230,7 +228,8 @@ def may_succeed_later(error: TrioMapperError) -> bool:
     """
     if error.kind == ErrorKind.UPSTREAM_ERROR:
         status = error.status
-        return status is None or status in _TRANSIENT_STATUSES or status >= 500
+        # A status of the moment means the engine's attempts ran out, not that the request is wrong.
+        return status is None or is_transient_status(status)
     return error.kind in TRANSIENT_KINDS
 
 

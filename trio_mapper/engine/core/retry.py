@@ -34,7 +34,7 @@ import attrs
 import httpx
 
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot, retry_after_seconds
-from trio_mapper.kinds import ErrorKind
+from trio_mapper.kinds import ErrorKind, is_transient_status
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -67,7 +67,6 @@ _JITTER: Final = 0.25
 # 2.0 ** 1100 overflows a float; the delay is capped at 8 s long before this exponent.
 _MAX_EXPONENT: Final = 30
 
-_RETRYABLE_STATUSES: Final = frozenset({408, 409})
 _QUOTA_CODES: Final = frozenset({"insufficient_quota", "credit_balance_exhausted"})
 _LIMIT_SUFFIXES: Final = ("_spend_limit_exceeded", "_usage_limit_exceeded")
 # Upstream messages are quoted, but an HTML error page or a runaway message must not flood the client.
@@ -292,7 +291,7 @@ def classify_response(status: int, headers: Mapping[str, str], body: Any) -> Ver
             return BackoffRetry(wait, f"{reason}; the upstream asked to retry")
     if status == 429:
         return RateLimitRetry(wait, _scope(error, headers), reason)
-    if status in _RETRYABLE_STATUSES or status >= 500:
+    if is_transient_status(status):
         return BackoffRetry(wait, reason)
     return _final_upstream(status, error)
 
