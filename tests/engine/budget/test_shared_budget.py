@@ -115,20 +115,24 @@ async def sent(budget: SharedBudget, calls_before: int) -> None:
             await trio.sleep(0.01)
 
 
+#: The script's operations that travel queued, as one word list of an ``apply`` call.
+QUEUED_OPERATIONS = frozenset({"refund", "settle", "pause", "withdraw"})
+
+
 async def script(engine: Engine, limits: Limits, op: str, *args: str | int | float) -> list[str]:
     """One direct run of the lane script, as the engine would send it (a retried call, say): its answer.
 
-    ``refund``, ``settle`` and ``pause`` travel as the engine queues them (one queued operation of an
+    ``refund``, ``settle``, ``pause`` and ``withdraw`` travel as the engine queues them (one queued operation of an
     ``apply`` call, answering ``done`` or ``settled``); ``charge`` takes ``TTL ID TOKENS REQUESTS``."""
     head: list[str | int | float] = [
-        "apply" if op in {"refund", "settle", "pause"} else op,
+        "apply" if op in QUEUED_OPERATIONS else op,
         limits.rpm,
         limits.tpm,
         PERIOD,
         engine.budget.engine_id,
         shared.IDLE_EXPIRY,
     ]
-    if op in {"refund", "settle", "pause"}:
+    if op in QUEUED_OPERATIONS:
         words = " ".join(str(arg) if arg != "" else "-" for arg in (op, *args))
         call = [*head, 1, words]
     else:
@@ -817,6 +821,52 @@ async def test_a_frozen_redis_counts_as_unreachable_within_the_timeout(
         with trio.fail_after(3):
             await engine.lane.reserve(Cost(tokens=10))
         assert engine.budget.statistics()["state"] == "ok"
+
+
+async def test_a_charge_whose_answer_never_came_is_withdrawn(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A charge that times out in a frozen Redis runs when it thaws: what it granted nobody was told of, and it
+    stayed spent (a batch of waiters' tokens, unused). The engine now withdraws it once Redis answers."""
+    monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(shared, "RECONNECT_INTERVAL", 0.1)
+    limits = Limits(rpm=600, tpm=6000)  # 100 tokens a second; the cold bucket holds 100
+    rate, capacity = limits.tpm / 60, limits.tpm / 60
+    async with engines(redis, 1, limits, redis_timeout=0.3) as (engine,):
+        calls = engine.budget.calls
+        engine.lane.refund(await engine.lane.reserve(Cost(tokens=1)))
+        await sent(engine.budget, calls)
+        before = await lane_state(redis, engine)
+        with redis.frozen():
+            granted, _ = await engine.meter.charge([Cost(tokens=60), Cost(tokens=30)])
+            assert not granted
+            assert engine.meter.pending == 2  # the two withdrawals, sent once Redis answers
+        with trio.fail_after(5):
+            while engine.meter.pending:  # noqa: ASYNC110 - the settler sets no event for this
+                await trio.sleep(0.01)
+        after = await lane_state(redis, engine)
+        # Only refill since: whether the held charge ran first (and was credited back) or not at all.
+        assert float(after["level_t"]) == refilled(before, after, "t", rate, capacity)
+        reservations, _ = await in_flight(redis, engine)
+        assert reservations == 0
+
+
+async def test_a_charge_run_after_its_withdrawal_charges_nothing(redis: RedisServer) -> None:
+    limits = Limits(rpm=600, tpm=6000)
+    rate, capacity = limits.tpm / 60, limits.tpm / 60
+    async with engines(redis, 1, limits) as (engine,):
+        await script(engine, limits, "peek")
+        before = await lane_state(redis, engine)
+        # The withdrawal overtook its charge (another connection, a charge held in Redis's input).
+        assert (await script(engine, limits, "withdraw", "late:1", 900))[0] == "settled"
+        late = await script(engine, limits, "charge", 900, "late:1", 60, 1, "late:2", 30, 1)
+        assert late[0] == "0"  # none granted
+        after = await lane_state(redis, engine)
+        assert float(after["level_t"]) == refilled(before, after, "t", rate, capacity)
+        reservations, _ = await in_flight(redis, engine)
+        assert reservations == 0
+        # A charge never withdrawn is granted as ever.
+        assert (await script(engine, limits, "charge", 900, "other:1", 10, 1))[0] == "1"
 
 
 # --- round trips ---------------------------------------------------------------------------------------------

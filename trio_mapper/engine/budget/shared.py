@@ -577,6 +577,10 @@ class SharedMeter:
         try:
             answer = await self._call("charge", *charges)
         except BudgetUnavailable:
+            # The charge may have run, or may yet run (held in a frozen Redis's input): either way its answer
+            # is lost, and what it granted would stay spent, unused. Withdrawn once Redis answers again.
+            for reservation_id in ids:
+                self._queue(["withdraw", reservation_id, RESERVATION_TTL])
             return self._fallback(head, trio.current_time())
         now = trio.current_time()
         granted = int(float(answer[0]))

@@ -6,7 +6,8 @@
 --
 -- KEYS[1]  the lane's state (hash)
 -- KEYS[2]  reservations in flight (hash: id -> "tokens requests seq")
--- KEYS[3]  their expiry (sorted set: id -> Redis time when it stops counting as in flight)
+-- KEYS[3]  their expiry (sorted set: id -> Redis time when it stops counting as in flight), and the marks of
+--          withdrawn charges (`withdrawn_mark`) until they lapse
 -- KEYS[4]  claims of refused heads (hash: engine id -> "since tokens requests ends")
 -- All four share one hash tag, so they live on one Cluster slot.
 --
@@ -246,6 +247,20 @@ local function refund(a)
     return 'done'
 end
 
+-- withdraw ID TTL: a charge whose answer never reached its engine (the call timed out) is taken back. Sent
+-- after it, but a charge held up in Redis's input (a frozen or overloaded server) may run after the
+-- withdrawal: then the withdrawal's mark (`withdrawn_mark`, kept TTL seconds) makes that charge a no-op.
+local function withdrawn_mark(id)
+    return 'withdrawn:' .. id
+end
+local function withdraw(a)
+    local outcome = refund(a)
+    if outcome == 'settled' then
+        redis.call('ZADD', expiry_key, now + tonumber(a[2]), withdrawn_mark(a[1]))
+    end
+    return outcome
+end
+
 -- settle ID USAGE_ERROR LIMIT_R LIMIT_T REMAINING_R REMAINING_T LEVEL_R LEVEL_T ADJUSTED_R ADJUSTED_T
 --        RESTED_R RESTED_T ANSWERED
 -- USAGE_ERROR: tokens to charge more (negative: to credit) from the reply's usage; LIMIT_* and REMAINING_*
@@ -329,6 +344,10 @@ local function charge(a)
     local answer = {0, 0}
     for i = 2, #a, 3 do
         local id, cost_t, cost_r = a[i], tonumber(a[i + 1]), tonumber(a[i + 2])
+        if redis.call('ZSCORE', expiry_key, withdrawn_mark(id)) then
+            -- Its engine gave up on this call and withdrew it already: nobody is waiting for the answer.
+            return answer
+        end
         if cost_t > effective('t') or cost_r > effective('r') then
             -- Limits lowered since the engine checked (another engine's headers): never charged.
             if answer[1] == 0 then answer[2] = 'too_large' end
@@ -381,7 +400,7 @@ local function charge(a)
     return answer
 end
 
-local QUEUED = {refund = refund, settle = settle, pause = pause}
+local QUEUED = {refund = refund, settle = settle, pause = pause, withdraw = withdraw}
 
 -- ARGV[7]: how many queued operations follow (refunds, settlements and pauses this engine made since its
 -- last call on the lane), applied first, in order; then the main operation's arguments.
