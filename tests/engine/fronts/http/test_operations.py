@@ -146,6 +146,8 @@ async def test_access_rules_and_health_over_tcp_and_the_unix_socket(short_tmp: P
             wrong_key = await tcp.get("/metrics", headers={"authorization": "Bearer tm-wrong-key-0123456789abcdef"})
             with_key = await tcp.get("/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"})
             alive = await tcp.get("/healthz")
+            alive_head = await tcp.head("/healthz")  # what uptime monitors often send
+            ready_head = await tcp.head("/readyz")
             probed_with_query = await tcp.get("/healthz?probe=1")
             ready = await tcp.get("/readyz")
             posted = await tcp.post("/metrics", headers={"authorization": f"Bearer {CLIENT_KEY}"})
@@ -160,13 +162,23 @@ async def test_access_rules_and_health_over_tcp_and_the_unix_socket(short_tmp: P
         assert ready.status_code == 200, ready.text
         assert ready.json()["status"] == "ready" and ready.json()["upstream"]["reachable"] is True
         assert ready.json()["upstream"]["checked_by"] == "probe"  # nothing had been sent yet: it probed
-        assert posted.status_code == 405
+        assert alive_head.status_code == 200 and alive_head.content == b""
+        assert ready_head.status_code == 200 and ready_head.content == b""
+        assert posted.status_code == 405 and posted.headers["allow"] == "GET, HEAD"
         assert query.status_code == 404 and "/metrics takes no query string" in query.json()["error"]["message"]
         assert unknown.status_code == 404
         assert "GET /metrics, GET /healthz, GET /readyz" in unknown.json()["error"]["message"]
 
         async with unix_http(engine) as unix:
             assert (await unix.get("/healthz")).status_code == 200
+            # HEAD of a route the upstream answers would cost an upstream request: refused, saying what to use.
+            models_head = await unix.head("/v1/models")
+            assert models_head.status_code == 405 and models_head.headers["allow"] == "GET"
+            chat_get = await unix.get("/v1/chat/completions")
+            assert chat_get.status_code == 405 and chat_get.headers["allow"] == "POST"
+            assert "takes POST, not GET" in chat_get.json()["error"]["message"]
+            # The connection still serves requests after replies without a body.
+            assert (await unix.get("/healthz")).json() == {"status": "ok"}
             assert (await unix.get("/readyz")).json()["upstream"]["checked_by"] == "probe"  # the last exchange
             assert (await unix.get("/metrics")).status_code == 200
             # SIGHUP reloads the settings; the metrics are the same ones, registered once, still counting.
@@ -180,7 +192,7 @@ async def test_access_rules_and_health_over_tcp_and_the_unix_socket(short_tmp: P
         assert value(samples, "trio_mapper_http_unauthorized_total") == 2
         # Operators' requests are not API requests: only the 404s and the wrong query string counted.
         stats = (await engine_stats(engine))["engine"]["http_requests"]
-        assert stats["requests"] == 3 and stats["not_found"] == 3
+        assert stats["requests"] == 5 and stats["not_found"] == 3  # the two 405s of API routes count as requests
         assert TEST_API_KEY not in scrape.text and TEST_API_KEY not in engine.log
 
 

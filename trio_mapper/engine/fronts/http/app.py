@@ -135,11 +135,28 @@ class _Refusal(Exception):
         param: str | None = None,
         *,
         retry_after: int | None = None,
+        allow: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         #: None: final (x-should-retry: false); seconds: the same request may succeed after them.
         self.retry_after = retry_after
+        #: A 405's ``Allow`` header (RFC 9110 requires one): the methods the path takes.
+        self.allow = allow
+
+    @classmethod
+    def wrong_method(cls, path: str, method: str, allowed: str) -> _Refusal:
+        return cls(
+            405,
+            f"{path} takes {allowed.replace(', ', ' or ')}, not {method}",
+            "invalid_request_error",
+            "method_not_allowed",
+            allow=allowed,
+        )
+
+    def headers(self) -> Headers:
+        headers = retry_headers(self.retry_after)
+        return headers if self.allow is None else [*headers, (b"allow", self.allow.encode())]
 
 
 @attrs.frozen
@@ -296,7 +313,7 @@ class OpenAIApp:
             return await _reply(
                 send,
                 refusal.status,
-                retry_headers(refusal.retry_after),
+                refusal.headers(),
                 error_body(refusal.message, refusal.type, refusal.code, refusal.param),
             )
         sink = _RequestSink(caller)
@@ -323,20 +340,18 @@ class OpenAIApp:
             nursery.cancel_scope.cancel()
 
     async def _operate(self, scope: dict[str, Any], operation: Operation, send: Send) -> None:
-        """An operator's GET: the client checked like any other (a key over TCP unless the route is keyless),
-        then whatever the route's provider answers."""
+        """An operator's GET (or HEAD, which monitors use: hypercorn leaves the body out): the client checked
+        like any other (a key over TCP unless the route is keyless), then whatever the route's provider answers."""
         method: str = scope["method"]
         try:
-            if method != "GET":
-                raise _Refusal(
-                    405, f"{scope['path']} takes GET, not {method}", "invalid_request_error", "method_not_allowed"
-                )
+            if method not in {"GET", "HEAD"}:
+                raise _Refusal.wrong_method(scope["path"], method, "GET, HEAD")
             if not operation.keyless or (scope.get("state") or {}).get(TRANSPORT) == "unix":
                 self._identify(scope, _headers(scope))
             status, content_type, body = await operation.respond()
         except _Refusal as refusal:
             return await _reply(
-                send, refusal.status, retry_headers(None), error_body(refusal.message, refusal.type, refusal.code)
+                send, refusal.status, refusal.headers(), error_body(refusal.message, refusal.type, refusal.code)
             )
         # A provider's bug is the request fence's (`__call__`): an OpenAI-shaped 500, logged.
         headers = [(b"content-type", content_type.encode())]
@@ -467,7 +482,7 @@ class OpenAIApp:
                 "unknown_url",
             )
         if method != expected:
-            raise _Refusal(405, f"{path} takes {expected}, not {method}", "invalid_request_error", "method_not_allowed")
+            raise _Refusal.wrong_method(path, method, expected)
         encoding = headers.get("content-encoding", "").strip().lower()
         if encoding not in {"", "identity"}:
             raise _Refusal(
