@@ -47,5 +47,5 @@ def test_every_command_is_listed_without_importing_any() -> None:
         check=False,
     )
     assert output.returncode == 0
-    for command in ("launch-engine", "simulate", "status", "map", "demo"):
+    for command in ("launch-engine", "check-config", "simulate", "status", "map", "demo"):
         assert command in output.stdout

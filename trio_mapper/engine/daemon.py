@@ -473,13 +473,10 @@ class Engine:
             ListenerError: a socket cannot be created, or the keys file cannot be used.
         """
         server = self.settings.server
-        if server.http_keys_file is not None:
-            try:
-                self._http_keys = load_keys(server.http_keys_file)
-            except KeysError as exc:
-                raise ListenerError(str(exc)) from None
-            _warn_if_no_keys(self._http_keys, server.http_keys_file)
-        _warn_about_tenant_keys_not_in(self._http_keys, server)
+        try:
+            self._http_keys = load_client_keys(server)
+        except KeysError as exc:
+            raise ListenerError(str(exc)) from None
         path = server.http_socket_path
         if any(transport == "unix" for _, transport in self._http_listeners):
             # _open_listener took the HTTP socket systemd passed (fd named "http"): it wins over the settings,
@@ -769,6 +766,22 @@ def _cannot_listen(address: str, port: int, exc: OSError) -> str:
             'port above 1024 (--http HOST:PORT, or http = "HOST:PORT" under [server] in the config file)'
         )
     return f"cannot listen on {address}: {exc.strerror or exc}"
+
+
+def load_client_keys(server: ServerSettings) -> ClientKeys:
+    """The HTTP front's client keys as start-up reads them (none without a keys file), with the warnings it logs:
+    a file that holds no key, a tenant naming a key the file does not hold. ``trio-mapper check-config`` calls
+    it too, so that it refuses and warns exactly as a start would.
+
+    Raises:
+        KeysError: the keys file cannot be used (the engine does not start).
+    """
+    keys = ClientKeys()
+    if server.http_keys_file is not None:
+        keys = load_keys(server.http_keys_file)
+        _warn_if_no_keys(keys, server.http_keys_file)
+    _warn_about_tenant_keys_not_in(keys, server)
+    return keys
 
 
 def _warn_about_tenant_keys_not_in(keys: ClientKeys, server: ServerSettings) -> None:

@@ -34,6 +34,13 @@ COMMANDS: Final = {
         "add_engine_arguments",
         "run_launch_engine",
     ),
+    "check-config": Command(
+        "Check the settings launch-engine would read with the same options, without starting it: exit 0 if it "
+        "would start, 2 if not. Run it before systemctl reload or restart.",
+        "trio_mapper.tools.launch",
+        "add_check_config_arguments",
+        "run_check_config",
+    ),
     "simulate": Command(
         "Run the OpenAI-compatible simulator (the project's test upstream).",
         "trio_mapper.simulator",

@@ -7,6 +7,7 @@ through `trio_mapper.client` only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,14 @@ from typing import Any
 
 import attrs
 
-from trio_mapper.engine.process.settings import DEFAULT_BASE_URL, LoadedSettings, ServerSettings, SettingsError
+from trio_mapper.engine.process.settings import (
+    DEFAULT_BASE_URL,
+    LoadedSettings,
+    ServerSettings,
+    SettingsError,
+    budget_password,
+    read_settings,
+)
 from trio_mapper.paths import default_socket_path
 from trio_mapper.tools.args import non_negative_float, octal_mode, positive_float, positive_int
 
@@ -225,6 +233,32 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _read_layers(args: argparse.Namespace, dotenv_dir: Path) -> LoadedSettings:
+    """The settings from every layer, as start-up and each SIGHUP read them: the config file and the environment
+    (and ``.env`` in ``dotenv_dir``) as they are now, the command line given."""
+    return read_settings(cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=dotenv_dir)
+
+
+def _read_at_start(args: argparse.Namespace, dotenv_dir: Path) -> tuple[LoadedSettings, str | None]:
+    """What launch-engine reads before anything else: the settings and the shared budget's Redis password.
+
+    Raises:
+        SettingsError: one readable line per problem (launch-engine exits 2).
+    """
+    loaded = _read_layers(args, dotenv_dir)
+    return loaded, budget_password(loaded.settings.server, os.environ)
+
+
+def _log_layers(loaded: LoadedSettings, log: logging.Logger) -> None:
+    """What start-up tells of how the layers combined: ``TRIO_MAPPER_*`` variables nothing reads, config-file
+    values a later layer overrides."""
+    for line in loaded.unknown_variables:
+        log.warning("%s", line)
+    for override in loaded.overridden:
+        # Information only at start: the command line is this run's choice. A reload warns (Engine.reload).
+        log.info("%s", override)
+
+
 def _record_engine_signals() -> list[int]:
     """From now on SIGINT, SIGTERM and SIGHUP are appended to the returned list instead of acting.
 
@@ -252,17 +286,15 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     from trio_mapper.engine.estimate.tokens import TokenEstimator
     from trio_mapper.engine.fronts.unix.listener import ListenerError
     from trio_mapper.engine.process.logs import configure_logging
-    from trio_mapper.engine.process.settings import budget_password, read_settings
 
     # SIGHUP reloads from the same layers: the config file and environment as they are now, the original argv.
     dotenv_dir = Path.cwd()
 
     def load() -> LoadedSettings:
-        return read_settings(cli=vars(args), config_file=args.config, environ=os.environ, dotenv_dir=dotenv_dir)
+        return _read_layers(args, dotenv_dir)
 
     try:
-        loaded = load()
-        password = budget_password(loaded.settings.server, os.environ)
+        loaded, password = _read_at_start(args, dotenv_dir)
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"trio-mapper launch-engine: {problem}", file=sys.stderr)
@@ -271,12 +303,7 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     server = settings.server
     secrets = [settings.openai.api_key] + ([password] if password else [])
     configure_logging(server.log_level, server.log_format, secrets=secrets)
-    log = logging.getLogger("trio_mapper.engine")
-    for line in loaded.unknown_variables:
-        log.warning("%s", line)
-    for override in loaded.overridden:
-        # Information only at start: the command line is this run's choice. A reload warns (Engine.reload).
-        log.info("%s", override)
+    _log_layers(loaded, logging.getLogger("trio_mapper.engine"))
     # Encodings load before the event loop starts: the first request must not wait for them.
     estimator = TokenEstimator.load()
     engine = Engine(
@@ -292,3 +319,119 @@ def run_launch_engine(args: argparse.Namespace) -> int:
         print(f"trio-mapper launch-engine: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+#: check-config's exit status when launch-engine would refuse to start (launch-engine's own for a settings error).
+CHECK_REFUSED = 2
+CHECK_CONFIG = "trio-mapper check-config"
+
+
+def add_check_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """launch-engine's options, all of them: the check must read the layers the engine would."""
+    add_engine_arguments(parser)
+    parser.epilog = (
+        "Reads what launch-engine would read with these options, from this directory and environment (the config "
+        "file, TRIO_MAPPER_* variables, .env, the key's presence, the HTTP keys file, the Redis password file), "
+        "through the engine's own code, and says what it would refuse or warn about. It opens no socket and "
+        "contacts neither the upstream nor Redis: the key's validity, a socket in use and Redis's password are "
+        f"not checked. Exit status: 0 the engine would start (one line says with what); {CHECK_REFUSED} it would "
+        "refuse to (one line per problem). Run it with the options of ExecStart=, as the engine's user, before "
+        "systemctl reload or restart (docs/systemd.md)."
+    )
+
+
+class _CheckFormatter(logging.Formatter):
+    """One line per message, led as launch-engine leads its start-up errors: a problem as it would print it,
+    a warning and a note (what start-up logs at INFO) marked as such."""
+
+    LEADS = {logging.ERROR: "", logging.WARNING: "warning: ", logging.INFO: "note: "}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{CHECK_CONFIG}: {self.LEADS.get(record.levelno, '')}{record.getMessage()}"
+
+
+def _report_to_stderr(secrets: list[str]) -> None:
+    """Messages go to stderr through the engine's own filters: secrets redacted, client text bounded."""
+    from trio_mapper.engine.process.logs import BoundClientText, RedactSecrets
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CheckFormatter())
+    handler.addFilter(RedactSecrets(secrets))
+    handler.addFilter(BoundClientText())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    # Whatever log_level says: what start-up logs at INFO about the layers (an overridden value) is the point.
+    logging.getLogger("trio_mapper").setLevel(logging.INFO)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    from trio_mapper.engine.core.tenants import tenants_from_config
+    from trio_mapper.engine.daemon import load_client_keys
+    from trio_mapper.engine.fronts.http.keys import KeysError
+    from trio_mapper.engine.process.settings import BUDGET_PASSWORD_ENV_VAR, find_api_key
+
+    dotenv_dir = Path.cwd()
+    log = logging.getLogger("trio_mapper.engine")
+    # Known before reading anything, so that no line can show them: the key and the password, wherever found.
+    secrets = [secret for secret in (os.environ.get(BUDGET_PASSWORD_ENV_VAR),) if secret]
+    with contextlib.suppress(SettingsError):  # reported below, as start-up reports it
+        secrets += [key for key in (find_api_key(os.environ, dotenv_dir),) if key]
+    _report_to_stderr(secrets)
+
+    def refused(problems: list[str]) -> int:
+        for problem in problems:
+            log.error("%s", problem)
+        count = len(problems)
+        log.error(
+            "the engine would not start: %d problem%s (exit status %d)", count, "s" if count != 1 else "", CHECK_REFUSED
+        )
+        return CHECK_REFUSED
+
+    try:
+        loaded, password = _read_at_start(args, dotenv_dir)
+    except SettingsError as exc:
+        return refused(exc.problems)
+    settings = loaded.settings
+    secrets = [settings.openai.api_key, *secrets] + ([password] if password else [])
+    _report_to_stderr(secrets)
+    _log_layers(loaded, log)
+    problems = []
+    # What start-up checks next, before it serves, with the functions it calls: the HTTP front's keys file
+    # (`Engine._open_http_listeners`), the tenants as the scheduler takes them (`Engine._serve`).
+    try:
+        keys = load_client_keys(settings.server)
+        _report_to_stderr([*secrets, *keys.names_by_key])
+    except KeysError as exc:
+        problems.append(str(exc))
+    try:
+        tenants_from_config(settings.server.tenants)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        return refused(problems)
+    print(f"{CHECK_CONFIG}: ok: {_what_would_run(settings.server, settings.openai.base_url)}")
+    return 0
+
+
+def _what_would_run(server: ServerSettings, base_url: str) -> str:
+    """One line: the limits and where the engine would listen. No secret: the settings hold none but the key,
+    and a budget URL or base URL that holds a password is refused before this."""
+    limits = (
+        f"{server.rpm} rpm, {server.tpm} tpm, {server.max_concurrent_reqs} concurrent, "
+        f"period {server.period_length:g}s ({server.ledger_mode})"
+    )
+    if server.models:
+        limits += f", {len(server.models)} model table{'s' if len(server.models) != 1 else ''}"
+    if server.tenants:
+        limits += f", {len(server.tenants)} tenant{'s' if len(server.tenants) != 1 else ''}"
+    listeners = [f"unix:{server.socket}"]
+    if server.http_socket_path is not None:
+        listeners.append(f"HTTP unix:{server.http_socket_path}")
+    if server.http:
+        listeners.append(f"HTTP http://{server.http}")
+    budget = "local budget" if server.budget == "local" else f"budget in {server.budget} ({server.budget_failure})"
+    return (
+        f"the engine would start with {limits}; {budget}; upstream {base_url}; listening on "
+        f"{', '.join(listeners)} (or the sockets systemd passes)"
+    )

@@ -297,3 +297,27 @@ async def test_a_failing_provider_costs_samples_not_the_engine(
         nursery.cancel_scope.cancel()
     assert calls == 3 and len(history.samples) == 2
     assert "sampling failed" in caplog.text
+
+
+async def test_the_snapshot_tells_how_the_reloads_went_as_status_does(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeEngine()
+    history = fake.history()
+    assert "reloads" not in history.snapshot()["engine"]  # an engine that keeps no record says nothing
+    fake.engine["reloads"] = {
+        "applied": 2,
+        "failed": 1,
+        "succeeded_at": 1.7e9,
+        "failure": {"at": 1.7e9 + 60, "reason": "2 problems in the settings (the log names each); …", "extra": 1},
+        "not_applied": ["server.max_queued (needs a restart)"],
+        "problems": ["server.rpm: expected an integer, got 'a value of the file'"],
+    }
+    shown = history.snapshot()["engine"]["reloads"]
+    assert shown == {
+        "applied": 2,
+        "failed": 1,
+        "succeeded_at": 1.7e9,
+        "failure": {"at": 1.7e9 + 60, "reason": "2 problems in the settings (the log names each); …"},
+        "not_applied": ["server.max_queued (needs a restart)"],
+    }
+    fake.engine["reloads"] |= {"failure": None}
+    assert history.snapshot()["engine"]["reloads"]["failure"] is None

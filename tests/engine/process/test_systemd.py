@@ -1005,6 +1005,65 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
+def documented_reload_check() -> str:
+    """The drop-in docs/systemd.md gives to run ``trio-mapper check-config`` before the SIGHUP."""
+    text = (ROOT / "docs" / "systemd.md").read_text()
+    found = re.search(r"```ini\n(\[Service\]\nExecReload=\n.*?)```", text, re.DOTALL)
+    assert found is not None, "docs/systemd.md lost its ExecReload= drop-in"
+    return found.group(1)
+
+
+def test_the_documented_reload_check_runs_check_config_then_the_sighup() -> None:
+    service = unit_settings("trio-mapper.service")
+    # The check takes launch-engine's options: the drop-in must give it those of ExecStart=.
+    options = service["ExecStart"][0].split(" launch-engine ", 1)[1]
+    assert documented_reload_check().splitlines() == [
+        "[Service]",
+        "ExecReload=",
+        f"ExecReload=/opt/trio-mapper/bin/trio-mapper check-config {options}",
+        *(f"ExecReload={line}" for line in service["ExecReload"]),
+    ]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)")
+def test_systemd_analyze_verify_accepts_the_reload_check_drop_in(tmp_path: Path) -> None:
+    units = units_for_verification(tmp_path)
+    binary = Path(sys.executable).parent / "trio-mapper"
+    (tmp_path / "trio-mapper.service.d").mkdir()
+    drop_in = documented_reload_check().replace("/opt/trio-mapper/bin/trio-mapper", str(binary))
+    (tmp_path / "trio-mapper.service.d" / "check-config.conf").write_text(drop_in)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+    # verify reads the drop-in: one naming a command that does not exist is refused.
+    (tmp_path / "trio-mapper.service.d" / "check-config.conf").write_text(drop_in.replace(str(binary), "/nonexistent"))
+    broken = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True, timeout=120
+    )
+    assert broken.returncode != 0 and "/nonexistent" in broken.stderr
+
+
+def test_check_config_finds_the_key_in_the_credential_as_the_engine_does(short_tmp: Path) -> None:
+    """Under the unit, ExecReload= runs the check with the service's $CREDENTIALS_DIRECTORY."""
+    credentials = short_tmp / "credentials"
+    credentials.mkdir()
+    (credentials / systemd.API_KEY_CREDENTIAL).write_text(TEST_API_KEY + "\n")
+    env = engine_env(CREDENTIALS_DIRECTORY=str(credentials))
+    del env["OPENAI_API_KEY"]
+    command = [sys.executable, "-m", "trio_mapper", "check-config", "--rpm", "1", "--tpm", "1"]
+    result = subprocess.run(
+        [*command, "--max-concurrent-reqs", "1"], env=env, cwd=short_tmp, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert TEST_API_KEY not in result.stdout + result.stderr
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)")
 def test_systemd_analyze_security_rates_the_service_ok(tmp_path: Path) -> None:
     service = next(unit for unit in units_for_verification(tmp_path) if unit.suffix == ".service")

@@ -238,11 +238,14 @@ class StatusHistory:
         tenant_names = list(engine.get("tenants") or {})
         tenant_names += sorted({name for sample in samples for name in sample.tenants} - set(tenant_names))
         budget = engine.get("budget") or {}
+        shown = {key: engine[key] for key in _ENGINE_FIELDS if key in engine}
+        shown["budget"] = {key: budget[key] for key in _BUDGET_FIELDS if key in budget}
+        if isinstance(engine.get("reloads"), Mapping):
+            shown["reloads"] = _reloads(engine["reloads"])
         return {
             "interval": self.interval,
             "window": self.window,
-            "engine": {key: engine[key] for key in _ENGINE_FIELDS if key in engine}
-            | {"budget": {key: budget[key] for key in _BUDGET_FIELDS if key in budget}},
+            "engine": shown,
             "lanes": {name: _lane_now(lane) for name, lane in sorted(lanes.items())},
             "tenants": {
                 name: {key: tenant.get(key) for key in _TENANT_FIELDS}
@@ -258,6 +261,23 @@ class StatusHistory:
     async def respond(self) -> Reply:
         """``GET /status.json``."""
         return 200, "application/json", _encoder.encode(self.snapshot())
+
+
+def _reloads(reloads: Mapping[str, Any]) -> dict[str, Any]:
+    """How the reloads went, as the ``STATUS=`` line tells it (`Reloads.status`): the counts, the last failure's
+    time and reason, and the settings not applied by name. The reason is the one ``STATUS=`` shows, which counts
+    a bad file's problems and never quotes them (a problem may quote a value of the file); the problems
+    themselves are only in the log."""
+    failure = reloads.get("failure")
+    return {
+        "applied": reloads.get("applied", 0),
+        "failed": reloads.get("failed", 0),
+        "succeeded_at": reloads.get("succeeded_at"),
+        "failure": (
+            {"at": failure.get("at"), "reason": failure.get("reason")} if isinstance(failure, Mapping) else None
+        ),
+        "not_applied": list(reloads.get("not_applied") or ()),
+    }
 
 
 def _lane_sample(lane: Mapping[str, Any], before: tuple[int, int], waits: _Waits) -> LaneSample:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -65,6 +66,9 @@ PAGE_STATE = """document.readyState !== "complete" || !document.getElementById("
   notice: document.getElementById("notice").hidden ? "" : document.getElementById("notice").textContent,
   version: document.querySelector('[data-stat="version"]').textContent,
   budget: document.querySelector('[data-stat="budget"]').textContent,
+  reloads: document.querySelector('[data-stat="reloads"]').textContent,
+  reload: document.getElementById("reload").hidden ? "" : document.getElementById("reload").textContent,
+  reload_state: document.getElementById("reload").className,
   images: document.querySelectorAll("main img, main b").length,
   lanes: Object.fromEntries([...document.querySelectorAll("article.lane")].map((card) => [
     card.querySelector("h3").textContent,
@@ -289,6 +293,7 @@ async def test_the_page_shows_lanes_and_tenants_and_follows_them_live(short_tmp:
             assert shown["main"] and not shown["form"] and not shown["notice"]
             assert shown["version"] not in {"", "\u2013"}  # an en dash until the first poll
             assert shown["budget"] == "local"
+            assert shown["reloads"] == "0 applied \u00b7 0 failed" and shown["reload"] == ""
             # Names are text: the hostile model's markup is shown, not run; the tenant's <b> is not bold.
             assert shown["images"] == 0 and shown["title"] == "trio-mapper status"
             assert all(lane["charts"] >= 3 for lane in shown["lanes"].values())
@@ -337,3 +342,29 @@ async def test_the_page_asks_for_a_key_and_keeps_it_for_the_tab(short_tmp: Path,
         assert reloaded["stored"] == BOB_KEY and not reloaded["form"]
         # The 401 of the wrong key is the one error expected in the console.
         assert all("401" in problem for problem in page.problems())
+
+
+async def test_the_page_tells_how_the_last_reload_went(short_tmp: Path, chromium: str) -> None:
+    """As the STATUS= line of `systemctl status` does: the failure and its reason, never the file's values; then,
+    after a reload that leaves a change to a restart, the setting by name."""
+    marker = "a-value-of-the-file-0123456789"
+    async with (
+        simulator() as url,
+        status_engine(short_tmp, url) as (engine, root),
+        browser(chromium, short_tmp) as page,
+    ):
+        await page.navigate(f"{root}/#key={ALICE_KEY}")
+        await page.wait_for(lambda state: state["main"] and state["reloads"].endswith("failed"), "the reloads")
+        (short_tmp / "engine.toml").write_text(CONFIG + f'[server]\nmax_queued = "{marker}"\n')
+        engine.process.send_signal(signal.SIGHUP)
+        failed = await page.wait_for(lambda state: state["reload"].startswith("Reload failed"), "the failed reload")
+        assert failed["reloads"] == "0 applied \u00b7 1 failed"
+        assert "1 problem in the settings (the log names each)" in failed["reload"]
+        assert "state-bad" in failed["reload_state"] and marker not in failed["reload"]
+        (short_tmp / "engine.toml").write_text(CONFIG + "[server]\nmax_queued = 1000\n")
+        engine.process.send_signal(signal.SIGHUP)
+        applied = await page.wait_for(lambda state: state["reload"].startswith("Reloaded at"), "the next reload")
+        assert applied["reloads"] == "1 applied \u00b7 1 failed"
+        assert applied["reload"].endswith("; not applied: server.max_queued (needs a restart)")
+        assert "state-warn" in applied["reload_state"]
+        assert page.problems() == []

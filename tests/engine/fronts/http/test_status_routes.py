@@ -4,6 +4,7 @@ rules, allow-list, headers), then on a real engine over its real sockets (the JS
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import trio
 from conftest import TEST_API_KEY, simulator
 from test_app import ME, FakeScheduler
 from test_operations import unix_http
-from test_status_page import ALICE_KEY, CHAT_MODEL, status_engine
+from test_status_page import ALICE_KEY, CHAT_MODEL, CONFIG, status_engine
 
 from trio_mapper.engine.fronts.http.app import PEER, TRANSPORT, OpenAIApp, Operation
 from trio_mapper.engine.fronts.http.keys import ClientKeys
@@ -168,3 +169,41 @@ async def test_a_real_engine_serves_its_status(short_tmp: Path) -> None:
     assert all(len(values) == len(history["time"]) for values in history["lanes"][CHAT_MODEL].values())
     for secret in (TEST_API_KEY, ALICE_KEY, url, str(short_tmp)):
         assert secret not in status.text and secret not in page.text
+
+
+async def test_a_real_engine_tells_its_reloads_as_its_status_line_does(short_tmp: Path) -> None:
+    """A failed reload is counted with the reason STATUS= gives, which never quotes the file; a reload that
+    leaves a change to a restart names the setting."""
+    marker = "a-value-of-the-file-0123456789"
+    config = short_tmp / "engine.toml"
+
+    async def reloads_once(tcp: httpx.AsyncClient, done: Any) -> dict[str, Any]:
+        with trio.fail_after(20):
+            while True:
+                status = await tcp.get("/status.json", headers={"authorization": f"Bearer {ALICE_KEY}"})
+                assert status.status_code == 200
+                assert marker not in status.text
+                reloads: dict[str, Any] = status.json()["engine"]["reloads"]
+                if done(reloads):
+                    return reloads
+                await trio.sleep(0.1)  # another process: nothing to wait on but the clock
+
+    async with (
+        simulator() as url,
+        status_engine(short_tmp, url) as (engine, root),
+        httpx.AsyncClient(base_url=root) as tcp,
+    ):
+        at_start = await reloads_once(tcp, lambda reloads: True)
+        config.write_text(CONFIG + f'[server]\nmax_queued = "{marker}"\n')
+        engine.process.send_signal(signal.SIGHUP)
+        failed = await reloads_once(tcp, lambda reloads: reloads["failed"] == 1)
+        config.write_text(CONFIG + "[server]\nmax_queued = 1000\n")
+        engine.process.send_signal(signal.SIGHUP)
+        applied = await reloads_once(tcp, lambda reloads: reloads["applied"] == 1)
+    assert at_start["applied"] == at_start["failed"] == 0
+    assert at_start["failure"] is None and at_start["not_applied"] == []
+    assert failed["applied"] == 0 and failed["failure"]["reason"].startswith("1 problem in the settings")
+    assert failed["failure"]["at"] >= at_start["succeeded_at"]
+    assert applied["failed"] == 1 and applied["failure"] is None
+    assert applied["not_applied"] == ["server.max_queued (needs a restart)"]
+    assert applied["succeeded_at"] > at_start["succeeded_at"]

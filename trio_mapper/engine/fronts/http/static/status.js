@@ -172,6 +172,44 @@
     }
     element.textContent = text;
     element.className = "state-" + state;
+    renderReloads(engine.reloads);
+  }
+
+  // How the reloads went, told as the engine's STATUS= line tells it (`systemctl status`): a failure until a
+  // reload succeeds, else the settings the files give that the engine does not run. The reason counts a bad
+  // file's problems; the problems themselves are only in the engine's log.
+  const STATUS_NAMES = 3;
+
+  function renderReloads(reloads) {
+    const stat = document.querySelector('[data-stat="reloads"]');
+    const line = $("reload");
+    if (!reloads) {
+      stat.textContent = "–";
+      line.hidden = true;
+      return;
+    }
+    stat.textContent = number.format(reloads.applied || 0) + " applied · " + number.format(reloads.failed || 0) +
+      " failed";
+    const notApplied = reloads.not_applied || [];
+    let text = "";
+    let state = "ok";
+    if (reloads.failure) {
+      text = "Reload failed at " + timeOfDay(reloads.failure.at) + ": " + (reloads.failure.reason || "see the log");
+      state = "bad";
+    } else if (notApplied.length) {
+      const more = notApplied.length - STATUS_NAMES;
+      text = "Reloaded at " + timeOfDay(reloads.succeeded_at) + "; not applied: " +
+        notApplied.slice(0, STATUS_NAMES).join(", ") + (more > 0 ? " and " + more + " more (see the log)" : "");
+      state = "warn";
+    }
+    stat.className = "state-" + state;
+    line.hidden = !text;
+    line.textContent = text;
+    line.className = "reload state-" + state;
+  }
+
+  function timeOfDay(seconds) {
+    return typeof seconds === "number" ? new Date(seconds * 1000).toLocaleTimeString() : "?";
   }
 
   function renderTenants(tenants, history) {
