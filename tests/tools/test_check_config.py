@@ -98,12 +98,17 @@ def test_no_key_is_a_problem_but_a_key_is_never_tried(short_tmp: Path) -> None:
 
 def test_secrets_placed_in_the_config_or_the_environment_are_never_shown(short_tmp: Path) -> None:
     config = short_tmp / "engine.toml"
-    # The key pasted where a number goes: a start quotes the value; the check redacts it, as the engine's log does.
+    # The key pasted where a number goes: the problem quotes the value, redacted as in the engine's log.
     config.write_text(f'[server]\nrpm = 1\ntpm = "{TEST_API_KEY}"\nmax_concurrent_reqs = 1\n')
     result = run(CHECK, "--config", str(config), env=engine_env(), cwd=short_tmp)
     assert result.returncode == 2
     assert "server.tpm: expected an integer, got '[REDACTED]'" in result.stderr
     assert_no_secret(result)
+    # launch-engine's refusal goes to stderr, the journal under systemd: redacted alike.
+    launched = run(LAUNCH, "--config", str(config), "--socket", str(short_tmp / "s"), env=engine_env(), cwd=short_tmp)
+    assert launched.returncode == 2
+    assert "server.tpm: expected an integer, got '[REDACTED]'" in launched.stderr
+    assert_no_secret(launched)
     # The Redis password where a name goes: the validator's message quotes the value.
     config.write_text("[server]\nrpm = 1\ntpm = 1\nmax_concurrent_reqs = 1\n")
     env = engine_env(TRIO_MAPPER_BUDGET_PASSWORD=REDIS_PASSWORD, TRIO_MAPPER_BUDGET_NAMESPACE=REDIS_PASSWORD + "!")

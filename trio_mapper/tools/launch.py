@@ -249,6 +249,17 @@ def _read_at_start(args: argparse.Namespace, dotenv_dir: Path) -> tuple[LoadedSe
     return loaded, budget_password(loaded.settings.server, os.environ)
 
 
+def _secrets_known_before_reading(dotenv_dir: Path) -> list[str]:
+    """The key and the Redis password wherever start-up finds them, known before the settings are read (which
+    may fail), so that no message about the settings can show them."""
+    from trio_mapper.engine.process.settings import BUDGET_PASSWORD_ENV_VAR, find_api_key
+
+    secrets = [secret for secret in (os.environ.get(BUDGET_PASSWORD_ENV_VAR),) if secret]
+    with contextlib.suppress(SettingsError):  # reported when the settings are read
+        secrets += [key for key in (find_api_key(os.environ, dotenv_dir),) if key]
+    return secrets
+
+
 def _log_layers(loaded: LoadedSettings, log: logging.Logger) -> None:
     """What start-up tells of how the layers combined: ``TRIO_MAPPER_*`` variables nothing reads, config-file
     values a later layer overrides."""
@@ -285,7 +296,7 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     from trio_mapper.engine.daemon import Engine
     from trio_mapper.engine.estimate.tokens import TokenEstimator
     from trio_mapper.engine.fronts.unix.listener import ListenerError
-    from trio_mapper.engine.process.logs import configure_logging
+    from trio_mapper.engine.process.logs import RedactSecrets, configure_logging
 
     # SIGHUP reloads from the same layers: the config file and environment as they are now, the original argv.
     dotenv_dir = Path.cwd()
@@ -296,8 +307,11 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     try:
         loaded, password = _read_at_start(args, dotenv_dir)
     except SettingsError as exc:
+        # A problem quotes the value it refuses, which may be the key pasted in the wrong place; stderr is the
+        # journal, readable by more than the engine's user.
+        redact = RedactSecrets(_secrets_known_before_reading(dotenv_dir)).redact
         for problem in exc.problems:
-            print(f"trio-mapper launch-engine: {problem}", file=sys.stderr)
+            print(f"trio-mapper launch-engine: {redact(problem)}", file=sys.stderr)
         return 2
     settings = loaded.settings
     server = settings.server
@@ -369,14 +383,10 @@ def run_check_config(args: argparse.Namespace) -> int:
     from trio_mapper.engine.core.tenants import tenants_from_config
     from trio_mapper.engine.daemon import load_client_keys
     from trio_mapper.engine.fronts.http.keys import KeysError
-    from trio_mapper.engine.process.settings import BUDGET_PASSWORD_ENV_VAR, find_api_key
 
     dotenv_dir = Path.cwd()
     log = logging.getLogger("trio_mapper.engine")
-    # Known before reading anything, so that no line can show them: the key and the password, wherever found.
-    secrets = [secret for secret in (os.environ.get(BUDGET_PASSWORD_ENV_VAR),) if secret]
-    with contextlib.suppress(SettingsError):  # reported below, as start-up reports it
-        secrets += [key for key in (find_api_key(os.environ, dotenv_dir),) if key]
+    secrets = _secrets_known_before_reading(dotenv_dir)
     _report_to_stderr(secrets)
 
     def refused(problems: list[str]) -> int:

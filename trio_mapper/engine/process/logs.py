@@ -52,7 +52,7 @@ class RedactSecrets(logging.Filter):
         super().__init__()
         self._secrets = [secret for secret in secrets if len(secret) >= MIN_REDACTED_KEY_CHARS]
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "[REDACTED]")
         return text
@@ -61,13 +61,13 @@ class RedactSecrets(logging.Filter):
         if not self._secrets:
             return True
         message = _message_of(record)
-        cleaned = message if message is None else self._redact(message)
+        cleaned = message if message is None else self.redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         if record.exc_info and record.exc_info[1] is not None:
             text = record.exc_text or logging.Formatter().formatException(record.exc_info)
             # Formatters print exc_text as it is and format exc_info only when exc_text is empty.
-            record.exc_text = self._redact(text)
+            record.exc_text = self.redact(text)
         return True
 
 
