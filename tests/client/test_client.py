@@ -914,6 +914,35 @@ async def test_async_map_connection_lost_trio(engine: FakeEngine) -> None:
                 pass
 
 
+async def test_a_lost_async_map_says_which_items_had_been_sent_trio(engine: FakeEngine) -> None:
+    # A program that carries on after a restart (`trio-mapper map`) must know which of a map's items may have
+    # run, so as never to send those twice, and which never left: those it can send again.
+    pulled_after_the_loss = anyio.Event()
+
+    async def items() -> AsyncIterator[dict[str, Any]]:
+        yield {"n": 1}
+        yield {"n": 2, "hold": True}
+        yield {"n": 3, "die": True}  # the fake engine closes the connection on reading it
+        await until(lambda: client._core.closed)
+        pulled_after_the_loss.set()
+        yield {"n": 4}
+
+    async with AsyncClient(engine.path) as client:
+        results = client.map(items(), endpoint=ENDPOINT, window=4)
+        assert results.lost == []
+        with trio.fail_after(5):
+            assert (await anext(results)).input == {"n": 1}
+            await pulled_after_the_loss.wait()
+            await until(lambda: len(results.lost) == 3)  # the feeder took item 4 and found the connection gone
+            with pytest.raises(ConnectionLost):
+                await anext(results)
+        lost = results.lost
+        assert [item.input["n"] for item in lost] == [2, 3, 4]
+        assert all(isinstance(item.error, ConnectionLost) for item in lost)
+        assert [item.error.may_have_reached_upstream for item in lost] == [True, True, False]  # type: ignore[union-attr]
+        assert [submit.body["n"] for submit in engine.submits] == [1, 2, 3]
+
+
 async def test_async_no_engine_trio(socket_dir: str) -> None:
     with pytest.raises(EngineUnavailable, match="launch-engine"):
         async with AsyncClient(socket_path_in(socket_dir)):

@@ -363,7 +363,21 @@ async def test_kill_9_mid_job_and_a_torn_last_line_are_resumed(short_tmp: Path) 
     assert all(record["error"] is None for record in final)
 
 
-async def test_an_engine_that_dies_mid_job_exits_3_and_the_next_engine_finishes_it(short_tmp: Path) -> None:
+async def start_map(socket: Path, source: Path, output: Path, log_path: Path, *extra: str) -> trio.Process:
+    """``trio-mapper map`` as a subprocess (window 8, no progress), its stderr into ``log_path``."""
+    with log_path.open("wb") as log:
+        return await trio.lowlevel.open_process(
+            map_command(socket, source, output, "--window", "8", "--no-progress", *extra),
+            stderr=log,
+            env=map_env(),
+            cwd=ROOT,
+        )
+
+
+@pytest.mark.parametrize("engine_wait", ["0", "0.5"])
+async def test_an_engine_that_dies_mid_job_exits_3_and_the_next_engine_finishes_it(
+    short_tmp: Path, engine_wait: str
+) -> None:
     ids = {f"e-{i}" for i in range(150)}
     source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
     output = short_tmp / "out.jsonl"
@@ -371,17 +385,12 @@ async def test_an_engine_that_dies_mid_job_exits_3_and_the_next_engine_finishes_
     (short_tmp / "b").mkdir()
     async with simulator(latency_ms=100.0) as url:
         async with running_engine(short_tmp / "a", url) as engine:
-            with (short_tmp / "map.log").open("wb") as log:
-                process = await trio.lowlevel.open_process(
-                    map_command(engine.socket, source, output, "--window", "8", "--no-progress"),
-                    stderr=log,
-                    env=map_env(),
-                    cwd=ROOT,
-                )
+            wait = ("--engine-wait", engine_wait)
+            process = await start_map(engine.socket, source, output, short_tmp / "map.log", *wait)
             try:
                 with trio.fail_after(60):
                     await wait_until(lambda: _line_count(output) >= 10)
-                    engine.process.kill()
+                    engine.process.kill()  # and no engine comes back on the socket
                     status = await process.wait()
             finally:
                 if process.returncode is None:
@@ -389,15 +398,69 @@ async def test_an_engine_that_dies_mid_job_exits_3_and_the_next_engine_finishes_
                     await process.wait()
         stderr = (short_tmp / "map.log").read_text()
         assert status == 3, stderr
+        assert "[connection_lost]" in stderr  # why it stopped: the engine's connection, however it ended
         assert "run the same command again to resume" in stderr
         partial = read_output(output)
-        assert all(record["error"] is None for record in partial)
+        if engine_wait == "0":  # stops at once, as before --engine-wait: what was in flight has no line yet
+            assert "waiting" not in stderr
+            assert all(record["error"] is None for record in partial)
+        else:
+            assert "waiting up to 0.5 s (--engine-wait) for the engine to come back" in stderr
+            assert "no engine came back within 0.5 s (--engine-wait)" in stderr
+            # What was in flight may have run: it failed, never sent again in this run, retried by the next.
+            assert {r["error"]["code"] for r in partial if r["error"] is not None} <= {"connection_lost"}
+        assert_each_id_once(partial, {record["custom_id"] for record in partial})
         async with running_engine(short_tmp / "b", url) as engine:
             status, stderr = await run_map(engine.socket, source, output, "--no-progress")
     assert status == 0, stderr
     final = read_output(output)
     assert_each_id_once(final, ids)
     assert all(record["error"] is None for record in final)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+async def test_the_job_rides_out_an_engine_restart_on_the_same_socket(short_tmp: Path, sig: int) -> None:
+    # `systemctl restart trio-mapper` mid-job (SIGTERM: a graceful stop), or a crash and Restart=on-failure
+    # (SIGKILL). Two upstream calls at a time and a window of 8: the engine holds queued requests when it stops.
+    ids = {f"r-{i}" for i in range(40)}
+    source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
+    output = short_tmp / "out.jsonl"
+    slow = ("--max_concurrent_reqs", "2")
+    async with simulator(latency_ms=100.0) as url, running_engine(short_tmp, url, *slow) as engine:
+        process = await start_map(engine.socket, source, output, short_tmp / "map.log", "--engine-wait", "60")
+        try:
+            with trio.fail_after(60):
+                await wait_until(lambda: process.returncode is not None or _line_count(output) >= 5)
+                assert process.returncode is None, "the job finished before the engine stopped"
+                await engine.stop(sig)
+                async with running_engine(short_tmp, url, *slow) as again:
+                    assert again.socket == engine.socket
+                    status = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    stderr = (short_tmp / "map.log").read_text()
+    assert "waiting up to 60 s (--engine-wait) for the engine to come back" in stderr, stderr
+    assert "the engine is back after" in stderr
+    final = read_output(output)
+    assert_each_id_once(final, ids)  # one line for every id: none lost, none twice
+    failed = [record for record in final if record["error"] is not None]
+    # Only what may have reached the upstream fails, and it says a re-run may mend it; what never reached it
+    # (the requests it refused while stopping, those not sent yet) was sent to the next engine.
+    assert {record["error"]["code"] for record in failed} <= {"connection_lost"}
+    assert status == (1 if failed else 0), stderr
+    if failed:
+        assert f"{len(failed)} failed line{'' if len(failed) == 1 else 's'} may succeed if run again" in stderr
+    else:
+        assert "0 failed" in stderr
+    assert f"{len(final) - len(failed)} succeeded, {len(failed)} failed" in stderr
+    if sig == signal.SIGTERM:
+        # The engine refused its queued requests `shutting_down` before any upstream attempt: held, sent again.
+        assert "the engine is shutting down; holding the input" in stderr
+        assert "that never reached it sent again" in stderr
+    else:
+        assert failed  # a crash with requests in flight: their answers are lost, and they may have run
 
 
 async def test_stdin_from_a_slow_producer_is_answered_as_it_comes_and_ctrl_c_works_while_it_is_idle(

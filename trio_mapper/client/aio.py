@@ -57,6 +57,7 @@ from trio_mapper.client.core import (
     StreamChunk,
     StreamState,
     check_priority,
+    coerce_request,
     default_client_name,
     logger,
     unwrap,
@@ -777,6 +778,9 @@ class _MapRun:
         self.finished = False
         #: What pulling or submitting the input raised; the consumer raises it.
         self.error: BaseException | None = None
+        #: Once the connection is lost: a failed result for each item that was pulled and not answered.
+        self.lost: list[MapResult] = []
+        self.lost_taken = False
 
     # -- the consumer (AsyncMapIterator) -----------------------------------------------------------------
 
@@ -833,6 +837,15 @@ class _MapRun:
         self.results.set()
 
     def fail(self) -> None:
+        """The connection ended: what is still in flight is lost, each saying whether it had been sent. Called
+        once for the run and once for each of its requests outstanding (the run is their context)."""
+        assert self.link is not None and self.window is not None  # only a started run is among the client's
+        if not self.lost_taken:
+            self.lost_taken = True
+            self.lost.extend(
+                MapResult(item, request, error=self.client._lost(self.link, request_id))
+                for request_id, (item, request) in self.window.in_flight.items()
+            )
         self.results.set()  # the consumer finds the connection closed
 
     # -- the feeder task ---------------------------------------------------------------------------------
@@ -859,6 +872,9 @@ class _MapRun:
                         return
                     if self.finished:
                         return
+                    if link.core.closed:  # lost while the input was pulled: this item never went out
+                        self.lost.append(self._never_sent(item))
+                        return
                     request_id, frame = window.add(item)
                     if frame:
                         self.client._enqueue(link, frame, request_id)
@@ -868,6 +884,13 @@ class _MapRun:
         finally:
             self.results.set()
             self.feeder_done.set()
+
+    def _never_sent(self, item: Any) -> MapResult:
+        assert self.link is not None
+        options = {name: value for name, value in self._options.items() if name != "window"}
+        error = self.link.core.connection_lost()
+        error.may_have_reached_upstream = False
+        return MapResult(item, coerce_request(item, **options), error=error)
 
 
 class AsyncMapIterator:
@@ -902,6 +925,17 @@ class AsyncMapIterator:
     async def aclose(self) -> None:
         """Stop iterating and cancel the requests still outstanding. Safe to call twice."""
         await self._run.aclose()
+
+    @property
+    def lost(self) -> list[MapResult]:
+        """After the map raised `ConnectionLost`: a result for each item taken from the input and not answered,
+        in the order they were taken; empty before.
+
+        Each ``error`` is a `ConnectionLost` whose ``may_have_reached_upstream`` says whether the request had
+        been sent (the engine may have run it) or not (it never reached the engine: resubmitting it cannot run
+        it twice). The items answered before the connection ended were yielded, as usual.
+        """
+        return list(self._run.lost)
 
     async def __aenter__(self) -> AsyncMapIterator:
         return self

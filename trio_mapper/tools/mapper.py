@@ -7,14 +7,20 @@ in the number of lines, except for the custom ids (see `trio_mapper.jsonl`).
 
 Resuming: `trio_mapper.jsonl.prepare_output` keeps the previous run's successful lines and drops its failed
 ones; this run skips the kept ids and appends one line for every other id. So a completed run's output has
-every id exactly once, and an interrupted one (Ctrl+C, SIGTERM, kill -9, a lost engine) has a subset the next
-run completes. See docs/map.md.
+every id exactly once, and an interrupted one (Ctrl+C, SIGTERM, kill -9, an engine gone for longer than
+``--engine-wait``) has a subset the next run completes. See docs/map.md.
+
+An engine restart: when the connection drops, the run waits (up to ``--engine-wait``) for an engine on the same
+socket and goes on where it was. What never reached the engine (not sent yet, or refused ``shutting_down``
+before any upstream attempt) is sent to the new one; what may have reached the upstream is never sent twice in
+one run: its line fails with ``connection_lost`` (or the engine's ``shutting_down``), which a re-run retries.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import math
 import os
 import signal
@@ -45,10 +51,12 @@ from trio_mapper.tools.jsonl import (
     prepare_output,
     success_record,
 )
+from trio_mapper.wire import ErrorKind
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
+    from trio_mapper.client import MapResult
     from trio_mapper.wire import Result
 
 DEFAULT_ENDPOINT: Final = "/v1/chat/completions"
@@ -76,6 +84,11 @@ CHECKPOINT_EVERY: Final = 1000
 #: bounded amount of input in memory.
 READ_CHUNK_BYTES: Final = 64 * 1024
 STDIN_FILENO: Final = 0
+#: Seconds ``--engine-wait`` waits by default for the engine to come back after the connection dropped: a
+#: ``systemctl restart`` (a graceful stop within its grace period, then a start) fits in it.
+DEFAULT_ENGINE_WAIT: Final = 120.0
+#: Seconds between attempts to connect again while the engine is away: each is one connect, cheap for both.
+ENGINE_RETRY_INTERVAL: Final = 0.5
 #: What to do about a failed line a re-run may mend (`may_succeed_later`), by error kind. A run retries every
 #: failed line of the output it resumes, so "run the same command again" is all these need, sometimes later.
 RERUN_ADVICE: Final[dict[str, str]] = {
@@ -89,6 +102,8 @@ RERUN_ADVICE: Final[dict[str, str]] = {
     "budget_exhausted": "the tenant's daily budget is spent: run the same command again once it refills, or ask "
     "the engine's operator to raise it",
     "upstream_error": "the upstream kept failing: run the same command again",
+    "connection_lost": "the engine went away while it was outstanding, so it may have run (and been paid for): "
+    "it is never sent twice in one run; run the same command again to retry it",
 }
 #: What to do about a failed line that fails again as it is, by error kind: something must change first.
 FIX_ADVICE: Final[dict[str, str]] = {
@@ -103,7 +118,13 @@ FIX_ADVICE: Final[dict[str, str]] = {
 
 
 def add_map_arguments(parser: argparse.ArgumentParser) -> None:
-    from trio_mapper.tools.args import add_socket_argument, client_name, positive_float, positive_int
+    from trio_mapper.tools.args import (
+        add_socket_argument,
+        client_name,
+        non_negative_float,
+        positive_float,
+        positive_int,
+    )
 
     parser.add_argument(
         "input", metavar="INPUT.jsonl", help="requests, one JSON object a line (Batch API or plain bodies); - for stdin"
@@ -138,6 +159,11 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
         "--client-name", type=client_name, metavar="NAME",
         help="the name the job gives the engine; a tenant with NAME in its names takes it "
         "(default: trio-mapper map[PID])",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engine-wait", type=non_negative_float, default=DEFAULT_ENGINE_WAIT, metavar="S",
+        help="seconds to wait for the engine to come back when the connection to it drops mid-run (a restart), "
+        f"then go on where the run was; 0 stops at once (exit 3) (default {DEFAULT_ENGINE_WAIT:g})",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress display, only the final summary")
 
@@ -267,6 +293,7 @@ class MapJob:
         progress: ProgressMode,
         priority: str | None = None,
         client_name: str | None = None,
+        engine_wait: float = DEFAULT_ENGINE_WAIT,
     ) -> None:
         self._lines = lines
         self._writer = writer
@@ -286,6 +313,17 @@ class MapJob:
         self._bar: Progress | None = None
         self._bar_task: TaskID | None = None
         self._baseline_429s: dict[str, int] | None = None
+        #: 429s counted on the engines before the last reconnection (a new engine's counters start at 0).
+        self._429s_before = 0
+        self._engine_wait = engine_wait
+        #: Requests handed to the client and not recorded yet, by custom id: what a lost connection may take.
+        self._outstanding: dict[str, InputRequest] = {}
+        #: Requests that never reached the upstream when the engine stopped: sent again, before new input.
+        self._resend: collections.deque[InputRequest] = collections.deque()
+        #: The engine refused a request because it is stopping: no new input until the next engine.
+        self._engine_stopping = False
+        #: Since when the run waits for the engine to come back (for the progress display), else None.
+        self._waiting_since: float | None = None
         #: Why the run stopped early, if it did: the signal that stopped it; what went wrong with the engine.
         self.interrupted_by: int | None = None
         self.engine_problem: str | None = None
@@ -312,35 +350,146 @@ class MapJob:
         try:
             async with AsyncClient(self._socket, client_name=self._client_name, priority=self._priority) as client:
                 async with trio.open_nursery() as helpers:
+                    # Rendezvous: the input is read about ``window`` lines ahead of the answers only.
+                    lines_in, lines_out = trio.open_memory_channel[InputRequest](0)
+                    helpers.start_soon(self._read_input, lines_in)
                     helpers.start_soon(self._poll_stats, client)
                     if self._progress_mode == "bar":
                         helpers.start_soon(self._show_bar)
                     elif self._progress_mode == "plain":
                         helpers.start_soon(self._print_progress_lines)
-                    await self._map(client)
+                    await self._map(client, lines_out)
                     helpers.cancel_scope.cancel()
                 if self.engine_problem is None:
                     await self._update_429s(client)  # the final figure for the summary
         except EngineUnavailable as exc:
             self.engine_problem = str(exc)
 
-    async def _map(self, client: AsyncClient) -> None:
+    async def _read_input(self, lines: trio.MemorySendChannel[InputRequest]) -> None:
+        """The input's requests into ``lines``, for as many maps as the run takes (one per connection).
+
+        A task of its own, not the map's input: a map ends with its connection, and cancelling a read of the
+        input there would lose the lines it had read (or, for stdin, the read itself). A cancelled receive from
+        the channel loses nothing.
+        """
+        async with lines:
+            async for line in self._requests():
+                await lines.send(line)
+
+    async def _map(self, client: AsyncClient, lines: trio.MemoryReceiveChannel[InputRequest]) -> None:
         """Send the input's requests with at most ``window`` in flight; record each answer as it arrives.
 
         `AsyncClient.map` pulls the input in a task of its own, so answers are written whatever the input
         does (a producer on stdin may pause for as long as it likes). Requests reach the engine in input
         order. Cancelling (a signal) withdraws the requests in flight from the engine.
+
+        When the connection drops, one map is over: `_wait_for_engine`, then another map on the new connection
+        goes on with the input, after the requests that never reached the upstream (`_settle_lost`).
         """
-        requests = (Request(line.endpoint, line.body, method=line.method, tag=line) async for line in self._requests())
+        while True:
+            results = client.map(
+                self._map_input(lines), window=self._window, deadline=self._deadline, max_attempts=self._max_attempts
+            )
+            try:
+                async with results:
+                    async for item in results:
+                        self._on_result(item)
+                if not self._resend:
+                    return
+                # The input ran out while the engine was stopping: the next map waits for it to close the
+                # connection (`_map_input` holds while it stops), then the next engine gets what it refused.
+            except TrioMapperError as exc:  # the connection (requests' failures are results), or connecting again
+                if self._engine_wait == 0:  # as before --engine-wait: stop, and the next run resumes
+                    self.engine_problem = str(exc)
+                    return
+                self._note(f"trio-mapper map: {exc}")
+                self._settle_lost(results.lost, exc)
+                if not await self._wait_for_engine(client, exc):
+                    return
+
+    async def _map_input(self, lines: trio.MemoryReceiveChannel[InputRequest]) -> AsyncGenerator[Request, None]:
+        """One map's input: the requests to send again first, then the input's; none while the engine stops."""
+        while True:
+            if self._engine_stopping:
+                # It answers what it has and closes the connection, which ends this map; the next engine gets
+                # the rest. Sending more would only collect a `shutting_down` refusal for each line.
+                await trio.sleep_forever()
+            if self._resend:
+                line = self._resend.popleft()
+            else:
+                try:
+                    line = await lines.receive()
+                except trio.EndOfChannel:
+                    return
+            self._outstanding[line.custom_id] = line
+            yield Request(line.endpoint, line.body, method=line.method, tag=line)
+
+    def _on_result(self, item: MapResult) -> None:
+        line: InputRequest = item.request.tag
+        del self._outstanding[line.custom_id]
+        error = item.error
+        if (
+            self._engine_wait > 0
+            and error is not None
+            and error.kind == ErrorKind.SHUTTING_DOWN
+            and error.attempts == 0  # refused, or dropped from its queue, before any upstream attempt
+        ):
+            self._resend.append(line)
+            if not self._engine_stopping:
+                self._engine_stopping = True
+                self._note(
+                    "trio-mapper map: the engine is shutting down; holding the input, the requests it did not start "
+                    "go to the next engine"
+                )
+            return
+        self._record(line, item.result, error)
+
+    def _settle_lost(self, lost: list[MapResult], cause: TrioMapperError) -> None:
+        """The requests the connection took with it: those that never left are sent again, the others fail."""
+        never_sent = {
+            item.request.tag.custom_id
+            for item in lost
+            if isinstance(item.error, ConnectionLost) and item.error.may_have_reached_upstream is False
+        }
+        # The client accounts for every item it took (`lost`); any other outstanding one is taken as sent.
+        for custom_id, line in list(self._outstanding.items()):
+            if custom_id in never_sent:
+                self._resend.append(line)
+            else:  # it may have run: never twice in one run
+                message = f"{cause.message}; it was outstanding, so the engine may have run it (and spent its tokens)"
+                self._record(line, None, ConnectionLost(message, may_have_reached_upstream=True))
+        self._outstanding.clear()
+
+    async def _wait_for_engine(self, client: AsyncClient, lost: TrioMapperError) -> bool:
+        """Connect again within ``--engine-wait``; False (with `engine_problem` set) if no engine came back."""
+        self._note(
+            f"trio-mapper map: waiting up to {self._engine_wait:g} s (--engine-wait) for the engine to come back"
+        )
+        started = trio.current_time()
+        self._waiting_since = started
+        last: TrioMapperError = lost
         try:
-            async with client.map(
-                requests, window=self._window, deadline=self._deadline, max_attempts=self._max_attempts
-            ) as results:
-                async for item in results:
-                    self._record(item.request.tag, item.result, item.error)
-        except ConnectionLost as exc:
-            if self.engine_problem is None:
-                self.engine_problem = str(exc)
+            with trio.move_on_after(self._engine_wait):
+                while True:
+                    try:
+                        await client.ping()  # connects again, through the socket's backlog under systemd
+                    except TrioMapperError as exc:  # EngineUnavailable, ConnectionLost, a refused handshake
+                        last = exc
+                        await trio.sleep(ENGINE_RETRY_INTERVAL)
+                        continue
+                    break
+                waited = trio.current_time() - started
+                again = f"; {_requests(len(self._resend))} that never reached it sent again" if self._resend else ""
+                self._note(f"trio-mapper map: the engine is back after {waited:.1f} s; going on{again}")
+                self._engine_stopping = False
+                self._429s_before = self.counters.upstream_429s
+                self._baseline_429s = None  # a new engine's counters start again
+                return True
+        finally:
+            self._waiting_since = None
+        gone = f"; last attempt: {last}" if last is not lost else ""
+        self.engine_problem = f"{lost}; no engine came back within {self._engine_wait:g} s (--engine-wait){gone}"
+        return False
 
     async def _requests(self) -> AsyncGenerator[InputRequest, None]:
         """The input's requests, read lazily: `_map` reads about ``window`` lines ahead of the answers only.
@@ -433,10 +582,8 @@ class MapJob:
     async def _poll_stats(self, client: AsyncClient) -> None:
         # Same connection as the requests: replies are multiplexed, so a stats reply never waits behind them.
         while True:
-            try:
+            with contextlib.suppress(TrioMapperError):  # the engine is away: the map deals with it
                 await self._update_429s(client)
-            except TrioMapperError:
-                return  # the connection is gone; the map reports it
             await trio.sleep(STATS_INTERVAL)
 
     async def _update_429s(self, client: AsyncClient) -> None:
@@ -448,7 +595,9 @@ class MapJob:
             if self._baseline_429s is None:
                 self._baseline_429s = counts
             baseline = self._baseline_429s
-            self.counters.upstream_429s = sum(max(0, n - baseline.get(name, 0)) for name, n in counts.items())
+            self.counters.upstream_429s = self._429s_before + sum(
+                max(0, n - baseline.get(name, 0)) for name, n in counts.items()
+            )
 
     # -- progress and messages -----------------------------------------------------------------------------
 
@@ -464,8 +613,8 @@ class MapJob:
         rpm, tpm, eta = self._rates(meter)
         failed = f"  [red]{self.counters.failed:,} failed[/]" if self.counters.failed else ""
         return (
-            f"{rpm:,.0f} req/min  {tpm:,.0f} tok/min  {self.counters.upstream_429s:,} 429s absorbed  "
-            f"ETA {_format_eta(eta)}{failed}"
+            f"{self._waiting_text()}{rpm:,.0f} req/min  {tpm:,.0f} tok/min  "
+            f"{self.counters.upstream_429s:,} 429s absorbed  ETA {_format_eta(eta)}{failed}"
         )
 
     async def _print_progress_lines(self) -> None:
@@ -476,7 +625,8 @@ class MapJob:
             rpm, tpm, eta = self._rates(meter)
             total = "?" if self.counters.total is None else f"{self.counters.total:,}"
             print(
-                f"trio-mapper map: {self.counters.processed:,}/{total} lines, {self.counters.failed:,} failed, "
+                f"trio-mapper map: {self._waiting_text()}{self.counters.processed:,}/{total} lines, "
+                f"{self.counters.failed:,} failed, "
                 f"{rpm:,.0f} req/min, {tpm:,.0f} tok/min, {self.counters.upstream_429s:,} 429s absorbed, "
                 f"ETA {_format_eta(eta)}",
                 file=sys.stderr,
@@ -519,6 +669,11 @@ class MapJob:
             rates=self._progress_text(meter),
             refresh=True,
         )
+
+    def _waiting_text(self) -> str:
+        if self._waiting_since is None:
+            return ""
+        return f"waiting for the engine ({trio.current_time() - self._waiting_since:.0f} s), "
 
     def _note(self, message: str) -> None:
         """A message on stderr, above the progress bar when there is one."""
@@ -589,6 +744,10 @@ def _summary(job: MapJob, scan: OutputScan, output: Path, elapsed: float) -> str
     return "\n".join(lines)
 
 
+def _requests(count: int) -> str:
+    return f"{count:,} request{'' if count == 1 else 's'}"
+
+
 def _lines(count: int) -> str:
     return f"{count:,} failed line{'' if count == 1 else 's'}"
 
@@ -647,6 +806,7 @@ def run_map(args: argparse.Namespace) -> int:
         progress=_progress_mode(args),
         priority=args.priority,
         client_name=args.client_name,
+        engine_wait=args.engine_wait,
     )
     try:
         trio.run(job.run)
