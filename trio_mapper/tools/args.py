@@ -38,8 +38,13 @@ def positive_float(text: str) -> float:
 
 
 def non_negative_float(text: str) -> float:
-    value = positive_float(text) if text.strip() not in {"0", "0.0"} else 0.0
-    return value
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value + 0.0  # -0.0 is 0
 
 
 def octal_mode(text: str) -> int:
