@@ -248,3 +248,81 @@ async def redis_server(directory: Path | None = None) -> AsyncIterator[RedisServ
             await server.stop()
         if owned and not os.environ.get("TM_KEEP_TMP"):  # set it to keep redis.log of a failing test
             shutil.rmtree(path, ignore_errors=True)
+
+
+class CuttableLink:
+    """A Unix-socket relay to a `RedisServer` that can be cut, for one client only: a network partition
+    between one engine and Redis while the others still reach it. Cut, it closes every relayed connection and
+    refuses new ones (each accepted and closed at once) until `mend`.
+
+        async with cuttable_link(redis) as link:
+            SharedBudgetSettings(url=link.url)
+            link.cut()
+    """
+
+    def __init__(self, server: RedisServer, socket: Path) -> None:
+        self.server = server
+        self.socket = socket
+        self.url = f"unix://{socket}"
+        self._relays: set[trio.CancelScope] = set()
+        self.is_cut = False
+
+    def cut(self) -> None:
+        self.is_cut = True
+        for relay in self._relays:
+            relay.cancel()
+
+    def mend(self) -> None:
+        self.is_cut = False
+
+    async def serve(self, listener: trio.SocketListener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                client = await listener.accept()
+                if self.is_cut:
+                    await trio.aclose_forcefully(client)
+                    continue
+                nursery.start_soon(self._relay, client)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            self._relays.add(scope)
+            try:
+                async with (
+                    client,
+                    await trio.open_unix_socket(str(self.server.socket)) as server,
+                    trio.open_nursery() as nursery,
+                ):
+                    nursery.start_soon(_pump, client, server, nursery.cancel_scope)
+                    nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+            except OSError:
+                pass  # either end went away: the client sees its connection closed
+            finally:
+                self._relays.discard(scope)
+
+
+async def _pump(source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    both.cancel()
+
+
+@asynccontextmanager
+async def cuttable_link(server: RedisServer) -> AsyncIterator[CuttableLink]:
+    socket = server.socket.with_name("link.sock")
+    link = CuttableLink(server, socket)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(socket))
+    sock.listen(64)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.serve, trio.SocketListener(sock))
+        try:
+            yield link
+        finally:
+            link.cut()
+            nursery.cancel_scope.cancel()
+    with contextlib.suppress(OSError):
+        socket.unlink()

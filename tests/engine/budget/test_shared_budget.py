@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from redis_fixtures import RedisServer, redis_server, redis_server_path
+from redis_fixtures import RedisServer, cuttable_link, redis_server, redis_server_path
 
 from trio_mapper.engine.budget import shared
 from trio_mapper.engine.budget.interface import Cost, LaneBudget, Limits, RequestTooLarge, Reservation
@@ -73,15 +73,18 @@ async def engines(
     *,
     policy: FailurePolicy = "wait",
     redis_timeout: float = 0.5,
+    urls: Sequence[str] = (),
 ) -> AsyncIterator[list[Engine]]:
     """``count`` engines on one key, each with its budget's tasks running and a lane for `MODEL`; ``limits``
-    are every engine's, or each engine's in turn."""
+    are every engine's, or each engine's in turn; ``urls`` the Redis URL of the first engines (a
+    `cuttable_link`'s), the others' is ``redis``'s."""
     settings = SharedBudgetSettings(url=redis.url, failure_policy=policy, timeout=redis_timeout)
     told = [limits] * count if isinstance(limits, Limits) else list(limits)
     async with trio.open_nursery() as nursery:
         made = []
         for index in range(count):
-            budget = SharedBudget(settings, key_id=KEY_ID, rng=random.Random(index))
+            url = urls[index] if index < len(urls) else redis.url
+            budget = SharedBudget(attrs.evolve(settings, url=url), key_id=KEY_ID, rng=random.Random(index))
             await nursery.start(budget.run)
             ledger = Ledger(told[index], PERIOD, meter_factory=budget)
             made.append(Engine(budget, ledger, ledger.lane(MODEL)))
@@ -131,6 +134,7 @@ async def script(engine: Engine, limits: Limits, op: str, *args: str | int | flo
         PERIOD,
         engine.budget.engine_id,
         shared.IDLE_EXPIRY,
+        engine.budget.reserved,
     ]
     if op in QUEUED_OPERATIONS:
         words = " ".join(str(arg) if arg != "" else "-" for arg in (op, *args))
@@ -660,6 +664,9 @@ def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     second instead of the production 5 s."""
     monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 0.1)
     monkeypatch.setattr(shared, "RECONNECT_INTERVAL", 0.1)
+    # Scaled alike: silent after a few missed heartbeats; a cut-off engine's share starts soon after.
+    monkeypatch.setattr(shared, "SILENT_AFTER", 0.3)
+    monkeypatch.setattr(shared, "LOCAL_SHARE_DELAY", 0.3)
 
 
 @pytest.mark.usefixtures("quick_reconnect")
@@ -770,6 +777,79 @@ async def test_local_share_divides_the_limits_by_the_engines_seen(redis: RedisSe
             # A cold local meter: one second of the share, then the share's refill; the full limits would
             # allow twice as much.
             assert share <= len(times) <= share + share * elapsed + 1, (index, len(times), elapsed)
+
+
+async def test_engines_in_touch_with_redis_keep_room_for_one_cut_off_under_local_share(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer's finding: with one of three engines cut off from Redis (a partition), it spent its third
+    locally while the other two spent the whole shared budget (1.47x the limits measured with two engines).
+    Now the others keep its share for it, and it waits until they have before spending it."""
+    monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(shared, "RECONNECT_INTERVAL", 0.1)
+    monkeypatch.setattr(shared, "SILENT_AFTER", 0.4)
+    monkeypatch.setattr(shared, "LOCAL_SHARE_DELAY", 0.7)  # SILENT_AFTER, a heartbeat and margin, as in production
+    limits = Limits(rpm=1200, tpm=6_000_000)  # 20 requests a second for the three together
+    async with (
+        cuttable_link(redis) as link,
+        engines(redis, 3, limits, policy="local-share", redis_timeout=0.3, urls=[link.url]) as group,
+    ):
+        cut_off, *in_touch = group
+        await wait_for_engines(group, 3)
+        for engine in group:
+            engine.lane.refund(await engine.lane.reserve(Cost(tokens=1)))
+        link.cut()
+        with trio.fail_after(5):
+            while any(engine.budget.silent_sharers != 1 for engine in in_touch):  # noqa: ASYNC110 - heartbeats
+                await trio.sleep(0.02)
+        assert all(engine.budget.reserved == pytest.approx(1 / 3) for engine in in_touch)
+        assert in_touch[0].budget.statistics()["kept_for_cut_off_engines"] == pytest.approx(1 / 3)
+
+        grants: list[list[float]] = [[] for _ in group]
+        start = trio.current_time()
+
+        async def reserver(index: int) -> None:
+            lane = group[index].lane
+            while True:
+                reservation = await lane.reserve(Cost(tokens=1))
+                grants[index].append(trio.current_time() - start)
+                lane.reconcile(reservation, prompt_tokens=None, snapshot=None)
+
+        with trio.move_on_after(4.0):
+            async with trio.open_nursery() as nursery:
+                for index in range(len(group)):
+                    for _ in range(4):
+                        nursery.start_soon(reserver, index)
+        assert cut_off.budget.statistics()["state"] == "unreachable: local share 1/3"
+        # After the bursts (one second of refill each, drained at once by the eager reservers): the rate.
+        steady = [sum(1 for at in times if at >= 1.5) for times in grants]
+        rate = sum(steady) / 2.5
+        assert rate <= limits.rpm / 60 * 1.12, (steady, rate)  # without the room kept: 20 + 6.7 a second
+        assert steady[0] >= 0.7 * (limits.rpm / 60 / 3) * 2.5, steady  # the cut-off engine spends its share
+
+        # Back in touch: its heartbeats count again, and the others use the whole limits again.
+        link.mend()
+        with trio.fail_after(5):
+            while any(engine.budget.reserved for engine in in_touch):  # noqa: ASYNC110 - heartbeats
+                await trio.sleep(0.02)
+        assert cut_off.budget.statistics()["state"] == "ok"
+
+
+async def test_an_engine_that_waits_without_redis_is_not_kept_room_for(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``wait`` a cut-off engine spends nothing: the others keep nothing for it."""
+    monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(shared, "RECONNECT_INTERVAL", 0.1)
+    monkeypatch.setattr(shared, "SILENT_AFTER", 0.4)
+    async with (
+        cuttable_link(redis) as link,
+        engines(redis, 2, Limits(rpm=1200, tpm=600_000), policy="wait", redis_timeout=0.3, urls=[link.url]) as group,
+    ):
+        await wait_for_engines(group, 2)
+        link.cut()
+        await trio.sleep(1.0)  # several heartbeats past SILENT_AFTER: real time, Redis's clock
+        assert group[1].budget.silent_sharers == 0 and group[1].budget.reserved == 0
 
 
 async def test_local_share_holds_requests_until_a_heartbeat_has_counted_the_engines(redis: RedisServer) -> None:

@@ -295,6 +295,9 @@ def test_a_shared_budget_shows_whether_redis_answers() -> None:
     samples = scrape(metrics)
     assert get(samples, "trio_mapper_budget_redis_up", failure_policy="wait") == 0
     assert get(samples, "trio_mapper_budget_redis_failures_total") == 2
+    assert get(samples, "trio_mapper_budget_kept_for_cut_off_engines") == 0
+    fake.engine["budget"] |= {"kept_for_cut_off_engines": 0.5}  # one of two local-share engines went silent
+    assert get(scrape(metrics), "trio_mapper_budget_kept_for_cut_off_engines") == 0.5
 
 
 def test_reloads_show_how_the_last_one_went() -> None:

@@ -16,7 +16,9 @@
 -- ARGV[4]  period: the largest burst, in seconds of refill
 -- ARGV[5]  this engine's id
 -- ARGV[6]  idle expiry of the state, seconds (refreshed by every call)
--- ARGV[7]  how many queued operations follow, ARGV[8...] those, then the operation's own arguments (below)
+-- ARGV[7]  the share of the limits kept for engines cut off from Redis that spend a local share (0 to 1: the
+--          sum of their shares, from the heartbeats, `SharedBudget.reserved`)
+-- ARGV[8]  how many queued operations follow, ARGV[9...] those, then the operation's own arguments (below)
 --
 -- Every reply starts with the lane as this step left it (see `view`), then the operation's answer.
 
@@ -26,6 +28,10 @@ local configured = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
 local period = tonumber(ARGV[4])
 local engine = ARGV[5]
 local idle_expiry = tonumber(ARGV[6])
+-- What the engines in touch with Redis may spend of the limits: the rest is kept for engines that lost Redis
+-- and spend their share locally (`--budget-failure local-share`), or the key would be overspent by it. Only
+-- the bucket (its refill and its burst) is scaled; what is learned about the key (limits, pace) is not.
+local share = math.max(0.01, 1 - (tonumber(ARGV[7]) or 0))
 
 -- The constants of the local meter's learning (trio_mapper/engine/budget/local.py explains each).
 local INITIAL_BURST_SECONDS = 1.0
@@ -122,15 +128,19 @@ end
 local function capacity(dim)
     local p = pace(dim)
     local full = p * period / 60
-    return math.min(full, math.max(st[dim].learned, p / 60 * INITIAL_BURST_SECONDS))
+    return math.min(full, math.max(st[dim].learned, p / 60 * INITIAL_BURST_SECONDS)) * share
+end
+-- The refill per second of what the engines in touch with Redis may spend.
+local function refill(dim)
+    return pace(dim) * share / 60
 end
 -- Refill up to now; a dimension drained by a pause has its clock in the future and stays empty until then.
 for _, dim in ipairs({'r', 't'}) do
     local d = st[dim]
     local cap = capacity(dim)
-    if d.level == nil then d.level = pace(dim) / 60 * INITIAL_BURST_SECONDS end
+    if d.level == nil then d.level = refill(dim) * INITIAL_BURST_SECONDS end
     if now > d.ts then
-        d.level = math.min(cap, d.level + (now - d.ts) * pace(dim) / 60)
+        d.level = math.min(cap, d.level + (now - d.ts) * refill(dim))
         d.ts = now
     end
     if d.level > cap then d.level = cap end
@@ -369,7 +379,7 @@ local function charge(a)
             -- A cost bigger than the whole burst is charged, into debt, once the bucket is full.
             local target = math.min(need, capacity(dim))
             if d.level < target - EPS then
-                wait = math.max(wait, (target - d.level) / (pace(dim) / 60))
+                wait = math.max(wait, (target - d.level) / refill(dim))
             end
         end
         if wait > 0 then
@@ -402,21 +412,21 @@ end
 
 local QUEUED = {refund = refund, settle = settle, pause = pause, withdraw = withdraw}
 
--- ARGV[7]: how many queued operations follow (refunds, settlements and pauses this engine made since its
+-- ARGV[8]: how many queued operations follow (refunds, settlements and pauses this engine made since its
 -- last call on the lane), applied first, in order; then the main operation's arguments.
 -- Each answers 'done', or 'settled' when its reservation was settled (or expired) already.
-local queued = tonumber(ARGV[7])
+local queued = tonumber(ARGV[8])
 local outcomes = {}
 for i = 1, queued do
     local words = {}
-    for word in string.gmatch(ARGV[7 + i], '%S+') do table.insert(words, word) end
+    for word in string.gmatch(ARGV[8 + i], '%S+') do table.insert(words, word) end
     local name = table.remove(words, 1)
     local apply = QUEUED[name]
     if apply == nil then return redis.error_reply('unknown queued operation ' .. tostring(name)) end
     table.insert(outcomes, apply(words))
 end
 local rest = {}
-for i = 8 + queued, #ARGV do table.insert(rest, ARGV[i]) end
+for i = 9 + queued, #ARGV do table.insert(rest, ARGV[i]) end
 
 if op == 'charge' then
     return reply(unpack(charge(rest)))

@@ -349,6 +349,12 @@ def _engine_families(engine: Mapping[str, Any]) -> Iterator[Metric]:
         engines = GaugeMetricFamily(_name("budget_engines"), "Engines sharing the key's budget, by heartbeats.")
         engines.add_metric([], budget.get("engines", 0))
         yield engines
+        kept = GaugeMetricFamily(
+            _name("budget_kept_for_cut_off_engines"),
+            "Share of the limits (0 to 1) this engine leaves to local-share engines that lost Redis.",
+        )
+        kept.add_metric([], budget.get("kept_for_cut_off_engines", 0.0))
+        yield kept
         for suffix, text, key in (
             ("budget_redis_calls_total", "Lane script runs in Redis.", "calls"),
             ("budget_redis_failures_total", "Redis calls that failed or took longer than the timeout.", "failures"),
