@@ -20,9 +20,14 @@ Three scenarios, each with its contenders side by side in one run (the machine i
 - **C, Redis killed mid-job**: scenario A's shared run, redis-server SIGKILLed once a third of the results are
   written, started again (same socket, empty) ``--down`` seconds later; the engines' ``budget.state`` is
   polled meanwhile. Default failure policy ``wait``.
+- **D, one engine cut off from Redis** (a partition), ``--budget-failure local-share``: scenario A's shared run
+  with engine 0 reaching Redis through a relay (the tests' `cuttable_link`) that is cut once a tenth of the
+  results are written, for the rest of the job, while the other engines keep Redis. The cut-off engine spends
+  its share locally; whatever the engines spend together beyond the key's limits comes back as 429s.
+  Run it with ``PYTHONPATH`` at an older tree to compare (the engines run the code the bench imports).
 
-    python bench/shared_budget.py                  # all three, about 3 minutes
-    python bench/shared_budget.py --quick          # a short trial of all three, about 1 minute
+    python bench/shared_budget.py                  # all four, about 4 minutes
+    python bench/shared_budget.py --quick          # a short trial of all four, about 1 minute
     python bench/shared_budget.py --only A --requests 300
 """
 
@@ -47,7 +52,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import chat_body, engine_process, pct, simulator_process, simulator_stats
-from redis_fixtures import RedisServer  # the tests' redis-server on a Unix socket; SIGKILL and restart
+from redis_fixtures import RedisServer, cuttable_link  # the tests' redis-server; SIGKILL, restart, partition
 
 from trio_mapper import AsyncClient
 from trio_mapper.engine.budget.interface import Cost, Limits
@@ -176,14 +181,19 @@ async def run_jobs(
     engine_flags: list[str],
     work: Path,
     during: Callable[[list[Path], list[Path], trio.Event], Awaitable[dict[str, Any]]] | None = None,
+    flags_of: Callable[[int], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """``args.engines`` engines on one key, each fed by its own ``map`` job, all started at once."""
+    """``args.engines`` engines on one key, each fed by its own ``map`` job, all started at once; ``flags_of``
+    gives engine n's flags after ``engine_flags``."""
     inputs = write_inputs(work, args.engines, args.requests)
     outputs = [work / f"out{n}.jsonl" for n in range(args.engines)]
     jobs: list[dict[str, Any]] = [{} for _ in range(args.engines)]
     extra: dict[str, Any] = {}
     async with AsyncExitStack() as stack:
-        sockets = [await stack.enter_async_context(engine_process(url, *engine_flags)) for _ in range(args.engines)]
+        sockets = [
+            await stack.enter_async_context(engine_process(url, *engine_flags, *(flags_of(n) if flags_of else [])))
+            for n in range(args.engines)
+        ]
         before = await simulator_stats(url)
         done = trio.Event()
 
@@ -356,6 +366,53 @@ async def scenario_c(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         outcome = await run_jobs(args, url, [*key_engine_flags(args), "--budget", redis.url], work, outage)
     shutil.rmtree(work, ignore_errors=True)
     return job_row("shared, killed", args, outcome), outcome
+
+
+# --- D: one engine cut off from Redis, local-share ------------------------------------------------------
+
+
+async def scenario_d(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    print("  D local-share, one engine cut off from Redis …", file=sys.stderr, flush=True)
+    work = Path(tempfile.mkdtemp(prefix="tmb-d-", dir="/tmp"))
+    total = args.engines * args.requests
+    async with simulator_process(*simulator_flags(args)) as url, Redis() as redis, cuttable_link(redis) as link:
+
+        async def partition(sockets: list[Path], outputs: list[Path], done: trio.Event) -> dict[str, Any]:
+            started = time.perf_counter()
+            timeline: list[tuple[float, str]] = []
+            async with AsyncExitStack() as stack:
+                clients = [
+                    await stack.enter_async_context(AsyncClient(socket, client_name="bench watch"))
+                    for socket in sockets
+                ]
+                while sum(count_lines(output) for output in outputs) < total * args.cut_at:
+                    if done.is_set():
+                        return {"note": "the jobs ended before the cut"}
+                    await trio.sleep(0.05)
+                link.cut()
+                cut = time.perf_counter()
+                written = sum(count_lines(output) for output in outputs)
+                timeline.append((cut - started, f"engine 0 cut off from Redis ({written}/{total} results written)"))
+                seen: dict[str, float] = {}
+                while not done.is_set():
+                    budgets = [(await client.stats())["engine"].get("budget", {}) for client in clients]
+                    kept = budgets[1].get("kept_for_cut_off_engines", 0.0)
+                    for what, now_true in (
+                        ("engine 0: " + str(budgets[0].get("state")), True),
+                        (f"engine 1 keeps {100 * kept:.0f}% of the limits for the cut-off engine", kept > 0),
+                    ):
+                        if now_true and what not in seen:
+                            seen[what] = time.perf_counter() - started
+                            timeline.append((seen[what], what))
+                    await trio.sleep(0.25)
+            return {"timeline": timeline, "cut_s": cut - started}
+
+        def flags_of(n: int) -> list[str]:
+            return ["--budget", link.url if n == 0 else redis.url, "--budget-failure", "local-share"]
+
+        outcome = await run_jobs(args, url, key_engine_flags(args), work, partition, flags_of)
+    shutil.rmtree(work, ignore_errors=True)
+    return job_row("shared, cut", args, outcome), outcome
 
 
 # --- B: what an admission costs --------------------------------------------------------------------------
@@ -542,12 +599,15 @@ async def main(args: argparse.Namespace) -> None:
     a_rows: list[dict[str, Any]] = []
     b: dict[str, Any] | None = None
     c: tuple[dict[str, Any], dict[str, Any]] | None = None
+    d: tuple[dict[str, Any], dict[str, Any]] | None = None
     if "A" in args.only:
         a_rows = await scenario_a(args)
     if "B" in args.only:
         b = await scenario_b(args)
     if "C" in args.only:
         c = await scenario_c(args)
+    if "D" in args.only:
+        d = await scenario_d(args)
 
     print(f"{args.engines} engines on one key, each fed by its own `trio-mapper map` of {args.requests} requests; "
           f"key limits {args.rpm} RPM / {args.tpm} TPM, simulator bucket {args.quantum:g} s")  # fmt: skip
@@ -583,11 +643,26 @@ async def main(args: argparse.Namespace) -> None:
             budget = engine["engine"].get("budget", {})
             print(f"  engine {n} at the end: state {budget.get('state')}, {budget.get('calls')} Redis calls, "
                   f"{budget.get('failures')} failures")  # fmt: skip
+    if d is not None:
+        print()
+        row, outcome = d
+        print_job_table(
+            f"D. engine 0 of {args.engines} cut off from Redis at {100 * args.cut_at:.0f} % of the results, for the "
+            "rest of the job; --budget-failure local-share",
+            [row],
+        )
+        for at, what in outcome.get("timeline", []):
+            print(f"  {at:6.1f} s  {what}")
+        if "note" in outcome:
+            print(f"  {outcome['note']}")
+        for n, engine in enumerate(outcome["engines"]):
+            budget = engine["engine"].get("budget", {})
+            print(f"  engine {n} at the end: state {budget.get('state')}, {budget.get('calls')} Redis calls")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=("A", "B", "C"), default=["A", "B", "C"])
+    parser.add_argument("--only", nargs="+", choices=("A", "B", "C", "D"), default=["A", "B", "C", "D"])
     parser.add_argument("--quick", action="store_true", help="a short trial: small jobs and few samples")
     parser.add_argument("--engines", type=int, default=3)
     parser.add_argument("--requests", type=int, help="requests per engine's job (default 200; --quick 60)")
@@ -597,6 +672,7 @@ if __name__ == "__main__":
     parser.add_argument("--engine-concurrency", type=int, default=64, help="--max_concurrent_reqs of A/C engines")
     parser.add_argument("--kill-at", type=float, default=1 / 3, help="C: share of results written at the kill")
     parser.add_argument("--down", type=float, default=3.0, help="C: seconds Redis stays down")
+    parser.add_argument("--cut-at", type=float, default=0.1, help="D: share of results written at the cut")
     parser.add_argument("--sequential", type=int, help="B: sequential requests per budget (default 300)")
     parser.add_argument("--parallel", type=int, help="B: requests per budget for throughput (default 4000)")
     parser.add_argument("--concurrency", type=int, default=64, help="B: throughput window")
