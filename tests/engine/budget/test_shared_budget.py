@@ -661,7 +661,7 @@ async def test_the_api_key_never_reaches_redis_and_a_lane_keeps_to_one_slot(redi
 @pytest.fixture
 def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     """Heartbeats often enough that a test sees Redis come back (and the engines counted) in a fraction of a
-    second instead of the production 5 s."""
+    second instead of the production 2 s."""
     monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 0.1)
     monkeypatch.setattr(shared, "RECONNECT_INTERVAL", 0.1)
     # Scaled alike: silent after a few missed heartbeats; a cut-off engine's share starts soon after.
@@ -715,7 +715,7 @@ async def test_wait_policy_holds_requests_until_redis_returns_and_a_restarted_re
 async def test_wait_policy_notices_redis_back_within_the_reconnect_interval(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 3.0)  # 5 s in production: shorter, same shape
+    monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 3.0)  # far longer than the reconnect interval: not what notices
     monkeypatch.setattr(shared, "RECONNECT_INTERVAL", 0.2)
     async with engines(redis, 1, Limits(rpm=600, tpm=60_000), redis_timeout=0.3) as (engine,):
         engine.lane.refund(await engine.lane.reserve(Cost(tokens=10)))

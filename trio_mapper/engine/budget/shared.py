@@ -56,8 +56,9 @@ FAILURE_POLICIES: Final[tuple[FailurePolicy, ...]] = ("wait", "local-share")
 RESERVATION_TTL: Final = 900.0
 #: A lane's state lives on this long after its last use; then the lane starts again from a cold start.
 IDLE_EXPIRY: Final = 3600
-#: Heartbeats: how often an engine says it is alive, and how long one counts.
-HEARTBEAT_INTERVAL: Final = 5.0
+#: Heartbeats: how often an engine says it is alive, and how long one counts. Often, because an engine cut off
+#: from Redis waits for the others to notice (`LOCAL_SHARE_DELAY`); a heartbeat is one small script.
+HEARTBEAT_INTERVAL: Final = 2.0
 HEARTBEAT_SPAN: Final = 30.0
 #: An engine whose last heartbeat is this old has lost Redis (they come every `HEARTBEAT_INTERVAL`).
 SILENT_AFTER: Final = 2 * HEARTBEAT_INTERVAL + 2.0
@@ -440,7 +441,7 @@ class SharedBudget:
         started = trio.current_time()
         while True:
             if self.available:
-                # Engines started together count each other within a second, not at the next 5 s beat (the
+                # Engines started together count each other within a second, not at the next 2 s beat (the
                 # local share divides by that count). Cut short when a call finds Redis gone, so that its
                 # return is noticed within RECONNECT_INTERVAL.
                 young = trio.current_time() - started < 2 * HEARTBEAT_INTERVAL

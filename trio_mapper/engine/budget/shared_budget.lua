@@ -47,7 +47,7 @@ local AIMD_FLOOR = 0.01
 local CLAIM_GRACE = 2.0
 -- The longest pause honoured, as the engines' retry policy honours (retry.py, MAX_HONOURED_WAIT).
 local MAX_PAUSE = 120.0
--- How long an engine's configured limits count after its last call (its heartbeats come every 5 s; a lane it
+-- How long an engine's configured limits count after its last call (its heartbeats come every 2 s; a lane it
 -- stopped using, or an engine gone, stops lowering the others' limits after this).
 local CONFIG_SPAN = 60.0
 local EPS = 1e-6
