@@ -13,7 +13,8 @@ import subprocess
 import sys
 import termios
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -363,15 +364,25 @@ async def test_kill_9_mid_job_and_a_torn_last_line_are_resumed(short_tmp: Path) 
     assert all(record["error"] is None for record in final)
 
 
-async def start_map(socket: Path, source: Path, output: Path, log_path: Path, *extra: str) -> trio.Process:
-    """``trio-mapper map`` as a subprocess (window 8, no progress), its stderr into ``log_path``."""
+@asynccontextmanager
+async def started_map(
+    socket: Path, source: Path, output: Path, log_path: Path, *extra: str
+) -> AsyncIterator[trio.Process]:
+    """``trio-mapper map`` as a subprocess (window 8, no progress), its stderr into ``log_path``; killed on the
+    way out if it is still running (a failed test)."""
     with log_path.open("wb") as log:
-        return await trio.lowlevel.open_process(
+        process = await trio.lowlevel.open_process(
             map_command(socket, source, output, "--window", "8", "--no-progress", *extra),
             stderr=log,
             env=map_env(),
             cwd=ROOT,
         )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @pytest.mark.parametrize("engine_wait", ["0", "0.5"])
@@ -386,16 +397,11 @@ async def test_an_engine_that_dies_mid_job_exits_3_and_the_next_engine_finishes_
     async with simulator(latency_ms=100.0) as url:
         async with running_engine(short_tmp / "a", url) as engine:
             wait = ("--engine-wait", engine_wait)
-            process = await start_map(engine.socket, source, output, short_tmp / "map.log", *wait)
-            try:
+            async with started_map(engine.socket, source, output, short_tmp / "map.log", *wait) as process:
                 with trio.fail_after(60):
                     await wait_until(lambda: _line_count(output) >= 10)
                     engine.process.kill()  # and no engine comes back on the socket
                     status = await process.wait()
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
         stderr = (short_tmp / "map.log").read_text()
         assert status == 3, stderr
         assert "[connection_lost]" in stderr  # why it stopped: the engine's connection, however it ended
@@ -426,20 +432,18 @@ async def test_the_job_rides_out_an_engine_restart_on_the_same_socket(short_tmp:
     source = write_jsonl(short_tmp / "in.jsonl", [batch_line(cid, chat_body(cid)) for cid in sorted(ids)])
     output = short_tmp / "out.jsonl"
     slow = ("--max_concurrent_reqs", "2")
-    async with simulator(latency_ms=100.0) as url, running_engine(short_tmp, url, *slow) as engine:
-        process = await start_map(engine.socket, source, output, short_tmp / "map.log", "--engine-wait", "60")
-        try:
-            with trio.fail_after(60):
-                await wait_until(lambda: process.returncode is not None or _line_count(output) >= 5)
-                assert process.returncode is None, "the job finished before the engine stopped"
-                await engine.stop(sig)
-                async with running_engine(short_tmp, url, *slow) as again:
-                    assert again.socket == engine.socket
-                    status = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    async with (
+        simulator(latency_ms=100.0) as url,
+        running_engine(short_tmp, url, *slow) as engine,
+        started_map(engine.socket, source, output, short_tmp / "map.log", "--engine-wait", "60") as process,
+    ):
+        with trio.fail_after(60):
+            await wait_until(lambda: process.returncode is not None or _line_count(output) >= 5)
+            assert process.returncode is None, "the job finished before the engine stopped"
+            await engine.stop(sig)
+            async with running_engine(short_tmp, url, *slow) as again:
+                assert again.socket == engine.socket
+                status = await process.wait()
     stderr = (short_tmp / "map.log").read_text()
     assert "waiting up to 60 s (--engine-wait) for the engine to come back" in stderr, stderr
     assert "the engine is back after" in stderr

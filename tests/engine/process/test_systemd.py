@@ -994,15 +994,15 @@ def units_for_verification(directory: Path) -> list[Path]:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (apt: systemd)")
 def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *map(str, units_for_verification(tmp_path))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = systemd_analyze_verify(units_for_verification(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def systemd_analyze_verify(units: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True, timeout=120
+    )
 
 
 def documented_reload_check() -> str:
@@ -1032,20 +1032,12 @@ def test_systemd_analyze_verify_accepts_the_reload_check_drop_in(tmp_path: Path)
     (tmp_path / "trio-mapper.service.d").mkdir()
     drop_in = documented_reload_check().replace("/opt/trio-mapper/bin/trio-mapper", str(binary))
     (tmp_path / "trio-mapper.service.d" / "check-config.conf").write_text(drop_in)
-    result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *map(str, units)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = systemd_analyze_verify(units)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
     # verify reads the drop-in: one naming a command that does not exist is refused.
     (tmp_path / "trio-mapper.service.d" / "check-config.conf").write_text(drop_in.replace(str(binary), "/nonexistent"))
-    broken = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True, timeout=120
-    )
+    broken = systemd_analyze_verify(units)
     assert broken.returncode != 0 and "/nonexistent" in broken.stderr
 
 
