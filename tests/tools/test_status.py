@@ -139,6 +139,10 @@ def test_the_shared_budget_state_is_shown(monkeypatch: pytest.MonkeyPatch, capsy
     render({"engine": {"budget": budget}, "lanes": {}})
     plain = SGR.sub("", capsys.readouterr().out)
     assert "budget shared through Redis: unreachable: holding requests  engines on the key 3" in plain
+    assert "cut off" not in plain
+    render({"engine": {"budget": budget | {"state": "ok", "kept_for_cut_off_engines": 1 / 3}}, "lanes": {}})
+    plain = SGR.sub("", capsys.readouterr().out)
+    assert "keeping 33% of the limits for engines cut off from Redis" in plain
     render({"engine": {"budget": {"backend": "local"}}, "lanes": {}})
     assert "Redis" not in capsys.readouterr().out
 

@@ -113,6 +113,9 @@ def render(stats: dict[str, Any]) -> None:
             f"  engines on the key {_number(budget.get('engines'))}  failure policy "
             f"{_text(budget.get('failure_policy', '?'))}",
         )
+        kept = budget.get("kept_for_cut_off_engines")
+        if isinstance(kept, (int, float)) and kept > 0:
+            line.append(f"  keeping {100 * min(1.0, kept):.0f}% of the limits for engines cut off from Redis", "yellow")
         console.print(line)
     reload_line = _reload_line(engine.get("reloads"))
     if reload_line is not None:
