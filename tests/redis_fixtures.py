@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -266,6 +266,8 @@ class CuttableLink:
         self.url = f"unix://{socket}"
         self._relays: set[trio.CancelScope] = set()
         self.is_cut = False
+        #: Redis's answers are dropped (`deafen`): what the client sends still reaches Redis and runs.
+        self.is_deaf = False
 
     def cut(self) -> None:
         self.is_cut = True
@@ -274,6 +276,12 @@ class CuttableLink:
 
     def mend(self) -> None:
         self.is_cut = False
+        self.is_deaf = False
+
+    def deafen(self) -> None:
+        """A one-way fault (an asymmetric route, a half-dead link): the client's commands reach Redis and
+        run, on the connections it has, and every answer is lost. The client sees each call time out."""
+        self.is_deaf = True
 
     async def serve(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
@@ -294,17 +302,23 @@ class CuttableLink:
                     trio.open_nursery() as nursery,
                 ):
                     nursery.start_soon(_pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+                    nursery.start_soon(_pump, server, client, nursery.cancel_scope, lambda: self.is_deaf)
             except OSError:
                 pass  # either end went away: the client sees its connection closed
             finally:
                 self._relays.discard(scope)
 
 
-async def _pump(source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:
+async def _pump(
+    source: trio.SocketStream,
+    sink: trio.SocketStream,
+    both: trio.CancelScope,
+    dropping: Callable[[], bool] = lambda: False,
+) -> None:
     try:
         while data := await source.receive_some(65536):
-            await sink.send_all(data)
+            if not dropping():
+                await sink.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     both.cancel()

@@ -835,6 +835,48 @@ async def test_engines_in_touch_with_redis_keep_room_for_one_cut_off_under_local
         assert cut_off.budget.statistics()["state"] == "ok"
 
 
+async def test_an_engine_whose_answers_are_lost_is_kept_room_for_while_it_spends_its_share(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer's finding: an engine whose commands still reached Redis but whose answers were lost (a
+    one-way fault; coredis keeps the connection after a timed-out command) went on being counted alive by its
+    heartbeats, which ran, so the others kept no room for it, while it spent its share locally, having had no
+    answer: (1 + 1/N)x the limits for as long as the fault lasted. A heartbeat now counts from the last one
+    whose answer reached its engine, which is what the engine itself goes by."""
+    monkeypatch.setattr(shared, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(shared, "RECONNECT_INTERVAL", 0.1)
+    monkeypatch.setattr(shared, "SILENT_AFTER", 0.4)
+    monkeypatch.setattr(shared, "LOCAL_SHARE_DELAY", 0.7)
+    async with (
+        cuttable_link(redis) as link,
+        engines(
+            redis, 2, Limits(rpm=1200, tpm=600_000), policy="local-share", redis_timeout=0.3, urls=[link.url]
+        ) as group,
+    ):
+        deaf, in_touch = group
+        await wait_for_engines(group, 2)
+        for engine in group:
+            engine.lane.refund(await engine.lane.reserve(Cost(tokens=1)))
+        engines_key = deaf.budget._engines_keys[0]
+        link.deafen()
+        deafened_at = float(await redis.command("ZSCORE", engines_key, deaf.budget.engine_id))
+        with trio.fail_after(5):
+            while deaf.budget.available:  # noqa: ASYNC110 - the budget sets no event for this
+                await trio.sleep(0.02)
+        await trio.sleep(2.0)  # far past LOCAL_SHARE_DELAY: many heartbeats of both
+        # Its heartbeats do reach Redis and run: it is still counted among the engines.
+        assert float(await redis.command("ZSCORE", engines_key, deaf.budget.engine_id)) > deafened_at + 1.0
+        assert deaf.budget.statistics()["state"] == "unreachable: local share 1/2"
+        assert in_touch.budget.silent_sharers == 1
+        assert in_touch.budget.reserved == pytest.approx(1 / 2)
+        # Mended as such a fault ends, in a reset of the connections (the dropped answers are gone for good).
+        link.cut()
+        link.mend()
+        with trio.fail_after(5):
+            while in_touch.budget.reserved or not deaf.budget.available:  # noqa: ASYNC110 - heartbeats
+                await trio.sleep(0.02)
+
+
 async def test_an_engine_that_waits_without_redis_is_not_kept_room_for(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

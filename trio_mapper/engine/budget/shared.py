@@ -81,10 +81,18 @@ WAIT_JITTER: Final = 0.1
 MAX_JITTER: Final = 0.05
 
 #: KEYS: the engines (sorted set: id -> Redis time of its last heartbeat), those of them that would spend a
-#: local share without Redis (the same, for ``local-share`` engines only), and the share each would spend
-#: (hash: id -> the engines it counted). ARGV: this engine's id, `HEARTBEAT_SPAN`, 1 if it is a
-#: ``local-share`` engine, `SILENT_AFTER`, `SHARE_KEPT_FOR`. Answers the engines counted, the sum of the
-#: shares of the silent ``local-share`` engines (what the others keep for them), and how many those are.
+#: local share without Redis (for ``local-share`` engines only: id -> Redis time of its last heartbeat whose
+#: answer reached it), and the share each would spend (hash: id -> the engines it counted). ARGV: this
+#: engine's id, `HEARTBEAT_SPAN`, 1 if it is a ``local-share`` engine, `SILENT_AFTER`, `SHARE_KEPT_FOR`, and
+#: the Redis time its last answered heartbeat answered ('' before any). Answers the engines counted, the sum
+#: of the shares of the silent ``local-share`` engines (what the others keep for them), how many those are,
+#: and Redis's time (the next heartbeat's acknowledgement).
+#:
+#: A sharer is timed by the answers it received, not by the heartbeats Redis ran: an engine whose commands
+#: still arrive but whose answers are lost (a one-way fault; the client keeps a connection whose command
+#: timed out) takes itself for cut off, and spends its share after `LOCAL_SHARE_DELAY`. Timed by the
+#: heartbeats that ran, it looked alive to the others for ever, and they kept no room for it (1.5x the
+#: limits with two engines, for as long as the fault lasted).
 _HEARTBEAT: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -94,7 +102,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
 redis.call('EXPIRE', KEYS[1], math.ceil(span * 4))
 local count = redis.call('ZCARD', KEYS[1])
 if ARGV[3] == '1' then
-    redis.call('ZADD', KEYS[2], now, ARGV[1])
+    local acked, seen = tonumber(ARGV[6]), tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
+    if acked == nil then
+        -- Its first heartbeat (none answered yet): counted from now, as the engine itself goes by its answer.
+        if seen == nil then redis.call('ZADD', KEYS[2], now, ARGV[1]) end
+    elseif seen == nil or acked > seen then
+        redis.call('ZADD', KEYS[2], math.min(acked, now), ARGV[1])
+    end
     redis.call('HSET', KEYS[3], ARGV[1], count)
 else
     redis.call('ZREM', KEYS[2], ARGV[1])
@@ -111,7 +125,7 @@ for _, id in ipairs(silent) do
 end
 redis.call('EXPIRE', KEYS[2], math.ceil(kept_for * 2))
 redis.call('EXPIRE', KEYS[3], math.ceil(kept_for * 2))
-return {count, string.format('%.17g', reserved), #silent}
+return {count, string.format('%.17g', reserved), #silent, string.format('%.17g', now)}
 """
 _LEAVE: Final = """
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -266,6 +280,9 @@ class SharedBudget:
         #: measured 1.47x the limits with one of two engines cut off, before).
         self.reserved = 0.0
         self.silent_sharers = 0
+        #: Redis's time in the answer to this engine's last answered heartbeat: the next one tells Redis that
+        #: this one reached it ('' before any).
+        self._acknowledged = ""
         self.calls = 0
         self.failures = 0
         #: The lanes' meters, held weakly: a lane the ledger drops (`Ledger.forget`, as clients name ever new
@@ -412,14 +429,17 @@ class SharedBudget:
             return
         sent_at = trio.current_time()
         sharing = "1" if self.settings.failure_policy == "local-share" else "0"
-        args = [self.engine_id, str(HEARTBEAT_SPAN), sharing, str(SILENT_AFTER), str(SHARE_KEPT_FOR)]
+        args = [
+            self.engine_id, str(HEARTBEAT_SPAN), sharing, str(SILENT_AFTER), str(SHARE_KEPT_FOR), self._acknowledged
+        ]  # fmt: skip
         try:
-            count, reserved, silent = await self._run(self._heartbeat_script, self._engines_keys, args)
+            count, reserved, silent, redis_now = await self._run(self._heartbeat_script, self._engines_keys, args)
         except BudgetUnavailable:
             return
         self.engines = max(1, int(count))
         self.counted = True
         self._counted_at = sent_at
+        self._acknowledged = redis_now.decode() if isinstance(redis_now, bytes) else str(redis_now)
         self._note_silent_sharers(float(reserved), int(silent))
         self._came_back()
 
