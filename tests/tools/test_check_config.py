@@ -116,6 +116,15 @@ def test_secrets_placed_in_the_config_or_the_environment_are_never_shown(short_t
     assert in_namespace.returncode == 2
     assert "server.budget_namespace: " in in_namespace.stderr and "[REDACTED]" in in_namespace.stderr
     assert_no_secret(in_namespace)
+    # The password itself given as its file's path (TRIO_MAPPER_BUDGET_PASSWORD_FILE=the password): the file is
+    # not there, and the message that says so must not quote the path.
+    config.write_text('[server]\nrpm = 1\ntpm = 1\nmax_concurrent_reqs = 1\nbudget = "redis://h/0"\n')
+    env = engine_env(TRIO_MAPPER_BUDGET_PASSWORD_FILE=FILE_PASSWORD)
+    for command in (CHECK, LAUNCH):
+        as_path = run(command, "--config", str(config), "--socket", str(short_tmp / "s"), env=env, cwd=short_tmp)
+        assert as_path.returncode == 2
+        assert "server.budget_password_file: cannot be read: No such file or directory" in as_path.stderr
+        assert_no_secret(as_path)
     # A password in the budget URL is refused without being quoted.
     config.write_text('[server]\nrpm = 1\ntpm = 1\nmax_concurrent_reqs = 1\nbudget = "redis://:hunter2hunter2@h/0"\n')
     in_url = run(CHECK, "--config", str(config), env=engine_env(), cwd=short_tmp)

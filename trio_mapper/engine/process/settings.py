@@ -763,7 +763,15 @@ def budget_password(server: ServerSettings, environ: Mapping[str, str]) -> str |
     if server.budget_password_file is not None:
         try:
             return server.budget_password_file.read_text().strip() or None
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            # Not quoted (an OSError's text quotes it): the password itself given in place of its file's path is
+            # a likely slip, and this message goes to stderr, the journal, readable by more than the engine.
+            reason = exc.strerror or type(exc).__name__
+            problem = (
+                f"server.budget_password_file: cannot be read: {reason} (the path is not shown: it may be the password)"
+            )
+            raise SettingsError([problem]) from None
+        except UnicodeDecodeError as exc:
             raise SettingsError([f"server.budget_password_file: cannot be read: {exc}"]) from None
     return environ.get(BUDGET_PASSWORD_ENV_VAR) or None
 
