@@ -118,7 +118,12 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - kept_for)
     redis.call('ZREM', KEYS[2], id)
     redis.call('HDEL', KEYS[3], id)
 end
-local silent = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - silent_after)
+-- The engine sending this one is in touch, whatever its score says (its first heartbeat back after a partition
+-- acknowledges one from before it): it keeps no room for itself.
+local silent = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - silent_after)) do
+    if id ~= ARGV[1] then table.insert(silent, id) end
+end
 local reserved = 0
 for _, id in ipairs(silent) do
     reserved = reserved + 1 / math.max(1, tonumber(redis.call('HGET', KEYS[3], id)) or 1)
