@@ -60,8 +60,10 @@ IDLE_EXPIRY: Final = 3600
 #: from Redis waits for the others to notice (`LOCAL_SHARE_DELAY`); a heartbeat is one small script.
 HEARTBEAT_INTERVAL: Final = 2.0
 HEARTBEAT_SPAN: Final = 30.0
-#: An engine whose last heartbeat is this old has lost Redis (they come every `HEARTBEAT_INTERVAL`).
-SILENT_AFTER: Final = 2 * HEARTBEAT_INTERVAL + 2.0
+#: An engine whose last answered heartbeat is this old has lost Redis. A healthy engine's is up to two
+#: intervals old (its score is the previous heartbeat's, acknowledged by the next); one more, and 2 s, for a
+#: busy engine or Redis: a false alarm costs the others its share for a heartbeat, and a warning.
+SILENT_AFTER: Final = 3 * HEARTBEAT_INTERVAL + 2.0
 #: How long the engines in touch with Redis keep room for an engine of the ``local-share`` policy that went
 #: silent: cut off by a partition, it spends its share of the limits on its own. After this it is taken for
 #: dead (a crash looks the same), and a partition that lasts longer may overspend by its share again.
