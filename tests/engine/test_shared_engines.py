@@ -116,3 +116,19 @@ async def test_an_engine_whose_redis_password_is_refused_does_not_start(short_tm
     assert "refused the engine's credentials" in stderr and "--budget-password-file" in stderr
     assert "not-the-password" not in stderr
     assert not (short_tmp / "engine.sock").exists()
+
+
+async def test_the_redis_password_may_be_in_dot_env_beside_the_key(short_tmp: Path) -> None:
+    """``.env`` in the engine's directory holds its key (docs): the Redis password is read from there too. It was
+    not, and nothing said so: the engine refused to start ("refused the engine's credentials")."""
+    (short_tmp / ".env").write_text("TRIO_MAPPER_BUDGET_PASSWORD=the-password\n")
+    async with simulator() as url, redis_server() as redis:
+        await redis.command("CONFIG", "SET", "requirepass", "the-password")
+        try:
+            async with running_engine(short_tmp, url, "--budget", redis.url) as engine:
+                async with AsyncClient(engine.socket) as client:
+                    budget = (await client.stats())["engine"]["budget"]
+                assert budget["backend"] == "redis" and budget["state"] == "ok", budget
+                assert "the-password" not in engine.log
+        finally:
+            await redis.command("AUTH", "the-password")

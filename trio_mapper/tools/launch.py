@@ -246,15 +246,15 @@ def _read_at_start(args: argparse.Namespace, dotenv_dir: Path) -> tuple[LoadedSe
         SettingsError: one readable line per problem (launch-engine exits 2).
     """
     loaded = _read_layers(args, dotenv_dir)
-    return loaded, budget_password(loaded.settings.server, os.environ)
+    return loaded, budget_password(loaded.settings.server, os.environ, dotenv_dir)
 
 
 def _secrets_known_before_reading(dotenv_dir: Path) -> list[str]:
     """The key and the Redis password wherever start-up finds them, known before the settings are read (which
     may fail), so that no message about the settings can show them."""
-    from trio_mapper.engine.process.settings import BUDGET_PASSWORD_ENV_VAR, find_api_key
+    from trio_mapper.engine.process.settings import environment_budget_password, find_api_key
 
-    secrets = [secret for secret in (os.environ.get(BUDGET_PASSWORD_ENV_VAR),) if secret]
+    secrets = [secret for secret in (environment_budget_password(os.environ, dotenv_dir),) if secret]
     with contextlib.suppress(SettingsError):  # reported when the settings are read
         secrets += [key for key in (find_api_key(os.environ, dotenv_dir),) if key]
     return secrets

@@ -758,8 +758,15 @@ def _is_own_front(base_url: str, http: str) -> bool:
     return loopback and upstream_port == port
 
 
-def budget_password(server: ServerSettings, environ: Mapping[str, str]) -> str | None:
-    """The shared budget's Redis password: from ``budget_password_file``, else the environment; None if neither."""
+def environment_budget_password(environ: Mapping[str, str], dotenv_dir: Path | None) -> str | None:
+    """``TRIO_MAPPER_BUDGET_PASSWORD`` from the environment, else from ``.env`` in ``dotenv_dir`` (where the
+    key may be too); None if neither has it."""
+    return environ.get(BUDGET_PASSWORD_ENV_VAR) or _dotenv_variables(dotenv_dir).get(BUDGET_PASSWORD_ENV_VAR) or None
+
+
+def budget_password(server: ServerSettings, environ: Mapping[str, str], dotenv_dir: Path | None = None) -> str | None:
+    """The shared budget's Redis password: from ``budget_password_file``, else the environment or ``.env``
+    (`environment_budget_password`); None if none has it."""
     if server.budget_password_file is not None:
         try:
             return server.budget_password_file.read_text().strip() or None
@@ -773,7 +780,7 @@ def budget_password(server: ServerSettings, environ: Mapping[str, str]) -> str |
             raise SettingsError([problem]) from None
         except UnicodeDecodeError as exc:
             raise SettingsError([f"server.budget_password_file: cannot be read: {exc}"]) from None
-    return environ.get(BUDGET_PASSWORD_ENV_VAR) or None
+    return environment_budget_password(environ, dotenv_dir)
 
 
 def _validation_problems(instance: Any, path: Place) -> Iterator[str]:
