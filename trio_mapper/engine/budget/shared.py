@@ -279,8 +279,8 @@ class SharedBudget:
         #: A heartbeat has counted them. Until then `engines` is a guess, and ``local-share`` holds requests
         #: as ``wait`` does: engines started while Redis was down each took the whole limits (2.96x together).
         self.counted = False
-        #: When this engine's last counted heartbeat was sent (trio's clock): the others take it for cut off
-        #: from Redis `SILENT_AFTER` seconds after it was received.
+        #: When this engine's last answered heartbeat was sent (trio's clock): the others take it for cut off
+        #: from Redis `SILENT_AFTER` seconds after that heartbeat ran, or sooner (`_HEARTBEAT`).
         self._counted_at = -math.inf
         #: The share of the limits kept for ``local-share`` engines that went silent (the lane script spends
         #: the rest), and how many those are: engines cut off from Redis while this one is not (a review
