@@ -51,6 +51,10 @@ log = logging.getLogger("trio_mapper.shared_budget")
 
 FailurePolicy = Literal["wait", "local-share"]
 FAILURE_POLICIES: Final[tuple[FailurePolicy, ...]] = ("wait", "local-share")
+#: What admission does while Redis is unreachable (`SharedBudget.without_redis`): hold requests (the ``wait``
+#: policy, or ``local-share`` before a heartbeat counted the engines, or while the others make room for this
+#: one's share), or spend the local share.
+WithoutRedis = Literal["wait", "uncounted", "making room", "local share"]
 #: Seconds a reservation counts as in flight before the store stops waiting for its settlement: longer than
 #: any request may take upstream (the default read timeout is 600 s), so only a dead engine's ones expire.
 RESERVATION_TTL: Final = 900.0
@@ -369,10 +373,10 @@ class SharedBudget:
             self.available = False
             self._down_since = trio.current_time()
             self._back = trio.Event()
-            policy = self.settings.failure_policy
-            if policy == "wait":
+            mode = self.without_redis(trio.current_time())
+            if mode == "wait":
                 what = "holding requests until it answers (failure policy 'wait')"
-            elif not self.counted:
+            elif mode == "uncounted":
                 what = "holding requests until it answers (the engines on the key were never counted: no share)"
             else:
                 wait = max(0.0, self.local_share_from - trio.current_time())
@@ -424,6 +428,15 @@ class SharedBudget:
     def _engines_keys(self) -> list[str]:
         tag = f"{self.settings.namespace}:{{{self.key_id}}}"
         return [f"{tag}:engines", f"{tag}:sharers", f"{tag}:shares"]
+
+    def without_redis(self, now: float) -> WithoutRedis:
+        """What admission does while Redis is unreachable: the one decision `SharedMeter._fallback` acts on,
+        and the statistics and the log tell."""
+        if self.settings.failure_policy == "wait":
+            return "wait"
+        if not self.counted:
+            return "uncounted"
+        return "making room" if now < self.local_share_from else "local share"
 
     @property
     def local_share_from(self) -> float:
@@ -505,18 +518,18 @@ class SharedBudget:
             self.sent()
 
     def statistics(self) -> dict[str, Any]:
-        if self.available:
-            state = "ok"
-        elif self.settings.failure_policy == "wait":
-            state = "unreachable: holding requests"
-        elif not self.counted:
-            state = "unreachable: holding requests until the engines on the key are counted"
-        elif trio.current_time() < self.local_share_from:
+        share = f"local share 1/{self.engines}"
+        state = "ok"
+        if not self.available:
             state = (
-                f"unreachable: holding requests while the other engines make room for a local share 1/{self.engines}"
+                "unreachable: "
+                + {
+                    "wait": "holding requests",
+                    "uncounted": "holding requests until the engines on the key are counted",
+                    "making room": f"holding requests while the other engines make room for a {share}",
+                    "local share": share,
+                }[self.without_redis(trio.current_time())]
             )
-        else:
-            state = f"unreachable: local share 1/{self.engines}"
         return {
             "backend": "redis",
             "state": state,
@@ -716,9 +729,10 @@ class SharedMeter:
         return reservations, now
 
     def _fallback(self, cost: Cost, now: float) -> tuple[list[Reservation], float]:
-        if self._budget.settings.failure_policy == "wait" or not self._budget.counted:
+        mode = self._budget.without_redis(now)
+        if mode in ("wait", "uncounted"):
             return [], now + RECONNECT_INTERVAL
-        if now < self._budget.local_share_from:
+        if mode == "making room":
             return [], min(now + RECONNECT_INTERVAL, self._budget.local_share_from)
         answer = self._local_share().try_charge(cost)
         return ([answer], now) if isinstance(answer, Reservation) else ([], answer)
