@@ -352,12 +352,13 @@ end
 local function charge(a)
     local ttl = tonumber(a[1])
     local answer = {0, 0}
+    -- Its engine gave up on this call and withdrew it already: nobody is waiting for the answer. A call's
+    -- ids are withdrawn together (one queued batch, one script run), so its first one tells for all.
+    if a[2] ~= nil and redis.call('ZSCORE', expiry_key, withdrawn_mark(a[2])) then
+        return answer
+    end
     for i = 2, #a, 3 do
         local id, cost_t, cost_r = a[i], tonumber(a[i + 1]), tonumber(a[i + 2])
-        if redis.call('ZSCORE', expiry_key, withdrawn_mark(id)) then
-            -- Its engine gave up on this call and withdrew it already: nobody is waiting for the answer.
-            return answer
-        end
         if cost_t > effective('t') or cost_r > effective('r') then
             -- Limits lowered since the engine checked (another engine's headers): never charged.
             if answer[1] == 0 then answer[2] = 'too_large' end
@@ -412,8 +413,8 @@ end
 
 local QUEUED = {refund = refund, settle = settle, pause = pause, withdraw = withdraw}
 
--- ARGV[8]: how many queued operations follow (refunds, settlements and pauses this engine made since its
--- last call on the lane), applied first, in order; then the main operation's arguments.
+-- ARGV[8]: how many queued operations follow (refunds, settlements, pauses and withdrawals this engine made
+-- since its last call on the lane), applied first, in order; then the main operation's arguments.
 -- Each answers 'done', or 'settled' when its reservation was settled (or expired) already.
 local queued = tonumber(ARGV[8])
 local outcomes = {}
