@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket as socketlib
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from common import (
     child_pid,
     cpu_seconds,
     engine_process,
+    free_port,
     pct,
     python_speed,
     serving_process,
@@ -73,13 +73,6 @@ STREAM_TOKENS = 16
 BARE_RELAY = Path(__file__).resolve().parent / "bare_relay.py"
 
 Call = Callable[[int], Awaitable[Any]]
-
-
-def free_port() -> int:
-    with socketlib.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def body(index: int) -> dict[str, Any]:

@@ -21,16 +21,9 @@ import msgspec
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import chat_body, engine_process, frame, simulator_process
+from common import chat_body, engine_process, frame, rss_mib, simulator_process
 
 from trio_mapper import AsyncClient
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def submit(request_id: int, **extra: Any) -> bytes:

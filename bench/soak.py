@@ -44,7 +44,6 @@ import os
 import random
 import shutil
 import signal
-import socket as socketlib
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import BENCH_KEY, serving_process, simulator_stats
+from common import BENCH_KEY, free_port, rss_mib, serving_process, simulator_stats
 from redis_fixtures import RedisServer  # the tests' redis-server: SIGKILL and start again on one socket
 
 from trio_mapper import AsyncClient, TrioMapperError
@@ -355,7 +354,7 @@ class Soak:
         try:
             async with self.engines():
                 self.pids = [(await trio.to_thread.run_sync(self.status, name))["engine"]["pid"] for name in "ab"]
-                rss_before = [rss_kib(pid) for pid in self.pids]
+                rss_before = [rss_mib(pid) for pid in self.pids]
                 self.started = trio.current_time()
                 async with trio.open_nursery() as nursery:
                     for engine in ("a", "b"):
@@ -378,7 +377,7 @@ class Soak:
                 self.simulator.kill()
             await self.redis.stop()
 
-    async def checks(self, rss_before: list[int]) -> list[str]:
+    async def checks(self, rss_before: list[float]) -> list[str]:
         failed = [f"{len(self.outcomes.hung)} calls hung: {collections.Counter(self.outcomes.hung)}"] * bool(
             self.outcomes.hung
         )
@@ -401,7 +400,7 @@ class Soak:
             seen = json.dumps(status) + log + await self.metrics(name)
             failed += [f"engine {name} shows a key ({key[:10]}…)" for key in secrets if key in seen]
             print(
-                f"engine {name}: accepted {engine['accepted']}, RSS {before // 1024} -> {rss_kib(pid) // 1024} MiB, "
+                f"engine {name}: accepted {engine['accepted']}, RSS {before:.0f} -> {rss_mib(pid):.0f} MiB, "
                 f"budget {engine['budget'].get('state')} ({engine['budget'].get('failures')} Redis failures)"
             )
         upstream = await simulator_stats(self.upstream)
@@ -440,25 +439,11 @@ def write_keys(path: Path, keys: dict[str, str]) -> None:
     path.chmod(0o600)
 
 
-def free_port() -> int:
-    with socketlib.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def redis_executable() -> str:
     path = shutil.which("redis-server")
     if path is None:
         raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
     return path
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def main(args: argparse.Namespace) -> int:
