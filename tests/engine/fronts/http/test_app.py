@@ -105,6 +105,26 @@ async def test_the_read_timeout_sets_the_deadline_and_patience_and_only_openai_b
     assert dict(spec.headers) == {"openai-beta": "assistants=v2"}
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # openai-node and openai-go send their timeout in whole seconds under this name, not the Python SDK's.
+        ({"x-stainless-timeout": "20"}, (19.0, 20.0)),
+        # Both: the Python SDK's read timeout is the one that bounds the wait for the reply's head.
+        ({"x-stainless-read-timeout": "10", "x-stainless-timeout": "20"}, (9.0, 10.0)),
+        ({"x-stainless-read-timeout": "soon", "x-stainless-timeout": "20"}, (19.0, 20.0)),
+        # A timeout under a second is sent truncated to "0": no deadline can be drawn from it.
+        ({"x-stainless-timeout": "0"}, (None, None)),
+    ],
+)
+async def test_the_other_sdks_timeout_sets_the_deadline_too(
+    headers: dict[str, str], expected: tuple[float | None, float | None]
+) -> None:
+    scheduler = FakeScheduler()
+    await call(OpenAIApp(scheduler, max_body_bytes=10_000), headers)
+    assert (scheduler.specs[0].deadline, scheduler.specs[0].patience) == expected
+
+
 async def test_a_bug_in_intake_is_an_openai_shaped_500() -> None:
     status, headers, body = await call(OpenAIApp(FakeScheduler(fail=True), max_body_bytes=10_000))
     assert status == 500 and body["error"]["code"] == "internal_error"

@@ -68,6 +68,9 @@ UPSTREAM_REPLY_HEADERS: Final = ("x-request-id", "openai-processing-ms", "openai
 PRIORITY_HEADER: Final = "x-trio-mapper-priority"
 #: Seconds taken off the SDK's read timeout (x-stainless-read-timeout) so the engine answers first.
 READ_TIMEOUT_MARGIN: Final = 1.0
+#: Where the official SDKs say how long they wait, in order of preference: the Python SDK's read timeout, else
+#: the timeout the SDKs for other languages send (truncated to whole seconds, so "0" below one second).
+SDK_TIMEOUT_HEADERS: Final = ("x-stainless-read-timeout", "x-stainless-timeout")
 #: Scope state keys the server sets per connection.
 TRANSPORT: Final = "trio_mapper.transport"
 PEER: Final = "trio_mapper.peer"
@@ -623,12 +626,17 @@ def _decoded_body(raw: bytes) -> dict[str, Any]:
 
 
 def _sdk_timeout(headers: Mapping[str, str]) -> float | None:
-    """The SDK's read timeout: how long it waits for the reply to begin."""
-    try:
-        timeout = float(headers["x-stainless-read-timeout"])
-    except (KeyError, ValueError):
-        return None
-    return timeout if timeout > 0 and math.isfinite(timeout) else None
+    """The SDK's timeout: how long it waits for the reply to begin. The Python SDK sends its read timeout; the
+    official SDKs for other languages (openai-node, openai-go) send ``x-stainless-timeout``, their timeout in
+    whole seconds, which openai-node applies until the reply's head arrives and openai-go to the whole call."""
+    for name in SDK_TIMEOUT_HEADERS:
+        try:
+            timeout = float(headers[name])
+        except (KeyError, ValueError):
+            continue
+        if timeout > 0 and math.isfinite(timeout):
+            return timeout
+    return None
 
 
 def _engine_headers(queued: float, attempts: int) -> Headers:
