@@ -352,8 +352,9 @@ async def test_a_compressed_body_is_a_415_that_says_to_send_it_plain() -> None:
     """A gzip body read as JSON gave "not valid JSON", which sent its sender looking in the wrong place."""
     scheduler = FakeScheduler()
     app = OpenAIApp(scheduler, max_body_bytes=10_000)
-    status, _, body = await call(app, {"content-encoding": "gzip"}, body=b"\x1f\x8b\x08\x00")
+    status, headers, body = await call(app, {"content-encoding": "gzip"}, body=b"\x1f\x8b\x08\x00")
     assert status == 415
+    assert headers["accept-encoding"] == "identity"  # RFC 7694: what the engine takes instead
     assert body["error"]["code"] == "unsupported_content_encoding"
     assert "send the body uncompressed" in body["error"]["message"]
     await call(app, {"content-encoding": "identity"})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
@@ -139,6 +139,7 @@ class _Refusal(Exception):
         *,
         retry_after: int | None = None,
         allow: str | None = None,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
@@ -146,6 +147,8 @@ class _Refusal(Exception):
         self.retry_after = retry_after
         #: A 405's ``Allow`` header (RFC 9110 requires one): the methods the path takes.
         self.allow = allow
+        #: Any other header the status calls for (a 415's ``Accept-Encoding``).
+        self.extra_headers = list(extra_headers)
 
     @classmethod
     def wrong_method(cls, path: str, method: str, allowed: str) -> _Refusal:
@@ -158,7 +161,7 @@ class _Refusal(Exception):
         )
 
     def headers(self) -> Headers:
-        headers = retry_headers(self.retry_after)
+        headers = retry_headers(self.retry_after) + self.extra_headers
         return headers if self.allow is None else [*headers, (b"allow", self.allow.encode())]
 
 
@@ -494,6 +497,8 @@ class OpenAIApp:
                 "send the body uncompressed",
                 "invalid_request_error",
                 "unsupported_content_encoding",
+                # RFC 7694: a client that compresses its requests learns from it to send them plain.
+                extra_headers=[(b"accept-encoding", b"identity")],
             )
         raw = await self._read_body(receive, client)
         try:
