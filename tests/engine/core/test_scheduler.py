@@ -417,7 +417,7 @@ async def test_past_the_deadline_no_attempt_starts_however_patient_the_client(
         assert trio.current_time() == pytest.approx(2.0, abs=0.01)
     reply = sink.by_id()[2]
     assert isinstance(reply, Error) and reply.kind == "timeout" and reply.attempts == 0
-    assert "ran out while it waited for model 'gpt-4o-mini''s rpm/tpm budget" in reply.message
+    assert "ran out while it waited for the rpm/tpm budget of model 'gpt-4o-mini'," in reply.message
 
 
 async def test_a_client_that_waits_longer_than_the_read_timeout_gets_that_long(

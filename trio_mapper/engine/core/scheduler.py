@@ -1022,7 +1022,7 @@ class Scheduler:
                 # Cancelled by the client, shutdown or the deadline before anything was sent.
                 if scope.cancelled_caught:
                     if reservation is None:
-                        self._expire(job, f"while it waited for model {lane.name!r}'s rpm/tpm budget")
+                        self._expire(job, f"while it waited for the rpm/tpm budget of model {lane.name!r}")
                     else:
                         self._expire(job, "while it waited for a free upstream slot (max_concurrent_reqs)")
                 return
