@@ -306,6 +306,7 @@ async def test_refused_keys_are_logged_once_per_interval(caplog: pytest.LogCaptu
         for _ in range(100):
             await app(scope, receive, send)
     assert [message["status"] for message in sent if "status" in message] == [401] * 100
+    assert (b"www-authenticate", b'Bearer realm="trio-mapper"') in sent[0]["headers"]  # RFC 9110: a 401 names it
     assert app.stats.unauthorized == 100
     assert len([record for record in caplog.records if "without a valid client key" in record.message]) == 1
 

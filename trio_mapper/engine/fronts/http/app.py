@@ -453,6 +453,8 @@ class OpenAIApp:
                 "keys file (over the Unix socket no key is needed)",
                 "invalid_request_error",
                 "invalid_api_key",
+                # RFC 9110 requires it on a 401: the scheme the key goes in (clients that ask first read it).
+                extra_headers=[(b"www-authenticate", b'Bearer realm="trio-mapper"')],
             )
         if (key_accepted := state.get(KEY_ACCEPTED)) is not None:
             key_accepted()
