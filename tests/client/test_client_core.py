@@ -168,6 +168,17 @@ def test_a_handshake_answered_with_another_message() -> None:
     assert isinstance(event, ConnectionClosed) and "answered the handshake with Pong" in str(event.error)
 
 
+def test_a_handshake_answered_in_http_names_the_msgpack_socket() -> None:
+    """The engine's HTTP API socket (``engine.sock.http``) given for its msgpack socket: the reply's "HTTP" read
+    as a frame length said "handshake reply refused: frame of 1213486160 bytes exceeds the limit"."""
+    connection = ClientConnection(socket_path=PATH + ".http")
+    connection.send_hello()
+    [event] = feed(connection, b"HTTP/1.1 400 \r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    assert isinstance(event, ConnectionClosed) and isinstance(event.error, ProtocolError)
+    assert f"{PATH}.http answered in HTTP" in str(event.error)
+    assert f"its msgpack socket is {PATH}" in str(event.error)
+
+
 # --- requests and replies ---------------------------------------------------------------------------------
 
 

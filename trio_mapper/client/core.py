@@ -619,6 +619,8 @@ class ClientConnection:
             except FrameTooLarge as exc:
                 if self.state is State.OPEN:
                     self._close(f"reply from the engine refused: {exc}", exc)
+                elif self._frames.head(5) == b"HTTP/":
+                    self._close_with(ProtocolError("protocol_error", self._answered_in_http()))
                 else:
                     self._close_with(ProtocolError("protocol_error", f"handshake reply refused: {exc}"))
                 continue
@@ -636,6 +638,16 @@ class ClientConnection:
             event = self._handshake(parsed[1]) if self.state is not State.OPEN else self._route(*parsed)
             if event is not None:
                 return event
+
+    def _answered_in_http(self) -> str:
+        """Why a handshake got an HTTP reply: the path is an HTTP server's, most likely the engine's own HTTP API
+        socket (``engine.sock.http``), one suffix away from the msgpack socket this client speaks to."""
+        path = str(self.socket_path)
+        hint = f"; its msgpack socket is {path.removesuffix('.http')}" if path.endswith(".http") else ""
+        return (
+            f"{path} answered in HTTP: it is an HTTP server (such as the engine's OpenAI HTTP API, for the openai "
+            f"SDK), not the engine's msgpack socket{hint}"
+        )
 
     def events(self) -> Iterator[Event]:
         """Every event available now."""

@@ -728,6 +728,7 @@ class Engine:
             client=ClientIdentity(uid=peer.uid, gid=peer.gid, groups=peer.groups) if peer is not None else None,
             backlog=self._backlog,
             receiving=self._receiving,
+            http_api=self.http_listening_on,
         )
         self._connections[connection] = peer
         try:

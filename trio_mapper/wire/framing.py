@@ -93,6 +93,10 @@ class FrameBuffer:
     def pending_bytes(self) -> int:
         return len(self._data)
 
+    def head(self, size: int) -> bytes:
+        """The first ``size`` bytes buffered (fewer if fewer are): what a refused prefix was, for a message."""
+        return bytes(self._data[:size])
+
     @property
     def declared_length(self) -> int | None:
         """The length the next frame's prefix declares, once the prefix is in."""

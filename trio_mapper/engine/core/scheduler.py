@@ -103,6 +103,11 @@ JOBS_PER_CHECKPOINT: Final = 500
 CLIENT_SHARE_OF_QUEUE: Final = 0.5
 #: Timeouts logged one line each in one pass of the deadline keeper; one more line sums up the rest.
 TIMEOUT_LINES_PER_PASS: Final = 10
+#: An attempt in flight is cut this long after the instant its client said it gives up (`RequestSpec.patience`),
+#: not at that instant: the two clocks started a moment apart, and the client's own timeout must fire first
+#: (the SDK raises its APITimeoutError, and its going away withdraws the request) rather than a race between
+#: them deciding what the client sees.
+GIVE_UP_GRACE: Final = 1.0
 #: What a request hears when a bug in the engine ended it.
 _BUG_MESSAGE: Final = "the engine failed on this request (a bug, logged by the engine); please report it"
 #: Worker threads counting tokens at once. Two cores: one thread leaves a core to the event loop.
@@ -1022,7 +1027,7 @@ class Scheduler:
                 # Cancelled by the client, shutdown or the deadline before anything was sent.
                 if scope.cancelled_caught:
                     if reservation is None:
-                        self._expire(job, f"while it waited for model {lane.name!r}'s rpm/tpm budget")
+                        self._expire(job, f"while it waited for the rpm/tpm budget of model {lane.name!r}")
                     else:
                         self._expire(job, "while it waited for a free upstream slot (max_concurrent_reqs)")
                 return
@@ -1060,7 +1065,8 @@ class Scheduler:
         failure: Exception | None = None
         try:
             # Sent, it runs past the deadline until the client gives up: its answer may still reach the client.
-            with trio.CancelScope(deadline=job.gives_up_at) as scope:
+            grace = GIVE_UP_GRACE if job.patience is not None else 0.0
+            with trio.CancelScope(deadline=job.gives_up_at + grace) as scope:
                 job.scope = scope
                 job.attempts += 1
                 started = trio.current_time()

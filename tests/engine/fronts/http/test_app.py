@@ -105,6 +105,26 @@ async def test_the_read_timeout_sets_the_deadline_and_patience_and_only_openai_b
     assert dict(spec.headers) == {"openai-beta": "assistants=v2"}
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # openai-node and openai-go send their timeout in whole seconds under this name, not the Python SDK's.
+        ({"x-stainless-timeout": "20"}, (19.0, 20.0)),
+        # Both: the Python SDK's read timeout is the one that bounds the wait for the reply's head.
+        ({"x-stainless-read-timeout": "10", "x-stainless-timeout": "20"}, (9.0, 10.0)),
+        ({"x-stainless-read-timeout": "soon", "x-stainless-timeout": "20"}, (19.0, 20.0)),
+        # A timeout under a second is sent truncated to "0": no deadline can be drawn from it.
+        ({"x-stainless-timeout": "0"}, (None, None)),
+    ],
+)
+async def test_the_other_sdks_timeout_sets_the_deadline_too(
+    headers: dict[str, str], expected: tuple[float | None, float | None]
+) -> None:
+    scheduler = FakeScheduler()
+    await call(OpenAIApp(scheduler, max_body_bytes=10_000), headers)
+    assert (scheduler.specs[0].deadline, scheduler.specs[0].patience) == expected
+
+
 async def test_a_bug_in_intake_is_an_openai_shaped_500() -> None:
     status, headers, body = await call(OpenAIApp(FakeScheduler(fail=True), max_body_bytes=10_000))
     assert status == 500 and body["error"]["code"] == "internal_error"
@@ -286,6 +306,7 @@ async def test_refused_keys_are_logged_once_per_interval(caplog: pytest.LogCaptu
         for _ in range(100):
             await app(scope, receive, send)
     assert [message["status"] for message in sent if "status" in message] == [401] * 100
+    assert (b"www-authenticate", b'Bearer realm="trio-mapper"') in sent[0]["headers"]  # RFC 9110: a 401 names it
     assert app.stats.unauthorized == 100
     assert len([record for record in caplog.records if "without a valid client key" in record.message]) == 1
 
@@ -332,8 +353,9 @@ async def test_a_compressed_body_is_a_415_that_says_to_send_it_plain() -> None:
     """A gzip body read as JSON gave "not valid JSON", which sent its sender looking in the wrong place."""
     scheduler = FakeScheduler()
     app = OpenAIApp(scheduler, max_body_bytes=10_000)
-    status, _, body = await call(app, {"content-encoding": "gzip"}, body=b"\x1f\x8b\x08\x00")
+    status, headers, body = await call(app, {"content-encoding": "gzip"}, body=b"\x1f\x8b\x08\x00")
     assert status == 415
+    assert headers["accept-encoding"] == "identity"  # RFC 7694: what the engine takes instead
     assert body["error"]["code"] == "unsupported_content_encoding"
     assert "send the body uncompressed" in body["error"]["message"]
     await call(app, {"content-encoding": "identity"})

@@ -197,6 +197,25 @@ async def test_sdk_over_tcp_needs_a_client_key(short_tmp: Path) -> None:
         assert CLIENT_KEY not in engine.log and TEST_API_KEY not in engine.log
 
 
+async def test_the_sdk_given_the_msgpack_socket_is_told_where_the_http_api_is(short_tmp: Path) -> None:
+    """`engine.sock` for `engine.sock.http` is an easy slip: it gave the SDK "Connection error." (its HTTP
+    parser read a msgpack frame) and the log "sent a frame of 1347375956 bytes"."""
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        transport = httpx.AsyncHTTPTransport(uds=str(engine.socket))
+        async with openai.AsyncOpenAI(
+            api_key="unused", base_url="http://engine/v1", http_client=httpx.AsyncClient(transport=transport)
+        ) as client:
+            with pytest.raises(openai.BadRequestError) as wrong:
+                await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert wrong.value.code == "wrong_socket"
+        assert f"point HTTP clients at {http_socket(engine)} or {tcp_url} " in wrong.value.message
+        assert wrong.value.response.headers["x-should-retry"] == "false"
+        assert "spoke HTTP on the msgpack socket" in engine.log
+        # The msgpack socket still serves msgpack clients.
+        async with await RawClient.connect(str(engine.socket)) as raw:
+            assert (await raw.request(chat(1)))["type"] == "result"
+
+
 async def test_each_error_kind_raises_the_matching_sdk_exception(short_tmp: Path) -> None:
     async with simulator() as url, http_engine(short_tmp, url, "--max-attempts", "1") as (engine, _):
         with unix_sdk(engine, max_retries=0) as client:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
@@ -68,6 +68,9 @@ UPSTREAM_REPLY_HEADERS: Final = ("x-request-id", "openai-processing-ms", "openai
 PRIORITY_HEADER: Final = "x-trio-mapper-priority"
 #: Seconds taken off the SDK's read timeout (x-stainless-read-timeout) so the engine answers first.
 READ_TIMEOUT_MARGIN: Final = 1.0
+#: Where the official SDKs say how long they wait, in order of preference: the Python SDK's read timeout, else
+#: the timeout the SDKs for other languages send (truncated to whole seconds, so "0" below one second).
+SDK_TIMEOUT_HEADERS: Final = ("x-stainless-read-timeout", "x-stainless-timeout")
 #: Scope state keys the server sets per connection.
 TRANSPORT: Final = "trio_mapper.transport"
 PEER: Final = "trio_mapper.peer"
@@ -136,6 +139,7 @@ class _Refusal(Exception):
         *,
         retry_after: int | None = None,
         allow: str | None = None,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
@@ -143,6 +147,8 @@ class _Refusal(Exception):
         self.retry_after = retry_after
         #: A 405's ``Allow`` header (RFC 9110 requires one): the methods the path takes.
         self.allow = allow
+        #: Any other header the status calls for (a 415's ``Accept-Encoding``).
+        self.extra_headers = list(extra_headers)
 
     @classmethod
     def wrong_method(cls, path: str, method: str, allowed: str) -> _Refusal:
@@ -155,7 +161,7 @@ class _Refusal(Exception):
         )
 
     def headers(self) -> Headers:
-        headers = retry_headers(self.retry_after)
+        headers = retry_headers(self.retry_after) + self.extra_headers
         return headers if self.allow is None else [*headers, (b"allow", self.allow.encode())]
 
 
@@ -447,6 +453,8 @@ class OpenAIApp:
                 "keys file (over the Unix socket no key is needed)",
                 "invalid_request_error",
                 "invalid_api_key",
+                # RFC 9110 requires it on a 401: the scheme the key goes in (clients that ask first read it).
+                extra_headers=[(b"www-authenticate", b'Bearer realm="trio-mapper"')],
             )
         if (key_accepted := state.get(KEY_ACCEPTED)) is not None:
             key_accepted()
@@ -491,6 +499,8 @@ class OpenAIApp:
                 "send the body uncompressed",
                 "invalid_request_error",
                 "unsupported_content_encoding",
+                # RFC 7694: a client that compresses its requests learns from it to send them plain.
+                extra_headers=[(b"accept-encoding", b"identity")],
             )
         raw = await self._read_body(receive, client)
         try:
@@ -623,12 +633,17 @@ def _decoded_body(raw: bytes) -> dict[str, Any]:
 
 
 def _sdk_timeout(headers: Mapping[str, str]) -> float | None:
-    """The SDK's read timeout: how long it waits for the reply to begin."""
-    try:
-        timeout = float(headers["x-stainless-read-timeout"])
-    except (KeyError, ValueError):
-        return None
-    return timeout if timeout > 0 and math.isfinite(timeout) else None
+    """The SDK's timeout: how long it waits for the reply to begin. The Python SDK sends its read timeout; the
+    official SDKs for other languages (openai-node, openai-go) send ``x-stainless-timeout``, their timeout in
+    whole seconds, which openai-node applies until the reply's head arrives and openai-go to the whole call."""
+    for name in SDK_TIMEOUT_HEADERS:
+        try:
+            timeout = float(headers[name])
+        except (KeyError, ValueError):
+            continue
+        if timeout > 0 and math.isfinite(timeout):
+            return timeout
+    return None
 
 
 def _engine_headers(queued: float, attempts: int) -> Headers:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Final, cast
 
 import attrs
@@ -85,6 +86,11 @@ FLUSH_TIMEOUT: Final = 5.0
 
 StatsProvider = Callable[[], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
 
+#: How an HTTP request begins (``POST /v1/…``, ``GET /…``, HTTP/2's ``PRI * …``): an OpenAI client pointed at
+#: this socket instead of the HTTP API's. Read as a length prefix these bytes declare a frame of a gigabyte or
+#: more, so they can only arrive here as a refused frame.
+_HTTP_REQUEST_START: Final = re.compile(rb"[A-Z]{3}[A-Z ]")
+
 
 def _spec(message: Submit) -> RequestSpec:
     return RequestSpec(
@@ -141,6 +147,7 @@ class Connection:
         client: ClientIdentity | None = None,
         backlog: ReplyBacklog | None = None,
         receiving: ReceivingBytes | None = None,
+        http_api: Sequence[str] = (),
     ) -> None:
         self.number = next(self._numbers)
         self.peer = peer
@@ -161,6 +168,9 @@ class Connection:
         self._backlog = backlog if backlog is not None else ReplyBacklog()
         #: Bytes of large frames being received, across all connections (the daemon shares one).
         self._receiving = receiving if receiving is not None else ReceivingBytes(receiving_limit(max_frame_bytes))
+        #: Where the engine serves its OpenAI HTTP API (``unix:/path``, ``http://host:port``), for an HTTP client
+        #: that connected here by mistake; read when one does (the daemon fills it as its listeners open).
+        self._http_api = http_api
         self._closed = False
         self._outbox_changed = trio.Event()
         self._outbox_drained = trio.Event()
@@ -402,6 +412,9 @@ class Connection:
                 try:
                     payload = buffer.next_frame()
                 except FrameTooLarge as exc:
+                    if not self.handshaken and _HTTP_REQUEST_START.match(buffer.head(4)):
+                        self._answer_http_client()
+                        raise _CloseConnection from None
                     self.deliver(
                         Error(
                             id=None,
@@ -439,6 +452,29 @@ class Connection:
                 buffer.feed(data)
         finally:
             self._receiving.release(held, self._client.uid)
+
+    def _answer_http_client(self) -> None:
+        """An HTTP client (the SDK, curl) given this socket instead of the HTTP API's: answer in HTTP, which it
+        can read, with where to go, rather than a msgpack frame it reports as a broken connection."""
+        # The socket as the path httpx.HTTPTransport(uds=...) takes, the port as the base URL the SDK takes.
+        places = [where[5:] if where.startswith("unix:") else f"{where}/v1" for where in self._http_api]
+        if places:
+            hint = f"point HTTP clients at {' or '.join(places)} (docs/http.md)"
+        else:
+            hint = "this engine serves no HTTP API (its HTTP socket is off and it has no --http port)"
+        message = (
+            "this is the trio-mapper engine's msgpack socket (docs/protocol.md), not its OpenAI-compatible HTTP "
+            f"API: {hint}"
+        )
+        body = msgspec.json.encode(
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "wrong_socket"}}
+        )
+        head = (
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nx-should-retry: false\r\nconnection: close\r\n\r\n"
+        )
+        self._enqueue(head.encode() + body)
+        log.info("%s spoke HTTP on the msgpack socket: answered with where the HTTP API is, and closed", self.label)
 
     async def _hold_room_for(self, length: int) -> None:
         if not self._receiving.try_hold(length, self._client.uid):
