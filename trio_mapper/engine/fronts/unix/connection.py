@@ -168,7 +168,8 @@ class Connection:
 
     @property
     def unsent_bytes(self) -> int:
-        return self._outbox_bytes
+        """Reply bytes not yet on the socket, as the engine-wide bound counts them."""
+        return self._pending_bytes
 
     def deliver(self, message: Message) -> None:
         if self._closed:
@@ -197,7 +198,7 @@ class Connection:
             log.warning(
                 "%s has %d MiB of replies it does not read (%s); disconnecting it",
                 self.label,
-                self._outbox_bytes // 2**20,
+                self._pending_bytes // 2**20,
                 why,
             )
             self._scope.cancel()
@@ -209,7 +210,6 @@ class Connection:
             self._scope.cancel()
 
     def _drop_outbox(self) -> None:
-        self._unsent.shrink(self._outbox_bytes)
         self._outbox.clear()
         self._outbox_bytes = 0
 
@@ -238,7 +238,7 @@ class Connection:
             self._closed = True
             self._drop_outbox()
             self._outbox_drained.set()  # a stream waiting for room: there is none to wait for any more
-            self._unsent.release()
+            self._unsent.release()  # what was queued, and what the writer had taken and not written
             with trio.CancelScope(shield=True):
                 await self._scheduler.forget_owner(self)
                 with trio.move_on_after(1):
@@ -261,7 +261,8 @@ class Connection:
                 frames.append(self._outbox.popleft())
             data = b"".join(frames)
             self._outbox_bytes -= len(data)
-            self._unsent.shrink(len(data))
+            # Still counted in the engine-wide bound (`_unsent`) until written: up to 256 replies, each of any
+            # size, would otherwise leave it unnoticed while the client does not read them.
             self._sending_bytes = len(data)
             if not await self._send_in_pieces(data):
                 return self.stop_for_unread_replies(
@@ -289,6 +290,7 @@ class Connection:
             if writing.cancelled_caught:
                 return False
             self._sending_bytes -= len(piece)
+            self._unsent.shrink(len(piece))
         return True
 
     def report(self, request_id: Hashable | None, event: Outcome) -> None:
