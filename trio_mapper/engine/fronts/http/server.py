@@ -49,7 +49,7 @@ MAX_JOINED_BODY_BYTES: Final = 256 * 1024
 #: How long one write may wait for a client that reads nothing (the core gives a stream's reader as long).
 #: Within it, clients that read nothing could hold a reply each (an embeddings batch is 100 MB of JSON): the
 #: bytes being written count in the engine-wide bound on unsent replies (`fronts.unsent`), shared with the
-#: msgpack front, which cuts the largest write (its connection closed) when it is passed.
+#: msgpack front, which cuts the largest holder on either front when it is passed.
 SEND_STALL_TIMEOUT: Final = 60.0
 
 Transport = Literal["unix", "tcp"]
@@ -166,8 +166,8 @@ class _TCPServer(TCPServer):
             if writing.cancelled_caught:
                 # Part of the write may be out: the connection cannot carry anything more.
                 log.info(
-                    "http: a client read none of its reply for %.0fs, its reply was cut to bound the replies being "
-                    "written, or the engine is stopping; closed",
+                    "http: a client read none of its reply for %.0fs, its reply was cut to bound the unsent "
+                    "replies of both fronts, or the engine is stopping; closed",
                     SEND_STALL_TIMEOUT,
                 )
                 await trio.aclose_forcefully(self.stream)
@@ -189,7 +189,7 @@ class ReplyWrites:
         """A write of ``size`` bytes begins; the bound cuts it by cancelling ``write``."""
 
         def cut(why: str) -> None:
-            log.warning("http: a reply of %d MiB being written is cut, its connection closed (%s)", size >> 20, why)
+            log.warning("http: a reply of %d MiB being written is cut (%s)", size >> 20, why)
             write.cancel()
 
         self._writes[write] = self.unsent.holder(cut, size)
@@ -250,8 +250,8 @@ class _H2Protocol(H2Protocol):
                 sending.remove(waiting)
         if waiting.cancelled_caught:
             log.info(
-                "http/2: a client let none of its reply through for %.0fs, its reply was cut to bound the replies "
-                "being written, or the engine is stopping; stream reset",
+                "http/2: a client let none of its reply through for %.0fs, its reply was cut to bound the unsent "
+                "replies of both fronts, or the engine is stopping; stream reset",
                 SEND_STALL_TIMEOUT,
             )
             await self._reset_stream(event.stream_id)

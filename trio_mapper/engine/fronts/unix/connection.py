@@ -133,7 +133,7 @@ class Connection:
         self._sending_bytes = 0
         #: The write in progress, whose deadline is set once the client is past `OUTBOX_MAX_BYTES`.
         self._writing: trio.CancelScope | None = None
-        #: This connection's queued replies, counted in the engine-wide bound on unsent replies (the daemon
+        #: This connection's replies not yet written, counted in the engine-wide bound on unsent replies (the daemon
         #: shares one with the HTTP front), which disconnects the client holding the most when it is passed:
         #: the per-connection cap alone would let many slow readers hold cap x connections.
         self._unsent = (unsent if unsent is not None else UnsentReplies()).holder(self.stop_for_unread_replies)
