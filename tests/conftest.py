@@ -7,7 +7,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,9 +55,19 @@ class EngineProcess:
             return await self.process.wait()
 
 
-def engine_command(socket: Path, base_url: str, *extra: str) -> list[str]:
+def engine_command(socket: Path, base_url: str, *extra: str, constants: Mapping[str, int] | None = None) -> list[str]:
+    """The engine's command line; ``constants``: module constants no setting exposes, by their dotted name,
+    set before the engine starts (a bound made small enough to reach in a test)."""
+    python = ["-m", "trio_mapper"]
+    if constants:
+        lines = ["import importlib, runpy"]
+        for name, value in constants.items():
+            module, _, attribute = name.rpartition(".")
+            lines.append(f"setattr(importlib.import_module({module!r}), {attribute!r}, {value!r})")
+        lines.append("runpy.run_module('trio_mapper', run_name='__main__', alter_sys=True)")
+        python = ["-c", "; ".join(lines)]
     return [
-        sys.executable, "-m", "trio_mapper", "launch-engine",
+        sys.executable, *python, "launch-engine",
         "--socket", str(socket), "--base-url", base_url,
         "--max_concurrent_reqs", "32", "--rpm", "100000", "--tpm", "10000000",
         *extra,
@@ -91,12 +101,18 @@ _HTTP_SOCKET_FLAGS = frozenset({"no-http-socket", "http-socket"})
 
 @asynccontextmanager
 async def running_engine(
-    directory: Path, base_url: str, *extra: str, env: dict[str, str] | None = None, open_files: int | None = None
+    directory: Path,
+    base_url: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    open_files: int | None = None,
+    constants: Mapping[str, int] | None = None,
 ) -> AsyncIterator[EngineProcess]:
-    """The engine as a subprocess; ``open_files``: its open-file limit, soft and hard (through ``prlimit``)."""
+    """The engine as a subprocess; ``open_files``: its open-file limit, soft and hard (through ``prlimit``);
+    ``constants``: as `engine_command` sets them."""
     socket = directory / "engine.sock"
     log_path = directory / "engine.log"
-    command = engine_command(socket, base_url, *extra)
+    command = engine_command(socket, base_url, *extra, constants=constants)
     if open_files is not None:
         command = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *command]
     with log_path.open("wb") as log_file:

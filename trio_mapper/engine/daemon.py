@@ -44,7 +44,7 @@ from trio_mapper.engine.fronts.http.keys import ClientKeys, KeysError, describe_
 from trio_mapper.engine.fronts.http.server import HttpServer, Transport
 from trio_mapper.engine.fronts.http.status_page import status_page_routes
 from trio_mapper.engine.fronts.receiving import ReceivingBytes, receiving_limit
-from trio_mapper.engine.fronts.unix.connection import Connection, ReplyBacklog
+from trio_mapper.engine.fronts.unix.connection import Connection
 from trio_mapper.engine.fronts.unix.listener import ListenerError, OwnedSocketFile, accept_forever, open_unix_listener
 from trio_mapper.engine.fronts.unix.peers import (
     PeerCredentials,
@@ -53,6 +53,7 @@ from trio_mapper.engine.fronts.unix.peers import (
     refusal_message,
     refuse,
 )
+from trio_mapper.engine.fronts.unsent import UnsentReplies
 from trio_mapper.engine.process import systemd
 from trio_mapper.engine.process.metrics import EngineMetrics, Readiness, healthz
 from trio_mapper.engine.process.reload import Reloads, plan_reload
@@ -167,7 +168,8 @@ class Engine:
         self._open_files = MAX_OPEN_FILES
         #: The msgpack connections, with who connected (so a reload that narrows the allow-lists can cut them).
         self._connections: dict[Connection, PeerCredentials | None] = {}
-        self._backlog = ReplyBacklog()
+        #: Replies the clients of both fronts have not read yet, bounded together (`fronts.unsent`).
+        self._unsent = UnsentReplies()
         self._receiving = ReceivingBytes(receiving_limit(self.settings.server.max_frame_bytes))
         self._started_at = time.time()
         #: How the reloads went, for STATUS=, the stats and the metrics.
@@ -379,6 +381,7 @@ class Engine:
             # A quarter of the open files: the TCP port, open to every local user, can never take the
             # descriptors the Unix sockets' clients and the upstream connections need.
             max_tcp_connections=max(16, self._open_files // 4),
+            unsent=self._unsent,
         )
         async with trio.open_nursery() as root:
             if self.shared_budget is not None:
@@ -726,7 +729,7 @@ class Engine:
             peer=peer.label if peer is not None else "",
             identity=f"uid {peer.uid}" if peer is not None else "unknown peer",
             client=ClientIdentity(uid=peer.uid, gid=peer.gid, groups=peer.groups) if peer is not None else None,
-            backlog=self._backlog,
+            unsent=self._unsent,
             receiving=self._receiving,
             http_api=self.http_listening_on,
         )

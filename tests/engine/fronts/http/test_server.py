@@ -16,11 +16,12 @@ from trio_mapper.engine.fronts.http.server import (
     KEEP_ALIVE_TIMEOUT,
     MAX_JOINED_BODY_BYTES,
     SEND_STALL_TIMEOUT,
-    UnsentReplies,
+    ReplyWrites,
     _hypercorn_config,
     _replies_being_written,
     _TCPServer,
 )
+from trio_mapper.engine.fronts.unsent import UnsentReplies
 
 REPLY = b'{"ok":true}'
 
@@ -64,7 +65,7 @@ class App:
 
 @asynccontextmanager
 async def connection(
-    app: Any, sending: UnsentReplies | None = None
+    app: Any, unsent: UnsentReplies | None = None
 ) -> AsyncIterator[tuple[trio.SocketStream, RecordingStream, trio.Event]]:
     """A served connection: the client's end, the server's recorded end, and an event set when the server is
     done with the connection."""
@@ -72,7 +73,7 @@ async def connection(
     client, server_end = trio.SocketStream(client_socket), RecordingStream(trio.SocketStream(server_socket))
     config = _hypercorn_config()
     done = trio.Event()
-    sending = sending or UnsentReplies(1 << 30)
+    sending = ReplyWrites(unsent or UnsentReplies())
 
     async def serve() -> None:
         _replies_being_written.set(sending)  # as `HttpServer` does for each connection
@@ -167,14 +168,17 @@ async def test_a_connection_the_client_closed_is_done_at_once(autojump_clock: tr
 async def test_the_replies_being_written_are_bounded_by_cutting_the_largest() -> None:
     """A reviewer's 60 connections that never read 20 MB replies held 2.7 GiB for the 60 s each write may wait."""
     unsent = UnsentReplies(max_bytes=100)
+    writes = ReplyWrites(unsent)
     small, large, third = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
-    unsent.add(small, 30)
-    unsent.add(large, 60)
+    writes.add(small, 30)
+    writes.add(large, 60)
     assert not (small.cancel_called or large.cancel_called)
-    unsent.add(third, 20)  # 110 in all: the largest write goes
+    writes.add(third, 20)  # 110 in all: the largest write goes
     assert large.cancel_called and not small.cancel_called and not third.cancel_called
-    unsent.remove(large)
+    writes.remove(large)
     assert unsent.total == 50
+    writes.cut_all()  # shutdown's flush time is up
+    assert small.cancel_called and third.cancel_called
 
 
 class LargeReplyApp:
@@ -228,27 +232,27 @@ async def test_an_http2_reply_the_client_lets_nothing_of_is_reset_after_the_stal
 ) -> None:
     """hypercorn held an HTTP/2 reply in its stream buffer for as long as the client kept its window shut
     (a reviewer's zero-window client held 880 MiB); now as long as an HTTP/1.1 write may wait, then reset."""
-    app, sending = LargeReplyApp(1 << 20), UnsentReplies(1 << 30)
-    async with connection(app, sending) as (client, _, _):
+    app, unsent = LargeReplyApp(1 << 20), UnsentReplies()
+    async with connection(app, unsent) as (client, _, _):
         h2_client = await h2_requests_with_a_closed_window(client, streams=1)
         started = trio.current_time()
         assert await streams_reset(client, h2_client, 1) == {1}
         assert SEND_STALL_TIMEOUT <= trio.current_time() - started < SEND_STALL_TIMEOUT + 1
         await trio.testing.wait_all_tasks_blocked()
         assert app.sent == 1  # the app's send returned: it is not left waiting
-        assert sending.total == 0
+        assert unsent.total == 0
 
 
 async def test_http2_replies_waiting_for_the_window_count_against_the_replies_being_written(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    app, sending = LargeReplyApp(600_000), UnsentReplies(1_000_000)
-    async with connection(app, sending) as (client, _, _):
+    app, unsent = LargeReplyApp(600_000), UnsentReplies(1_000_000)
+    async with connection(app, unsent) as (client, _, _):
         h2_client = await h2_requests_with_a_closed_window(client, streams=2)
         started = trio.current_time()
         assert len(await streams_reset(client, h2_client, 1)) == 1  # 1.2 MB held: one is cut at once
         assert trio.current_time() - started < 1
-        assert sending.total <= 600_000
+        assert unsent.total <= 600_000
 
 
 async def test_a_large_replys_body_is_written_apart_from_its_head(autojump_clock: trio.testing.MockClock) -> None:

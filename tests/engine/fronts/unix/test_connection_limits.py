@@ -33,8 +33,8 @@ from trio_mapper.engine.fronts.unix.connection import (
     OUTBOX_STALL_TIMEOUT,
     READ_CHUNK,
     Connection,
-    ReplyBacklog,
 )
+from trio_mapper.engine.fronts.unsent import UnsentReplies
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.wire import DEFAULT_MAX_FRAME_BYTES
 
@@ -88,7 +88,7 @@ def serve_connection(
     *,
     pair: Callable[[], tuple[Any, Any]] = trio.testing.memory_stream_pair,
     reply_bytes: int = 0,
-    backlog: ReplyBacklog | None = None,
+    unsent: UnsentReplies | None = None,
     receiving: ReceivingBytes | None = None,
     client: ClientIdentity | None = None,
     scheduler: FakeScheduler | None = None,
@@ -106,7 +106,7 @@ def serve_connection(
         scheduler=scheduler,  # duck-typed: the methods a Connection calls
         stats=stats,
         max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
-        backlog=backlog,
+        unsent=unsent,
         receiving=receiving,
         client=client,
     )
@@ -399,12 +399,12 @@ async def test_the_engine_wide_backlog_disconnects_the_client_holding_the_most()
     # Each client stays under the per-connection cap; together they pass the engine-wide one. The one
     # holding the most unread replies goes; the other, and everything it has, stays.
     reply_bytes = 64 * 1024
-    backlog = ReplyBacklog(max_bytes=24 * reply_bytes)
+    unsent = UnsentReplies(max_bytes=24 * reply_bytes)
     with trio.fail_after(60):  # hang guard
         async with trio.open_nursery() as nursery:
             lockstep = trio.testing.lockstep_stream_pair
-            light = serve_connection(nursery, pair=lockstep, reply_bytes=reply_bytes, backlog=backlog)
-            heavy = serve_connection(nursery, pair=lockstep, reply_bytes=reply_bytes, backlog=backlog)
+            light = serve_connection(nursery, pair=lockstep, reply_bytes=reply_bytes, unsent=unsent)
+            heavy = serve_connection(nursery, pair=lockstep, reply_bytes=reply_bytes, unsent=unsent)
             await say_hello(light)
             await say_hello(heavy)
             for n in range(8):
@@ -416,11 +416,11 @@ async def test_the_engine_wide_backlog_disconnects_the_client_holding_the_most()
             assert heavy.scheduler.forgotten == [heavy.connection]
             assert not light.closed.is_set() and light.scheduler.forgotten == []
             # What the disconnected client held is no longer counted; the survivor's replies all arrive.
-            assert backlog.total == light.connection.unsent_bytes
+            assert unsent.total == light.connection.unsent_bytes
             replies = [await light.client.receive() for _ in range(8)]
             assert sorted(reply["id"] for reply in replies) == list(range(8))
             await trio.testing.wait_all_tasks_blocked()
-            assert backlog.total == 0
+            assert unsent.total == 0
             nursery.cancel_scope.cancel()
 
 

@@ -35,6 +35,7 @@ from trio_mapper.engine.fronts.http.app import KEY_ACCEPTED, PEER, TRANSPORT, Op
 from trio_mapper.engine.fronts.http.tcp_gate import TcpGate, TcpSlot
 from trio_mapper.engine.fronts.unix.listener import accept_forever
 from trio_mapper.engine.fronts.unix.peers import peer_credentials
+from trio_mapper.engine.fronts.unsent import UnsentHolder, UnsentReplies
 
 log = logging.getLogger("trio_mapper.http")
 
@@ -46,11 +47,10 @@ FLUSH_TIMEOUT: Final = 5.0
 #: beyond it.
 MAX_JOINED_BODY_BYTES: Final = 256 * 1024
 #: How long one write may wait for a client that reads nothing (the core gives a stream's reader as long).
+#: Within it, clients that read nothing could hold a reply each (an embeddings batch is 100 MB of JSON): the
+#: bytes being written count in the engine-wide bound on unsent replies (`fronts.unsent`), shared with the
+#: msgpack front, which cuts the largest holder on either front when it is passed.
 SEND_STALL_TIMEOUT: Final = 60.0
-#: Reply bytes being written on all connections together beyond which the largest write is cut (its
-#: connection closed), as the msgpack front bounds its unsent replies: within SEND_STALL_TIMEOUT, clients
-#: that read nothing could otherwise hold a reply each (an embeddings batch is 100 MB of JSON).
-MAX_UNSENT_REPLY_BYTES: Final = 1024 * 1024 * 1024
 
 Transport = Literal["unix", "tcp"]
 
@@ -103,7 +103,7 @@ class _TCPServer(TCPServer):
     the timer at the end of input is not enough: a reply that ends afterwards starts it again.
     """
 
-    def __init__(self, *args: Any, sending: UnsentReplies, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sending: ReplyWrites, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idle_task = cast(Any, _KeepAliveTimer())
         self._sending = sending
@@ -166,8 +166,8 @@ class _TCPServer(TCPServer):
             if writing.cancelled_caught:
                 # Part of the write may be out: the connection cannot carry anything more.
                 log.info(
-                    "http: a client read none of its reply for %.0fs, its reply was cut to bound the replies being "
-                    "written, or the engine is stopping; closed",
+                    "http: a client read none of its reply for %.0fs, its reply was cut to bound the unsent "
+                    "replies of both fronts, or the engine is stopping; closed",
                     SEND_STALL_TIMEOUT,
                 )
                 await trio.aclose_forcefully(self.stream)
@@ -176,32 +176,28 @@ class _TCPServer(TCPServer):
             self.send_lock.release()
 
 
-class UnsentReplies:
-    """The reply bytes being written on every connection (and HTTP/2 replies waiting for the client's window),
-    bounded engine-wide by cutting the largest write."""
+class ReplyWrites:
+    """The HTTP front's writes in progress on every connection (and HTTP/2 replies waiting for the client's
+    window), each counted in the engine-wide bound on unsent replies, which cuts the largest holder on either
+    front; all cut when shutdown's flush time is up."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.total = 0
-        self._writes: dict[trio.CancelScope, int] = {}
+    def __init__(self, unsent: UnsentReplies) -> None:
+        self.unsent = unsent
+        self._writes: dict[trio.CancelScope, UnsentHolder] = {}
 
     def add(self, write: trio.CancelScope, size: int) -> None:
-        self._writes[write] = size
-        self.total += size
-        if self.total > self.max_bytes:
-            largest = max(self._writes, key=self._writes.__getitem__)
-            if not largest.cancel_called:
-                log.warning(
-                    "http: %d MiB of replies are being written, over %d MiB: the largest (%d MiB) is cut and its "
-                    "connection closed",
-                    self.total >> 20,
-                    self.max_bytes >> 20,
-                    self._writes[largest] >> 20,
-                )
-                largest.cancel()
+        """A write of ``size`` bytes begins; the bound cuts it by cancelling ``write``."""
+
+        def cut(why: str) -> None:
+            log.warning("http: a reply of %d MiB being written is cut (%s)", size >> 20, why)
+            write.cancel()
+
+        self._writes[write] = self.unsent.holder(cut, size)
 
     def remove(self, write: trio.CancelScope) -> None:
-        self.total -= self._writes.pop(write, 0)
+        holder = self._writes.pop(write, None)
+        if holder is not None:
+            holder.release()
 
     def cut_all(self) -> None:
         for write in self._writes:
@@ -215,9 +211,9 @@ def _is_final_response_head(data: bytes) -> bool:
     return data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1"
 
 
-#: The engine-wide `UnsentReplies` of the connection being served, for its HTTP/2 streams (hypercorn builds
-#: `_H2Protocol` itself, from its own arguments, when a connection turns out to speak HTTP/2).
-_replies_being_written: contextvars.ContextVar[UnsentReplies] = contextvars.ContextVar("replies_being_written")
+#: The `ReplyWrites` of the connection being served, for its HTTP/2 streams (hypercorn builds `_H2Protocol`
+#: itself, from its own arguments, when a connection turns out to speak HTTP/2).
+_replies_being_written: contextvars.ContextVar[ReplyWrites] = contextvars.ContextVar("replies_being_written")
 
 #: The events of a reply that wait for the client's flow-control window (hypercorn's stream buffer).
 _FLOW_CONTROLLED: Final = (Body, Data, EndBody, EndData, Trailers)
@@ -236,7 +232,7 @@ class _H2Protocol(H2Protocol):
     hypercorn keeps a reply's body in the stream's buffer until the client's window lets it out, and waits
     for that without limit: a client that never opens its window (a zero initial window) held whole replies,
     outside the bounds HTTP/1.1 writes have (`_TCPServer._write`). Each wait is now bounded as those writes
-    are, in time (SEND_STALL_TIMEOUT) and in bytes (`UnsentReplies`, engine-wide); a reply past either is
+    are, in time (SEND_STALL_TIMEOUT) and in bytes (the engine-wide `UnsentReplies`); a reply past either is
     reset, as if the client had reset it: its buffer is freed and the app sees the client gone.
     """
 
@@ -254,8 +250,8 @@ class _H2Protocol(H2Protocol):
                 sending.remove(waiting)
         if waiting.cancelled_caught:
             log.info(
-                "http/2: a client let none of its reply through for %.0fs, its reply was cut to bound the replies "
-                "being written, or the engine is stopping; stream reset",
+                "http/2: a client let none of its reply through for %.0fs, its reply was cut to bound the unsent "
+                "replies of both fronts, or the engine is stopping; stream reset",
                 SEND_STALL_TIMEOUT,
             )
             await self._reset_stream(event.stream_id)
@@ -291,9 +287,13 @@ hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]
 
 class HttpServer:
     """Runs the HTTP connections of every HTTP listener. Start `run` in the connections nursery, run an
-    `accept_loop` per listener in the front nursery, and call `begin_close` once the core has answered all."""
+    `accept_loop` per listener in the front nursery, and call `begin_close` once the core has answered all.
 
-    def __init__(self, app: OpenAIApp, *, max_tcp_connections: int) -> None:
+    Args:
+        unsent: the engine-wide bound on unsent replies, shared with the msgpack front.
+    """
+
+    def __init__(self, app: OpenAIApp, *, max_tcp_connections: int, unsent: UnsentReplies) -> None:
         self.app = app
         #: Any local user may connect to a TCP port, without a key until the first request: the port holds at
         #: most this many connections, so that it cannot take every descriptor and lock out the Unix sockets'
@@ -304,8 +304,9 @@ class HttpServer:
         self._wrapped = wrap_app(cast(ASGIFramework, app), self._config.wsgi_max_body_size, "asgi")
         self._handlers: trio.Nursery | None = None
         self._closing = trio.Event()
-        #: The writes in progress (`_TCPServer.protocol_send`), cut when shutdown's flush time is up.
-        self._sending = UnsentReplies(MAX_UNSENT_REPLY_BYTES)
+        #: The writes in progress (`_TCPServer.protocol_send`), counted in ``unsent`` (the engine-wide bound,
+        #: which the daemon shares with the msgpack front) and cut when shutdown's flush time is up.
+        self._sending = ReplyWrites(unsent)
         self.connections = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

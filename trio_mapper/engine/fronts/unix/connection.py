@@ -24,6 +24,7 @@ from trio_mapper.bodies import decode_body
 from trio_mapper.engine.core.outcome import Chunk, ClientIdentity, Failed, Finished, Outcome, RequestSpec, Started
 from trio_mapper.engine.core.scheduler import Scheduler
 from trio_mapper.engine.fronts.receiving import ReceivingBytes, receiving_limit
+from trio_mapper.engine.fronts.unsent import UnsentReplies
 from trio_mapper.engine.upstream.client import ReplyBody
 from trio_mapper.wire import (
     PROTOCOL_MINOR,
@@ -72,9 +73,6 @@ OUTBOX_MAX_BYTES: Final = 256 * 1024 * 1024
 OUTBOX_STALL_TIMEOUT: Final = 60.0
 #: Writes go out in pieces of at most this size, so that a client reading a large reply is seen progressing.
 WRITE_PIECE_BYTES: Final = 1024 * 1024
-#: Bytes of unsent replies across all connections beyond which the connection with the most unsent replies
-#: is disconnected: the per-connection cap alone would let many slow readers hold cap x connections.
-BACKLOG_MAX_BYTES: Final = 1024 * 1024 * 1024
 #: Unsent reply bytes above which a stream's next chunk waits (`Connection.relay`). The upstream's events then
 #: stay in the upstream connection, whose read pauses (TCP slows the upstream), instead of piling up here: a
 #: client that stops reading a stream costs the engine about this much, not the whole completion, and never
@@ -107,29 +105,6 @@ class _CloseConnection(Exception):
     """Raised inside the reader to end the connection after the replies so far are flushed."""
 
 
-class ReplyBacklog:
-    """Unsent reply bytes of every connection, bounded engine-wide by disconnecting the worst reader."""
-
-    def __init__(self, max_bytes: int = BACKLOG_MAX_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self.total = 0
-        self._connections: set[Connection] = set()
-
-    def add(self, connection: Connection) -> None:
-        self._connections.add(connection)
-
-    def discard(self, connection: Connection) -> None:
-        self._connections.discard(connection)
-
-    def grew(self) -> None:
-        if self.total > self.max_bytes:
-            worst = max(self._connections, key=lambda connection: connection.unsent_bytes, default=None)
-            if worst is not None:
-                worst.stop_for_unread_replies(
-                    f"all clients together have {self.total // 2**20} MiB unread, over {self.max_bytes // 2**20} MiB"
-                )
-
-
 class Connection:
     """One client connection; also the `ReplySink` its requests answer through."""
 
@@ -145,7 +120,7 @@ class Connection:
         peer: str = "",
         identity: str = "unknown peer",
         client: ClientIdentity | None = None,
-        backlog: ReplyBacklog | None = None,
+        unsent: UnsentReplies | None = None,
         receiving: ReceivingBytes | None = None,
         http_api: Sequence[str] = (),
     ) -> None:
@@ -165,7 +140,10 @@ class Connection:
         self._sending_bytes = 0
         #: The write in progress, whose deadline is set once the client is past `OUTBOX_MAX_BYTES`.
         self._writing: trio.CancelScope | None = None
-        self._backlog = backlog if backlog is not None else ReplyBacklog()
+        #: This connection's replies not yet written, counted in the engine-wide bound on unsent replies (the daemon
+        #: shares one with the HTTP front), which disconnects the client holding the most when it is passed:
+        #: the per-connection cap alone would let many slow readers hold cap x connections.
+        self._unsent = (unsent if unsent is not None else UnsentReplies()).holder(self.stop_for_unread_replies)
         #: Bytes of large frames being received, across all connections (the daemon shares one).
         self._receiving = receiving if receiving is not None else ReceivingBytes(receiving_limit(max_frame_bytes))
         #: Where the engine serves its OpenAI HTTP API (``unix:/path``, ``http://host:port``), for an HTTP client
@@ -200,7 +178,8 @@ class Connection:
 
     @property
     def unsent_bytes(self) -> int:
-        return self._outbox_bytes
+        """Reply bytes not yet on the socket, as the engine-wide bound counts them."""
+        return self._pending_bytes
 
     def deliver(self, message: Message) -> None:
         if self._closed:
@@ -210,11 +189,10 @@ class Connection:
     def _enqueue(self, frame: bytes) -> None:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
-        self._backlog.total += len(frame)
         self._outbox_changed.set()
         if self._writing is not None and self._over_outbox_limit():
             self._writing.deadline = min(self._writing.deadline, trio.current_time() + OUTBOX_STALL_TIMEOUT)
-        self._backlog.grew()
+        self._unsent.grow(len(frame))
 
     @property
     def _pending_bytes(self) -> int:
@@ -230,7 +208,7 @@ class Connection:
             log.warning(
                 "%s has %d MiB of replies it does not read (%s); disconnecting it",
                 self.label,
-                self._outbox_bytes // 2**20,
+                self._pending_bytes // 2**20,
                 why,
             )
             self._scope.cancel()
@@ -242,7 +220,6 @@ class Connection:
             self._scope.cancel()
 
     def _drop_outbox(self) -> None:
-        self._backlog.total -= self._outbox_bytes
         self._outbox.clear()
         self._outbox_bytes = 0
 
@@ -253,7 +230,6 @@ class Connection:
         self._outbox_changed.set()
 
     async def serve(self) -> None:
-        self._backlog.add(self)
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -272,7 +248,7 @@ class Connection:
             self._closed = True
             self._drop_outbox()
             self._outbox_drained.set()  # a stream waiting for room: there is none to wait for any more
-            self._backlog.discard(self)
+            self._unsent.release()  # what was queued, and what the writer had taken and not written
             with trio.CancelScope(shield=True):
                 await self._scheduler.forget_owner(self)
                 with trio.move_on_after(1):
@@ -295,7 +271,8 @@ class Connection:
                 frames.append(self._outbox.popleft())
             data = b"".join(frames)
             self._outbox_bytes -= len(data)
-            self._backlog.total -= len(data)
+            # Still counted in the engine-wide bound (`_unsent`) until written: up to 256 replies, each of any
+            # size, would otherwise leave it unnoticed while the client does not read them.
             self._sending_bytes = len(data)
             if not await self._send_in_pieces(data):
                 return self.stop_for_unread_replies(
@@ -323,6 +300,7 @@ class Connection:
             if writing.cancelled_caught:
                 return False
             self._sending_bytes -= len(piece)
+            self._unsent.shrink(len(piece))
         return True
 
     def report(self, request_id: Hashable | None, event: Outcome) -> None:
