@@ -744,6 +744,27 @@ async def test_shutdown_answers_queued_and_lets_in_flight_finish(
     assert kinds == {"result": 2, "shutting_down": 9}
 
 
+async def test_a_reused_id_during_the_shutdown_is_not_taken_for_the_outstanding_requests_answer(
+    estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Regression: the shutdown's refusal came before the duplicate-id check, and carried the id: the client
+    # took it for the final answer of the request still in flight under that id, which then ran on.
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(2)
+        return ok_response(request)
+
+    sink = Sink("a")
+    async with scheduler_with(handler, estimator) as scheduler, trio.open_nursery() as nursery:
+        submit(scheduler, sink, chat(1))
+        await trio.sleep(0.5)
+        nursery.start_soon(scheduler.shutdown, 30)
+        await trio.sleep(0.1)
+        submit(scheduler, sink, chat(1))
+    [refusal, answer] = sink.replies
+    assert isinstance(refusal, Error) and refusal.id is None and refusal.kind == "invalid_request"
+    assert answer.id == 1 and not isinstance(answer, Error)
+
+
 async def test_grace_period_expiry_answers_in_flight(
     estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
 ) -> None:

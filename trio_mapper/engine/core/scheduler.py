@@ -546,17 +546,17 @@ class Scheduler:
         self, owner: ReplySink, request_id: Hashable, spec: RequestSpec, *, received_at: float | None = None
     ) -> _Checked:
         """Everything about a submit that is cheap to check; raises `_Refused`."""
-        if self._closing:
-            raise _Refused(ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit to the next engine")
         if self.is_outstanding(owner, request_id):
             # Answered with a null id: a reply carrying this id would read as the final answer to the request
-            # that is still outstanding under it.
+            # that is still outstanding under it (first, so that no other refusal carries the id either).
             raise _Refused(
                 ErrorKind.INVALID_REQUEST,
                 f"a submit reused id {request_id!r}, which is still outstanding on this connection; "
                 "it was ignored. Use a unique id per outstanding request",
                 anonymous=True,
             )
+        if self._closing:
+            raise _Refused(ErrorKind.SHUTTING_DOWN, "the engine is shutting down; resubmit to the next engine")
         if self._outstanding >= self._max_queued:
             raise _Refused(
                 ErrorKind.OVERLOADED,
