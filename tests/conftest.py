@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import pytest
 import trio
 
@@ -150,3 +151,11 @@ async def stop_process(process: trio.Process, *, failed: bool) -> None:
 async def simulator(**overrides: Any) -> AsyncIterator[str]:
     async with open_simulator(fast_simulator(**overrides)) as url:
         yield url
+
+
+async def simulator_stats(url: str) -> dict[str, Any]:
+    """What the simulator at ``url`` (its API root, ``…/v1``) counted: ``GET /_simulator/stats``."""
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(url.removesuffix("/v1") + "/_simulator/stats")
+        result: dict[str, Any] = reply.json()
+        return result

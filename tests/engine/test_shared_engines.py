@@ -9,9 +9,8 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
-from conftest import engine_command, engine_env, running_engine, simulator
+from conftest import engine_command, engine_env, running_engine, simulator, simulator_stats
 from raw_client import RawClient
 from redis_fixtures import redis_server
 
@@ -22,12 +21,6 @@ MODEL = "gpt-4o-mini"
 RPM = 600
 ENGINES = 2
 PER_ENGINE = 30
-
-
-async def simulator_stats(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient() as client:
-        result: dict[str, Any] = (await client.get(url.removesuffix("/v1") + "/_simulator/stats")).json()
-        return result
 
 
 async def run_jobs(sockets: list[Path]) -> list[int]:

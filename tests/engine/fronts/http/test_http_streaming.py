@@ -12,18 +12,11 @@ import httpx
 import openai
 import pytest
 import trio
-from conftest import simulator
+from conftest import simulator, simulator_stats
 from test_http_front import MESSAGES, MODEL, async_unix_sdk, engine_stats, http_engine, http_socket, in_thread, unix_sdk
 
 #: Enough output tokens, paced by the simulator, for a stream to span many events and some time.
 LONG_REPLY = 200
-
-
-async def simulator_stats(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient() as client:
-        reply = await client.get(url.removesuffix("/v1") + "/_simulator/stats")
-        result: dict[str, Any] = reply.json()
-        return result
 
 
 def settled(lane: dict[str, Any]) -> bool:
