@@ -10,6 +10,7 @@ What it does with each ``Submit`` is chosen by the request body:
 - ``{"progress": True}``: first send a message of a type no client knows (with the id), then answer.
 - ``{"malformed": True}``: answer with a ``result`` frame whose ``status`` has the wrong type.
 - ``{"goodbye": text}``: send a connection-level ``Error`` (id nil, ``shutting_down``), then drop it.
+  With ``"stop_reading": seconds``, first stop reading (the client's writes fail at once), and wait that long.
 - ``{"chunks": n}``: first send ``n`` chunk frames (``{"n": 0}``…, as bytes: the clients ask for body format
   "json"), then go on as the rest of the body says (``hold``, ``error``, a result). Only an engine created
   with ``minor=1`` welcomes streams.
@@ -32,6 +33,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -180,6 +182,10 @@ class _Connection:
             self.finish(raw_frame({"type": "result", "id": message.id, "status": "two hundred"}))
             return
         if "goodbye" in body:
+            if "stop_reading" in body:  # as the engine does, with time for the client to write into it
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RD)
+                time.sleep(body["stop_reading"])
             self.send(Error(id=None, kind=ErrorKind.SHUTTING_DOWN, message=body["goodbye"]))
             self.close()
             return

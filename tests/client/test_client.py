@@ -1113,6 +1113,31 @@ async def test_connection_level_error_is_reported_in_connection_lost_trio(engine
         assert caught.value.__cause__.kind == "shutting_down"
 
 
+async def test_a_write_failing_before_the_goodbye_is_read_still_learns_what_never_ran_trio(
+    engine: FakeEngine,
+) -> None:
+    # Regression: the engine closing made the client's next write fail before its reader had taken the goodbye,
+    # and the write's failure closed the connection first: the requests outstanding were reported as ones
+    # that may have run, although the goodbye said the engine never read them.
+    outcomes: dict[str, BaseException] = {}
+
+    async def call(name: str, body: dict[str, Any]) -> None:
+        with pytest.raises(ConnectionLost) as caught:
+            await client.request(ENDPOINT, body)
+        outcomes[name] = caught.value
+
+    async with AsyncClient(engine.path) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(call, "held", {"hold": True})
+        await until(lambda: len(engine.submits) == 1)
+        nursery.start_soon(call, "goodbye", {"goodbye": "shutting down", "stop_reading": 0.3})
+        await until(lambda: len(engine.submits) == 2)
+        nursery.start_soon(call, "written into the closing connection", {"x": 1})
+    assert len(outcomes) == 3
+    for name, error in outcomes.items():
+        assert isinstance(error, ConnectionLost) and error.may_have_reached_upstream is False, (name, error)
+        assert "it never ran" in error.message
+
+
 # --- AsyncClient on asyncio -------------------------------------------------------------------------------
 
 

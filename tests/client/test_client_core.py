@@ -303,9 +303,9 @@ def test_the_engines_last_word_is_quoted_when_it_closes() -> None:
     connection = opened()
     first, _ = connection.submit(chat(), "a")
     connection.submit(chat(), "b")
-    goodbye = ENGINE.encode(Error(id=None, kind="shutting_down", message="engine stopping"))
-    [notice] = feed(connection, goodbye)
-    assert isinstance(notice, ConnectionLevelError) and notice.error.kind == "shutting_down"
+    last_word = ENGINE.encode(Error(id=None, kind="protocol_error", message="frame too slow"))
+    [notice] = feed(connection, last_word)
+    assert isinstance(notice, ConnectionLevelError) and notice.error.kind == "protocol_error"
     assert connection.state is State.OPEN
     connection.receive_data(result(first))
     connection.receive_data(b"")  # closed right after: the reply it sent before still counts
@@ -313,8 +313,8 @@ def test_the_engines_last_word_is_quoted_when_it_closes() -> None:
     assert isinstance(answered, Answered) and answered.context == "a"
     assert isinstance(closed, ConnectionClosed) and closed.orphans == ("b",)
     message = (
-        f"the engine at {PATH} went away (it closed the connection); the engine's last word: [shutting_down] "
-        "engine stopping"
+        f"the engine at {PATH} went away (it closed the connection); the engine's last word: [protocol_error] "
+        "frame too slow"
     )
     assert str(closed.error) == f"[connection_lost] {message}"
     assert closed.error.__cause__ is notice.error
@@ -322,6 +322,35 @@ def test_the_engines_last_word_is_quoted_when_it_closes() -> None:
         connection.submit(chat())
     assert caught.value is not connection.connection_lost()  # a fresh one each time
     assert feed(connection, b"") == [] and connection.cancel([2]) == b""
+
+
+def test_after_the_engines_goodbye_an_unanswered_request_never_ran() -> None:
+    """The engine answers every request it read before its goodbye (a connection-level shutting_down): what
+    is unanswered then, even a request written whole before it, was never read. The connection is over at
+    once, so the next call goes to the next engine."""
+    connection = opened()
+    answered_id, _ = connection.submit(chat(), "answered")
+    unread, _ = connection.submit(chat(), "unread")
+    feed(connection, result(answered_id))
+    goodbye = ENGINE.encode(Error(id=None, kind="shutting_down", message="reads no more"))
+    notice, closed = feed(connection, goodbye)
+    assert isinstance(notice, ConnectionLevelError) and notice.error.kind == "shutting_down"
+    assert isinstance(closed, ConnectionClosed) and closed.orphans == ("unread",)
+    assert connection.state is State.CLOSED
+    lost = connection.request_lost(unread, sent=True)
+    assert lost.may_have_reached_upstream is False
+    assert lost.message == (
+        f"the engine at {PATH} is shutting down; the engine's last word: [shutting_down] reads no more; request 2 "
+        "was not read by the engine: it never ran; resubmit it. The client connects again on its next call"
+    )
+    assert feed(connection, b"") == []
+    with pytest.raises(ConnectionLost, match="is shutting down"):
+        connection.submit(chat())
+    # Without a goodbye, a request written whole may have run.
+    other = opened()
+    written, _ = other.submit(chat())
+    feed(other, b"")
+    assert other.request_lost(written, sent=True).may_have_reached_upstream is True
 
 
 def test_the_driver_failing_the_transport() -> None:

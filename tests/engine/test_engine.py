@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import random
 import signal
@@ -14,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-from conftest import TEST_API_KEY, engine_command, engine_env, running_engine, simulator
+from conftest import TEST_API_KEY, engine_command, engine_env, running_engine, simulator, simulator_stats
 from raw_client import RawClient, chat
 
 
@@ -224,8 +226,10 @@ async def test_sigterm_answers_every_request_exactly_once(short_tmp: Path) -> No
                     replies.append(await client.receive())
                 except EOFError:
                     break
+        goodbye = replies.pop()
+        assert goodbye["type"] == "error" and goodbye["id"] is None and goodbye["kind"] == "shutting_down"
         ids = [reply["id"] for reply in replies]
-        assert sorted(ids) == list(range(total)), "every request answered exactly once"
+        assert sorted(ids) == list(range(total)), "every request answered exactly once, before the goodbye"
         kinds = {reply.get("kind", reply["type"]) for reply in replies}
         assert kinds <= {"result", "shutting_down"}
         assert "result" in kinds
@@ -233,6 +237,47 @@ async def test_sigterm_answers_every_request_exactly_once(short_tmp: Path) -> No
         with trio.fail_after(60):
             assert await engine.process.wait() == 0
         assert not engine.socket.exists()
+
+
+async def test_requests_sent_while_the_engine_closes_are_answered_or_never_run(short_tmp: Path) -> None:
+    # A client that keeps sending while the engine stops: whatever the engine read is answered before its
+    # goodbye, and whatever is unanswered at the goodbye never reached the upstream (the simulator counts).
+    async with (
+        simulator(latency_ms=300.0) as url,
+        running_engine(short_tmp, url, "--max_concurrent_reqs", "100", "--grace-period", "20") as engine,
+    ):
+        async with await RawClient.connect(str(engine.socket)) as client:
+            sent: list[int] = []
+            replies: list[dict[str, object]] = []
+
+            async def keep_sending() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for i in itertools.count():
+                        await client.send(chat(i))
+                        sent.append(i)
+                        if i == 20:
+                            engine.process.send_signal(signal.SIGTERM)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_sending)
+                with contextlib.suppress(EOFError, trio.BrokenResourceError):
+                    while True:
+                        replies.append(await client.receive())
+                nursery.cancel_scope.cancel()
+        with trio.fail_after(60):
+            assert await engine.process.wait() == 0
+        upstream = await simulator_stats(url)
+    goodbye = replies.pop()
+    assert goodbye == {**goodbye, "type": "error", "id": None, "kind": "shutting_down"}, goodbye
+    assert "never ran" in str(goodbye["message"])
+    answered = [reply["id"] for reply in replies]
+    assert len(answered) == len(set(answered)), "nothing answered twice"
+    assert {reply.get("kind", reply["type"]) for reply in replies} <= {"result", "shutting_down"}
+    results = sum(reply["type"] == "result" for reply in replies)
+    assert results, "some requests ran before the SIGTERM"
+    assert len(sent) > len(answered), "requests were sent after the engine stopped reading (the race this tests)"
+    # What the engine did not answer, it did not run: every upstream request is one of the results.
+    assert upstream["received"] == results
 
 
 async def test_stale_socket_is_replaced_and_live_one_refused(short_tmp: Path) -> None:

@@ -74,6 +74,9 @@ from trio_mapper.wire import RequestId, Result, Welcome
 #: The writer joins queued frames into one write up to about this many bytes (fewer system calls).
 _WRITE_BATCH_BYTES: Final = 1024 * 1024
 #: The connection errors anyio streams raise once the peer or our side is gone.
+#: After a failed write, how long the reader has to read the engine's last frames before the write's failure
+#: closes the connection (the engine's close follows them at once: this is only a bound).
+LAST_WORDS_TIMEOUT: Final = 1.0
 _STREAM_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
 
@@ -685,6 +688,10 @@ class AsyncClient:
                 try:
                     await link.stream.send(b"".join(item.data for item in live))
                 except _STREAM_ERRORS as exc:
+                    # The engine closed: what it said last (its goodbye, which tells the requests it never read
+                    # from those that may have run) may still be unread. The reader closes the link with it, which
+                    # cancels this wait; the failed write decides only if the reader has not done so by then.
+                    await anyio.sleep(LAST_WORDS_TIMEOUT)
                     self._fail(link, f"sending to the engine failed: {exc!r}", exc)
                     return
 

@@ -44,6 +44,7 @@ from trio_mapper.client.errors import (
     ConnectionLost,
     InvalidRequestError,
     ProtocolError,
+    ShuttingDownError,
     TrioMapperError,
     make_error,
 )
@@ -468,6 +469,9 @@ class ClientConnection:
         self._last_connection_error: TrioMapperError | None = None
         #: Closed by `close` rather than lost: nothing reconnects, and the errors must not say it will.
         self._closed_by_client = False
+        #: The engine said goodbye (a connection-level ``shutting_down``): it answered every request it had read
+        #: and reads no more, so whatever is unanswered from then on never reached it.
+        self._engine_stopped_reading = False
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.state.value} {len(self._outstanding)} outstanding>"
@@ -683,9 +687,12 @@ class ClientConnection:
         engine may have run it, and only the caller knows whether running it twice is acceptable (answers
         are exactly-once per connection, not across two). ``sent`` is whether the request's frame had been
         written whole to the socket, which only the driver knows: a frame never written whole never reached
-        the engine, which acts on whole frames only.
+        the engine, which acts on whole frames only. After the engine's goodbye no request reached it.
         """
-        if sent:
+        if sent and self._engine_stopped_reading:
+            sent = False
+            fate = f"request {request_id!r} was not read by the engine: it never ran; resubmit it"
+        elif sent:
             fate = (
                 f"request {request_id!r} was outstanding: the engine may have sent it upstream (and spent its "
                 "tokens) before the connection ended, and its answer is lost. It was not sent again: resubmit it "
@@ -773,7 +780,14 @@ class ClientConnection:
         if request_id is None:
             if isinstance(message, TrioMapperError):
                 self._last_connection_error = message
-                logger.warning("engine error about the connection: %s", message)
+                if isinstance(message, ShuttingDownError):
+                    # The goodbye: nothing more comes, and nothing sent now would be read. Closed at once, so
+                    # that the drivers' next call connects to the next engine instead of writing into this one.
+                    self._engine_stopped_reading = True
+                    logger.info("the engine is shutting down: %s", message)
+                    self._close(f"the engine at {self.socket_path} is shutting down", None)
+                else:
+                    logger.warning("engine error about the connection: %s", message)
                 return ConnectionLevelError(message)
             return None  # a second welcome: nothing to do with it
         if isinstance(message, StreamChunk):

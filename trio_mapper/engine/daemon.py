@@ -426,7 +426,7 @@ class Engine:
                         await self.shared_budget.flush()
                         await self.shared_budget.leave()
                 for connection in list(self._connections):
-                    connection.begin_close()
+                    connection.close_for_shutdown()
                 http.begin_close()
             root.cancel_scope.cancel()
 

@@ -82,6 +82,13 @@ STREAM_HIGH_WATER_BYTES: Final = 1024 * 1024
 #: How long shutdown waits for a connection to flush its last replies.
 FLUSH_TIMEOUT: Final = 5.0
 
+#: The last frame of a connection the engine closes to shut down (a connection-level ``shutting_down`` error):
+#: every request the engine read on it has been answered before it, so a request still unanswered never ran.
+GOODBYE: Final = (
+    "the engine is shutting down: it has answered every request it read on this connection and reads no more. "
+    "A request still unanswered was not read and never ran: resubmit it to the next engine"
+)
+
 StatsProvider = Callable[[], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
 
 #: How an HTTP request begins (``POST /v1/…``, ``GET /…``, HTTP/2's ``PRI * …``): an OpenAI client pointed at
@@ -150,6 +157,10 @@ class Connection:
         #: that connected here by mistake; read when one does (the daemon fills it as its listeners open).
         self._http_api = http_api
         self._closed = False
+        #: Set by `close_for_shutdown`: the reader stops where it waits for input.
+        self._stopping = False
+        #: The reader's wait for input (bytes, or room for a large frame), which `close_for_shutdown` cancels.
+        self._waiting_for_input: trio.CancelScope | None = None
         self._outbox_changed = trio.Event()
         self._outbox_drained = trio.Event()
         self._draining = False
@@ -229,6 +240,20 @@ class Connection:
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + FLUSH_TIMEOUT)
         self._outbox_changed.set()
 
+    def close_for_shutdown(self) -> None:
+        """The engine is stopping and has answered every request it accepted: stop reading, answer what was
+        read, say goodbye (`GOODBYE`), flush and close; a client that does not read gets FLUSH_TIMEOUT.
+
+        Closing while the client writes leaves a race: a request that arrives just then, unread, would look to
+        the client like one the engine may have run. The goodbye ends it, as HTTP/2's GOAWAY does: every frame
+        the reader took is answered before it, so what is still unanswered when it arrives was never read.
+        The reader stops only where it waits for input, never inside a frame it has taken.
+        """
+        self._stopping = True
+        if self._waiting_for_input is not None:
+            self._waiting_for_input.cancel()
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + FLUSH_TIMEOUT)
+
     async def serve(self) -> None:
         try:
             with self._scope:
@@ -237,6 +262,11 @@ class Connection:
                     try:
                         await self._read_loop()
                     except _CloseConnection:
+                        self.begin_close()
+                        return
+                    if self._stopping:
+                        if self.handshaken:
+                            self.deliver(Error(id=None, kind=ErrorKind.SHUTTING_DOWN, message=GOODBYE))
                         self.begin_close()
                         return
                     # The peer closed: nobody is left to read replies.
@@ -417,12 +447,18 @@ class Connection:
                 elif not held and (declared := buffer.declared_length) is not None and declared > READ_CHUNK:
                     # Smaller frames are bounded by the read size; a larger one is read only once its length
                     # fits in the total, and the time it waits for that is not the client's to finish it in.
-                    await self._hold_room_for(declared)
-                    held = declared
+                    with self._input_wait() as waiting:
+                        await self._hold_room_for(declared)
+                        held = declared
+                    if waiting.cancelled_caught:
+                        return
                     frame_started = None
                 if buffer.pending_bytes and frame_started is None:
                     frame_started = trio.current_time()
-                data = await self._receive(frame_started)
+                with self._input_wait() as waiting:
+                    data = await self._receive(frame_started)
+                if waiting.cancelled_caught:
+                    return  # closing for the engine's shutdown; a part of a frame was not read
                 if not data:
                     if buffer.pending_bytes:
                         log.info("%s closed in the middle of a frame", self.label)
@@ -453,6 +489,15 @@ class Connection:
         )
         self._enqueue(head.encode() + body)
         log.info("%s spoke HTTP on the msgpack socket: answered with where the HTTP API is, and closed", self.label)
+
+    def _input_wait(self) -> trio.CancelScope:
+        """The scope of one wait for input, cancelled by `close_for_shutdown` (or at once if it came first).
+        Trio's receive_some, cancelled, has taken nothing: the bytes not read stay unread."""
+        scope = trio.CancelScope()
+        if self._stopping:
+            scope.cancel()
+        self._waiting_for_input = scope
+        return scope
 
     async def _hold_room_for(self, length: int) -> None:
         if not self._receiving.try_hold(length, self._client.uid):
