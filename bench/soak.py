@@ -14,7 +14,8 @@ failure policy ``local-share``, tenants (an interactive one; a batch one with a 
 prices) and a loopback TCP port with client keys; engine B has policy ``wait`` and no tenants.
 
 **Load**, until ``--seconds`` pass: on each engine, msgpack clients of three tenants sending requests with
-mixed deadlines (0.3 s to none) and classes, and streams of which half are left after a few chunks; the
+mixed deadlines (0.3 s to none) and classes, and streams of which half are left after a few chunks, and a
+blocking `Client` shared by three threads; the
 official SDK over engine A's HTTP Unix socket (chat, streamed chat read whole and left early, embeddings float
 and base64, responses whole and streamed; SDK retries on or off; read timeouts of 2 or 30 s), and over its TCP
 port with two client keys; hostile connections (half a frame then gone, a handshake then gone, an HTTP request
@@ -22,11 +23,14 @@ whose client leaves before the answer, TLS bytes on the HTTP socket).
 
 **Chaos**: SIGHUP to both engines every 7 s; the simulator SIGKILLed at a quarter of the run and started again
 5 s later; redis-server SIGKILLed at half and started again (empty) 15 s later; then one client key replaced
-in the keys file before a SIGHUP (its clients switch to the new key).
+in the keys file before a SIGHUP (its clients switch to the new key); at three quarters, engine B stopped
+with SIGTERM (a graceful stop, as ``systemctl restart`` does) and started again on the same socket.
 
 **Checks** (exit status 1 if one fails):
 - every call ended, successfully or with an error the client's documentation lists, within its deadline or
   read timeout plus 30 s: nothing hung;
+- no request lost with engine B's connections at its graceful restart is in doubt (`ConnectionLost` with
+  ``may_have_reached_upstream``): the engine's goodbye says what it never read;
 - both engines still run; within 60 s of the end, each has nothing outstanding, in flight, queued or being
   received, and each lane's budget settled every reservation it made (reservations = reconciles + refunds);
 - no internal error counted, no traceback logged;
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -47,8 +52,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import BENCH_KEY, free_port, rss_mib, serving_process, simulator_stats
 from redis_fixtures import RedisServer  # the tests' redis-server: SIGKILL and start again on one socket
 
-from trio_mapper import AsyncClient, TrioMapperError
+from trio_mapper import AsyncClient, Client, ConnectionLost, TrioMapperError
 
 #: Faults the simulator injects (see the module docstring).
 SIMULATOR_FAULTS = ("--fail-rate", "0.04", "--bad-gateway-rate", "0.02", "--overloaded-rate", "0.02",
@@ -90,6 +94,10 @@ input = 0.15
 output = 0.60
 """
 SDK_CALLS = ("chat", "stream", "stream left", "embeddings", "base64", "responses", "responses stream")
+#: Outcomes that mean the engine is not there (being restarted): the client waits a moment before the next call.
+AWAY = frozenset(
+    {"ConnectionLost (never ran)", "ConnectionLost (may have run)", "EngineUnavailable", "ShuttingDownError"}
+)
 #: How long past its own deadline (or read timeout) a call may take before it counts as hung.
 HANG_SLACK = 30.0
 SETTLE_TIMEOUT = 60.0
@@ -102,19 +110,23 @@ class Outcomes:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.hung: list[str] = []
 
-    async def run(self, kind: str, call: Callable[[], Awaitable[str]], limit: float) -> None:
-        """Run one call (which returns its outcome's name, or raises a documented error) within ``limit`` s."""
-        with trio.move_on_after(limit) as waited:
+    async def run(self, kind: str, call: Callable[[], Awaitable[str]], limit: float) -> str:
+        """Run one call (which returns its outcome's name, or raises a documented error) within ``limit`` s;
+        returns the outcome."""
+        with trio.move_on_after(limit):
             try:
                 outcome = await call()
             except TrioMapperError as error:
                 outcome = type(error).__name__
+                if isinstance(error, ConnectionLost):
+                    outcome += " (may have run)" if error.may_have_reached_upstream else " (never ran)"
             except openai.APIError as error:
                 outcome = f"{type(error).__name__} {getattr(error, 'status_code', '') or ''}".strip()
             self.counts[kind, outcome] += 1
-        if waited.cancelled_caught:
-            self.hung.append(kind)
-            self.counts[kind, "HUNG"] += 1
+            return outcome
+        self.hung.append(kind)
+        self.counts[kind, "HUNG"] += 1
+        return "HUNG"
 
 
 class Soak:
@@ -133,7 +145,11 @@ class Soak:
         (directory / "redis").mkdir()
         self.redis = RedisServer(redis_executable(), directory / "redis")
         self.started = 0.0
-        self.pids: list[int] = []
+        self.pids: dict[str, int] = {}
+        self.rss_at_start: dict[str, float] = {}
+        #: Set to stop an engine: `serve` starts it again unless `finished` is set.
+        self.restarts: dict[str, trio.Event] = {}
+        self.finished = trio.Event()
         #: What the TCP port answered the replaced key and its successor, once the keys file changed.
         self.rotation = (0, 0)
 
@@ -164,8 +180,7 @@ class Soak:
         assert self.simulator is not None
         self.simulator.kill()
 
-    @asynccontextmanager
-    async def engines(self) -> AsyncIterator[None]:
+    def engine_commands(self) -> dict[str, list[str]]:
         keys_file = self.directory / "http-keys.toml"
         write_keys(keys_file, self.client_keys)
         config = self.directory / "tenants.toml"
@@ -175,14 +190,29 @@ class Soak:
         a = [*common, "--socket", str(self.socket("a")), "--budget-failure", "local-share", "--config", str(config),
              "--http", f"127.0.0.1:{self.tcp_port}", "--http-keys-file", str(keys_file)]  # fmt: skip
         b = [*common, "--socket", str(self.socket("b")), "--budget-failure", "wait"]
-        async with AsyncExitStack() as stack:
-            for name, command in (("a", a), ("b", b)):
-                log_path = self.directory / f"engine-{name}.log"
-                log = stack.enter_context(log_path.open("wb"))
-                await stack.enter_async_context(
-                    serving_process(command, str(self.socket(name)), log=log_path, output=log)
-                )
-            yield
+        return {"a": a, "b": b}
+
+    async def serve(self, name: str, command: list[str], *, task_status: trio.TaskStatus[None]) -> None:
+        """Run engine ``name`` until the checks are done, starting it again each time `restart` asks (the
+        launcher's SIGTERM: a graceful stop, as ``systemctl restart`` does)."""
+        log_path = self.directory / f"engine-{name}.log"
+        started: trio.TaskStatus[None] | None = task_status
+        while not self.finished.is_set():
+            with log_path.open("ab") as log:
+                async with serving_process(command, str(self.socket(name)), log=log_path, output=log):
+                    self.pids[name] = (await trio.to_thread.run_sync(self.status, name))["engine"]["pid"]
+                    self.rss_at_start[name] = rss_mib(self.pids[name])
+                    self.restarts[name] = trio.Event()
+                    if started is not None:
+                        started.started()
+                        started = None
+                    else:
+                        self.note(f"engine {name} started again")
+                    await self.restarts[name].wait()
+
+    def restart(self, name: str) -> None:
+        self.note(f"engine {name} SIGTERMed (graceful stop)")
+        self.restarts[name].set()
 
     def status(self, engine: str) -> dict[str, Any]:
         done = subprocess.run(
@@ -218,7 +248,8 @@ class Soak:
                 )
                 if self.random.random() < 0.3:
                     call = partial(self.msgpack_stream, client, deadline, leave_after=self.random.choice([None, 2]))
-                await self.outcomes.run(f"msgpack {engine}", call, (deadline or 120) + HANG_SLACK)
+                if await self.outcomes.run(f"msgpack {engine}", call, (deadline or 120) + HANG_SLACK) in AWAY:
+                    await trio.sleep(0.2)  # the engine is restarting: a new connection would be refused at once
 
     async def msgpack_call(self, client: AsyncClient, deadline: float | None, priority: str | None) -> str:
         await client.request("/v1/chat/completions", self.chat(), deadline=deadline, priority=priority)
@@ -233,6 +264,27 @@ class Soak:
                 chunks.close()
                 return "stream left early"
         return "stream read whole"
+
+    async def blocking_client(self, engine: str) -> None:
+        """The blocking `Client`, shared by threads as a threaded program would."""
+        client = Client(self.socket(engine), client_name="plain")
+        try:
+            async with trio.open_nursery() as threads:
+                for _ in range(3):
+                    threads.start_soon(self.blocking_calls, engine, client)
+        finally:
+            client.close()
+
+    async def blocking_calls(self, engine: str, client: Client) -> None:
+        while not self.stop.is_set():
+            call = partial(trio.to_thread.run_sync, self.blocking_call, client, self.chat(), abandon_on_cancel=True)
+            if await self.outcomes.run(f"blocking {engine}", call, 20 + HANG_SLACK) in AWAY:
+                await trio.sleep(0.2)
+
+    @staticmethod
+    def blocking_call(client: Client, body: dict[str, Any]) -> str:
+        client.request("/v1/chat/completions", body, deadline=20)
+        return "ok"
 
     def sdk(self, *, tcp_key: str | None = None) -> openai.AsyncOpenAI:
         if tcp_key is not None:
@@ -330,6 +382,8 @@ class Soak:
         self.note("bob's key replaced, SIGHUP")
         await trio.sleep(2)
         self.rotation = (await self.probe_key(old_key), await self.probe_key(BOB_NEXT_KEY))
+        await trio.sleep(max(0.0, self.seconds * 3 / 4 - (trio.current_time() - self.started)))
+        self.restart("b")
 
     async def sighups(self) -> None:
         while not self.stop.is_set():
@@ -338,8 +392,9 @@ class Soak:
             self.outcomes.counts["chaos", "SIGHUP to both engines"] += 1
 
     def signal_engines(self, sig: int) -> None:
-        for pid in self.pids:
-            os.kill(pid, sig)
+        for pid in self.pids.values():
+            with contextlib.suppress(ProcessLookupError):  # an engine being restarted
+                os.kill(pid, sig)
 
     async def probe_key(self, key: str) -> int:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.tcp_port}") as client:
@@ -352,14 +407,15 @@ class Soak:
         await self.redis.start()
         await self.start_simulator()
         try:
-            async with self.engines():
-                self.pids = [(await trio.to_thread.run_sync(self.status, name))["engine"]["pid"] for name in "ab"]
-                rss_before = [rss_mib(pid) for pid in self.pids]
+            async with trio.open_nursery() as engines:
+                for name, command in self.engine_commands().items():
+                    await engines.start(partial(self.serve, name, command))
                 self.started = trio.current_time()
                 async with trio.open_nursery() as nursery:
                     for engine in ("a", "b"):
                         for name in ("soak-desk", "soak-nightly", "plain", "plain"):
                             nursery.start_soon(self.msgpack_client, engine, name)
+                        nursery.start_soon(self.blocking_client, engine)
                     for _ in range(6):
                         nursery.start_soon(self.sdk_client, "unix")
                     for _ in range(4):
@@ -371,18 +427,26 @@ class Soak:
                     await trio.sleep(self.seconds)
                     self.stop.set()
                 self.note("load stopped; every call has ended")
-                return await self.checks(rss_before)
+                failed = await self.checks()
+                self.finished.set()
+                for restart in self.restarts.values():
+                    restart.set()
+                return failed
         finally:
             if self.simulator is not None and self.simulator.returncode is None:
                 self.simulator.kill()
             await self.redis.stop()
 
-    async def checks(self, rss_before: list[float]) -> list[str]:
+    async def checks(self) -> list[str]:
         failed = [f"{len(self.outcomes.hung)} calls hung: {collections.Counter(self.outcomes.hung)}"] * bool(
             self.outcomes.hung
         )
+        # Engine B stops gracefully (SIGTERM): its goodbye says which requests it never read, so none is in doubt.
+        in_doubt = sum(count for (_, outcome), count in self.outcomes.counts.items() if "may have run" in outcome)
+        if in_doubt:
+            failed.append(f"{in_doubt} requests lost with a connection may have run, at a graceful restart")
         secrets = [BENCH_KEY, *CLIENT_KEYS.values(), BOB_NEXT_KEY]
-        for name, pid, before in zip("ab", self.pids, rss_before, strict=True):
+        for name, pid in self.pids.items():
             status = await self.settled(name)
             engine = status["engine"]
             busy = {k: engine[k] for k in ("outstanding", "in_flight", "queued_bytes", "receiving_bytes") if engine[k]}
@@ -400,7 +464,8 @@ class Soak:
             seen = json.dumps(status) + log + await self.metrics(name)
             failed += [f"engine {name} shows a key ({key[:10]}…)" for key in secrets if key in seen]
             print(
-                f"engine {name}: accepted {engine['accepted']}, RSS {before:.0f} -> {rss_mib(pid):.0f} MiB, "
+                f"engine {name}: accepted {engine['accepted']} since its start, RSS {self.rss_at_start[name]:.0f} "
+                f"MiB then, {rss_mib(pid):.0f} MiB now; "
                 f"budget {engine['budget'].get('state')} ({engine['budget'].get('failures')} Redis failures)"
             )
         upstream = await simulator_stats(self.upstream)
