@@ -120,6 +120,16 @@ class Sink:
             await self.arrived.wait()
 
 
+def answered_after(seconds: float) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+    """An upstream that answers every request `ok_response` after ``seconds``."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(seconds)
+        return ok_response(request)
+
+    return handler
+
+
 def ok_response(request: httpx.Request) -> httpx.Response:
     return httpx.Response(
         200,
@@ -727,12 +737,8 @@ async def test_one_flooding_client_does_not_starve_another(
 async def test_shutdown_answers_queued_and_lets_in_flight_finish(
     estimator: TokenEstimator, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        await trio.sleep(2)
-        return ok_response(request)
-
     sink = Sink("a")
-    async with scheduler_with(handler, estimator, concurrency=2) as scheduler:
+    async with scheduler_with(answered_after(2), estimator, concurrency=2) as scheduler:
         for i in range(10):
             submit(scheduler, sink, chat(i))
         await trio.sleep(0.5)
@@ -749,12 +755,8 @@ async def test_a_reused_id_during_the_shutdown_is_not_taken_for_the_outstanding_
 ) -> None:
     # Regression: the shutdown's refusal came before the duplicate-id check, and carried the id: the client
     # took it for the final answer of the request still in flight under that id, which then ran on.
-    async def handler(request: httpx.Request) -> httpx.Response:
-        await trio.sleep(2)
-        return ok_response(request)
-
     sink = Sink("a")
-    async with scheduler_with(handler, estimator) as scheduler, trio.open_nursery() as nursery:
+    async with scheduler_with(answered_after(2), estimator) as scheduler, trio.open_nursery() as nursery:
         submit(scheduler, sink, chat(1))
         await trio.sleep(0.5)
         nursery.start_soon(scheduler.shutdown, 30)
