@@ -208,6 +208,9 @@ class Engine:
             # Large msgpack frames being received, and those waiting, unread, for room in that total.
             receiving_bytes=self._receiving.held,
             receiving_waiting=self._receiving.waiting,
+            # Replies not yet read by their clients, on both fronts, and the bound past which the largest is cut.
+            unsent_reply_bytes=self._unsent.total,
+            max_unsent_reply_bytes=self._unsent.max_bytes,
             socket=self.listening_on,
             http=self.http_listening_on,
             base_url=self.settings.openai.base_url,

@@ -139,6 +139,10 @@ async def test_unread_replies_on_both_fronts_share_one_bound_and_the_largest_is_
                         {"type": "submit", "id": n, "endpoint": "/v1/embeddings", "body": embeddings(100, 100 * n)}
                     )
                 await until_succeeded(engine, msgpack_requests)  # all of them held before the HTTP reply comes
+                async with await RawClient.connect(str(engine.socket)) as monitor:
+                    stats = (await monitor.request({"type": "stats", "id": "s"}))["engine"]
+                # What the socket's buffers did not take is counted, and the bound is shown with it.
+                assert 0 < stats["unsent_reply_bytes"] <= BOUND and stats["max_unsent_reply_bytes"] == BOUND
                 await http.send_all(http_post(embeddings(http_inputs)))
                 if largest == "msgpack":
                     await until_logged(engine, "disconnecting it")

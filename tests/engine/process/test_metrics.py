@@ -56,6 +56,8 @@ class FakeEngine:
             "http_requests": {"requests": 7},
             "queued_bytes": 4096,
             "max_queued_bytes": None,  # a scheduler built without the limit
+            "unsent_reply_bytes": 1500,
+            "max_unsent_reply_bytes": 1 << 30,
         }
     )
     lanes: dict[str, dict[str, Any]] = attrs.field(factory=lambda: {"gpt-4o": lane_stats()})
@@ -105,6 +107,8 @@ def test_statistics_are_read_at_scrape_time() -> None:
     assert get(samples, "trio_mapper_accepted_requests_total") == 12
     assert get(samples, "trio_mapper_queued_request_bytes") == 4096
     assert get(samples, "trio_mapper_max_queued_request_bytes") is None  # no limit: no sample, not a crash
+    assert get(samples, "trio_mapper_unsent_reply_bytes") == 1500
+    assert get(samples, "trio_mapper_max_unsent_reply_bytes") == 1 << 30
     assert get(samples, "trio_mapper_http_requests_total") == 7
     assert get(samples, "trio_mapper_lane_queued_requests", lane="gpt-4o") == 2
     assert get(samples, "trio_mapper_lane_upstream_429s_total", lane="gpt-4o") == 4

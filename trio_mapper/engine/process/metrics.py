@@ -99,6 +99,16 @@ _ENGINE_GAUGES: Final = (
         "receiving_bytes",
     ),
     ("msgpack_frames_waiting", "Large msgpack frames waiting, unread, for room in that total.", "receiving_waiting"),
+    (
+        "unsent_reply_bytes",
+        "Bytes of replies not yet written to their clients, both fronts together (msgpack queues, HTTP writes).",
+        "unsent_reply_bytes",
+    ),
+    (
+        "max_unsent_reply_bytes",
+        "The bound on unsent_reply_bytes past which the client holding the most is cut.",
+        "max_unsent_reply_bytes",
+    ),
 )
 _ENGINE_COUNTERS: Final = (
     ("accepted_requests", "Requests accepted into a lane, both fronts.", "accepted"),
