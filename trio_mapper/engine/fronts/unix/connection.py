@@ -142,14 +142,12 @@ class Connection:
         self._max_frame_bytes = max_frame_bytes
         self._codec = engine_codec()
         self._outbox: deque[bytes] = deque()
-        self._outbox_bytes = 0
-        #: Bytes the writer took from the outbox and is still sending: unsent as well, for `relay`.
-        self._sending_bytes = 0
         #: The write in progress, whose deadline is set once the client is past `OUTBOX_MAX_BYTES`.
         self._writing: trio.CancelScope | None = None
-        #: This connection's replies not yet written, counted in the engine-wide bound on unsent replies (the daemon
-        #: shares one with the HTTP front), which disconnects the client holding the most when it is passed:
-        #: the per-connection cap alone would let many slow readers hold cap x connections.
+        #: This connection's replies not yet on the socket (queued, and taken by the writer but not written), counted
+        #: in the engine-wide bound on unsent replies (the daemon shares one with the HTTP front), which disconnects
+        #: the client holding the most when it is passed: the per-connection cap alone would let many slow readers
+        #: hold cap x connections.
         self._unsent = (unsent if unsent is not None else UnsentReplies()).holder(self.stop_for_unread_replies)
         #: Bytes of large frames being received, across all connections (the daemon shares one).
         self._receiving = receiving if receiving is not None else ReceivingBytes(receiving_limit(max_frame_bytes))
@@ -190,7 +188,7 @@ class Connection:
     @property
     def unsent_bytes(self) -> int:
         """Reply bytes not yet on the socket, as the engine-wide bound counts them."""
-        return self._pending_bytes
+        return self._unsent.size
 
     def deliver(self, message: Message) -> None:
         if self._closed:
@@ -199,19 +197,13 @@ class Connection:
 
     def _enqueue(self, frame: bytes) -> None:
         self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
+        self._unsent.grow(len(frame))
         self._outbox_changed.set()
         if self._writing is not None and self._over_outbox_limit():
             self._writing.deadline = min(self._writing.deadline, trio.current_time() + OUTBOX_STALL_TIMEOUT)
-        self._unsent.grow(len(frame))
-
-    @property
-    def _pending_bytes(self) -> int:
-        """Reply bytes not yet on the socket: queued, and taken by the writer but not written."""
-        return self._outbox_bytes + self._sending_bytes
 
     def _over_outbox_limit(self) -> bool:
-        return self._pending_bytes > OUTBOX_MAX_BYTES
+        return self._unsent.size > OUTBOX_MAX_BYTES
 
     def stop_for_unread_replies(self, why: str) -> None:
         """Disconnect a client that does not read its replies (its requests are withdrawn)."""
@@ -219,7 +211,7 @@ class Connection:
             log.warning(
                 "%s has %d MiB of replies it does not read (%s); disconnecting it",
                 self.label,
-                self._pending_bytes // 2**20,
+                self._unsent.size // 2**20,
                 why,
             )
             self._scope.cancel()
@@ -232,7 +224,6 @@ class Connection:
 
     def _drop_outbox(self) -> None:
         self._outbox.clear()
-        self._outbox_bytes = 0
 
     def begin_close(self) -> None:
         """Finish writing what is queued, then close; a client that does not read gets FLUSH_TIMEOUT."""
@@ -300,16 +291,13 @@ class Connection:
             while self._outbox and len(frames) < 256:
                 frames.append(self._outbox.popleft())
             data = b"".join(frames)
-            self._outbox_bytes -= len(data)
-            # Still counted in the engine-wide bound (`_unsent`) until written: up to 256 replies, each of any
-            # size, would otherwise leave it unnoticed while the client does not read them.
-            self._sending_bytes = len(data)
+            # Still counted (`_unsent`) until written: up to 256 replies, each of any size, would otherwise leave
+            # the bounds unnoticed while the client does not read them.
             if not await self._send_in_pieces(data):
                 return self.stop_for_unread_replies(
                     f"over the {OUTBOX_MAX_BYTES // 2**20} MiB allowed per connection, and none of it read for "
                     f"{OUTBOX_STALL_TIMEOUT:.0f}s"
                 )
-            self._sending_bytes = 0
             # Set, then renewed: everyone waiting now wakes (the reader, any number of streams' relays) and
             # checks again; a waiter that replaced the event itself could orphan another waiting on the old one.
             drained, self._outbox_drained = self._outbox_drained, trio.Event()
@@ -329,7 +317,6 @@ class Connection:
             self._writing = None
             if writing.cancelled_caught:
                 return False
-            self._sending_bytes -= len(piece)
             self._unsent.shrink(len(piece))
         return True
 
@@ -385,7 +372,7 @@ class Connection:
         raw = chunk.data.encode()
         data = raw if self._json_bodies else decode_body(raw)
         self._enqueue(self._codec.encode(WireChunk(id=cast(RequestId, request_id), data=data, event=chunk.event)))
-        while self._pending_bytes > STREAM_HIGH_WATER_BYTES and not self._closed:
+        while self._unsent.size > STREAM_HIGH_WATER_BYTES and not self._closed:
             await self._outbox_drained.wait()
 
     def _render_body(self, body: ReplyBody) -> Any:
@@ -534,7 +521,7 @@ class Connection:
 
     async def _wait_for_outbox_to_drain(self) -> None:
         while not self._closed and (
-            len(self._outbox) > OUTBOX_HIGH_WATER // 2 or self._pending_bytes > OUTBOX_MAX_BYTES // 2
+            len(self._outbox) > OUTBOX_HIGH_WATER // 2 or self._unsent.size > OUTBOX_MAX_BYTES // 2
         ):
             await self._outbox_drained.wait()
 
