@@ -73,10 +73,10 @@ from trio_mapper.wire import RequestId, Result, Welcome
 
 #: The writer joins queued frames into one write up to about this many bytes (fewer system calls).
 _WRITE_BATCH_BYTES: Final = 1024 * 1024
-#: The connection errors anyio streams raise once the peer or our side is gone.
 #: After a failed write, how long the reader has to read the engine's last frames before the write's failure
 #: closes the connection (the engine's close follows them at once: this is only a bound).
 LAST_WORDS_TIMEOUT: Final = 1.0
+#: The connection errors anyio streams raise once the peer or our side is gone.
 _STREAM_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
 

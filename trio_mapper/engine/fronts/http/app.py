@@ -138,16 +138,13 @@ class _Refusal(Exception):
         param: str | None = None,
         *,
         retry_after: int | None = None,
-        allow: str | None = None,
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         #: None: final (x-should-retry: false); seconds: the same request may succeed after them.
         self.retry_after = retry_after
-        #: A 405's ``Allow`` header (RFC 9110 requires one): the methods the path takes.
-        self.allow = allow
-        #: Any other header the status calls for (a 415's ``Accept-Encoding``).
+        #: Any other header the status calls for (a 405's ``Allow``, a 401's ``WWW-Authenticate``…).
         self.extra_headers = list(extra_headers)
 
     @classmethod
@@ -157,12 +154,12 @@ class _Refusal(Exception):
             f"{path} takes {allowed.replace(', ', ' or ')}, not {method}",
             "invalid_request_error",
             "method_not_allowed",
-            allow=allowed,
+            # RFC 9110 requires it on a 405: the methods the path takes.
+            extra_headers=[(b"allow", allowed.encode())],
         )
 
     def headers(self) -> Headers:
-        headers = retry_headers(self.retry_after) + self.extra_headers
-        return headers if self.allow is None else [*headers, (b"allow", self.allow.encode())]
+        return retry_headers(self.retry_after) + self.extra_headers
 
 
 @attrs.frozen
