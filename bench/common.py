@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -192,3 +193,11 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def redis_server_executable() -> str:
+    """The ``redis-server`` executable, for the benches of the shared budget; exits saying how to install it."""
+    path = shutil.which("redis-server")
+    if path is None:
+        raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+    return path

@@ -51,7 +51,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import chat_body, engine_process, pct, simulator_process, simulator_stats
+from common import chat_body, engine_process, pct, redis_server_executable, simulator_process, simulator_stats
 from redis_fixtures import RedisServer, cuttable_link  # the tests' redis-server; SIGKILL, restart, partition
 
 from trio_mapper import AsyncClient
@@ -71,9 +71,7 @@ class Redis:
     """A redis-server on a Unix socket in its own temporary directory, nothing persisted."""
 
     def __init__(self) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+        executable = redis_server_executable()
         self.directory = Path(tempfile.mkdtemp(prefix="tmb-redis-", dir="/tmp"))
         self.server = RedisServer(executable, self.directory)
 

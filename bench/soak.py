@@ -65,7 +65,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import BENCH_KEY, free_port, rss_mib, serving_process, simulator_stats
+from common import BENCH_KEY, free_port, redis_server_executable, rss_mib, serving_process, simulator_stats
 from redis_fixtures import RedisServer  # the tests' redis-server: SIGKILL and start again on one socket
 
 from trio_mapper import AsyncClient, Client, ConnectionLost, TrioMapperError
@@ -143,7 +143,7 @@ class Soak:
         self.upstream = f"http://127.0.0.1:{self.simulator_port}/v1"
         self.simulator: trio.Process | None = None
         (directory / "redis").mkdir()
-        self.redis = RedisServer(redis_executable(), directory / "redis")
+        self.redis = RedisServer(redis_server_executable(), directory / "redis")
         self.started = 0.0
         self.pids: dict[str, int] = {}
         self.rss_at_start: dict[str, float] = {}
@@ -502,13 +502,6 @@ class Soak:
 def write_keys(path: Path, keys: dict[str, str]) -> None:
     path.write_text("[keys]\n" + "".join(f'{name} = "{key}"\n' for name, key in keys.items()))
     path.chmod(0o600)
-
-
-def redis_executable() -> str:
-    path = shutil.which("redis-server")
-    if path is None:
-        raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
-    return path
 
 
 async def main(args: argparse.Namespace) -> int:
