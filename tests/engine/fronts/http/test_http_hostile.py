@@ -228,6 +228,7 @@ async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from
             engine.process.send_signal(signal.SIGTERM)
             with trio.fail_after(20):  # the grace period, the flush time (5 s), then the write is cut
                 assert await engine.process.wait() == 0
+        assert "flush time (5s) is up: cut 1 replies still being written" in engine.log
 
 
 async def closed_by_engine(stream: trio.SocketStream) -> bool:

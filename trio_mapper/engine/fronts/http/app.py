@@ -570,11 +570,13 @@ class OpenAIApp:
             headers = _upstream_headers(event.headers) + budget + _engine_headers(event.timings.queued, event.attempts)
             return await _reply(send, event.status, headers, event.body.content)
         if event.kind is ErrorKind.TIMEOUT and spec.patience is not None:
-            # The SDK user set a timeout, never a deadline: say where the engine's came from.
-            margin = spec.patience - (spec.deadline or 0)
+            # The SDK user set a timeout, never a deadline: say where the engine's came from. True of both times
+            # the message may name: the deadline (the request waited) and the SDK's timeout (it was in flight).
+            last_start = spec.deadline if spec.deadline is not None else spec.patience
             explained = (
-                f"{event.message}. That time is the SDK's timeout ({spec.patience:g}s) less {margin:.3g}s, so that "
-                "this answer reaches the SDK before it gives up"
+                f"{event.message}. The engine took its time from the SDK's timeout ({spec.patience:g}s): it starts "
+                f"no upstream attempt later than {last_start:.3g}s after the request arrived, so that its answer "
+                "reaches the SDK before the SDK gives up, and lets an attempt already sent run until then"
             )
             event = attrs.evolve(event, message=explained)
         status, headers, body = render_failure(event)

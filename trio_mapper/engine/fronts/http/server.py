@@ -164,12 +164,10 @@ class _TCPServer(TCPServer):
                 finally:
                     self._sending.remove(writing)
             if writing.cancelled_caught:
-                # Part of the write may be out: the connection cannot carry anything more.
-                log.info(
-                    "http: a client read none of its reply for %.0fs, its reply was cut to bound the unsent "
-                    "replies of both fronts, or the engine is stopping; closed",
-                    SEND_STALL_TIMEOUT,
-                )
+                # Part of the write may be out: the connection cannot carry anything more. A cut by the
+                # unsent-reply bound or by shutdown was logged with its reason by whoever cut it.
+                if trio.current_time() >= writing.deadline:
+                    log.info("http: a client read none of its reply for %.0fs; closed", SEND_STALL_TIMEOUT)
                 await trio.aclose_forcefully(self.stream)
                 await self.protocol.handle(Closed())
         finally:
@@ -200,6 +198,12 @@ class ReplyWrites:
             holder.release()
 
     def cut_all(self) -> None:
+        if self._writes:
+            log.warning(
+                "http: shutdown's flush time (%.0fs) is up: cut %d replies still being written",
+                FLUSH_TIMEOUT,
+                len(self._writes),
+            )
         for write in self._writes:
             write.cancel()
 
