@@ -365,18 +365,12 @@ class _CheckFormatter(logging.Formatter):
 
 
 def _report_to_stderr(secrets: list[str]) -> None:
-    """Messages go to stderr through the engine's own filters: secrets redacted, client text bounded."""
-    from trio_mapper.engine.process.logs import BoundClientText, RedactSecrets
+    """Messages go to stderr through the engine's own filters: secrets redacted, client text bounded. Installed
+    again as more secrets become known (the key, then the client keys)."""
+    from trio_mapper.engine.process.logs import configure_logging
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_CheckFormatter())
-    handler.addFilter(RedactSecrets(secrets))
-    handler.addFilter(BoundClientText())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    # Whatever log_level says: what start-up logs at INFO about the layers (an overridden value) is the point.
-    logging.getLogger("trio_mapper").setLevel(logging.INFO)
+    # INFO whatever log_level says: what start-up logs at INFO about the layers (an overridden value) is the point.
+    configure_logging("INFO", _CheckFormatter(), secrets=secrets)
 
 
 def run_check_config(args: argparse.Namespace) -> int:

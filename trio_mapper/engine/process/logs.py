@@ -147,9 +147,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: str, *, secrets: list[str]) -> None:
+def configure_logging(level: str, fmt: str | logging.Formatter, *, secrets: list[str]) -> None:
+    """Everything to stderr (the journal, under systemd), in ``fmt`` (``text``, ``json`` or a formatter of the
+    caller's), with the secrets redacted. Called again, it replaces what it installed before."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    if isinstance(fmt, str):
+        fmt = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(fmt)
     # In this order: the key is redacted from the whole text before anything is cut.
     handler.addFilter(RedactSecrets(secrets))
     handler.addFilter(BoundClientText())
