@@ -70,6 +70,12 @@ from trio_mapper.engine.upstream.ratelimit_headers import budget_headers
 
 log = logging.getLogger("trio_mapper.engine")
 
+
+class SettingRefused(ListenerError):
+    """A setting found wrong only when the engine used it (the HTTP keys file, Redis's credentials): a settings
+    error like those read before start-up, so the CLI exits with the same status (2), which the systemd unit
+    does not restart: a restart every 2 s cannot mend it."""
+
 #: The most open files the engine asks for (the kernel's default ceiling, fs.nr_open, is 1,048,576).
 MAX_OPEN_FILES: Final = 1 << 20
 
@@ -437,13 +443,13 @@ class Engine:
         """A shared budget whose Redis refuses the password is a mistake to fix, not an outage to wait out.
 
         Raises:
-            ListenerError: Redis refused the credentials (the engine does not start).
+            SettingRefused: Redis refused the credentials (the engine does not start).
         """
         if self.shared_budget is not None:
             try:
                 await check_credentials(self.shared_budget.settings)
             except BudgetRefused as exc:
-                raise ListenerError(str(exc)) from None
+                raise SettingRefused(str(exc)) from None
 
     async def _open_listener(self) -> tuple[trio.SocketListener, OwnedSocketFile | None]:
         """systemd's socket when it passed one, else our own at --socket (then None: nothing of ours to remove).
@@ -476,13 +482,14 @@ class Engine:
         """The HTTP front's Unix socket (beside ours, same rules) and loopback port, and its client keys.
 
         Raises:
-            ListenerError: a socket cannot be created, or the keys file cannot be used.
+            ListenerError: a socket cannot be created.
+            SettingRefused: the keys file cannot be used.
         """
         server = self.settings.server
         try:
             self._http_keys = load_client_keys(server)
         except KeysError as exc:
-            raise ListenerError(str(exc)) from None
+            raise SettingRefused(str(exc)) from None
         path = server.http_socket_path
         if any(transport == "unix" for _, transport in self._http_listeners):
             # _open_listener took the HTTP socket systemd passed (fd named "http"): it wins over the settings,

@@ -293,7 +293,7 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     early_signals = _record_engine_signals()
     import trio
 
-    from trio_mapper.engine.daemon import Engine
+    from trio_mapper.engine.daemon import Engine, SettingRefused
     from trio_mapper.engine.estimate.tokens import TokenEstimator
     from trio_mapper.engine.fronts.unix.listener import ListenerError
     from trio_mapper.engine.process.logs import RedactSecrets, configure_logging
@@ -329,6 +329,9 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     )
     try:
         trio.run(engine.serve)
+    except SettingRefused as exc:
+        print(f"trio-mapper launch-engine: {exc}", file=sys.stderr)
+        return 2
     except ListenerError as exc:
         print(f"trio-mapper launch-engine: {exc}", file=sys.stderr)
         return 1
