@@ -205,6 +205,53 @@ async def test_http2_a_body_arriving_after_its_reply_does_not_end_the_connection
         assert status == 200 and json.loads(body)["choices"]
 
 
+async def test_http2_requests_hypercorn_cannot_read_are_reset_alone(short_tmp: Path) -> None:
+    """A plain CONNECT (no :path), or a :path or :method that is not ASCII: hypercorn failed on each, and any
+    client, keyless on the port too, ended its connection with every other request on it and had a traceback
+    logged at ERROR, as often as it liked."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    base = [(b":scheme", b"http"), (b":authority", b"engine")]
+    malformed = {
+        1: [(b":method", b"CONNECT"), (b":authority", b"other.host:443")],
+        3: [(b":method", b"GET"), *base, (b":path", "/v1/models/café".encode())],
+        5: [(b":method", "GÉT".encode()), *base, (b":path", b"/healthz")],
+    }
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                for stream_id, headers in malformed.items():
+                    connection.send_headers(stream_id, headers, end_stream=True)
+                connection.send_headers(7, [(b":method", b"GET"), *base, (b":path", b"/healthz")], end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                reset: dict[int, int] = {}
+                headers: dict[bytes, bytes] = {}
+                body, ended = b"", False
+                while len(reset) < len(malformed) or not ended:
+                    data = await stream.receive_some(65536)
+                    assert data, "the engine closed the connection"
+                    for event in connection.receive_data(data):
+                        if isinstance(event, h2.events.StreamReset):
+                            reset[event.stream_id] = event.error_code
+                        elif isinstance(event, h2.events.ResponseReceived):
+                            headers = dict(event.headers)
+                        elif isinstance(event, h2.events.DataReceived):
+                            body += event.data
+                        ended = ended or isinstance(event, h2.events.StreamEnded)
+        log = engine.log
+    assert reset == dict.fromkeys(malformed, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    # The same connection serves its well-formed request.
+    assert headers[b":status"] == b"200" and json.loads(body) == {"status": "ok"}
+    assert "unexpected error" not in log and "Traceback" not in log
+
+
 async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from_stopping(short_tmp: Path) -> None:
     """hypercorn's writes wait for ever, shielded from cancellation: an unread reply of megabytes held its
     connection and buffers, and SIGTERM (twice) left the engine running until the client went away."""

@@ -282,7 +282,20 @@ class _H2Protocol(H2Protocol):
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 continue
+            if isinstance(event, h2.events.RequestReceived) and not _can_make_stream(event.headers or []):
+                # Refused as HTTP/2 refuses a malformed request (RFC 9113 8.1.1): its stream alone is reset.
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                continue
             yield event
+
+
+def _can_make_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether hypercorn 0.18 can make a stream of a request with these headers. It fails (UnboundLocalError,
+    UnicodeDecodeError) on a plain CONNECT, which has no :path, and on a :method or :path that is not ASCII:
+    any client, a keyless one on the TCP port too, ended its connection with every other request on it, and
+    had a traceback logged each time."""
+    pseudo = {name: value for name, value in headers if name in {b":method", b":path"}}
+    return b":path" in pseudo and all(value.isascii() for value in pseudo.values())
 
 
 # `ProtocolWrapper` looks the class up by this name each time a connection turns out to speak HTTP/2.
