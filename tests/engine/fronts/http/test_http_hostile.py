@@ -252,6 +252,29 @@ async def test_http2_requests_hypercorn_cannot_read_are_reset_alone(short_tmp: P
     assert "unexpected error" not in log and "Traceback" not in log
 
 
+async def test_http2_priority_frames_naming_many_streams_are_ignored(short_tmp: Path) -> None:
+    """hypercorn kept every stream a PRIORITY frame named, opened or not, in a tree that raised at its 1,001st:
+    any client, keyless on the port too, ended its connection and had a traceback logged at ERROR."""
+    import h2.config
+    import h2.connection
+
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                for stream_id in range(3, 3 + 2 * 1001, 2):  # streams never opened
+                    connection.prioritize(stream_id, weight=16, depends_on=0)
+                headers = [(":method", "GET"), (":scheme", "http"), (":authority", "engine"), (":path", "/healthz")]
+                connection.send_headers(1, headers, end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                status, body = await h2_exchange(stream, connection, 1)
+        log = engine.log
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    assert "unexpected error" not in log and "Traceback" not in log
+
+
 async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from_stopping(short_tmp: Path) -> None:
     """hypercorn's writes wait for ever, shielded from cancellation: an unread reply of megabytes held its
     connection and buffers, and SIGTERM (twice) left the engine running until the client went away."""

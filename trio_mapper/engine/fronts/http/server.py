@@ -272,6 +272,12 @@ class _H2Protocol(H2Protocol):
         await self._window_updated(stream_id)  # hypercorn's sender then forgets the stream's buffer
         await self._flush()
 
+    async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
+        """Ignored, as RFC 9113 (5.3.2) lets a server ignore the priorities it deprecates. hypercorn 0.18 kept
+        each stream a PRIORITY frame named, opened or not (and each stream one depends on), in a tree that
+        raises at its 1,001st: any client, keyless on the TCP port too, ended its connection with a traceback
+        logged at ERROR each time. (hypercorn already left out the priorities that HEADERS frames carry.)"""
+
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         await super()._handle_events(cast(list[h2.events.Event], self._for_open_streams(events)))
 
