@@ -100,6 +100,28 @@ async def test_a_header_the_upstream_cannot_carry_is_refused_before_admission(sh
     assert stats["engine"]["accepted"] == 0  # refused before admission: nothing charged to the budget
 
 
+async def test_two_authorization_headers_are_refused_whichever_holds_the_key(short_tmp: Path) -> None:
+    """Only the last counted: a wrong key before a right one got in, a right key before a wrong one was refused
+    as missing."""
+    right, wrong = b"Authorization: Bearer " + CLIENT_KEY.encode(), b"Authorization: Bearer tm-wrong-0123456789abcdef"
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        replies = []
+        for pair in ((right, wrong), (wrong, right)):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(post(CHAT, *pair))
+                reply = b""
+                while chunk := await stream.receive_some(65536):
+                    reply += chunk
+            replies.append(status_and_error(reply))
+        stats = await engine_stats(engine)
+    for status, headers, error in replies:
+        assert status == 401 and headers["x-should-retry"] == "false" and "www-authenticate" in headers
+        assert error["code"] == "invalid_api_key"
+        assert str(error["message"]).startswith("more than one Authorization header: send one Authorization: Bearer")
+    assert stats["engine"]["accepted"] == 0 and stats["engine"]["http_requests"]["unauthorized"] == 2
+
+
 async def test_a_body_nested_too_deeply_is_a_400(short_tmp: Path) -> None:
     async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
         reply = await raw_http(http_socket(engine), post(b"[" * 100_000))
