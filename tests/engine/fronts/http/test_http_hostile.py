@@ -89,6 +89,25 @@ async def test_a_connection_closed_in_the_middle_of_its_reply_is_released_at_onc
                 await trio.sleep(0.05)
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_closing_the_writing_half_after_a_request_withdraws_it(short_tmp: Path, transport: str) -> None:
+    """As docs/http.md says (and protocol.md for the msgpack socket): the engine cannot tell a half-close from a
+    close on TCP, and a client that left must not keep its request spending the budget."""
+    request = post(CHAT, b"Authorization: Bearer " + CLIENT_KEY.encode())
+    async with simulator(latency_ms=2000.0) as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        if transport == "unix":
+            stream: trio.SocketStream = await trio.open_unix_socket(http_socket(engine))
+        else:
+            stream = await trio.open_tcp_stream("127.0.0.1", int(tcp_url.rsplit(":", 1)[1].split("/")[0]))
+        async with stream:
+            await stream.send_all(request)
+            await stream.send_eof()
+            with trio.fail_after(10):
+                assert await stream.receive_some(65536) == b""  # closed without a reply
+        stats = (await engine_stats(engine))["engine"]
+    assert stats["http_requests"]["disconnected"] == 1 and stats["outstanding"] == 0
+
+
 async def test_a_header_the_upstream_cannot_carry_is_refused_before_admission(short_tmp: Path) -> None:
     async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
         reply = await raw_http(http_socket(engine), post(CHAT, "OpenAI-Beta: café".encode()))
