@@ -6,6 +6,7 @@ admit nothing it cannot send, and hold no resource for a client that has gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -314,6 +315,50 @@ async def test_http2_priority_frames_naming_many_streams_are_ignored(short_tmp: 
         log = engine.log
     assert status == 200 and json.loads(body) == {"status": "ok"}
     assert "unexpected error" not in log and "Traceback" not in log
+
+
+async def test_http2_a_header_block_is_held_no_larger_than_the_header_list_allowed(short_tmp: Path) -> None:
+    """h2 gathered up to 64 frames (1 MiB) of one header block before refusing it: keyless connections, each
+    alive 10 s, held gigabytes between them, where HTTP/1.1's hold 16 KiB. Past the 64 KiB hypercorn announces
+    as the largest header list, the connection is now refused (GOAWAY) as soon as the block outgrows it."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+    import hyperframe.frame
+
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        config = h2.config.H2Configuration(client_side=True)
+        # A header block spread over CONTINUATION frames, within the header list allowed: served.
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        padding = ("x-padding", "".join(f"{n:08x}" for n in range(5000)))  # 40 KB, HPACK cannot shrink it much
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                headers = [(":method", "GET"), (":scheme", "http"), (":authority", "engine"), (":path", "/healthz")]
+                connection.send_headers(1, [*headers, padding], end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                status, _ = await h2_exchange(stream, connection, 1)
+        assert status == 200
+        # A header block that never ends.
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        opening = hyperframe.frame.HeadersFrame(1, data=b"\x82")  # :method GET, and no END_HEADERS
+        continuation = hyperframe.frame.ContinuationFrame(1, data=bytes(16384))
+        terminated: list[h2.events.ConnectionTerminated] = []
+        with trio.fail_after(30):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                with contextlib.suppress(trio.BrokenResourceError):  # refused before it has all been sent
+                    await stream.send_all(
+                        connection.data_to_send() + opening.serialize() + continuation.serialize() * 63
+                    )
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while data := await stream.receive_some(65536):
+                        events = connection.receive_data(data)
+                        terminated += [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert [event.error_code for event in terminated] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+        assert engine.process.returncode is None and "Traceback" not in engine.log
 
 
 async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from_stopping(short_tmp: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, cast
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import hypercorn.protocol
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -306,6 +307,16 @@ def _can_make_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 
 # `ProtocolWrapper` looks the class up by this name each time a connection turns out to speak HTTP/2.
 hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]
+
+#: The most frames (HEADERS, then CONTINUATIONs) h2 gathers into one header block, which it holds whole until
+#: the block ends; past it, the connection is closed. h2's default, 64 frames of 16 KiB (hypercorn's largest
+#: inbound frame), let each connection hold a megabyte: keyless TCP connections, which may each live 10 s
+#: (`TcpGate`), held gigabytes between them, where HTTP/1.1's hold 16 KiB (h11's incomplete-event limit). Four
+#: frames carry any header list within the 64 KiB hypercorn announces (SETTINGS_MAX_HEADER_LIST_SIZE), which
+#: HPACK only makes smaller. Read by h2 each time; the engine's only HTTP/2 is its front's (httpx upstream is
+#: HTTP/1.1).
+MAX_HEADER_BLOCK_FRAMES: Final = 4
+h2.frame_buffer.CONTINUATION_BACKLOG = MAX_HEADER_BLOCK_FRAMES
 
 
 class HttpServer:
