@@ -313,7 +313,7 @@ hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]
 #: inbound frame), let each connection hold a megabyte: keyless TCP connections, which may each live 10 s
 #: (`TcpGate`), held gigabytes between them, where HTTP/1.1's hold 16 KiB (h11's incomplete-event limit). Four
 #: frames carry any header list within the 64 KiB hypercorn announces (SETTINGS_MAX_HEADER_LIST_SIZE), which
-#: HPACK only makes smaller. Read by h2 each time; the engine's only HTTP/2 is its front's (httpx upstream is
+#: HPACK never makes larger. Read by h2 each time; the engine's only HTTP/2 is its front's (httpx upstream is
 #: HTTP/1.1).
 MAX_HEADER_BLOCK_FRAMES: Final = 4
 h2.frame_buffer.CONTINUATION_BACKLOG = MAX_HEADER_BLOCK_FRAMES
