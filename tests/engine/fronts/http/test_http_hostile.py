@@ -6,6 +6,7 @@ admit nothing it cannot send, and hold no resource for a client that has gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -89,6 +90,25 @@ async def test_a_connection_closed_in_the_middle_of_its_reply_is_released_at_onc
                 await trio.sleep(0.05)
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_closing_the_writing_half_after_a_request_withdraws_it(short_tmp: Path, transport: str) -> None:
+    """As docs/http.md says (and protocol.md for the msgpack socket): the engine cannot tell a half-close from a
+    close on TCP, and a client that left must not keep its request spending the budget."""
+    request = post(CHAT, b"Authorization: Bearer " + CLIENT_KEY.encode())
+    async with simulator(latency_ms=2000.0) as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        if transport == "unix":
+            stream: trio.SocketStream = await trio.open_unix_socket(http_socket(engine))
+        else:
+            stream = await trio.open_tcp_stream("127.0.0.1", int(tcp_url.rsplit(":", 1)[1].split("/")[0]))
+        async with stream:
+            await stream.send_all(request)
+            await stream.send_eof()
+            with trio.fail_after(10):
+                assert await stream.receive_some(65536) == b""  # closed without a reply
+        stats = (await engine_stats(engine))["engine"]
+    assert stats["http_requests"]["disconnected"] == 1 and stats["outstanding"] == 0
+
+
 async def test_a_header_the_upstream_cannot_carry_is_refused_before_admission(short_tmp: Path) -> None:
     async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
         reply = await raw_http(http_socket(engine), post(CHAT, "OpenAI-Beta: café".encode()))
@@ -98,6 +118,28 @@ async def test_a_header_the_upstream_cannot_carry_is_refused_before_admission(sh
     assert error["code"] == "invalid_request" and "openai-beta" in str(error["message"]).lower()
     assert stats["engine"]["internal_errors"] == 0
     assert stats["engine"]["accepted"] == 0  # refused before admission: nothing charged to the budget
+
+
+async def test_two_authorization_headers_are_refused_whichever_holds_the_key(short_tmp: Path) -> None:
+    """Only the last counted: a wrong key before a right one got in, a right key before a wrong one was refused
+    as missing."""
+    right, wrong = b"Authorization: Bearer " + CLIENT_KEY.encode(), b"Authorization: Bearer tm-wrong-0123456789abcdef"
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        replies = []
+        for pair in ((right, wrong), (wrong, right)):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(post(CHAT, *pair))
+                reply = b""
+                while chunk := await stream.receive_some(65536):
+                    reply += chunk
+            replies.append(status_and_error(reply))
+        stats = await engine_stats(engine)
+    for status, headers, error in replies:
+        assert status == 401 and headers["x-should-retry"] == "false" and "www-authenticate" in headers
+        assert error["code"] == "invalid_api_key"
+        assert str(error["message"]).startswith("more than one Authorization header: send one Authorization: Bearer")
+    assert stats["engine"]["accepted"] == 0 and stats["engine"]["http_requests"]["unauthorized"] == 2
 
 
 async def test_a_body_nested_too_deeply_is_a_400(short_tmp: Path) -> None:
@@ -203,6 +245,120 @@ async def test_http2_a_body_arriving_after_its_reply_does_not_end_the_connection
                 await stream.send_all(connection.data_to_send())
                 status, body = await h2_exchange(stream, connection, 3)
         assert status == 200 and json.loads(body)["choices"]
+
+
+async def test_http2_requests_hypercorn_cannot_read_are_reset_alone(short_tmp: Path) -> None:
+    """A plain CONNECT (no :path), or a :path or :method that is not ASCII: hypercorn failed on each, and any
+    client, keyless on the port too, ended its connection with every other request on it and had a traceback
+    logged at ERROR, as often as it liked."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    base = [(b":scheme", b"http"), (b":authority", b"engine")]
+    malformed = {
+        1: [(b":method", b"CONNECT"), (b":authority", b"other.host:443")],
+        3: [(b":method", b"GET"), *base, (b":path", "/v1/models/café".encode())],
+        5: [(b":method", "GÉT".encode()), *base, (b":path", b"/healthz")],
+    }
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                for stream_id, headers in malformed.items():
+                    connection.send_headers(stream_id, headers, end_stream=True)
+                connection.send_headers(7, [(b":method", b"GET"), *base, (b":path", b"/healthz")], end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                reset: dict[int, int] = {}
+                headers: dict[bytes, bytes] = {}
+                body, ended = b"", False
+                while len(reset) < len(malformed) or not ended:
+                    data = await stream.receive_some(65536)
+                    assert data, "the engine closed the connection"
+                    for event in connection.receive_data(data):
+                        if isinstance(event, h2.events.StreamReset):
+                            reset[event.stream_id] = event.error_code
+                        elif isinstance(event, h2.events.ResponseReceived):
+                            headers = dict(event.headers)
+                        elif isinstance(event, h2.events.DataReceived):
+                            body += event.data
+                        ended = ended or isinstance(event, h2.events.StreamEnded)
+        log = engine.log
+    assert reset == dict.fromkeys(malformed, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    # The same connection serves its well-formed request.
+    assert headers[b":status"] == b"200" and json.loads(body) == {"status": "ok"}
+    assert "unexpected error" not in log and "Traceback" not in log
+
+
+async def test_http2_priority_frames_naming_many_streams_are_ignored(short_tmp: Path) -> None:
+    """hypercorn kept every stream a PRIORITY frame named, opened or not, in a tree that raised at its 1,001st:
+    any client, keyless on the port too, ended its connection and had a traceback logged at ERROR."""
+    import h2.config
+    import h2.connection
+
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                for stream_id in range(3, 3 + 2 * 1001, 2):  # streams never opened
+                    connection.prioritize(stream_id, weight=16, depends_on=0)
+                headers = [(":method", "GET"), (":scheme", "http"), (":authority", "engine"), (":path", "/healthz")]
+                connection.send_headers(1, headers, end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                status, body = await h2_exchange(stream, connection, 1)
+        log = engine.log
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    assert "unexpected error" not in log and "Traceback" not in log
+
+
+async def test_http2_a_header_block_is_held_no_larger_than_the_header_list_allowed(short_tmp: Path) -> None:
+    """h2 gathered up to 64 frames (1 MiB) of one header block before refusing it: keyless connections, each
+    alive 10 s, held gigabytes between them, where HTTP/1.1's hold 16 KiB. Past the 64 KiB hypercorn announces
+    as the largest header list, the connection is now refused (GOAWAY) as soon as the block outgrows it."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+    import hyperframe.frame
+
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        config = h2.config.H2Configuration(client_side=True)
+        # A header block spread over CONTINUATION frames, within the header list allowed: served.
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        padding = ("x-padding", "".join(f"{n:08x}" for n in range(5000)))  # 40 KB, HPACK cannot shrink it much
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                headers = [(":method", "GET"), (":scheme", "http"), (":authority", "engine"), (":path", "/healthz")]
+                connection.send_headers(1, [*headers, padding], end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                status, _ = await h2_exchange(stream, connection, 1)
+        assert status == 200
+        # A header block that never ends.
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        opening = hyperframe.frame.HeadersFrame(1, data=b"\x82")  # :method GET, and no END_HEADERS
+        continuation = hyperframe.frame.ContinuationFrame(1, data=bytes(16384))
+        terminated: list[h2.events.ConnectionTerminated] = []
+        with trio.fail_after(30):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                with contextlib.suppress(trio.BrokenResourceError):  # refused before it has all been sent
+                    await stream.send_all(
+                        connection.data_to_send() + opening.serialize() + continuation.serialize() * 63
+                    )
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while data := await stream.receive_some(65536):
+                        events = connection.receive_data(data)
+                        terminated += [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert [event.error_code for event in terminated] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+        assert engine.process.returncode is None and "Traceback" not in engine.log
 
 
 async def test_a_client_that_never_reads_its_reply_does_not_keep_the_engine_from_stopping(short_tmp: Path) -> None:

@@ -435,7 +435,10 @@ class OpenAIApp:
             return _Caller(turns, who, f"http {peer.label if peer is not None else who}", client)
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         name = self.keys.identify(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
-        if name is None:
+        # `headers` keeps the last of repeated ones: with two, a right key after a wrong one would let it in, and
+        # one before it be refused as missing, when nothing says which the client meant.
+        repeated = sum(field == b"authorization" for field, _ in scope["headers"]) > 1
+        if name is None or repeated:
             self.stats.unauthorized += 1
             # Anyone may knock on the port: one line per interval, not one per request, or the log floods.
             if (count := self._unauthorized.count()) is not None:
@@ -446,8 +449,9 @@ class OpenAIApp:
                 )
             raise _Refusal(
                 401,
-                "missing or unknown client key: send Authorization: Bearer <key> with a key from the engine's "
-                "keys file (over the Unix socket no key is needed)",
+                f"{'more than one Authorization header' if repeated else 'missing or unknown client key'}: send one "
+                "Authorization: Bearer <key> header with a key from the engine's keys file (over the Unix socket no "
+                "key is needed)",
                 "invalid_request_error",
                 "invalid_api_key",
                 # RFC 9110 requires it on a 401: the scheme the key goes in (clients that ask first read it).

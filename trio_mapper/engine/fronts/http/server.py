@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, cast
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import hypercorn.protocol
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -272,6 +273,12 @@ class _H2Protocol(H2Protocol):
         await self._window_updated(stream_id)  # hypercorn's sender then forgets the stream's buffer
         await self._flush()
 
+    async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
+        """Ignored, as RFC 9113 (5.3.2) lets a server ignore the priorities it deprecates. hypercorn 0.18 kept
+        each stream a PRIORITY frame named, opened or not (and each stream one depends on), in a tree that
+        raises at its 1,001st: any client, keyless on the TCP port too, ended its connection with a traceback
+        logged at ERROR each time. (hypercorn already left out the priorities that HEADERS frames carry.)"""
+
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         await super()._handle_events(cast(list[h2.events.Event], self._for_open_streams(events)))
 
@@ -282,11 +289,34 @@ class _H2Protocol(H2Protocol):
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 continue
+            if isinstance(event, h2.events.RequestReceived) and not _can_make_stream(event.headers or []):
+                # Refused as HTTP/2 refuses a malformed request (RFC 9113 8.1.1): its stream alone is reset.
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                continue
             yield event
+
+
+def _can_make_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether hypercorn 0.18 can make a stream of a request with these headers. It fails (UnboundLocalError,
+    UnicodeDecodeError) on a plain CONNECT, which has no :path, and on a :method or :path that is not ASCII:
+    any client, a keyless one on the TCP port too, ended its connection with every other request on it, and
+    had a traceback logged each time."""
+    pseudo = {name: value for name, value in headers if name in {b":method", b":path"}}
+    return b":path" in pseudo and all(value.isascii() for value in pseudo.values())
 
 
 # `ProtocolWrapper` looks the class up by this name each time a connection turns out to speak HTTP/2.
 hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]
+
+#: The most frames (HEADERS, then CONTINUATIONs) h2 gathers into one header block, which it holds whole until
+#: the block ends; past it, the connection is closed. h2's default, 64 frames of 16 KiB (hypercorn's largest
+#: inbound frame), let each connection hold a megabyte: keyless TCP connections, which may each live 10 s
+#: (`TcpGate`), held gigabytes between them, where HTTP/1.1's hold 16 KiB (h11's incomplete-event limit). Four
+#: frames carry any header list within the 64 KiB hypercorn announces (SETTINGS_MAX_HEADER_LIST_SIZE), which
+#: HPACK never makes larger. Read by h2 each time; the engine's only HTTP/2 is its front's (httpx upstream is
+#: HTTP/1.1).
+MAX_HEADER_BLOCK_FRAMES: Final = 4
+h2.frame_buffer.CONTINUATION_BACKLOG = MAX_HEADER_BLOCK_FRAMES
 
 
 class HttpServer:
