@@ -76,6 +76,7 @@ class SettingRefused(ListenerError):
     error like those read before start-up, so the CLI exits with the same status (2), which the systemd unit
     does not restart: a restart every 2 s cannot mend it."""
 
+
 #: The most open files the engine asks for (the kernel's default ceiling, fs.nr_open, is 1,048,576).
 MAX_OPEN_FILES: Final = 1 << 20
 
