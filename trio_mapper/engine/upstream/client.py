@@ -18,7 +18,8 @@ import attrs
 import httpx
 import msgspec
 import trio
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import ServerSentEvent
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from trio_mapper._version import __version__
 from trio_mapper.bodies import decode_body
@@ -78,6 +79,10 @@ MAX_ENDPOINT_CHARS: Final = 1024
 
 class InvalidEndpoint(ValueError):
     """The endpoint is not a relative API path; the message says what a valid one looks like."""
+
+
+class ReplyTooLarge(httpx.DecodingError):
+    """The upstream's reply (a whole body, or one event of a stream) is larger, decoded, than the engine holds."""
 
 
 class InvalidHeader(ValueError):
@@ -284,6 +289,16 @@ MIN_REDACTED_IN_ANSWERS_CHARS: Final = 16
 #: event loop, and every other client, for a millisecond or more.
 BODY_PIECE_BYTES: Final = 64 * 1024
 
+#: The largest reply body the engine reads, decoded (compressed, a megabyte can be a gigabyte), in bytes: the
+#: most a client accepts in one frame (`MAX_REPLY_FRAME_BYTES`), and well above the largest real answers (a
+#: batch of embeddings, 124 MB). Without it an upstream sending a body without end, or a gzip bomb, held all
+#: of it in memory (600 MB from a 600 KB reply) and the event loop while it was inflated.
+MAX_REPLY_BYTES: Final = 512 * 1024 * 1024
+#: The largest event of a stream, in characters: a `data:` line without end, or data lines without the blank
+#: line that ends their event, would otherwise be held without bound. The largest real events (the Responses
+#: API's ``response.completed`` carries the whole response) are far below it.
+MAX_EVENT_CHARS: Final = 64 * 1024 * 1024
+
 #: Endpoints `Upstream.resolve` remembers (each at most MAX_ENDPOINT_CHARS long).
 RESOLVED_ENDPOINTS: Final = 256
 #: The longest a client's patience stretches the read timeout to (the SDK's is 600 s by default): a client
@@ -443,10 +458,10 @@ class Upstream:
             response = await self._exchange(pool, method, url, body, headers, patience)
             answer.status = response.status_code
             try:
-                await response.aread()
+                content = await _read_bounded(response)
             finally:
                 await response.aclose()
-        return self._whole_reply(response, started)
+        return self._whole_reply(response, content, started)
 
     @asynccontextmanager
     async def open_stream(
@@ -470,10 +485,10 @@ class Upstream:
             try:
                 content_type = response.headers.get("content-type", "").partition(";")[0].strip()
                 if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
-                    await response.aread()
-                    yield self._whole_reply(response, started)
+                    content = await _read_bounded(response)
+                    yield self._whole_reply(response, content, started)
                     return
-                events = EventSource(response).aiter_sse()
+                events = _bounded_events(response)
                 yield UpstreamStream(
                     status=response.status_code,
                     headers=useful_headers(response.headers, self._secret_text),
@@ -549,8 +564,7 @@ class Upstream:
         finally:
             self._in_progress[pool] -= 1
 
-    def _whole_reply(self, response: httpx.Response, started: float) -> UpstreamReply:
-        content = response.content
+    def _whole_reply(self, response: httpx.Response, content: bytes, started: float) -> UpstreamReply:
         encoding = _text_encoding(response)
         secret = self._secret
         if secret is not None and (response.status_code >= 400 or self._redact_answers) and secret in content:
@@ -571,6 +585,56 @@ class Upstream:
             body=ReplyBody(content, encoding),
             elapsed=trio.current_time() - started,
         )
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    """The reply's body, decoded, as `httpx.Response.aread` reads it, but never more than `MAX_REPLY_BYTES`.
+
+    Raises:
+        ReplyTooLarge: the body (its length as announced, or as read) is larger.
+    """
+    announced = response.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > MAX_REPLY_BYTES and "content-encoding" not in response.headers:
+        raise ReplyTooLarge(_too_large(f"announced {announced} bytes"), request=response.request)
+    pieces = []
+    size = 0
+    async for piece in response.aiter_bytes():
+        size += len(piece)
+        if size > MAX_REPLY_BYTES:
+            raise ReplyTooLarge(_too_large(f"over {MAX_REPLY_BYTES} bytes once decoded"), request=response.request)
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _too_large(what: str) -> str:
+    return f"the upstream's reply is too large: {what}, beyond the engine's limit of {MAX_REPLY_BYTES} bytes"
+
+
+async def _bounded_events(response: httpx.Response) -> AsyncGenerator[ServerSentEvent]:
+    """The reply's server-sent events as httpx-sse reads them, each at most `MAX_EVENT_CHARS` long.
+
+    Raises:
+        ReplyTooLarge: an event (its lines so far, and the line still being read) is longer.
+    """
+    lines, events = SSELineDecoder(), SSEDecoder()
+    pending = 0  # characters of the event being read, in whole lines
+    partial = 0  # characters of the line being read
+    async for text in response.aiter_text():
+        for line in lines.decode(text):
+            pending += len(line) + 1
+            if (event := events.decode(line)) is not None:
+                pending = 0
+                yield event
+        end = max(text.rfind("\n"), text.rfind("\r"))
+        partial = partial + len(text) if end < 0 else len(text) - end - 1
+        if pending + partial > MAX_EVENT_CHARS:
+            raise ReplyTooLarge(
+                f"an event of the upstream's stream is longer than the engine's limit of {MAX_EVENT_CHARS} characters",
+                request=response.request,
+            )
+    for line in lines.flush():
+        if (event := events.decode(line)) is not None:
+            yield event
 
 
 #: How JSON can spell a key's characters other than as themselves (``\u0073k-…``).

@@ -1,0 +1,139 @@
+"""A real engine against a hostile upstream: a raw HTTP/1.1 server that answers each request as a test says.
+
+Each case was found by pointing an engine at such a server: what it sends is what a flaky proxy, a broken
+gateway or a misbehaving OpenAI-compatible server can send.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import running_engine
+from raw_client import RawClient, chat
+
+#: A small reply bound, so that going past it costs a test megabytes, not the engine's half a gigabyte.
+SMALL_LIMITS = {
+    "trio_mapper.engine.upstream.client.MAX_REPLY_BYTES": 1024 * 1024,
+    "trio_mapper.engine.upstream.client.MAX_EVENT_CHARS": 1024 * 1024,
+}
+OK_BODY = (
+    b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", '
+    b'"content": "hi"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}'
+)
+CHUNK = b'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n'
+
+Answer = Callable[[trio.SocketStream], Any]
+
+
+def whole(body: bytes, *, status: int = 200, headers: bytes = b"") -> Answer:
+    async def answer(stream: trio.SocketStream) -> None:
+        head = b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
+        await stream.send_all(head % (status, len(body), headers) + body)
+
+    return answer
+
+
+def events(*pieces: bytes) -> Answer:
+    """A stream of events, ended by closing the connection."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        for piece in pieces:
+            await stream.send_all(piece)
+
+    return answer
+
+
+class HostileUpstream:
+    """Answers each request with the next of `answers` (the last one again once they run out)."""
+
+    def __init__(self) -> None:
+        self.answers: list[Answer] = [whole(OK_BODY)]
+        self.requests = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            data = await stream.receive_some()
+            if not data:
+                return
+            buffer += data
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        length = next((int(line[15:]) for line in lines if line.startswith(b"content-length:")), 0)
+        while len(buffer) < length:
+            buffer += await stream.receive_some()
+        answer = self.answers[min(self.requests, len(self.answers) - 1)]
+        self.requests += 1
+        with contextlib.suppress(trio.BrokenResourceError):  # the engine hung up on it, as it should on some
+            await answer(stream)
+        await stream.aclose()
+
+
+@pytest.fixture
+async def hostile(nursery: trio.Nursery) -> AsyncIterator[tuple[HostileUpstream, str]]:
+    upstream = HostileUpstream()
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1"))
+    yield upstream, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1"
+
+
+async def still_serves(client: RawClient, upstream: HostileUpstream) -> None:
+    upstream.answers = [whole(OK_BODY)]
+    upstream.requests = 0
+    reply = await client.request(chat("after", deadline=30.0))
+    assert (reply["type"], reply["status"]) == ("result", 200), reply
+
+
+def stream_chat(request_id: str) -> dict[str, Any]:
+    request = chat(request_id, deadline=30.0)
+    request["body"]["stream"] = True
+    return request
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        whole(gzip.compress(b" " * (8 * 1024 * 1024)), headers=b"content-encoding: gzip\r\n"),
+        whole(b" " * (2 * 1024 * 1024)),
+    ],
+    ids=["gzip-bomb", "plain"],
+)
+async def test_a_reply_too_large_is_refused_not_held(
+    short_tmp: Path, hostile: tuple[HostileUpstream, str], answer: Answer
+) -> None:
+    """Found by a hostile review: a body of any size was read whole, so 600 KB of gzip took 2.6 GB."""
+    upstream, url = hostile
+    upstream.answers = [answer]
+    async with (
+        running_engine(short_tmp, url, constants=SMALL_LIMITS) as engine,
+        await RawClient.connect(str(engine.socket)) as client,
+    ):
+        with trio.fail_after(30):
+            reply = await client.request(chat(1, deadline=30.0))
+            assert (reply["type"], reply["kind"], reply["attempts"]) == ("error", "upstream_error", 1), reply
+            assert "too large" in reply["message"]
+            await still_serves(client, upstream)
+
+
+async def test_an_event_without_end_is_refused_not_held(short_tmp: Path, hostile: tuple[HostileUpstream, str]) -> None:
+    """Found by a hostile review: a ``data:`` line without end was held whole (1.3 GB for 300 MB)."""
+    upstream, url = hostile
+    upstream.answers = [events(CHUNK, b"data: " + b"x" * (2 * 1024 * 1024))]
+    async with (
+        running_engine(short_tmp, url, constants=SMALL_LIMITS) as engine,
+        await RawClient.connect(str(engine.socket), minor=1) as client,
+    ):
+        with trio.fail_after(30):
+            await client.send(stream_chat("s"))
+            assert (await client.receive())["type"] == "chunk"
+            reply = await client.receive()
+            assert (reply["type"], reply["kind"]) == ("error", "upstream_error"), reply
+            assert "longer than the engine's limit" in reply["message"]
+            await still_serves(client, upstream)
