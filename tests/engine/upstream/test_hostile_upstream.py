@@ -137,3 +137,26 @@ async def test_an_event_without_end_is_refused_not_held(short_tmp: Path, hostile
             assert (reply["type"], reply["kind"]) == ("error", "upstream_error"), reply
             assert "longer than the engine's limit" in reply["message"]
             await still_serves(client, upstream)
+
+
+async def test_a_stream_cut_short_is_an_error_not_a_whole_answer(
+    short_tmp: Path, hostile: tuple[HostileUpstream, str]
+) -> None:
+    """Found by a hostile review: a stream that stopped before ``[DONE]`` was answered as a success, so the
+    client took a cut reply for a whole one. Cut before its first event, it is retried; after, it is an error."""
+    upstream, url = hostile
+    upstream.answers = [events(), events(CHUNK), events(CHUNK, b"data: [DONE]\n\n")]
+    async with (
+        running_engine(short_tmp, url) as engine,
+        await RawClient.connect(str(engine.socket), minor=1) as client,
+    ):
+        with trio.fail_after(30):
+            await client.send(stream_chat("cut"))
+            assert (await client.receive())["type"] == "chunk"
+            reply = await client.receive()
+            assert (reply["type"], reply["kind"], reply["attempts"]) == ("error", "upstream_error", 2), reply
+            assert "ended before its last event" in reply["message"]
+            await client.send(stream_chat("whole"))
+            assert (await client.receive())["type"] == "chunk"
+            reply = await client.receive()
+            assert (reply["type"], reply["streamed"]) == ("result", True), reply

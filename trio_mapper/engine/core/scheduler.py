@@ -1104,6 +1104,10 @@ class Scheduler:
                     chunk = relay.feed(event.data, event.event)
                     if chunk is not None:
                         await self._relay(job, opened.status, opened.headers, chunk)
+            if not relay.ended:
+                # Reported as a success, a cut stream would reach the client as a whole answer (the HTTP front
+                # would even end it with [DONE]); as a broken stream it is retried, or ends with an error event.
+                raise httpx.RemoteProtocolError("the upstream's stream ended before its last event")
             return UpstreamReply(
                 status=opened.status,
                 headers=opened.headers,

@@ -91,15 +91,20 @@ class StreamRelay:
         self.plan = plan
         #: The stream's usage, once its usage event went by.
         self.usage: Usage | None = None
+        #: Its last event went by (``[DONE]``, or the Responses API's final event). A stream that stops short
+        #: of it was cut (a proxy's timeout, a crashed server), however cleanly its connection closed.
+        self.ended = False
 
     def feed(self, data: str, event: str | None = None) -> Chunk | None:
         """The chunk to relay for one upstream event, or None when the client must not see it."""
         if event == "message":
             event = None  # the SSE default, which parsers report for unnamed events: relayed unnamed, as sent
         if data == STREAM_END:
+            self.ended = True
             return None  # each front ends the stream in its own way
         if self.plan.kind == "responses":
             if event in _FINAL_RESPONSE_EVENTS:
+                self.ended = True
                 self._read_responses_usage(data)
             return Chunk(data, event)
         if self.plan.strip_usage or '"usage"' in data:
