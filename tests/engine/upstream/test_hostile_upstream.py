@@ -145,7 +145,10 @@ async def test_a_stream_cut_short_is_an_error_not_a_whole_answer(
     """Found by a hostile review: a stream that stopped before ``[DONE]`` was answered as a success, so the
     client took a cut reply for a whole one. Cut before its first event, it is retried; after, it is an error."""
     upstream, url = hostile
-    upstream.answers = [events(), events(CHUNK), events(CHUNK, b"data: [DONE]\n\n")]
+    usage = b'data: {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 5}}\n\n'
+    # Cut before any event, then after one; then whole: ended by [DONE], and by its usage chunk alone (some
+    # OpenAI-compatible servers send no [DONE]).
+    upstream.answers = [events(), events(CHUNK), events(CHUNK, b"data: [DONE]\n\n"), events(CHUNK, usage)]
     async with (
         running_engine(short_tmp, url) as engine,
         await RawClient.connect(str(engine.socket), minor=1) as client,
@@ -156,7 +159,8 @@ async def test_a_stream_cut_short_is_an_error_not_a_whole_answer(
             reply = await client.receive()
             assert (reply["type"], reply["kind"], reply["attempts"]) == ("error", "upstream_error", 2), reply
             assert "ended before its last event" in reply["message"]
-            await client.send(stream_chat("whole"))
-            assert (await client.receive())["type"] == "chunk"
-            reply = await client.receive()
-            assert (reply["type"], reply["streamed"]) == ("result", True), reply
+            for request_id in ("whole", "without [DONE]"):
+                await client.send(stream_chat(request_id))
+                assert (await client.receive())["type"] == "chunk"
+                reply = await client.receive()
+                assert (reply["id"], reply["type"], reply["streamed"]) == (request_id, "result", True), reply

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from trio_mapper.engine.upstream.client import Usage
 from trio_mapper.engine.upstream.streams import Chunk, StreamPlan, StreamRelay, plan_stream
 
@@ -37,10 +39,23 @@ def test_added_usage_is_read_then_removed() -> None:
     content = relay.feed('{"choices": [{"delta": {"content": "hi"}}], "usage": null}', "message")
     assert content is not None and json.loads(content.data) == {"choices": [{"delta": {"content": "hi"}}]}
     assert content.event is None
+    assert not relay.ended
     usage = '{"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}'
     assert relay.feed(usage) is None
     assert relay.usage == Usage(prompt=12, completion=3)
+    assert relay.ended  # the usage chunk comes last: a server that sends no [DONE] has finished here
     assert relay.feed("[DONE]") is None
+
+
+@pytest.mark.parametrize("strip_usage", [True, False])
+def test_a_chat_stream_ends_at_done_or_at_its_usage_chunk_only(strip_usage: bool) -> None:
+    relay = StreamRelay(StreamPlan("chat", strip_usage=strip_usage))
+    relay.feed('{"choices": [{"delta": {"content": "hi"}, "finish_reason": null}], "usage": null}')
+    # vLLM's continuous usage: usage on a chunk that still has choices is not the end.
+    relay.feed('{"choices": [{"delta": {"content": "!"}}], "usage": {"prompt_tokens": 3}}')
+    assert not relay.ended
+    relay.feed("[DONE]")
+    assert relay.ended
 
 
 def test_usage_the_client_asked_for_passes_untouched() -> None:

@@ -91,8 +91,10 @@ class StreamRelay:
         self.plan = plan
         #: The stream's usage, once its usage event went by.
         self.usage: Usage | None = None
-        #: Its last event went by (``[DONE]``, or the Responses API's final event). A stream that stops short
-        #: of it was cut (a proxy's timeout, a crashed server), however cleanly its connection closed.
+        #: Its last event went by: ``[DONE]``, the Responses API's final event, or the usage chunk the engine
+        #: always asks chat and completions streams for, which comes after every choice has finished (some
+        #: OpenAI-compatible servers send no ``[DONE]``, and the SDK does not need one). A stream that stops
+        #: short of all of them was cut (a proxy's timeout, a crashed server), however cleanly it closed.
         self.ended = False
 
     def feed(self, data: str, event: str | None = None) -> Chunk | None:
@@ -119,12 +121,14 @@ class StreamRelay:
         if not isinstance(decoded, dict) or "usage" not in decoded:
             return Chunk(data, event)
         usage = decoded["usage"]
+        final = isinstance(usage, dict) and decoded.get("choices") == []
         if isinstance(usage, dict):
             with contextlib.suppress(msgspec.ValidationError):
                 self.usage = Usage.of(msgspec.convert(usage, UsageFields))
+        self.ended = self.ended or final
         if not self.plan.strip_usage:
             return Chunk(data, event)
-        if isinstance(usage, dict) and decoded.get("choices") == []:
+        if final:
             return None  # the usage chunk the engine asked for
         del decoded["usage"]
         return Chunk(msgspec.json.encode(decoded).decode(), event)
