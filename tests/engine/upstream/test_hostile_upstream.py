@@ -164,3 +164,30 @@ async def test_a_stream_cut_short_is_an_error_not_a_whole_answer(
                 assert (await client.receive())["type"] == "chunk"
                 reply = await client.receive()
                 assert (reply["id"], reply["type"], reply["streamed"]) == (request_id, "result", True), reply
+
+
+async def test_usage_beyond_the_whole_minute_is_counted_as_the_minute(
+    short_tmp: Path, hostile: tuple[HostileUpstream, str]
+) -> None:
+    """Found by a hostile review: a reply saying it used 10^15 prompt tokens put the lane that far in debt, so
+    every later request for the model waited until its deadline; a negative count would have credited it."""
+    upstream, url = hostile
+
+    def usage(prompt: int) -> bytes:
+        return OK_BODY.replace(b'"prompt_tokens": 5', b'"prompt_tokens": %d' % prompt)
+
+    upstream.answers = [whole(usage(-(10**15))), whole(usage(10**15))]
+    async with (
+        running_engine(short_tmp, url, "--tpm", "600000", "--rpm", "10000") as engine,
+        await RawClient.connect(str(engine.socket)) as client,
+    ):
+        with trio.fail_after(30):
+            for request_id in ("negative", "huge"):
+                reply = await client.request(chat(request_id, deadline=30.0))
+                assert (reply["type"], reply["status"]) == ("result", 200), reply
+            lane = (await client.request({"type": "stats", "id": "s"}))["lanes"]["gpt-4o-mini"]
+    # The negative usage is no usage at all (the estimate stands); the huge one counts as the whole minute.
+    assert lane["actual_prompt_tokens"] == 600_000
+    assert lane["implausible_usage"] == 1
+    assert lane["budget"]["tokens_available"] > -700_000
+    assert "more than the lane's whole per-minute limit (600000)" in engine.log

@@ -68,6 +68,7 @@ from trio_mapper.engine.upstream.client import (
     ReplyBody,
     Upstream,
     UpstreamReply,
+    Usage,
     forwarded_headers,
 )
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot
@@ -108,6 +109,8 @@ TIMEOUT_LINES_PER_PASS: Final = 10
 #: (the SDK raises its APITimeoutError, and its going away withdraws the request) rather than a race between
 #: them deciding what the client sees.
 GIVE_UP_GRACE: Final = 1.0
+#: An upstream that misreports usage does so on every reply: the first is logged, then one in this many.
+IMPLAUSIBLE_USAGE_LOG_EVERY: Final = 100
 #: What a request hears when a bug in the engine ended it.
 _BUG_MESSAGE: Final = "the engine failed on this request (a bug, logged by the engine); please report it"
 #: Worker threads counting tokens at once. Two cores: one thread leaves a core to the event loop.
@@ -255,6 +258,8 @@ class Lane:
     failed: int = 0
     estimated_prompt_tokens: int = 0
     actual_prompt_tokens: int = 0
+    #: Replies whose usage said more tokens than the lane's whole per-minute limit (`Scheduler._plausible`).
+    implausible_usage: int = 0
 
     @property
     def busy(self) -> bool:
@@ -1167,7 +1172,7 @@ class Scheduler:
             if cancelled:
                 self._expire(job, "while the upstream was still answering (the client has given up on it)")
             return
-        usage = reply.usage() if reply is not None else None
+        usage = self._plausible(lane, reply.usage()) if reply is not None else None
         prompt_tokens = usage.prompt if usage is not None else None
         lane.budget.reconcile(
             reservation,
@@ -1190,6 +1195,35 @@ class Scheduler:
             assert failure is not None
             verdict = classify_exception(failure)
         self._conclude(job, verdict, reply)
+
+    def _plausible(self, lane: Lane, usage: Usage | None) -> Usage | None:
+        """The usage, each count no larger than the lane's whole per-minute token limit.
+
+        No reply can use more: the upstream refuses a request that large, as the engine does at intake. One
+        that says so anyway (a broken OpenAI-compatible server, a proxy) put the lane a billion tokens in
+        debt, so that every later request for the model waited until its deadline, and the tenant's daily
+        budget with it. Charged as the limit, such a reply costs the lane at most a minute.
+        """
+        if usage is None:
+            return None
+        _, tpm = self._lane_limits(lane.name)
+        if max(usage.prompt or 0, usage.completion or 0) <= tpm:
+            return usage
+        lane.implausible_usage += 1
+        if lane.implausible_usage % IMPLAUSIBLE_USAGE_LOG_EVERY == 1:
+            log.warning(
+                "lane %s: the upstream said a reply used %s prompt and %s completion tokens, more than the "
+                "lane's whole per-minute limit (%d); each is counted as that limit (%d such replies so far)",
+                lane.name,
+                usage.prompt,
+                usage.completion,
+                tpm,
+                lane.implausible_usage,
+            )
+        return Usage(
+            None if usage.prompt is None else min(usage.prompt, tpm),
+            None if usage.completion is None else min(usage.completion, tpm),
+        )
 
     def _conclude(self, job: Job, verdict: Verdict, reply: UpstreamReply | None) -> None:
         lane = job.lane
@@ -1403,6 +1437,7 @@ class Scheduler:
                 "retries": lane.retries_made,
                 "estimated_prompt_tokens": lane.estimated_prompt_tokens,
                 "actual_prompt_tokens": lane.actual_prompt_tokens,
+                "implausible_usage": lane.implausible_usage,
                 "budget": attrs.asdict(budget) if budget is not None else {},
                 "tenants_queued": lane.waiting.statistics(),
             }

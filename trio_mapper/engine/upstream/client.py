@@ -12,7 +12,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any, Final, final
+from typing import Annotated, Any, Final, final
 
 import attrs
 import httpx
@@ -93,14 +93,18 @@ class InvalidHeader(ValueError):
 _HEADER_VALUE: Final = re.compile(r"[\x20-\x7e\t]*")
 
 
+#: A token count: a negative one (from a broken upstream) would credit the budget, so it is not a usage at all.
+TokenCount = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class UsageFields(msgspec.Struct):
     """A reply's ``usage`` object, as decoded: only the fields the engine reads."""
 
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    prompt_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = None
     # The Responses API's names.
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    input_tokens: TokenCount | None = None
+    output_tokens: TokenCount | None = None
 
 
 @attrs.frozen
