@@ -159,3 +159,19 @@ async def simulator_stats(url: str) -> dict[str, Any]:
         reply = await client.get(url.removesuffix("/v1") + "/_simulator/stats")
         result: dict[str, Any] = reply.json()
         return result
+
+
+async def read_http_request(stream: trio.abc.ReceiveStream, buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """One HTTP/1.1 request read by hand, for fake upstreams that answer in ways no server library would:
+    its head, its body (by Content-Length) and what followed it; None if the peer closed first."""
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some()
+        if not data:
+            return None
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next((int(line[15:]) for line in lines if line.startswith(b"content-length:")), 0)
+    while len(buffer) < length:
+        buffer += await stream.receive_some()
+    return head, buffer[:length], buffer[length:]

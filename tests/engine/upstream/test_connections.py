@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 import trustme
+from conftest import read_http_request
 
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.client import BODY_PIECE_BYTES, Upstream
@@ -29,18 +30,8 @@ class TinyServer:
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
         buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                data = await stream.receive_some()
-                if not data:
-                    return
-                buffer += data
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
-            lines = head.lower().split(b"\r\n")
-            length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")), 0)
-            while len(buffer) < length:
-                buffer += await stream.receive_some()
-            body, buffer = buffer[:length], buffer[length:]
+        while (request := await read_http_request(stream, buffer)) is not None:
+            head, body, buffer = request
             self.requests.append((head, body))
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import running_engine
+from conftest import read_http_request, running_engine
 from raw_client import RawClient, chat
 
 #: A small reply bound, so that going past it costs a test megabytes, not the engine's half a gigabyte.
@@ -59,17 +59,8 @@ class HostileUpstream:
         self.requests = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        buffer = b""
-        while b"\r\n\r\n" not in buffer:
-            data = await stream.receive_some()
-            if not data:
-                return
-            buffer += data
-        head, _, buffer = buffer.partition(b"\r\n\r\n")
-        lines = head.lower().split(b"\r\n")
-        length = next((int(line[15:]) for line in lines if line.startswith(b"content-length:")), 0)
-        while len(buffer) < length:
-            buffer += await stream.receive_some()
+        if await read_http_request(stream, b"") is None:
+            return
         answer = self.answers[min(self.requests, len(self.answers) - 1)]
         self.requests += 1
         with contextlib.suppress(trio.BrokenResourceError):  # the engine hung up on it, as it should on some

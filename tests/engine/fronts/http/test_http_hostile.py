@@ -24,6 +24,21 @@ from test_http_front import CLIENT_KEY, engine_stats, http_engine, http_socket, 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
+def tcp_port(tcp_url: str) -> int:
+    """The engine's TCP port, from its base URL (``http://127.0.0.1:PORT/v1``)."""
+    return int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+
+
+def h2_client(**config: Any) -> Any:
+    """An HTTP/2 client connection (h2's, sans-IO), its preface ready to send."""
+    import h2.config
+    import h2.connection
+
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, **config))
+    connection.initiate_connection()
+    return connection
+
+
 def connections_on(port: int) -> int:
     """Sockets the server holds on ``port`` besides its listener: CLOSE-WAIT ones included, not TIME-WAIT
     (which hold no descriptor)."""
@@ -99,7 +114,7 @@ async def test_closing_the_writing_half_after_a_request_withdraws_it(short_tmp: 
         if transport == "unix":
             stream: trio.SocketStream = await trio.open_unix_socket(http_socket(engine))
         else:
-            stream = await trio.open_tcp_stream("127.0.0.1", int(tcp_url.rsplit(":", 1)[1].split("/")[0]))
+            stream = await trio.open_tcp_stream("127.0.0.1", tcp_port(tcp_url))
         async with stream:
             await stream.send_all(request)
             await stream.send_eof()
@@ -125,7 +140,7 @@ async def test_two_authorization_headers_are_refused_whichever_holds_the_key(sho
     as missing."""
     right, wrong = b"Authorization: Bearer " + CLIENT_KEY.encode(), b"Authorization: Bearer tm-wrong-0123456789abcdef"
     async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
-        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        port = tcp_port(tcp_url)
         replies = []
         for pair in ((right, wrong), (wrong, right)):
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -221,8 +236,6 @@ async def h2_exchange(stream: trio.SocketStream, connection: Any, stream_id: int
 async def test_http2_a_body_arriving_after_its_reply_does_not_end_the_connection(short_tmp: Path) -> None:
     """The engine answers a keyless request (401) before reading its body. hypercorn 0.18 then failed on the
     body's DATA frame (KeyError) and closed the connection, cutting every other request on it."""
-    import h2.config
-    import h2.connection
 
     def head(key: str | None) -> list[tuple[str, str]]:
         headers = [(":method", "POST"), (":scheme", "http"), (":authority", "engine")]
@@ -230,9 +243,8 @@ async def test_http2_a_body_arriving_after_its_reply_does_not_end_the_connection
         return headers + ([("authorization", f"Bearer {key}")] if key else [])
 
     async with simulator() as url, http_engine(short_tmp, url) as (_, tcp_url):
-        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
-        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        connection.initiate_connection()
+        port = tcp_port(tcp_url)
+        connection = h2_client()
         with trio.fail_after(10):
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 connection.send_headers(1, head(None))  # the body follows later
@@ -263,10 +275,8 @@ async def test_http2_requests_hypercorn_cannot_read_are_reset_alone(short_tmp: P
         5: [(b":method", "GÉT".encode()), *base, (b":path", b"/healthz")],
     }
     async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
-        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
-        config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
-        connection = h2.connection.H2Connection(config)
-        connection.initiate_connection()
+        port = tcp_port(tcp_url)
+        connection = h2_client(validate_outbound_headers=False)
         with trio.fail_after(10):
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 for stream_id, headers in malformed.items():
@@ -297,13 +307,10 @@ async def test_http2_requests_hypercorn_cannot_read_are_reset_alone(short_tmp: P
 async def test_http2_priority_frames_naming_many_streams_are_ignored(short_tmp: Path) -> None:
     """hypercorn kept every stream a PRIORITY frame named, opened or not, in a tree that raised at its 1,001st:
     any client, keyless on the port too, ended its connection and had a traceback logged at ERROR."""
-    import h2.config
-    import h2.connection
 
     async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
-        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
-        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        connection.initiate_connection()
+        port = tcp_port(tcp_url)
+        connection = h2_client()
         with trio.fail_after(10):
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 for stream_id in range(3, 3 + 2 * 1001, 2):  # streams never opened
@@ -328,11 +335,9 @@ async def test_http2_a_header_block_is_held_no_larger_than_the_header_list_allow
     import hyperframe.frame
 
     async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
-        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
-        config = h2.config.H2Configuration(client_side=True)
+        port = tcp_port(tcp_url)
         # A header block spread over CONTINUATION frames, within the header list allowed: served.
-        connection = h2.connection.H2Connection(config)
-        connection.initiate_connection()
+        connection = h2_client()
         padding = ("x-padding", "".join(f"{n:08x}" for n in range(5000)))  # 40 KB, HPACK cannot shrink it much
         with trio.fail_after(10):
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -342,8 +347,7 @@ async def test_http2_a_header_block_is_held_no_larger_than_the_header_list_allow
                 status, _ = await h2_exchange(stream, connection, 1)
         assert status == 200
         # A header block that never ends.
-        connection = h2.connection.H2Connection(config)
-        connection.initiate_connection()
+        connection = h2_client()
         opening = hyperframe.frame.HeadersFrame(1, data=b"\x82")  # :method GET, and no END_HEADERS
         continuation = hyperframe.frame.ContinuationFrame(1, data=bytes(16384))
         terminated: list[h2.events.ConnectionTerminated] = []
@@ -407,7 +411,7 @@ async def test_keyless_tcp_connections_cannot_lock_out_key_holders_or_the_unix_c
     )
     # 400 open files: the engine allows 100 TCP connections.
     async with simulator() as url, http_engine(short_tmp, url, open_files=400) as (engine, tcp_url):
-        port = int(tcp_url.rsplit(":", 1)[1].split("/")[0])
+        port = tcp_port(tcp_url)
         keyed = await trio.open_tcp_stream("127.0.0.1", port)
         await keyed.send_all(keyed_request)
         assert (await keyed.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
