@@ -329,12 +329,9 @@ def run_launch_engine(args: argparse.Namespace) -> int:
     )
     try:
         trio.run(engine.serve)
-    except SettingRefused as exc:
-        print(f"trio-mapper launch-engine: {exc}", file=sys.stderr)
-        return 2
     except ListenerError as exc:
         print(f"trio-mapper launch-engine: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, SettingRefused) else 1  # 2: a settings error, as a refused config exits
     return 0
 
 

@@ -33,7 +33,6 @@ from typing import Any, Final, Literal
 import attrs
 import httpx
 
-from trio_mapper.engine.upstream.client import ReplyTooLarge
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot, retry_after_seconds
 from trio_mapper.kinds import ErrorKind, is_transient_status
 
@@ -319,16 +318,10 @@ def classify_exception(exc: BaseException) -> Verdict:
         return BackoffRetry(None, described, ErrorKind.UPSTREAM_UNREACHABLE)
     if isinstance(exc, httpx.TransportError):
         return BackoffRetry(None, described)
-    if isinstance(exc, ReplyTooLarge):
+    if isinstance(exc, httpx.DecodingError):  # ReplyTooLarge too: a reply beyond what the engine holds
         return FinalFailure(
             ErrorKind.UPSTREAM_ERROR,
-            f"{detail}: the upstream (or a proxy before it) is misbehaving; it was not retried, since the same "
-            "request would likely get the same reply, and the upstream may already have billed it.",
-        )
-    if isinstance(exc, httpx.DecodingError):
-        return FinalFailure(
-            ErrorKind.UPSTREAM_ERROR,
-            f"The upstream's response could not be decoded ({described}): try again later; it was not "
+            f"The upstream's response could not be read ({described}): try again later; it was not "
             "retried because the upstream may already have processed (and billed) the request.",
         )
     return FinalFailure(
