@@ -251,6 +251,22 @@ async def test_each_error_kind_raises_the_matching_sdk_exception(short_tmp: Path
             assert set(exc.body) >= {"message", "type", "param", "code"}  # type: ignore[arg-type]
 
 
+async def test_the_priority_header_names_a_class_in_any_case(short_tmp: Path) -> None:
+    async with (
+        simulator() as url,
+        http_engine(short_tmp, url) as (engine, _),
+        async_unix_sdk(engine, max_retries=0) as client,
+    ):
+        reply = await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_headers={"X-Trio-Mapper-Priority": "Batch"}
+        )
+        assert reply.choices
+        with pytest.raises(openai.BadRequestError, match="'urgent' is not a class; use one of"):
+            await client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, extra_headers={"x-trio-mapper-priority": "Urgent"}
+            )
+
+
 async def test_upstream_failures_pass_through_and_are_not_retried_by_the_sdk(short_tmp: Path) -> None:
     async with (
         simulator(insufficient_quota=True) as quota_url,

@@ -518,7 +518,7 @@ class OpenAIApp:
             deadline=max(sdk_timeout - READ_TIMEOUT_MARGIN, sdk_timeout / 2) if sdk_timeout is not None else None,
             patience=sdk_timeout,
             headers={name: headers[name] for name in FORWARDED if name in headers},
-            priority=headers.get(PRIORITY_HEADER),
+            priority=_priority(headers.get(PRIORITY_HEADER)),
         )
         return spec, len(raw)
 
@@ -633,6 +633,12 @@ def _decoded_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _Refusal(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
     return body
+
+
+def _priority(value: str | None) -> str | None:
+    """The class a priority header names, as spelled in the config (a header's value, unlike the msgpack
+    protocol's field, is typed by hand: ``Batch`` means ``batch``)."""
+    return value.strip().lower() if value is not None else None
 
 
 def _sdk_timeout(headers: Mapping[str, str]) -> float | None:
