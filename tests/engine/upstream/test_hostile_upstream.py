@@ -130,6 +130,36 @@ async def test_an_event_without_end_is_refused_not_held(short_tmp: Path, hostile
             await still_serves(client, upstream)
 
 
+async def test_a_stream_of_keep_alive_comments_ends_at_the_read_timeout(
+    short_tmp: Path, hostile: tuple[HostileUpstream, str]
+) -> None:
+    """Found by a hostile review: comments (``: ping``) every few seconds and no event held the stream, and its
+    concurrency slot, for ever: each one reset the read timeout."""
+    upstream, url = hostile
+
+    async def pinging(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        await stream.send_all(CHUNK)
+        while True:
+            await trio.sleep(0.2)
+            await stream.send_all(b": ping\n\n")
+
+    upstream.answers = [pinging]
+    config = short_tmp / "engine.toml"
+    config.write_text("[openai]\nread_timeout = 1\n")
+    async with (
+        running_engine(short_tmp, url, "--config", str(config)) as engine,
+        await RawClient.connect(str(engine.socket), minor=1) as client,
+    ):
+        with trio.fail_after(30):
+            await client.send(stream_chat("pinged"))
+            assert (await client.receive())["type"] == "chunk"
+            reply = await client.receive()
+            assert reply["type"] == "error", reply
+            assert "no event for 1s" in reply["message"], reply
+            await still_serves(client, upstream)
+
+
 async def test_a_stream_cut_short_is_an_error_not_a_whole_answer(
     short_tmp: Path, hostile: tuple[HostileUpstream, str]
 ) -> None:

@@ -1,7 +1,7 @@
 """Endpoint validation and joining: the key must never travel anywhere but the configured base URL."""
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -202,6 +202,36 @@ async def test_a_key_echoed_json_escaped_in_a_stream_is_redacted() -> None:
         {"choices": [{"delta": {"content": "[REDACTED]"}}]},
         None,
     ]
+
+
+async def test_keep_alive_comments_do_not_hold_a_stream_past_the_read_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Found by a hostile review: a comment every few seconds reset the read timeout, so an upstream that sent
+    nothing else held the stream, and its concurrency slot, for ever."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": []}\n\n'
+        while True:
+            await trio.sleep(10)
+            yield b": ping\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+    upstream = Upstream(
+        OpenAISettings(api_key="sk-test-secret-key", base_url=str(BASE), read_timeout=60),
+        max_connections=1,
+        transport=lambda: httpx.MockTransport(handler),
+    )
+    async with upstream, upstream.open_stream("POST", upstream.url_for("/v1/chat/completions"), b"{}") as reply:
+        assert isinstance(reply, UpstreamStream)
+        started = trio.current_time()
+        with trio.fail_after(1000), pytest.raises(httpx.ReadTimeout, match="no event for 60s"):
+            async for _event in reply.events:
+                await trio.sleep(100)  # a slow client on the first event: its pace, not the upstream's
+        # The first event came at once; then the client's 100s, and the comments' 60s after them.
+        assert 160 < trio.current_time() - started <= 180
 
 
 @pytest.mark.parametrize("key", ["x", "EMPTY", "anything", "sk-local-12345"])

@@ -615,25 +615,40 @@ def _too_large(what: str) -> str:
 
 
 async def _bounded_events(response: httpx.Response) -> AsyncGenerator[ServerSentEvent]:
-    """The reply's server-sent events as httpx-sse reads them, each at most `MAX_EVENT_CHARS` long.
+    """The reply's server-sent events as httpx-sse reads them, each at most `MAX_EVENT_CHARS` long, with at
+    most the request's read timeout between two of them.
+
+    The read timeout alone bounds the wait for bytes, and keep-alive comments (``: ping``) are bytes: an
+    upstream sending one every few seconds and no event would hold the stream, and its concurrency slot, for
+    ever. Time the consumer takes over an event does not count: that is the client's pace, not the upstream's.
 
     Raises:
         ReplyTooLarge: an event (its lines so far, and the line still being read) is longer.
+        httpx.ReadTimeout: no event came for the read timeout, only comments or partial lines.
     """
     lines, events = SSELineDecoder(), SSEDecoder()
     pending = 0  # characters of the event being read, in whole lines
     partial = 0  # characters of the line being read
+    read_timeout = response.request.extensions.get("timeout", {}).get("read")
+    waiting_since = trio.current_time()
     async for text in response.aiter_text():
         for line in lines.decode(text):
             pending += len(line) + 1
             if (event := events.decode(line)) is not None:
                 pending = 0
                 yield event
+                waiting_since = trio.current_time()
         end = max(text.rfind("\n"), text.rfind("\r"))
         partial = partial + len(text) if end < 0 else len(text) - end - 1
         if pending + partial > MAX_EVENT_CHARS:
             raise ReplyTooLarge(
                 f"an event of the upstream's stream is longer than the engine's limit of {MAX_EVENT_CHARS} characters",
+                request=response.request,
+            )
+        if read_timeout is not None and trio.current_time() - waiting_since > read_timeout:
+            raise httpx.ReadTimeout(
+                f"the upstream's stream sent no event for {read_timeout:.0f}s (the read timeout), only keep-alive "
+                "comments or part of one",
                 request=response.request,
             )
     for line in lines.flush():
