@@ -439,3 +439,66 @@ async def test_keyless_tcp_connections_cannot_lock_out_key_holders_or_the_unix_c
             await keyed.aclose()
             for stream in flood:
                 await stream.aclose()
+
+
+async def read_to_end(stream: trio.SocketStream) -> bytes:
+    """Everything the engine sends until it closes the connection."""
+    reply = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            reply += chunk
+    return reply
+
+
+#: Requests hypercorn refuses before the app sees them (h11 cannot read them): the status, the code and what
+#: the message must say.
+UNREADABLE = {
+    "request line": (b"GET /healthz HTTP/1.1 again\r\nHost: engine\r\n\r\n", 400, "malformed_request", "request line"),
+    "header line": (b"GET /healthz HTTP/1.1\r\nHost: engine\r\nNo colon\r\n\r\n", 400, "malformed_request", "header"),
+    "no Host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400, "malformed_request", "send a Host header"),
+    "chunk": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: engine\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+        "malformed_request",
+        "chunked body",
+    ),
+    # Never ended, past h11's limit on an incomplete event (16 KiB).
+    "head too large": (
+        b"GET /healthz HTTP/1.1\r\nHost: engine\r\nX-Padding: " + b"a" * 20_000,
+        431,
+        "request_head_too_large",
+        "larger than the engine accepts (16384 bytes); send fewer or shorter headers",
+    ),
+    "transfer-encoding": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: engine\r\nTransfer-Encoding: gzip\r\n\r\n",
+        501,
+        "unsupported_transfer_encoding",
+        "Content-Length, or with one Transfer-Encoding: chunked header",
+    ),
+}
+
+
+async def test_requests_the_server_cannot_read_are_refused_in_openais_shape(short_tmp: Path) -> None:
+    """hypercorn refuses them itself, before the app runs: the client had a bare 400, 431 or 501 with an empty
+    body, which the SDK shows as "Error code: 400" and nothing more."""
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
+        port = tcp_port(tcp_url)
+        replies = {}
+        for name, (request, *_) in UNREADABLE.items():
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:  # no key: refused all the same
+                await stream.send_all(request)
+                replies[name] = await read_to_end(stream)  # and the connection closed
+        # The engine serves on.
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as http:
+            served = await http.post(f"{tcp_url}/chat/completions", content=CHAT)
+        log = engine.log
+    for name, (_, expected_status, code, says) in UNREADABLE.items():
+        status, headers, error = status_and_error(replies[name])
+        assert (status, error["code"]) == (expected_status, code), name
+        assert says in str(error["message"]), (name, error["message"])
+        assert error["type"] == "invalid_request_error" and error["param"] is None
+        assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+        assert int(headers["content-length"]) == len(replies[name].partition(b"\r\n\r\n")[2])
+        assert headers["x-should-retry"] == "false"  # nor does the SDK retry the 501, as it would a 5xx
+    assert served.status_code == 200 and served.json()["choices"]
+    assert "Traceback" not in log

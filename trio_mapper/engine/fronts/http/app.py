@@ -34,6 +34,7 @@ from trio_mapper.engine.core.outcome import (
     Started,
 )
 from trio_mapper.engine.fronts.http.errors import (
+    JSON_CONTENT_TYPE,
     Headers,
     error_body,
     render_failure,
@@ -85,7 +86,7 @@ BODY_TIMEOUT: Final = 60.0
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-_JSON: Final = (b"content-type", b"application/json")
+_JSON: Final = JSON_CONTENT_TYPE
 _EVENT_STREAM: Final = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _DONE: Final = b"data: [DONE]\n\n"
 

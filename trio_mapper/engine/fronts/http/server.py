@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Final, Literal, cast
 
@@ -19,6 +20,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
+import h11
 import hypercorn.protocol
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -26,6 +28,7 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -33,10 +36,12 @@ from hypercorn.typing import ASGIFramework
 from hypercorn.utils import wrap_app
 
 from trio_mapper.engine.fronts.http.app import KEY_ACCEPTED, PEER, TRANSPORT, OpenAIApp
+from trio_mapper.engine.fronts.http.errors import JSON_CONTENT_TYPE, error_body, retry_headers
 from trio_mapper.engine.fronts.http.tcp_gate import TcpGate, TcpSlot
 from trio_mapper.engine.fronts.unix.listener import accept_forever
 from trio_mapper.engine.fronts.unix.peers import peer_credentials
 from trio_mapper.engine.fronts.unsent import UnsentHolder, UnsentReplies
+from trio_mapper.text import escape_control_characters, shorten
 
 log = logging.getLogger("trio_mapper.http")
 
@@ -214,6 +219,72 @@ def _is_final_response_head(data: bytes) -> bool:
     waits for it before it sends the body, so it must go out at once). Bodies do not begin so, and if one
     did, it would only be written one event later."""
     return data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1"
+
+
+class _H11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 connection, whose own refusals say in OpenAI's shape what was wrong.
+
+    hypercorn refuses a request h11 cannot read (a malformed request line or header, a head larger than h11's
+    incomplete-event limit, a Transfer-Encoding other than chunked) before the app sees it, with a bare status
+    and an empty body: the SDK showed "Error code: 400" and nothing more. Each refusal now carries an error
+    body saying what was wrong and what to do (`_refusal_body`); its status, and the connection's closing
+    after it, are hypercorn's.
+    """
+
+    async def _send_error_response(self, status_code: int) -> None:
+        # hypercorn calls it while it handles h11's RemoteProtocolError, which says what was wrong.
+        error = sys.exception()
+        reason = str(error) if isinstance(error, h11.RemoteProtocolError) else ""
+        body = _refusal_body(status_code, reason, self.config.h11_max_incomplete_size)
+        headers = [JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        headers += [*retry_headers(None), *self.config.response_headers("h11")]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))  # for a HEAD request h11 refuses it: the head alone goes
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+#: What to do about a request h11 refused as malformed (a 400), by the start of h11's reason.
+_MALFORMED_ADVICE: Final = (
+    ("Missing mandatory Host", "send a Host header, which HTTP/1.1 requires"),
+    ("Found multiple Host", "send one Host header"),
+    ("conflicting Content-Length", "send one Content-Length header, the body's length in bytes"),
+    ("bad Content-Length", "send one Content-Length header, the body's length in bytes"),
+    ("illegal chunk header", "frame a chunked body as RFC 9112 (7.1) says, or send it with Content-Length"),
+    ("malformed chunk footer", "frame a chunked body as RFC 9112 (7.1) says, or send it with Content-Length"),
+    ("peer", "the client closed its end before the request was whole; keep it open until the reply has come"),
+)
+#: For any other 400: the request line or a header line (h11 names which).
+_MALFORMED_DEFAULT: Final = (
+    "send a request line (METHOD /path HTTP/1.1), then header lines (Name: value, visible ASCII), each ending "
+    "in CRLF, then an empty line"
+)
+
+
+def _refusal_body(status: int, reason: str, max_head_bytes: int) -> bytes:
+    """The OpenAI-shaped body of hypercorn's refusal (``status``) of a request h11 could not read, for h11's
+    ``reason`` (empty if unknown)."""
+    shown = shorten(escape_control_characters(reason), 200) or f"HTTP {status}"
+    if status == 431:
+        message = (
+            f"the request's head (its request line and headers) is larger than the engine accepts ({max_head_bytes} "
+            "bytes); send fewer or shorter headers, or a shorter URL"
+        )
+        code = "request_head_too_large"
+    elif status == 501:
+        message = (
+            f"the engine cannot read this request's body ({shown}): it reads bodies sent with Content-Length, or "
+            "with one Transfer-Encoding: chunked header; send the body uncompressed, framed by one of those"
+        )
+        code = "unsupported_transfer_encoding"
+    else:
+        advice = next((advice for start, advice in _MALFORMED_ADVICE if reason.startswith(start)), _MALFORMED_DEFAULT)
+        message = f"the request is not well-formed HTTP/1.1 ({shown}); {advice}"
+        code = "malformed_request"
+    return error_body(message, "invalid_request_error", code)
+
+
+# `ProtocolWrapper` looks the class up by this name for each connection.
+hypercorn.protocol.H11Protocol = _H11Protocol  # type: ignore[misc]
 
 
 #: The `ReplyWrites` of the connection being served, for its HTTP/2 streams (hypercorn builds `_H2Protocol`
