@@ -502,3 +502,30 @@ async def test_requests_the_server_cannot_read_are_refused_in_openais_shape(shor
         assert headers["x-should-retry"] == "false"  # nor does the SDK retry the 501, as it would a 5xx
     assert served.status_code == 200 and served.json()["choices"]
     assert "Traceback" not in log
+
+
+async def test_a_keyless_client_expecting_100_continue_is_refused_without_being_invited_to_send_its_body(
+    short_tmp: Path,
+) -> None:
+    """hypercorn answered ``100 Continue`` before the app had checked the key: a client without one was invited
+    to send its body, which the app then refused unread. A client with a key is invited once the app reads."""
+    head = post(CHAT).replace(b"Connection: close\r\n", b"Connection: close\r\nExpect: 100-continue\r\n")
+    head = head.removesuffix(CHAT)
+    async with simulator() as url, http_engine(short_tmp, url) as (_, tcp_url):
+        port = tcp_port(tcp_url)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(head)  # and never the body
+            refused = await read_to_end(stream)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            authorized = head.replace(
+                b"Host: engine\r\n", b"Host: engine\r\nAuthorization: Bearer %s\r\n" % CLIENT_KEY.encode()
+            )
+            await stream.send_all(authorized)
+            with trio.fail_after(10):
+                invited = await stream.receive_some(65536)
+            await stream.send_all(CHAT)
+            served = await read_to_end(stream)
+    assert refused.startswith(b"HTTP/1.1 401 ") and b"HTTP/1.1 100" not in refused
+    assert status_and_error(refused)[2]["code"] == "invalid_api_key"
+    assert invited.startswith(b"HTTP/1.1 100 ") and invited.endswith(b"\r\n\r\n")
+    assert served.startswith(b"HTTP/1.1 200 ") and json.loads(served.partition(b"\r\n\r\n")[2])["choices"]

@@ -32,7 +32,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIFramework
+from hypercorn.typing import AppWrapper, ASGIFramework, ASGIReceiveCallable, ASGIReceiveEvent, H11SendableEvent
 from hypercorn.utils import wrap_app
 
 from trio_mapper.engine.fronts.http.app import KEY_ACCEPTED, PEER, TRANSPORT, OpenAIApp
@@ -222,14 +222,49 @@ def _is_final_response_head(data: bytes) -> bool:
 
 
 class _H11Protocol(H11Protocol):
-    """hypercorn's HTTP/1.1 connection, whose own refusals say in OpenAI's shape what was wrong.
+    """hypercorn's HTTP/1.1 connection, whose own refusals say in OpenAI's shape what was wrong, and which
+    invites a request's body (``100 Continue``) only once the app asks for it.
 
     hypercorn refuses a request h11 cannot read (a malformed request line or header, a head larger than h11's
     incomplete-event limit, a Transfer-Encoding other than chunked) before the app sees it, with a bare status
     and an empty body: the SDK showed "Error code: 400" and nothing more. Each refusal now carries an error
     body saying what was wrong and what to do (`_refusal_body`); its status, and the connection's closing
     after it, are hypercorn's.
+
+    hypercorn sends ``100 Continue`` as soon as it has read the head of a request that asks for it, before the
+    app runs: a client without a key on the TCP port was invited to send its body, which the app then refused
+    (401) unread. It now goes out when the app first asks for the body: as RFC 9110 (10.1.1) asks, a request
+    whose head decides its answer (a 401, a 404) gets that answer and no invitation.
     """
+
+    def __init__(self, app: AppWrapper, *args: Any, **kwargs: Any) -> None:
+        super().__init__(app, *args, **kwargs)
+        self._served_app = self.app
+        self.app = self._serve
+
+    async def _serve(
+        self,
+        scope: Any,
+        receive: ASGIReceiveCallable,
+        send: Any,
+        sync_spawn: Callable[..., Any],
+        call_soon: Callable[..., Any],
+    ) -> None:
+        if self.connection.they_are_waiting_for_100_continue:
+            receive = functools.partial(self._continue_then_receive, receive)
+        await self._served_app(scope, receive, send, sync_spawn, call_soon)
+
+    async def _continue_then_receive(self, receive: ASGIReceiveCallable) -> ASGIReceiveEvent:
+        # h11 stops waiting once the client sends the body anyway (curl does after a second) or a reply began.
+        if self.connection.they_are_waiting_for_100_continue:
+            continue_ = h11.InformationalResponse(status_code=100, headers=self.config.response_headers("h11"))
+            await super()._send_h11_event(continue_)
+        return await receive()
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        if isinstance(event, h11.InformationalResponse) and event.status_code == 100:
+            return None  # hypercorn's, before the app runs: `_continue_then_receive` sends it when it is time
+        return await super()._send_h11_event(event)
 
     async def _send_error_response(self, status_code: int) -> None:
         # hypercorn calls it while it handles h11's RemoteProtocolError, which says what was wrong.
