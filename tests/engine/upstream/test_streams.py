@@ -81,3 +81,58 @@ def test_events_that_are_not_json_pass_as_they_came() -> None:
     relay = StreamRelay(StreamPlan("chat", strip_usage=True))
     assert relay.feed("not json") == Chunk("not json")
     assert relay.usage is None
+
+
+@pytest.mark.parametrize("strip_usage", [True, False])
+@pytest.mark.parametrize("event", [None, "error"])
+def test_an_error_chunk_ends_a_chat_stream_as_a_failure_and_passes_as_it_came(
+    strip_usage: bool, event: str | None
+) -> None:
+    """Found by a hostile review: an error mid-stream, then ``[DONE]``, was settled as a success."""
+    relay = StreamRelay(StreamPlan("chat", strip_usage=strip_usage))
+    relay.feed('{"choices": [{"delta": {"content": "hi"}}], "usage": null}')
+    assert relay.error is None
+    error = '{"error": {"message": "The server had an error", "type": "server_error", "code": null}}'
+    assert relay.feed(error, event) == Chunk(error, event)
+    assert relay.error == json.loads(error)
+    assert relay.ended
+
+
+def test_what_is_not_an_error_chunk() -> None:
+    relay = StreamRelay(StreamPlan("chat", strip_usage=False))
+    for data in (
+        '{"choices": [{"delta": {"content": "an \\"error\\" in the text"}}]}',
+        '{"choices": [{"delta": {"content": "hi"}}], "error": null}',  # the SDK raises only at one that is there
+        '{"choices": [{"delta": {}, "finish_reason": "error"}]}',
+    ):
+        assert relay.feed(data) == Chunk(data)
+    assert (relay.error, relay.ended) == (None, False)
+    # Named error, its data not JSON: still the upstream's error, quoted as text.
+    assert relay.feed("overloaded", "error") == Chunk("overloaded", "error")
+    assert (relay.error, relay.ended) == ("overloaded", True)
+
+
+def test_usage_on_an_error_chunk_still_counts() -> None:
+    relay = StreamRelay(StreamPlan("chat", strip_usage=True))
+    error = '{"choices": [], "error": {"message": "cut"}, "usage": {"prompt_tokens": 4, "completion_tokens": 1}}'
+    assert relay.feed(error) == Chunk(error)  # not removed as the engine's usage chunk: it is the error
+    assert relay.usage == Usage(prompt=4, completion=1)
+    assert relay.error == json.loads(error)
+
+
+def test_responses_error_and_failed_events_end_the_stream_as_a_failure() -> None:
+    relay = StreamRelay(StreamPlan("responses", strip_usage=False))
+    error = '{"type": "error", "code": "server_error", "message": "boom", "param": null, "sequence_number": 3}'
+    assert relay.feed(error, "error") == Chunk(error, "error")
+    assert (relay.error, relay.ended) == (json.loads(error), True)
+
+    relay = StreamRelay(StreamPlan("responses", strip_usage=False))
+    response = {"status": "failed", "error": {"code": "server_error", "message": "boom"}, "usage": {"input_tokens": 9}}
+    failed = json.dumps({"type": "response.failed", "response": response})
+    assert relay.feed(failed, "response.failed") == Chunk(failed, "response.failed")
+    assert (relay.error, relay.ended, relay.usage) == (response, True, Usage(prompt=9, completion=None))
+
+    relay = StreamRelay(StreamPlan("responses", strip_usage=False))
+    incomplete = '{"type": "response.incomplete", "response": {"status": "incomplete"}}'
+    relay.feed(incomplete, "response.incomplete")
+    assert (relay.error, relay.ended) == (None, True)  # max_output_tokens reached: a whole answer

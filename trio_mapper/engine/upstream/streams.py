@@ -6,6 +6,10 @@ not, removes what asking added before the client sees it: the last chunk (``"cho
 the ``"usage": null`` field on every other chunk — clients break on fields they did not ask for. The
 Responses API's ``response.completed`` event carries usage in any case. Events pass one by one as they
 arrive; nothing waits for the end of the stream. No I/O here: `StreamRelay` is fed parsed events.
+
+An upstream that fails after its stream started can only say so in the stream: chat and completions with a
+chunk ``{"error": {...}}`` (on which the SDK raises `APIError`), the Responses API with an ``error`` event or
+its final ``response.failed``. Such an event is relayed like any other, and ends the stream as a failure.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ STREAMING_PATHS: Final[Mapping[str, StreamKind]] = {
 }
 #: The Responses API's last events, each carrying the whole response with its usage.
 _FINAL_RESPONSE_EVENTS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+#: The Responses API's events that say the response failed: ``error`` (its fields: code, message, param) and
+#: ``response.failed`` (the response, whose ``error`` says why). Either ends the stream.
+_FAILED_RESPONSE_EVENTS: Final = frozenset({"error", "response.failed"})
 #: The data of the event that ends chat and completions streams.
 STREAM_END: Final = "[DONE]"
 
@@ -96,6 +103,10 @@ class StreamRelay:
         #: OpenAI-compatible servers send no ``[DONE]``, and the SDK does not need one). A stream that stops
         #: short of all of them was cut (a proxy's timeout, a crashed server), however cleanly it closed.
         self.ended = False
+        #: The upstream's error, once an event said the reply failed (it also ends the stream, `ended`): the
+        #: event's data decoded, as `parse_error_body` reads it (an ``{"error": {...}}`` envelope, or the error's
+        #: own fields, or the text of data that is not JSON). None while there is none.
+        self.error: Any = None
 
     def feed(self, data: str, event: str | None = None) -> Chunk | None:
         """The chunk to relay for one upstream event, or None when the client must not see it."""
@@ -108,8 +119,12 @@ class StreamRelay:
             if event in _FINAL_RESPONSE_EVENTS:
                 self.ended = True
                 self._read_responses_usage(data)
+            if event in _FAILED_RESPONSE_EVENTS:
+                self._read_responses_error(data, event)
             return Chunk(data, event)
-        if self.plan.strip_usage or '"usage"' in data:
+        # Decoded only when it may hold what the engine reads. Text inside a string has its quotes escaped, so
+        # only keys and whole string values match: a reply that writes the word "error" is not decoded.
+        if self.plan.strip_usage or '"usage"' in data or '"error"' in data or event == "error":
             return self._chat_chunk(data, event)
         return Chunk(data, event)
 
@@ -117,8 +132,16 @@ class StreamRelay:
         try:
             decoded = msgspec.json.decode(data)
         except msgspec.DecodeError:
-            return Chunk(data, event)  # not ours to judge: the client sees what the upstream sent
-        if not isinstance(decoded, dict) or "usage" not in decoded:
+            decoded = None  # not ours to judge: the client sees what the upstream sent
+        if not isinstance(decoded, dict):
+            if event == "error":
+                self._failed(data)
+            return Chunk(data, event)
+        # What the SDK raises `APIError` at: an "error" that is there and not null. Relayed as it came.
+        failed = bool(decoded.get("error")) or event == "error"
+        if failed:
+            self._failed(decoded)
+        if "usage" not in decoded:
             return Chunk(data, event)
         usage = decoded["usage"]
         final = isinstance(usage, dict) and decoded.get("choices") == []
@@ -126,12 +149,26 @@ class StreamRelay:
             with contextlib.suppress(msgspec.ValidationError):
                 self.usage = Usage.of(msgspec.convert(usage, UsageFields))
         self.ended = self.ended or final
-        if not self.plan.strip_usage:
+        if failed or not self.plan.strip_usage:
             return Chunk(data, event)
         if final:
             return None  # the usage chunk the engine asked for
         del decoded["usage"]
         return Chunk(msgspec.json.encode(decoded).decode(), event)
+
+    def _failed(self, error: Any) -> None:
+        self.ended = True
+        if self.error is None:
+            self.error = error
+
+    def _read_responses_error(self, data: str, event: str | None) -> None:
+        try:
+            decoded = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return self._failed(data)
+        if event == "response.failed" and isinstance(decoded, dict) and isinstance(decoded.get("response"), dict):
+            decoded = decoded["response"]  # its "error" says why
+        self._failed(decoded if isinstance(decoded, dict) else data)
 
     def _read_responses_usage(self, data: str) -> None:
         try:
