@@ -17,6 +17,7 @@ from trio_mapper.engine.core.retry import (
     backoff_delay,
     classify_exception,
     classify_response,
+    classify_stream_error,
     exhausted,
     parse_error_body,
 )
@@ -400,6 +401,23 @@ def test_exception_messages_are_scrubbed() -> None:
     verdict = classify_exception(ValueError("header Authorization: Bearer sk-secret-value-123"))
     assert isinstance(verdict, FinalFailure)
     assert "secret" not in verdict.message
+
+
+@pytest.mark.parametrize(
+    ("error", "quoted"),
+    [
+        ({"error": {"message": "The server had an error", "type": "server_error"}}, 'server_error: "The server'),
+        # The Responses API's error event, and the response of its response.failed event.
+        ({"type": "error", "code": "server_error", "message": "boom", "param": None}, 'server_error: "boom"'),
+        ({"status": "failed", "error": {"code": "rate_limit_exceeded", "message": "slow"}}, 'exceeded: "slow"'),
+        ({"error": {"message": "key sk-proj-abcdef0123456789 leaked"}}, "key [redacted] leaked"),
+        ("overloaded", '(not JSON): "overloaded"'),
+    ],
+)
+def test_an_error_that_ends_a_stream_is_final_and_quoted(error: Any, quoted: str) -> None:
+    verdict = classify_stream_error(error)
+    assert verdict.kind is ErrorKind.UPSTREAM_ERROR
+    assert quoted in verdict.message and "not retried" in verdict.message
 
 
 def test_cancellation_is_never_swallowed() -> None:

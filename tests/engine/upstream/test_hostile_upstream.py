@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from conftest import read_http_request, running_engine
@@ -212,3 +214,65 @@ async def test_usage_beyond_the_whole_minute_is_counted_as_the_minute(
     assert lane["implausible_usage"] == 1
     assert lane["budget"]["tokens_available"] > -700_000
     assert "more than the lane's whole per-minute limit (600000)" in engine.log
+
+
+UPSTREAM_ERROR = (
+    b'{"error": {"message": "The server had an error while processing your request.", "type": "server_error"}}'
+)
+
+
+def responses(request_id: str) -> dict[str, Any]:
+    return {
+        "type": "submit",
+        "id": request_id,
+        "endpoint": "/v1/responses",
+        "body": {"model": "gpt-4o-mini", "input": "Say hello", "max_output_tokens": 16, "stream": True},
+        "deadline": 30.0,
+    }
+
+
+async def test_an_error_mid_stream_fails_the_request_once_not_retried(
+    short_tmp: Path, hostile: tuple[HostileUpstream, str]
+) -> None:
+    """Found by a hostile review: a stream whose upstream sent an error event, then ``[DONE]`` (or nothing), was
+    settled as a success: the client had the error, the engine's statistics and metrics a success."""
+    upstream, url = hostile
+    # vLLM's continuous usage: counted even though the stream fails after it.
+    counted = b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}], "usage": {"prompt_tokens": 7}}\n\n'
+    failed = json.dumps({"type": "response.failed", "response": {"status": "failed", "error": {"message": "boom"}}})
+    upstream.answers = [
+        events(counted, b"data: " + UPSTREAM_ERROR + b"\n\n", b"data: [DONE]\n\n"),
+        events(CHUNK, b"event: error\ndata: " + UPSTREAM_ERROR + b"\n\n"),  # and the connection closes
+        events(b"event: response.failed\ndata: " + failed.encode() + b"\n\n"),
+        # Over HTTP: an error, then a stall the engine does not wait for.
+        events(CHUNK, b"data: " + UPSTREAM_ERROR + b"\n\n", b": ping\n\n" * 1000),
+    ]
+    async with (
+        running_engine(short_tmp, url) as engine,
+        await RawClient.connect(str(engine.socket), minor=1) as client,
+    ):
+        with trio.fail_after(30):
+            for request in (stream_chat("then [DONE]"), stream_chat("then the end"), responses("response.failed")):
+                await client.send(request)
+                chunks = []
+                while (reply := await client.receive())["type"] == "chunk":
+                    chunks.append(reply["data"])
+                assert (reply["type"], reply["kind"], reply["attempts"]) == ("error", "upstream_error", 1), reply
+                assert "ended the stream with an error after it had started" in reply["message"], reply
+                assert "The server had an error" in reply["message"] or '"boom"' in reply["message"], reply
+                assert "error" in str(chunks[-1]), chunks  # the upstream's own, relayed as it came
+            assert upstream.requests == 3
+
+            transport = httpx.AsyncHTTPTransport(uds=str(engine.socket) + ".http")
+            async with httpx.AsyncClient(transport=transport, base_url="http://engine") as http:
+                body = stream_chat("http")["body"]
+                streamed = await http.post("/v1/chat/completions", json=body)
+                metrics = (await http.get("/metrics")).text
+            lane = (await client.request({"type": "stats", "id": "s"}))["lanes"]["gpt-4o-mini"]
+    assert streamed.status_code == 200
+    # The upstream's error once, and nothing of the engine's after it: neither its own error event nor [DONE].
+    assert streamed.text.endswith("data: " + UPSTREAM_ERROR.decode() + "\n\n"), streamed.text
+    assert streamed.text.count('"error"') == 1 and "[DONE]" not in streamed.text
+    assert (lane["succeeded"], lane["failed"], lane["retries"]) == (0, 4, 0)
+    assert lane["actual_prompt_tokens"] == 7
+    assert 'outcome="upstream_error"} 4.0' in metrics and 'outcome="succeeded"' not in metrics

@@ -105,6 +105,9 @@ class Failed:
     #: The request body's field at fault, named as OpenAI's error bodies do (``messages[0].content``), when
     #: the engine refused the request itself; None otherwise.
     param: str | None = None
+    #: The failure is the upstream's own error event, which ended the stream and reached the client as its last
+    #: chunk: a front that ends a failed stream with an error event of its own adds none (one error, not two).
+    error_relayed: bool = False
 
 
 Outcome = Started | Finished | Failed

@@ -48,6 +48,7 @@ __all__ = [
     "backoff_delay",
     "classify_exception",
     "classify_response",
+    "classify_stream_error",
     "exhausted",
     "parse_error_body",
 ]
@@ -327,6 +328,23 @@ def classify_exception(exc: BaseException) -> Verdict:
     return FinalFailure(
         ErrorKind.INTERNAL_ERROR,
         f"Unexpected error while calling the upstream ({described}): please report this as a bug.",
+    )
+
+
+def classify_stream_error(error: Any) -> FinalFailure:
+    """The final answer to a stream that the upstream ended with an error event after it had started.
+
+    The event reached the client (the SDK raises `APIError` at a chat or completions one); the reply is
+    incomplete, and it is never retried, whatever the error, since part of it is with the client.
+
+    Args:
+        error: the event's data as `StreamRelay.error` holds it.
+    """
+    return FinalFailure(
+        ErrorKind.UPSTREAM_ERROR,
+        f"The upstream ended the stream with an error after it had started — {parse_error_body(error).describe()}. "
+        "The reply is incomplete, and it was not retried because part of it had reached the client: submit it "
+        "again.",
     )
 
 

@@ -56,6 +56,7 @@ from trio_mapper.engine.core.retry import (
     backoff_delay,
     classify_exception,
     classify_response,
+    classify_stream_error,
     exhausted,
 )
 from trio_mapper.engine.core.tenants import CLASSES, DailyUsage, Prices, Tenant, Tenants, class_rank
@@ -917,9 +918,17 @@ class Scheduler:
         self._report(owner, job.request_id, started, finished)
 
     def _finish_error(
-        self, job: Job, kind: ErrorKind, message: str, reply: UpstreamReply | None = None, *, quiet: bool = False
+        self,
+        job: Job,
+        kind: ErrorKind,
+        message: str,
+        reply: UpstreamReply | None = None,
+        *,
+        quiet: bool = False,
+        error_relayed: bool = False,
     ) -> None:
-        """Answer a job's failure. ``quiet``: its caller sums such failures up in the log."""
+        """Answer a job's failure. ``quiet``: its caller sums such failures up in the log; ``error_relayed``: as
+        `Failed.error_relayed`."""
         owner = self._close(job, kind.value)
         if owner is None:
             return
@@ -934,6 +943,7 @@ class Scheduler:
             headers=reply.headers if reply else {},
             body=reply.body if reply else None,
             attempts=job.attempts,
+            error_relayed=error_relayed,
         )
         self._report(owner, job.request_id, failed)
 
@@ -1109,6 +1119,10 @@ class Scheduler:
                     chunk = relay.feed(event.data, event.event)
                     if chunk is not None:
                         await self._relay(job, opened.status, opened.headers, chunk)
+                    if relay.error is not None:
+                        # The error is the stream's end, as for the SDK, which raises at it: what may follow
+                        # (a [DONE]) is not waited for, nor an upstream that stalls after it.
+                        break
             if not relay.ended:
                 # Reported as a success, a cut stream would reach the client as a whole answer (the HTTP front
                 # would even end it with [DONE]); as a broken stream it is retried, or ends with an error event.
@@ -1120,6 +1134,7 @@ class Scheduler:
                 elapsed=trio.current_time() - opened.started,
                 streamed=True,
                 streamed_usage=relay.usage,
+                streamed_error=relay.error,
             )
 
     async def _relay(self, job: Job, status: int, headers: Mapping[str, str], chunk: Chunk) -> None:
@@ -1187,7 +1202,10 @@ class Scheduler:
             cost = self._prices.cost(job.lane.name, usage.prompt, usage.completion)
             self._spend(job.tenant, 0, cost - job.estimated_cost)
             job.estimated_cost = 0.0  # replaced: another attempt's usage is charged in full
-        if reply is not None:
+        verdict: Verdict
+        if reply is not None and reply.streamed_error is not None:
+            verdict = classify_stream_error(reply.streamed_error)
+        elif reply is not None:
             # A success is classified by its status alone: its body is not decoded here (see ReplyBody).
             body = None if 200 <= reply.status < 300 or reply.streamed else reply.body.decoded()
             verdict = classify_response(reply.status, reply.headers, body)
@@ -1233,6 +1251,9 @@ class Scheduler:
             assert reply is not None
             return self._finish_result(job, reply)
         if isinstance(verdict, FinalFailure):
+            if reply is not None and reply.streamed_error is not None:
+                # The stream's own last event told the client; its 200 and empty body do not describe the failure.
+                return self._finish_error(job, verdict.kind, verdict.message, error_relayed=True)
             return self._finish_error(job, verdict.kind, verdict.message, reply)
         if job.committed:
             # Part of the reply is with the client: another attempt would send it a second, different start.

@@ -188,6 +188,9 @@ class UpstreamReply:
     streamed: bool = False
     #: A relayed stream's usage, from its usage event (the body cannot be asked for it).
     streamed_usage: Usage | None = None
+    #: A relayed stream that the upstream ended with an error event (which reached the client): the error, as
+    #: `StreamRelay.error` holds it. None for any other reply.
+    streamed_error: Any = None
 
     def usage(self) -> Usage | None:
         return self.streamed_usage if self.streamed else self.body.usage()

@@ -405,7 +405,13 @@ class OpenAIApp:
         if not streaming:
             return await self._render(send, final, self._budget_list(model_name), spec)
         if isinstance(final, Failed):
-            tail = stream_error_event(final, responses_api=spec.endpoint == "/v1/responses", sequence_number=relayed)
+            responses_api = spec.endpoint == "/v1/responses"
+            # An upstream's error event ended the stream: the client has it, and the SDK raised at it.
+            tail = (
+                b""
+                if final.error_relayed
+                else stream_error_event(final, responses_api=responses_api, sequence_number=relayed)
+            )
         else:
             tail = b"" if spec.endpoint == "/v1/responses" else _DONE  # the Responses API sends no [DONE]
         await send({"type": "http.response.body", "body": b"".join(events) + tail, "more_body": False})
