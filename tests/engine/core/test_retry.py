@@ -21,6 +21,7 @@ from trio_mapper.engine.core.retry import (
     exhausted,
     parse_error_body,
 )
+from trio_mapper.engine.upstream.client import SwitchedProtocols
 from trio_mapper.wire import ErrorKind
 
 
@@ -395,6 +396,20 @@ def test_other_exceptions_are_final(exc: Exception, kind: ErrorKind) -> None:
     verdict = classify_exception(exc)
     assert isinstance(verdict, FinalFailure)
     assert verdict.kind is kind
+
+
+@pytest.mark.parametrize("status", [100, 101, 103, 199])
+def test_an_informational_status_as_the_answer_is_final(status: int) -> None:
+    verdict = classify_response(status, {"x-should-retry": "true"}, None)
+    assert isinstance(verdict, FinalFailure) and verdict.kind is ErrorKind.UPSTREAM_ERROR
+    assert f"answered HTTP {status}" in verdict.message and "not retried" in verdict.message
+
+
+def test_a_switch_of_protocols_is_final_not_a_passing_protocol_error() -> None:
+    # As h11 (under httpcore) reports a 101 to a request that proposed no upgrade: it never arrives as a response.
+    verdict = classify_exception(SwitchedProtocols("the upstream answered 101 Switching Protocols"))
+    assert verdict == classify_response(101, {}, None)
+    assert isinstance(classify_exception(httpx.RemoteProtocolError("Server disconnected")), BackoffRetry)
 
 
 def test_exception_messages_are_scrubbed() -> None:

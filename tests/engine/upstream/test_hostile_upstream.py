@@ -276,3 +276,28 @@ async def test_an_error_mid_stream_fails_the_request_once_not_retried(
     assert (lane["succeeded"], lane["failed"], lane["retries"]) == (0, 4, 0)
     assert lane["actual_prompt_tokens"] == 7
     assert 'outcome="upstream_error"} 4.0' in metrics and 'outcome="succeeded"' not in metrics
+
+
+async def test_a_101_switching_protocols_is_a_final_upstream_error(
+    short_tmp: Path, hostile: tuple[HostileUpstream, str]
+) -> None:
+    """Found by a hostile review: h11 refuses a 101 to a request that proposed no upgrade as a protocol error
+    (httpcore never delivers it as a response), which was retried as a passing fault, six times over."""
+    upstream, url = hostile
+
+    async def switching(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+        await trio.sleep(0.1)  # what a WebSocket server does next is no concern: the engine hangs up
+
+    upstream.answers = [switching]
+    async with (
+        running_engine(short_tmp, url) as engine,
+        await RawClient.connect(str(engine.socket), minor=1) as client,
+    ):
+        with trio.fail_after(30):
+            for request in (chat("whole", deadline=30.0), stream_chat("streamed")):
+                reply = await client.request(request)
+                assert (reply["type"], reply["kind"], reply["attempts"]) == ("error", "upstream_error", 1), reply
+                assert "answered HTTP 101" in reply["message"] and "not retried" in reply["message"], reply
+            assert upstream.requests == 2
+            await still_serves(client, upstream)

@@ -14,6 +14,9 @@ Precedence, highest first:
 3. ``x-should-retry: true|false`` from the upstream decides next, as the official SDK lets it.
 4. The status: 429 is a `RateLimitRetry`; 408, 409 and 5xx a `BackoffRetry`; anything else is final.
 
+A 1xx as the final answer (a 101 Switching Protocols, which h11 raises as `SwitchedProtocols`) is final before
+any of these: no OpenAI-compatible API answers so, and retrying would only ask the same server again.
+
 A verdict's wait may exceed `MAX_HONOURED_WAIT`. It stays retryable: a 429's wait pauses the model's lane for
 at most the cap (the scheduler's choice; the request waits on until its deadline), and `backoff_delay` never
 sleeps longer than the cap (it falls back to the exponential schedule), so a wild ``retry-after`` cannot park
@@ -33,6 +36,7 @@ from typing import Any, Final, Literal
 import attrs
 import httpx
 
+from trio_mapper.engine.upstream.client import SwitchedProtocols
 from trio_mapper.engine.upstream.ratelimit_headers import RateLimitSnapshot, retry_after_seconds
 from trio_mapper.kinds import ErrorKind, is_transient_status
 
@@ -238,6 +242,17 @@ def _final_upstream(status: int, error: UpstreamError, *, note: str = "") -> Fin
     )
 
 
+def _informational(status: int) -> FinalFailure:
+    """A 1xx as the final answer: 101 Switching Protocols (h11 raises `SwitchedProtocols` for it), or any other
+    that a transport delivered (httpcore skips them, waiting for the final answer)."""
+    return FinalFailure(
+        ErrorKind.UPSTREAM_ERROR,
+        f"The upstream answered HTTP {status}, an informational status that no OpenAI-compatible API answers "
+        "these endpoints with (the engine asks it to switch to no other protocol): check that the engine's base "
+        "URL points at an OpenAI-compatible API, and any proxy on the way; this request was not retried.",
+    )
+
+
 def _scope(error: UpstreamError, headers: Mapping[str, str]) -> Literal["requests", "tokens"] | None:
     if error.type in {"requests", "tokens"}:
         return "tokens" if error.type == "tokens" else "requests"
@@ -271,6 +286,8 @@ def classify_response(status: int, headers: Mapping[str, str], body: Any) -> Ver
     """
     if 200 <= status < 300:
         return Success()
+    if status < 200:
+        return _informational(status)
     error = parse_error_body(body)
     if _is_quota(error):
         return _quota_failure(status, error)
@@ -315,6 +332,8 @@ def classify_exception(exc: BaseException) -> Verdict:
             f"The engine could not send the request ({described}): check the engine's base URL setting; "
             "if it is right, please report this as a bug.",
         )
+    if isinstance(exc, SwitchedProtocols):  # a RemoteProtocolError, but no passing one
+        return _informational(101)
     if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError | httpx.ProxyError):
         return BackoffRetry(None, described, ErrorKind.UPSTREAM_UNREACHABLE)
     if isinstance(exc, httpx.TransportError):

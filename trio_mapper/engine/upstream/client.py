@@ -85,6 +85,17 @@ class ReplyTooLarge(httpx.DecodingError):
     """The upstream's reply (a whole body, or one event of a stream) is larger, decoded, than the engine holds."""
 
 
+class SwitchedProtocols(httpx.RemoteProtocolError):
+    """The upstream answered 101 Switching Protocols. The engine proposes no upgrade, so h11 (under httpcore)
+    refuses it as a protocol error rather than deliver it as a response; raised in that error's place, since
+    it is no passing fault of the connection but an upstream that is not an OpenAI-compatible API there."""
+
+
+#: How h11 refuses a 101 to a request that proposed no upgrade ("Received server _SWITCH_UPGRADE event
+#: without a pending proposal"): the name of its state, which its message is built from.
+_SWITCH_UPGRADE: Final = "_SWITCH_UPGRADE"
+
+
 class InvalidHeader(ValueError):
     """A header the engine would pass upstream has a value HTTP cannot carry as it is."""
 
@@ -529,6 +540,8 @@ class Upstream:
             response = await pool.handle_async_request(request)
         except httpx.RequestError as exc:
             exc.request = request  # as httpx's client does: its message and its handlers may ask
+            if isinstance(exc, httpx.RemoteProtocolError) and _SWITCH_UPGRADE in str(exc):
+                raise SwitchedProtocols("the upstream answered 101 Switching Protocols", request=request) from exc
             raise
         response.request = request
         return response
