@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import trio
 from conftest import read_http_request, running_engine
@@ -301,3 +302,32 @@ async def test_a_101_switching_protocols_is_a_final_upstream_error(
                 assert "answered HTTP 101" in reply["message"] and "not retried" in reply["message"], reply
             assert upstream.requests == 2
             await still_serves(client, upstream)
+
+
+async def test_an_error_event_the_sdk_does_not_raise_at_is_followed_by_the_engines_own(
+    short_tmp: Path, hostile: tuple[HostileUpstream, str]
+) -> None:
+    """Found by a hostile review: a chat stream's ``event: error`` whose data has no ``"error"`` (a gateway's bare
+    ``{"message": ...}``) failed the request, and the HTTP front added no error event of its own, as if the SDK
+    had raised at the upstream's: it does so only at a truthy ``"error"``, so the stream simply ended, and the
+    SDK returned a cut reply as whole."""
+    upstream, url = hostile
+    upstream.answers = [events(CHUNK, b'event: error\ndata: {"message": "boom", "code": "server_error"}\n\n')]
+    async with running_engine(short_tmp, url) as engine:
+        transport = httpx.AsyncHTTPTransport(uds=str(engine.socket) + ".http")
+        async with (
+            httpx.AsyncClient(transport=transport) as http,
+            openai.AsyncOpenAI(api_key="unused", base_url="http://engine/v1", http_client=http, max_retries=0) as sdk,
+        ):
+            with trio.fail_after(30):
+                stream = await sdk.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                received = []
+                with pytest.raises(openai.APIError) as raised:
+                    async for chunk in stream:
+                        received.append(chunk)
+    assert received[0].choices[0].delta.content == "Hel"  # and the upstream's own event, as it came
+    assert "ended the stream with an error after it had started" in raised.value.message
+    assert "boom" in raised.value.message
+    assert upstream.requests == 1

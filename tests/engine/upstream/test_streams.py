@@ -95,7 +95,15 @@ def test_an_error_chunk_ends_a_chat_stream_as_a_failure_and_passes_as_it_came(
     error = '{"error": {"message": "The server had an error", "type": "server_error", "code": null}}'
     assert relay.feed(error, event) == Chunk(error, event)
     assert relay.error == json.loads(error)
-    assert relay.ended
+    assert relay.ended and relay.error_shown  # the SDK raises at it: the front adds no error of its own
+
+
+def test_a_named_error_event_without_an_error_field_is_not_shown() -> None:
+    """The SDK yields it as a chunk: the front must still end the stream with its own error event."""
+    relay = StreamRelay(StreamPlan("chat", strip_usage=False))
+    data = '{"message": "boom", "code": "server_error"}'
+    assert relay.feed(data, "error") == Chunk(data, "error")
+    assert (relay.error, relay.ended, relay.error_shown) == (json.loads(data), True, False)
 
 
 def test_what_is_not_an_error_chunk() -> None:
@@ -109,7 +117,7 @@ def test_what_is_not_an_error_chunk() -> None:
     assert (relay.error, relay.ended) == (None, False)
     # Named error, its data not JSON: still the upstream's error, quoted as text.
     assert relay.feed("overloaded", "error") == Chunk("overloaded", "error")
-    assert (relay.error, relay.ended) == ("overloaded", True)
+    assert (relay.error, relay.ended, relay.error_shown) == ("overloaded", True, False)
 
 
 def test_usage_on_an_error_chunk_still_counts() -> None:
@@ -124,7 +132,7 @@ def test_responses_error_and_failed_events_end_the_stream_as_a_failure() -> None
     relay = StreamRelay(StreamPlan("responses", strip_usage=False))
     error = '{"type": "error", "code": "server_error", "message": "boom", "param": null, "sequence_number": 3}'
     assert relay.feed(error, "error") == Chunk(error, "error")
-    assert (relay.error, relay.ended) == (json.loads(error), True)
+    assert (relay.error, relay.ended, relay.error_shown) == (json.loads(error), True, True)
 
     relay = StreamRelay(StreamPlan("responses", strip_usage=False))
     response = {"status": "failed", "error": {"code": "server_error", "message": "boom"}, "usage": {"input_tokens": 9}}

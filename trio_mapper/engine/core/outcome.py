@@ -106,7 +106,8 @@ class Failed:
     #: the engine refused the request itself; None otherwise.
     param: str | None = None
     #: The failure is the upstream's own error event, which ended the stream and reached the client as its last
-    #: chunk: a front that ends a failed stream with an error event of its own adds none (one error, not two).
+    #: chunk in a shape the client raises at (`StreamRelay.error_shown`): a front that ends a failed stream with
+    #: an error event of its own adds none (one error, not two).
     error_relayed: bool = False
 
 

@@ -1135,6 +1135,7 @@ class Scheduler:
                 streamed=True,
                 streamed_usage=relay.usage,
                 streamed_error=relay.error,
+                streamed_error_shown=relay.error_shown,
             )
 
     async def _relay(self, job: Job, status: int, headers: Mapping[str, str], chunk: Chunk) -> None:
@@ -1252,8 +1253,9 @@ class Scheduler:
             return self._finish_result(job, reply)
         if isinstance(verdict, FinalFailure):
             if reply is not None and reply.streamed_error is not None:
-                # The stream's own last event told the client; its 200 and empty body do not describe the failure.
-                return self._finish_error(job, verdict.kind, verdict.message, error_relayed=True)
+                # Its 200 and empty body do not describe the failure. The stream's own last event told the client
+                # when the client raises at it; when not, the front ends the stream with its own error.
+                return self._finish_error(job, verdict.kind, verdict.message, error_relayed=reply.streamed_error_shown)
             return self._finish_error(job, verdict.kind, verdict.message, reply)
         if job.committed:
             # Part of the reply is with the client: another attempt would send it a second, different start.

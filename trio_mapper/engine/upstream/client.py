@@ -202,6 +202,8 @@ class UpstreamReply:
     #: A relayed stream that the upstream ended with an error event (which reached the client): the error, as
     #: `StreamRelay.error` holds it. None for any other reply.
     streamed_error: Any = None
+    #: That error event is one the client raises at itself (`StreamRelay.error_shown`).
+    streamed_error_shown: bool = False
 
     def usage(self) -> Usage | None:
         return self.streamed_usage if self.streamed else self.body.usage()

@@ -107,6 +107,11 @@ class StreamRelay:
         #: event's data decoded, as `parse_error_body` reads it (an ``{"error": {...}}`` envelope, or the error's
         #: own fields, or the text of data that is not JSON). None while there is none.
         self.error: Any = None
+        #: The event that said so is one clients raise at themselves: a chat or completions chunk with a
+        #: truthy ``"error"`` (all the SDK raises `APIError` at; an ``event: error`` whose data has none, it
+        #: yields as a chunk), or the Responses API's typed ``error`` and ``response.failed``. When it is not, a
+        #: front must still end the stream with an error of its own, or the client takes a cut reply as whole.
+        self.error_shown = False
 
     def feed(self, data: str, event: str | None = None) -> Chunk | None:
         """The chunk to relay for one upstream event, or None when the client must not see it."""
@@ -138,9 +143,10 @@ class StreamRelay:
                 self._failed(data)
             return Chunk(data, event)
         # What the SDK raises `APIError` at: an "error" that is there and not null. Relayed as it came.
-        failed = bool(decoded.get("error")) or event == "error"
+        shown = bool(decoded.get("error"))
+        failed = shown or event == "error"
         if failed:
-            self._failed(decoded)
+            self._failed(decoded, shown=shown)
         if "usage" not in decoded:
             return Chunk(data, event)
         usage = decoded["usage"]
@@ -156,19 +162,20 @@ class StreamRelay:
         del decoded["usage"]
         return Chunk(msgspec.json.encode(decoded).decode(), event)
 
-    def _failed(self, error: Any) -> None:
+    def _failed(self, error: Any, *, shown: bool = False) -> None:
         self.ended = True
         if self.error is None:
             self.error = error
+            self.error_shown = shown
 
     def _read_responses_error(self, data: str, event: str | None) -> None:
         try:
             decoded = msgspec.json.decode(data)
         except msgspec.DecodeError:
-            return self._failed(data)
+            return self._failed(data, shown=True)
         if event == "response.failed" and isinstance(decoded, dict) and isinstance(decoded.get("response"), dict):
             decoded = decoded["response"]  # its "error" says why
-        self._failed(decoded if isinstance(decoded, dict) else data)
+        self._failed(decoded if isinstance(decoded, dict) else data, shown=True)
 
     def _read_responses_usage(self, data: str) -> None:
         try:
