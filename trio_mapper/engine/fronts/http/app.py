@@ -34,9 +34,9 @@ from trio_mapper.engine.core.outcome import (
     Started,
 )
 from trio_mapper.engine.fronts.http.errors import (
-    JSON_CONTENT_TYPE,
     Headers,
     error_body,
+    json_headers,
     render_failure,
     retry_headers,
     stream_error_event,
@@ -86,7 +86,6 @@ BODY_TIMEOUT: Final = 60.0
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-_JSON: Final = JSON_CONTENT_TYPE
 _EVENT_STREAM: Final = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _DONE: Final = b"data: [DONE]\n\n"
 
@@ -696,13 +695,11 @@ async def _refuse_websocket(scope: dict[str, Any], receive: Receive, send: Send)
         "this engine; it serves the HTTP endpoints listed at any unknown path"
     )
     body = error_body(message, "invalid_request_error", "unknown_url")
-    headers = [_JSON, (b"content-length", str(len(body)).encode()), *retry_headers(None)]
+    headers = [*json_headers(body), *retry_headers(None)]
     await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body})
 
 
 async def _reply(send: Send, status: int, headers: Headers, body: bytes) -> None:
-    # With its length announced the body goes out as is: no chunked framing, no end-marker write.
-    length = (b"content-length", str(len(body)).encode())
-    await send({"type": "http.response.start", "status": status, "headers": [_JSON, length, *headers]})
+    await send({"type": "http.response.start", "status": status, "headers": [*json_headers(body), *headers]})
     await send({"type": "http.response.body", "body": body})

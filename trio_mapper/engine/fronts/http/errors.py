@@ -54,8 +54,11 @@ _WORTH_WAITING: Final = frozenset({ErrorKind.SHUTTING_DOWN, ErrorKind.OVERLOADED
 CODES: Final[dict[ErrorKind, str]] = {ErrorKind.RATE_LIMITED: "insufficient_quota"}
 
 _encoder: Final = msgspec.json.Encoder()
-#: The content type of every error body (and of the engine's other JSON replies).
-JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
+
+
+def json_headers(body: bytes) -> Headers:
+    """The head of a JSON reply: its type, and its length, so the body goes out as is (no chunked framing)."""
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
