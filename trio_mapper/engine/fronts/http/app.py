@@ -403,8 +403,8 @@ class OpenAIApp:
         sink.answered = True
         if not streaming:
             return await self._render(send, final, self._budget_list(model_name), spec)
+        responses_api = spec.endpoint == "/v1/responses"
         if isinstance(final, Failed):
-            responses_api = spec.endpoint == "/v1/responses"
             # An upstream's error event ended the stream: the client has it, and the SDK raised at it.
             tail = (
                 b""
@@ -412,7 +412,7 @@ class OpenAIApp:
                 else stream_error_event(final, responses_api=responses_api, sequence_number=relayed)
             )
         else:
-            tail = b"" if spec.endpoint == "/v1/responses" else _DONE  # the Responses API sends no [DONE]
+            tail = b"" if responses_api else _DONE  # the Responses API sends no [DONE]
         await send({"type": "http.response.body", "body": b"".join(events) + tail, "more_body": False})
 
     def _budget_list(self, model: str) -> Headers:
