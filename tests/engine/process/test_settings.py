@@ -113,6 +113,26 @@ def test_a_variable_no_setting_reads_is_named_with_the_closest_that_does(tmp_pat
     assert "secret" not in str(loaded.unknown_variables), "names only: a value may be a password"
 
 
+def test_a_trio_mapper_variable_for_an_openai_setting_names_the_variable_the_engine_reads(tmp_path: Path) -> None:
+    """--base-url is an option, yet its variable is the SDK's OPENAI_BASE_URL: TRIO_MAPPER_BASE_URL, which the
+    README's "TRIO_MAPPER_<OPTION>" suggested, was ignored with a hint to TRIO_MAPPER_RPM, and the engine sent
+    the key to api.openai.com instead of the URL its operator gave."""
+    environ = {
+        "OPENAI_API_KEY": "sk-test",
+        "TRIO_MAPPER_BASE_URL": "http://127.0.0.1:8000/v1",
+        "TRIO_MAPPER_PROJECT": "proj_x",
+    }
+    loaded = read_settings(
+        cli={"rpm": 1, "tpm": 1, "max_concurrent_reqs": 1}, config_file=None, environ=environ, dotenv_dir=tmp_path
+    )
+    assert loaded.unknown_variables == (
+        "TRIO_MAPPER_BASE_URL in the environment is ignored: the engine reads OPENAI_BASE_URL for base_url, "
+        "as the openai SDK does",
+        "TRIO_MAPPER_PROJECT in the environment is ignored: the engine reads OPENAI_PROJECT_ID for project, "
+        "as the openai SDK does",
+    )
+
+
 def test_config_file_values_a_later_layer_overrides_are_named(tmp_path: Path) -> None:
     """The command line wins over the file (so does the environment): a change made in the file to a value
     set there has no effect, which the engine now says rather than reporting 'no changes'."""

@@ -702,6 +702,13 @@ def _unknown_variables(variables: Mapping[str, str], where: str) -> Iterator[str
         if suffix.lower() in _SERVER_TABLES:
             yield f"{variable} {where} is ignored: [{suffix.lower()}.NAME] tables are read from the config file only"
             continue
+        if suffix.lower() in OPENAI_ENV_VARS:  # --base-url's variable is the SDK's, not TRIO_MAPPER_BASE_URL
+            name = suffix.lower()
+            yield (
+                f"{variable} {where} is ignored: the engine reads {OPENAI_ENV_VARS[name]} for {name}, "
+                "as the openai SDK does"
+            )
+            continue
         # Against the part after the prefix: every name shares the prefix, which would make any name look close.
         guesses = difflib.get_close_matches(suffix, suffixes, n=1)
         hint = (
