@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One entry point for newcomers and CI: `python3 dev.py demo | test | lint | shell-cmd`.
+"""One entry point for newcomers and CI: `python3 dev.py demo | test | lint | run CMD`.
 
 It keeps a virtual environment in `.venv/` in sync with `pyproject.toml` (re-installing only when the
 file changed), then runs the command inside it. Needs nothing but Python 3.11+ and access to PyPI.
