@@ -347,10 +347,10 @@ def add_check_config_arguments(parser: argparse.ArgumentParser) -> None:
         "Reads what launch-engine would read with these options, from this directory and environment (the config "
         "file, TRIO_MAPPER_* variables, .env, the key's presence, the HTTP keys file, the Redis password file), "
         "through the engine's own code, and says what it would refuse or warn about. It opens no socket and "
-        "contacts neither the upstream nor Redis: the key's validity, a socket in use and Redis's password are "
-        f"not checked. Exit status: 0 the engine would start (one line says with what); {CHECK_REFUSED} it would "
-        "refuse to (one line per problem). Run it with the options of ExecStart=, as the engine's user, before "
-        "systemctl reload or restart (docs/systemd.md)."
+        "contacts neither the upstream nor Redis: the key's validity, Redis's password and the socket paths (one "
+        "in use, a directory others may write to) are not checked. Exit status: 0 the engine would start (one "
+        f"line says with what); {CHECK_REFUSED} it would refuse to (one line per problem). Run it with the options "
+        "of ExecStart=, as the engine's user, before systemctl reload or restart (docs/systemd.md)."
     )
 
 
