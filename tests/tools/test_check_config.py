@@ -65,6 +65,16 @@ def test_good_settings_exit_0_with_what_would_run_and_the_warnings_of_a_start(sh
     assert sorted(path.name for path in short_tmp.iterdir()) == ["engine.toml", "keys.toml", "password"]
 
 
+def test_a_tenant_key_without_a_keys_file_says_there_is_none(short_tmp: Path) -> None:
+    config = short_tmp / "engine.toml"
+    config.write_text(
+        '[server]\nrpm = 500\ntpm = 90000\nmax_concurrent_reqs = 4\n[tenants.research]\nkeys = ["alice"]\n'
+    )
+    result = run(CHECK, "--config", str(config), env=engine_env(), cwd=short_tmp)
+    assert result.returncode == 0, result.stderr
+    assert "tenants.research names client key(s) alice that no keys file (http_keys_file) names" in result.stderr
+
+
 def test_bad_settings_exit_2_with_the_problems_launch_engine_prints(short_tmp: Path) -> None:
     config = short_tmp / "engine.toml"
     config.write_text('[server]\nrmp = 5000\ntpm = "lots"\nmax_concurrent_reqs = 0\n')

@@ -803,13 +803,15 @@ def _warn_about_tenant_keys_not_in(keys: ClientKeys, server: ServerSettings) -> 
     """A tenant that names a client key the keys file does not hold (a typo, a key removed) would silently
     lose those clients to the default tenant, without the caps or budget meant for them."""
     known = set(keys.names_by_key.values())
+    # Without a keys file, "the keys file does not hold" would send the reader to a file that was never set.
+    holder = "the keys file does not hold" if server.http_keys_file else "no keys file (http_keys_file) names"
     for name, tenant in server.tenants.items():
         if unknown := sorted(set(tenant.keys) - known):
             log.warning(
-                "tenants.%s names client key(s) %s that the keys file does not hold; their clients would be "
-                "served as the default tenant",
+                "tenants.%s names client key(s) %s that %s; their clients would be served as the default tenant",
                 name,
                 ", ".join(unknown),
+                holder,
             )
 
 
