@@ -40,6 +40,10 @@ def mock_upstream(
         ("chat/completions", "https://api.openai.com/v1/chat/completions"),
         ("v1/embeddings", "https://api.openai.com/v1/embeddings"),
         ("/v1/models/ft:gpt-4o-mini:org:custom", "https://api.openai.com/v1/models/ft:gpt-4o-mini:org:custom"),
+        # A model id may hold escapes (the SDK's models.retrieve encodes a repository-style id's slash): one
+        # segment, passed on as it is.
+        ("/v1/models/meta-llama%2FLlama-3.1-8B", "https://api.openai.com/v1/models/meta-llama%2FLlama-3.1-8B"),
+        ("/v1/models/mod%C3%A8le%20x", "https://api.openai.com/v1/models/mod%C3%A8le%20x"),
     ],
 )
 def test_relative_paths_join_like_the_sdk(endpoint: str, expected: str) -> None:
@@ -64,6 +68,14 @@ def test_base_without_version_keeps_the_endpoint_whole() -> None:
         "/v1/chat/completions?api-version=1",
         "/v1/chat/completions#frag",
         "/v1/%2e%2e/x",
+        "/v1/chat%2Fcompletions",
+        "/v1/models/%2E%2E",
+        "/v1/models/..%2Ffiles",
+        "/v1/models/x%2F..%2F..%2Ffiles",
+        "/v1/models/%2Fetc",
+        "/v1/models/a%5C..%5Cfiles",
+        "/v1/models/a%00b",
+        "/v1/models/%FF",
         "\\\\evil\\share",
         "/v1/chat completions",
         "",

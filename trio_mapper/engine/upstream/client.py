@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, M
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from functools import partial
 from typing import Annotated, Any, Final, final
+from urllib.parse import unquote
 
 import attrs
 import httpx
@@ -30,8 +31,13 @@ from trio_mapper.text import escape_control_characters, shorten
 
 #: An API version segment (``v1``).
 _VERSION: Final = re.compile(r"v[0-9]+")
-#: A path of plain segments: no scheme, host, query, fragment, percent-escapes or backslashes.
-_SAFE_PATH: Final = re.compile(r"[A-Za-z0-9._~:\-]+(?:/[A-Za-z0-9._~:\-]+)*")
+#: A path of plain segments: no scheme, host, query, fragment or backslashes. Percent-escapes pass this pattern
+#: but are then allowed in a model id only (`relative_api_path`).
+_SEGMENT: Final = r"(?:[A-Za-z0-9._~:\-]|%[0-9A-Fa-f]{2})+"
+_SAFE_PATH: Final = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+#: What a decoded model id may not hold: a segment that climbs, once an upstream decodes and normalises the
+#: path (``..%2Ffiles``), a backslash some servers read as a slash, or a control character.
+_UNSAFE_MODEL_ID: Final = re.compile(r"(?:^|[/\\])\.{0,2}(?:[/\\]|$)|[\\\x00-\x1f\x7f]")
 #: Headers worth returning to clients. Everything else (cookies, CDN noise) stays in the engine.
 USEFUL_HEADERS: Final = frozenset(
     {
@@ -253,6 +259,23 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
     # /v1/chat/completions whole.
     api = segments[1:] if len(segments) > 1 and _VERSION.fullmatch(segments[0]) else segments
     is_model = api[0] in GET_ENDPOINTS and len(api) <= 2
+    if "%" in path:
+        # Only a model id needs escapes: the names of OpenAI-compatible servers' models hold slashes
+        # (meta-llama/Llama-3.1-8B-Instruct), which the SDK's models.retrieve sends as %2F. Anywhere else an
+        # escape is refused, and a model id must not decode into something that climbs out of models/.
+        if not (is_model and len(api) == 2 and "%" not in "/".join(segments[:-1])):
+            raise InvalidEndpoint(
+                f"endpoint {endpoint!r} is not a plain path (percent-escapes only in a model id); {hint}"
+            )
+        try:
+            model_id = unquote(api[1], errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidEndpoint(f"endpoint {endpoint!r}: the model id's escapes are not UTF-8; {hint}") from None
+        if _UNSAFE_MODEL_ID.search(model_id):
+            raise InvalidEndpoint(
+                f"endpoint {endpoint!r}: the model id decodes to empty, '.' or '..' segments, backslashes or "
+                f"control characters; {hint}"
+            )
     if "/".join(api) not in POST_ENDPOINTS and not is_model:
         served = ", ".join(f"/v1/{name}" for name in sorted(POST_ENDPOINTS))
         raise InvalidEndpoint(

@@ -178,6 +178,27 @@ async def test_sdk_sync_and_async_over_the_unix_socket(short_tmp: Path) -> None:
         assert TEST_API_KEY not in engine.log
 
 
+async def test_models_retrieve_takes_the_ids_of_openai_compatible_servers(short_tmp: Path) -> None:
+    """vLLM, TGI and most OpenAI-compatible servers name models after their repositories
+    (``meta-llama/Llama-3.1-8B-Instruct``); the SDK's models.retrieve sends the slash as %2F. The engine answered
+    404 (and 400 for a space or an accent) where the upstream itself answers, whichever way the id is spelled."""
+    ids = ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5 7B", "modèle"]
+    async with simulator() as url, http_engine(short_tmp, url) as (engine, _):
+        with unix_sdk(engine, max_retries=0) as client:
+            for model in ids:
+                assert (await in_thread(client.models.retrieve, model)).id == model
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=http_socket(engine))) as http:
+            # An older client that leaves the slash as it is: the rest of the path is still the id.
+            literal = await http.get("http://engine/v1/models/meta-llama/Llama-3.1-8B-Instruct")
+            # An id must still not climb out of models/ once the upstream decodes it.
+            climbing = [
+                await http.get("http://engine/v1/models/" + target)
+                for target in ("..%2F..%2Ffiles", "x%2F..%2F..%2Ffiles", "%2E%2E", "a%5C..%5Cfiles")
+            ]
+    assert literal.status_code == 200 and literal.json()["id"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert [reply.status_code for reply in climbing] == [400] * len(climbing)
+
+
 async def test_sdk_over_tcp_needs_a_client_key(short_tmp: Path) -> None:
     async with simulator() as url, http_engine(short_tmp, url) as (engine, tcp_url):
         with openai.OpenAI(api_key=CLIENT_KEY, base_url=tcp_url) as client:

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Final, Protocol
+from urllib.parse import quote
 
 import attrs
 import msgspec
@@ -58,8 +59,11 @@ ENDPOINTS: Final = {
     "/v1/responses": "POST",
     "/v1/models": "GET",
 }
-#: ``GET /v1/models/{model}`` (the SDK's ``models.retrieve``, a common start-up check): one more path segment.
+#: ``GET /v1/models/{model}`` (the SDK's ``models.retrieve``, a common start-up check): the rest of the path is
+#: the model id, slashes included (``meta-llama/Llama-3.1-8B-Instruct``, which the SDK sends as ``%2F``).
 MODEL_PREFIX: Final = "/v1/models/"
+#: Characters a model id keeps as they are in the upstream path; the rest are percent-encoded as the SDK does.
+_MODEL_ID_SAFE: Final = "-._~:"
 #: Client headers offered to the core for forwarding (the upstream client filters them again).
 FORWARDED: Final = ("openai-beta",)
 #: Upstream reply headers passed back to clients. The upstream's x-ratelimit-* stay in the engine: replies
@@ -474,8 +478,8 @@ class OpenAIApp:
         method: str = scope["method"]
         expected = ENDPOINTS.get(path)
         model_name = path.removeprefix(MODEL_PREFIX) if path.startswith(MODEL_PREFIX) else ""
-        if expected is None and model_name and "/" not in model_name:
-            expected = "GET"  # the core checks the name as it checks every endpoint (plain segments only)
+        if expected is None and model_name:
+            expected = "GET"  # the core checks the id as it checks every endpoint (no climbing out of models/)
         if scope.get("query_string") and expected is not None:
             self.stats.not_found += 1
             raise _Refusal(404, *_no_query_string(path))
@@ -517,7 +521,8 @@ class OpenAIApp:
             raise
         sdk_timeout = _sdk_timeout(headers)
         spec = RequestSpec(
-            endpoint=path,
+            # ASGI's path is decoded: a model id goes on encoded again, one path segment whatever it holds.
+            endpoint=MODEL_PREFIX + quote(model_name, safe=_MODEL_ID_SAFE) if model_name else path,
             body=body,
             method=method,
             # Answer before the SDK gives up, but let an attempt already sent run until it does.
