@@ -36,8 +36,9 @@ _VERSION: Final = re.compile(r"v[0-9]+")
 _SEGMENT: Final = r"(?:[A-Za-z0-9._~:\-]|%[0-9A-Fa-f]{2})+"
 _SAFE_PATH: Final = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
 #: What a decoded model id may not hold: a segment that climbs, once an upstream decodes and normalises the
-#: path (``..%2Ffiles``), a backslash some servers read as a slash, or a control character.
-_UNSAFE_MODEL_ID: Final = re.compile(r"(?:^|[/\\])\.{0,2}(?:[/\\]|$)|[\\\x00-\x1f\x7f]")
+#: path (``..%2Ffiles``), a backslash some servers read as a slash, a control character, or a percent sign (no
+#: model is named with one; ``%252F..`` would climb at a server that decodes twice).
+_UNSAFE_MODEL_ID: Final = re.compile(r"(?:^|[/\\])\.{0,2}(?:[/\\]|$)|[\\\x00-\x1f\x7f%]")
 #: Headers worth returning to clients. Everything else (cookies, CDN noise) stays in the engine.
 USEFUL_HEADERS: Final = frozenset(
     {
@@ -273,8 +274,8 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
             raise InvalidEndpoint(f"endpoint {endpoint!r}: the model id's escapes are not UTF-8; {hint}") from None
         if _UNSAFE_MODEL_ID.search(model_id):
             raise InvalidEndpoint(
-                f"endpoint {endpoint!r}: the model id decodes to empty, '.' or '..' segments, backslashes or "
-                f"control characters; {hint}"
+                f"endpoint {endpoint!r}: the model id decodes to empty, '.' or '..' segments, backslashes, "
+                f"percent signs or control characters; {hint}"
             )
     if "/".join(api) not in POST_ENDPOINTS and not is_model:
         served = ", ".join(f"/v1/{name}" for name in sorted(POST_ENDPOINTS))
