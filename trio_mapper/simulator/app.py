@@ -17,7 +17,18 @@ import trio
 from . import errors
 from .buckets import RateLimits, Rejection
 from .config import SimulatorConfig
-from .endpoints import Kind, Plan, Reply, RequestError, plan_request, render, render_stream, structured_reply
+from .endpoints import (
+    MEDIA_KINDS,
+    Kind,
+    Plan,
+    Reply,
+    RequestError,
+    plan_request,
+    render,
+    render_media,
+    render_stream,
+    structured_reply,
+)
 from .faults import Dice, Fault
 from .stats import Stats
 from .tokens import TokenCounter
@@ -36,6 +47,9 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("POST", "/v1/completions"): "completions",
     ("POST", "/v1/embeddings"): "embeddings",
     ("POST", "/v1/responses"): "responses",
+    ("POST", "/v1/moderations"): "moderations",
+    ("POST", "/v1/images/generations"): "images",
+    ("POST", "/v1/audio/speech"): "speech",
 }
 MODELS = (
     "gpt-4o-mini",
@@ -250,14 +264,17 @@ class SimulatorApp:
             await self._stream(plan, replies, ident, created, slow, fault, receive, exchange)
             return
         output = sum(reply.tokens for reply in replies)
-        payload = render(plan, replies, ident, created)
+        if plan.kind in MEDIA_KINDS:
+            payload, content_type = render_media(plan, ident, created, self.counter)
+        else:
+            payload, content_type = render(plan, replies, ident, created), _JSON
         await _pause(self.dice.latency(output, slow))
         if fault is Fault.RESET:
             self.stats.reset(model)
-            await exchange.abort(payload, _JSON)
+            await exchange.abort(payload, content_type)
             return
         self.stats.ok(model)
-        await exchange.send(200, payload, _JSON)
+        await exchange.send(200, payload, content_type)
 
     async def _reject(self, model: str, rejection: Rejection, exchange: _Exchange) -> None:
         self.stats.rate_limited(model, rejection.kind)

@@ -7,7 +7,7 @@ reply lengths the dice drew. Nothing here touches HTTP, buckets or time.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal, final
+from typing import Any, Final, Literal, final
 
 import attrs
 import msgspec
@@ -19,11 +19,26 @@ from .content import (
     embedding_vector,
     reply_tokens,
 )
+from .media import (
+    DEFAULT_IMAGE_MODEL,
+    DEFAULT_MODERATION_MODEL,
+    MediaError,
+    image_cost,
+    image_reply,
+    moderation_cost,
+    moderation_reply,
+    speech_audio,
+    speech_cost,
+)
 from .structured import SchemaError, instance, requested_schema
 from .tokens import InputError, TokenCounter
 from .tools import ToolCall, requested_tool_call
 
-Kind = Literal["chat", "completions", "embeddings", "responses"]
+Kind = Literal["chat", "completions", "embeddings", "responses", "moderations", "images", "speech"]
+#: Endpoints that generate no text (nothing drawn from the dice): their replies are functions of the request.
+MEDIA_KINDS: Final = frozenset({"moderations", "images", "speech"})
+#: The model these endpoints use when the request names none, as the API documents.
+_DEFAULT_MODELS: Final = {"moderations": DEFAULT_MODERATION_MODEL, "images": DEFAULT_IMAGE_MODEL}
 
 # The legacy completions endpoint defaults max_tokens to 16 (documented API behaviour).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -140,8 +155,12 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
         RequestError: the body would get a 400 from the real API.
     """
     model = body.get("model")
+    if model is None and kind in _DEFAULT_MODELS:
+        model = _DEFAULT_MODELS[kind]
     if not isinstance(model, str) or not model:
         raise RequestError("you must provide a model parameter")
+    if kind in MEDIA_KINDS:
+        return _media_plan(kind, model, body, counter)
     try:
         if kind == "chat":
             if "messages" not in body:
@@ -204,6 +223,29 @@ def plan_request(kind: Kind, body: dict[str, Any], counter: TokenCounter, defaul
     return Plan(
         kind, model, prompt, cost, replies, cap, stream, include_usage, body, schema=schema, tool_call=tool_call
     )
+
+
+def _media_plan(kind: Kind, model: str, body: dict[str, Any], counter: TokenCounter) -> Plan:
+    """A moderation, image or speech request: its cost is all it is charged (nothing is drawn at admission)."""
+    try:
+        if kind == "moderations":
+            cost = moderation_cost(body, counter)
+        elif kind == "images":
+            cost = image_cost(body, model, counter)
+        else:
+            cost = speech_cost(body, counter)
+    except MediaError as error:
+        raise RequestError(str(error), error.param, error.code) from None
+    return Plan(kind, model, cost, cost, 0, None, False, False, body)
+
+
+def render_media(plan: Plan, ident: str, created: int, counter: TokenCounter) -> tuple[bytes, bytes]:
+    """The body and content type of a moderation, image or speech reply."""
+    if plan.kind == "speech":
+        return speech_audio(plan.body, plan.model, counter)
+    if plan.kind == "moderations":
+        return _encoder.encode(moderation_reply(plan.body, plan.model, ident)), b"application/json"
+    return _encoder.encode(image_reply(plan.body, plan.model, ident, created, counter)), b"application/json"
 
 
 def structured_reply(plan: Plan, drawn: Reply, counter: TokenCounter) -> Reply:
