@@ -710,7 +710,8 @@ def test_responses_invalid(estimator: TokenEstimator, body: dict[str, Any], matc
 def test_generic_fallback_counts_string_values(estimator: TokenEstimator, o200k: Any) -> None:
     body = {"model": "omni-moderation-latest", "input": ["I want to hug you", {"deep": [["nested text"]]}], "k": 3}
     expected = n(o200k, "omni-moderation-latest") + n(o200k, "I want to hug you") + n(o200k, "nested text")
-    assert estimator.estimate("/v1/moderations", body) == TokenEstimate(expected, 0)
+    # Moderations have their own rule now; the fallback serves endpoints the estimator does not know.
+    assert estimator.estimate("/v1/some/new/thing", body) == TokenEstimate(expected, 0)
 
 
 def test_generic_fallback_needs_no_model_and_honours_max_tokens(estimator: TokenEstimator) -> None:
@@ -820,3 +821,45 @@ def test_counting_stops_once_the_prompt_exceeds_the_limit(estimator: TokenEstima
     assert estimator.estimate("/v1/chat/completions", small, limit=10_000) == estimator.estimate(
         "/v1/chat/completions", small
     )
+
+
+def test_moderations_images_and_speech_count_their_text(estimator: TokenEstimator, o200k: Any) -> None:
+    """Counted as the API counts them, not every string of the body (a data URL would have been thousands)."""
+    text = "The quick brown fox jumps over the lazy dog."
+    moderation = estimator.estimate("/v1/moderations", {"input": [text, text]})
+    assert moderation == TokenEstimate(2 * n(o200k, text), 0)
+    image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}
+    multimodal = estimator.estimate("moderations", {"input": [{"type": "text", "text": text}, image_part]})
+    assert multimodal == TokenEstimate(n(o200k, text) + NON_TEXT_PART_TOKENS, 0)
+    image = estimator.estimate(
+        "/v1/images/generations",
+        {"model": "gpt-image-1", "prompt": text, "quality": "low", "size": "1024x1024", "n": 3},
+    )
+    assert image == TokenEstimate(n(o200k, text), 3 * 272)
+    unknown_size = estimator.estimate("/v1/images/generations", {"model": "gpt-image-1", "prompt": text})
+    assert unknown_size.output_tokens == 6240  # auto: the most expensive, since the upstream picks
+    assert estimator.estimate("/v1/images/generations", {"model": "dall-e-3", "prompt": text}).output_tokens == 0
+    speech = {"model": "tts-1", "voice": "alloy", "input": text, "instructions": "calm"}
+    assert estimator.estimate("/v1/audio/speech", speech) == TokenEstimate(n(o200k, text) + n(o200k, "calm"), 0)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param"),
+    [
+        ("/v1/moderations", {"model": "omni-moderation-latest"}, "input"),
+        ("/v1/images/generations", {"model": "gpt-image-1"}, "prompt"),
+        ("/v1/images/generations", {"model": "gpt-image-1", "prompt": "x", "stream": True}, "stream"),
+        ("/v1/audio/speech", {"voice": "alloy", "input": "x"}, "model"),
+        (
+            "/v1/audio/speech",
+            {"model": "tts-1", "voice": "alloy", "input": "x", "stream_format": "sse"},
+            "stream_format",
+        ),
+    ],
+)
+def test_media_bodies_the_engine_cannot_serve_are_refused(
+    estimator: TokenEstimator, endpoint: str, body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidBody) as refused:
+        estimator.estimate(endpoint, body)
+    assert refused.value.param == param

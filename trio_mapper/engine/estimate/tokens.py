@@ -434,6 +434,8 @@ class TokenEstimator:
             model = body.get("model")
             encoding = self._encoding(model if isinstance(model, str) else "", limit)
             return TokenEstimate(_count_strings(encoding, body), _output_budget(body, default=0))
+        if kind in _MEDIA_KINDS:
+            return self._media(kind, body, limit)
         encoding = self._encoding(_require_model(body), limit)
         if kind == "chat":
             return TokenEstimate(_chat_prompt(encoding, body), _output_budget(body, default=DEFAULT_OUTPUT_TOKENS))
@@ -450,6 +452,45 @@ class TokenEstimator:
             prompt += _count(encoding, suffix)
         per_prompt = _output_budget(body, default=COMPLETIONS_DEFAULT_MAX_TOKENS, choices_keys=("n", "best_of"))
         return TokenEstimate(prompt, per_prompt * max(prompts, 1))
+
+    def _media(self, kind: str, body: Mapping[str, Any], limit: int | None) -> TokenEstimate:
+        """Moderations, image generation and speech: their text, plus a gpt-image model's output image tokens.
+
+        The model is optional where the API has a default (moderations, images): the encoding is then the
+        default family's, and the lane the ``default`` one.
+        """
+        model = body.get("model")
+        if model is not None or kind == "speech":
+            model = _require_model(body)
+        encoding = self._encoding(model or "", limit)
+        if kind == "moderations":
+            if "input" not in body:
+                raise InvalidBody("body.input is required: a string, a list of strings, or content parts", "body.input")
+            return TokenEstimate(_moderation_input(encoding, body["input"]), 0)
+        if kind == "images":
+            if body.get("stream") is True:
+                raise InvalidBody(
+                    "body.stream: streamed image generation (partial images) is not served: its events carry "
+                    "base64 images the engine does not relay; send the request without stream (and "
+                    "partial_images) to get the images in one reply",
+                    "body.stream",
+                )
+            prompt = _required_text(body, "prompt")
+            return TokenEstimate(_count(encoding, prompt), _image_output_tokens(body, model or ""))
+        if body.get("stream_format") == "sse":
+            raise InvalidBody(
+                'body.stream_format: "sse" (speech as server-sent events) is not served: the engine relays '
+                'only chat, completions and responses streams; leave stream_format out (or "audio") to get '
+                "the audio file in one reply",
+                "body.stream_format",
+            )
+        tokens = _count(encoding, _required_text(body, "input"))
+        instructions = body.get("instructions")
+        if isinstance(instructions, str):
+            tokens += _count(encoding, instructions)
+        elif instructions is not None:
+            raise InvalidBody(f"body.instructions must be a string, got {_kind(instructions)}", "body.instructions")
+        return TokenEstimate(tokens, 0)
 
     def _encoding(self, model: str, limit: int | None = None) -> _Encoder:
         encoding = self._encodings[encoding_family(model)]
@@ -472,7 +513,53 @@ def _endpoint_kind(endpoint: str) -> str:
         "completions": "completions",
         "embeddings": "embeddings",
         "responses": "responses",
+        "moderations": "moderations",
+        "images/generations": "images",
+        "audio/speech": "speech",
     }.get(path, "other")
+
+
+_MEDIA_KINDS: Final = frozenset({"moderations", "images", "speech"})
+#: Output image tokens of one gpt-image image by quality and size (OpenAI's table for gpt-image-1): the
+#: upstream counts them against the model's tokens per minute, and its reply's usage reports them.
+IMAGE_OUTPUT_TOKENS: Final[Mapping[str, Mapping[str, int]]] = {
+    "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
+    "medium": {"1024x1024": 1056, "1024x1536": 1584, "1536x1024": 1568},
+    "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
+}
+
+
+def _required_text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        found = "nothing" if value is None else _kind(value)
+        raise InvalidBody(f"body.{key} is required: a string (got {found})", f"body.{key}")
+    return value
+
+
+def _image_output_tokens(body: Mapping[str, Any], model: str) -> int:
+    """A gpt-image request's output budget: ``n`` images at its quality and size, where ``auto`` (or a quality
+    or size outside the table) counts as the most expensive, since the upstream picks. Other image models
+    (dall-e) report no tokens and are metered in images, not tokens: 0."""
+    if not model.removeprefix("ft:").startswith("gpt-image"):
+        return 0
+    table = IMAGE_OUTPUT_TOKENS.get(str(body.get("quality")), IMAGE_OUTPUT_TOKENS["high"])
+    per_image = table.get(str(body.get("size")), max(table.values()))
+    return _output_budget({"n": body.get("n")}, default=per_image)
+
+
+def _moderation_input(encoding: _Encoder, value: Any) -> int:
+    """Tokens of a moderation's ``input``: its text, and a flat charge per image part."""
+    if isinstance(value, str):
+        return _count(encoding, value)
+    if isinstance(value, list) and all(isinstance(text, str) for text in value):
+        return sum(_count(encoding, text) for text in value)
+    if isinstance(value, list):
+        return sum(_part_tokens(encoding, part, f"body.input[{i}]") for i, part in enumerate(value))
+    raise InvalidBody(
+        f"body.input must be a string, a list of strings, or a list of content parts; got {_kind(value)}",
+        "body.input",
+    )
 
 
 def _kind(value: Any) -> str:
