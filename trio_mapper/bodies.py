@@ -12,7 +12,7 @@ import msgspec
 
 from trio_mapper import collector
 
-__all__ = ["decode_body"]
+__all__ = ["decode_body", "is_binary_type"]
 
 
 def decode_body(content: bytes, encoding: str | None = None) -> Any:
@@ -24,3 +24,12 @@ def decode_body(content: bytes, encoding: str | None = None) -> Any:
             return msgspec.json.decode(content)
     except (msgspec.DecodeError, RecursionError):
         return content.decode(encoding or "utf-8", errors="replace")
+
+
+def is_binary_type(content_type: str | None) -> bool:
+    """Whether a body of this Content-Type is bytes to keep as they are (speech's audio), not JSON or text.
+    None (no type named) is not: OpenAI's bodies are JSON."""
+    if content_type is None:
+        return False
+    kind = content_type.partition(";")[0].strip().lower()
+    return not kind.startswith("text/") and not kind.endswith("json") and bool(kind)

@@ -40,6 +40,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from trio_mapper.bodies import is_binary_type
 from trio_mapper.client.errors import (
     ConnectionLost,
     InvalidRequestError,
@@ -339,9 +340,12 @@ def _message_type(frame: bytes | memoryview) -> Any:
     return raw.get("type") if isinstance(raw, dict) else None
 
 
-def _decoded(body: Any) -> Any:
-    """A body sent in the "json" format (bytes, see `Hello.body_format`), decoded here in the client."""
-    return decode_body(body) if isinstance(body, bytes) else body
+def _decoded(body: Any, headers: Mapping[str, str] | None = None) -> Any:
+    """A body sent in the "json" format (bytes, see `Hello.body_format`), decoded here in the client; the
+    bytes themselves when the upstream's ``content-type`` says they are binary (speech's audio)."""
+    if not isinstance(body, bytes) or (headers is not None and is_binary_type(headers.get("content-type"))):
+        return body
+    return decode_body(body)
 
 
 def error_from_message(message: Error | _LenientError) -> TrioMapperError:
@@ -387,7 +391,7 @@ def parse_frame(codec: Codec, frame: bytes | memoryview) -> tuple[RequestId | No
     if isinstance(message, Error):
         return message.id, error_from_message(message)
     if isinstance(message, Result):
-        return message.id, msgspec.structs.replace(message, body=_decoded(message.body))
+        return message.id, msgspec.structs.replace(message, body=_decoded(message.body, message.headers))
     if isinstance(message, Chunk):
         return message.id, StreamChunk(_decoded(message.data), message.event)
     if isinstance(message, Welcome):

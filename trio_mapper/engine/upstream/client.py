@@ -23,7 +23,7 @@ from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from trio_mapper._version import __version__
-from trio_mapper.bodies import decode_body
+from trio_mapper.bodies import decode_body, is_binary_type
 from trio_mapper.engine.process.logs import MIN_REDACTED_KEY_CHARS
 from trio_mapper.engine.process.settings import OpenAISettings
 from trio_mapper.engine.upstream.connections import upstream_transport
@@ -148,24 +148,34 @@ class ReplyBody:
     """An upstream body as received. Decoded only for whoever needs its values: the engine itself reads just
     ``usage`` (a partial decode that skips the rest), and a client that asked for JSON bodies gets the bytes."""
 
-    __slots__ = ("_decoded", "content", "encoding")
+    __slots__ = ("_decoded", "content", "content_type", "encoding")
 
-    def __init__(self, content: bytes, encoding: str | None = None) -> None:
+    def __init__(self, content: bytes, encoding: str | None = None, content_type: str | None = None) -> None:
         self.content = content
         self.encoding = encoding
+        #: The upstream's Content-Type when it is not JSON (speech's ``audio/mpeg``, a proxy's ``text/html``);
+        #: None for JSON, as nearly every reply is, or when the upstream named none.
+        self.content_type = content_type
         self._decoded: Any = _NOT_DECODED
+
+    @property
+    def binary(self) -> bool:
+        """The body is neither JSON nor text (audio, an image): its bytes are its value."""
+        return is_binary_type(self.content_type)
 
     def __repr__(self) -> str:
         return f"<ReplyBody {len(self.content)} bytes>"
 
     def decoded(self) -> Any:
-        """Decoded JSON when the upstream sent JSON, else the text; None when empty."""
+        """Decoded JSON when the upstream sent JSON, the bytes of a binary body, else the text; None when empty."""
         if self._decoded is _NOT_DECODED:
-            self._decoded = decode_body(self.content, self.encoding)
+            self._decoded = self.content if self.binary else decode_body(self.content, self.encoding)
         return self._decoded
 
     def usage(self) -> Usage | None:
         """``usage`` (prompt and completion tokens, under either API's names) when the body reports it."""
+        if self.binary:
+            return None  # audio has no usage, and its bytes may hold anything
         found = _usage_from_the_tail(self.content)
         if found is None:
             try:
@@ -625,10 +635,15 @@ class Upstream:
             redacted = _redacted_text(content, encoding, secret.decode())
             if redacted is not None:
                 content, encoding = redacted, None
+        headers = useful_headers(response.headers, self._secret_text)
+        content_type = _non_json_type(response)
+        if content_type is not None:
+            # Named to clients only when it is not JSON, so that they know audio for the bytes it is.
+            headers["content-type"] = content_type
         return UpstreamReply(
             status=response.status_code,
-            headers=useful_headers(response.headers, self._secret_text),
-            body=ReplyBody(content, encoding),
+            headers=headers,
+            body=ReplyBody(content, encoding, content_type),
             elapsed=trio.current_time() - started,
         )
 
@@ -726,6 +741,15 @@ def _text_encoding(response: httpx.Response) -> str | None:
     for the other kinds."""
     content_type = response.headers.get("content-type", "")
     return None if content_type.startswith("application/json") else response.encoding
+
+
+def _non_json_type(response: httpx.Response) -> str | None:
+    """The reply's Content-Type when it is not JSON (audio, an HTML error page), for the fronts to pass on;
+    None for JSON, so that nothing more is kept or looked at for nearly every reply."""
+    content_type = response.headers.get("content-type")
+    if content_type is None or content_type.startswith("application/json"):
+        return None
+    return content_type
 
 
 def _request_headers(headers: Mapping[str, str] | None, body: bytes | None) -> dict[str, str]:

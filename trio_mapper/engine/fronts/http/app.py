@@ -583,7 +583,8 @@ class OpenAIApp:
     async def _render(self, send: Send, event: Finished | Failed, budget: Headers, spec: RequestSpec) -> None:
         if isinstance(event, Finished):
             headers = _upstream_headers(event.headers) + budget + _engine_headers(event.timings.queued, event.attempts)
-            return await _reply(send, event.status, headers, event.body.content)
+            # Speech is audio: its bytes go out as the upstream sent them, under the upstream's type.
+            return await _reply(send, event.status, headers, event.body.content, event.body.content_type)
         if event.kind is ErrorKind.TIMEOUT and spec.patience is not None:
             # The SDK user set a timeout, never a deadline: say where the engine's came from. True of both times
             # the message may name: the deadline (the request waited) and the SDK's timeout (it was in flight).
@@ -705,6 +706,11 @@ async def _refuse_websocket(scope: dict[str, Any], receive: Receive, send: Send)
     await send({"type": "websocket.http.response.body", "body": body})
 
 
-async def _reply(send: Send, status: int, headers: Headers, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [*json_headers(body), *headers]})
+async def _reply(send: Send, status: int, headers: Headers, body: bytes, content_type: str | None = None) -> None:
+    """Send a whole reply: JSON unless the upstream's body had another ``content_type``."""
+    if content_type is None:
+        head = json_headers(body)
+    else:
+        head = [(b"content-type", content_type.encode("latin-1", "replace")), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": [*head, *headers]})
     await send({"type": "http.response.body", "body": body})
