@@ -57,6 +57,9 @@ ENDPOINTS: Final = {
     "/v1/completions": "POST",
     "/v1/embeddings": "POST",
     "/v1/responses": "POST",
+    "/v1/moderations": "POST",
+    "/v1/images/generations": "POST",
+    "/v1/audio/speech": "POST",
     "/v1/models": "GET",
 }
 #: ``GET /v1/models/{model}`` (the SDK's ``models.retrieve``, a common start-up check): the rest of the path is
