@@ -44,6 +44,8 @@ def mock_upstream(
         # segment, passed on as it is.
         ("/v1/models/meta-llama%2FLlama-3.1-8B", "https://api.openai.com/v1/models/meta-llama%2FLlama-3.1-8B"),
         ("/v1/models/mod%C3%A8le%20x", "https://api.openai.com/v1/models/mod%C3%A8le%20x"),
+        # Dots are fine in a segment that holds something else (only dot-only segments climb).
+        ("/v1/models/Qwen%2FQwen2.5-7B..v2", "https://api.openai.com/v1/models/Qwen%2FQwen2.5-7B..v2"),
     ],
 )
 def test_relative_paths_join_like_the_sdk(endpoint: str, expected: str) -> None:
@@ -77,6 +79,14 @@ def test_base_without_version_keeps_the_endpoint_whole() -> None:
         "/v1/models/a%00b",
         "/v1/models/a%252F..%252Ffiles",  # climbs at a server that decodes twice
         "/v1/models/%FF",
+        # Segments some servers still read as '..' once a proxy has decoded %2F: Tomcat drops ';' parameters,
+        # Windows trailing dots and spaces, an NFKC-normalising server maps fullwidth dots.
+        "/v1/models/x%2F..%3B%2Ffiles",
+        "/v1/models/..%3Bjsessionid=1%2Ffiles",
+        "/v1/models/x%2F...%2Ffiles",
+        "/v1/models/x%2F..%20%2Ffiles",
+        "/v1/models/%EF%BC%8E%EF%BC%8E%2Ffiles",
+        "/v1/models/...",
         "\\\\evil\\share",
         "/v1/chat completions",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from functools import partial
@@ -282,11 +283,13 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
             model_id = unquote(api[1], errors="strict")
         except UnicodeDecodeError:
             raise InvalidEndpoint(f"endpoint {endpoint!r}: the model id's escapes are not UTF-8; {hint}") from None
-        if _UNSAFE_MODEL_ID.search(model_id):
+        if _UNSAFE_MODEL_ID.search(model_id) or _dots_only_segment(model_id):
             raise InvalidEndpoint(
-                f"endpoint {endpoint!r}: the model id decodes to empty, '.' or '..' segments, backslashes, "
-                f"percent signs or control characters; {hint}"
+                f"endpoint {endpoint!r}: the model id decodes to empty, '.' or '..' segments (or ones servers read "
+                f"as such: '..;', '...', '.. '), backslashes, percent signs or control characters; {hint}"
             )
+    elif is_model and len(api) == 2 and _dots_only_segment(api[1]):
+        raise InvalidEndpoint(f"endpoint {endpoint!r}: the model id is only dots; {hint}")
     if "/".join(api) not in POST_ENDPOINTS and not is_model:
         served = ", ".join(f"/v1/{name}" for name in sorted(POST_ENDPOINTS))
         raise InvalidEndpoint(
@@ -295,6 +298,15 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
             "stored data outside any budget; call them with a key of your own"
         )
     return relative
+
+
+def _dots_only_segment(model_id: str) -> bool:
+    """Whether a segment of the decoded id is one that some server still reads as ``.`` or ``..``: Tomcat and
+    Spring drop a segment's ``;`` parameters (``..;``), Windows and IIS trailing dots and spaces (``...``,
+    ``.. ``), NFKC-normalising servers fullwidth dots (U+FF0E). Behind a proxy that decodes ``%2F``,
+    ``x%2F..%3B%2Ffiles`` would reach ``files``. No model is named with such a segment."""
+    normalised = unicodedata.normalize("NFKC", model_id)
+    return any(not segment.partition(";")[0].strip().strip(".") for segment in re.split(r"[/\\]", normalised))
 
 
 def join_url(base_url: httpx.URL, relative_path: str) -> httpx.URL:
