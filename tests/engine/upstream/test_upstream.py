@@ -180,6 +180,21 @@ async def test_a_key_echoed_by_the_upstream_is_redacted() -> None:
     assert reply.headers["x-request-id"] == "req_[REDACTED]"
 
 
+@pytest.mark.parametrize("content_type", ["audio/mpeg; x=sk-test-secret-key", "text/html; charset=sk-test-secret-key"])
+async def test_a_key_echoed_in_the_content_type_is_redacted(content_type: str) -> None:
+    """Found by review: a non-JSON reply's content type goes to clients (the HTTP front's head, the Result's
+    headers) without passing through `useful_headers`, which redacts every other header."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"ID3", headers={"content-type": content_type})
+
+    async with mock_upstream(handler) as upstream:
+        reply = await upstream.send("POST", upstream.url_for("/v1/audio/speech"), b"{}")
+    assert "sk-test-secret-key" not in reply.headers["content-type"]
+    assert reply.body.content_type is not None and "sk-test-secret-key" not in reply.body.content_type
+    assert reply.headers["content-type"].endswith("[REDACTED]")
+
+
 @pytest.mark.parametrize(
     ("status", "content", "content_type"),
     [

@@ -649,6 +649,9 @@ class Upstream:
                 content, encoding = redacted, None
         headers = useful_headers(response.headers, self._secret_text)
         content_type = _non_json_type(response)
+        if content_type is not None and self._secret_text is not None:
+            # Passed on as a header, past `useful_headers`: redacted like them.
+            content_type = content_type.replace(self._secret_text, "[REDACTED]")
         if content_type is not None:
             # Named to clients only when it is not JSON, so that they know audio for the bytes it is.
             headers["content-type"] = content_type
