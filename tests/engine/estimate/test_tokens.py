@@ -863,3 +863,26 @@ def test_media_bodies_the_engine_cannot_serve_are_refused(
     with pytest.raises(InvalidBody) as refused:
         estimator.estimate(endpoint, body)
     assert refused.value.param == param
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "chatgpt-image-latest", "prompt": "x", "quality": "high", "n": 10},
+        {"model": "gpt-image-1.5", "prompt": "x", "quality": "high", "n": 10},
+        # No model, but a gpt-image-only parameter: the API serves it with gpt-image-1, not dall-e-2.
+        {"prompt": "x", "quality": "high", "n": 10},
+        {"prompt": "x", "output_format": "webp", "n": 10},
+    ],
+)
+def test_token_metered_image_requests_are_not_estimated_at_their_prompt_only(
+    estimator: TokenEstimator, body: dict[str, Any]
+) -> None:
+    """Found by review: only ids starting with gpt-image were charged their image tokens, so a newer model, or
+    a request leaving the model to the API, had ten high-quality images estimated at one token."""
+    assert estimator.estimate("/v1/images/generations", body).output_tokens == 10 * 6240
+
+
+def test_dall_e_image_requests_cost_their_prompt(estimator: TokenEstimator) -> None:
+    for body in ({"prompt": "x", "n": 4}, {"model": "dall-e-2", "prompt": "x", "n": 4, "size": "256x256"}):
+        assert estimator.estimate("/v1/images/generations", body).output_tokens == 0

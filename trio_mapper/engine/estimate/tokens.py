@@ -537,11 +537,24 @@ def _required_text(body: Mapping[str, Any], key: str) -> str:
     return value
 
 
+#: Parameters only gpt-image models take: without a ``model``, the API then picks gpt-image-1, not dall-e-2.
+_GPT_IMAGE_PARAMETERS: Final = ("background", "moderation", "output_compression", "output_format", "partial_images")
+
+
 def _image_output_tokens(body: Mapping[str, Any], model: str) -> int:
-    """A gpt-image request's output budget: ``n`` images at its quality and size, where ``auto`` (or a quality
-    or size outside the table) counts as the most expensive, since the upstream picks. Other image models
-    (dall-e) report no tokens and are metered in images, not tokens: 0."""
-    if not model.removeprefix("ft:").startswith("gpt-image"):
+    """An image request's output budget: ``n`` images at its quality and size, where ``auto`` (or a quality
+    or size outside the table) counts as the most expensive, since the upstream picks. Only dall-e models
+    report no tokens (the API meters them in images): 0. Any other model is counted by gpt-image-1's table, so
+    that a newer token-metered model (``gpt-image-1.5``, ``chatgpt-image-latest``) is not charged nothing; and
+    so is a request without a model that uses a gpt-image-only parameter, which the API serves with gpt-image-1.
+    """
+    if model:
+        metered = not model.removeprefix("ft:").startswith("dall-e")
+    else:
+        quality = body.get("quality")
+        metered = quality in IMAGE_OUTPUT_TOKENS or quality == "auto"
+        metered = metered or any(body.get(name) is not None for name in _GPT_IMAGE_PARAMETERS)
+    if not metered:
         return 0
     table = IMAGE_OUTPUT_TOKENS.get(str(body.get("quality")), IMAGE_OUTPUT_TOKENS["high"])
     per_image = table.get(str(body.get("size")), max(table.values()))
