@@ -231,9 +231,10 @@ async def test_the_engine_logs_bounded_lines_for_megabytes_of_client_text(short_
                 assert (refused["type"], refused["kind"]) == ("error", "protocol_error")
                 reply = await client.request(chat(2, model=junk))
                 assert reply["type"] in {"result", "error"} and reply["id"] == 2
-                # A request the upstream refuses (the simulator serves no moderations: 404): the engine logs
-                # its failure, naming the id.
-                bad = {"type": "submit", "id": junk, "endpoint": "/v1/moderations", "body": {"model": forged}}
+                # A request the upstream refuses (the simulator knows no such audio format: 400): the engine
+                # logs its failure, naming the id.
+                body = {"model": forged, "input": "hi", "response_format": "bogus"}
+                bad = {"type": "submit", "id": junk, "endpoint": "/v1/audio/speech", "body": body}
                 failed = await client.request(bad)
                 assert (failed["type"], failed["kind"], failed["id"]) == ("error", "upstream_error", junk)
                 # Still serving, on this connection and on a new one.
