@@ -337,10 +337,16 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return forwarded
 
 
-def useful_headers(headers: httpx.Headers, secret: str | None) -> dict[str, str]:
-    """The headers worth passing to clients, with the key redacted should the upstream echo it in one."""
+def useful_headers(headers: httpx.Headers, secret: str | None, *, content_type: str | None = None) -> dict[str, str]:
+    """The headers worth passing to clients, with the key redacted should the upstream echo it in one.
+
+    ``content_type``: a body's Content-Type when it is not JSON (`_body_type`), passed on as ``content-type`` so
+    that clients know the bytes of speech's audio for what they are.
+    """
     # One pass: `headers[name]` scans every header again, for each of the dozen names.
     useful = {name: value for name, value in headers.items() if name in USEFUL_HEADERS}
+    if content_type is not None:
+        useful["content-type"] = content_type
     if secret is not None:
         useful = {name: value.replace(secret, "[REDACTED]") for name, value in useful.items()}
     return useful
@@ -633,7 +639,7 @@ class Upstream:
             self._in_progress[pool] -= 1
 
     def _whole_reply(self, response: httpx.Response, content: bytes, started: float) -> UpstreamReply:
-        encoding = _text_encoding(response)
+        content_type, encoding = _body_type(response)
         secret = self._secret
         if secret is not None and (response.status_code >= 400 or self._redact_answers) and secret in content:
             # Some OpenAI-compatible servers echo the key in a 401 body; it must not reach clients.
@@ -647,18 +653,11 @@ class Upstream:
             redacted = _redacted_text(content, encoding, secret.decode())
             if redacted is not None:
                 content, encoding = redacted, None
-        headers = useful_headers(response.headers, self._secret_text)
-        content_type = _non_json_type(response)
-        if content_type is not None and self._secret_text is not None:
-            # Passed on as a header, past `useful_headers`: redacted like them.
-            content_type = content_type.replace(self._secret_text, "[REDACTED]")
-        if content_type is not None:
-            # Named to clients only when it is not JSON, so that they know audio for the bytes it is.
-            headers["content-type"] = content_type
+        headers = useful_headers(response.headers, self._secret_text, content_type=content_type)
         return UpstreamReply(
             status=response.status_code,
             headers=headers,
-            body=ReplyBody(content, encoding, content_type),
+            body=ReplyBody(content, encoding, headers.get("content-type")),
             elapsed=trio.current_time() - started,
         )
 
@@ -750,21 +749,15 @@ def _redacted_text(content: bytes, encoding: str | None, secret: str) -> bytes |
     return reencoded.replace(secret.encode(), b"[REDACTED]") if secret.encode() in reencoded else None
 
 
-def _text_encoding(response: httpx.Response) -> str | None:
-    """How to read the body as text should it not be JSON. A JSON body is UTF-8 (RFC 8259) whatever its
-    charset says, so the charset is parsed (by httpx, through `email.message`: costly for every reply) only
-    for the other kinds."""
-    content_type = response.headers.get("content-type", "")
-    return None if content_type.startswith("application/json") else response.encoding
-
-
-def _non_json_type(response: httpx.Response) -> str | None:
-    """The reply's Content-Type when it is not JSON (audio, an HTML error page), for the fronts to pass on;
-    None for JSON, so that nothing more is kept or looked at for nearly every reply."""
+def _body_type(response: httpx.Response) -> tuple[str | None, str | None]:
+    """The reply's Content-Type when it is not JSON (audio, an HTML error page), for the fronts to pass on, and
+    how to read the body as text should it not be JSON. Both None for JSON, nearly every reply: a JSON body is
+    UTF-8 (RFC 8259) whatever its charset says, so the charset is parsed (by httpx, through `email.message`:
+    costly for every reply) only for the other kinds."""
     content_type = response.headers.get("content-type")
-    if content_type is None or content_type.startswith("application/json"):
-        return None
-    return content_type
+    if content_type is not None and content_type.startswith("application/json"):
+        return None, None
+    return content_type, response.encoding
 
 
 def _request_headers(headers: Mapping[str, str] | None, body: bytes | None) -> dict[str, str]:
