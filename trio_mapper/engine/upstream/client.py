@@ -36,10 +36,10 @@ _VERSION: Final = re.compile(r"v[0-9]+")
 #: but are then allowed in a model id only (`relative_api_path`).
 _SEGMENT: Final = r"(?:[A-Za-z0-9._~:\-]|%[0-9A-Fa-f]{2})+"
 _SAFE_PATH: Final = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
-#: What a decoded model id may not hold: a segment that climbs, once an upstream decodes and normalises the
-#: path (``..%2Ffiles``), a backslash some servers read as a slash, a control character, or a percent sign (no
-#: model is named with one; ``%252F..`` would climb at a server that decodes twice).
-_UNSAFE_MODEL_ID: Final = re.compile(r"(?:^|[/\\])\.{0,2}(?:[/\\]|$)|[\\\x00-\x1f\x7f%]")
+#: Characters a decoded model id may not hold: a backslash some servers read as a slash, a control character,
+#: or a percent sign (no model is named with one; ``%252F..`` would climb at a server that decodes twice).
+#: Segments that climb are `_dots_only_segment`'s.
+_UNSAFE_MODEL_ID_CHARACTERS: Final = re.compile(r"[\\\x00-\x1f\x7f%]")
 #: Headers worth returning to clients. Everything else (cookies, CDN noise) stays in the engine.
 USEFUL_HEADERS: Final = frozenset(
     {
@@ -271,25 +271,13 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
     # /v1/chat/completions whole.
     api = segments[1:] if len(segments) > 1 and _VERSION.fullmatch(segments[0]) else segments
     is_model = api[0] in GET_ENDPOINTS and len(api) <= 2
-    if "%" in path:
-        # Only a model id needs escapes: the names of OpenAI-compatible servers' models hold slashes
-        # (meta-llama/Llama-3.1-8B-Instruct), which the SDK's models.retrieve sends as %2F. Anywhere else an
-        # escape is refused, and a model id must not decode into something that climbs out of models/.
-        if not (is_model and len(api) == 2 and "%" not in "/".join(segments[:-1])):
-            raise InvalidEndpoint(
-                f"endpoint {endpoint!r} is not a plain path (percent-escapes only in a model id); {hint}"
-            )
-        try:
-            model_id = unquote(api[1], errors="strict")
-        except UnicodeDecodeError:
-            raise InvalidEndpoint(f"endpoint {endpoint!r}: the model id's escapes are not UTF-8; {hint}") from None
-        if _UNSAFE_MODEL_ID.search(model_id) or _dots_only_segment(model_id):
-            raise InvalidEndpoint(
-                f"endpoint {endpoint!r}: the model id decodes to empty, '.' or '..' segments (or ones servers read "
-                f"as such: '..;', '...', '.. '), backslashes, percent signs or control characters; {hint}"
-            )
-    elif is_model and len(api) == 2 and _dots_only_segment(api[1]):
-        raise InvalidEndpoint(f"endpoint {endpoint!r}: the model id is only dots; {hint}")
+    one_model = is_model and len(api) == 2
+    # Only a model id needs escapes: the names of OpenAI-compatible servers' models hold slashes
+    # (meta-llama/Llama-3.1-8B-Instruct), which the SDK's models.retrieve sends as %2F.
+    if "%" in path and not (one_model and "%" not in "/".join(segments[:-1])):
+        raise InvalidEndpoint(f"endpoint {endpoint!r} is not a plain path (percent-escapes only in a model id); {hint}")
+    if one_model:
+        _check_model_id(endpoint, api[1], hint)
     if "/".join(api) not in POST_ENDPOINTS and not is_model:
         served = ", ".join(f"/v1/{name}" for name in sorted(POST_ENDPOINTS))
         raise InvalidEndpoint(
@@ -298,6 +286,23 @@ def relative_api_path(endpoint: str, base_url: httpx.URL) -> str:
             "stored data outside any budget; call them with a key of your own"
         )
     return relative
+
+
+def _check_model_id(endpoint: str, model_id: str, hint: str) -> None:
+    """Refuse a model id that, decoded, could climb out of ``models/`` at some server.
+
+    Raises:
+        InvalidEndpoint: escapes that are not UTF-8, `_UNSAFE_MODEL_ID_CHARACTERS`, a `_dots_only_segment`.
+    """
+    try:
+        decoded = unquote(model_id, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidEndpoint(f"endpoint {endpoint!r}: the model id's escapes are not UTF-8; {hint}") from None
+    if _UNSAFE_MODEL_ID_CHARACTERS.search(decoded) or _dots_only_segment(decoded):
+        raise InvalidEndpoint(
+            f"endpoint {endpoint!r}: the model id, decoded, holds empty, '.' or '..' segments (or ones servers read "
+            f"as such: '..;', '...', '.. '), backslashes, percent signs or control characters; {hint}"
+        )
 
 
 def _dots_only_segment(model_id: str) -> bool:
