@@ -36,8 +36,8 @@ from trio_mapper.engine.core.outcome import (
 )
 from trio_mapper.engine.fronts.http.errors import (
     Headers,
+    body_headers,
     error_body,
-    json_headers,
     render_failure,
     retry_headers,
     stream_error_event,
@@ -704,16 +704,13 @@ async def _refuse_websocket(scope: dict[str, Any], receive: Receive, send: Send)
         "this engine; it serves the HTTP endpoints listed at any unknown path"
     )
     body = error_body(message, "invalid_request_error", "unknown_url")
-    headers = [*json_headers(body), *retry_headers(None)]
+    headers = [*body_headers(body), *retry_headers(None)]
     await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body})
 
 
 async def _reply(send: Send, status: int, headers: Headers, body: bytes, content_type: str | None = None) -> None:
     """Send a whole reply: JSON unless the upstream's body had another ``content_type``."""
-    if content_type is None:
-        head = json_headers(body)
-    else:
-        head = [(b"content-type", content_type.encode("latin-1", "replace")), (b"content-length", b"%d" % len(body))]
+    head = body_headers(body) if content_type is None else body_headers(body, content_type.encode("latin-1", "replace"))
     await send({"type": "http.response.start", "status": status, "headers": [*head, *headers]})
     await send({"type": "http.response.body", "body": body})

@@ -56,9 +56,10 @@ CODES: Final[dict[ErrorKind, str]] = {ErrorKind.RATE_LIMITED: "insufficient_quot
 _encoder: Final = msgspec.json.Encoder()
 
 
-def json_headers(body: bytes) -> Headers:
-    """The head of a JSON reply: its type, and its length, so the body goes out as is (no chunked framing)."""
-    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+def body_headers(body: bytes, content_type: bytes = b"application/json") -> Headers:
+    """The head of a whole reply, JSON unless said: its type, and its length, so the body goes out as is (no
+    chunked framing)."""
+    return [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

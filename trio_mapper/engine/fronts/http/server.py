@@ -36,7 +36,7 @@ from hypercorn.typing import AppWrapper, ASGIFramework, ASGIReceiveCallable, ASG
 from hypercorn.utils import wrap_app
 
 from trio_mapper.engine.fronts.http.app import KEY_ACCEPTED, PEER, TRANSPORT, OpenAIApp
-from trio_mapper.engine.fronts.http.errors import error_body, json_headers, retry_headers
+from trio_mapper.engine.fronts.http.errors import body_headers, error_body, retry_headers
 from trio_mapper.engine.fronts.http.tcp_gate import TcpGate, TcpSlot
 from trio_mapper.engine.fronts.unix.listener import accept_forever
 from trio_mapper.engine.fronts.unix.peers import peer_credentials
@@ -271,7 +271,7 @@ class _H11Protocol(H11Protocol):
         error = sys.exception()
         reason = str(error) if isinstance(error, h11.RemoteProtocolError) else ""
         body = _refusal_body(status_code, reason, self.config.h11_max_incomplete_size)
-        headers = [*json_headers(body), (b"connection", b"close"), *retry_headers(None)]
+        headers = [*body_headers(body), (b"connection", b"close"), *retry_headers(None)]
         headers += self.config.response_headers("h11")
         await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
         await self._send_h11_event(h11.Data(data=body))  # for a HEAD request h11 refuses it: the head alone goes
