@@ -81,14 +81,18 @@ def engine_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def wait_for_socket(path: Path, process: trio.Process, log_path: Path) -> None:
+async def wait_for_socket(path: Path | tuple[str, int], process: trio.Process, log_path: Path) -> None:
+    """Until the engine accepts on a Unix socket, or a TCP (host, port)."""
     with trio.fail_after(60):
         while True:
             if process.returncode is not None:
                 log = await trio.Path(log_path).read_text()
                 raise AssertionError(f"engine exited with {process.returncode}:\n{log}")
             try:
-                stream = await trio.open_unix_socket(str(path))
+                if isinstance(path, tuple):
+                    stream: trio.abc.Stream = await trio.open_tcp_stream(*path)
+                else:
+                    stream = await trio.open_unix_socket(path)
             except OSError:
                 await trio.sleep(0.05)  # another process: nothing to wait on but the clock
             else:
@@ -131,9 +135,22 @@ async def running_engine(
             # The HTTP socket is made just after the msgpack one, which accepts (into its backlog) as soon as
             # it listens: a test that goes straight to the HTTP socket must wait for it too.
             await wait_for_socket(Path(str(socket) + ".http"), process, log_path)
+        if (tcp := _http_port(extra)) is not None:
+            # The TCP port listens after the Unix sockets: a test that connects to it first was refused.
+            await wait_for_socket(tcp, process, log_path)
         yield engine
     finally:
         await stop_process(process, failed=sys.exc_info()[0] is not None)
+
+
+def _http_port(extra: tuple[str, ...]) -> tuple[str, int] | None:
+    """The loopback address an ``--http HOST:PORT`` (or ``--http=HOST:PORT``) among the engine's options names."""
+    for index, flag in enumerate(extra):
+        name, equals, value = flag.partition("=")
+        if name == "--http" and (equals or index + 1 < len(extra)):
+            host, _, port = (value if equals else extra[index + 1]).rpartition(":")
+            return host.strip("[]"), int(port)
+    return None
 
 
 async def stop_process(process: trio.Process, *, failed: bool) -> None:
